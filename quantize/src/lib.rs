@@ -1,0 +1,1 @@
+//! Checkpoint decoding and quantization recipes.
