@@ -28,11 +28,15 @@ impl std::fmt::Display for Section {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: {source}")]
-    Io {
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+
+    /// A format error in the file at `path` (the error itself is the source).
+    #[error("{path}")]
+    InFile {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: Box<GgufError>,
     },
 
     #[error("not a GGUF file: magic bytes are {got:02x?}, expected \"GGUF\" (47 47 55 46)")]
@@ -136,11 +140,39 @@ pub enum GgufError {
 }
 
 impl GgufError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> GgufError {
-        GgufError::Io {
-            path: path.into(),
-            source,
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> GgufError {
+        GgufError::Io { path: path.into(), err }
+    }
+
+    /// The error itself, without the file it happened in.
+    pub fn kind(&self) -> &GgufError {
+        match self {
+            GgufError::InFile { source, .. } => source.kind(),
+            other => other,
         }
+    }
+
+    /// What the user can do about it, when there is something to say.
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self.kind() {
+            GgufError::Truncated { .. } | GgufError::DataPastEnd { .. } | GgufError::CountTooLarge { .. } => {
+                "the file is incomplete or damaged: download or convert it again, and compare its size and checksum"
+            }
+            GgufError::BadMagic { .. } => {
+                "ferrite reads GGUF files; to convert a Hugging Face checkpoint use `ferrite quantize CHECKPOINT_DIR OUT.gguf`"
+            }
+            GgufError::UnknownTensorType { .. } => "the file uses a tensor type this ggml does not know: it may need a newer ferrite",
+            GgufError::Split { .. } => "keep all shards of a split model in one folder with their original names",
+            GgufError::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => "check the path",
+            GgufError::Io { err, .. } if err.kind() == std::io::ErrorKind::StorageFull => {
+                "the disk is full: free space or write the output elsewhere"
+            }
+            GgufError::Io { .. } | GgufError::InFile { .. } => return None,
+            GgufError::MissingKey { .. } | GgufError::WrongType { .. } | GgufError::BadValue { .. } | GgufError::MissingTensor { .. } => {
+                "the file was written by a converter ferrite does not know, or is damaged"
+            }
+            _ => "the file is damaged, or was not written by a GGUF writer",
+        })
     }
 
     pub(crate) fn wrong_type(key: &str, expected: impl ToString, got: ValueType) -> GgufError {

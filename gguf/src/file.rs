@@ -39,7 +39,10 @@ impl GgufFile {
             // of memory-mapped model files, shared with llama.cpp, and cannot be prevented from user space.
             Some(unsafe { Mmap::map(&file) }.map_err(|e| GgufError::io(&path, e))?)
         };
-        let header = Header::parse(map.as_deref().unwrap_or(&[]))?;
+        let header = Header::parse(map.as_deref().unwrap_or(&[])).map_err(|e| GgufError::InFile {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
         Ok(GgufFile { path, map, header })
     }
 

@@ -257,10 +257,18 @@ impl Value {
                 let more = if a.len() > max_items { ", ..." } else { "" };
                 format!("[{} x {}: {}{}]", a.elem_type(), a.len(), shown.join(", "), more)
             }
-            Value::F32(v) => format!("{v}"),
-            Value::F64(v) => format!("{v}"),
+            Value::F32(v) if plain_notation(f64::from(*v)) => format!("{v}"),
+            Value::F32(v) => format!("{v:e}"),
+            Value::F64(v) if plain_notation(*v) => format!("{v}"),
+            Value::F64(v) => format!("{v:e}"),
             Value::Bool(v) => format!("{v}"),
             other => other.as_i128().map(|v| v.to_string()).unwrap_or_default(),
         }
     }
+}
+
+/// Floats for people: plain notation for ordinary magnitudes, scientific for tiny and huge ones.
+fn plain_notation(v: f64) -> bool {
+    let a = v.abs();
+    a == 0.0 || !a.is_finite() || (1e-4..1e7).contains(&a)
 }

@@ -157,7 +157,7 @@ impl Writer {
     /// Writes the file to `out`. `fill(i, tensor, sink)` must write exactly the tensor's bytes.
     pub fn write<W: Write>(&self, out: &mut W, mut fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>) -> Result<Layout> {
         let layout = self.plan()?;
-        let io_err = |e: io::Error| GgufError::Write(e.to_string());
+        let io_err = |e: io::Error| GgufError::io("output", e);
         let mut sink = CountingWriter { inner: out, count: 0 };
         self.write_header(&mut sink).map_err(io_err)?;
         pad_to(&mut sink, layout.data_offset).map_err(io_err)?;
@@ -222,6 +222,7 @@ impl Writer {
         let mut out = BufWriter::with_capacity(8 << 20, file);
         let layout = self.write(&mut out, fill).map_err(|e| match e {
             GgufError::Write(msg) => GgufError::Write(format!("{}: {msg}", tmp.display())),
+            GgufError::Io { err, .. } => GgufError::io(tmp, err),
             other => other,
         })?;
         let file = out.into_inner().map_err(|e| GgufError::io(tmp, e.into_error()))?;

@@ -1,0 +1,1 @@
+//! ggml binding (placeholder until the binding lands).

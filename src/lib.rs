@@ -1,0 +1,4 @@
+//! ferrite: DeepSeek V4 on ggml. The library behind the `ferrite` binary, so integration tests and examples can use it.
+
+pub mod ggml;
+pub mod model;
