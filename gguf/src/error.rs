@@ -110,7 +110,11 @@ pub enum GgufError {
     },
 
     #[error("tensor {name:?} ends at byte {end} of the file, past its end ({file_len} bytes): truncated or corrupt file")]
-    DataPastEnd { name: String, end: u64, file_len: u64 },
+    DataPastEnd {
+        name: String,
+        end: u64,
+        file_len: u64,
+    },
 
     #[error("metadata key {key:?} is missing")]
     MissingKey { key: String },
@@ -141,7 +145,10 @@ pub enum GgufError {
 
 impl GgufError {
     pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> GgufError {
-        GgufError::Io { path: path.into(), err }
+        GgufError::Io {
+            path: path.into(),
+            err,
+        }
     }
 
     /// The error itself, without the file it happened in.

@@ -39,10 +39,11 @@ impl GgufFile {
             // of memory-mapped model files, shared with llama.cpp, and cannot be prevented from user space.
             Some(unsafe { Mmap::map(&file) }.map_err(|e| GgufError::io(&path, e))?)
         };
-        let header = Header::parse(map.as_deref().unwrap_or(&[])).map_err(|e| GgufError::InFile {
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
+        let header =
+            Header::parse(map.as_deref().unwrap_or(&[])).map_err(|e| GgufError::InFile {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
         Ok(GgufFile { path, map, header })
     }
 
@@ -102,7 +103,9 @@ impl Model {
             why,
         };
         if count > MAX_SPLITS {
-            return Err(split_err(format!("split.count is {count}, more than {MAX_SPLITS}")));
+            return Err(split_err(format!(
+                "split.count is {count}, more than {MAX_SPLITS}"
+            )));
         }
         let prefix = split_prefix(path).ok_or_else(|| {
             split_err(format!(
@@ -153,7 +156,11 @@ impl Model {
                 });
             }
         }
-        Ok(Model { shards, tensors, index })
+        Ok(Model {
+            shards,
+            tensors,
+            index,
+        })
     }
 
     /// Metadata of the first shard (split models keep all metadata there).
@@ -197,7 +204,7 @@ fn check_shard(shard: &GgufFile, expected_no: u64, count: u64) -> Result<()> {
         return Err(err(format!(
             "expected shard {} of {count}, the file says it is shard {} of {its_count}",
             expected_no + 1,
-            no + 1
+            no.saturating_add(1)
         )));
     }
     Ok(())
@@ -207,20 +214,23 @@ fn check_shard(shard: &GgufFile, expected_no: u64, count: u64) -> Result<()> {
 pub fn split_prefix(path: &Path) -> Option<PathBuf> {
     let name = path.file_name()?.to_str()?;
     let stem = name.strip_suffix(".gguf")?;
-    // "-00001-of-00003" is 15 bytes.
-    let cut = stem.len().checked_sub(15)?;
-    let (prefix, tail) = stem.split_at(cut);
-    let b = tail.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    if b[0] != b'-' || &tail[6..10] != "-of-" || !digits(1..6) || !digits(10..15) {
+    // "-00001-of-00003" is 15 ASCII bytes; work on bytes so a multi-byte name cannot split a character.
+    let b = stem.as_bytes();
+    let cut = b.len().checked_sub(15)?;
+    let tail = &b[cut..];
+    let digits = |r: std::ops::Range<usize>| tail[r].iter().all(u8::is_ascii_digit);
+    if tail[0] != b'-' || &tail[6..10] != b"-of-" || !digits(1..6) || !digits(10..15) {
         return None;
     }
-    Some(path.with_file_name(prefix))
+    Some(path.with_file_name(stem.get(..cut)?))
 }
 
 /// The path of shard `no` (1-based) of `count`, in llama.cpp's naming.
 pub fn split_path(prefix: &Path, no: u64, count: u64) -> PathBuf {
-    let mut name = prefix.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = prefix
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!("-{no:05}-of-{count:05}.gguf"));
     prefix.with_file_name(name)
 }
@@ -237,5 +247,11 @@ mod tests {
         assert_eq!(split_path(&prefix, 2, 4), p);
         assert_eq!(split_prefix(Path::new("/m/model.gguf")), None);
         assert_eq!(split_prefix(Path::new("/m/x-0000a-of-00004.gguf")), None);
+        assert_eq!(split_prefix(Path::new("/m/éaaaaaaaaaaaaaa.gguf")), None);
+        assert_eq!(split_prefix(Path::new("/m/x-00001-ofé0000.gguf")), None);
+        assert_eq!(
+            split_prefix(Path::new("/m/é-00001-of-00002.gguf")).unwrap(),
+            Path::new("/m/é")
+        );
     }
 }

@@ -12,9 +12,14 @@ mod value;
 mod writer;
 
 pub use error::{GgufError, Result, Section};
-pub use file::{split_path, split_prefix, GgufFile, Model, ModelTensor, SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT};
+pub use file::{
+    split_path, split_prefix, GgufFile, Model, ModelTensor, SPLIT_COUNT, SPLIT_NO,
+    SPLIT_TENSORS_COUNT,
+};
 pub use metadata::Metadata;
-pub use reader::{align_up, Header, TensorInfo, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS, MAX_NESTING};
+pub use reader::{
+    align_up, Header, TensorInfo, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS, MAX_NESTING,
+};
 pub use types::GgmlType;
 pub use value::{Array, Value, ValueType};
 pub use writer::{Layout, PlannedTensor, Writer};

@@ -60,14 +60,20 @@ impl Metadata {
 
     /// The value of `key`, or a `MissingKey` error.
     pub fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey { key: key.to_string() })
+        self.get(key).ok_or_else(|| GgufError::MissingKey {
+            key: key.to_string(),
+        })
     }
 
     /// A string value (strict: the key must hold a string).
     pub fn str(&self, key: &str) -> Result<&str> {
         match self.require(key)? {
             Value::String(s) => Ok(s),
-            other => Err(GgufError::wrong_type(key, ValueType::String, other.value_type())),
+            other => Err(GgufError::wrong_type(
+                key,
+                ValueType::String,
+                other.value_type(),
+            )),
         }
     }
 
@@ -75,7 +81,11 @@ impl Metadata {
     pub fn u32(&self, key: &str) -> Result<u32> {
         match self.require(key)? {
             Value::U32(v) => Ok(*v),
-            other => Err(GgufError::wrong_type(key, ValueType::U32, other.value_type())),
+            other => Err(GgufError::wrong_type(
+                key,
+                ValueType::U32,
+                other.value_type(),
+            )),
         }
     }
 
@@ -83,7 +93,11 @@ impl Metadata {
     pub fn f32(&self, key: &str) -> Result<f32> {
         match self.require(key)? {
             Value::F32(v) => Ok(*v),
-            other => Err(GgufError::wrong_type(key, ValueType::F32, other.value_type())),
+            other => Err(GgufError::wrong_type(
+                key,
+                ValueType::F32,
+                other.value_type(),
+            )),
         }
     }
 
@@ -91,7 +105,11 @@ impl Metadata {
     pub fn bool(&self, key: &str) -> Result<bool> {
         match self.require(key)? {
             Value::Bool(v) => Ok(*v),
-            other => Err(GgufError::wrong_type(key, ValueType::Bool, other.value_type())),
+            other => Err(GgufError::wrong_type(
+                key,
+                ValueType::Bool,
+                other.value_type(),
+            )),
         }
     }
 
@@ -112,7 +130,11 @@ impl Metadata {
     pub fn array(&self, key: &str) -> Result<&Array> {
         match self.require(key)? {
             Value::Array(a) => Ok(a),
-            other => Err(GgufError::wrong_type(key, ValueType::Array, other.value_type())),
+            other => Err(GgufError::wrong_type(
+                key,
+                ValueType::Array,
+                other.value_type(),
+            )),
         }
     }
 
@@ -121,8 +143,10 @@ impl Metadata {
         match self.array(key)? {
             Array::I32(v) => Ok(v.iter().map(|&x| x.into()).collect()),
             Array::U32(v) => Ok(v.iter().map(|&x| x.into()).collect()),
-            other => Err(GgufError::wrong_type(key, "array of int32 or uint32", other.elem_type())
-                .with_array_note()),
+            other => Err(
+                GgufError::wrong_type(key, "array of int32 or uint32", other.elem_type())
+                    .with_array_note(),
+            ),
         }
     }
 
@@ -130,7 +154,9 @@ impl Metadata {
     pub fn str_array(&self, key: &str) -> Result<&[String]> {
         match self.array(key)? {
             Array::String(v) => Ok(v),
-            other => Err(GgufError::wrong_type(key, "array of string", other.elem_type()).with_array_note()),
+            other => Err(
+                GgufError::wrong_type(key, "array of string", other.elem_type()).with_array_note(),
+            ),
         }
     }
 }

@@ -106,7 +106,9 @@ pub fn align_up(x: u64, align: u64) -> Option<u64> {
 fn read_preamble(cur: &mut Cursor) -> Result<u32> {
     let magic = cur.bytes(4, Section::Header, "magic")?;
     if magic != MAGIC {
-        return Err(GgufError::BadMagic { got: magic.to_vec() });
+        return Err(GgufError::BadMagic {
+            got: magic.to_vec(),
+        });
     }
     let version = cur.u32(Section::Header, "version")?;
     match version {
@@ -131,7 +133,10 @@ fn read_metadata(cur: &mut Cursor, n_kv: u64) -> Result<Metadata> {
         let ty = cur.value_type(Section::MetadataValue)?;
         let value = read_value(cur, ty, 0)?;
         if metadata.get(&key).is_some() {
-            return Err(GgufError::DuplicateKey { key, offset: key_offset });
+            return Err(GgufError::DuplicateKey {
+                key,
+                offset: key_offset,
+            });
         }
         metadata.push(key, value);
     }
@@ -142,7 +147,13 @@ fn alignment_of(metadata: &Metadata) -> Result<u64> {
     let alignment = match metadata.get(ALIGNMENT_KEY) {
         None => return Ok(DEFAULT_ALIGNMENT),
         Some(Value::U32(a)) => u64::from(*a),
-        Some(other) => return Err(GgufError::wrong_type(ALIGNMENT_KEY, ValueType::U32, other.value_type())),
+        Some(other) => {
+            return Err(GgufError::wrong_type(
+                ALIGNMENT_KEY,
+                ValueType::U32,
+                other.value_type(),
+            ))
+        }
     };
     if alignment == 0 || !alignment.is_power_of_two() {
         return Err(GgufError::BadAlignment { got: alignment });
@@ -185,7 +196,10 @@ fn read_array(cur: &mut Cursor, depth: u32) -> Result<Array> {
     let n = n as usize;
     fn fixed<T, const W: usize>(cur: &mut Cursor, n: usize, f: fn([u8; W]) -> T) -> Result<Vec<T>> {
         let raw = cur.bytes(n * W, S, "array elements")?;
-        Ok(raw.chunks_exact(W).map(|c| f(c.try_into().unwrap_or([0; W]))).collect())
+        Ok(raw
+            .chunks_exact(W)
+            .map(|c| f(c.try_into().unwrap_or([0; W])))
+            .collect())
     }
     Ok(match elem {
         ValueType::U8 => Array::U8(fixed(cur, n, u8::from_le_bytes)?),
@@ -199,7 +213,11 @@ fn read_array(cur: &mut Cursor, depth: u32) -> Result<Array> {
         ValueType::I64 => Array::I64(fixed(cur, n, i64::from_le_bytes)?),
         ValueType::F64 => Array::F64(fixed(cur, n, f64::from_le_bytes)?),
         ValueType::Bool => Array::Bool((0..n).map(|_| cur.bool()).collect::<Result<_>>()?),
-        ValueType::String => Array::String((0..n).map(|_| cur.string(S, "string in array")).collect::<Result<_>>()?),
+        ValueType::String => Array::String(
+            (0..n)
+                .map(|_| cur.string(S, "string in array"))
+                .collect::<Result<_>>()?,
+        ),
         ValueType::Array => Array::Array(
             (0..n)
                 .map(|_| read_array(cur, depth + 1))
@@ -268,7 +286,9 @@ fn tensor_bytes(name: &str, offset: u64, dims: &[u64], ty: GgmlType) -> Result<u
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .is_some_and(|count| count <= i64::MAX as u64);
     if !fits_i64 {
-        return Err(bad("the element count overflows a 64-bit signed integer".into()));
+        return Err(bad(
+            "the element count overflows a 64-bit signed integer".into()
+        ));
     }
     let ne0 = dims.first().copied().unwrap_or(1);
     if ne0 % ty.block_size() != 0 {
@@ -281,7 +301,12 @@ fn tensor_bytes(name: &str, offset: u64, dims: &[u64], ty: GgmlType) -> Result<u
         .ok_or_else(|| bad("the byte size overflows a 64-bit integer".into()))
 }
 
-fn check_tensor_data(tensors: &[TensorInfo], alignment: u64, data_offset: u64, file_len: u64) -> Result<()> {
+fn check_tensor_data(
+    tensors: &[TensorInfo],
+    alignment: u64,
+    data_offset: u64,
+    file_len: u64,
+) -> Result<()> {
     for t in tensors {
         if t.offset % alignment != 0 {
             return Err(GgufError::MisalignedTensor {
@@ -297,7 +322,9 @@ fn check_tensor_data(tensors: &[TensorInfo], alignment: u64, data_offset: u64, f
         if end.is_none() {
             return Err(GgufError::DataPastEnd {
                 name: t.name.clone(),
-                end: data_offset.saturating_add(t.offset).saturating_add(t.n_bytes),
+                end: data_offset
+                    .saturating_add(t.offset)
+                    .saturating_add(t.n_bytes),
                 file_len,
             });
         }

@@ -176,9 +176,15 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(GgmlType::Q4K.tensor_bytes(&[4096, 2048, 256]), Some(4096 / 256 * 144 * 2048 * 256));
+        assert_eq!(
+            GgmlType::Q4K.tensor_bytes(&[4096, 2048, 256]),
+            Some(4096 / 256 * 144 * 2048 * 256)
+        );
         assert_eq!(GgmlType::Q8_0.row_bytes(33), None);
         assert_eq!(GgmlType::F32.tensor_bytes(&[u64::MAX, 2]), None);
-        assert_eq!(GgmlType::I32.tensor_bytes(&[6, 129280]), Some(6 * 129280 * 4));
+        assert_eq!(
+            GgmlType::I32.tensor_bytes(&[6, 129280]),
+            Some(6 * 129280 * 4)
+        );
     }
 }

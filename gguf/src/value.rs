@@ -77,7 +77,8 @@ impl ValueType {
     /// The fewest bytes one value of this type can take on disk (used to cap counts read from a file).
     pub fn min_size(self) -> u64 {
         // A string is at least its u64 length; an array at least its u32 type and u64 count.
-        self.fixed_size().unwrap_or(if self == ValueType::String { 8 } else { 12 })
+        self.fixed_size()
+            .unwrap_or(if self == ValueType::String { 8 } else { 12 })
     }
 }
 
@@ -255,7 +256,13 @@ impl Value {
                     .map(|v| v.summary(max_items))
                     .collect();
                 let more = if a.len() > max_items { ", ..." } else { "" };
-                format!("[{} x {}: {}{}]", a.elem_type(), a.len(), shown.join(", "), more)
+                format!(
+                    "[{} x {}: {}{}]",
+                    a.elem_type(),
+                    a.len(),
+                    shown.join(", "),
+                    more
+                )
             }
             Value::F32(v) if plain_notation(f64::from(*v)) => format!("{v}"),
             Value::F32(v) => format!("{v:e}"),

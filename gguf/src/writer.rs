@@ -84,7 +84,9 @@ impl Writer {
     /// Sets `general.alignment` (a non-zero power of two).
     pub fn set_alignment(&mut self, alignment: u32) -> Result<()> {
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(GgufError::BadAlignment { got: alignment.into() });
+            return Err(GgufError::BadAlignment {
+                got: alignment.into(),
+            });
         }
         self.set(ALIGNMENT_KEY, Value::U32(alignment));
         Ok(())
@@ -96,14 +98,21 @@ impl Writer {
             None => Ok(DEFAULT_ALIGNMENT),
             Some(Value::U32(a)) if a.is_power_of_two() => Ok(u64::from(*a)),
             Some(Value::U32(a)) => Err(GgufError::BadAlignment { got: u64::from(*a) }),
-            Some(other) => Err(GgufError::wrong_type(ALIGNMENT_KEY, "uint32", other.value_type())),
+            Some(other) => Err(GgufError::wrong_type(
+                ALIGNMENT_KEY,
+                "uint32",
+                other.value_type(),
+            )),
         }
     }
 
     /// Adds a tensor description; its data is supplied when writing.
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType) -> Result<()> {
         if dims.len() > MAX_DIMS as usize {
-            return Err(GgufError::Write(format!("tensor {name:?} has {} dimensions; at most 4", dims.len())));
+            return Err(GgufError::Write(format!(
+                "tensor {name:?} has {} dimensions; at most 4",
+                dims.len()
+            )));
         }
         let n_bytes = ty.tensor_bytes(dims).ok_or_else(|| {
             GgufError::Write(format!(
@@ -155,10 +164,17 @@ impl Writer {
     }
 
     /// Writes the file to `out`. `fill(i, tensor, sink)` must write exactly the tensor's bytes.
-    pub fn write<W: Write>(&self, out: &mut W, mut fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>) -> Result<Layout> {
+    pub fn write<W: Write>(
+        &self,
+        out: &mut W,
+        mut fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>,
+    ) -> Result<Layout> {
         let layout = self.plan()?;
         let io_err = |e: io::Error| GgufError::io("output", e);
-        let mut sink = CountingWriter { inner: out, count: 0 };
+        let mut sink = CountingWriter {
+            inner: out,
+            count: 0,
+        };
         self.write_header(&mut sink).map_err(io_err)?;
         pad_to(&mut sink, layout.data_offset).map_err(io_err)?;
         for (i, t) in self.tensors.iter().enumerate() {
@@ -225,7 +241,9 @@ impl Writer {
             GgufError::Io { err, .. } => GgufError::io(tmp, err),
             other => other,
         })?;
-        let file = out.into_inner().map_err(|e| GgufError::io(tmp, e.into_error()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| GgufError::io(tmp, e.into_error()))?;
         file.sync_all().map_err(|e| GgufError::io(tmp, e))?;
         Ok(layout)
     }
@@ -257,7 +275,10 @@ impl Writer {
 }
 
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 

@@ -10,7 +10,10 @@ use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The Python with the pinned reference packages: $FERRITE_PYTHON (set by scripts/test.sh) or the repo's .venv.
@@ -64,7 +67,9 @@ fn value_json(v: &Value) -> Json {
 }
 
 fn array_json(a: &Array) -> Json {
-    let items: Vec<Json> = (0..a.len()).map(|i| value_json(&a.get(i).unwrap())).collect();
+    let items: Vec<Json> = (0..a.len())
+        .map(|i| value_json(&a.get(i).unwrap()))
+        .collect();
     json!({"array": a.elem_type().name(), "items": items})
 }
 
@@ -106,15 +111,27 @@ fn without_type_names(mut dump: Json) -> Json {
 }
 
 fn assert_same(ours: &Json, theirs: &Json) {
-    for key in ["version", "tensor_count", "kv_count", "alignment", "data_offset"] {
+    for key in [
+        "version",
+        "tensor_count",
+        "kv_count",
+        "alignment",
+        "data_offset",
+    ] {
         assert_eq!(ours[key], theirs[key], "{key}");
     }
-    let (m1, m2) = (ours["metadata"].as_array().unwrap(), theirs["metadata"].as_array().unwrap());
+    let (m1, m2) = (
+        ours["metadata"].as_array().unwrap(),
+        theirs["metadata"].as_array().unwrap(),
+    );
     assert_eq!(m1.len(), m2.len());
     for (a, b) in m1.iter().zip(m2) {
         assert_eq!(a, b);
     }
-    let (t1, t2) = (ours["tensors"].as_array().unwrap(), theirs["tensors"].as_array().unwrap());
+    let (t1, t2) = (
+        ours["tensors"].as_array().unwrap(),
+        theirs["tensors"].as_array().unwrap(),
+    );
     assert_eq!(t1.len(), t2.len());
     for (a, b) in t1.iter().zip(t2) {
         assert_eq!(a, b);
@@ -124,15 +141,26 @@ fn assert_same(ours: &Json, theirs: &Json) {
 #[test]
 fn reads_reference_files_identically() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: &[&[&str]] = &[&[], &["--alignment", "64"], &["--alignment", "256", "--version", "2"], &["--no-nested"]];
+    let cases: &[&[&str]] = &[
+        &[],
+        &["--alignment", "64"],
+        &["--alignment", "256", "--version", "2"],
+        &["--no-nested"],
+    ];
     for (i, extra) in cases.iter().enumerate() {
         let path = dir.path().join(format!("ref{i}.gguf"));
         let mut args = vec!["write", path.to_str().unwrap()];
         args.extend_from_slice(extra);
         gguf_ref(&args);
         let theirs = without_type_names(dump(&path));
-        assert!(theirs["metadata"].as_array().unwrap().len() >= 30, "the reference file lost its metadata");
-        assert!(theirs["tensors"].as_array().unwrap().len() >= 20, "the reference file lost its tensors");
+        assert!(
+            theirs["metadata"].as_array().unwrap().len() >= 30,
+            "the reference file lost its metadata"
+        );
+        assert!(
+            theirs["tensors"].as_array().unwrap().len() >= 20,
+            "the reference file lost its tensors"
+        );
         let ours = ferrite_view(&path);
         assert_same(&ours, &theirs);
 
@@ -141,9 +169,14 @@ fn reads_reference_files_identically() {
         let rewritten = dir.path().join(format!("rewrite{i}.gguf"));
         Writer::from_header(f.header())
             .unwrap()
-            .write_file(&rewritten, false, |k, _, out| out.write_all(f.tensor_data(&f.header().tensors[k])))
+            .write_file(&rewritten, false, |k, _, out| {
+                out.write_all(f.tensor_data(&f.header().tensors[k]))
+            })
             .unwrap();
-        assert!(std::fs::read(&path).unwrap() == std::fs::read(&rewritten).unwrap(), "case {extra:?}: rewrite differs");
+        assert!(
+            std::fs::read(&path).unwrap() == std::fs::read(&rewritten).unwrap(),
+            "case {extra:?}: rewrite differs"
+        );
     }
 }
 
@@ -171,21 +204,37 @@ fn reference_reads_ferrite_files_identically() {
     w.set("arr.empty", Value::Array(Array::String(vec![])));
     w.set(
         "arr.nested",
-        Value::Array(Array::Array(vec![Array::I32(vec![1, -1]), Array::Array(vec![Array::F32(vec![0.5])])])),
+        Value::Array(Array::Array(vec![
+            Array::I32(vec![1, -1]),
+            Array::Array(vec![Array::F32(vec![0.5])]),
+        ])),
     );
-    let types = [GgmlType::F32, GgmlType::F16, GgmlType::Bf16, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Mxfp4, GgmlType::Iq4Xs, GgmlType::I32];
+    let types = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Bf16,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+        GgmlType::Mxfp4,
+        GgmlType::Iq4Xs,
+        GgmlType::I32,
+    ];
     for (i, ty) in types.iter().enumerate() {
         let dims: Vec<u64> = match i % 3 {
             0 => vec![256],
             1 => vec![256, 3],
             _ => vec![256, 2, 2],
         };
-        w.add_tensor(&format!("t.{i}.{}", ty.name()), &dims, *ty).unwrap();
+        w.add_tensor(&format!("t.{i}.{}", ty.name()), &dims, *ty)
+            .unwrap();
     }
     let path = dir.path().join("ferrite.gguf");
     let fill = |i: usize, t: &gguf::PlannedTensor, out: &mut dyn Write| {
         // Finite f32/f16/bf16 bit patterns are not needed: the reference reads raw bytes.
-        let bytes: Vec<u8> = (0..t.n_bytes).map(|j| (j as usize * 13 + i) as u8).collect();
+        let bytes: Vec<u8> = (0..t.n_bytes)
+            .map(|j| (j as usize * 13 + i) as u8)
+            .collect();
         out.write_all(&bytes)
     };
     w.write_file(&path, false, fill).unwrap();

@@ -30,15 +30,25 @@ fn sample_writer(alignment: Option<u32>) -> Writer {
     w.set("v.i64", Value::I64(i64::MIN));
     w.set("v.f64", Value::F64(std::f64::consts::PI));
     w.set("a.i32", Value::Array(Array::I32(vec![0, 0, 4, 128, 4, 0])));
-    w.set("a.f32", Value::Array(Array::F32(vec![10.0, f32::NAN, -0.0])));
+    w.set(
+        "a.f32",
+        Value::Array(Array::F32(vec![10.0, f32::NAN, -0.0])),
+    );
     w.set("a.bool", Value::Array(Array::Bool(vec![true, false])));
     w.set("a.str", Value::string_array(["a", "", "<｜User｜>"]));
     w.set("a.empty", Value::Array(Array::U64(vec![])));
-    let nested = Array::Array(vec![Array::U8(vec![1, 2]), Array::String(vec!["x".into()]), Array::Array(vec![])]);
+    let nested = Array::Array(vec![
+        Array::U8(vec![1, 2]),
+        Array::String(vec!["x".into()]),
+        Array::Array(vec![]),
+    ]);
     w.set("a.nested", Value::Array(nested));
-    w.add_tensor("token_embd.weight", &[64, 10], GgmlType::F16).unwrap();
-    w.add_tensor("blk.0.ffn_gate_exps.weight", &[256, 4, 3], GgmlType::Q4K).unwrap();
-    w.add_tensor("blk.0.ffn_gate_tid2eid.weight", &[2, 10], GgmlType::I32).unwrap();
+    w.add_tensor("token_embd.weight", &[64, 10], GgmlType::F16)
+        .unwrap();
+    w.add_tensor("blk.0.ffn_gate_exps.weight", &[256, 4, 3], GgmlType::Q4K)
+        .unwrap();
+    w.add_tensor("blk.0.ffn_gate_tid2eid.weight", &[2, 10], GgmlType::I32)
+        .unwrap();
     w.add_tensor("one", &[1], GgmlType::F32).unwrap();
     w.add_tensor("x4", &[32, 2, 2, 2], GgmlType::Mxfp4).unwrap();
     w
@@ -57,7 +67,11 @@ fn round_trip_every_value_type() {
         let w = sample_writer(alignment);
         let bytes = write_bytes(&w);
         let plan = w.plan().unwrap();
-        assert_eq!(plan.total_bytes, bytes.len() as u64, "plan size for {alignment:?}");
+        assert_eq!(
+            plan.total_bytes,
+            bytes.len() as u64,
+            "plan size for {alignment:?}"
+        );
         let h = Header::parse(&bytes).unwrap();
         assert_eq!(h.alignment, alignment.map_or(32, u64::from));
         assert_eq!(h.data_offset, plan.data_offset);
@@ -74,10 +88,16 @@ fn round_trip_every_value_type() {
         }
         assert_eq!(h.metadata.len(), w.metadata().len());
         for (i, (t, p)) in h.tensors.iter().zip(w.tensors()).enumerate() {
-            assert_eq!((&t.name, &t.dims, t.ty, t.n_bytes), (&p.name, &p.dims, p.ty, p.n_bytes));
+            assert_eq!(
+                (&t.name, &t.dims, t.ty, t.n_bytes),
+                (&p.name, &p.dims, p.ty, p.n_bytes)
+            );
             assert_eq!(t.offset, plan.tensor_offsets[i]);
             let start = (h.data_offset + t.offset) as usize;
-            assert_eq!(&bytes[start..start + t.n_bytes as usize], &data(i, t.n_bytes)[..]);
+            assert_eq!(
+                &bytes[start..start + t.n_bytes as usize],
+                &data(i, t.n_bytes)[..]
+            );
         }
     }
 }
@@ -87,15 +107,22 @@ fn rewriting_unchanged_gives_identical_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let first = dir.path().join("first.gguf");
     let w = sample_writer(Some(64));
-    w.write_file(&first, false, |i, t, sink| sink.write_all(&data(i, t.n_bytes)))
-        .unwrap();
+    w.write_file(&first, false, |i, t, sink| {
+        sink.write_all(&data(i, t.n_bytes))
+    })
+    .unwrap();
     let f = GgufFile::open(&first).unwrap();
     let again = Writer::from_header(f.header()).unwrap();
     let second = dir.path().join("second.gguf");
     again
-        .write_file(&second, false, |i, _, sink| sink.write_all(f.tensor_data(&f.header().tensors[i])))
+        .write_file(&second, false, |i, _, sink| {
+            sink.write_all(f.tensor_data(&f.header().tensors[i]))
+        })
         .unwrap();
-    assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap());
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        std::fs::read(&second).unwrap()
+    );
 }
 
 #[test]
@@ -113,19 +140,29 @@ fn write_file_is_atomic_and_careful() {
         })
         .unwrap_err();
     assert!(err.to_string().contains("disk full (simulated)"), "{err}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "partial output left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "partial output left behind"
+    );
     // A fill that writes the wrong number of bytes is refused.
     let err = w
         .write_file(&out, false, |_, _, sink| sink.write_all(&[1, 2, 3]))
         .unwrap_err();
-    assert!(err.to_string().contains("3 bytes of data were supplied"), "{err}");
+    assert!(
+        err.to_string().contains("3 bytes of data were supplied"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     // An existing file needs overwrite.
     std::fs::write(&out, b"keep me").unwrap();
-    let err = w.write_file(&out, false, |i, t, s| s.write_all(&data(i, t.n_bytes))).unwrap_err();
+    let err = w
+        .write_file(&out, false, |i, t, s| s.write_all(&data(i, t.n_bytes)))
+        .unwrap_err();
     assert!(err.to_string().contains("--overwrite"), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
-    w.write_file(&out, true, |i, t, s| s.write_all(&data(i, t.n_bytes))).unwrap();
+    w.write_file(&out, true, |i, t, s| s.write_all(&data(i, t.n_bytes)))
+        .unwrap();
     assert!(GgufFile::open(&out).is_ok());
 }
 
@@ -133,7 +170,9 @@ fn write_file_is_atomic_and_careful() {
 fn writer_refuses_bad_tensors() {
     let mut w = Writer::new();
     assert!(w.add_tensor("q", &[33], GgmlType::Q8_0).is_err());
-    assert!(w.add_tensor("five", &[1, 1, 1, 1, 1], GgmlType::F32).is_err());
+    assert!(w
+        .add_tensor("five", &[1, 1, 1, 1, 1], GgmlType::F32)
+        .is_err());
     w.add_tensor("t", &[32], GgmlType::Q8_0).unwrap();
     assert!(w.add_tensor("t", &[32], GgmlType::Q8_0).is_err());
     assert!(w.set_alignment(48).is_err());
@@ -153,11 +192,14 @@ fn write_split(dir: &std::path::Path, n: u16) -> Vec<std::path::PathBuf> {
             w.set("split.count", Value::U16(n));
             w.set("split.tensors.count", Value::I32(i32::from(n) * per_shard));
             for t in 0..per_shard {
-                w.add_tensor(&format!("t.{s}.{t}"), &[8], GgmlType::F32).unwrap();
+                w.add_tensor(&format!("t.{s}.{t}"), &[8], GgmlType::F32)
+                    .unwrap();
             }
             let path = gguf::split_path(&prefix, u64::from(s) + 1, u64::from(n));
-            w.write_file(&path, false, |i, t, sink| sink.write_all(&data(i + 10 * s as usize, t.n_bytes)))
-                .unwrap();
+            w.write_file(&path, false, |i, t, sink| {
+                sink.write_all(&data(i + 10 * s as usize, t.n_bytes))
+            })
+            .unwrap();
             path
         })
         .collect()
@@ -171,7 +213,10 @@ fn split_model_opens_as_one_from_any_shard() {
         let m = Model::open(p).unwrap();
         assert_eq!(m.shards().len(), 3);
         assert_eq!(m.tensors().len(), 6);
-        assert_eq!(m.metadata().str("general.architecture").unwrap(), "deepseek4");
+        assert_eq!(
+            m.metadata().str("general.architecture").unwrap(),
+            "deepseek4"
+        );
         let t = m.tensor("t.2.1").unwrap();
         assert_eq!(t.shard, 2);
         assert_eq!(m.tensor_data(t), &data(1 + 20, 32)[..]);
@@ -189,5 +234,8 @@ fn split_model_errors() {
     let renamed = dir.path().join("renamed.gguf");
     std::fs::rename(&paths[0], &renamed).unwrap();
     let err = Model::open(&renamed).err().unwrap();
-    assert!(err.to_string().contains("NAME-00001-of-00003.gguf"), "{err}");
+    assert!(
+        err.to_string().contains("NAME-00001-of-00003.gguf"),
+        "{err}"
+    );
 }
