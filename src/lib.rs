@@ -1,4 +1,7 @@
 //! ferrite: DeepSeek V4 on ggml. The library behind the `ferrite` binary, so integration tests and examples can use it.
 
+pub mod cache;
+pub mod engine;
 pub mod ggml;
 pub mod model;
+pub mod session_file;

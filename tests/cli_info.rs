@@ -1,6 +1,5 @@
 //! `ferrite info` end to end: text and JSON on a DeepSeek V4 layout, split models, and bad input.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -8,7 +7,10 @@ use gguf::{Array, GgmlType, Value, Writer};
 use serde_json::Value as Json;
 
 fn ferrite(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrite")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -27,22 +29,48 @@ fn deepseek4_writer() -> Writer {
     w.set("deepseek4.expert_shared_count", Value::U32(1));
     w.set("deepseek4.expert_feed_forward_length", Value::U32(64));
     w.set("deepseek4.hash_layer_count", Value::U32(2));
-    w.set("deepseek4.attention.compress_ratios", Value::Array(Array::I32(vec![0, 4, 128, 0, 0])));
-    w.set("tokenizer.ggml.tokens", Value::string_array((0..300).map(|i| format!("t{i}"))));
-    w.add_tensor("token_embd.weight", &[256, 1000], GgmlType::F16).unwrap();
-    w.add_tensor("output.weight", &[256, 1000], GgmlType::F16).unwrap();
+    w.set(
+        "deepseek4.attention.compress_ratios",
+        Value::Array(Array::I32(vec![0, 4, 128, 0, 0])),
+    );
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::string_array((0..300).map(|i| format!("t{i}"))),
+    );
+    w.add_tensor("token_embd.weight", &[256, 1000], GgmlType::F16)
+        .unwrap();
+    w.add_tensor("output.weight", &[256, 1000], GgmlType::F16)
+        .unwrap();
     for l in 0..4 {
-        w.add_tensor(&format!("blk.{l}.attn_norm.weight"), &[256], GgmlType::F32).unwrap();
-        w.add_tensor(&format!("blk.{l}.ffn_gate_exps.weight"), &[256, 64, 8], GgmlType::Q4K).unwrap();
-        w.add_tensor(&format!("blk.{l}.ffn_up_exps.weight"), &[256, 64, 8], GgmlType::Q4K).unwrap();
-        w.add_tensor(&format!("blk.{l}.ffn_down_exps.weight"), &[64, 256, 8], GgmlType::Q8_0).unwrap();
+        w.add_tensor(&format!("blk.{l}.attn_norm.weight"), &[256], GgmlType::F32)
+            .unwrap();
+        w.add_tensor(
+            &format!("blk.{l}.ffn_gate_exps.weight"),
+            &[256, 64, 8],
+            GgmlType::Q4K,
+        )
+        .unwrap();
+        w.add_tensor(
+            &format!("blk.{l}.ffn_up_exps.weight"),
+            &[256, 64, 8],
+            GgmlType::Q4K,
+        )
+        .unwrap();
+        w.add_tensor(
+            &format!("blk.{l}.ffn_down_exps.weight"),
+            &[64, 256, 8],
+            GgmlType::Q8_0,
+        )
+        .unwrap();
     }
     w
 }
 
 fn write(w: &Writer, path: &Path) {
-    w.write_file(path, false, |_, t, out| out.write_all(&vec![0u8; t.n_bytes as usize]))
-        .unwrap();
+    w.write_file(path, false, |_, t, out| {
+        out.write_all(&vec![0u8; t.n_bytes as usize])
+    })
+    .unwrap();
 }
 
 // Expected sizes of the file above.
@@ -82,9 +110,15 @@ fn deepseek4_summary_text_and_json() {
     assert_eq!(m["bytes_other"], 2 * EMBD + NORMS);
     assert_eq!(m["params_routed"], 4 * 3 * 256 * 64 * 8);
     assert_eq!(m["expert_layers"][2]["bytes_per_expert"], PER_EXPERT);
-    assert_eq!(m["layer_kinds"], serde_json::json!(["raw", "csa", "hca", "raw"]));
+    assert_eq!(
+        m["layer_kinds"],
+        serde_json::json!(["raw", "csa", "hca", "raw"])
+    );
     // Active bytes: everything but the embedding table, one embedding row, 2 experts in each of 4 layers.
-    assert_eq!(m["active_bytes_per_token"], EMBD + NORMS + 512 + 4 * 2 * PER_EXPERT);
+    assert_eq!(
+        m["active_bytes_per_token"],
+        EMBD + NORMS + 512 + 4 * 2 * PER_EXPERT
+    );
     assert_eq!(j["tensors"].as_array().unwrap().len(), 2 + 4 * 4);
     assert_eq!(j["metadata"][9]["value"]["len"], 300);
 }
@@ -97,7 +131,8 @@ fn split_model_shows_shards() {
         let mut w = Writer::new();
         w.set("split.no", Value::U16(s));
         w.set("split.count", Value::U16(2));
-        w.add_tensor(&format!("t{s}"), &[32], GgmlType::F32).unwrap();
+        w.add_tensor(&format!("t{s}"), &[32], GgmlType::F32)
+            .unwrap();
         write(&w, &gguf::split_path(&prefix, u64::from(s) + 1, 2));
     }
     let second = gguf::split_path(&prefix, 2, 2);
@@ -120,7 +155,10 @@ fn bad_files_and_flags() {
     let out = ferrite(&["info", truncated.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("truncated.gguf") && err.contains("past its end"), "{err}");
+    assert!(
+        err.contains("truncated.gguf") && err.contains("past its end"),
+        "{err}"
+    );
     assert!(err.contains("hint: the file is incomplete"), "{err}");
     assert!(out.stdout.is_empty());
 
@@ -129,7 +167,10 @@ fn bad_files_and_flags() {
     let out = ferrite(&["info", not_gguf.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("not a GGUF file") && err.contains("ferrite quantize"), "{err}");
+    assert!(
+        err.contains("not a GGUF file") && err.contains("ferrite quantize"),
+        "{err}"
+    );
 
     let out = ferrite(&["info", dir.path().join("missing.gguf").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));

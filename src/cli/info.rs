@@ -35,7 +35,11 @@ pub fn run(args: &InfoArgs) -> Result<()> {
     for (i, path) in args.files.iter().enumerate() {
         // Errors from the reader already name the file.
         let model = Model::open(path)?;
-        let preview = if args.full_arrays { usize::MAX } else { ARRAY_PREVIEW };
+        let preview = if args.full_arrays {
+            usize::MAX
+        } else {
+            ARRAY_PREVIEW
+        };
         if args.json {
             let report = json_report(path, &model, preview, !args.no_tensors);
             writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -102,17 +106,33 @@ fn totals_by_type(model: &Model) -> BTreeMap<gguf::GgmlType, TypeTotal> {
     totals
 }
 
-fn write_text(out: &mut impl Write, path: &std::path::Path, model: &Model, preview: usize, tensors: bool) -> Result<()> {
+fn write_text(
+    out: &mut impl Write,
+    path: &std::path::Path,
+    model: &Model,
+    preview: usize,
+    tensors: bool,
+) -> Result<()> {
     let first = &model.shards()[0];
     let h = first.header();
     writeln!(out, "file:      {}", path.display())?;
     if model.shards().len() > 1 {
         writeln!(out, "shards:    {}", model.shards().len())?;
         for s in model.shards() {
-            writeln!(out, "           {} ({})", s.path().display(), human_bytes(s.header().file_len))?;
+            writeln!(
+                out,
+                "           {} ({})",
+                s.path().display(),
+                human_bytes(s.header().file_len)
+            )?;
         }
     }
-    writeln!(out, "size:      {} ({} bytes)", human_bytes(model.file_bytes()), model.file_bytes())?;
+    writeln!(
+        out,
+        "size:      {} ({} bytes)",
+        human_bytes(model.file_bytes()),
+        model.file_bytes()
+    )?;
     writeln!(
         out,
         "format:    GGUF v{}, alignment {}, {} metadata keys, {} tensors",
@@ -123,18 +143,33 @@ fn write_text(out: &mut impl Write, path: &std::path::Path, model: &Model, previ
     )?;
 
     writeln!(out, "\nmetadata:")?;
-    let key_width = model.metadata().iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let key_width = model
+        .metadata()
+        .iter()
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(0);
     for (key, value) in model.metadata().iter() {
         let ty = match value {
             Value::Array(a) => format!("{}[]", a.elem_type()),
             v => v.value_type().to_string(),
         };
-        writeln!(out, "  {key:key_width$}  {ty:9}  {}", value.summary(preview))?;
+        writeln!(
+            out,
+            "  {key:key_width$}  {ty:9}  {}",
+            value.summary(preview)
+        )?;
     }
 
     if tensors {
         writeln!(out, "\ntensors:")?;
-        let name_width = model.tensors().iter().map(|t| t.info.name.len()).max().unwrap_or(4).max(4);
+        let name_width = model
+            .tensors()
+            .iter()
+            .map(|t| t.info.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
         let split = model.shards().len() > 1;
         writeln!(
             out,
@@ -148,7 +183,11 @@ fn write_text(out: &mut impl Write, path: &std::path::Path, model: &Model, previ
         )?;
         for t in model.tensors() {
             let i = &t.info;
-            let shard = if split { format!("  {:>5}", t.shard + 1) } else { String::new() };
+            let shard = if split {
+                format!("  {:>5}", t.shard + 1)
+            } else {
+                String::new()
+            };
             writeln!(
                 out,
                 "  {:name_width$}  {:7}  {:22}  {:>14}  {:>14}{shard}",
@@ -198,10 +237,16 @@ fn deepseek4_facts(model: &Model) -> Deepseek4Facts {
     let md = model.metadata();
     let u = |k: &str| md.uint(&format!("{ARCH}.{k}")).ok();
     let block_count = u("block_count");
-    let ratios = md.int_array(&format!("{ARCH}.attention.compress_ratios")).ok();
+    let ratios = md
+        .int_array(&format!("{ARCH}.attention.compress_ratios"))
+        .ok();
     let has_mtp = block_count
         .and_then(|n| n.checked_sub(1))
-        .is_some_and(|last| model.tensor(&format!("blk.{last}.nextn.eh_proj.weight")).is_some());
+        .is_some_and(|last| {
+            model
+                .tensor(&format!("blk.{last}.nextn.eh_proj.weight"))
+                .is_some()
+        });
     Deepseek4Facts {
         block_count,
         ratios,
@@ -211,7 +256,9 @@ fn deepseek4_facts(model: &Model) -> Deepseek4Facts {
         n_shared: u("expert_shared_count"),
         expert_width: u("expert_feed_forward_length"),
         hidden: u("embedding_length"),
-        vocab_rows: model.tensor("token_embd.weight").and_then(|t| t.info.dims.get(1).copied()),
+        vocab_rows: model
+            .tensor("token_embd.weight")
+            .and_then(|t| t.info.dims.get(1).copied()),
         has_mtp,
     }
 }
@@ -219,7 +266,9 @@ fn deepseek4_facts(model: &Model) -> Deepseek4Facts {
 impl Deepseek4Facts {
     /// Per-layer attention kinds: `raw` (window only), `csa` (ratio 4 + indexer), `hca` (ratio 128).
     fn layer_kinds(&self) -> Vec<&'static str> {
-        let (Some(n), Some(ratios)) = (self.block_count, &self.ratios) else { return Vec::new() };
+        let (Some(n), Some(ratios)) = (self.block_count, &self.ratios) else {
+            return Vec::new();
+        };
         (0..n as usize)
             .map(|i| match ratios.get(i) {
                 Some(0) => "raw",
@@ -234,7 +283,11 @@ impl Deepseek4Facts {
         let kinds = self.layer_kinds();
         let count = |k: &str| kinds.iter().filter(|&&x| x == k).count();
         let n = self.block_count.map_or("?".into(), |n| n.to_string());
-        let mtp = if self.has_mtp { " (the last is the MTP block)" } else { "" };
+        let mtp = if self.has_mtp {
+            " (the last is the MTP block)"
+        } else {
+            ""
+        };
         format!(
             "{n} layers{mtp}: {} raw-window, {} ratio-4 with indexer, {} ratio-128",
             count("raw"),
@@ -270,7 +323,13 @@ fn write_model_summary(out: &mut impl Write, model: &Model) -> Result<()> {
 }
 
 fn write_sizes(out: &mut impl Write, s: &WeightSizes, f: &Deepseek4Facts) -> Result<()> {
-    let pct = |part: u64| if s.bytes_total == 0 { 0.0 } else { 100.0 * part as f64 / s.bytes_total as f64 };
+    let pct = |part: u64| {
+        if s.bytes_total == 0 {
+            0.0
+        } else {
+            100.0 * part as f64 / s.bytes_total as f64
+        }
+    };
     writeln!(
         out,
         "  parameters:  {} total = {} routed experts + {} other",
@@ -378,7 +437,10 @@ fn json_report(path: &std::path::Path, model: &Model, preview: usize, with_tenso
     if model.metadata().str("general.architecture").ok() == Some(ARCH) {
         let f = deepseek4_facts(model);
         let s = weight_sizes(model);
-        let per_token = f.n_used.zip(f.vocab_rows).map(|(u, r)| s.active_bytes_per_token(u, r));
+        let per_token = f
+            .n_used
+            .zip(f.vocab_rows)
+            .map(|(u, r)| s.active_bytes_per_token(u, r));
         report["model"] = json!({
             "architecture": ARCH, "block_count": f.block_count, "has_mtp": f.has_mtp,
             "layer_kinds": f.layer_kinds(), "hidden": f.hidden, "expert_count": f.n_expert,

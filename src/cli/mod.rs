@@ -38,7 +38,10 @@ pub fn print_error(err: &anyhow::Error) {
     let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
     let mut stderr = std::io::stderr().lock();
     let _ = writeln!(stderr, "ferrite: error: {}", chain.join(": "));
-    let hint = err.chain().find_map(|e| e.downcast_ref::<gguf::GgufError>()).and_then(|e| e.hint());
+    let hint = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<gguf::GgufError>())
+        .and_then(|e| e.hint());
     if let Some(hint) = hint {
         let _ = writeln!(stderr, "hint: {hint}");
     }

@@ -1,3 +1,13 @@
-//! DeepSeek V4 (GGUF arch `deepseek4`): what the files hold and, later, the forward pass.
+//! DeepSeek V4 (GGUF arch `deepseek4`): the typed config, the weights bound by meaning, and the forward pass,
+//! one short file per sublayer.
 
+pub mod attention;
+pub mod compressor;
+pub mod config;
+pub mod forward;
+pub mod hc;
+pub mod moe;
+pub mod names;
 pub mod sizes;
+pub mod tiny;
+pub mod weights;

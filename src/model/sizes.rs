@@ -3,8 +3,7 @@
 
 use gguf::Model;
 
-/// GGUF architecture name of DeepSeek V4.
-pub const ARCH: &str = "deepseek4";
+pub use super::names::ARCH;
 
 /// The three stacked routed-expert tensors of a layer, `{in, out, n_expert}`.
 pub const EXPERT_TENSORS: [&str; 3] = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"];
@@ -42,8 +41,15 @@ impl WeightSizes {
     /// Bytes of weights a decoded token reads when `n_used` experts per layer are active:
     /// all non-expert weights except the embedding table, one embedding row, and `n_used` experts per layer.
     pub fn active_bytes_per_token(&self, n_used: u64, embedding_rows: u64) -> u64 {
-        let experts: u64 = self.layers.iter().map(|l| n_used.min(l.n_expert) * l.bytes_per_expert).sum();
-        let embd_row = self.bytes_embedding.checked_div(embedding_rows).unwrap_or(0);
+        let experts: u64 = self
+            .layers
+            .iter()
+            .map(|l| n_used.min(l.n_expert) * l.bytes_per_expert)
+            .sum();
+        let embd_row = self
+            .bytes_embedding
+            .checked_div(embedding_rows)
+            .unwrap_or(0);
         self.bytes_other() - self.bytes_embedding + embd_row + experts
     }
 }
@@ -73,7 +79,9 @@ pub fn weight_sizes(model: &Model) -> WeightSizes {
         if info.name == "token_embd.weight" {
             sizes.bytes_embedding = info.n_bytes;
         }
-        let Some(layer) = expert_tensor_layer(&info.name) else { continue };
+        let Some(layer) = expert_tensor_layer(&info.name) else {
+            continue;
+        };
         sizes.params_routed += info.n_elements();
         sizes.bytes_routed += info.n_bytes;
         let n_expert = info.dims.get(2).copied().unwrap_or(1).max(1);

@@ -1,0 +1,260 @@
+//! Host-side bookkeeping of the per-sequence cache: which ring slot holds which position, which compressed
+//! blocks a micro-batch completes, and the attention masks. Pure arithmetic, so it is unit-tested on its own.
+
+/// Index tensors and masks are built with these values.
+pub const MASKED: f32 = f32::NEG_INFINITY;
+
+/// A ring of `cap` rows where position `t` lives in row `t % cap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ring {
+    pub cap: usize,
+}
+
+impl Ring {
+    pub fn slot(self, pos: usize) -> usize {
+        pos % self.cap
+    }
+
+    /// The position in `slot` once positions `0..end` have been written (None: never written).
+    pub fn position_in(self, slot: usize, end: usize) -> Option<usize> {
+        if end == 0 {
+            return None;
+        }
+        let last = end - 1;
+        let back = (last % self.cap + self.cap - slot) % self.cap;
+        last.checked_sub(back)
+    }
+}
+
+/// Key rows attention reads are padded to this many (as llama.cpp does), so the reductions group the same way.
+pub const KV_PAD: usize = 256;
+
+/// How many of `cap` rows attention reads when `used` of them may hold data: `used` padded to [`KV_PAD`], at
+/// least one pad, at most `cap`.
+pub fn padded_kv(used: usize, cap: usize) -> usize {
+    used.next_multiple_of(KV_PAD).max(KV_PAD).min(cap)
+}
+
+/// Raw-window attention of one micro-batch: keys are the first `n_kv` ring rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawPlan {
+    /// Ring row of each new token's key.
+    pub write_slots: Vec<i64>,
+    /// Ring rows attention reads.
+    pub n_kv: usize,
+    /// `[n_kv, n_tokens]` (ggml order: one row of `n_kv` values per query), 0 or -inf.
+    pub mask: Vec<f32>,
+}
+
+/// Visible raw keys of query `p`: positions in `(p - window, p]`.
+pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize) -> RawPlan {
+    let end = p0 + n;
+    let write_slots = (p0..end).map(|p| ring.slot(p) as i64).collect();
+    let n_kv = padded_kv(end, ring.cap);
+    let mut mask = vec![MASKED; n_kv * n];
+    for (i, p) in (p0..end).enumerate() {
+        for slot in 0..n_kv {
+            if let Some(t) = ring.position_in(slot, end) {
+                if t <= p && t + window > p {
+                    mask[i * n_kv + slot] = 0.0;
+                }
+            }
+        }
+    }
+    RawPlan {
+        write_slots,
+        n_kv,
+        mask,
+    }
+}
+
+/// Compressor work of one micro-batch for one ratio.
+///
+/// The compressor's source rows are `[ring rows (cap) | new rows (n) | one padding row]`: the padding row
+/// is zero for values and -inf for scores and stands for the missing block before block 0 (ratio 4).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompressPlan {
+    pub ratio: usize,
+    /// Blocks completed by this micro-batch: `first_block .. first_block + n_blocks`.
+    pub first_block: usize,
+    pub n_blocks: usize,
+    /// Rows (into the source) each completed block pools, block after block:
+    /// ratio 4: `[4 rows of the previous block, 4 rows of this block]`; ratio 128: the block's 128 rows.
+    pub read_rows: Vec<i32>,
+    /// The position of each completed block's first token (its RoPE position).
+    pub block_pos: Vec<i32>,
+    /// For each ring row after this micro-batch, the source row that fills it.
+    pub persist_rows: Vec<i32>,
+    /// Compressed rows that exist after this micro-batch (all blocks completed so far).
+    pub n_rows_after: usize,
+}
+
+/// Ring rows a compressor keeps: the current partial block and, for ratio 4, the previous block.
+pub fn compressor_ring_rows(ratio: usize) -> usize {
+    if ratio == 4 {
+        2 * ratio
+    } else {
+        ratio
+    }
+}
+
+pub fn compress_plan(ratio: usize, ring: Ring, p0: usize, n: usize) -> CompressPlan {
+    let end = p0 + n;
+    let pad_row = (ring.cap + n) as i32;
+    // Source row of position t: new tokens after the ring; older ones in their ring slot.
+    let src = |t: usize| -> i32 {
+        if t >= p0 {
+            (ring.cap + t - p0) as i32
+        } else {
+            ring.slot(t) as i32
+        }
+    };
+    let first_block = p0 / ratio;
+    let n_rows_after = end / ratio;
+    let n_blocks = n_rows_after.saturating_sub(first_block);
+    let mut read_rows = Vec::new();
+    let mut block_pos = Vec::with_capacity(n_blocks);
+    for j in first_block..first_block + n_blocks {
+        let start = j * ratio;
+        if ratio == 4 {
+            for t in 0..ratio {
+                read_rows.push(if j == 0 {
+                    pad_row
+                } else {
+                    src(start - ratio + t)
+                });
+            }
+        }
+        read_rows.extend((start..start + ratio).map(src));
+        block_pos.push(start as i32);
+    }
+    let persist_rows = (0..ring.cap)
+        .map(|slot| match ring.position_in(slot, end) {
+            Some(t) => src(t),
+            None => pad_row,
+        })
+        .collect();
+    CompressPlan {
+        ratio,
+        first_block,
+        n_blocks,
+        read_rows,
+        block_pos,
+        persist_rows,
+        n_rows_after,
+    }
+}
+
+/// `[n_rows, n_tokens]` mask of compressed rows (`n_rows` may exceed the rows that exist: the rest stay masked):
+/// query `p` sees rows `j < (p + 1) / ratio`.
+pub fn compressed_mask(ratio: usize, n_rows: usize, p0: usize, n: usize) -> Vec<f32> {
+    let mut mask = vec![MASKED; n_rows * n];
+    for (i, p) in (p0..p0 + n).enumerate() {
+        let visible = ((p + 1) / ratio).min(n_rows);
+        mask[i * n_rows..i * n_rows + visible].fill(0.0);
+    }
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_positions() {
+        let r = Ring { cap: 8 };
+        assert_eq!(r.position_in(3, 0), None);
+        assert_eq!(r.position_in(3, 3), None);
+        assert_eq!(r.position_in(3, 4), Some(3));
+        assert_eq!(r.position_in(3, 20), Some(19));
+        assert_eq!(r.position_in(4, 20), Some(12));
+    }
+
+    #[test]
+    fn raw_window_is_the_last_w_positions() {
+        // window 4, ring of 4 + 3, a batch of 3 at positions 10..13.
+        let ring = Ring { cap: 7 };
+        let plan = raw_plan(ring, 4, 10, 3);
+        assert_eq!(plan.write_slots, vec![3, 4, 5]);
+        for (i, p) in (10..13).enumerate() {
+            assert_eq!(plan.n_kv, 7);
+            let visible: Vec<usize> = (0..7)
+                .filter(|&s| plan.mask[i * 7 + s] == 0.0)
+                .map(|s| ring.position_in(s, 13).unwrap())
+                .collect();
+            let mut visible = visible;
+            visible.sort();
+            assert_eq!(visible, ((p - 3)..=p).collect::<Vec<_>>(), "query {p}");
+        }
+    }
+
+    #[test]
+    fn raw_window_at_the_start() {
+        let plan = raw_plan(Ring { cap: 6 }, 4, 0, 2);
+        assert_eq!(
+            &plan.mask[0..6],
+            &[0.0, MASKED, MASKED, MASKED, MASKED, MASKED]
+        );
+        assert_eq!(
+            &plan.mask[6..12],
+            &[0.0, 0.0, MASKED, MASKED, MASKED, MASKED]
+        );
+    }
+
+    #[test]
+    fn ratio4_blocks_overlap_the_previous_block() {
+        let ring = Ring { cap: 8 };
+        // Positions 0..10 in one batch: blocks 0 and 1 complete (block 2 needs position 11).
+        let plan = compress_plan(4, ring, 0, 10);
+        assert_eq!(
+            (plan.first_block, plan.n_blocks, plan.n_rows_after),
+            (0, 2, 2)
+        );
+        let pad = 8 + 10;
+        assert_eq!(&plan.read_rows[..8], &[pad, pad, pad, pad, 8, 9, 10, 11]);
+        assert_eq!(&plan.read_rows[8..], &[8, 9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(plan.block_pos, vec![0, 4]);
+        // Then one token at position 10, one at 11 (completes block 2 from the ring and the new row).
+        let plan = compress_plan(4, ring, 10, 1);
+        assert_eq!(plan.n_blocks, 0);
+        let plan = compress_plan(4, ring, 11, 1);
+        assert_eq!((plan.first_block, plan.n_blocks), (2, 1));
+        // Previous block 4..8 in ring slots 4..8; this block 8, 9, 10 in slots 0, 1, 2 and 11 new (row 8).
+        assert_eq!(plan.read_rows, vec![4, 5, 6, 7, 0, 1, 2, 8]);
+        assert_eq!(plan.block_pos, vec![8]);
+        // The ring afterwards holds 4..12: slots 4..8 keep 4..7, slot 3 gets the new 11.
+        assert_eq!(plan.persist_rows, vec![0, 1, 2, 8, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn ratio128_block_from_ring_and_batch() {
+        let ring = Ring { cap: 128 };
+        let plan = compress_plan(128, ring, 100, 40);
+        assert_eq!(
+            (plan.first_block, plan.n_blocks, plan.n_rows_after),
+            (0, 1, 1)
+        );
+        assert_eq!(plan.read_rows[..100], (0..100).collect::<Vec<i32>>()[..]);
+        assert_eq!(plan.read_rows[100..], (128..156).collect::<Vec<i32>>()[..]);
+    }
+
+    #[test]
+    fn padding() {
+        assert_eq!(padded_kv(0, 1000), 256);
+        assert_eq!(padded_kv(257, 1000), 512);
+        assert_eq!(padded_kv(900, 768), 768);
+        assert_eq!(padded_kv(3, 8), 8);
+        let plan = raw_plan(Ring { cap: 768 }, 16, 300, 2);
+        assert_eq!(plan.n_kv, 512);
+        assert_eq!(plan.mask.len(), 1024);
+    }
+
+    #[test]
+    fn compressed_visibility() {
+        let m = compressed_mask(4, 3, 6, 3);
+        // p = 6 sees 1 row, p = 7 sees 2, p = 8 sees 2.
+        assert_eq!(&m[0..3], &[0.0, MASKED, MASKED]);
+        assert_eq!(&m[3..6], &[0.0, 0.0, MASKED]);
+        assert_eq!(&m[6..9], &[0.0, 0.0, MASKED]);
+    }
+}

@@ -1,0 +1,205 @@
+//! Attention (DSV4.md 3.4-3.9): q through a LoRA with two norms, one K=V head, RoPE on the last dims, a raw
+//! sliding window plus compressed rows (ratio 4 chosen by the lightning indexer, ratio 128 all visible) in one
+//! softmax with a per-head sink, de-rotation of the output, and the grouped low-rank output projection.
+
+use gguf::GgmlType;
+
+use crate::cache::LayerCache;
+use crate::ggml::{Result, RopeParams, Tensor};
+
+use super::compressor::compress;
+use super::config::LayerKind;
+use super::forward::{BatchInputs, CompInputs, Ops};
+use super::weights::{Indexer, LayerWeights};
+
+/// Shapes of the attention of one layer.
+pub struct AttnShape {
+    pub n_head: usize,
+    pub head_dim: usize,
+    pub o_groups: usize,
+    pub o_lora: usize,
+    pub indexer_heads: usize,
+    pub indexer_dim: usize,
+    pub indexer_top_k: usize,
+}
+
+/// `c {D, n}` (the normalised sub-block input) -> attention output `{D, n}`.
+pub fn attention<'c>(
+    o: &Ops<'c>,
+    w: &LayerWeights<Tensor<'c>>,
+    cache: &LayerCache<Tensor<'c>>,
+    c: Tensor<'c>,
+    inp: &BatchInputs<'c>,
+    s: &AttnShape,
+    rope: &RopeParams,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let n = c.ne()[1];
+    let (h, dh) = (s.n_head as i64, s.head_dim as i64);
+
+    let qr = ctx.mul(ctx.rms_norm(ctx.mul_mat(w.q_a, c)?, o.eps)?, w.q_a_norm)?;
+    let q = ctx.reshape_3d(ctx.mul_mat(w.q_b, qr)?, [dh, h, n])?;
+    let q = ctx.rms_norm(q, o.eps)?;
+    let q = o.rope_tail(ctx.rope_ext(q, inp.pos, None, rope)?, s.head_dim, rope)?;
+
+    let kv = ctx.mul(ctx.rms_norm(ctx.mul_mat(w.kv, c)?, o.eps)?, w.kv_norm)?;
+    let kv = ctx.reshape_3d(kv, [dh, 1, n])?;
+    let kv = o.rope_tail(ctx.rope_ext(kv, inp.pos, None, rope)?, s.head_dim, rope)?;
+    let raw = ctx.set_rows(cache.raw_k, ctx.reshape_2d(kv, [dh, n])?, inp.raw_slots)?;
+    // The first n_kv ring rows (the mask's width): the rows that may hold keys, padded.
+    let n_kv = inp.raw_mask.ne()[0];
+    let raw = ctx.view_3d(raw, [dh, 1, n_kv], [raw.nb()[1], raw.nb()[1]], 0)?;
+
+    let (keys, mask) = match w.kind {
+        LayerKind::Raw => (raw, inp.raw_mask),
+        kind => {
+            let comp_inp = inp.compressed(kind);
+            let (comp_w, comp_cache) = (w.compressor.as_ref(), cache.comp.as_ref());
+            let (Some(comp_w), Some(comp_cache), Some(comp_inp)) = (comp_w, comp_cache, comp_inp)
+            else {
+                return Err(crate::ggml::GgmlError::Op {
+                    op: "attention",
+                    detail: format!("{} layer without its compressor", kind.name()),
+                });
+            };
+            let rows = compress(o, c, comp_w, comp_cache, comp_inp, s.head_dim, rope, None)?;
+            let mask = match (kind, &w.indexer, &cache.indexer) {
+                (LayerKind::Csa, Some(idx_w), Some(idx_cache)) => {
+                    let rot = inp.indexer_rotation;
+                    let idx_rows = compress(
+                        o,
+                        c,
+                        &idx_w.comp,
+                        idx_cache,
+                        comp_inp,
+                        s.indexer_dim,
+                        rope,
+                        rot,
+                    )?;
+                    indexer_mask(o, idx_w, idx_rows, qr, c, comp_inp, s, rope, inp)?
+                }
+                _ => comp_inp.mask,
+            };
+            let n_rows = mask.ne()[0];
+            let visible = ctx.view_3d(rows, [dh, 1, n_rows], [rows.nb()[1], rows.nb()[1]], 0)?;
+            (
+                ctx.concat(raw, visible, 2)?,
+                ctx.concat(inp.raw_mask, mask, 0)?,
+            )
+        }
+    };
+
+    let out = attend(o, q, keys, mask, w.sinks, 1.0 / (s.head_dim as f32).sqrt())?;
+    let out = ctx.reshape_3d(out, [dh, h, n])?;
+    let out = o.rope_tail(
+        ctx.rope_ext_back(out, inp.pos, None, rope)?,
+        s.head_dim,
+        rope,
+    )?;
+    grouped_output(o, w, out, s)
+}
+
+/// Scaled dot-product attention over one shared K=V head: `q {Dh, H, n}`, `kv {Dh, 1, n_kv}`, `mask {n_kv, n}`,
+/// `sinks {H}` -> `{Dh·H, n}`.
+fn attend<'c>(
+    o: &Ops<'c>,
+    q: Tensor<'c>,
+    kv: Tensor<'c>,
+    mask: Tensor<'c>,
+    sinks: Tensor<'c>,
+    scale: f32,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let [dh, h, n, _] = q.ne();
+    let q = ctx.permute(q, [0, 2, 1, 3])?; // {Dh, n, H}
+    let k = ctx.permute(kv, [0, 2, 1, 3])?; // {Dh, n_kv, 1}
+    let kq = ctx.soft_max_ext_sinks(ctx.mul_mat(k, q)?, Some(mask), scale, 0.0, sinks)?; // {n_kv, n, H}
+    let v = ctx.cont(ctx.transpose(k)?)?; // {n_kv, Dh}
+    let out = ctx.mul_mat(v, kq)?; // {Dh, n, H}
+    let out = ctx.cont(ctx.permute(out, [0, 2, 1, 3])?)?; // {Dh, H, n}
+    ctx.reshape_2d(out, [dh * h, n])
+}
+
+/// The lightning indexer (DSV4.md 3.8): scores every visible compressed row for each query and keeps the
+/// `top_k` best; returns the compressed-row mask `{n_kv, n}` (0 for chosen visible rows, -inf otherwise).
+#[allow(clippy::too_many_arguments)]
+fn indexer_mask<'c>(
+    o: &Ops<'c>,
+    w: &Indexer<Tensor<'c>>,
+    idx_rows: Tensor<'c>,
+    qr: Tensor<'c>,
+    c: Tensor<'c>,
+    comp: &CompInputs<'c>,
+    s: &AttnShape,
+    rope: &RopeParams,
+    inp: &BatchInputs<'c>,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let vis = comp.mask;
+    let n = c.ne()[1];
+    let n_rows = vis.ne()[0];
+    let (ih, id) = (s.indexer_heads as i64, s.indexer_dim as i64);
+    let q = ctx.reshape_3d(ctx.mul_mat(w.q_b, qr)?, [id, ih, n])?;
+    let q = o.rope_tail(ctx.rope_ext(q, inp.pos, None, rope)?, s.indexer_dim, rope)?;
+    // Rotating both queries and keys leaves scores unchanged in exact arithmetic; llama.cpp does it, and matching
+    // its rounding keeps top-k ties broken the same way.
+    let q = match inp.indexer_rotation {
+        Some(rot) => ctx.mul_mat_hadamard(rot, q)?,
+        None => q,
+    };
+    let weights = ctx.scale(
+        ctx.mul_mat(w.proj, c)?,
+        1.0 / ((s.indexer_dim * s.indexer_heads) as f32).sqrt(),
+    )?;
+    let keys = ctx.view_3d(
+        idx_rows,
+        [id, 1, n_rows],
+        [idx_rows.nb()[1], idx_rows.nb()[1]],
+        0,
+    )?;
+    let scores = match (o.fused, comp.mask_f16) {
+        (true, Some(mask_f16)) => ctx.lightning_indexer(q, keys, weights, mask_f16)?,
+        _ => {
+            let qp = ctx.permute(q, [0, 2, 1, 3])?; // {ID, n, IH}
+            let kp = ctx.permute(keys, [0, 2, 1, 3])?; // {ID, n_rows, 1}
+            let kq = ctx.cont(ctx.permute(ctx.mul_mat(kp, qp)?, [2, 1, 0, 3])?)?; // {IH, n, n_rows}
+            let per_head = ctx.mul(ctx.relu(kq)?, weights)?;
+            let score = ctx.cont(ctx.permute(ctx.sum_rows(per_head)?, [2, 1, 0, 3])?)?; // {n_rows, n, 1}
+            ctx.add(ctx.reshape_2d(score, [n_rows, n])?, vis)?
+        }
+    };
+    let k = s.indexer_top_k.min(n_rows as usize);
+    let top = ctx.top_k(ctx.reshape_2d(scores, [n_rows, n])?, k)?; // I32 {k, n}
+                                                                   // -inf everywhere, then 0 at the chosen rows (set_rows over rows of one value), then the visibility mask.
+    let all = ctx.fill(vis, f32::NEG_INFINITY)?;
+    let f = 4;
+    let as_rows = ctx.view_4d(
+        all,
+        [1, n_rows, n, 1],
+        [f, n_rows as usize * f, n_rows as usize * n as usize * f],
+        0,
+    )?;
+    let zeros = ctx.fill(ctx.new_tensor_4d(GgmlType::F32, [1, k as i64, n, 1])?, 0.0)?;
+    let chosen = ctx.set_rows(as_rows, zeros, ctx.reshape_3d(top, [k as i64, n, 1])?)?;
+    let chosen = ctx.reshape_2d(chosen, [n_rows, n])?;
+    ctx.add(chosen, vis)
+}
+
+/// The grouped output LoRA: heads in `G` groups, each projected by its own `{H·Dh/G, Og}` slice of `wo_a`, then
+/// `wo_b` over the concatenation. `out {Dh, H, n}` -> `{D, n}`.
+fn grouped_output<'c>(
+    o: &Ops<'c>,
+    w: &LayerWeights<Tensor<'c>>,
+    out: Tensor<'c>,
+    s: &AttnShape,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let n = out.ne()[2];
+    let (g, og) = (s.o_groups as i64, s.o_lora as i64);
+    let group_dim = (s.n_head * s.head_dim) as i64 / g;
+    let out = ctx.permute(ctx.reshape_3d(out, [group_dim, g, n])?, [0, 2, 1, 3])?; // {H·Dh/G, n, G}
+    let wo_a = ctx.reshape_3d(w.o_a, [group_dim, og, g])?;
+    let oa = ctx.permute(ctx.mul_mat(wo_a, out)?, [0, 2, 1, 3])?; // {Og, G, n}
+    let oa = ctx.reshape_2d(ctx.cont(oa)?, [og * g, n])?;
+    ctx.mul_mat(w.o_b, oa)
+}

@@ -1,0 +1,299 @@
+//! The forward pass of one micro-batch as one ggml graph: embedding, hyper-connected layers (attention, then the
+//! feed-forward), and the head. One code path for prefill and decode; the per-sequence cache is read and written
+//! inside the graph.
+
+use std::cell::RefCell;
+
+use gguf::GgmlType;
+
+use crate::cache::LayerCache;
+use crate::ggml::{Context, Result, RopeMode, RopeParams, Tensor};
+
+use super::attention::{attention, AttnShape};
+use super::config::{Config, LayerKind};
+use super::hc::{self, HcParams};
+use super::moe::{moe, MoeShape};
+use super::weights::Weights;
+
+/// The graph builder's state: the context, numerical settings, and side effects (cache writes) to run.
+pub struct Ops<'c> {
+    pub ctx: &'c Context<'c>,
+    /// Use ggml's DeepSeek operators (hc_pre/post/comb, lightning indexer); else the same maths in primitive ops.
+    pub fused: bool,
+    pub eps: f32,
+    pub hc_eps: f32,
+    pub sinkhorn_iters: usize,
+    effects: RefCell<Vec<Tensor<'c>>>,
+}
+
+impl<'c> Ops<'c> {
+    pub fn new(ctx: &'c Context<'c>, cfg: &Config, fused: bool) -> Ops<'c> {
+        Ops {
+            ctx,
+            fused,
+            eps: cfg.eps,
+            hc_eps: cfg.hc_eps,
+            sinkhorn_iters: cfg.sinkhorn_iters,
+            effects: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Records a node that must run although nothing reads it (a cache write).
+    pub fn effect(&self, t: Tensor<'c>) {
+        self.effects.borrow_mut().push(t);
+    }
+
+    /// The recorded cache writes.
+    pub fn effects(&self) -> Vec<Tensor<'c>> {
+        self.effects.borrow().clone()
+    }
+
+    /// Makes a RoPE node rotate the last `rope.n_dims` dims of each `head_dim`-wide head (DSV4.md 3.5).
+    pub fn rope_tail(
+        &self,
+        rope_node: Tensor<'c>,
+        head_dim: usize,
+        rope: &RopeParams,
+    ) -> Result<Tensor<'c>> {
+        self.ctx.rope_set_offset(rope_node, head_dim - rope.n_dims)
+    }
+}
+
+/// Index inputs of the blocks one micro-batch completes for one compress ratio.
+pub struct BlockInputs<'c> {
+    pub n_blocks: usize,
+    /// I32: source rows each block pools.
+    pub read_rows: Tensor<'c>,
+    /// I32 `{n_blocks}`: RoPE position of each block (its first token).
+    pub block_pos: Tensor<'c>,
+    /// I32 `{n_blocks}`: the compressed-cache row each block is written to.
+    pub write_rows: Tensor<'c>,
+}
+
+/// Inputs of the compressed layers of one ratio (shared by all layers of that ratio).
+pub struct CompInputs<'c> {
+    pub ratio: usize,
+    /// I32 `{n}`: the APE row of each new token (`position % ratio`).
+    pub ape_pos: Tensor<'c>,
+    /// I32 `{ring}`: the source row that refills each ring row.
+    pub persist_rows: Tensor<'c>,
+    pub blocks: Option<BlockInputs<'c>>,
+    /// F32 `{n_kv, n}`: visibility of the first `n_kv` compressed rows (padded past the rows that exist).
+    pub mask: Tensor<'c>,
+    /// The same in F16, for ggml's fused lightning indexer.
+    pub mask_f16: Option<Tensor<'c>>,
+}
+
+/// Inputs of one micro-batch.
+pub struct BatchInputs<'c> {
+    /// I32 `{n}`.
+    pub tokens: Tensor<'c>,
+    /// I32 `{n}`: absolute positions.
+    pub pos: Tensor<'c>,
+    /// I32 `{n}`: raw-window ring rows of the new keys.
+    pub raw_slots: Tensor<'c>,
+    /// F32 `{ring, n}`.
+    pub raw_mask: Tensor<'c>,
+    pub csa: Option<CompInputs<'c>>,
+    pub hca: Option<CompInputs<'c>>,
+    /// I32 `{n_out}`: positions (within the micro-batch) whose logits are wanted.
+    pub out_ids: Tensor<'c>,
+    /// F32 `{r, r}`: the Walsh-Hadamard matrix indexer queries and keys are rotated by (see [`indexer_rotation_size`]).
+    pub indexer_rotation: Option<Tensor<'c>>,
+}
+
+/// Size of the Hadamard rotation of indexer queries and keys, as llama.cpp picks it: 64, doubled while it still
+/// divides the indexer head; None when the head is not a multiple of 64.
+pub fn indexer_rotation_size(indexer_dim: usize) -> Option<usize> {
+    if indexer_dim == 0 || indexer_dim % 64 != 0 {
+        return None;
+    }
+    let mut n = 64;
+    while indexer_dim % (2 * n) == 0 {
+        n *= 2;
+    }
+    Some(n)
+}
+
+/// The orthonormal Sylvester-Hadamard matrix of size `n` (a power of two), row-major.
+pub fn hadamard_matrix(n: usize) -> Vec<f32> {
+    let mut h = vec![0f32; n * n];
+    h[0] = 1.0 / (n as f32).sqrt();
+    let mut s = 1;
+    while s < n {
+        for i in 0..s {
+            for j in 0..s {
+                let v = h[i * n + j];
+                h[i * n + j + s] = v;
+                h[(i + s) * n + j] = v;
+                h[(i + s) * n + j + s] = -v;
+            }
+        }
+        s *= 2;
+    }
+    h
+}
+
+impl<'c> BatchInputs<'c> {
+    pub fn compressed(&self, kind: LayerKind) -> Option<&CompInputs<'c>> {
+        match kind {
+            LayerKind::Csa => self.csa.as_ref(),
+            LayerKind::Hca => self.hca.as_ref(),
+            LayerKind::Raw => None,
+        }
+    }
+}
+
+/// RoPE settings of `layer` for rotating `cfg.n_rot` dims.
+pub fn rope_params(cfg: &Config, layer: usize) -> RopeParams {
+    let r = cfg.rope(layer);
+    RopeParams {
+        n_dims: cfg.n_rot,
+        mode: RopeMode::Normal,
+        n_ctx_orig: r.n_ctx_orig,
+        freq_base: r.freq_base,
+        freq_scale: r.freq_scale,
+        ext_factor: r.ext_factor,
+        attn_factor: r.attn_factor,
+        beta_fast: r.beta_fast,
+        beta_slow: r.beta_slow,
+    }
+}
+
+/// Builds the micro-batch's graph up to the logits `{n_vocab, n_out}`; cache writes are in `o.effects()`.
+pub fn forward<'c>(
+    o: &Ops<'c>,
+    cfg: &Config,
+    w: &Weights<Tensor<'c>>,
+    cache: &[LayerCache<Tensor<'c>>],
+    inp: &BatchInputs<'c>,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let n = inp.tokens.ne()[0];
+    let d = cfg.n_embd as i64;
+    let attn_shape = AttnShape {
+        n_head: cfg.n_head,
+        head_dim: cfg.head_dim,
+        o_groups: cfg.o_groups,
+        o_lora: cfg.o_lora,
+        indexer_heads: cfg.indexer_heads,
+        indexer_dim: cfg.indexer_dim,
+        indexer_top_k: cfg.indexer_top_k,
+    };
+
+    // Embedding, copied into the hc streams: {D, hc, n}.
+    let e = ctx.reshape_3d(ctx.get_rows(w.token_embd, inp.tokens)?, [d, 1, n])?;
+    let mut x = e;
+    for _ in 1..cfg.hc {
+        x = ctx.concat(x, e, 1)?;
+    }
+
+    for (il, lw) in w.layers.iter().enumerate() {
+        let rope = rope_params(cfg, il);
+        let attn_hc = HcParams {
+            func: lw.hc_attn_fn,
+            base: lw.hc_attn_base,
+            scale: lw.hc_attn_scale,
+        };
+        let (y, mix) = hc::pre(o, x, &attn_hc)?;
+        let c = ctx.mul(ctx.rms_norm(y, o.eps)?, lw.attn_norm)?;
+        let a = attention(o, lw, &cache[il], c, inp, &attn_shape, &rope)?;
+        x = hc::post(o, a, x, &mix)?;
+
+        let ffn_hc = HcParams {
+            func: lw.hc_ffn_fn,
+            base: lw.hc_ffn_base,
+            scale: lw.hc_ffn_scale,
+        };
+        let (y, mix) = hc::pre(o, x, &ffn_hc)?;
+        let c = ctx.mul(ctx.rms_norm(y, o.eps)?, lw.ffn_norm)?;
+        let moe_shape = MoeShape {
+            n_expert_used: cfg.n_expert_used,
+            weights_norm: cfg.expert_weights_norm,
+            weights_scale: cfg.expert_weights_scale,
+            clamp_exp: cfg.clamp_exp[il],
+            clamp_shexp: cfg.clamp_shexp[il],
+        };
+        let f = moe(o, lw, c, inp.tokens, &moe_shape)?;
+        x = hc::post(o, f, x, &mix)?;
+    }
+
+    // Only the wanted positions go through the head.
+    let hc_dim = d * cfg.hc as i64;
+    let n_out = inp.out_ids.ne()[0];
+    let flat = ctx.get_rows(ctx.reshape_2d(x, [hc_dim, n])?, inp.out_ids)?;
+    let x = ctx.reshape_3d(flat, [d, cfg.hc as i64, n_out])?;
+    let head = HcParams {
+        func: w.hc_head_fn,
+        base: w.hc_head_base,
+        scale: w.hc_head_scale,
+    };
+    let y = hc::head(o, x, &head)?;
+    let y = ctx.mul(ctx.rms_norm(y, o.eps)?, w.output_norm)?;
+    ctx.mul_mat(w.output, y)
+}
+
+/// A host value to upload into an input tensor once the graph is allocated.
+pub enum HostData {
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    F16(Vec<f32>),
+}
+
+/// Input tensors paired with their data.
+#[derive(Default)]
+pub struct Uploads<'c> {
+    items: Vec<(Tensor<'c>, HostData)>,
+}
+
+impl<'c> Uploads<'c> {
+    /// A new I32 `{len}` input holding `data`.
+    pub fn i32(&mut self, ctx: &'c Context<'c>, name: &str, data: Vec<i32>) -> Result<Tensor<'c>> {
+        let t = ctx.new_tensor_1d(GgmlType::I32, data.len() as i64)?;
+        t.set_name(name)?;
+        self.items.push((t, HostData::I32(data)));
+        Ok(t)
+    }
+
+    /// A new `{ne0, ne1}` mask input (F32, or F16 when `half`) holding `data`.
+    pub fn mask(
+        &mut self,
+        ctx: &'c Context<'c>,
+        name: &str,
+        ne0: usize,
+        data: Vec<f32>,
+        half: bool,
+    ) -> Result<Tensor<'c>> {
+        let ne1 = data.len() / ne0.max(1);
+        let ty = if half { GgmlType::F16 } else { GgmlType::F32 };
+        let t = ctx.new_tensor_2d(ty, ne0 as i64, ne1 as i64)?;
+        t.set_name(name)?;
+        self.items.push((
+            t,
+            if half {
+                HostData::F16(data)
+            } else {
+                HostData::F32(data)
+            },
+        ));
+        Ok(t)
+    }
+
+    /// Writes every input's data (after allocation).
+    pub fn upload(&self) -> Result<()> {
+        for (t, data) in &self.items {
+            match data {
+                HostData::I32(v) => t.set_i32(v)?,
+                HostData::F32(v) => t.set_f32(v)?,
+                HostData::F16(v) => {
+                    let bytes: Vec<u8> = v
+                        .iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect();
+                    t.set_bytes(&bytes)?
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,79 @@
+//! The feed-forward (DSV4.md 3.10): routed experts chosen by sqrt(softplus) scores plus a selection bias, or by
+//! the token id in hash layers; weights normalised and scaled; SwiGLU with clamps; plus the shared expert.
+
+use crate::ggml::{Result, Tensor};
+
+use super::forward::Ops;
+use super::weights::{LayerWeights, Routing};
+
+/// Routing settings of the model.
+pub struct MoeShape {
+    pub n_expert_used: usize,
+    pub weights_norm: bool,
+    pub weights_scale: f32,
+    pub clamp_exp: f32,
+    pub clamp_shexp: f32,
+}
+
+/// Weights below this sum are clamped before normalising (the smallest normal F16, as llama.cpp does).
+const MIN_WEIGHT_SUM: f32 = 6.103_515_6e-5;
+
+/// SwiGLU, clamped when `limit` is set (`silu(min(g, L)) · clamp(u, -L, L)`).
+fn swiglu<'c>(o: &Ops<'c>, gate: Tensor<'c>, up: Tensor<'c>, limit: f32) -> Result<Tensor<'c>> {
+    if limit > 1e-6 {
+        o.ctx.swiglu_clamp(gate, up, limit)
+    } else {
+        o.ctx.swiglu_split(gate, up)
+    }
+}
+
+/// `c {D, n}` -> routed + shared expert output `{D, n}`; `tokens` I32 `{n}` are the ids hash layers route by.
+pub fn moe<'c>(
+    o: &Ops<'c>,
+    w: &LayerWeights<Tensor<'c>>,
+    c: Tensor<'c>,
+    tokens: Tensor<'c>,
+    s: &MoeShape,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let [d, n, _, _] = c.ne();
+    let k = s.n_expert_used as i64;
+    let logits = ctx.mul_mat(w.gate_inp, c)?; // {E, n}
+    let probs = ctx.sqrt(ctx.softplus(logits)?)?;
+    let selected = match &w.routing {
+        Routing::Hash { tid2eid } => ctx.get_rows(*tid2eid, tokens)?, // I32 {k, n}
+        Routing::Score { bias } => ctx.argsort_top_k(ctx.add(probs, *bias)?, s.n_expert_used)?,
+    };
+    let n_expert = probs.ne()[0];
+    let mut weights = ctx.get_rows(ctx.reshape_3d(probs, [1, n_expert, n])?, selected)?; // {1, k, n}
+    if s.weights_norm {
+        let flat = ctx.reshape_2d(weights, [k, n])?;
+        let sum = ctx.clamp(ctx.sum_rows(flat)?, MIN_WEIGHT_SUM, f32::INFINITY)?;
+        weights = ctx.reshape_3d(ctx.div(flat, sum)?, [1, k, n])?;
+    }
+    if s.weights_scale != 0.0 && s.weights_scale != 1.0 {
+        weights = ctx.scale(weights, s.weights_scale)?;
+    }
+
+    let x = ctx.reshape_3d(c, [d, 1, n])?;
+    let up = ctx.mul_mat_id(w.up_exps, x, selected)?; // {F, k, n}
+    let gate = ctx.mul_mat_id(w.gate_exps, x, selected)?;
+    let act = swiglu(o, gate, up, s.clamp_exp)?;
+    let experts = ctx.mul(ctx.mul_mat_id(w.down_exps, act, selected)?, weights)?; // {D, k, n}
+    let mut routed = ctx.view_2d(experts, [d, n], experts.nb()[2], 0)?;
+    for i in 1..k as usize {
+        let e = ctx.view_2d(experts, [d, n], experts.nb()[2], i * experts.nb()[1])?;
+        routed = ctx.add(routed, e)?;
+    }
+    if k == 1 {
+        routed = ctx.cont(routed)?;
+    }
+
+    let shared_up = ctx.mul_mat(w.up_shexp, c)?;
+    let shared_gate = ctx.mul_mat(w.gate_shexp, c)?;
+    let shared = ctx.mul_mat(
+        w.down_shexp,
+        swiglu(o, shared_gate, shared_up, s.clamp_shexp)?,
+    )?;
+    ctx.add(routed, shared)
+}

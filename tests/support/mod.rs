@@ -1,0 +1,4 @@
+//! Shared helpers of the integration tests: the in-process llama.cpp reference.
+#![allow(dead_code)]
+
+pub mod llama_ref;
