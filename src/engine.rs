@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use gguf::Model;
 
 use crate::cache::{CacheSizes, CompPlan, KvCache, UbatchPlan};
-use crate::ggml::{Context, CpuBackend, Tensor};
+use crate::ggml::{Context, CpuBackend, GraphAllocator, Tensor};
 use crate::model::config::Config;
 use crate::model::forward::{
     forward, hadamard_matrix, indexer_rotation_size, BatchInputs, BlockInputs, CompInputs, Ops,
@@ -125,9 +125,12 @@ impl Engine {
         let sizes = CacheSizes::new(&self.cfg, n_ctx, n_ubatch.min(n_ctx));
         let cache = KvCache::new(&self.cfg, sizes, &self.backend)
             .context("cannot allocate the context cache")?;
+        let alloc =
+            GraphAllocator::new(&self.backend).context("cannot create the compute buffer")?;
         Ok(Session {
             engine: self,
             cache,
+            alloc,
             tokens: Vec::new(),
         })
     }
@@ -146,6 +149,8 @@ pub enum Logits {
 pub struct Session<'e> {
     engine: &'e Engine,
     cache: KvCache,
+    /// The compute buffer, reused by every micro-batch's graph.
+    alloc: GraphAllocator,
     tokens: Vec<u32>,
 }
 
@@ -224,7 +229,7 @@ impl<'e> Session<'e> {
             for e in o.effects() {
                 graph.expand(e)?;
             }
-            ctx.alloc_tensors(&engine.backend)?;
+            self.alloc.alloc(&graph)?;
             up.upload()?;
             engine.backend.compute(&graph)?;
             if want.is_empty() {

@@ -4,4 +4,5 @@ pub mod cache;
 pub mod engine;
 pub mod ggml;
 pub mod model;
+pub mod npy;
 pub mod session_file;

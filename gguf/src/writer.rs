@@ -81,6 +81,11 @@ impl Writer {
         self.metadata.push(key, value);
     }
 
+    /// Removes a metadata key, returning its value.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        self.metadata.remove(key)
+    }
+
     /// Sets `general.alignment` (a non-zero power of two).
     pub fn set_alignment(&mut self, alignment: u32) -> Result<()> {
         if alignment == 0 || !alignment.is_power_of_two() {

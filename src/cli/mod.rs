@@ -1,6 +1,8 @@
 //! Command-line interface: one file per subcommand; `run` dispatches, `print_error` reports failures.
 
 mod info;
+mod logits;
+mod model_arg;
 
 use std::io::Write;
 
@@ -18,11 +20,14 @@ pub struct Cli {
 enum Command {
     /// Show a GGUF file's metadata, tensor table and, for DeepSeek V4, the sizes an expert cache is planned from.
     Info(info::InfoArgs),
+    /// Write every position's logits for a list of token ids to a NumPy file (float32 [n_tokens, n_vocab]).
+    Logits(logits::LogitsArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Logits(args) => logits::run(&args),
     }
 }
 
@@ -33,15 +38,40 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
         .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
+/// An error that comes with advice for the user: `print_error` prints the advice as the hint.
+#[derive(Debug)]
+pub struct Hinted {
+    message: String,
+    hint: String,
+}
+
+impl Hinted {
+    pub fn new(message: impl Into<String>, hint: impl Into<String>) -> Hinted {
+        Hinted {
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Hinted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Hinted {}
+
 /// Prints `ferrite: error: outer: inner: ...` once on stderr, then a hint when one applies.
 pub fn print_error(err: &anyhow::Error) {
     let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
     let mut stderr = std::io::stderr().lock();
     let _ = writeln!(stderr, "ferrite: error: {}", chain.join(": "));
-    let hint = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<gguf::GgufError>())
-        .and_then(|e| e.hint());
+    let hint = err.chain().find_map(|e| {
+        e.downcast_ref::<Hinted>()
+            .map(|h| h.hint.as_str())
+            .or_else(|| e.downcast_ref::<gguf::GgufError>().and_then(|g| g.hint()))
+    });
     if let Some(hint) = hint {
         let _ = writeln!(stderr, "hint: {hint}");
     }
