@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _, Result};
 use gguf::Model;
 
-use crate::cache::{CacheSizes, CompPlan, KvCache, UbatchPlan};
+use crate::cache::{CacheSizes, CacheType, CompPlan, KvCache, UbatchPlan};
 use crate::ggml::{Context, CpuBackend, GraphAllocator, Tensor};
 use crate::model::config::Config;
 use crate::model::forward::{
@@ -23,6 +23,8 @@ pub struct EngineOptions {
     /// Use ggml's DeepSeek V4 operators where the backend has them (the release path); `false` computes the same
     /// maths with primitive operators (the path for backends without them, and a cross-check).
     pub fused_ops: bool,
+    /// How sessions store key rows.
+    pub cache_type: CacheType,
 }
 
 impl Default for EngineOptions {
@@ -30,6 +32,7 @@ impl Default for EngineOptions {
         EngineOptions {
             n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fused_ops: true,
+            cache_type: CacheType::default(),
         }
     }
 }
@@ -122,7 +125,7 @@ impl Engine {
         if n_ctx == 0 || n_ubatch == 0 {
             bail!("the context size and the micro-batch size must be at least 1 (got -c {n_ctx}, --ubatch {n_ubatch})");
         }
-        let sizes = CacheSizes::new(&self.cfg, n_ctx, n_ubatch.min(n_ctx));
+        let sizes = CacheSizes::new(&self.cfg, n_ctx, n_ubatch.min(n_ctx), self.opts.cache_type);
         let cache = KvCache::new(&self.cfg, sizes, &self.backend)
             .context("cannot allocate the context cache")?;
         let alloc =

@@ -16,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
 
 /// Per-position relative error allowed at [`MIN_WITHIN`] of the positions.
@@ -188,6 +189,7 @@ fn logits_match_transformers_whole_and_in_micro_batches_of_7() {
         EngineOptions {
             n_threads: 2,
             fused_ops: true,
+            cache_type: CacheType::F32,
         },
     )
     .unwrap();

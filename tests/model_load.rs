@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use gguf::{GgufFile, Value, Writer};
@@ -13,6 +14,7 @@ fn open(path: &Path) -> anyhow::Result<Engine> {
         EngineOptions {
             n_threads: 1,
             fused_ops: true,
+            cache_type: CacheType::F32,
         },
     )
 }

@@ -6,6 +6,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
+use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
 use gguf::GgmlType;
@@ -50,6 +51,7 @@ fn engine(path: &Path, fused: bool) -> Engine {
         EngineOptions {
             n_threads: 2,
             fused_ops: fused,
+            cache_type: CacheType::F32,
         },
     )
     .unwrap()
@@ -300,5 +302,47 @@ fn rewind_and_save_restore_equal_recomputing() {
     assert!(
         format!("{err:#}").contains("another model or other sizes"),
         "{err:#}"
+    );
+}
+
+#[test]
+fn f16_cache_matches_llama_with_its_f16_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TinyConfig::small();
+    let path = model(dir.path(), "f16cache", &cfg, 12);
+    let tokens = prompt(PROMPT_LEN, cfg.n_vocab as usize, 13);
+    let params = LlamaParams {
+        n_ctx: N_CTX as u32,
+        cache_f16: true,
+        ..LlamaParams::default()
+    };
+    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let want = LlamaRef::load(&path, params)
+        .unwrap()
+        .logits(&ids, 512)
+        .unwrap();
+    let opts = EngineOptions {
+        n_threads: 2,
+        fused_ops: true,
+        cache_type: CacheType::F16,
+    };
+    let e = Engine::open(&path, opts).unwrap();
+    let got = ours(&e, &tokens, 512, 512);
+    let errs = relative_errors(&got, &want);
+    let within = errs.iter().filter(|&&x| x <= 1e-4).count() as f64 / errs.len() as f64;
+    eprintln!(
+        "f16 cache: {:.2} % of positions within 1e-4",
+        100.0 * within
+    );
+    assert!(
+        within >= 0.99,
+        "F16 cache: only {:.2} % of positions within 1e-4",
+        100.0 * within
+    );
+    // F16 rows really are stored: the session's cache is smaller than with F32.
+    let f32_engine = engine(&path, true);
+    assert!(
+        e.session(N_CTX, 512).unwrap().cache_bytes()
+            < f32_engine.session(N_CTX, 512).unwrap().cache_bytes()
     );
 }

@@ -53,19 +53,45 @@ impl<T: Copy> LayerCache<T> {
     }
 }
 
+/// How key rows are stored. Compressor rings always stay F32 (they carry partial sums, as in llama.cpp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheType {
+    /// Half the memory; llama.cpp's default.
+    #[default]
+    F16,
+    /// Exact; what the parity tests use.
+    F32,
+}
+
+impl CacheType {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            CacheType::F16 => GgmlType::F16,
+            CacheType::F32 => GgmlType::F32,
+        }
+    }
+
+    /// Bytes of one stored value.
+    pub fn bytes(self) -> u64 {
+        self.ggml().type_size()
+    }
+}
+
 /// Sizes of the cache for a context of `n_ctx` tokens and micro-batches of at most `n_ubatch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheSizes {
     pub n_ctx: usize,
     pub n_ubatch: usize,
     pub raw_ring: usize,
+    pub cache_type: CacheType,
 }
 
 impl CacheSizes {
-    pub fn new(cfg: &Config, n_ctx: usize, n_ubatch: usize) -> CacheSizes {
+    pub fn new(cfg: &Config, n_ctx: usize, n_ubatch: usize, cache_type: CacheType) -> CacheSizes {
         CacheSizes {
             n_ctx,
             n_ubatch,
+            cache_type,
             raw_ring: (cfg.window + n_ubatch).next_multiple_of(plan::KV_PAD),
         }
     }
@@ -79,15 +105,15 @@ impl CacheSizes {
     }
 }
 
-/// Bytes of cache per token of context and the constant part, F32 rows (as [`KvCache`] stores them).
+/// Bytes of cache per token of context and the constant part (key rows in the cache type, rings in F32).
 pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> (f64, u64) {
-    let f = 4u64;
+    let f = sizes.cache_type.bytes();
     let mut per_token = 0.0;
     let mut fixed = 0u64;
     for kind in &cfg.kinds {
         fixed += (cfg.head_dim * sizes.raw_ring) as u64 * f;
         let ring_width = |width: usize, coff: usize, ratio: usize| {
-            (2 * coff * width * compressor_ring_rows(ratio)) as u64 * f
+            (2 * coff * width * compressor_ring_rows(ratio)) as u64 * 4
         };
         match kind {
             LayerKind::Raw => {}
@@ -116,31 +142,45 @@ impl KvCache {
         let per_layer = 7;
         let ctx = Context::with_capacity(cfg.n_layer * per_layer + 8, 0)?;
         let mut count = 0usize;
-        let mut new = |ne0: usize, ne1: usize, name: String| -> Result<usize> {
-            let t = ctx.new_tensor_2d(GgmlType::F32, ne0 as i64, ne1 as i64)?;
+        let rows_ty = sizes.cache_type.ggml();
+        let mut new = |ty: GgmlType, ne0: usize, ne1: usize, name: String| -> Result<usize> {
+            let t = ctx.new_tensor_2d(ty, ne0 as i64, ne1 as i64)?;
             t.set_name(&name)?;
             count += 1;
             Ok(count - 1)
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for (il, kind) in cfg.kinds.iter().enumerate() {
-            let raw_k = new(cfg.head_dim, sizes.raw_ring, format!("cache.{il}.raw_k"))?;
-            let mut comp_cache = |width: usize,
-                                  coff: usize,
-                                  ratio: usize,
-                                  what: &str|
-             -> Result<CompCache<usize>> {
-                let ring = compressor_ring_rows(ratio);
-                Ok(CompCache {
-                    rows: new(
-                        width,
-                        sizes.comp_rows(ratio),
-                        format!("cache.{il}.{what}_rows"),
-                    )?,
-                    ring_kv: new(coff * width, ring, format!("cache.{il}.{what}_ring_kv"))?,
-                    ring_score: new(coff * width, ring, format!("cache.{il}.{what}_ring_score"))?,
-                })
-            };
+            let raw_k = new(
+                rows_ty,
+                cfg.head_dim,
+                sizes.raw_ring,
+                format!("cache.{il}.raw_k"),
+            )?;
+            let mut comp_cache =
+                |width: usize, coff: usize, ratio: usize, what: &str| -> Result<CompCache<usize>> {
+                    let ring = compressor_ring_rows(ratio);
+                    Ok(CompCache {
+                        rows: new(
+                            rows_ty,
+                            width,
+                            sizes.comp_rows(ratio),
+                            format!("cache.{il}.{what}_rows"),
+                        )?,
+                        ring_kv: new(
+                            GgmlType::F32,
+                            coff * width,
+                            ring,
+                            format!("cache.{il}.{what}_ring_kv"),
+                        )?,
+                        ring_score: new(
+                            GgmlType::F32,
+                            coff * width,
+                            ring,
+                            format!("cache.{il}.{what}_ring_score"),
+                        )?,
+                    })
+                };
             let (comp, indexer) = match kind {
                 LayerKind::Raw => (None, None),
                 LayerKind::Csa => (

@@ -131,7 +131,10 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         );
     }
     let n_ubatch = args.model.ubatch.min(n_ctx);
-    let (per_token, fixed) = cache_bytes(cfg, &CacheSizes::new(cfg, n_ctx, n_ubatch));
+    let (per_token, fixed) = cache_bytes(
+        cfg,
+        &CacheSizes::new(cfg, n_ctx, n_ubatch, engine.options().cache_type),
+    );
     let mut session = engine.session(n_ctx, n_ubatch)?;
 
     eprintln!(

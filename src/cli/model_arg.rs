@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
+use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 
@@ -38,6 +39,17 @@ pub struct ModelArgs {
     /// Diagnostic: compute with primitive ggml operators instead of the DeepSeek V4 ones (same maths, slower).
     #[arg(long)]
     pub no_fused_ops: bool,
+    /// How the context cache stores key rows: f16 (half the memory, llama.cpp's default) or f32.
+    #[arg(long = "cache-type", visible_alias = "ctk", value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type: CacheType,
+}
+
+fn parse_cache_type(s: &str) -> Result<CacheType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f16" => Ok(CacheType::F16),
+        "f32" => Ok(CacheType::F32),
+        other => Err(format!("{other:?} is not a cache type; use f16 or f32")),
+    }
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -106,6 +118,7 @@ pub fn open_engine(args: &ModelArgs) -> Result<Engine> {
     let opts = EngineOptions {
         n_threads: args.threads(),
         fused_ops: !args.no_fused_ops,
+        cache_type: args.cache_type,
     };
     let engine = Engine::open(&path, opts)?;
     for warning in &engine.config().warnings {

@@ -22,6 +22,8 @@ pub struct LlamaParams {
     /// Let llama.cpp repack weights into its CPU "extra buffer types" (interleaved Q4_0/Q4_K/Q8_0/... kernels).
     /// Off by default: the reference then runs ggml's plain CPU kernels.
     pub repack: bool,
+    /// Store the K/V cache in F16 (llama.cpp's default) instead of F32.
+    pub cache_f16: bool,
 }
 
 impl Default for LlamaParams {
@@ -33,6 +35,7 @@ impl Default for LlamaParams {
             n_threads: 2,
             swa_full: false,
             repack: false,
+            cache_f16: false,
         }
     }
 }
@@ -93,8 +96,13 @@ impl LlamaRef {
         cp.n_seq_max = 1;
         cp.n_threads = params.n_threads;
         cp.n_threads_batch = params.n_threads;
-        cp.type_k = sys::GGML_TYPE_F32;
-        cp.type_v = sys::GGML_TYPE_F32;
+        let cache_type = if params.cache_f16 {
+            sys::GGML_TYPE_F16
+        } else {
+            sys::GGML_TYPE_F32
+        };
+        cp.type_k = cache_type;
+        cp.type_v = cache_type;
         cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
         cp.swa_full = params.swa_full;
         cp.no_perf = true;
