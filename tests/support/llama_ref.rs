@@ -150,6 +150,15 @@ impl LlamaRef {
         Ok(rows)
     }
 
+    /// Feeds `tokens` one at a time after the `pos0` tokens already processed, asking for the last logits only
+    /// (how generation runs; for speed measurements).
+    pub fn decode_one_by_one(&mut self, tokens: &[i32], pos0: usize) -> Result<()> {
+        for (i, &t) in tokens.iter().enumerate() {
+            self.decode(&[t], (pos0 + i) as i32, false)?;
+        }
+        Ok(())
+    }
+
     /// `n` greedily generated tokens after `prompt` (argmax, lowest id on ties).
     pub fn greedy(&mut self, prompt: &[i32], n: usize) -> Result<Vec<i32>> {
         ensure!(
