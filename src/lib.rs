@@ -1,8 +1,11 @@
 //! ferrite: DeepSeek V4 on ggml. The library behind the `ferrite` binary, so integration tests and examples can use it.
 
 pub mod cache;
+pub mod chat;
 pub mod engine;
 pub mod ggml;
 pub mod model;
 pub mod npy;
+pub mod sampler;
 pub mod session_file;
+pub mod tokenizer;

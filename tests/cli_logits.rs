@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use ferrite::npy;
 use gguf::{Value, Writer};
+use support::compare::prompt;
 use support::llama_ref::{LlamaParams, LlamaRef};
 
 /// Past two ratio-128 blocks, so every compressor completes blocks and carries a partial one.
@@ -35,20 +36,6 @@ fn ok(out: &Output) -> String {
     assert!(out.status.success(), "ferrite failed: {err}");
     assert!(out.stdout.is_empty(), "stdout: {}", text(&out.stdout));
     err
-}
-
-/// Deterministic token ids in `0..n_vocab` (splitmix64).
-fn prompt(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) % n_vocab as u64) as u32
-        })
-        .collect()
 }
 
 fn id_list(ids: &[u32]) -> String {

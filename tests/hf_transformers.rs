@@ -14,10 +14,14 @@
 //! [`REL_TOL`] = 1e-4 (30x the measured worst, loose enough for other CPUs' SIMD paths) and 1 % to disagree on
 //! the argmax, and requires the median error to stay at rounding level.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
+use support::compare::relative_errors;
+use support::llama_ref::argmax;
 
 /// Per-position relative error allowed at [`MIN_WITHIN`] of the positions.
 const REL_TOL: f32 = 1e-4;
@@ -102,25 +106,6 @@ fn read_npy_f32_2d(bytes: &[u8]) -> ((usize, usize), Vec<f32>) {
     ((dims[0], dims[1]), values)
 }
 
-/// Per position: max |ours - reference| / max |reference| (the row's logit scale).
-fn relative_errors(ours: &[f32], reference: &[f32], n_vocab: usize) -> Vec<f32> {
-    assert_eq!(ours.len(), reference.len());
-    ours.chunks(n_vocab)
-        .zip(reference.chunks(n_vocab))
-        .map(|(a, b)| {
-            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            diff / scale
-        })
-        .collect()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
-}
-
 struct Agreement {
     worst: f32,
     worst_at: usize,
@@ -131,7 +116,8 @@ struct Agreement {
 
 impl Agreement {
     fn of(ours: &[f32], reference: &[f32], n_vocab: usize) -> Agreement {
-        let errs = relative_errors(ours, reference, n_vocab);
+        let rows = |v: &[f32]| v.chunks(n_vocab).map(<[f32]>::to_vec).collect::<Vec<_>>();
+        let errs = relative_errors(&rows(ours), &rows(reference));
         let (worst_at, worst) = errs.iter().copied().enumerate().fold(
             (0, 0f32),
             |(i, m), (j, e)| if e > m { (j, e) } else { (i, m) },

@@ -10,24 +10,11 @@ use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
 use gguf::GgmlType;
-use support::llama_ref::{LlamaParams, LlamaRef};
+use support::compare::{prompt, relative_errors};
+use support::llama_ref::{argmax, LlamaParams, LlamaRef};
 
 const PROMPT_LEN: usize = 640;
 const N_CTX: usize = 1024;
-
-/// Deterministic token ids in `0..n_vocab` (splitmix64).
-fn prompt(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) % n_vocab as u64) as u32
-        })
-        .collect()
-}
 
 fn model(dir: &Path, name: &str, cfg: &TinyConfig, seed: u64) -> PathBuf {
     let path = dir.join(format!("{name}.gguf"));
@@ -67,25 +54,6 @@ fn ours(e: &Engine, tokens: &[u32], call: usize, ubatch: usize) -> Vec<Vec<f32>>
         rows.extend(flat.chunks(n_vocab).map(<[f32]>::to_vec));
     }
     rows
-}
-
-/// Per position: max |ours - reference| divided by the reference's largest |logit| (the logit scale).
-fn relative_errors(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> Vec<f32> {
-    assert_eq!(ours.len(), reference.len());
-    ours.iter()
-        .zip(reference)
-        .map(|(a, b)| {
-            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            diff / scale
-        })
-        .collect()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
 }
 
 fn assert_close(what: &str, ours: &[Vec<f32>], reference: &[Vec<f32>], tol: f32) {

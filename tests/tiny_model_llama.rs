@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use ferrite::model::tiny::{write_tiny_model, DemoVocab, TinyConfig, WeightTypes};
 use gguf::GgmlType;
+use support::compare::prompt;
 use support::llama_ref::{LlamaParams, LlamaRef};
 
 /// Long enough for a ratio-128 row, an indexer that must choose, and a sliding raw window (DSV4.md section 7).
@@ -36,20 +37,6 @@ fn write(dir: &Path, name: &str, cfg: &TinyConfig, seed: u64) -> PathBuf {
     );
     assert_eq!(std::fs::metadata(&path).unwrap().len(), m.file_bytes);
     path
-}
-
-/// Token ids from a seeded splitmix64.
-fn prompt(n: usize, n_vocab: u32, seed: u64) -> Vec<i32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) % u64::from(n_vocab)) as i32
-        })
-        .collect()
 }
 
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -122,7 +109,10 @@ fn check_model(name: &str, cfg: &TinyConfig, feeding: Feeding) {
     let t = std::time::Instant::now();
     let mut llama = LlamaRef::load(&path, params()).unwrap();
     assert_eq!(llama.n_vocab(), cfg.n_vocab as usize);
-    let tokens = prompt(PROMPT_LEN, cfg.n_vocab, SEED ^ 1);
+    let tokens: Vec<i32> = prompt(PROMPT_LEN, cfg.n_vocab as usize, SEED ^ 1)
+        .into_iter()
+        .map(|t| t as i32)
+        .collect();
     let whole = llama.logits(&tokens, PROMPT_LEN).unwrap();
     assert_eq!(whole.len(), PROMPT_LEN);
     assert!(whole.iter().all(|row| row.len() == cfg.n_vocab as usize));

@@ -1,8 +1,12 @@
 //! Command-line interface: one file per subcommand; `run` dispatches, `print_error` reports failures.
 
+mod chat;
+mod complete;
+mod generate;
 mod info;
 mod logits;
 mod model_arg;
+mod tokenize;
 
 use std::io::Write;
 
@@ -18,16 +22,25 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// One answer to a prompt (-p TEXT, -f FILE or standard input), streamed to stdout; timings on stderr.
+    Complete(complete::CompleteArgs),
+    /// Interactive chat in the terminal (or one user turn per line of standard input when it is not a terminal).
+    Chat(chat::ChatArgs),
     /// Show a GGUF file's metadata, tensor table and, for DeepSeek V4, the sizes an expert cache is planned from.
     Info(info::InfoArgs),
     /// Write every position's logits for a list of token ids to a NumPy file (float32 [n_tokens, n_vocab]).
     Logits(logits::LogitsArgs),
+    /// Print the tokens of a text (-p TEXT or standard input) as llama.cpp's llama-tokenize does.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Complete(args) => complete::run(&args),
+        Command::Chat(args) => chat::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Logits(args) => logits::run(&args),
+        Command::Tokenize(args) => tokenize::run(&args),
     }
 }
 

@@ -7,7 +7,7 @@ use gguf::GgmlType;
 use crate::cache::LayerCache;
 use crate::ggml::{Result, RopeParams, Tensor};
 
-use super::compressor::compress;
+use super::compressor::{compress, RowSpec};
 use super::config::LayerKind;
 use super::forward::{BatchInputs, CompInputs, Ops};
 use super::weights::{Indexer, LayerWeights};
@@ -62,20 +62,20 @@ pub fn attention<'c>(
                     detail: format!("{} layer without its compressor", kind.name()),
                 });
             };
-            let rows = compress(o, c, comp_w, comp_cache, comp_inp, s.head_dim, rope, None)?;
+            let spec = RowSpec {
+                width: s.head_dim,
+                rope,
+                rotation: None,
+            };
+            let rows = compress(o, c, comp_w, comp_cache, comp_inp, &spec)?;
             let mask = match (kind, &w.indexer, &cache.indexer) {
                 (LayerKind::Csa, Some(idx_w), Some(idx_cache)) => {
-                    let rot = inp.indexer_rotation;
-                    let idx_rows = compress(
-                        o,
-                        c,
-                        &idx_w.comp,
-                        idx_cache,
-                        comp_inp,
-                        s.indexer_dim,
+                    let spec = RowSpec {
+                        width: s.indexer_dim,
                         rope,
-                        rot,
-                    )?;
+                        rotation: inp.indexer_rotation,
+                    };
+                    let idx_rows = compress(o, c, &idx_w.comp, idx_cache, comp_inp, &spec)?;
                     indexer_mask(o, idx_w, idx_rows, qr, c, comp_inp, s, rope, inp)?
                 }
                 _ => comp_inp.mask,

@@ -10,20 +10,26 @@ use crate::ggml::{Result, RopeParams, Tensor};
 use super::forward::{CompInputs, Ops};
 use super::weights::Compressor;
 
+/// What the finished rows look like: their width (head dim, or indexer dim), their RoPE, and an optional Hadamard
+/// matrix they are rotated by (the indexer keys, as llama.cpp does).
+pub struct RowSpec<'a, 'c> {
+    pub width: usize,
+    pub rope: &'a RopeParams,
+    pub rotation: Option<Tensor<'c>>,
+}
+
 /// Computes this micro-batch's compressed rows and writes them and the ring. `c {D, n}` is the normalised
-/// attention input, `width` the row width (head dim, or indexer dim), `rotation` an optional Hadamard matrix the
-/// finished rows are rotated by (the indexer keys, as llama.cpp does). Returns the compressed rows `{width, cap}`
-/// as they are after the write (the node later readers must depend on).
+/// attention input. Returns the compressed rows `{width, cap}` as they are after the write (the node later
+/// readers must depend on).
 pub fn compress<'c>(
     o: &Ops<'c>,
     c: Tensor<'c>,
     w: &Compressor<Tensor<'c>>,
     cache: &CompCache<Tensor<'c>>,
     inp: &CompInputs<'c>,
-    width: usize,
-    rope: &RopeParams,
-    rotation: Option<Tensor<'c>>,
+    spec: &RowSpec<'_, 'c>,
 ) -> Result<Tensor<'c>> {
+    let (width, rope, rotation) = (spec.width, spec.rope, spec.rotation);
     let ctx = o.ctx;
     let kv = ctx.mul_mat(w.kv, c)?;
     let score = ctx.add(ctx.mul_mat(w.gate, c)?, ctx.get_rows(w.ape, inp.ape_pos)?)?;

@@ -129,6 +129,35 @@ impl LlamaRef {
         })
     }
 
+    /// Loads only the vocabulary of `path` (`llama_model_params.vocab_only`, as llama-tokenize does): no weights,
+    /// no context. Only `n_vocab`, `tokenize`, `token_to_piece`, `detokenize` and `bos_eos` may be called on it.
+    pub fn load_vocab_only(path: &Path) -> Result<LlamaRef> {
+        init_backend();
+        let c_path = CString::new(path.to_str().context("model path is not UTF-8")?)?;
+        // SAFETY: returns a plain struct of defaults.
+        let mut mp = unsafe { sys::llama_model_default_params() };
+        mp.vocab_only = true;
+        mp.n_gpu_layers = 0;
+        // SAFETY: c_path is a valid NUL-terminated path that outlives the call; mp is fully initialised.
+        let model = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        ensure!(
+            !model.is_null(),
+            "llama.cpp could not load the vocabulary of {} (FERRITE_LLAMA_LOG=1 shows why)",
+            path.display()
+        );
+        // SAFETY: model is valid; the vocab lives as long as the model.
+        let vocab = unsafe { sys::llama_model_get_vocab(model) };
+        // SAFETY: vocab is valid (see above).
+        let n_vocab = unsafe { sys::llama_vocab_n_tokens(vocab) } as usize;
+        Ok(LlamaRef {
+            model,
+            ctx: std::ptr::null_mut(),
+            vocab,
+            n_vocab,
+            params: LlamaParams::default(),
+        })
+    }
+
     pub fn n_vocab(&self) -> usize {
         self.n_vocab
     }
@@ -302,9 +331,12 @@ impl LlamaRef {
 
 impl Drop for LlamaRef {
     fn drop(&mut self) {
-        // SAFETY: ctx and model were created in `load`, are freed once, context before model.
+        // SAFETY: ctx (null for a vocabulary-only load) and model were created in `load` or `load_vocab_only`, are
+        // freed once, context before model.
         unsafe {
-            sys::llama_free(self.ctx);
+            if !self.ctx.is_null() {
+                sys::llama_free(self.ctx);
+            }
             sys::llama_model_free(self.model);
         }
     }

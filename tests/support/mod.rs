@@ -1,4 +1,5 @@
 //! Shared helpers of the integration tests: the in-process llama.cpp reference.
 #![allow(dead_code)]
 
+pub mod compare;
 pub mod llama_ref;

@@ -1,0 +1,609 @@
+//! `ferrite chat -m MODEL`: a conversation in the terminal (rustyline: history, multi-line input, slash commands),
+//! or one user turn per line of standard input when it is not a terminal, answers on stdout.
+//!
+//! The cache is kept between turns. The conversation is kept as tokens, exactly as the model read and wrote them
+//! (each answer's generated tokens, its reasoning included, closed by the end-of-sentence token), and a new turn
+//! appends the tokens of `<｜User｜>text<｜Assistant｜><think>`; only the tokens the session does not already hold
+//! are processed. This is the encoder's rendering with `drop_thinking = false` (earlier reasoning stays in the
+//! history): dropping it would change the history after every turn and cost a re-prefill of the whole conversation.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use ferrite::chat::{render, ChatOptions, Message, Role, BOS, THINK_END};
+use ferrite::engine::Session;
+use ferrite::sampler::Sampler;
+use ferrite::tokenizer::Tokenizer;
+use rustyline::error::ReadlineError;
+
+use super::generate::{self, GenerateRequest, SamplingArgs, Stop, Timings};
+use super::model_arg::{cache_dir, open_engine, ModelArgs};
+
+const HELP: &str = "\
+commands:
+  /help          this list
+  /think         thinking mode on (the model reasons before answering)
+  /nothink       thinking mode off
+  /reset         forget the conversation (the system prompt stays)
+  /stats         tokens in the context, cache size, the last turn's prompt tokens and speeds
+  /save FILE     save the session to FILE and the conversation to FILE.json
+  /load FILE     restore a session saved with /save
+  /quit          leave (also Ctrl-D, or Ctrl-C on an empty line)
+input: end a line with \\ to continue it on the next; or enclose several lines in \"\"\" ... \"\"\"
+Ctrl-C while the model answers stops the answer and keeps it in the conversation.";
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A system prompt, placed before the first turn.
+    #[arg(long = "system", value_name = "TEXT", allow_hyphen_values = true)]
+    pub system: Option<String>,
+    /// Thinking mode: the model reasons (up to `</think>`) before answering [default].
+    #[arg(long, overrides_with = "no_think")]
+    pub think: bool,
+    /// Answer without reasoning.
+    #[arg(long = "no-think", overrides_with = "think")]
+    pub no_think: bool,
+    /// Most tokens per answer; -1 = until the model ends its answer or the context is full.
+    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
+    pub n_predict: i64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// After each answer, print on stderr how many prompt tokens it processed and the speeds.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+pub fn run(args: &ChatArgs) -> Result<()> {
+    if args.n_predict < -1 {
+        bail!(
+            "-n {} is not valid: use -1 (no limit) or a count",
+            args.n_predict
+        );
+    }
+    let engine = open_engine(&args.model)?;
+    let tokenizer = generate::load_tokenizer(&engine)?;
+    let n_ctx = args.model.n_ctx(&engine);
+    let cfg = args.sampling.config();
+    let session = engine.session(n_ctx, args.model.ubatch)?;
+    let interactive = std::io::stdin().is_terminal();
+    eprintln!(
+        "ferrite: chat with {}, context {n_ctx}, seed {}{}",
+        engine.path().display(),
+        cfg.seed,
+        if interactive {
+            "; /help lists the commands, Ctrl-D quits"
+        } else {
+            ""
+        }
+    );
+    let mut chat = Chat {
+        session,
+        tokenizer: &tokenizer,
+        sampler: Sampler::new(cfg),
+        options: ChatOptions {
+            thinking: !args.no_think,
+            drop_thinking: false,
+            ..ChatOptions::default()
+        },
+        system: args.system.clone(),
+        messages: Vec::new(),
+        conversation: Vec::new(),
+        last: None,
+        max_tokens: usize::try_from(args.n_predict).ok(),
+        chunk: args.model.ubatch,
+        verbose: args.verbose,
+        interrupt: generate::interrupt_flag()?,
+    };
+    chat.clear();
+    let mut input: Box<dyn LineSource> = if interactive {
+        Box::new(Terminal::new()?)
+    } else {
+        Box::new(Piped(std::io::stdin().lock()))
+    };
+    while let Some(text) = read_turn(input.as_mut())? {
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        if trimmed.starts_with('/') {
+            if !chat.command(trimmed)? {
+                break;
+            }
+            continue;
+        }
+        chat.turn(&text)?;
+    }
+    input.close();
+    Ok(())
+}
+
+/// The last turn's numbers, for /stats and --verbose.
+#[derive(Clone, Copy, Debug)]
+struct TurnStats {
+    timings: Timings,
+    /// Tokens of the conversation up to the new turn's prompt, all of which the answer needed in the cache.
+    n_conversation: usize,
+    /// Of those, tokens the cache already held.
+    n_reused: usize,
+    stop: Stop,
+}
+
+struct Chat<'e, 't> {
+    session: Session<'e>,
+    tokenizer: &'t Tokenizer,
+    sampler: Sampler,
+    options: ChatOptions,
+    system: Option<String>,
+    /// The conversation as messages (what /save writes), system prompt first.
+    messages: Vec<Message>,
+    /// The conversation as the model read and wrote it; the session holds a prefix of it.
+    conversation: Vec<u32>,
+    last: Option<TurnStats>,
+    max_tokens: Option<usize>,
+    chunk: usize,
+    verbose: bool,
+    interrupt: std::sync::Arc<AtomicBool>,
+}
+
+impl Chat<'_, '_> {
+    /// An empty conversation: BOS and the system prompt. The session keeps its cache until the next turn, which
+    /// reuses whatever prefix still matches.
+    fn clear(&mut self) {
+        self.messages = self.system.iter().map(Message::system).collect();
+        let text = render(&self.messages, &self.options, false);
+        self.conversation = self.tokenizer.encode(&text, true);
+        self.last = None;
+    }
+
+    /// The text of a new user turn: `<｜User｜>text<｜Assistant｜>` and `<think>` or `</think>`, as the renderer
+    /// writes it after a history (a one-message conversation without its BOS).
+    fn turn_text(&self, text: &str) -> String {
+        let options = ChatOptions {
+            reasoning_effort: None,
+            ..self.options
+        };
+        let whole = render(&[Message::user(text)], &options, true);
+        whole.strip_prefix(BOS).unwrap_or(&whole).to_string()
+    }
+
+    /// One user turn: process what the cache lacks, stream the answer to stdout, keep it in the conversation.
+    fn turn(&mut self, text: &str) -> Result<()> {
+        let mut target = self.conversation.clone();
+        target.extend(self.tokenizer.encode(&self.turn_text(text), true));
+        let n_ctx = self.session.n_ctx();
+        if target.len() >= n_ctx {
+            eprintln!(
+                "ferrite: the conversation would have {} tokens but the context holds {n_ctx}: /reset, or restart with a larger -c",
+                target.len()
+            );
+            return Ok(());
+        }
+        // Keep the longest prefix the session shares with the conversation; at least one token is left to process.
+        let held = self.session.tokens();
+        let mut reuse = held.iter().zip(&target).take_while(|(a, b)| a == b).count();
+        reuse = reuse.min(target.len() - 1);
+        let mut timings_rewind = Timings::default();
+        if reuse < self.session.n_past() {
+            let start = std::time::Instant::now();
+            self.session.rewind(reuse)?;
+            timings_rewind.n_prompt = reuse;
+            timings_rewind.prompt_time = start.elapsed();
+            if reuse > 0 && self.verbose {
+                eprintln!("ferrite: the cache diverged: recomputed its first {reuse} tokens");
+            }
+        }
+
+        self.interrupt.store(false, Ordering::Relaxed);
+        let req = GenerateRequest {
+            prompt: &target[reuse..],
+            max_tokens: self.max_tokens,
+            interrupt: &self.interrupt,
+            chunk: self.chunk,
+        };
+        let mut stdout = std::io::stdout().lock();
+        let mut emit = |s: &str| {
+            stdout.write_all(s.as_bytes())?;
+            stdout.flush()
+        };
+        let gen = generate::generate(
+            &mut self.session,
+            self.tokenizer,
+            &mut self.sampler,
+            &req,
+            &mut emit,
+        )?;
+        writeln!(stdout)?;
+        stdout.flush()?;
+        drop(stdout);
+        self.interrupt.store(false, Ordering::Relaxed);
+
+        let mut timings = gen.timings;
+        // A rewind recomputes the kept prefix: it is prompt processing this turn paid for.
+        timings.n_prompt += timings_rewind.n_prompt;
+        timings.prompt_time += timings_rewind.prompt_time;
+        let stats = TurnStats {
+            timings,
+            n_conversation: target.len(),
+            n_reused: target.len() - timings.n_prompt.min(target.len()),
+            stop: gen.stop,
+        };
+        self.last = Some(stats);
+        if gen.stop == Stop::Interrupted && gen.timings.n_gen == 0 {
+            // Stopped before the answer began: the turn is dropped; the cache keeps what it processed.
+            eprintln!("ferrite: interrupted before the answer began; the question was dropped");
+            return Ok(());
+        }
+        match gen.stop {
+            Stop::EndOfGeneration(_) => {}
+            stop => eprintln!("ferrite: answer stopped: {}", stop.describe()),
+        }
+        if self.verbose {
+            eprintln!("ferrite: {}", turn_line(&stats));
+        }
+
+        // The answer joins the conversation as generated, closed like a finished turn.
+        self.messages.push(Message::user(text));
+        self.messages.push(self.answer_message(&gen.tokens));
+        self.conversation = target;
+        self.conversation.extend_from_slice(&gen.tokens);
+        let close = match gen.stop {
+            Stop::EndOfGeneration(id) => Some(id),
+            _ => self.tokenizer.eos(),
+        };
+        self.conversation.extend(close);
+        Ok(())
+    }
+
+    /// The assistant message for generated tokens: in thinking mode, reasoning up to `</think>`, then the answer.
+    fn answer_message(&self, tokens: &[u32]) -> Message {
+        let text = self.tokenizer.decode(tokens);
+        if !self.options.thinking {
+            return Message::assistant(text);
+        }
+        match text.split_once(THINK_END) {
+            Some((reasoning, content)) => Message::assistant_with_reasoning(reasoning, content),
+            // Stopped while still reasoning.
+            None => Message::assistant_with_reasoning(text, ""),
+        }
+    }
+
+    /// Runs a slash command; false means quit.
+    fn command(&mut self, line: &str) -> Result<bool> {
+        let (name, arg) = match line.split_once(char::is_whitespace) {
+            Some((n, a)) => (n, a.trim()),
+            None => (line, ""),
+        };
+        match name {
+            "/quit" | "/exit" | "/q" => return Ok(false),
+            "/help" | "/?" => eprintln!("{HELP}"),
+            "/think" => {
+                self.options.thinking = true;
+                eprintln!("ferrite: thinking mode on");
+            }
+            "/nothink" | "/no-think" => {
+                self.options.thinking = false;
+                eprintln!("ferrite: thinking mode off");
+            }
+            "/reset" => {
+                self.session.reset()?;
+                self.clear();
+                eprintln!("ferrite: conversation cleared");
+            }
+            "/stats" => eprintln!("{}", self.stats()),
+            "/save" | "/load" if arg.is_empty() => eprintln!("ferrite: {name} needs a file name"),
+            "/save" => match self.save(Path::new(arg)) {
+                Ok(()) => eprintln!(
+                    "ferrite: saved the session to {arg} and the conversation to {}",
+                    json_path(Path::new(arg)).display()
+                ),
+                Err(e) => eprintln!("ferrite: error: {}", chain(&e)),
+            },
+            "/load" => match self.load(Path::new(arg)) {
+                Ok(()) => eprintln!(
+                    "ferrite: loaded {arg}: {} messages, {} tokens in the context",
+                    self.messages.len(),
+                    self.session.n_past()
+                ),
+                Err(e) => eprintln!("ferrite: error: {}", chain(&e)),
+            },
+            _ => eprintln!("ferrite: unknown command {name}; /help lists the commands"),
+        }
+        Ok(true)
+    }
+
+    fn stats(&self) -> String {
+        let turns = self
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        let mut s = format!(
+            "context: {} of {} tokens in the cache; conversation: {} tokens, {turns} answers; cache: {:.1} MiB; thinking {}",
+            self.session.n_past(),
+            self.session.n_ctx(),
+            self.conversation.len(),
+            self.session.cache_bytes() as f64 / (1024.0 * 1024.0),
+            if self.options.thinking { "on" } else { "off" }
+        );
+        match &self.last {
+            Some(t) => {
+                s.push_str("\nlast turn: ");
+                s.push_str(&turn_line(t));
+            }
+            None => s.push_str("\nlast turn: none"),
+        }
+        s
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        self.session.save(path)?;
+        let messages: Vec<serde_json::Value> = self
+            .messages
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "role": m.role.as_str(),
+                    "content": m.content,
+                    "reasoning": m.reasoning,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "ferrite_chat": 1,
+            "messages": messages,
+            "tokens": self.conversation,
+        });
+        let json = json_path(path);
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(&json, text).with_context(|| format!("cannot write {}", json.display()))
+    }
+
+    /// Restores the conversation (FILE.json) and the session (FILE). A session that does not load (another
+    /// model, another -c) is dropped: the next turn then processes the whole conversation.
+    fn load(&mut self, path: &Path) -> Result<()> {
+        let json = json_path(path);
+        let text = std::fs::read_to_string(&json)
+            .with_context(|| format!("cannot read the conversation {}", json.display()))?;
+        let (messages, tokens) = parse_saved(&text)
+            .with_context(|| format!("{} is not a saved ferrite chat", json.display()))?;
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.tokenizer.n_vocab())
+        {
+            bail!(
+                "{}: token id {bad} is not in this model's vocabulary",
+                json.display()
+            );
+        }
+        let loaded = self.session.load(path);
+        self.messages = messages;
+        self.conversation = tokens;
+        self.last = None;
+        if let Err(e) = loaded {
+            self.session.reset()?;
+            eprintln!(
+                "ferrite: warning: the cache in {} did not load ({}); the next turn processes the whole conversation",
+                path.display(),
+                chain(&e)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn turn_line(t: &TurnStats) -> String {
+    format!(
+        "{} prompt tokens processed of {} in the conversation ({} reused); prompt {:.1} tok/s, generation {} tokens at {:.1} tok/s; stopped: {}",
+        t.timings.n_prompt,
+        t.n_conversation,
+        t.n_reused,
+        t.timings.prompt_speed(),
+        t.timings.n_gen,
+        t.timings.gen_speed(),
+        t.stop.describe()
+    )
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Where /save writes the messages: FILE.json next to the session FILE.
+fn json_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".json");
+    PathBuf::from(name)
+}
+
+fn parse_saved(text: &str) -> Result<(Vec<Message>, Vec<u32>)> {
+    let doc: serde_json::Value = serde_json::from_str(text)?;
+    if doc.get("ferrite_chat").and_then(|v| v.as_u64()) != Some(1) {
+        bail!("no \"ferrite_chat\": 1 marker");
+    }
+    let mut messages = Vec::new();
+    for m in doc["messages"].as_array().context("no \"messages\" list")? {
+        let role = match m["role"].as_str() {
+            Some("system") => Role::System,
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            other => bail!("unknown role {other:?}"),
+        };
+        messages.push(Message {
+            role,
+            content: m["content"]
+                .as_str()
+                .context("a message without \"content\"")?
+                .to_string(),
+            reasoning: m["reasoning"].as_str().map(str::to_string),
+        });
+    }
+    let tokens = doc["tokens"]
+        .as_array()
+        .context("no \"tokens\" list")?
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .context("a token id that is not a u32")
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    Ok((messages, tokens))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Input: rustyline in a terminal, lines of standard input otherwise.
+
+enum Input {
+    Line(String),
+    /// Ctrl-C at an empty prompt.
+    Interrupted,
+    /// Ctrl-D or the end of standard input.
+    Eof,
+}
+
+trait LineSource {
+    /// One line; `continued` selects the prompt for a continuation line.
+    fn read(&mut self, continued: bool) -> Result<Input>;
+    /// Remembers a whole user input (history).
+    fn remember(&mut self, _text: &str) {}
+    fn close(&mut self) {}
+}
+
+/// Reads one user input: a line, lines joined by a trailing `\`, or a `"""` block. `None` means quit.
+fn read_turn(src: &mut dyn LineSource) -> Result<Option<String>> {
+    let first = match src.read(false)? {
+        Input::Line(l) => l,
+        Input::Interrupted | Input::Eof => return Ok(None),
+    };
+    let mut text;
+    if first.trim() == "\"\"\"" {
+        text = String::new();
+        loop {
+            match src.read(true)? {
+                Input::Line(l) if l.trim() == "\"\"\"" => break,
+                Input::Line(l) => {
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&l);
+                }
+                // Ctrl-C drops the unfinished block; the end of input sends what there is.
+                Input::Interrupted => return Ok(Some(String::new())),
+                Input::Eof => break,
+            }
+        }
+    } else {
+        text = first;
+        while text.ends_with('\\') {
+            text.pop();
+            text.push('\n');
+            match src.read(true)? {
+                Input::Line(l) => text.push_str(&l),
+                Input::Interrupted => return Ok(Some(String::new())),
+                Input::Eof => break,
+            }
+        }
+    }
+    if !text.trim().is_empty() {
+        src.remember(&text);
+    }
+    Ok(Some(text))
+}
+
+/// Standard input that is not a terminal: one line per read, no prompt.
+struct Piped<R>(R);
+
+impl<R: std::io::BufRead> LineSource for Piped<R> {
+    fn read(&mut self, _continued: bool) -> Result<Input> {
+        let mut line = String::new();
+        if self
+            .0
+            .read_line(&mut line)
+            .context("cannot read standard input")?
+            == 0
+        {
+            return Ok(Input::Eof);
+        }
+        if line.ends_with('\n') {
+            line.pop();
+            if line.ends_with('\r') {
+                line.pop();
+            }
+        }
+        Ok(Input::Line(line))
+    }
+}
+
+/// Ctrl-C at the prompt: on an empty line it quits (as an interrupt), on a typed line it clears the line.
+struct CtrlC;
+
+impl rustyline::ConditionalEventHandler for CtrlC {
+    fn handle(
+        &self,
+        _evt: &rustyline::Event,
+        _n: rustyline::RepeatCount,
+        _positive: bool,
+        ctx: &rustyline::EventContext,
+    ) -> Option<rustyline::Cmd> {
+        if ctx.line().is_empty() {
+            None
+        } else {
+            Some(rustyline::Cmd::Kill(rustyline::Movement::WholeBuffer))
+        }
+    }
+}
+
+struct Terminal {
+    editor: rustyline::DefaultEditor,
+    history: Option<PathBuf>,
+}
+
+impl Terminal {
+    fn new() -> Result<Terminal> {
+        let mut editor =
+            rustyline::DefaultEditor::new().context("cannot set up the line editor")?;
+        editor.bind_sequence(
+            rustyline::KeyEvent::ctrl('C'),
+            rustyline::EventHandler::Conditional(Box::new(CtrlC)),
+        );
+        let history = cache_dir().ok().and_then(|dir| {
+            std::fs::create_dir_all(&dir).ok()?;
+            Some(dir.join("chat_history.txt"))
+        });
+        if let Some(path) = &history {
+            // A first run has no history yet.
+            let _ = editor.load_history(path);
+        }
+        Ok(Terminal { editor, history })
+    }
+}
+
+impl LineSource for Terminal {
+    fn read(&mut self, continued: bool) -> Result<Input> {
+        match self.editor.readline(if continued { "... " } else { "> " }) {
+            Ok(line) => Ok(Input::Line(line)),
+            Err(ReadlineError::Interrupted) => Ok(Input::Interrupted),
+            Err(ReadlineError::Eof) => Ok(Input::Eof),
+            Err(e) => Err(e).context("cannot read the terminal"),
+        }
+    }
+
+    fn remember(&mut self, text: &str) {
+        let _ = self.editor.add_history_entry(text);
+        if let Some(path) = &self.history {
+            let _ = self.editor.append_history(path);
+        }
+    }
+
+    fn close(&mut self) {
+        // append_history already wrote every entry.
+    }
+}

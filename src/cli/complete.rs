@@ -1,0 +1,198 @@
+//! `ferrite complete -m MODEL [-p TEXT | -f FILE | stdin]`: one answer, streamed to stdout as it is generated and
+//! nothing else there; start-up lines, the seed, why it stopped and the speeds on stderr. Ctrl-C stops the answer
+//! (what was generated is already out) and exits with 130.
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use ferrite::chat::{render, ChatOptions, Message};
+use ferrite::sampler::Sampler;
+
+use super::generate::{self, GenerateRequest, SamplingArgs, Stop};
+use super::model_arg::{open_engine, ModelArgs};
+use super::Hinted;
+
+/// Exit code after Ctrl-C, as shells report a process ended by SIGINT.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Args, Debug)]
+pub struct CompleteArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt, used as given [default: -f FILE, else all of standard input].
+    #[arg(
+        short = 'p',
+        long = "prompt",
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        conflicts_with = "file"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from FILE (one trailing line break is dropped, as for standard input).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// A system prompt, placed before the user's turn (chat format only).
+    #[arg(
+        long = "system",
+        value_name = "TEXT",
+        allow_hyphen_values = true,
+        conflicts_with = "raw"
+    )]
+    pub system: Option<String>,
+    /// Give the prompt to the model as it is, without the chat format.
+    #[arg(long)]
+    pub raw: bool,
+    /// Thinking mode: the model reasons (up to `</think>`) before answering [default].
+    #[arg(long, overrides_with = "no_think")]
+    pub think: bool,
+    /// Answer without reasoning.
+    #[arg(long = "no-think", overrides_with = "think")]
+    pub no_think: bool,
+    /// Most tokens to generate; -1 = until the model ends its answer or the context is full.
+    #[arg(short = 'n', long = "n-predict", value_name = "N", default_value_t = 512, allow_negative_numbers = true, value_parser = parse_n_predict)]
+    pub n_predict: i64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print the rendered prompt, the prompt's and the answer's token ids on stderr.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+fn parse_n_predict(s: &str) -> Result<i64, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n >= -1 => Ok(n),
+        Ok(_) => Err("must be -1 (no limit) or at least 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub fn run(args: &CompleteArgs) -> Result<()> {
+    let text = read_prompt(args)?;
+    let engine = open_engine(&args.model)?;
+    let tokenizer = generate::load_tokenizer(&engine)?;
+    let n_ctx = args.model.n_ctx(&engine);
+
+    let prompt_text = if args.raw {
+        text
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::system(system.as_str()));
+        }
+        messages.push(Message::user(text));
+        let options = ChatOptions {
+            thinking: !args.no_think,
+            ..ChatOptions::default()
+        };
+        render(&messages, &options, true)
+    };
+    let mut prompt = Vec::new();
+    if args.raw && tokenizer.add_bos() {
+        prompt.extend(tokenizer.bos());
+    }
+    prompt.extend(tokenizer.encode(&prompt_text, true));
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt is empty after tokenization");
+    }
+    if prompt.len() >= n_ctx {
+        return Err(Hinted::new(
+            format!(
+                "the prompt has {} tokens but the context holds {n_ctx}, leaving no room for an answer",
+                prompt.len()
+            ),
+            format!("raise -c to more than {} or shorten the prompt", prompt.len()),
+        )
+        .into());
+    }
+
+    let cfg = args.sampling.config();
+    let mut sampler = Sampler::new(cfg);
+    let mut session = engine.session(n_ctx, args.model.ubatch)?;
+    eprintln!(
+        "ferrite: {} prompt tokens, context {n_ctx}, seed {}, temp {}",
+        prompt.len(),
+        cfg.seed,
+        cfg.temperature
+    );
+    if args.verbose {
+        eprintln!("ferrite: prompt text: {prompt_text:?}");
+        eprintln!("ferrite: prompt ids: {}", generate::id_list(&prompt));
+    }
+
+    let interrupt = generate::interrupt_flag()?;
+    let req = GenerateRequest {
+        prompt: &prompt,
+        max_tokens: usize::try_from(args.n_predict).ok(),
+        interrupt: &interrupt,
+        chunk: args.model.ubatch,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut emit = |s: &str| {
+        stdout.write_all(s.as_bytes())?;
+        stdout.flush()
+    };
+    let gen = generate::generate(&mut session, &tokenizer, &mut sampler, &req, &mut emit)?;
+    stdout.flush()?;
+    drop(stdout);
+
+    // The answer has no final line break of its own: keep the next line off it when both go to one terminal.
+    if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    if args.verbose {
+        eprintln!("ferrite: answer ids: {}", generate::id_list(&gen.tokens));
+    }
+    eprintln!("ferrite: stopped: {}", gen.stop.describe());
+    eprintln!("ferrite: {}", gen.timings.summary());
+    if gen.stop == Stop::Interrupted {
+        std::process::exit(EXIT_INTERRUPTED);
+    }
+    Ok(())
+}
+
+/// The prompt from -p, -f or standard input. A file's or standard input's one trailing line break is dropped
+/// (`echo question |` adds one the user did not mean as part of the question).
+fn read_prompt(args: &CompleteArgs) -> Result<String> {
+    if let Some(p) = &args.prompt {
+        return Ok(p.clone());
+    }
+    let text = if let Some(path) = &args.file {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the prompt file {}", path.display()))?
+    } else {
+        let mut stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            return Err(no_prompt());
+        }
+        let mut text = String::new();
+        stdin
+            .read_to_string(&mut text)
+            .context("cannot read the prompt from standard input")?;
+        text
+    };
+    let text = strip_line_break(text);
+    if text.is_empty() {
+        return Err(no_prompt());
+    }
+    Ok(text)
+}
+
+fn no_prompt() -> anyhow::Error {
+    Hinted::new(
+        "no prompt: -p TEXT, -f FILE and standard input give nothing",
+        "pass -p \"your question\", -f FILE, or pipe the text in: echo \"your question\" | ferrite complete -m MODEL",
+    )
+    .into()
+}
+
+fn strip_line_break(mut text: String) -> String {
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    text
+}
