@@ -283,3 +283,69 @@ fn a_closed_stdout_ends_quietly() {
     assert!(out.status.success(), "{:?}: {err}", out.status);
     assert!(!err.contains("error"), "{err}");
 }
+
+/// A copy of the demo model with `tokenizer.chat_template` set to `template`.
+fn demo_with_template(cache: &Path, dir: &Path, template: &str) -> std::path::PathBuf {
+    let src = gguf::GgufFile::open(cache.join("demo-v1.gguf")).unwrap();
+    let mut w = gguf::Writer::from_header(src.header()).unwrap();
+    w.set(
+        "tokenizer.chat_template",
+        gguf::Value::String(template.into()),
+    );
+    let out = dir.join("templated.gguf");
+    w.write_file(&out, true, |i, _, sink| {
+        sink.write_all(src.tensor_data(&src.header().tensors[i]))
+    })
+    .unwrap();
+    out
+}
+
+#[test]
+fn a_chat_template_in_the_model_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    // Generate the demo model in this cache first.
+    ok(&complete(
+        &["-p", "hi", "-n", "1", "--temp", "0"],
+        dir.path(),
+        None,
+    ));
+    let template =
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}\
+                    {% if add_generation_prompt %}<｜Assistant｜>{% endif %}";
+    let model = demo_with_template(dir.path(), dir.path(), template);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "complete",
+            "-m",
+            model.to_str().unwrap(),
+            "-t",
+            "1",
+            "-n",
+            "1",
+            "--temp",
+            "0",
+            "--verbose",
+            "-p",
+            "hi",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(BIN)
+            .args(&args)
+            .env("FERRITE_CACHE_DIR", dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let (_, err) = ok(&run(&[]));
+    assert!(
+        err.contains("prompt text: \"<｜begin▁of▁sentence｜>[user]hi<｜Assistant｜>\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("renders this conversation differently"),
+        "{err}"
+    );
+    // --raw bypasses any chat format.
+    let (_, err) = ok(&run(&["--raw"]));
+    assert!(err.contains("prompt text: \"hi\""), "{err}");
+}
