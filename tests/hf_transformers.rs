@@ -173,7 +173,7 @@ fn logits_match_transformers_whole_and_in_micro_batches_of_7() {
     let engine = Engine::open(
         &fixture_dir().join("model.gguf"),
         EngineOptions {
-            n_threads: 2,
+            n_threads: 1,
             fused_ops: true,
             cache_type: CacheType::F32,
         },

@@ -36,7 +36,7 @@ fn engine(path: &Path, fused: bool) -> Engine {
     Engine::open(
         path,
         EngineOptions {
-            n_threads: 2,
+            n_threads: 1,
             fused_ops: fused,
             cache_type: CacheType::F32,
         },
@@ -290,7 +290,7 @@ fn f16_cache_matches_llama_with_its_f16_cache() {
         .logits(&ids, 512)
         .unwrap();
     let opts = EngineOptions {
-        n_threads: 2,
+        n_threads: 1,
         fused_ops: true,
         cache_type: CacheType::F16,
     };
