@@ -244,8 +244,13 @@ pub fn generate(
 
 /// The model's vocabulary, with a hint when the GGUF has none.
 pub fn load_tokenizer(engine: &Engine) -> Result<Tokenizer> {
-    let path = engine.path().display().to_string();
-    Tokenizer::from_gguf(engine.model()).map_err(|e| match e {
+    tokenizer_of(engine.model(), engine.path())
+}
+
+/// The tokenizer of `model` (read from `path`), with a hint when the model has no vocabulary.
+pub fn tokenizer_of(model: &gguf::Model, path: &std::path::Path) -> Result<Tokenizer> {
+    let path = path.display().to_string();
+    Tokenizer::from_gguf(model).map_err(|e| match e {
         TokenizerError::NoVocabulary { .. } => Hinted::new(
             format!("{path}: {e}"),
             "use a GGUF converted with its tokenizer, or `-m demo`; `ferrite logits --tokens` runs this model from ids",

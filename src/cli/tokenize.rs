@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use ferrite::tokenizer::{Tokenizer, TokenizerError};
 
 use super::model_arg::{demo_model, DEMO};
 use super::Hinted;
@@ -36,7 +35,7 @@ pub fn run(args: &TokenizeArgs) -> Result<()> {
     let path = resolve_model(&args.model)?;
     let model =
         gguf::Model::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    let tokenizer = Tokenizer::from_gguf(&model).map_err(|e| vocabulary_error(e, &path))?;
+    let tokenizer = super::generate::tokenizer_of(&model, &path)?;
     let text = match &args.prompt {
         Some(p) => p.clone(),
         None => read_stdin()?,
@@ -118,14 +117,3 @@ fn read_stdin() -> Result<String> {
     })
 }
 
-fn vocabulary_error(e: TokenizerError, path: &Path) -> anyhow::Error {
-    let message = format!("{}: {e}", path.display());
-    match e {
-        TokenizerError::NoVocabulary { .. } => Hinted::new(
-            message,
-            "use a GGUF converted with its tokenizer, or `-m demo`; `ferrite logits --tokens` runs this model from ids",
-        )
-        .into(),
-        _ => anyhow::Error::new(e).context(format!("cannot read the vocabulary of {}", path.display())),
-    }
-}
