@@ -116,4 +116,3 @@ fn read_stdin() -> Result<String> {
         )
     })
 }
-
