@@ -76,14 +76,8 @@ pub fn fp8_blocks(
 /// Inputs per FP4 scale.
 pub const FP4_BLOCK: usize = 32;
 
-/// `[rows, cols/2]` FP4 bytes (byte `b` of a row holds input `2b` in its low nibble, `2b+1` in its high nibble) with
-/// `[rows, cols/32]` E8M0 scales -> f32 `[rows, cols]`, row-major.
-pub fn fp4_blocks(
-    weight: &[u8],
-    scales: &[u8],
-    rows: usize,
-    cols: usize,
-) -> Result<Vec<f32>, DequantError> {
+/// An FP4 weight `[rows, cols/2]` with scales `[rows, cols/32]`: whole blocks and matching sizes.
+fn check_fp4(weight: &[u8], scales: &[u8], rows: usize, cols: usize) -> Result<(), DequantError> {
     if cols % FP4_BLOCK != 0 {
         return Err(DequantError::PartialBlock { cols });
     }
@@ -100,7 +94,18 @@ pub fn fp4_blocks(
         cols,
         rows.checked_mul(cols / FP4_BLOCK),
         scales.len(),
-    )?;
+    )
+}
+
+/// `[rows, cols/2]` FP4 bytes (byte `b` of a row holds input `2b` in its low nibble, `2b+1` in its high nibble) with
+/// `[rows, cols/32]` E8M0 scales -> f32 `[rows, cols]`, row-major.
+pub fn fp4_blocks(
+    weight: &[u8],
+    scales: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, DequantError> {
+    check_fp4(weight, scales, rows, cols)?;
     let mut out = Vec::with_capacity(rows * cols);
     for (block, &e) in weight.chunks_exact(FP4_BLOCK / 2).zip(scales) {
         let scale = e8m0_to_f32(e);
@@ -125,23 +130,7 @@ pub fn fp4_to_mxfp4(
     rows: usize,
     cols: usize,
 ) -> Result<Vec<u8>, DequantError> {
-    if cols % FP4_BLOCK != 0 {
-        return Err(DequantError::PartialBlock { cols });
-    }
-    check(
-        "the FP4 weight",
-        rows,
-        cols,
-        rows.checked_mul(cols / 2),
-        weight.len(),
-    )?;
-    check(
-        "the FP4 scales",
-        rows,
-        cols,
-        rows.checked_mul(cols / FP4_BLOCK),
-        scales.len(),
-    )?;
+    check_fp4(weight, scales, rows, cols)?;
     let mut out = Vec::with_capacity(scales.len() * MXFP4_BLOCK_BYTES);
     for (block, &e) in weight.chunks_exact(FP4_BLOCK / 2).zip(scales) {
         let nibble = |i: usize| (block[i / 2] >> (4 * (i % 2))) & 0x0f;
