@@ -64,6 +64,13 @@ impl GgufFile {
         self.map.as_deref().unwrap_or(&[])
     }
 
+    /// Drops this file's pages under `bytes` (a slice of its map) from the process's resident set; the data stays
+    /// in the OS page cache. Streaming readers (the quantizer) call it after each tensor so their memory stays
+    /// bounded. Returns false when `bytes` is not inside this file's map.
+    pub fn release(&self, bytes: &[u8]) -> bool {
+        self.map.as_ref().is_some_and(|map| release_pages(map, bytes))
+    }
+
     /// The data of tensor `t` (an info of this file), borrowed from the map.
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         // Bounds were checked against the file length when the header was parsed.
@@ -182,6 +189,16 @@ impl Model {
     }
 
     /// The data of `t`, borrowed from its shard's map.
+    /// Drops the pages under `bytes` (a slice of one of the shards) from the resident set; see
+    /// [`GgufFile::release`].
+    pub fn release(&self, bytes: &[u8]) {
+        for shard in &self.shards {
+            if shard.release(bytes) {
+                return;
+            }
+        }
+    }
+
     pub fn tensor_data(&self, t: &ModelTensor) -> &[u8] {
         self.shards[t.shard].tensor_data(&t.info)
     }
@@ -254,4 +271,21 @@ mod tests {
             Path::new("/m/é")
         );
     }
+}
+
+/// `madvise(MADV_DONTNEED)` over the whole pages of the read-only file map `map` that `bytes` (a slice of it) covers:
+/// the pages leave this process's resident set and stay in the OS page cache. False when `bytes` is outside `map`.
+pub fn release_pages(map: &Mmap, bytes: &[u8]) -> bool {
+    let base = map.as_ptr() as usize;
+    let start = bytes.as_ptr() as usize;
+    if bytes.is_empty() || start < base || start + bytes.len() > base + map.len() {
+        return false;
+    }
+    const PAGE: usize = 4096;
+    let first = (start - base) / PAGE * PAGE;
+    let end = ((start - base + bytes.len()).div_ceil(PAGE) * PAGE).min(map.len());
+    // SAFETY: a read-only file mapping: MADV_DONTNEED only drops this process's page-table entries; the next access
+    // reads the same contents back from the page cache, so no borrowed slice sees a change.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
+    true
 }

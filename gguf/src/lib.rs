@@ -3,6 +3,7 @@
 //!
 //! No ggml dependency: this crate only knows the file format.
 
+pub mod deepseek4;
 mod error;
 mod file;
 mod metadata;
@@ -13,7 +14,7 @@ mod writer;
 
 pub use error::{GgufError, Result, Section};
 pub use file::{
-    split_path, split_prefix, GgufFile, Model, ModelTensor, SPLIT_COUNT, SPLIT_NO,
+    release_pages, split_path, split_prefix, GgufFile, Model, ModelTensor, MAX_SPLITS, SPLIT_COUNT, SPLIT_NO,
     SPLIT_TENSORS_COUNT,
 };
 pub use metadata::Metadata;

@@ -1,5 +1,6 @@
 //! The GGUF writer: plans the whole layout first (a dry run gives every offset and the file size), then streams
-//! tensor data into a temporary file that is renamed into place only when complete.
+//! tensor data into a temporary file that is renamed into place only when complete. A file too large for one
+//! output can be split into shards in llama.cpp's layout ([`Writer::split_by_size`], [`Writer::write_files`]).
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
@@ -7,6 +8,9 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{GgufError, Result};
+use crate::file::{
+    split_path, split_prefix, MAX_SPLITS, SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT,
+};
 use crate::metadata::Metadata;
 use crate::reader::{align_up, Header, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS};
 use crate::types::GgmlType;
@@ -253,17 +257,223 @@ impl Writer {
         Ok(layout)
     }
 
+    /// Splits this file's tensors into shards of at most `max_bytes` each, in llama.cpp's split layout (as
+    /// `gguf-split --split-max-size` and `llama-quantize --keep-split` write it): the first shard carries all
+    /// metadata, every shard carries `split.no` (uint16, 0-based), `split.count` (uint16) and
+    /// `split.tensors.count` (int32, the tensors of all shards), and each shard holds a contiguous run of the
+    /// tensors in order. Shards other than the first carry no other metadata, except `general.alignment` when it
+    /// is set (without it they could not use the same alignment).
+    ///
+    /// The size of a shard is its exact planned file size (header, tensor infos, aligned tensor data). A new
+    /// shard starts when adding the next tensor would make the current one exceed `max_bytes`; a tensor larger
+    /// than `max_bytes` gets a shard of its own (the first shard always takes at least the first tensor, however
+    /// large the metadata). When the whole file fits in `max_bytes`, or has at most one tensor, the result is one
+    /// writer WITHOUT split keys (any `split.*` keys this writer carries are dropped in every case).
+    pub fn split_by_size(&self, max_bytes: u64) -> Result<Vec<Writer>> {
+        let alignment = self.alignment()?;
+        let mut whole = self.clone();
+        for key in [SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT] {
+            whole.metadata.remove(key);
+        }
+        if whole.tensors.len() <= 1 || whole.plan()?.total_bytes <= max_bytes {
+            return Ok(vec![whole]);
+        }
+        let n_tensors = i32::try_from(whole.tensors.len()).map_err(|_| {
+            GgufError::Write(format!(
+                "{} tensors do not fit {SPLIT_TENSORS_COUNT} (an int32)",
+                whole.tensors.len()
+            ))
+        })?;
+        let with_split_keys = |mut md: Metadata| {
+            // Placeholder values of the final types: the header size does not depend on them.
+            md.push(SPLIT_NO, Value::U16(0));
+            md.push(SPLIT_COUNT, Value::U16(0));
+            md.push(SPLIT_TENSORS_COUNT, Value::I32(n_tensors));
+            md
+        };
+        let first_md = with_split_keys(whole.metadata.clone());
+        let mut rest_md = Metadata::default();
+        if let Some(a) = whole.metadata.get(ALIGNMENT_KEY) {
+            rest_md.push(ALIGNMENT_KEY, a.clone());
+        }
+        let rest_md = with_split_keys(rest_md);
+        let header_base = |md: &Metadata| {
+            let mut counter = CountingSink(0);
+            write_preamble(&mut counter, whole.version, 0, md).map(|()| counter.0)
+        };
+        let io_err = |e: io::Error| GgufError::Write(e.to_string());
+        let first_base = header_base(&first_md).map_err(io_err)?;
+        let rest_base = header_base(&rest_md).map_err(io_err)?;
+        let overflow = || GgufError::Write("a planned shard is larger than 2^64 bytes".into());
+
+        // Greedy, in tensor order: `ranges` ends each finished shard; the open one starts at `start`.
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        let (mut start, mut infos, mut data) = (0usize, 0u64, 0u64);
+        for (i, t) in whole.tensors.iter().enumerate() {
+            let base = if ranges.is_empty() {
+                first_base
+            } else {
+                rest_base
+            };
+            let info = tensor_info_bytes(t);
+            let padded = align_up(t.n_bytes, alignment).ok_or_else(overflow)?;
+            let size_with = base
+                .checked_add(infos)
+                .and_then(|h| h.checked_add(info))
+                .and_then(|h| align_up(h, alignment))
+                .and_then(|h| h.checked_add(data))
+                .and_then(|h| h.checked_add(padded))
+                .ok_or_else(overflow)?;
+            if i > start && size_with > max_bytes {
+                ranges.push(start..i);
+                (start, infos, data) = (i, 0, 0);
+            }
+            infos = infos.checked_add(info).ok_or_else(overflow)?;
+            data = data.checked_add(padded).ok_or_else(overflow)?;
+        }
+        ranges.push(start..whole.tensors.len());
+        if ranges.len() == 1 {
+            return Ok(vec![whole]);
+        }
+        if ranges.len() as u64 > MAX_SPLITS {
+            return Err(GgufError::Write(format!(
+                "splitting into shards of at most {max_bytes} bytes needs {} shards; at most {MAX_SPLITS} are allowed",
+                ranges.len()
+            )));
+        }
+        let count = ranges.len() as u16;
+        let shards = ranges
+            .into_iter()
+            .enumerate()
+            .map(|(no, range)| {
+                let mut md = if no == 0 {
+                    first_md.clone()
+                } else {
+                    rest_md.clone()
+                };
+                md.push(SPLIT_NO, Value::U16(no as u16));
+                md.push(SPLIT_COUNT, Value::U16(count));
+                let tensors = whole.tensors[range].to_vec();
+                Writer {
+                    version: whole.version,
+                    metadata: md,
+                    names: tensors.iter().map(|t| t.name.clone()).collect(),
+                    tensors,
+                }
+            })
+            .collect();
+        Ok(shards)
+    }
+
+    /// The paths [`Writer::write_files`] writes `n_shards` shards to for the output `path`: `path` itself for one
+    /// shard; otherwise llama.cpp's `PREFIX-00001-of-0000N.gguf`, where PREFIX is `path` without a trailing
+    /// `.gguf` (`OUT.gguf` -> `OUT-00001-of-00003.gguf`), or without its split suffix when `path` is itself
+    /// named like a shard (`OUT-00001-of-00002.gguf` -> `OUT-00001-of-00003.gguf`).
+    pub fn shard_paths(path: &Path, n_shards: usize) -> Result<Vec<PathBuf>> {
+        match n_shards {
+            0 => Err(GgufError::Write("no shards to write".into())),
+            1 => Ok(vec![path.to_path_buf()]),
+            n if n as u64 > MAX_SPLITS => Err(GgufError::Write(format!(
+                "{n} shards; at most {MAX_SPLITS} are allowed"
+            ))),
+            n => {
+                let prefix = match split_prefix(path) {
+                    Some(prefix) => prefix,
+                    None => {
+                        let name = path.file_name().ok_or_else(|| {
+                            GgufError::Write(format!(
+                                "{} is not a file name to write shards next to",
+                                path.display()
+                            ))
+                        })?;
+                        let name = name.to_string_lossy();
+                        match name.strip_suffix(".gguf").filter(|s| !s.is_empty()) {
+                            Some(stem) => path.with_file_name(stem),
+                            None => path.to_path_buf(),
+                        }
+                    }
+                };
+                Ok((1..=n as u64)
+                    .map(|no| split_path(&prefix, no, n as u64))
+                    .collect())
+            }
+        }
+    }
+
+    /// The size of all shards together, as they would be written (for a dry run).
+    pub fn planned_total_bytes(shards: &[Writer]) -> Result<u64> {
+        shards.iter().try_fold(0u64, |sum, w| {
+            sum.checked_add(w.plan()?.total_bytes).ok_or_else(|| {
+                GgufError::Write("the planned files are larger than 2^64 bytes".into())
+            })
+        })
+    }
+
+    /// Writes `shards` (from [`Writer::split_by_size`]) to the paths of [`Writer::shard_paths`]: every shard
+    /// through a temporary file in the same folder, all renamed into place only after ALL were written and
+    /// synced. On any error every temporary file is removed and no output appears (should a rename itself fail,
+    /// the shards already renamed are removed again, so no mix of old and new shards is left). Existing outputs
+    /// are refused unless `overwrite`. `fill(i, tensor, sink)` gets the tensor's index over all shards together
+    /// (its index in the writer that was split) and must write exactly its bytes. Returns each shard's path and
+    /// layout.
+    pub fn write_files(
+        shards: &[Writer],
+        path: &Path,
+        overwrite: bool,
+        mut fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>,
+    ) -> Result<Vec<(PathBuf, Layout)>> {
+        let paths = Writer::shard_paths(path, shards.len())?;
+        check_shard_keys(shards)?;
+        if !overwrite {
+            if let Some(p) = paths.iter().find(|p| p.exists()) {
+                return Err(GgufError::Write(format!(
+                    "{} already exists (pass --overwrite to replace it)",
+                    p.display()
+                )));
+            }
+        }
+        let temps: Vec<PathBuf> = paths.iter().map(|p| temp_path(p)).collect();
+        let mut layouts = Vec::with_capacity(shards.len());
+        let mut first_index = 0usize;
+        for (shard, tmp) in shards.iter().zip(&temps) {
+            let base = first_index;
+            match shard.write_temp(tmp, |i, t, sink| fill(base + i, t, sink)) {
+                Ok(layout) => layouts.push(layout),
+                Err(e) => {
+                    // This one and every one before it (the later ones were never created).
+                    for t in &temps[..=layouts.len()] {
+                        let _ = fs::remove_file(t);
+                    }
+                    return Err(e);
+                }
+            }
+            first_index += shard.tensors.len();
+        }
+        for (i, (tmp, p)) in temps.iter().zip(&paths).enumerate() {
+            if let Err(e) = fs::rename(tmp, p) {
+                for done in &paths[..i] {
+                    let _ = fs::remove_file(done);
+                }
+                for t in &temps[i..] {
+                    let _ = fs::remove_file(t);
+                }
+                return Err(GgufError::io(p, e));
+            }
+        }
+        // Make the renames durable too (best effort: not every platform can sync a folder).
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(paths.into_iter().zip(layouts).collect())
+    }
+
     fn write_header(&self, out: &mut dyn Write) -> io::Result<()> {
         let alignment = self.alignment().unwrap_or(DEFAULT_ALIGNMENT);
-        out.write_all(&MAGIC)?;
-        out.write_all(&self.version.to_le_bytes())?;
-        out.write_all(&(self.tensors.len() as u64).to_le_bytes())?;
-        out.write_all(&(self.metadata.len() as u64).to_le_bytes())?;
-        for (key, value) in self.metadata.iter() {
-            write_str(out, key)?;
-            out.write_all(&(value.value_type() as u32).to_le_bytes())?;
-            write_value(out, value)?;
-        }
+        write_preamble(out, self.version, self.tensors.len() as u64, &self.metadata)?;
         let mut offset = 0u64;
         for t in &self.tensors {
             write_str(out, &t.name)?;
@@ -277,6 +487,64 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Magic, version, the two counts and the metadata: the header up to the tensor infos.
+fn write_preamble(
+    out: &mut dyn Write,
+    version: u32,
+    n_tensors: u64,
+    metadata: &Metadata,
+) -> io::Result<()> {
+    out.write_all(&MAGIC)?;
+    out.write_all(&version.to_le_bytes())?;
+    out.write_all(&n_tensors.to_le_bytes())?;
+    out.write_all(&(metadata.len() as u64).to_le_bytes())?;
+    for (key, value) in metadata.iter() {
+        write_str(out, key)?;
+        out.write_all(&(value.value_type() as u32).to_le_bytes())?;
+        write_value(out, value)?;
+    }
+    Ok(())
+}
+
+/// Bytes of one tensor info record: name, dimension count, dimensions, type, offset.
+fn tensor_info_bytes(t: &PlannedTensor) -> u64 {
+    8 + t.name.len() as u64 + 4 + 8 * t.dims.len() as u64 + 4 + 8
+}
+
+/// Shards to be written together must say, in order, that they are shards 1..n of n (one shard needs no keys).
+fn check_shard_keys(shards: &[Writer]) -> Result<()> {
+    let n = shards.len() as u64;
+    if n <= 1 {
+        return Ok(());
+    }
+    let total: u64 = shards.iter().map(|s| s.tensors.len() as u64).sum();
+    for (i, shard) in shards.iter().enumerate() {
+        let md = &shard.metadata;
+        let bad = |why: String| {
+            GgufError::Write(format!(
+                "shard {} of {n} is not a shard of this split ({why}); split the writer with split_by_size",
+                i + 1
+            ))
+        };
+        let no = md.uint(SPLIT_NO).map_err(|e| bad(e.to_string()))?;
+        let count = md.uint(SPLIT_COUNT).map_err(|e| bad(e.to_string()))?;
+        let tensors = md
+            .uint(SPLIT_TENSORS_COUNT)
+            .map_err(|e| bad(e.to_string()))?;
+        if no != i as u64 || count != n {
+            return Err(bad(format!(
+                "its {SPLIT_NO} is {no} and {SPLIT_COUNT} {count}"
+            )));
+        }
+        if tensors != total {
+            return Err(bad(format!(
+                "its {SPLIT_TENSORS_COUNT} is {tensors}, the shards hold {total} tensors"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn temp_path(path: &Path) -> PathBuf {

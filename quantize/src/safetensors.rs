@@ -345,6 +345,13 @@ impl SafeTensors {
         &self.metadata
     }
 
+    /// Drops this file's pages under `bytes` (a slice of one of its tensors) from the process's memory: the data
+    /// stays in the OS page cache, but no longer counts towards this process's resident set. Returns false when
+    /// `bytes` is not inside this file's map. Streaming readers call it after each tensor.
+    pub fn release(&self, bytes: &[u8]) -> bool {
+        gguf::release_pages(&self.mmap, bytes)
+    }
+
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
         let info = self.tensors.get(name).ok_or_else(|| Error::NoSuchTensor {
             path: self.path.clone(),
@@ -606,6 +613,16 @@ impl Checkpoint {
         &self.shards
     }
 
+    /// Drops the pages under `bytes` (a slice of one of the checkpoint's tensors) from the resident set; see
+    /// [`SafeTensors::release`].
+    pub fn release(&self, bytes: &[u8]) {
+        for shard in &self.shards {
+            if shard.release(bytes) {
+                return;
+            }
+        }
+    }
+
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
         match self.map.get(name) {
             Some(&id) => self.shards[id].tensor(name),
@@ -616,3 +633,4 @@ impl Checkpoint {
         }
     }
 }
+
