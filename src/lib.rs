@@ -1,5 +1,6 @@
 //! ferrite: DeepSeek V4 on ggml. The library behind the `ferrite` binary, so integration tests and examples can use it.
 
+pub mod bench_llama;
 pub mod cache;
 pub mod chat;
 pub mod engine;

@@ -1,11 +1,13 @@
 //! Command-line interface: one file per subcommand; `run` dispatches, `print_error` reports failures.
 
+mod bench;
 mod chat;
 mod complete;
 mod generate;
 mod info;
 mod logits;
 mod model_arg;
+mod perplexity;
 mod tokenize;
 
 use std::io::Write;
@@ -32,6 +34,10 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Print the tokens of a text (-p TEXT or standard input) as llama.cpp's llama-tokenize does.
     Tokenize(tokenize::TokenizeArgs),
+    /// Perplexity of the model over a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Prompt-processing and generation speed as llama-bench measures it (--vs-llama: next to llama.cpp).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,6 +47,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(args) => info::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
+        Command::Perplexity(args) => perplexity::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

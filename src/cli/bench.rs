@@ -1,0 +1,716 @@
+//! `ferrite bench -m MODEL [-p 512] [-n 128] [-r 5] [-t N[,N...]] [--vs-llama] [--json]`: prompt processing and
+//! generation speed measured as llama.cpp's `llama-bench` measures them, optionally next to llama.cpp itself.
+//!
+//! - `ppN`: one prompt of N seeded random tokens (BOS first when the vocabulary adds one), processed from an empty
+//!   cache in micro-batches of `--ubatch`; tokens/s = N / time.
+//! - `tgN`: N tokens fed one at a time from an empty cache (the first BOS or random, the rest random), each
+//!   computing its logits as generation does; tokens/s = N / time.
+//! - A warm-up run of each test comes first and is not counted (for `tg`, one token, as llama-bench does); then
+//!   `-r` timed repetitions, reported as median ± sample standard deviation (min, max and every sample in --json).
+//! - Peak resident memory of ferrite's runs from `/proc/self/status` (VmHWM; Linux only). Memory-mapped weight
+//!   pages count once touched, so this includes the part of the model the runs read.
+//! - Bytes of weights read per generated token (an estimate for decode, from the tensor table: every non-expert
+//!   weight except the embedding table, one embedding row, `n_expert_used` experts in each layer, MTP block
+//!   excluded) and the bandwidth that implies at the measured generation speed.
+//!
+//! `--vs-llama` runs the same tests on the same random tokens through llama.cpp in-process (the benchmark reference
+//! in `ferrite::bench_llama`), after ferrite's and with ferrite's engine closed, and adds a ratio column
+//! (ferrite / llama.cpp). The table goes to stdout (or, with `--json`, one JSON object); everything else to stderr.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use ferrite::bench_llama::{LlamaContextParams, LlamaModel};
+use ferrite::cache::CacheType;
+use ferrite::engine::{Engine, Logits};
+use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
+use serde_json::{json, Value as Json};
+
+use super::info::human_bytes;
+use super::model_arg::{open_engine, ModelArgs};
+use super::Hinted;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// GGUF model file (any shard of a split model), or `demo` for the tiny model ferrite generates.
+    #[arg(short = 'm', long = "model", value_name = "MODEL")]
+    pub model: PathBuf,
+    /// Prompt tokens of the prompt-processing test; 0 = skip it.
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_name = "N",
+        default_value_t = 512
+    )]
+    pub n_prompt: usize,
+    /// Tokens of the generation test; 0 = skip it.
+    #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Timed repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", value_name = "N", default_value_t = 5, value_parser = parse_positive)]
+    pub repetitions: usize,
+    /// CPU threads; a comma-separated list runs every test with each [default: all available cores].
+    #[arg(short = 't', long = "threads", value_name = "N[,N...]", value_parser = parse_threads)]
+    pub threads: Option<ThreadList>,
+    /// Tokens per micro-batch (one graph computation) while processing the prompt.
+    #[arg(long = "ubatch", visible_alias = "ubatch-size", value_name = "N", default_value_t = 512, value_parser = parse_positive)]
+    pub ubatch: usize,
+    /// How the context cache stores key rows: f16 (llama.cpp's default) or f32; llama.cpp's K/V cache follows.
+    #[arg(long = "cache-type", visible_alias = "ctk", value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type: CacheType,
+    /// Diagnostic: ferrite computes with primitive ggml operators instead of the DeepSeek V4 ones.
+    #[arg(long)]
+    pub no_fused_ops: bool,
+    /// Run the same tests through llama.cpp (in-process, the reference) and add a ratio column.
+    #[arg(long)]
+    pub vs_llama: bool,
+    /// With --vs-llama: let llama.cpp repack weights for its interleaved CPU kernels (llama-bench's default; off so
+    /// both engines run the same ggml kernels).
+    #[arg(long, requires = "vs_llama")]
+    pub llama_repack: bool,
+    /// Skip the warm-up runs.
+    #[arg(long)]
+    pub no_warmup: bool,
+    /// Seed of the random tokens.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+    /// Print one JSON object with every number on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `-t 1,2,4`
+#[derive(Clone, Debug)]
+pub struct ThreadList(pub Vec<usize>);
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+fn parse_threads(s: &str) -> Result<ThreadList, String> {
+    let list = s
+        .split(',')
+        .map(parse_positive)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ThreadList(list))
+}
+
+fn parse_cache_type(s: &str) -> Result<CacheType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f16" => Ok(CacheType::F16),
+        "f32" => Ok(CacheType::F32),
+        other => Err(format!("{other:?} is not a cache type; use f16 or f32")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Prompt,
+    Generation,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Test {
+    kind: Kind,
+    n: usize,
+}
+
+impl Test {
+    fn name(&self) -> String {
+        match self.kind {
+            Kind::Prompt => format!("pp{}", self.n),
+            Kind::Generation => format!("tg{}", self.n),
+        }
+    }
+}
+
+/// Speeds of the timed repetitions.
+#[derive(Clone, Debug)]
+struct Stats {
+    seconds: Vec<f64>,
+    tps: Vec<f64>,
+    median: f64,
+    mean: f64,
+    stddev: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn new(n_tokens: usize, seconds: Vec<f64>) -> Stats {
+        let tps: Vec<f64> = seconds
+            .iter()
+            .map(|&s| n_tokens as f64 / s.max(1e-12))
+            .collect();
+        let mut sorted = tps.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        let mean = tps.iter().sum::<f64>() / n as f64;
+        // Sample standard deviation, as llama-bench reports; 0 for one repetition.
+        let stddev = if n > 1 {
+            (tps.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Stats {
+            median,
+            mean,
+            stddev,
+            min: sorted[0],
+            max: sorted[n - 1],
+            seconds,
+            tps,
+        }
+    }
+
+    fn cell(&self) -> String {
+        format!("{:.2} ± {:.2}", self.median, self.stddev)
+    }
+
+    fn json(&self) -> Json {
+        json!({
+            "median": self.median, "mean": self.mean, "stddev": self.stddev, "min": self.min, "max": self.max,
+            "samples": self.tps, "seconds": self.seconds,
+        })
+    }
+}
+
+/// One test at one thread count, for both engines.
+struct Row {
+    threads: usize,
+    test: Test,
+    ferrite: Stats,
+    llama: Option<Stats>,
+}
+
+/// What the table and the JSON say about the model.
+struct ModelFacts {
+    path: PathBuf,
+    name: String,
+    bytes: u64,
+    params: u64,
+    n_vocab: usize,
+    n_layer: usize,
+    n_expert: usize,
+    n_expert_used: usize,
+    bytes_per_token: u64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.n_prompt == 0 && args.n_gen == 0 {
+        return Err(Hinted::new(
+            "nothing to measure: -p 0 and -n 0 skip both tests",
+            "give -p N for prompt processing and/or -n N for generation (llama-bench's defaults: -p 512 -n 128)",
+        )
+        .into());
+    }
+    let threads: Vec<usize> = match &args.threads {
+        Some(list) => list.0.clone(),
+        None => vec![std::thread::available_parallelism().map_or(1, |n| n.get())],
+    };
+    let model_args = |t: usize| ModelArgs {
+        model: args.model.clone(),
+        threads: Some(t),
+        ctx_size: None,
+        ubatch: args.ubatch,
+        no_fused_ops: args.no_fused_ops,
+        cache_type: args.cache_type,
+    };
+    let mut tests = Vec::new();
+    if args.n_prompt > 0 {
+        tests.push(Test {
+            kind: Kind::Prompt,
+            n: args.n_prompt,
+        });
+    }
+    if args.n_gen > 0 {
+        tests.push(Test {
+            kind: Kind::Generation,
+            n: args.n_gen,
+        });
+    }
+
+    let mut engine = open_engine(&model_args(threads[0]))?;
+    let facts = model_facts(&engine);
+    let cfg = engine.config();
+    let longest = args.n_prompt.max(args.n_gen);
+    if cfg.n_ctx_train > 0 && longest > cfg.n_ctx_train {
+        eprintln!(
+            "ferrite: warning: {longest} tokens is beyond the {} the model was trained on (the speed is still measured)",
+            cfg.n_ctx_train
+        );
+    }
+    let tokens = Tokens::new(&engine, args);
+    eprintln!(
+        "ferrite: bench {} ({}, {} params): {}; threads {}; micro-batch {}; {} repetitions{}",
+        facts.name,
+        human_bytes(facts.bytes),
+        human_params(facts.params),
+        tests.iter().map(Test::name).collect::<Vec<_>>().join(", "),
+        threads
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        args.ubatch,
+        args.repetitions,
+        if args.no_warmup {
+            ", no warm-up"
+        } else {
+            " after a warm-up"
+        }
+    );
+
+    // ferrite first; its peak memory is read before llama.cpp loads anything.
+    let hwm_reset = reset_peak_rss();
+    let mut rows = Vec::new();
+    for (i, &t) in threads.iter().enumerate() {
+        if i > 0 && t != engine.options().n_threads {
+            drop(engine);
+            engine = open_engine(&model_args(t))?;
+        }
+        for &test in &tests {
+            let seconds = measure_ferrite(&engine, test, &tokens, args)?;
+            let stats = Stats::new(test.n, seconds);
+            eprintln!(
+                "ferrite: {} with {t} threads: {} t/s",
+                test.name(),
+                stats.cell()
+            );
+            rows.push(Row {
+                threads: t,
+                test,
+                ferrite: stats,
+                llama: None,
+            });
+        }
+    }
+    drop(engine);
+    let rss = peak_rss();
+
+    let mut llama_rss = None;
+    if args.vs_llama {
+        let llama_reset = reset_peak_rss();
+        let path = model_args(threads[0]).resolve_path()?;
+        let model = LlamaModel::load(&path, args.llama_repack)
+            .context("--vs-llama: llama.cpp (the reference) cannot run this model")?;
+        if model.n_vocab() != facts.n_vocab {
+            anyhow::bail!(
+                "--vs-llama: llama.cpp sees {} tokens in the vocabulary, ferrite {}",
+                model.n_vocab(),
+                facts.n_vocab
+            );
+        }
+        if model.bos().map(|b| b as u32) != tokens.bos {
+            eprintln!("ferrite: note: llama.cpp and ferrite disagree on adding BOS; both get ferrite's tokens");
+        }
+        for row in &mut rows {
+            let seconds = measure_llama(&model, row.threads, row.test, &tokens, args)?;
+            let stats = Stats::new(row.test.n, seconds);
+            eprintln!(
+                "llama.cpp: {} with {} threads: {} t/s",
+                row.test.name(),
+                row.threads,
+                stats.cell()
+            );
+            row.llama = Some(stats);
+        }
+        drop(model);
+        llama_rss = peak_rss().map(|b| (b, llama_reset && hwm_reset));
+    }
+
+    let bandwidth = |stats: &Stats| facts.bytes_per_token as f64 * stats.median;
+    if args.json {
+        let results: Vec<Json> = rows
+            .iter()
+            .map(|r| {
+                let tg = r.test.kind == Kind::Generation;
+                json!({
+                    "threads": r.threads,
+                    "test": r.test.name(),
+                    "kind": if tg { "tg" } else { "pp" },
+                    "n_tokens": r.test.n,
+                    "ferrite": r.ferrite.json(),
+                    "llama": r.llama.as_ref().map(Stats::json),
+                    "ratio": r.llama.as_ref().map(|l| r.ferrite.median / l.median),
+                    "bandwidth_bytes_per_second": tg.then(|| json!({
+                        "ferrite": bandwidth(&r.ferrite),
+                        "llama": r.llama.as_ref().map(bandwidth),
+                    })),
+                })
+            })
+            .collect();
+        let report = json!({
+            "model": {
+                "path": facts.path, "name": facts.name, "size_bytes": facts.bytes, "params": facts.params,
+                "n_vocab": facts.n_vocab, "n_layer": facts.n_layer, "n_expert": facts.n_expert,
+                "n_expert_used": facts.n_expert_used,
+            },
+            "backend": "CPU",
+            "n_prompt": args.n_prompt,
+            "n_gen": args.n_gen,
+            "repetitions": args.repetitions,
+            "warmup": !args.no_warmup,
+            "n_ubatch": args.ubatch,
+            "cache_type": match args.cache_type { CacheType::F16 => "f16", CacheType::F32 => "f32" },
+            "fused_ops": !args.no_fused_ops,
+            "llama_repack": args.llama_repack,
+            "seed": args.seed,
+            "bytes_per_token": facts.bytes_per_token,
+            "bytes_per_token_note": "estimate for decode: non-expert weights without the embedding table, one embedding row, n_expert_used experts per layer",
+            "rss_peak_bytes": rss,
+            "llama_rss_peak_bytes": llama_rss.map(|(b, _)| b),
+            "llama_rss_peak_is_process_wide": llama_rss.map(|(_, reset)| !reset),
+            "results": results,
+        });
+        println!("{report}");
+    } else {
+        print!("{}", table(&facts, &rows, args.vs_llama));
+    }
+
+    match rss {
+        Some(b) => eprintln!(
+            "ferrite: peak RSS {} (VmHWM{}; touched pages of the memory-mapped weights count)",
+            human_bytes(b),
+            if hwm_reset {
+                " of ferrite's runs"
+            } else {
+                ", whole process"
+            }
+        ),
+        None => eprintln!("ferrite: peak RSS not available (needs Linux /proc)"),
+    }
+    if let Some((b, reset)) = llama_rss {
+        eprintln!(
+            "llama.cpp: peak RSS {} (VmHWM{})",
+            human_bytes(b),
+            if reset {
+                " of llama.cpp's runs"
+            } else {
+                ", whole process"
+            }
+        );
+    }
+    eprintln!(
+        "ferrite: weights read per generated token: {} (estimate for decode: non-expert weights, one embedding row, \
+         {} of {} experts per layer)",
+        human_bytes(facts.bytes_per_token),
+        facts.n_expert_used,
+        facts.n_expert
+    );
+    for r in rows.iter().filter(|r| r.test.kind == Kind::Generation) {
+        let llama = r
+            .llama
+            .as_ref()
+            .map(|l| format!(", llama.cpp {:.2} GB/s", bandwidth(l) / 1e9))
+            .unwrap_or_default();
+        eprintln!(
+            "ferrite: implied weight bandwidth at {} with {} threads: {:.2} GB/s{llama}",
+            r.test.name(),
+            r.threads,
+            bandwidth(&r.ferrite) / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// The random tokens both engines process.
+struct Tokens {
+    bos: Option<u32>,
+    prompt: Vec<u32>,
+    gen: Vec<u32>,
+}
+
+impl Tokens {
+    fn new(engine: &Engine, args: &BenchArgs) -> Tokens {
+        let md = engine.model().metadata();
+        let add_bos = md.bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+        let n_vocab = engine.n_vocab();
+        let bos = md
+            .u32("tokenizer.ggml.bos_token_id")
+            .ok()
+            .filter(|&b| add_bos && (b as usize) < n_vocab);
+        let mut state = args.seed;
+        let mut random = |n: usize| -> Vec<u32> {
+            let mut v: Vec<u32> = (0..n)
+                .map(|_| (splitmix64(&mut state) % n_vocab as u64) as u32)
+                .collect();
+            if let (Some(b), Some(first)) = (bos, v.first_mut()) {
+                *first = b;
+            }
+            v
+        };
+        let prompt = random(args.n_prompt);
+        let gen = random(args.n_gen);
+        Tokens { bos, prompt, gen }
+    }
+
+    fn of(&self, test: Test) -> &[u32] {
+        match test.kind {
+            Kind::Prompt => &self.prompt,
+            Kind::Generation => &self.gen,
+        }
+    }
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Seconds of each timed repetition of `test` on ferrite.
+fn measure_ferrite(
+    engine: &Engine,
+    test: Test,
+    tokens: &Tokens,
+    args: &BenchArgs,
+) -> Result<Vec<f64>> {
+    let toks = tokens.of(test);
+    let mut session = engine.session(test.n, args.ubatch.min(test.n))?;
+    let run = |session: &mut ferrite::engine::Session<'_>, toks: &[u32]| -> Result<()> {
+        match test.kind {
+            Kind::Prompt => {
+                session.feed(toks, Logits::Last)?;
+            }
+            Kind::Generation => {
+                for &t in toks {
+                    session.feed(&[t], Logits::Last)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    if !args.no_warmup {
+        let warm = match test.kind {
+            Kind::Prompt => toks,
+            Kind::Generation => &toks[..1],
+        };
+        run(&mut session, warm)?;
+    }
+    let mut seconds = Vec::with_capacity(args.repetitions);
+    for _ in 0..args.repetitions {
+        session.reset()?;
+        let start = Instant::now();
+        run(&mut session, toks)?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    Ok(seconds)
+}
+
+/// Seconds of each timed repetition of `test` on llama.cpp, with the same tokens and settings.
+fn measure_llama(
+    model: &LlamaModel,
+    threads: usize,
+    test: Test,
+    tokens: &Tokens,
+    args: &BenchArgs,
+) -> Result<Vec<f64>> {
+    let toks: Vec<i32> = tokens.of(test).iter().map(|&t| t as i32).collect();
+    let mut ctx = model.context(LlamaContextParams {
+        n_ctx: test.n as u32,
+        n_batch: test.n as u32,
+        n_ubatch: args.ubatch.min(test.n) as u32,
+        n_threads: threads as i32,
+        cache_f16: args.cache_type == CacheType::F16,
+    })?;
+    let run = |ctx: &mut ferrite::bench_llama::LlamaContext<'_>, toks: &[i32]| -> Result<()> {
+        match test.kind {
+            Kind::Prompt => ctx.decode(toks),
+            Kind::Generation => toks.iter().try_for_each(|&t| ctx.decode(&[t])),
+        }
+    };
+    if !args.no_warmup {
+        let warm = match test.kind {
+            Kind::Prompt => &toks[..],
+            Kind::Generation => &toks[..1],
+        };
+        run(&mut ctx, warm)?;
+    }
+    let mut seconds = Vec::with_capacity(args.repetitions);
+    for _ in 0..args.repetitions {
+        ctx.clear();
+        let start = Instant::now();
+        run(&mut ctx, &toks)?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    Ok(seconds)
+}
+
+fn model_facts(engine: &Engine) -> ModelFacts {
+    let model = engine.model();
+    let cfg = engine.config();
+    let sizes = weight_sizes(model);
+    let used = cfg.n_expert_used as u64;
+    // active_bytes_per_token counts every layer; the MTP block (layer n_layer, when present) is not run in decode.
+    let mut mtp = 0u64;
+    for t in model.tensors() {
+        let name = &t.info.name;
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, _)| l.parse::<usize>().ok());
+        if layer.is_some_and(|l| l >= cfg.n_layer) && expert_tensor_layer(name).is_none() {
+            mtp += t.info.n_bytes;
+        }
+    }
+    let mtp_experts: u64 = sizes
+        .layers
+        .iter()
+        .filter(|l| l.layer as usize >= cfg.n_layer)
+        .map(|l| used.min(l.n_expert) * l.bytes_per_expert)
+        .sum();
+    let bytes_per_token = sizes
+        .active_bytes_per_token(used, cfg.n_vocab as u64)
+        .saturating_sub(mtp + mtp_experts);
+    let name = model
+        .metadata()
+        .str("general.name")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            engine
+                .path()
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        });
+    ModelFacts {
+        path: engine.path().to_path_buf(),
+        name,
+        bytes: sizes.bytes_total,
+        params: sizes.params_total,
+        n_vocab: cfg.n_vocab,
+        n_layer: cfg.n_layer,
+        n_expert: cfg.n_expert,
+        n_expert_used: cfg.n_expert_used,
+        bytes_per_token,
+    }
+}
+
+/// llama-bench's markdown table, with llama.cpp's speed and the ratio when measured.
+fn table(facts: &ModelFacts, rows: &[Row], vs_llama: bool) -> String {
+    let mut header = vec![
+        "model",
+        "size",
+        "params",
+        "backend",
+        "threads",
+        "test",
+        "t/s (median ± sd)",
+    ];
+    if vs_llama {
+        header.extend(["llama.cpp t/s", "ferrite / llama.cpp"]);
+    }
+    let right = |i: usize| i != 0 && i != 3;
+    let size = if facts.bytes >= 1 << 30 {
+        format!("{:.2} GiB", facts.bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", facts.bytes as f64 / (1u64 << 20) as f64)
+    };
+    let mut cells: Vec<Vec<String>> = Vec::new();
+    for r in rows {
+        let mut line = vec![
+            facts.name.clone(),
+            size.clone(),
+            human_params(facts.params),
+            "CPU".to_string(),
+            r.threads.to_string(),
+            r.test.name(),
+            r.ferrite.cell(),
+        ];
+        if vs_llama {
+            match &r.llama {
+                Some(l) => {
+                    line.push(l.cell());
+                    line.push(format!("{:.2}", r.ferrite.median / l.median));
+                }
+                None => line.extend(["-".to_string(), "-".to_string()]),
+            }
+        }
+        cells.push(line);
+    }
+    let width = |i: usize| {
+        cells
+            .iter()
+            .map(|l| l[i].chars().count())
+            .chain([header[i].chars().count()])
+            .max()
+            .unwrap_or(1)
+    };
+    let widths: Vec<usize> = (0..header.len()).map(width).collect();
+    let pad = |s: &str, i: usize| {
+        let fill = widths[i].saturating_sub(s.chars().count());
+        if right(i) {
+            format!("{}{s}", " ".repeat(fill))
+        } else {
+            format!("{s}{}", " ".repeat(fill))
+        }
+    };
+    let mut out = String::new();
+    let line = |items: Vec<String>| format!("| {} |\n", items.join(" | "));
+    out += &line(header.iter().enumerate().map(|(i, h)| pad(h, i)).collect());
+    out += &line(
+        widths
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                if right(i) {
+                    format!("{}:", "-".repeat(w - 1))
+                } else {
+                    "-".repeat(w)
+                }
+            })
+            .collect(),
+    );
+    for l in &cells {
+        out += &line(l.iter().enumerate().map(|(i, c)| pad(c, i)).collect());
+    }
+    out
+}
+
+/// Parameters as llama-bench writes them: `6.74 B`, `13.11 M`, `512.00 K`.
+fn human_params(n: u64) -> String {
+    let v = n as f64;
+    if v >= 1e9 {
+        format!("{:.2} B", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.2} K", v / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Resets the kernel's peak-RSS counter of this process (Linux 4.0+); false when it cannot.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// VmHWM of this process in bytes (Linux), `None` elsewhere.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
