@@ -1,6 +1,10 @@
-//! Checkpoint decoding and quantization recipes (issue 5): so far the exact decoders of the checkpoint's small
-//! float formats, and a zero-copy reader of the safetensors checkpoint files and their sharded index.
+//! `ferrite quantize` without the ggml binding: the exact decoders of the checkpoint's small float formats, a
+//! zero-copy reader of safetensors checkpoints, the mapping of a Hugging Face DeepSeek V4 checkpoint onto llama.cpp's
+//! `deepseek4` GGUF (metadata, tensors, tokenizer), llama.cpp's importance matrices, the named recipes, and the
+//! streaming conversion pipeline (blocks are made by a [`convert::Codec`] the binary implements over ggml).
 
 pub mod dequant;
 pub mod fp;
+pub mod imatrix;
 pub mod safetensors;
+pub mod vocab;
