@@ -3,8 +3,11 @@
 //! `deepseek4` GGUF (metadata, tensors, tokenizer), llama.cpp's importance matrices, the named recipes, and the
 //! streaming conversion pipeline (blocks are made by a [`convert::Codec`] the binary implements over ggml).
 
+pub mod convert;
 pub mod dequant;
 pub mod fp;
+pub mod hf;
 pub mod imatrix;
+pub mod recipe;
 pub mod safetensors;
 pub mod vocab;

@@ -702,7 +702,7 @@ fn reset_peak_rss() -> bool {
 }
 
 /// VmHWM of this process in bytes (Linux), `None` elsewhere.
-fn peak_rss() -> Option<u64> {
+pub(crate) fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line

@@ -8,6 +8,7 @@ mod info;
 mod logits;
 mod model_arg;
 mod perplexity;
+mod quantize;
 mod tokenize;
 
 use std::io::Write;
@@ -38,6 +39,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt-processing and generation speed as llama-bench measures it (--vs-llama: next to llama.cpp).
     Bench(bench::BenchArgs),
+    /// Convert a Hugging Face DeepSeek V4 checkpoint or requantize a GGUF to a named recipe (Q4_K_M, Q8_0, ...).
+    Quantize(quantize::QuantizeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -49,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Perplexity(args) => perplexity::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Quantize(args) => quantize::run(&args),
     }
 }
 

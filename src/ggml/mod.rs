@@ -33,7 +33,7 @@ pub use gallocr::GraphAllocator;
 pub use gguf_read::{read_gguf_with_ggml, GgufKv, GgufSummary, GgufTensorInfo, GgufValue};
 pub use graph::{Graph, DEFAULT_GRAPH_SIZE};
 pub use ops::SortOrder;
-pub use quant::{can_quantize_to, dequantize_rows, quantize_rows, requires_imatrix};
+pub use quant::{can_quantize_to, dequantize_rows, quantize_rows, requires_imatrix, GgmlCodec};
 pub use region::{RegionId, BIND_ALIGNMENT, REGION_ALIGNMENT};
 pub use tensor::{Tensor, MAX_NAME_LEN};
 pub use types::{

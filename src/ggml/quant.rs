@@ -142,6 +142,40 @@ pub fn dequantize_rows(ty: GgmlType, data: &[u8], n_per_row: usize) -> Result<Ve
     Ok(out)
 }
 
+/// The converter's block codec (`quantize::convert::Codec`) over ggml's own routines.
+pub struct GgmlCodec;
+
+impl quantize::convert::Codec for GgmlCodec {
+    fn quantize(
+        &self,
+        ty: GgmlType,
+        src: &[f32],
+        n_per_row: usize,
+        imatrix: Option<&[f32]>,
+    ) -> std::result::Result<Vec<u8>, String> {
+        quantize_rows(ty, src, n_per_row, imatrix).map_err(|e| e.to_string())
+    }
+
+    fn dequantize(&self, ty: GgmlType, data: &[u8], n_per_row: usize) -> std::result::Result<Vec<f32>, String> {
+        if ty == GgmlType::F32 {
+            // ggml has no to_float for F32 itself.
+            return Ok(data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect());
+        }
+        dequantize_rows(ty, data, n_per_row).map_err(|e| e.to_string())
+    }
+
+    fn can_quantize(&self, ty: GgmlType) -> bool {
+        can_quantize_to(ty)
+    }
+
+    fn requires_imatrix(&self, ty: GgmlType) -> bool {
+        requires_imatrix(ty)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
