@@ -10,4 +10,5 @@ pub mod hf;
 pub mod imatrix;
 pub mod recipe;
 pub mod safetensors;
+pub mod safetensors_write;
 pub mod vocab;

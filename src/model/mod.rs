@@ -10,4 +10,5 @@ pub mod moe;
 pub mod names;
 pub mod sizes;
 pub mod tiny;
+pub mod tiny_hf;
 pub mod weights;

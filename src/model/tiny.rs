@@ -186,6 +186,19 @@ impl TinyConfig {
         }
     }
 
+    /// Big experts for size tests of checkpoint conversion: [`TinyConfig::small`]'s layout with hidden 1024, 256 experts
+    /// (top 8) of width 1024. As an official checkpoint (FP4 experts) that is about 2.6 GB, almost all routed
+    /// experts; meant for [`super::tiny_hf::Fill::Fast`] checkpoints or quantized GGUFs (as F32 it is ~20 GB).
+    pub fn big_experts() -> TinyConfig {
+        TinyConfig {
+            n_embd: 1024,
+            n_expert: 256,
+            n_expert_used: 8,
+            expert_ffn: 1024,
+            ..TinyConfig::small()
+        }
+    }
+
     /// The same configuration with other weight types.
     pub fn with_types(self, types: WeightTypes) -> TinyConfig {
         TinyConfig { types, ..self }
@@ -365,9 +378,24 @@ impl From<gguf::GgufError> for TinyError {
 pub fn write_tiny_model(path: &Path, cfg: &TinyConfig, seed: u64) -> Result<TinyModel, TinyError> {
     cfg.validate()?;
     let specs = tensor_specs(cfg);
+    write_specs(path, cfg, &specs, |spec| tensor_bytes(spec, seed))
+}
+
+/// The GGUF the checkpoint of [`super::tiny_hf::write_tiny_checkpoint`] converts to: the same tensors with their
+/// values rounded to the official checkpoint dtypes (see [`super::tiny_hf::write_tiny_model_official`]).
+pub use super::tiny_hf::write_tiny_model_official;
+
+/// Writes the metadata of `cfg` and the tensors `specs` to `path` (replacing it atomically), each tensor's bytes
+/// made by `bytes` one at a time.
+pub(crate) fn write_specs(
+    path: &Path,
+    cfg: &TinyConfig,
+    specs: &[TensorSpec],
+    mut bytes: impl FnMut(&TensorSpec) -> Result<Vec<u8>, TinyError>,
+) -> Result<TinyModel, TinyError> {
     let mut w = Writer::new();
     write_metadata(&mut w, cfg);
-    for s in &specs {
+    for s in specs {
         w.add_tensor(&s.name, &s.dims, s.ty)
             .map_err(|e| TinyError::Type {
                 tensor: s.name.clone(),
@@ -378,13 +406,11 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyConfig, seed: u64) -> Result<Tiny
     // Tensor data is generated inside the writer's callback, one tensor at a time; a failure is parked here
     // because the callback can only return io::Error.
     let mut failure: Option<TinyError> = None;
-    let result = w.write_file(path, true, |i, _, out| {
-        match tensor_bytes(&specs[i], seed) {
-            Ok(bytes) => out.write_all(&bytes),
-            Err(e) => {
-                failure = Some(e);
-                Err(io::Error::other("tensor generation failed"))
-            }
+    let result = w.write_file(path, true, |i, _, out| match bytes(&specs[i]) {
+        Ok(bytes) => out.write_all(&bytes),
+        Err(e) => {
+            failure = Some(e);
+            Err(io::Error::other("tensor generation failed"))
         }
     });
     if let Some(e) = failure {
@@ -457,7 +483,7 @@ fn write_metadata(w: &mut Writer, cfg: &TinyConfig) {
 
 /// How a tensor's values are drawn.
 #[derive(Clone, Copy, Debug)]
-enum Init {
+pub(crate) enum Init {
     /// N(0, std²).
     Normal(f32),
     /// 1 + N(0, 0.1²): RMSNorm weights.
@@ -468,12 +494,13 @@ enum Init {
     ExpertIds { n_expert: u32 },
 }
 
+/// One GGUF tensor: name, shape (ggml order), type and how its values are drawn.
 #[derive(Clone, Debug)]
-struct TensorSpec {
-    name: String,
-    dims: Vec<u64>,
-    ty: GgmlType,
-    init: Init,
+pub(crate) struct TensorSpec {
+    pub(crate) name: String,
+    pub(crate) dims: Vec<u64>,
+    pub(crate) ty: GgmlType,
+    pub(crate) init: Init,
 }
 
 /// Pre-activation std of the expert gate/up projections on RMS-normalised inputs: |x| > 10 for ~21 % of them,
@@ -482,7 +509,7 @@ const EXPERT_PREACT_STD: f32 = 8.0;
 /// Expert down projections are scaled so a clamped SwiGLU (rms ~ 40) gives O(1) outputs.
 const EXPERT_DOWN_GAIN: f32 = 1.0 / 32.0;
 
-fn tensor_specs(cfg: &TinyConfig) -> Vec<TensorSpec> {
+pub(crate) fn tensor_specs(cfg: &TinyConfig) -> Vec<TensorSpec> {
     let mut v = Vec::new();
     let d = u64::from(cfg.n_embd);
     let n_vocab = u64::from(cfg.n_vocab);
@@ -631,15 +658,31 @@ fn tensor_specs(cfg: &TinyConfig) -> Vec<TensorSpec> {
 /// The bytes of one tensor in its type. Every tensor has its own random stream (seed and name), so a tensor's
 /// values do not depend on which other tensors the configuration has.
 fn tensor_bytes(spec: &TensorSpec, seed: u64) -> Result<Vec<u8>, TinyError> {
+    match tensor_values(spec, seed) {
+        Values::Ids(ids) => Ok(ids.into_iter().flat_map(i32::to_le_bytes).collect()),
+        Values::F32(values) => encode(&spec.name, spec.ty, &values, spec.dims[0] as usize),
+    }
+}
+
+/// A tensor's values before they are stored in its type, in ggml order (`dims[0]` fastest).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Values {
+    F32(Vec<f32>),
+    /// `tid2eid` rows of expert ids.
+    Ids(Vec<i32>),
+}
+
+/// The values of one tensor, drawn from its own random stream (seed and name).
+pub(crate) fn tensor_values(spec: &TensorSpec, seed: u64) -> Values {
     let mut rng = Rng::for_tensor(seed, &spec.name);
     let n: u64 = spec.dims.iter().product();
     let n = n as usize;
     if let Init::ExpertIds { n_expert } = spec.init {
-        let n_used = spec.dims[0] as usize;
+        let n_used = (spec.dims[0] as usize).max(1);
         let ids = (0..n / n_used)
             .flat_map(|_| rng.distinct(n_used, n_expert as usize))
             .map(|e| e as i32);
-        return Ok(ids.flat_map(i32::to_le_bytes).collect());
+        return Values::Ids(ids.collect());
     }
     let values: Vec<f32> = (0..n)
         .map(|_| match spec.init {
@@ -649,7 +692,12 @@ fn tensor_bytes(spec: &TensorSpec, seed: u64) -> Result<Vec<u8>, TinyError> {
             Init::ExpertIds { .. } => unreachable!("handled above"),
         })
         .collect();
-    encode(&spec.name, spec.ty, &values, spec.dims[0] as usize)
+    Values::F32(values)
+}
+
+/// A tensor's f32 values as the bytes of its type.
+pub(crate) fn encode_values(spec: &TensorSpec, values: &[f32]) -> Result<Vec<u8>, TinyError> {
+    encode(&spec.name, spec.ty, values, spec.dims[0] as usize)
 }
 
 /// Types a weight can be stored in: those ggml has a quantizer for (not the activation-only Q8_1 / Q8_K).
@@ -935,7 +983,12 @@ mod tests {
 
     #[test]
     fn presets_validate_and_bad_configs_are_refused() {
-        for cfg in [TinyConfig::small(), TinyConfig::alt(), TinyConfig::demo()] {
+        for cfg in [
+            TinyConfig::small(),
+            TinyConfig::alt(),
+            TinyConfig::demo(),
+            TinyConfig::big_experts(),
+        ] {
             cfg.validate().unwrap();
         }
         let no_csa = TinyConfig {
