@@ -295,6 +295,13 @@ pub fn plan<'a>(
                     md.push((key::TOKENIZER_MODEL.into(), Value::String("none".into())));
                 }
             }
+            if with_mtp && ckpt.names().any(|n| n.starts_with("mtp.") && n.contains(".hc_head_")) {
+                notes.push(
+                    "the MTP block's own hc_head_fn/base/scale have no slot in llama.cpp's deepseek4 layout (its MTP \
+                     uses the main output_hc_*): left out"
+                        .into(),
+                );
+            }
             if *has_mtp && !opts.keep_mtp {
                 notes.push("the checkpoint's MTP block is left out (--no-mtp)".into());
             }

@@ -725,6 +725,8 @@ pub fn resolve<'a>(
         .filter(|n| !used.contains(*n))
         .filter(|n| !(n.ends_with(".scale") && used.contains(&format!("{}.weight", n.trim_end_matches(".scale")))))
         .filter(|n| with_mtp || !n.starts_with("mtp."))
+        // The MTP block's own output mixer has no slot in llama.cpp's layout (it uses output_hc_*; DSV4.md 2.5).
+        .filter(|n| !(n.starts_with("mtp.") && n.contains(".hc_head_")))
         .collect();
     if !unknown.is_empty() {
         return Err(HfError::Unknown {
