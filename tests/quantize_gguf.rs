@@ -39,7 +39,12 @@ fn quantize(args: &[&str]) -> Output {
 }
 
 fn quantize_ok(input: &Path, output: &Path, recipe: &str, extra: &[&str]) -> String {
-    let mut args = vec![input.to_str().unwrap(), output.to_str().unwrap(), "--type", recipe];
+    let mut args = vec![
+        input.to_str().unwrap(),
+        output.to_str().unwrap(),
+        "--type",
+        recipe,
+    ];
     args.extend_from_slice(extra);
     let out = quantize(&args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -84,13 +89,28 @@ fn assert_same_model(what: &str, ours: &[Vec<f32>], reference: &[Vec<f32>]) {
         .filter(|(a, b)| argmax(a) == argmax(b))
         .count() as f64
         / ours.len() as f64;
-    eprintln!("{what}: {:.1} % within 1e-4, argmax {:.1} %", within * 100.0, argmax_same * 100.0);
-    assert!(within >= 0.99, "{what}: only {:.1} % of positions within 1e-4", within * 100.0);
-    assert!(argmax_same >= 0.99, "{what}: argmax agrees at {:.1} %", argmax_same * 100.0);
+    eprintln!(
+        "{what}: {:.1} % within 1e-4, argmax {:.1} %",
+        within * 100.0,
+        argmax_same * 100.0
+    );
+    assert!(
+        within >= 0.99,
+        "{what}: only {:.1} % of positions within 1e-4",
+        within * 100.0
+    );
+    assert!(
+        argmax_same >= 0.99,
+        "{what}: argmax agrees at {:.1} %",
+        argmax_same * 100.0
+    );
 }
 
 fn tensor_type(file: &GgufFile, name: &str) -> GgmlType {
-    file.header().tensor(name).unwrap_or_else(|| panic!("{name} missing")).ty
+    file.header()
+        .tensor(name)
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .ty
 }
 
 #[test]
@@ -109,17 +129,41 @@ fn every_recipe_loads_in_llama_and_runs_like_ferrite() {
         let out = dir.path().join(format!("{recipe}.gguf"));
         quantize_ok(&src, &out, recipe, &[]);
         let f = GgufFile::open(&out).unwrap();
-        assert_eq!(f.metadata().u32("general.file_type").unwrap(), file_type, "{recipe}");
+        assert_eq!(
+            f.metadata().u32("general.file_type").unwrap(),
+            file_type,
+            "{recipe}"
+        );
         assert_eq!(f.metadata().u32("general.quantization_version").unwrap(), 2);
-        assert_eq!(tensor_type(&f, "blk.3.ffn_down_exps.weight"), experts, "{recipe}");
-        assert_eq!(tensor_type(&f, "blk.3.ffn_gate_exps.weight"), experts, "{recipe}");
+        assert_eq!(
+            tensor_type(&f, "blk.3.ffn_down_exps.weight"),
+            experts,
+            "{recipe}"
+        );
+        assert_eq!(
+            tensor_type(&f, "blk.3.ffn_gate_exps.weight"),
+            experts,
+            "{recipe}"
+        );
         assert_eq!(tensor_type(&f, "blk.3.attn_q_b.weight"), dense, "{recipe}");
-        assert_eq!(tensor_type(&f, "blk.3.ffn_up_shexp.weight"), dense, "{recipe}");
+        assert_eq!(
+            tensor_type(&f, "blk.3.ffn_up_shexp.weight"),
+            dense,
+            "{recipe}"
+        );
         assert_eq!(tensor_type(&f, "token_embd.weight"), dense, "{recipe}");
-        for keep in ["blk.3.attn_norm.weight", "blk.3.ffn_gate_inp.weight", "blk.3.hc_attn_fn.weight", "blk.3.attn_sinks.weight"] {
+        for keep in [
+            "blk.3.attn_norm.weight",
+            "blk.3.ffn_gate_inp.weight",
+            "blk.3.hc_attn_fn.weight",
+            "blk.3.attn_sinks.weight",
+        ] {
             assert_eq!(tensor_type(&f, keep), GgmlType::F32, "{recipe} {keep}");
         }
-        assert_eq!(tensor_type(&f, "blk.0.ffn_gate_tid2eid.weight"), GgmlType::I32);
+        assert_eq!(
+            tensor_type(&f, "blk.0.ffn_gate_tid2eid.weight"),
+            GgmlType::I32
+        );
         // Every other key is carried over unchanged.
         let before = GgufFile::open(&src).unwrap();
         for (k, v) in before.metadata().iter() {
@@ -135,7 +179,10 @@ fn every_recipe_loads_in_llama_and_runs_like_ferrite() {
         let worst = errs.iter().fold(0f32, |m, &e| m.max(e));
         eprintln!("{recipe}: worst relative error against F32 {worst:.2e}");
         if recipe != "F16" {
-            assert!(worst > 1e-6, "{recipe}: logits identical to F32: was anything quantized?");
+            assert!(
+                worst > 1e-6,
+                "{recipe}: logits identical to F32: was anything quantized?"
+            );
         }
     }
 }
@@ -177,12 +224,21 @@ fn blocks_equal_ggml_and_llama_quantize() {
                 continue;
             }
             same_type += 1;
-            assert!(a == b, "{name} ({ty}): bytes differ from llama_model_quantize's");
+            assert!(
+                a == b,
+                "{name} ({ty}): bytes differ from llama_model_quantize's"
+            );
             // And from ggml's quantizer over the whole source tensor (ferrite works in chunks of rows).
             let (raw, _, _) = data(&source, name);
-            let values: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let values: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             let whole = quantize_rows(ty, &values, dims[0] as usize, None).unwrap();
-            assert!(a == whole.as_slice(), "{name}: bytes differ from one ggml_quantize_chunk call");
+            assert!(
+                a == whole.as_slice(),
+                "{name}: bytes differ from one ggml_quantize_chunk call"
+            );
         }
         eprintln!("{same_type} tensors of the same quantized type compared");
         assert!(same_type >= at_least, "only {same_type} tensors compared");
@@ -206,13 +262,28 @@ fn requantizing_a_quantized_gguf_dequantizes_with_ggml() {
     assert!(data(&m4, name).0 == want.as_slice());
     assert!(data(&m4, "blk.2.attn_q_b.weight").0 == data(&m8, "blk.2.attn_q_b.weight").0);
     let tokens = prompt(N_TOKENS, 1024, 5);
-    assert_same_model("Q8_0 -> Q4_K_M", &ferrite_logits(&q4, &tokens), &llama_logits(&q4, &tokens));
+    assert_same_model(
+        "Q8_0 -> Q4_K_M",
+        &ferrite_logits(&q4, &tokens),
+        &llama_logits(&q4, &tokens),
+    );
 }
 
 /// `total: N tensors, B bytes` of the dry run.
 fn dry_run_total(stdout: &str) -> u64 {
-    let line = stdout.lines().find(|l| l.starts_with("total:")).expect("a total line");
-    line.split(", ").nth(1).unwrap().trim_end_matches(|c: char| !c.is_ascii_digit()).split(' ').next().unwrap().parse().unwrap()
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("total:"))
+        .expect("a total line");
+    line.split(", ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -220,11 +291,20 @@ fn dry_run_sizes_equal_the_written_files_split_or_not() {
     let dir = tempfile::tempdir().unwrap();
     let src = f32_model(dir.path());
     let out = dir.path().join("q.gguf");
-    let dry = quantize(&[src.to_str().unwrap(), out.to_str().unwrap(), "--type", "Q4_K_M", "--dry-run"]);
+    let dry = quantize(&[
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "Q4_K_M",
+        "--dry-run",
+    ]);
     assert!(dry.status.success());
     assert!(!out.exists(), "a dry run wrote the output");
     let stdout = String::from_utf8(dry.stdout).unwrap();
-    assert!(stdout.contains("blk.3.ffn_down_exps.weight") && stdout.contains("q4_K"), "{stdout}");
+    assert!(
+        stdout.contains("blk.3.ffn_down_exps.weight") && stdout.contains("q4_K"),
+        "{stdout}"
+    );
     let planned = dry_run_total(&stdout);
     quantize_ok(&src, &out, "Q4_K_M", &[]);
     assert_eq!(std::fs::metadata(&out).unwrap().len(), planned);
@@ -232,22 +312,51 @@ fn dry_run_sizes_equal_the_written_files_split_or_not() {
     // Shards of at most 1 MB: several files whose sizes add up to the plan; llama.cpp and ferrite load them and
     // run exactly as the single file.
     let split = dir.path().join("split.gguf");
-    let args = [src.to_str().unwrap(), split.to_str().unwrap(), "--type", "Q4_K_M", "--split-max-size", "1M"];
+    let args = [
+        src.to_str().unwrap(),
+        split.to_str().unwrap(),
+        "--type",
+        "Q4_K_M",
+        "--split-max-size",
+        "1M",
+    ];
     let dry = quantize(&[&args[..], &["--dry-run"]].concat());
     let planned = dry_run_total(&String::from_utf8(dry.stdout).unwrap());
     quantize_ok(&src, &split, "Q4_K_M", &["--split-max-size", "1M"]);
     let shards: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("split-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("split-")
+        })
         .collect();
     assert!(shards.len() >= 3, "{shards:?}");
-    assert_eq!(shards.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum::<u64>(), planned);
-    let first = dir.path().join(format!("split-00001-of-{:05}.gguf", shards.len()));
+    assert_eq!(
+        shards
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum::<u64>(),
+        planned
+    );
+    let first = dir
+        .path()
+        .join(format!("split-00001-of-{:05}.gguf", shards.len()));
     let tokens = prompt(64, 1024, 3);
     let single = ferrite_logits(&out, &tokens);
-    assert_eq!(ferrite_logits(&first, &tokens), single, "split vs single file");
-    assert_same_model("split in llama.cpp", &llama_logits(&first, &tokens), &single);
+    assert_eq!(
+        ferrite_logits(&first, &tokens),
+        single,
+        "split vs single file"
+    );
+    assert_same_model(
+        "split in llama.cpp",
+        &llama_logits(&first, &tokens),
+        &single,
+    );
 }
 
 fn leftovers(dir: &Path, keep: &[&Path]) -> Vec<PathBuf> {
@@ -291,10 +400,18 @@ fn bad_inputs_and_flags_fail_cleanly_without_output() {
     let r = quantize(&[&s(&other), &s(&out), "--type", "Q8_0"]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1));
-    assert!(err.contains("\"llama\"") && err.contains("deepseek4"), "{err}");
+    assert!(
+        err.contains("\"llama\"") && err.contains("deepseek4"),
+        "{err}"
+    );
 
     // Missing input, unknown recipe, unknown type, bad size: usage errors are exit 2.
-    let r = quantize(&[&s(&dir.path().join("nope.gguf")), &s(&out), "--type", "Q8_0"]);
+    let r = quantize(&[
+        &s(&dir.path().join("nope.gguf")),
+        &s(&out),
+        "--type",
+        "Q8_0",
+    ]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("nope.gguf"));
     for bad in [
@@ -308,6 +425,18 @@ fn bad_inputs_and_flags_fail_cleanly_without_output() {
     // A type ggml cannot put in these rows at all: experts of width 256 as Q8_K (activation-only type).
     let r = quantize(&[&s(&src), &s(&out), "--type", "Q8_0", "--experts", "q8_K"]);
     assert_eq!(r.status.code(), Some(2));
+
+    // A write that fails midway (here the file-size limit, as a full disk would): a message naming the file, no
+    // output, no temporary file.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 1024; exec {BIN} quantize {} {} --type Q8_0 -t 1",
+        s(&src),
+        s(&out)
+    );
+    let r = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("out.gguf") && err.contains("too large"), "{err}");
 
     assert!(!out.exists());
     let left = leftovers(dir.path(), &[&src, &cut, &other]);
@@ -332,24 +461,59 @@ fn importance_matrix_guides_the_iq_types_as_in_llama_cpp() {
         }
         let (n, n_mat) = (dims[0] as usize, dims.get(2).copied().unwrap_or(1) as usize);
         let count = 4.0f32;
-        let sum2: Vec<f32> = (0..n * n_mat).map(|i| 0.5 + ((i * 7919) % 97) as f32).collect();
-        weights.push((t.info.name.clone(), sum2.iter().map(|v| v / count).collect()));
-        w.add_tensor(&format!("{}.in_sum2", t.info.name), &[n as u64, n_mat as u64], GgmlType::F32).unwrap();
-        w.add_tensor(&format!("{}.counts", t.info.name), &[1, n_mat as u64], GgmlType::F32).unwrap();
+        let sum2: Vec<f32> = (0..n * n_mat)
+            .map(|i| 0.5 + ((i * 7919) % 97) as f32)
+            .collect();
+        weights.push((
+            t.info.name.clone(),
+            sum2.iter().map(|v| v / count).collect(),
+        ));
+        w.add_tensor(
+            &format!("{}.in_sum2", t.info.name),
+            &[n as u64, n_mat as u64],
+            GgmlType::F32,
+        )
+        .unwrap();
+        w.add_tensor(
+            &format!("{}.counts", t.info.name),
+            &[1, n_mat as u64],
+            GgmlType::F32,
+        )
+        .unwrap();
         sums.push(sum2.iter().flat_map(|v| v.to_le_bytes()).collect());
-        sums.push(vec![count; n_mat].iter().flat_map(|v| v.to_le_bytes()).collect());
+        sums.push(
+            vec![count; n_mat]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        );
     }
     let imatrix = dir.path().join("imatrix.gguf");
-    w.write_file(&imatrix, true, |i, _, out| out.write_all(&sums[i])).unwrap();
+    w.write_file(&imatrix, true, |i, _, out| out.write_all(&sums[i]))
+        .unwrap();
 
     // Without an importance matrix IQ2_XXS falls back to Q2_K, and says so.
     let plain = dir.path().join("plain.gguf");
     let stderr = quantize_ok(&src, &plain, "IQ2_XXS", &[]);
-    assert!(stderr.contains("importance matrix") && stderr.contains("Q2_K"), "{stderr}");
-    assert_eq!(tensor_type(&GgufFile::open(&plain).unwrap(), "blk.1.ffn_gate_exps.weight"), GgmlType::Q2K);
+    assert!(
+        stderr.contains("importance matrix") && stderr.contains("Q2_K"),
+        "{stderr}"
+    );
+    assert_eq!(
+        tensor_type(
+            &GgufFile::open(&plain).unwrap(),
+            "blk.1.ffn_gate_exps.weight"
+        ),
+        GgmlType::Q2K
+    );
 
     let ours = dir.path().join("iq2.gguf");
-    quantize_ok(&src, &ours, "IQ2_XXS", &["--imatrix", imatrix.to_str().unwrap()]);
+    quantize_ok(
+        &src,
+        &ours,
+        "IQ2_XXS",
+        &["--imatrix", imatrix.to_str().unwrap()],
+    );
     let theirs = dir.path().join("llama-iq2.gguf");
     llama_quantize(&src, &theirs, 19, 1, true, &weights).unwrap();
     let (ours, theirs) = (Model::open(&ours).unwrap(), Model::open(&theirs).unwrap());
@@ -360,19 +524,33 @@ fn importance_matrix_guides_the_iq_types_as_in_llama_cpp() {
             let (a, ty, dims) = data(&ours, &name);
             let (b, ty_l, _) = data(&theirs, &name);
             assert_eq!((ty, ty_l), (GgmlType::Iq2Xxs, GgmlType::Iq2Xxs), "{name}");
-            assert!(a == b, "{name}: IQ2_XXS bytes differ from llama_model_quantize's with the same matrix");
+            assert!(
+                a == b,
+                "{name}: IQ2_XXS bytes differ from llama_model_quantize's with the same matrix"
+            );
             // And from ggml expert by expert with that expert's weights.
             let (raw, _, _) = data(&source, &name);
-            let values: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let values: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             let imw = &weights.iter().find(|(n, _)| *n == name).unwrap().1;
             let (n, per_expert) = (dims[0] as usize, (dims[0] * dims[1]) as usize);
             let expected: Vec<u8> = (0..dims[2] as usize)
                 .flat_map(|e| {
-                    quantize_rows(GgmlType::Iq2Xxs, &values[e * per_expert..(e + 1) * per_expert], n, Some(&imw[e * n..(e + 1) * n]))
-                        .unwrap()
+                    quantize_rows(
+                        GgmlType::Iq2Xxs,
+                        &values[e * per_expert..(e + 1) * per_expert],
+                        n,
+                        Some(&imw[e * n..(e + 1) * n]),
+                    )
+                    .unwrap()
                 })
                 .collect();
-            assert!(a == expected.as_slice(), "{name}: differs from ggml with the per-expert weights");
+            assert!(
+                a == expected.as_slice(),
+                "{name}: differs from ggml with the per-expert weights"
+            );
             compared += 1;
         }
     }
@@ -381,7 +559,13 @@ fn importance_matrix_guides_the_iq_types_as_in_llama_cpp() {
     let name = "blk.2.ffn_up_exps.weight";
     let (raw, _, dims) = data(&source, name);
     let n = dims[0] as usize;
-    let first: Vec<f32> = raw[..n * dims[1] as usize * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let first: Vec<f32> = raw[..n * dims[1] as usize * 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     let uniform = quantize_rows(GgmlType::Iq2Xxs, &first, n, Some(&vec![1.0; n])).unwrap();
-    assert!(data(&ours, name).0[..uniform.len()] != uniform[..], "the importance matrix changed nothing");
+    assert!(
+        data(&ours, name).0[..uniform.len()] != uniform[..],
+        "the importance matrix changed nothing"
+    );
 }

@@ -17,7 +17,9 @@ use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
 use ferrite::ggml::dequantize_rows;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, Vocabulary};
-use ferrite::model::tiny_hf::{write_tiny_checkpoint, write_tiny_model_official, CheckpointOptions, Fill};
+use ferrite::model::tiny_hf::{
+    write_tiny_checkpoint, write_tiny_model_official, CheckpointOptions, Fill,
+};
 use gguf::{GgmlType, Model, Value};
 use support::compare::{prompt, relative_errors};
 use support::llama_ref::{argmax, LlamaParams, LlamaRef};
@@ -46,11 +48,21 @@ fn checkpoint(dir: &Path, mtp: bool) -> PathBuf {
 }
 
 fn quantize(args: &[&str]) -> Output {
-    Command::new(BIN).arg("quantize").args(args).args(["-t", "2"]).output().unwrap()
+    Command::new(BIN)
+        .arg("quantize")
+        .args(args)
+        .args(["-t", "2"])
+        .output()
+        .unwrap()
 }
 
 fn quantize_ok(input: &Path, output: &Path, recipe: &str, extra: &[&str]) -> String {
-    let mut args = vec![input.to_str().unwrap(), output.to_str().unwrap(), "--type", recipe];
+    let mut args = vec![
+        input.to_str().unwrap(),
+        output.to_str().unwrap(),
+        "--type",
+        recipe,
+    ];
     args.extend_from_slice(extra);
     let out = quantize(&args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -87,7 +99,12 @@ fn llama_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
 fn closeness(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f64) {
     let mut errs = relative_errors(ours, reference);
     errs.sort_by(f32::total_cmp);
-    let agree = ours.iter().zip(reference).filter(|(a, b)| argmax(a) == argmax(b)).count() as f64 / ours.len() as f64;
+    let agree = ours
+        .iter()
+        .zip(reference)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count() as f64
+        / ours.len() as f64;
     (errs[errs.len() / 2], agree)
 }
 
@@ -100,10 +117,22 @@ fn worst(errs: &[f32]) -> f32 {
 fn assert_same_model(what: &str, ours: &[Vec<f32>], reference: &[Vec<f32>]) {
     let errs = relative_errors(ours, reference);
     let within = errs.iter().filter(|&&e| e <= 1e-4).count() as f64 / errs.len() as f64;
-    let argmax_same =
-        ours.iter().zip(reference).filter(|(a, b)| argmax(a) == argmax(b)).count() as f64 / ours.len() as f64;
-    eprintln!("{what}: worst {:.2e}, {:.1} % within 1e-4, argmax {:.1} %", worst(&errs), within * 100.0, argmax_same * 100.0);
-    assert!(within >= 0.99 && argmax_same >= 0.99, "{what}: not the same model");
+    let argmax_same = ours
+        .iter()
+        .zip(reference)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count() as f64
+        / ours.len() as f64;
+    eprintln!(
+        "{what}: worst {:.2e}, {:.1} % within 1e-4, argmax {:.1} %",
+        worst(&errs),
+        within * 100.0,
+        argmax_same * 100.0
+    );
+    assert!(
+        within >= 0.99 && argmax_same >= 0.99,
+        "{what}: not the same model"
+    );
 }
 
 /// Every tensor of `got` equals `want`'s (names, types, shapes, bytes); returns how many.
@@ -116,8 +145,17 @@ fn assert_same_tensors(got: &Path, want: &Path) -> usize {
     assert_eq!(names, want_names, "tensor names");
     for t in g.tensors() {
         let u = w.tensor(&t.info.name).unwrap();
-        assert_eq!((t.info.ty, &t.info.dims), (u.info.ty, &u.info.dims), "{}", t.info.name);
-        assert!(g.tensor_data(t) == w.tensor_data(u), "{}: bytes differ", t.info.name);
+        assert_eq!(
+            (t.info.ty, &t.info.dims),
+            (u.info.ty, &u.info.dims),
+            "{}",
+            t.info.name
+        );
+        assert!(
+            g.tensor_data(t) == w.tensor_data(u),
+            "{}: bytes differ",
+            t.info.name
+        );
     }
     names.len()
 }
@@ -144,22 +182,51 @@ fn f32_conversion_is_the_model_and_runs_in_llama_like_in_ferrite() {
     let demo = dir.path().join("demo.gguf");
     write_tiny_model(&demo, &config(), SEED).unwrap();
     let demo = Model::open(&demo).unwrap();
-    for k in ["tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"] {
+    for k in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+    ] {
         assert_eq!(got.metadata().get(k), demo.metadata().get(k), "{k}");
     }
-    assert!(matches!(got.metadata().get("tokenizer.chat_template"), Some(Value::String(t)) if t.contains("<｜Assistant｜>")));
+    assert!(
+        matches!(got.metadata().get("tokenizer.chat_template"), Some(Value::String(t)) if t.contains("<｜Assistant｜>"))
+    );
 
     let tokens = prompt(N_TOKENS, 1024, 7);
     let ours = ferrite_logits(&out, &tokens);
     assert_eq!(ours, ferrite_logits(&official, &tokens));
-    assert_same_model("F32 conversion in llama.cpp", &llama_logits(&out, &tokens), &ours);
+    assert_same_model(
+        "F32 conversion in llama.cpp",
+        &llama_logits(&out, &tokens),
+        &ours,
+    );
     // And through text: the converted file tokenizes and answers.
     let run = Command::new(BIN)
-        .args(["complete", "-m", out.to_str().unwrap(), "-p", "Hello there", "-n", "4", "--temp", "0", "-t", "1"])
+        .args([
+            "complete",
+            "-m",
+            out.to_str().unwrap(),
+            "-p",
+            "Hello there",
+            "-n",
+            "4",
+            "--temp",
+            "0",
+            "-t",
+            "1",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 }
 
 #[test]
@@ -181,32 +248,60 @@ fn q8_0_stays_close_to_f32_and_mxfp4_keeps_the_experts_exact() {
     // agreement, measured: median 6.4e-2, argmax equal at 80 % of positions; the same statistics for a model with
     // other weights (the control below) are 1.4 and 0 %.
     let (median, agree) = closeness(&ours, &f32_logits);
-    eprintln!("Q8_0 vs F32: median relative error {median:.2e}, argmax equal at {:.1} %", agree * 100.0);
+    eprintln!(
+        "Q8_0 vs F32: median relative error {median:.2e}, argmax equal at {:.1} %",
+        agree * 100.0
+    );
     let control = dir.path().join("control.gguf");
     write_tiny_model_official(&control, &config(), SEED + 1, false).unwrap();
     let (c_median, c_agree) = closeness(&ferrite_logits(&control, &tokens), &f32_logits);
-    eprintln!("another model vs F32: median {c_median:.2e}, argmax equal at {:.1} %", c_agree * 100.0);
-    assert!(median < 0.15 && agree > 0.6, "Q8_0 is not close to F32: median {median:.2e}, argmax {agree:.2}");
-    assert!(c_median > 0.3 && c_agree < 0.3, "the statistics cannot tell another model apart");
-    assert!(median > 1e-6, "Q8_0 logits equal F32's: nothing was quantized");
+    eprintln!(
+        "another model vs F32: median {c_median:.2e}, argmax equal at {:.1} %",
+        c_agree * 100.0
+    );
+    assert!(
+        median < 0.15 && agree > 0.6,
+        "Q8_0 is not close to F32: median {median:.2e}, argmax {agree:.2}"
+    );
+    assert!(
+        c_median > 0.3 && c_agree < 0.3,
+        "the statistics cannot tell another model apart"
+    );
+    assert!(
+        median > 1e-6,
+        "Q8_0 logits equal F32's: nothing was quantized"
+    );
 
     let mx = dir.path().join("mxfp4.gguf");
     quantize_ok(&ckpt, &mx, "MXFP4", &[]);
     let (m, reference) = (Model::open(&mx).unwrap(), Model::open(&official).unwrap());
     let mut experts = 0;
-    for t in m.tensors().iter().filter(|t| t.info.name.contains("_exps.")) {
+    for t in m
+        .tensors()
+        .iter()
+        .filter(|t| t.info.name.contains("_exps."))
+    {
         assert_eq!(t.info.ty, GgmlType::Mxfp4, "{}", t.info.name);
-        let values = dequantize_rows(GgmlType::Mxfp4, m.tensor_data(t), t.info.dims[0] as usize).unwrap();
+        let values =
+            dequantize_rows(GgmlType::Mxfp4, m.tensor_data(t), t.info.dims[0] as usize).unwrap();
         let want: Vec<f32> = reference
             .tensor_data(reference.tensor(&t.info.name).unwrap())
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
-        assert!(values == want, "{}: MXFP4 experts are not the checkpoint's FP4 values", t.info.name);
+        assert!(
+            values == want,
+            "{}: MXFP4 experts are not the checkpoint's FP4 values",
+            t.info.name
+        );
         experts += 1;
     }
     assert_eq!(experts, 18);
-    assert_same_model("MXFP4 in llama.cpp", &llama_logits(&mx, &tokens), &ferrite_logits(&mx, &tokens));
+    assert_same_model(
+        "MXFP4 in llama.cpp",
+        &llama_logits(&mx, &tokens),
+        &ferrite_logits(&mx, &tokens),
+    );
 }
 
 #[test]
@@ -220,7 +315,10 @@ fn the_mtp_block_is_kept_or_left_out() {
     assert_same_tensors(&out, &official);
     let m = Model::open(&out).unwrap();
     assert_eq!(m.metadata().u32("deepseek4.block_count").unwrap(), 7);
-    assert_eq!(m.metadata().u32("deepseek4.nextn_predict_layers").unwrap(), 1);
+    assert_eq!(
+        m.metadata().u32("deepseek4.nextn_predict_layers").unwrap(),
+        1
+    );
     assert!(m.tensor("blk.6.nextn.eh_proj.weight").is_some());
     // llama.cpp loads the MTP block as layer 6; the main model's logits are unchanged by it.
     let tokens = prompt(64, 1024, 3);
@@ -229,7 +327,10 @@ fn the_mtp_block_is_kept_or_left_out() {
     assert!(stderr.contains("MTP"), "{stderr}");
     let m = Model::open(&without).unwrap();
     assert_eq!(m.metadata().u32("deepseek4.block_count").unwrap(), 6);
-    assert!(m.tensors().iter().all(|t| !t.info.name.starts_with("blk.6.")));
+    assert!(m
+        .tensors()
+        .iter()
+        .all(|t| !t.info.name.starts_with("blk.6.")));
     let main = ferrite_logits(&without, &tokens);
     assert_same_model("MTP file in llama.cpp", &llama_logits(&out, &tokens), &main);
     assert_eq!(ferrite_logits(&out, &tokens), main);
@@ -253,7 +354,8 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 /// Rewrites one tensor's header entry of the safetensors file that holds it.
 fn edit_header(dir: &Path, tensor: &str, edit: impl FnOnce(&mut serde_json::Value)) {
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let shard = dir.join(index["weight_map"][tensor].as_str().unwrap());
     let bytes = std::fs::read(&shard).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -280,7 +382,12 @@ fn corrupt_checkpoints_fail_with_a_message_and_no_output() {
             Box::new(move |d: &Path| {
                 let p = d.join(SHARD2);
                 let len = std::fs::metadata(&p).unwrap().len();
-                std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 100).unwrap();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(len - 100)
+                    .unwrap();
             }),
             &[SHARD2],
         ),
@@ -293,7 +400,8 @@ fn corrupt_checkpoints_fail_with_a_message_and_no_output() {
             "index names a tensor the shard lacks",
             Box::new(|d: &Path| {
                 edit_json(&d.join("model.safetensors.index.json"), |v| {
-                    v["weight_map"]["layers.0.attn.wq_z.weight"] = v["weight_map"]["embed.weight"].clone();
+                    v["weight_map"]["layers.0.attn.wq_z.weight"] =
+                        v["weight_map"]["embed.weight"].clone();
                 })
             }),
             &["layers.0.attn.wq_z.weight"],
@@ -302,14 +410,21 @@ fn corrupt_checkpoints_fail_with_a_message_and_no_output() {
             "a needed tensor is missing",
             Box::new(|d: &Path| {
                 edit_json(&d.join("model.safetensors.index.json"), |v| {
-                    v["weight_map"].as_object_mut().unwrap().remove("layers.2.attn.wkv.weight");
+                    v["weight_map"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("layers.2.attn.wkv.weight");
                 })
             }),
             &["layers.2.attn.wkv.weight", "missing"],
         ),
         (
             "wrong dtype",
-            Box::new(|d: &Path| edit_header(d, "layers.1.attn.kv_norm.weight", |t| t["dtype"] = "I16".into())),
+            Box::new(|d: &Path| {
+                edit_header(d, "layers.1.attn.kv_norm.weight", |t| {
+                    t["dtype"] = "I16".into()
+                })
+            }),
             &["layers.1.attn.kv_norm.weight", "I16", "BF16"],
         ),
         (
@@ -324,7 +439,11 @@ fn corrupt_checkpoints_fail_with_a_message_and_no_output() {
         ),
         (
             "another architecture",
-            Box::new(|d: &Path| edit_json(&d.join("config.json"), |v| v["architectures"] = serde_json::json!(["LlamaForCausalLM"]))),
+            Box::new(|d: &Path| {
+                edit_json(&d.join("config.json"), |v| {
+                    v["architectures"] = serde_json::json!(["LlamaForCausalLM"])
+                })
+            }),
             &["LlamaForCausalLM", "DeepseekV4ForCausalLM"],
         ),
         (
@@ -338,11 +457,19 @@ fn corrupt_checkpoints_fail_with_a_message_and_no_output() {
         copy_dir(&good, &bad);
         damage(&bad);
         let out = dir.path().join("out.gguf");
-        let r = quantize(&[bad.to_str().unwrap(), out.to_str().unwrap(), "--type", "Q8_0"]);
+        let r = quantize(&[
+            bad.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            "Q8_0",
+        ]);
         let err = String::from_utf8_lossy(&r.stderr);
         assert_eq!(r.status.code(), Some(1), "{what}: {err}");
         for e in expect {
-            assert!(err.contains(e), "{what}: the message does not say {e:?}: {err}");
+            assert!(
+                err.contains(e),
+                "{what}: the message does not say {e:?}: {err}"
+            );
         }
         assert!(!err.contains("panicked"), "{what}: {err}");
         assert!(!out.exists(), "{what}: an output was written");
@@ -378,25 +505,50 @@ fn a_multi_gigabyte_checkpoint_quantizes_in_bounded_memory_and_ctrl_c_leaves_not
         fill: Fill::Fast,
     };
     let summary = write_tiny_checkpoint(&ckpt, &TinyConfig::big_experts(), 1, &opts).unwrap();
-    assert!(summary.file_bytes >= 2_000_000_000, "only {} bytes", summary.file_bytes);
+    assert!(
+        summary.file_bytes >= 2_000_000_000,
+        "only {} bytes",
+        summary.file_bytes
+    );
 
     let out = dir.path().join("big.gguf");
     let stderr = quantize_ok(&ckpt, &out, "MXFP4", &[]);
     let rss = reported_rss(&stderr);
-    eprintln!("{} GB checkpoint -> MXFP4: peak RSS {:.0} MiB", summary.file_bytes as f64 / 1e9, rss / 1048576.0);
-    assert!(rss < 1073741824.0, "peak RSS {rss} bytes is over 1 GiB: {stderr}");
+    eprintln!(
+        "{} GB checkpoint -> MXFP4: peak RSS {:.0} MiB",
+        summary.file_bytes as f64 / 1e9,
+        rss / 1048576.0
+    );
+    assert!(
+        rss < 1073741824.0,
+        "peak RSS {rss} bytes is over 1 GiB: {stderr}"
+    );
     let m = Model::open(&out).unwrap();
-    assert_eq!(m.tensor("blk.5.ffn_down_exps.weight").unwrap().info.dims, vec![1024, 1024, 256]);
+    assert_eq!(
+        m.tensor("blk.5.ffn_down_exps.weight").unwrap().info.dims,
+        vec![1024, 1024, 256]
+    );
     std::fs::remove_file(&out).unwrap();
 
     // Ctrl-C in the middle: exit 130, a message, no output and no temporary file.
     let child = Command::new(BIN)
-        .args(["quantize", ckpt.to_str().unwrap(), out.to_str().unwrap(), "--type", "Q4_K_M", "-t", "2"])
+        .args([
+            "quantize",
+            ckpt.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            "Q4_K_M",
+            "-t",
+            "2",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let r = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&r.stderr);

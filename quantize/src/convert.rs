@@ -61,6 +61,7 @@ pub enum ConvertError {
 }
 
 /// What is being converted.
+#[allow(clippy::large_enum_variant)] // one per run
 pub enum Input {
     /// A Hugging Face checkpoint folder.
     Hf {
@@ -192,6 +193,9 @@ impl Method {
     }
 }
 
+/// An output tensor before planning: name, GGUF shape, data.
+type Source<'a> = (String, Vec<u64>, Data<'a>);
+
 /// Where one output tensor's data is.
 enum Data<'a> {
     Hf(HfData<'a>),
@@ -267,7 +271,7 @@ pub fn plan<'a>(
     codec: &dyn Codec,
 ) -> Result<Plan<'a>, ConvertError> {
     let mut notes = Vec::new();
-    let (mut metadata, sources): (Vec<(String, Value)>, Vec<(String, Vec<u64>, Data<'a>)>) = match input {
+    let (mut metadata, sources): (Vec<(String, Value)>, Vec<Source<'a>>) = match input {
         Input::Hf {
             dir,
             config,
@@ -295,7 +299,11 @@ pub fn plan<'a>(
                     md.push((key::TOKENIZER_MODEL.into(), Value::String("none".into())));
                 }
             }
-            if with_mtp && ckpt.names().any(|n| n.starts_with("mtp.") && n.contains(".hc_head_")) {
+            if with_mtp
+                && ckpt
+                    .names()
+                    .any(|n| n.starts_with("mtp.") && n.contains(".hc_head_"))
+            {
                 notes.push(
                     "the MTP block's own hc_head_fn/base/scale have no slot in llama.cpp's deepseek4 layout (its MTP \
                      uses the main output_hc_*): left out"
@@ -367,7 +375,10 @@ fn set_meta(md: &mut Vec<(String, Value)>, key: &str, value: Value) {
         Some(slot) => slot.1 = value,
         None => {
             // After general.architecture / general.name, like llama.cpp's writers.
-            let at = md.iter().position(|(k, _)| !k.starts_with("general.")).unwrap_or(md.len());
+            let at = md
+                .iter()
+                .position(|(k, _)| !k.starts_with("general."))
+                .unwrap_or(md.len());
             md.insert(at, (key.to_string(), value));
         }
     }
@@ -401,12 +412,15 @@ fn plan_item<'a>(
             let enc = ms[0].parts[0].1;
             (
                 enc.name().to_string(),
-                ms.iter().flat_map(|m| m.parts.iter().map(|p| p.1.n_bytes())).sum(),
+                ms.iter()
+                    .flat_map(|m| m.parts.iter().map(|p| p.1.n_bytes()))
+                    .sum(),
             )
         }
-        Data::Hf(HfData::TokenIds { bytes, wide }) => {
-            ((if *wide { "I64" } else { "I32" }).to_string(), bytes.len() as u64)
-        }
+        Data::Hf(HfData::TokenIds { bytes, wide }) => (
+            (if *wide { "I64" } else { "I32" }).to_string(),
+            bytes.len() as u64,
+        ),
         Data::Ggml { ty, bytes } => (ty.name().to_string(), bytes.len() as u64),
     };
 
@@ -421,7 +435,11 @@ fn plan_item<'a>(
                 source_type,
                 source_bytes,
                 ty: GgmlType::I32,
-                method: if matches!(data, Data::Ggml { .. }) { Method::Copy } else { Method::Ids },
+                method: if matches!(data, Data::Ggml { .. }) {
+                    Method::Copy
+                } else {
+                    Method::Ids
+                },
                 note: None,
                 data,
                 imatrix: None,
@@ -446,7 +464,9 @@ fn plan_item<'a>(
     if ty.is_quantized() {
         if let Some(im) = opts.imatrix {
             // llama.cpp's check: n_per_row x n_mat values (a legacy file's are split by the tensor's shape).
-            let entry = im.weights_for(&name, &dims).map_err(|e| err(e.to_string()))?;
+            let entry = im
+                .weights_for(&name, &dims)
+                .map_err(|e| err(e.to_string()))?;
             imatrix = entry.map(|e| e.values);
         }
         if imatrix.is_none() && codec.requires_imatrix(ty) {
@@ -463,7 +483,9 @@ fn plan_item<'a>(
             if dequantizable(*src) {
                 Method::Quantize
             } else {
-                return Err(err(format!("its type {src} cannot be converted (no ggml dequantizer)")));
+                return Err(err(format!(
+                    "its type {src} cannot be converted (no ggml dequantizer)"
+                )));
             }
         }
         Data::Hf(HfData::Matrices(ms)) => {
@@ -500,7 +522,10 @@ fn plan_item<'a>(
 
 /// Types ggml can turn back into f32 (everything but the integer types).
 fn dequantizable(ty: GgmlType) -> bool {
-    !matches!(ty, GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64 | GgmlType::F64)
+    !matches!(
+        ty,
+        GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64 | GgmlType::F64
+    )
 }
 
 /// Progress reports of [`execute`] (called from the writing thread).
@@ -562,7 +587,9 @@ pub fn execute(
             progress.end();
             Ok(files)
         }
-        Err(GgufError::Io { path, err }) if is_disk_full(&err) => Err(ConvertError::DiskFull { path }),
+        Err(GgufError::Io { path, err }) if is_disk_full(&err) => {
+            Err(ConvertError::DiskFull { path })
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -667,7 +694,10 @@ fn write_item(
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err("an encoding thread panicked".into())))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err("an encoding thread panicked".into()))
+                    })
                     .collect()
             })
         };
@@ -698,7 +728,12 @@ fn token_ids(bytes: &[u8], wide: bool) -> Result<Vec<u8>, String> {
 }
 
 /// The output bytes of one chunk.
-fn encode_chunk(item: &Item, codec: &dyn Codec, c: Chunk, rows_per_matrix: usize) -> Result<Vec<u8>, String> {
+fn encode_chunk(
+    item: &Item,
+    codec: &dyn Codec,
+    c: Chunk,
+    rows_per_matrix: usize,
+) -> Result<Vec<u8>, String> {
     let n_per_row = item.dims[0] as usize;
     let imatrix = item
         .imatrix
@@ -733,7 +768,8 @@ fn encode_chunk(item: &Item, codec: &dyn Codec, c: Chunk, rows_per_matrix: usize
                     .map_err(|e| e.to_string())
                 }
                 Method::Copy => {
-                    let (_, Encoded::F32(b) | Encoded::F16(b) | Encoded::Bf16(b)) = m.parts[0] else {
+                    let (_, Encoded::F32(b) | Encoded::F16(b) | Encoded::Bf16(b)) = m.parts[0]
+                    else {
                         return Err("plain data expected".into());
                     };
                     let width = b.len() / (m.rows * m.cols).max(1) * m.cols;
@@ -815,7 +851,13 @@ mod tests {
     fn token_ids_narrow_and_check_range() {
         let ids: Vec<u8> = [3i64, 0, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
         let out = token_ids(&ids, true).unwrap();
-        assert_eq!(out, [3i32, 0, 7].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
+        assert_eq!(
+            out,
+            [3i32, 0, 7]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>()
+        );
         let bad: Vec<u8> = [-1i64].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert!(token_ids(&bad, true).unwrap_err().contains("-1"));
         let big: Vec<u8> = [1i64 << 40].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -858,7 +900,13 @@ mod tests {
         let m = HfMatrix {
             rows: 1,
             cols: 32,
-            parts: vec![(32, Encoded::Fp4 { weight: &w, scale: &s })],
+            parts: vec![(
+                32,
+                Encoded::Fp4 {
+                    weight: &w,
+                    scale: &s,
+                },
+            )],
         };
         let v = decode_rows(&m, 0..1);
         assert_eq!(&v[..3], &[1.0, 2.0, 0.0]);

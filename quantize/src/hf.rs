@@ -138,7 +138,9 @@ impl Fields<'_> {
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected an unsigned 32-bit integer, got {v}"))),
+                .ok_or_else(|| {
+                    self.err(key, format!("expected an unsigned 32-bit integer, got {v}"))
+                }),
         }
     }
 
@@ -221,15 +223,28 @@ impl HfConfig {
             // transformers' spelling: a fraction of the head.
             None => match f.f32_opt("partial_rotary_factor")? {
                 Some(p) => (p * head_dim as f32).round() as u32,
-                None => return Err(f.err("qk_rope_head_dim", "missing (a DeepSeek V4 config.json has it)")),
+                None => {
+                    return Err(f.err(
+                        "qk_rope_head_dim",
+                        "missing (a DeepSeek V4 config.json has it)",
+                    ))
+                }
             },
         };
         let compress_ratios = compress_ratios(&f, n_layer)?;
         let n_hash_layers = match f.u32_opt("num_hash_layers")? {
             Some(n) => n,
             None => match f.get("mlp_layer_types").and_then(Json::as_array) {
-                Some(types) => types.iter().take_while(|t| t.as_str() == Some("hash_moe")).count() as u32,
-                None => return Err(f.err("num_hash_layers", "missing (a DeepSeek V4 config.json has it)")),
+                Some(types) => types
+                    .iter()
+                    .take_while(|t| t.as_str() == Some("hash_moe"))
+                    .count() as u32,
+                None => {
+                    return Err(f.err(
+                        "num_hash_layers",
+                        "missing (a DeepSeek V4 config.json has it)",
+                    ))
+                }
             },
         };
         let rope_scaling = f.get("rope_scaling").or_else(|| f.get("rope_parameters"));
@@ -237,7 +252,10 @@ impl HfConfig {
             None => None,
             Some(Json::Object(o)) => {
                 let s = Fields { path, obj: o };
-                let kind = s.str_opt("type").or_else(|| s.str_opt("rope_type")).unwrap_or("");
+                let kind = s
+                    .str_opt("type")
+                    .or_else(|| s.str_opt("rope_type"))
+                    .unwrap_or("");
                 match kind {
                     "yarn" => Some(Yarn {
                         factor: s.f32("factor")?,
@@ -263,7 +281,10 @@ impl HfConfig {
                 format!("{scoring:?}: llama.cpp's deepseek4 graph only runs \"sqrtsoftplus\""),
             ));
         }
-        let fp8_block = match f.get("quantization_config").and_then(|q| q.get("weight_block_size")) {
+        let fp8_block = match f
+            .get("quantization_config")
+            .and_then(|q| q.get("weight_block_size"))
+        {
             None => [128, 128],
             Some(v) => {
                 let b: Vec<u64> = v
@@ -325,25 +346,52 @@ impl HfConfig {
     fn check(&self, f: &Fields) -> Result<(), HfError> {
         let kv = f.u32_opt("num_key_value_heads")?.unwrap_or(1);
         if kv != 1 {
-            return Err(f.err("num_key_value_heads", format!("{kv}, expected 1 (one shared K=V head)")));
+            return Err(f.err(
+                "num_key_value_heads",
+                format!("{kv}, expected 1 (one shared K=V head)"),
+            ));
         }
         if self.hc_mult != 4 {
-            return Err(f.err("hc_mult", format!("{}, expected 4 (fixed in llama.cpp's graph)", self.hc_mult)));
+            return Err(f.err(
+                "hc_mult",
+                format!("{}, expected 4 (fixed in llama.cpp's graph)", self.hc_mult),
+            ));
         }
         if self.n_rot % 2 != 0 || self.n_rot > self.head_dim {
-            return Err(f.err("qk_rope_head_dim", format!("{} must be even and at most head_dim {}", self.n_rot, self.head_dim)));
+            return Err(f.err(
+                "qk_rope_head_dim",
+                format!(
+                    "{} must be even and at most head_dim {}",
+                    self.n_rot, self.head_dim
+                ),
+            ));
         }
         if self.o_groups == 0 || self.n_head % self.o_groups != 0 {
-            return Err(f.err("o_groups", format!("{} must divide num_attention_heads {}", self.o_groups, self.n_head)));
+            return Err(f.err(
+                "o_groups",
+                format!(
+                    "{} must divide num_attention_heads {}",
+                    self.o_groups, self.n_head
+                ),
+            ));
         }
         if self.n_expert_used == 0 || self.n_expert_used > self.n_expert {
             return Err(f.err(
                 "num_experts_per_tok",
-                format!("{} must be between 1 and n_routed_experts {}", self.n_expert_used, self.n_expert),
+                format!(
+                    "{} must be between 1 and n_routed_experts {}",
+                    self.n_expert_used, self.n_expert
+                ),
             ));
         }
         if self.n_hash_layers > self.n_layer {
-            return Err(f.err("num_hash_layers", format!("{} is more than num_hidden_layers {}", self.n_hash_layers, self.n_layer)));
+            return Err(f.err(
+                "num_hash_layers",
+                format!(
+                    "{} is more than num_hidden_layers {}",
+                    self.n_hash_layers, self.n_layer
+                ),
+            ));
         }
         Ok(())
     }
@@ -376,7 +424,9 @@ impl HfConfig {
             (key::SLIDING_WINDOW, u(self.sliding_window)),
             (
                 key::COMPRESS_RATIOS,
-                Value::Array(Array::I32((0..blocks).map(|il| self.ratio(il) as i32).collect())),
+                Value::Array(Array::I32(
+                    (0..blocks).map(|il| self.ratio(il) as i32).collect(),
+                )),
             ),
             (key::COMPRESS_ROPE_FREQ_BASE, f(self.compress_rope_theta)),
             (key::ROPE_FREQ_BASE, f(self.rope_theta)),
@@ -428,12 +478,36 @@ impl HfConfig {
             })
         };
         use Source::{Dense, Float32};
-        push(global::TOKEN_EMBD.into(), &[d, n_vocab], Dense("embed.weight".into()));
-        push(global::OUTPUT_NORM.into(), &[d], Dense("norm.weight".into()));
-        push(global::OUTPUT.into(), &[d, n_vocab], Dense("head.weight".into()));
-        push(global::OUTPUT_HC_FN.into(), &[hc_dim, hc], Float32("hc_head_fn".into()));
-        push(global::OUTPUT_HC_BASE.into(), &[hc], Float32("hc_head_base".into()));
-        push(global::OUTPUT_HC_SCALE.into(), &[1], Float32("hc_head_scale".into()));
+        push(
+            global::TOKEN_EMBD.into(),
+            &[d, n_vocab],
+            Dense("embed.weight".into()),
+        );
+        push(
+            global::OUTPUT_NORM.into(),
+            &[d],
+            Dense("norm.weight".into()),
+        );
+        push(
+            global::OUTPUT.into(),
+            &[d, n_vocab],
+            Dense("head.weight".into()),
+        );
+        push(
+            global::OUTPUT_HC_FN.into(),
+            &[hc_dim, hc],
+            Float32("hc_head_fn".into()),
+        );
+        push(
+            global::OUTPUT_HC_BASE.into(),
+            &[hc],
+            Float32("hc_head_base".into()),
+        );
+        push(
+            global::OUTPUT_HC_SCALE.into(),
+            &[1],
+            Float32("hc_head_scale".into()),
+        );
 
         let h = u64::from(self.n_head);
         let dh = u64::from(self.head_dim);
@@ -459,38 +533,107 @@ impl HfConfig {
             push(n(blk::ATTN_NORM), &[d], Dense(hf("attn_norm.weight")));
             push(n(blk::FFN_NORM), &[d], Dense(hf("ffn_norm.weight")));
             for (part, fn_, base, scale) in [
-                ("attn", blk::HC_ATTN_FN, blk::HC_ATTN_BASE, blk::HC_ATTN_SCALE),
+                (
+                    "attn",
+                    blk::HC_ATTN_FN,
+                    blk::HC_ATTN_BASE,
+                    blk::HC_ATTN_SCALE,
+                ),
                 ("ffn", blk::HC_FFN_FN, blk::HC_FFN_BASE, blk::HC_FFN_SCALE),
             ] {
-                push(n(fn_), &[hc_dim, hc_mix], Float32(hf(&format!("hc_{part}_fn"))));
+                push(
+                    n(fn_),
+                    &[hc_dim, hc_mix],
+                    Float32(hf(&format!("hc_{part}_fn"))),
+                );
                 push(n(base), &[hc_mix], Float32(hf(&format!("hc_{part}_base"))));
                 push(n(scale), &[3], Float32(hf(&format!("hc_{part}_scale"))));
             }
             push(n(blk::ATTN_SINKS), &[h], Float32(hf("attn.attn_sink")));
             push(n(blk::ATTN_Q_A), &[d, q], Dense(hf("attn.wq_a.weight")));
             push(n(blk::ATTN_Q_A_NORM), &[q], Dense(hf("attn.q_norm.weight")));
-            push(n(blk::ATTN_Q_B), &[q, h * dh], Dense(hf("attn.wq_b.weight")));
+            push(
+                n(blk::ATTN_Q_B),
+                &[q, h * dh],
+                Dense(hf("attn.wq_b.weight")),
+            );
             push(n(blk::ATTN_KV), &[d, dh], Dense(hf("attn.wkv.weight")));
-            push(n(blk::ATTN_KV_NORM), &[dh], Dense(hf("attn.kv_norm.weight")));
-            push(n(blk::ATTN_OUTPUT_A), &[h * dh / groups, groups * o_rank], Dense(hf("attn.wo_a.weight")));
-            push(n(blk::ATTN_OUTPUT_B), &[groups * o_rank, d], Dense(hf("attn.wo_b.weight")));
+            push(
+                n(blk::ATTN_KV_NORM),
+                &[dh],
+                Dense(hf("attn.kv_norm.weight")),
+            );
+            push(
+                n(blk::ATTN_OUTPUT_A),
+                &[h * dh / groups, groups * o_rank],
+                Dense(hf("attn.wo_a.weight")),
+            );
+            push(
+                n(blk::ATTN_OUTPUT_B),
+                &[groups * o_rank, d],
+                Dense(hf("attn.wo_b.weight")),
+            );
             let ratio = u64::from(self.ratio(il));
             if ratio != 0 {
                 let coff = if ratio == 4 { 2 } else { 1 };
-                push(n(blk::COMP_KV), &[d, coff * dh], Dense(hf("attn.compressor.wkv.weight")));
-                push(n(blk::COMP_GATE), &[d, coff * dh], Dense(hf("attn.compressor.wgate.weight")));
-                push(n(blk::COMP_APE), &[coff * dh, ratio], Float32(hf("attn.compressor.ape")));
-                push(n(blk::COMP_NORM), &[dh], Dense(hf("attn.compressor.norm.weight")));
+                push(
+                    n(blk::COMP_KV),
+                    &[d, coff * dh],
+                    Dense(hf("attn.compressor.wkv.weight")),
+                );
+                push(
+                    n(blk::COMP_GATE),
+                    &[d, coff * dh],
+                    Dense(hf("attn.compressor.wgate.weight")),
+                );
+                push(
+                    n(blk::COMP_APE),
+                    &[coff * dh, ratio],
+                    Float32(hf("attn.compressor.ape")),
+                );
+                push(
+                    n(blk::COMP_NORM),
+                    &[dh],
+                    Dense(hf("attn.compressor.norm.weight")),
+                );
             }
             if ratio == 4 {
-                push(n(blk::INDEXER_Q_B), &[q, ih * id], Dense(hf("attn.indexer.wq_b.weight")));
-                push(n(blk::INDEXER_PROJ), &[d, ih], Dense(hf("attn.indexer.weights_proj.weight")));
-                push(n(blk::INDEXER_COMP_KV), &[d, 2 * id], Dense(hf("attn.indexer.compressor.wkv.weight")));
-                push(n(blk::INDEXER_COMP_GATE), &[d, 2 * id], Dense(hf("attn.indexer.compressor.wgate.weight")));
-                push(n(blk::INDEXER_COMP_APE), &[2 * id, 4], Float32(hf("attn.indexer.compressor.ape")));
-                push(n(blk::INDEXER_COMP_NORM), &[id], Dense(hf("attn.indexer.compressor.norm.weight")));
+                push(
+                    n(blk::INDEXER_Q_B),
+                    &[q, ih * id],
+                    Dense(hf("attn.indexer.wq_b.weight")),
+                );
+                push(
+                    n(blk::INDEXER_PROJ),
+                    &[d, ih],
+                    Dense(hf("attn.indexer.weights_proj.weight")),
+                );
+                push(
+                    n(blk::INDEXER_COMP_KV),
+                    &[d, 2 * id],
+                    Dense(hf("attn.indexer.compressor.wkv.weight")),
+                );
+                push(
+                    n(blk::INDEXER_COMP_GATE),
+                    &[d, 2 * id],
+                    Dense(hf("attn.indexer.compressor.wgate.weight")),
+                );
+                push(
+                    n(blk::INDEXER_COMP_APE),
+                    &[2 * id, 4],
+                    Float32(hf("attn.indexer.compressor.ape")),
+                );
+                push(
+                    n(blk::INDEXER_COMP_NORM),
+                    &[id],
+                    Dense(hf("attn.indexer.compressor.norm.weight")),
+                );
             }
-            push(n(blk::FFN_GATE_INP), &[d, n_exp], Dense(hf("ffn.gate.weight")));
+            push(
+                n(blk::FFN_GATE_INP),
+                &[d, n_exp],
+                Dense(hf("ffn.gate.weight")),
+            );
             if !mtp && il < self.n_hash_layers {
                 push(
                     n(blk::FFN_TID2EID),
@@ -498,15 +641,37 @@ impl HfConfig {
                     Source::TokenIds(hf("ffn.gate.tid2eid")),
                 );
             } else {
-                push(n(blk::FFN_EXP_PROBS_B), &[n_exp], Float32(hf("ffn.gate.bias")));
+                push(
+                    n(blk::FFN_EXP_PROBS_B),
+                    &[n_exp],
+                    Float32(hf("ffn.gate.bias")),
+                );
             }
-            let experts = |w: &str| Source::Experts((0..self.n_expert).map(|e| hf(&format!("ffn.experts.{e}.{w}.weight"))).collect());
+            let experts = |w: &str| {
+                Source::Experts(
+                    (0..self.n_expert)
+                        .map(|e| hf(&format!("ffn.experts.{e}.{w}.weight")))
+                        .collect(),
+                )
+            };
             push(n(blk::FFN_GATE_EXPS), &[d, ff, n_exp], experts("w1"));
             push(n(blk::FFN_UP_EXPS), &[d, ff, n_exp], experts("w3"));
             push(n(blk::FFN_DOWN_EXPS), &[ff, d, n_exp], experts("w2"));
-            push(n(blk::FFN_GATE_SHEXP), &[d, ff_sh], Dense(hf("ffn.shared_experts.w1.weight")));
-            push(n(blk::FFN_UP_SHEXP), &[d, ff_sh], Dense(hf("ffn.shared_experts.w3.weight")));
-            push(n(blk::FFN_DOWN_SHEXP), &[ff_sh, d], Dense(hf("ffn.shared_experts.w2.weight")));
+            push(
+                n(blk::FFN_GATE_SHEXP),
+                &[d, ff_sh],
+                Dense(hf("ffn.shared_experts.w1.weight")),
+            );
+            push(
+                n(blk::FFN_UP_SHEXP),
+                &[d, ff_sh],
+                Dense(hf("ffn.shared_experts.w3.weight")),
+            );
+            push(
+                n(blk::FFN_DOWN_SHEXP),
+                &[ff_sh, d],
+                Dense(hf("ffn.shared_experts.w2.weight")),
+            );
             if mtp {
                 push(
                     n(blk::NEXTN_EH_PROJ),
@@ -515,7 +680,11 @@ impl HfConfig {
                 );
                 push(n(blk::NEXTN_ENORM), &[d], Dense(hf("enorm.weight")));
                 push(n(blk::NEXTN_HNORM), &[d], Dense(hf("hnorm.weight")));
-                push(n(blk::NEXTN_SHARED_HEAD_NORM), &[d], Dense(hf("norm.weight")));
+                push(
+                    n(blk::NEXTN_SHARED_HEAD_NORM),
+                    &[d],
+                    Dense(hf("norm.weight")),
+                );
             }
         }
         v
@@ -524,10 +693,19 @@ impl HfConfig {
 
 fn compress_ratios(f: &Fields, n_layer: u32) -> Result<Vec<u32>, HfError> {
     let ratios: Vec<u32> = if let Some(v) = f.get("compress_ratios") {
-        let bad = || f.err("compress_ratios", format!("expected an array of 0, 4 or 128, got {v}"));
+        let bad = || {
+            f.err(
+                "compress_ratios",
+                format!("expected an array of 0, 4 or 128, got {v}"),
+            )
+        };
         let a = v.as_array().ok_or_else(bad)?;
         a.iter()
-            .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad))
+            .map(|x| {
+                x.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(bad)
+            })
             .collect::<Result<_, _>>()?
     } else if let Some(v) = f.get("layer_types") {
         // transformers' spelling: one attention kind per layer.
@@ -543,16 +721,25 @@ fn compress_ratios(f: &Fields, n_layer: u32) -> Result<Vec<u32>, HfError> {
             })
             .collect::<Result<_, _>>()?
     } else {
-        return Err(f.err("compress_ratios", "missing (a DeepSeek V4 config.json has it)"));
+        return Err(f.err(
+            "compress_ratios",
+            "missing (a DeepSeek V4 config.json has it)",
+        ));
     };
     if ratios.len() < n_layer as usize {
         return Err(f.err(
             "compress_ratios",
-            format!("{} entries, expected at least num_hidden_layers = {n_layer}", ratios.len()),
+            format!(
+                "{} entries, expected at least num_hidden_layers = {n_layer}",
+                ratios.len()
+            ),
         ));
     }
     if let Some(r) = ratios.iter().find(|r| ![0, 4, 128].contains(*r)) {
-        return Err(f.err("compress_ratios", format!("ratio {r}: llama.cpp supports only 0, 4 and 128")));
+        return Err(f.err(
+            "compress_ratios",
+            format!("ratio {r}: llama.cpp supports only 0, 4 and 128"),
+        ));
     }
     if !ratios[..n_layer as usize].contains(&4) {
         return Err(f.err(
@@ -600,7 +787,10 @@ pub enum Encoded<'a> {
         block: [usize; 2],
     },
     /// FP4 E2M1, two per byte, with one E8M0 scale per 32 inputs.
-    Fp4 { weight: &'a [u8], scale: &'a [u8] },
+    Fp4 {
+        weight: &'a [u8],
+        scale: &'a [u8],
+    },
 }
 
 impl Encoded<'_> {
@@ -619,7 +809,9 @@ impl Encoded<'_> {
     pub fn n_bytes(&self) -> u64 {
         (match self {
             Encoded::F32(b) | Encoded::F16(b) | Encoded::Bf16(b) => b.len(),
-            Encoded::Fp8 { weight, scale, .. } | Encoded::Fp4 { weight, scale } => weight.len() + scale.len(),
+            Encoded::Fp8 { weight, scale, .. } | Encoded::Fp4 { weight, scale } => {
+                weight.len() + scale.len()
+            }
         }) as u64
     }
 }
@@ -675,15 +867,19 @@ pub fn resolve<'a>(
         let data = match &t.source {
             Source::Dense(name) | Source::Float32(name) => {
                 let (rows, cols) = rows_cols(&t.dims);
-                let shape = if t.dims.len() == 1 { vec![cols] } else { vec![rows, cols] };
-                let m = matrix(ckpt, &dir, cfg, name, &shape, false, &mut used, &get)?;
+                let shape = if t.dims.len() == 1 {
+                    vec![cols]
+                } else {
+                    vec![rows, cols]
+                };
+                let m = matrix(&dir, cfg, name, &shape, false, &mut used, &get)?;
                 HfData::Matrices(vec![m])
             }
             Source::Experts(names) => {
                 let (rows, cols) = (t.dims[1], t.dims[0]);
                 let ms = names
                     .iter()
-                    .map(|name| matrix(ckpt, &dir, cfg, name, &[rows, cols], true, &mut used, &get))
+                    .map(|name| matrix(&dir, cfg, name, &[rows, cols], true, &mut used, &get))
                     .collect::<Result<Vec<_>, _>>()?;
                 HfData::Matrices(ms)
             }
@@ -692,7 +888,7 @@ pub fn resolve<'a>(
                 let cols = t.dims[0] / names.len() as u64;
                 let mut parts = Vec::new();
                 for name in names {
-                    let m = matrix(ckpt, &dir, cfg, name, &[rows, cols], false, &mut used, &get)?;
+                    let m = matrix(&dir, cfg, name, &[rows, cols], false, &mut used, &get)?;
                     parts.extend(m.parts);
                 }
                 HfData::Matrices(vec![HfMatrix {
@@ -723,7 +919,10 @@ pub fn resolve<'a>(
     let unknown: Vec<&str> = ckpt
         .names()
         .filter(|n| !used.contains(*n))
-        .filter(|n| !(n.ends_with(".scale") && used.contains(&format!("{}.weight", n.trim_end_matches(".scale")))))
+        .filter(|n| {
+            !(n.ends_with(".scale")
+                && used.contains(&format!("{}.weight", n.trim_end_matches(".scale"))))
+        })
         .filter(|n| with_mtp || !n.starts_with("mtp."))
         // The MTP block's own output mixer has no slot in llama.cpp's layout (it uses output_hc_*; DSV4.md 2.5).
         .filter(|n| !(n.starts_with("mtp.") && n.contains(".hc_head_")))
@@ -732,7 +931,12 @@ pub fn resolve<'a>(
         return Err(HfError::Unknown {
             dir,
             n: unknown.len(),
-            examples: unknown.iter().take(5).map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+            examples: unknown
+                .iter()
+                .take(5)
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     Ok(out)
@@ -756,17 +960,18 @@ fn shape_err(dir: &Path, name: &str, expected: Vec<u64>, got: &[u64]) -> HfError
     }
 }
 
+/// Looks a checkpoint tensor up and records it as used.
+type Lookup<'a, 'f> = dyn Fn(&str, &mut BTreeSet<String>) -> Result<TensorView<'a>, HfError> + 'f;
+
 /// One checkpoint matrix of shape `shape` ([rows, cols], or [cols] for 1-D) in any encoding the checkpoint uses.
-#[allow(clippy::too_many_arguments)]
 fn matrix<'a>(
-    ckpt: &'a Checkpoint,
     dir: &Path,
     cfg: &HfConfig,
     name: &str,
     shape: &[u64],
     fp4_allowed: bool,
     used: &mut BTreeSet<String>,
-    get: &dyn Fn(&str, &mut BTreeSet<String>) -> Result<TensorView<'a>, HfError>,
+    get: &Lookup<'a, '_>,
 ) -> Result<HfMatrix<'a>, HfError> {
     let view = get(name, used)?;
     let (rows, cols) = match shape {
@@ -821,7 +1026,6 @@ fn matrix<'a>(
             return Err(dtype_err(dir, name, expected, other));
         }
     };
-    let _ = ckpt;
     Ok(HfMatrix {
         rows: rows as usize,
         cols: cols as usize,
@@ -829,7 +1033,12 @@ fn matrix<'a>(
     })
 }
 
-fn check_scale(dir: &Path, name: &str, scale: &TensorView, expected: Vec<u64>) -> Result<(), HfError> {
+fn check_scale(
+    dir: &Path,
+    name: &str,
+    scale: &TensorView,
+    expected: Vec<u64>,
+) -> Result<(), HfError> {
     if scale.dtype != Dtype::F8E8M0 {
         return Err(dtype_err(dir, name, "F8_E8M0", scale.dtype));
     }

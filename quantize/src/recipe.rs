@@ -74,11 +74,20 @@ pub struct Recipe {
 
 /// The recipes `--type` accepts, with a one-line description each.
 pub const RECIPES: &[(&str, &str)] = &[
-    ("Q4_K_M", "routed experts Q4_K, other weights Q8_0 (about 4.6 bits per weight for Flash)"),
+    (
+        "Q4_K_M",
+        "routed experts Q4_K, other weights Q8_0 (about 4.6 bits per weight for Flash)",
+    ),
     ("Q8_0", "every weight Q8_0"),
     ("Q2_K", "routed experts Q2_K, other weights Q8_0"),
-    ("IQ2_XXS", "routed experts IQ2_XXS (gate, up) and Q2_K (down), other weights Q8_0; wants --imatrix"),
-    ("MXFP4", "routed experts MXFP4 (the released FP4 experts repacked without loss), other weights Q8_0"),
+    (
+        "IQ2_XXS",
+        "routed experts IQ2_XXS (gate, up) and Q2_K (down), other weights Q8_0; wants --imatrix",
+    ),
+    (
+        "MXFP4",
+        "routed experts MXFP4 (the released FP4 experts repacked without loss), other weights Q8_0",
+    ),
     ("F16", "every weight F16"),
     ("BF16", "every weight BF16"),
     ("F32", "every weight F32 (exact: the checkpoint's values)"),
@@ -141,7 +150,11 @@ pub fn block_fallback(ty: GgmlType, n_per_row: u64) -> Option<GgmlType> {
         Q6K => Q8_0,
         _ => F16,
     };
-    Some(if n_per_row % next.block_size() == 0 { next } else { F16 })
+    Some(if n_per_row % next.block_size() == 0 {
+        next
+    } else {
+        F16
+    })
 }
 
 #[cfg(test)]
@@ -157,7 +170,10 @@ mod tests {
         assert_eq!(f("blk.3.ffn_up_shexp.weight", 2), Family::Shared);
         assert_eq!(f("blk.3.attn_q_b.weight", 2), Family::Attention);
         assert_eq!(f("blk.3.indexer.attn_q_b.weight", 2), Family::Attention);
-        assert_eq!(f("blk.3.indexer_compressor_kv.weight", 2), Family::Attention);
+        assert_eq!(
+            f("blk.3.indexer_compressor_kv.weight", 2),
+            Family::Attention
+        );
         assert_eq!(f("blk.43.nextn.eh_proj.weight", 2), Family::Attention);
         assert_eq!(f("output.weight", 2), Family::Output);
         assert_eq!(f("token_embd.weight", 2), Family::Embeddings);

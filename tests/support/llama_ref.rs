@@ -398,6 +398,9 @@ pub fn llama_quantize(
     // SAFETY: both paths are valid NUL-terminated strings and the imatrix entries (names and data) outlive the call;
     // the list is terminated by a null name; p is fully initialised.
     let rc = unsafe { sys::llama_model_quantize(c_in.as_ptr(), c_out.as_ptr(), &p) };
-    ensure!(rc == 0, "llama_model_quantize failed with {rc} (FERRITE_LLAMA_LOG=1 shows why)");
+    ensure!(
+        rc == 0,
+        "llama_model_quantize failed with {rc} (FERRITE_LLAMA_LOG=1 shows why)"
+    );
     Ok(())
 }
