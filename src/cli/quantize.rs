@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use ferrite::ggml::GgmlCodec;
+use ferrite::plan::parse_size;
 use gguf::{GgmlType, Writer};
 use indicatif::{ProgressBar, ProgressStyle};
 use quantize::convert::{self, ConvertError, Input, Item, Options, Overrides, Plan, Progress};
@@ -72,7 +73,9 @@ pub struct QuantizeArgs {
 }
 
 fn recipes_help() -> String {
-    let mut s = String::from("Recipes (1-D tensors, hyper-connection mixers, APE, sinks and the router stay F32):\n");
+    let mut s = String::from(
+        "Recipes (1-D tensors, hyper-connection mixers, APE, sinks and the router stay F32):\n",
+    );
     for (name, what) in RECIPES {
         s.push_str(&format!("  {name:<8} {what}\n"));
     }
@@ -90,35 +93,10 @@ fn parse_type(s: &str) -> std::result::Result<GgmlType, String> {
     match GgmlType::from_name(s) {
         Some(t) if ferrite::ggml::can_quantize_to(t) => Ok(t),
         Some(t) => Err(format!("ggml cannot make {t} weights")),
-        None => Err(format!("unknown ggml type {s:?} (e.g. Q4_K, Q8_0, Q2_K, IQ2_XXS, MXFP4, F16, BF16, F32)")),
+        None => Err(format!(
+            "unknown ggml type {s:?} (e.g. Q4_K, Q8_0, Q2_K, IQ2_XXS, MXFP4, F16, BF16, F32)"
+        )),
     }
-}
-
-/// "50G", "4000M", "1.5G", "512MiB", "1000000": decimal units like gguf-split (K = 1000), binary with "iB".
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 50G, 4000M, 512MiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "K" | "KB" => 1e3,
-        "M" | "MB" => 1e6,
-        "G" | "GB" => 1e9,
-        "T" | "TB" => 1e12,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        "TIB" => 1024.0f64.powi(4),
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (K, M, G, T or KiB, MiB, GiB, TiB)")),
-    };
-    let bytes = value * mult;
-    if !(bytes >= 1.0 && bytes < 1.8e19) {
-        return Err(format!("{s:?} is not a positive size"));
-    }
-    Ok(bytes as u64)
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<()> {
@@ -127,9 +105,12 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let input = Input::open(&args.input).map_err(|e| hint_input(e, args))?;
+    let input = Input::open(&args.input).map_err(hint_input)?;
     let imatrix = match &args.imatrix {
-        Some(p) => Some(ImatrixData::read(p).with_context(|| format!("cannot read the importance matrix {}", p.display()))?),
+        Some(p) => Some(
+            ImatrixData::read(p)
+                .with_context(|| format!("cannot read the importance matrix {}", p.display()))?,
+        ),
         None => None,
     };
     let opts = Options {
@@ -146,7 +127,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
         name: args.name.clone(),
     };
     let codec = GgmlCodec;
-    let plan = convert::plan(&input, &opts, &codec).map_err(|e| hint_input(e, args))?;
+    let plan = convert::plan(&input, &opts, &codec).map_err(hint_input)?;
     let writer = plan.writer()?;
     let shards = match args.split_max_size {
         Some(max) => writer.split_by_size(max)?,
@@ -208,13 +189,21 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             std::process::exit(130);
         }
         Err(e @ ConvertError::DiskFull { .. }) => {
-            return Err(Hinted::new(e.to_string(), "free some space or write to another disk (see --dry-run for the size)").into())
+            return Err(Hinted::new(
+                e.to_string(),
+                "free some space or write to another disk (see --dry-run for the size)",
+            )
+            .into())
         }
         Err(e) => return Err(e.into()),
     };
     let secs = start.elapsed().as_secs_f64();
     let written: u64 = files.iter().map(|(_, l)| l.total_bytes).sum();
-    let params: u64 = plan.items.iter().map(|i| i.dims.iter().product::<u64>()).sum();
+    let params: u64 = plan
+        .items
+        .iter()
+        .map(|i| i.dims.iter().product::<u64>())
+        .sum();
     let tensor_bytes: u64 = plan.items.iter().map(Item::bytes).sum();
     let input_bytes = plan.input_bytes();
     eprintln!(
@@ -233,7 +222,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
 }
 
 /// Adds the hint a user needs to a failed open or plan.
-fn hint_input(e: ConvertError, args: &QuantizeArgs) -> anyhow::Error {
+fn hint_input(e: ConvertError) -> anyhow::Error {
     let hint = match &e {
         ConvertError::Hf(_) | ConvertError::Checkpoint(_) => {
             "IN must be a complete Hugging Face DeepSeek V4 folder (config.json, model.safetensors.index.json and every \
@@ -244,16 +233,30 @@ fn hint_input(e: ConvertError, args: &QuantizeArgs) -> anyhow::Error {
         ConvertError::Tensor { .. } => "choose another type for this family (--experts, --attention, ...) or recipe",
         _ => return e.into(),
     };
-    let _ = args;
     Hinted::new(format!("cannot quantize: {e}"), hint).into()
 }
 
 fn print_plan(plan: &Plan, shards: &[Writer], paths: &[PathBuf], total: u64) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let width = plan.items.iter().map(|i| i.name.len()).max().unwrap_or(4).max(6);
-    writeln!(out, "{:<width$}  {:<18}  {:>7} -> {:<7}  {:<8}  {:>11}  {:>11}  note", "tensor", "shape", "source", "target", "method", "source size", "size")?;
+    let width = plan
+        .items
+        .iter()
+        .map(|i| i.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(6);
+    writeln!(
+        out,
+        "{:<width$}  {:<18}  {:>7} -> {:<7}  {:<8}  {:>11}  {:>11}  note",
+        "tensor", "shape", "source", "target", "method", "source size", "size"
+    )?;
     for it in &plan.items {
-        let shape = it.dims.iter().map(u64::to_string).collect::<Vec<_>>().join(" x ");
+        let shape = it
+            .dims
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" x ");
         writeln!(
             out,
             "{:<width$}  {:<18}  {:>7} -> {:<7}  {:<8}  {:>11}  {:>11}  {}",
@@ -268,9 +271,21 @@ fn print_plan(plan: &Plan, shards: &[Writer], paths: &[PathBuf], total: u64) -> 
         )?;
     }
     for (shard, path) in shards.iter().zip(paths) {
-        writeln!(out, "file {}: {} tensors, {} bytes", path.display(), shard.tensors().len(), shard.plan()?.total_bytes)?;
+        writeln!(
+            out,
+            "file {}: {} tensors, {} bytes",
+            path.display(),
+            shard.tensors().len(),
+            shard.plan()?.total_bytes
+        )?;
     }
-    writeln!(out, "total: {} tensors, {total} bytes ({}), input {}", plan.items.len(), human(total), human(plan.input_bytes()))?;
+    writeln!(
+        out,
+        "total: {} tensors, {total} bytes ({}), input {}",
+        plan.items.len(),
+        human(total),
+        human(plan.input_bytes())
+    )?;
     Ok(())
 }
 
@@ -328,8 +343,16 @@ impl Progress for Display {
                 let secs = self.start.elapsed().as_secs_f64();
                 let done = self.done.get();
                 let rate = done as f64 / secs.max(1e-9);
-                let left = if done > 0 { (self.total - done.min(self.total)) as f64 / rate } else { f64::NAN };
-                let eta = if left.is_finite() { format!("{left:.0} s left") } else { "-".into() };
+                let left = if done > 0 {
+                    (self.total - done.min(self.total)) as f64 / rate
+                } else {
+                    f64::NAN
+                };
+                let eta = if left.is_finite() {
+                    format!("{left:.0} s left")
+                } else {
+                    "-".into()
+                };
                 eprintln!("{what}  ({:.0} MB/s, {eta})", rate / 1e6);
             }
         }
@@ -340,22 +363,5 @@ impl Progress for Display {
         if let Some(bar) = &self.bar {
             bar.inc(input_bytes);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("50G"), Ok(50_000_000_000));
-        assert_eq!(parse_size("4000M"), Ok(4_000_000_000));
-        assert_eq!(parse_size("1.5G"), Ok(1_500_000_000));
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("5X").is_err());
-        assert!(parse_size("0").is_err());
     }
 }

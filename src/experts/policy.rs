@@ -1,0 +1,1216 @@
+//! The expert slot cache policy: which (layer, expert) lives in which slot of the pool, what a request must
+//! load and into which slot, what it evicts, and how a needed set larger than the pool is split into waves.
+//!
+//! Pure bookkeeping: no I/O, no tensors, no clocks. The paged store asks [`SlotPolicy::request`] for a layer's
+//! needed experts (a micro-batch's union), reads the misses into the slots it is told, computes wave by wave,
+//! and calls [`SlotPolicy::begin_step`] at every new token or micro-batch.
+//!
+//! # Eviction: the key whose next use is expected last
+//!
+//! The ideal victim (Belady) is the key needed furthest in the future. The policy estimates that time, in steps,
+//! for every cached key and evicts the largest:
+//!
+//! `next_use = sweep distance to the key's layer + (1 - p) / p`
+//!
+//! * `p`, the chance the key is used in a step, comes from a decayed use count (LRFU, Lee et al. 2001):
+//!   `crf = Σ 2^(-(now - t_i) / H)` over the steps `t_i` of its uses, `H` the half-life
+//!   ([`DEFAULT_HALF_LIFE_STEPS`]); a key used in a fraction `p` of the steps has `crf ≈ p / (1 - 2^(-1/H))`.
+//!   `(1 - p) / p` is then the expected number of whole steps before it is chosen again.
+//! * The sweep distance is where recency would be in LRU, and points the other way: a forward pass visits the
+//!   layers in order, every step, so the layer just computed is the one needed last and the next layer's experts
+//!   soonest. Plain LRU evicts exactly the keys about to be used (its known failure on loops). The distance is
+//!   `(l - c) / n_layer` for a layer `l` after the current one `c` (the last request's layer), `(n_layer - c + l)
+//!   / n_layer` otherwise, and `(l + 1) / n_layer` at the start of a step.
+//!
+//! Ties go to the least recently used key, then the lowest slot: same calls, same plans. Within a layer the
+//! order of `p` does not change between uses (`log2 crf(now) = log2 crf(t) + t / H - now / H`), so each layer keeps
+//! its keys in a `BTreeSet` by `log2 crf(t) + t / H` and a victim costs one look at each layer's least used key.
+//! The use history is kept for keys that are not cached too (a dense table), so an expert pushed out by a long
+//! prompt comes back with its popularity.
+//!
+//! Why frequency with a decay, with the numbers of `shared/docs/ANCHORS.md` section (c):
+//! * Expert popularity is skewed, so counts pay: uniform traces cap the hit rate at the cached fraction while
+//!   Zipf-skewed ones reach about 90 % hits with half the experts cached (item 7), and ds4's cache, which picks
+//!   its victim by "hotness" first and `last_used` only as the tie-break, took CUDA decode from 1.03 to 2.96 tok/s
+//!   at 81 % hits (item 1, ds4 #636/#639).
+//! * Popularity drifts with the text, so counts must fade: KTransformers' dynamic re-placement beat a static
+//!   popular set by 24 % (56.6 -> 70.2 tok/s, item 7), and moe-stream's "eviction by decayed use counts" ran
+//!   4x faster than the OS page cache (6.4 vs 1.6 tok/s in 8 GB, item 1).
+//! * Prefill streams every expert of a layer once; a count-based order keeps the hot set through such a scan
+//!   (a key used `k` times outranks a once-used one for about `H * log2(k)` steps).
+//!
+//! # Waves
+//!
+//! When a request needs more keys than the pool can hold at once, it is split into waves that each fit: the
+//! first wave takes every hit (already in a slot, no I/O: hits-first execution, ANCHORS (c) item 5) and as many
+//! misses as there are slots left to take; each later wave takes misses only. Each needed key is in exactly one
+//! wave, so it is read at most once per request. Later waves may evict keys of earlier waves: the caller must
+//! finish computing wave `i` before it loads wave `i + 1`. A small cache is slow, never wrong.
+//!
+//! # Pinning, prefetch, locks
+//!
+//! * The keys of the wave being planned are pinned: nothing evicts them while it is planned.
+//! * Keys requested in the current step are never evicted by a prefetch (but may be by a later request of the
+//!   same step: its layer comes after theirs, whose experts were computed already).
+//! * [`SlotPolicy::prefetch`] loads keys expected soon (hash-routed layers known from the token id, experts
+//!   predicted by the next layer's router) at a lower priority: it takes free slots, or evicts a key not touched
+//!   in this step whose next use is expected later than the guess's (from `weight`, the chance the guess is used
+//!   in this step, and its history), and drops the guess otherwise. Requests evict unused prefetched keys of the
+//!   current step last.
+//! * [`SlotPolicy::lock`] keeps a slot out of every eviction (a load in flight, a slot a device still reads);
+//!   when every slot is locked a request fails with [`PolicyError::NoSlotAvailable`] instead of panicking.
+
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// Index of a slot in the pool.
+pub type SlotId = u32;
+
+/// Default half-life of a use, in steps (tokens when decoding).
+pub const DEFAULT_HALF_LIFE_STEPS: f64 = 64.0;
+
+/// Most slots a pool may have.
+pub const MAX_SLOTS: usize = (u32::MAX - 1) as usize;
+
+/// Most (layer, expert) keys the history table may cover (Flash has 43 x 256 = 11,008), and most layers.
+pub const MAX_KEYS: u64 = 1 << 24;
+pub const MAX_LAYERS: u32 = 1 << 12;
+
+/// Smallest use probability an estimate takes (keeps `1 / p` finite).
+const MIN_P: f64 = 1e-12;
+
+/// One routed expert of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExpertKey {
+    pub layer: u32,
+    pub expert: u32,
+}
+
+impl ExpertKey {
+    pub const fn new(layer: u32, expert: u32) -> ExpertKey {
+        ExpertKey { layer, expert }
+    }
+}
+
+impl fmt::Display for ExpertKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "layer {} expert {}", self.layer, self.expert)
+    }
+}
+
+/// The shape of a pool.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolicyConfig {
+    pub n_slots: usize,
+    /// Keys are `layer < n_layer`, `expert < n_expert`.
+    pub n_layer: u32,
+    pub n_expert: u32,
+    /// Steps after which a use counts half (see the module documentation).
+    pub half_life_steps: f64,
+}
+
+impl PolicyConfig {
+    /// A pool of `n_slots` over `n_layer` x `n_expert` keys with the default half-life.
+    pub fn new(n_slots: usize, n_layer: u32, n_expert: u32) -> PolicyConfig {
+        PolicyConfig {
+            n_slots,
+            n_layer,
+            n_expert,
+            half_life_steps: DEFAULT_HALF_LIFE_STEPS,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("an expert cache needs at least 1 slot, got 0 (hint: the planner refuses caches smaller than the experts one token uses)")]
+    NoSlots,
+    #[error("an expert cache of {got} slots is more than the {max} a pool can index")]
+    TooManySlots { got: usize, max: usize },
+    #[error("the expert key space {n_layer} layers x {n_expert} experts is empty or larger than {max} keys")]
+    BadKeySpace {
+        n_layer: u32,
+        n_expert: u32,
+        max: u64,
+    },
+    #[error("the expert cache half-life must be a positive number of steps, got {0}")]
+    BadHalfLife(f64),
+    #[error("{key} is outside the model ({n_layer} layers of {n_expert} experts)")]
+    KeyOutOfRange {
+        key: ExpertKey,
+        n_layer: u32,
+        n_expert: u32,
+    },
+    #[error("slot {slot} does not exist (the pool has {n_slots} slots)")]
+    SlotOutOfRange { slot: SlotId, n_slots: usize },
+    #[error("a prefetch weight is the chance the guess is used, in (0, 1]; got {0}")]
+    BadWeight(f64),
+    #[error("no slot can take {key}: all {n_slots} slots of the expert cache are locked (hint: unlock slots whose loads finished)")]
+    NoSlotAvailable { key: ExpertKey, n_slots: usize },
+}
+
+/// A needed key already in a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    pub key: ExpertKey,
+    pub slot: SlotId,
+    /// The key was loaded by a prefetch and this is its first use since (a useful prefetch; its load may still
+    /// be in flight).
+    pub prefetched: bool,
+}
+
+/// A key to be read into `slot`; `evicted` is the key the slot held before (its load, if in flight, must finish
+/// or be abandoned before the slot is overwritten).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    pub key: ExpertKey,
+    pub slot: SlotId,
+    pub evicted: Option<ExpertKey>,
+}
+
+/// Keys that are in slots together: compute them after reading `misses`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wave {
+    pub hits: Vec<Hit>,
+    pub misses: Vec<Load>,
+}
+
+impl Wave {
+    /// The slot of `key` in this wave.
+    pub fn slot_of(&self, key: ExpertKey) -> Option<SlotId> {
+        let hit = self.hits.iter().find(|h| h.key == key).map(|h| h.slot);
+        hit.or_else(|| self.misses.iter().find(|m| m.key == key).map(|m| m.slot))
+    }
+
+    /// Every key of the wave with its slot, hits first.
+    pub fn entries(&self) -> impl Iterator<Item = (ExpertKey, SlotId)> + '_ {
+        let hits = self.hits.iter().map(|h| (h.key, h.slot));
+        hits.chain(self.misses.iter().map(|m| (m.key, m.slot)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.hits.len() + self.misses.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a request needs done, wave by wave (in order).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestPlan {
+    pub waves: Vec<Wave>,
+}
+
+impl RequestPlan {
+    pub fn n_hits(&self) -> usize {
+        self.waves.iter().map(|w| w.hits.len()).sum()
+    }
+
+    pub fn n_misses(&self) -> usize {
+        self.waves.iter().map(|w| w.misses.len()).sum()
+    }
+
+    /// Hits on keys a prefetch loaded.
+    pub fn n_prefetch_hits(&self) -> usize {
+        let hits = self.waves.iter().flat_map(|w| &w.hits);
+        hits.filter(|h| h.prefetched).count()
+    }
+
+    /// Misses that pushed a key out of its slot.
+    pub fn n_evictions(&self) -> usize {
+        let misses = self.waves.iter().flat_map(|w| &w.misses);
+        misses.filter(|m| m.evicted.is_some()).count()
+    }
+
+    /// Every key of the request with its slot, wave by wave.
+    pub fn entries(&self) -> impl Iterator<Item = (ExpertKey, SlotId)> + '_ {
+        self.waves.iter().flat_map(Wave::entries)
+    }
+}
+
+/// What a prefetch loads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefetchPlan {
+    pub loads: Vec<Load>,
+    /// Keys already in a slot (nothing to do).
+    pub present: usize,
+    /// Keys not loaded: no free slot and no key worth less than the guess.
+    pub dropped: Vec<ExpertKey>,
+}
+
+impl PrefetchPlan {
+    pub fn n_evictions(&self) -> usize {
+        self.loads.iter().filter(|l| l.evicted.is_some()).count()
+    }
+}
+
+/// How a slot's key stands in the current step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    /// Not touched in this step: evictable by requests and prefetches.
+    Cold = 0,
+    /// Requested in this step: evictable by later requests only.
+    Used = 1,
+    /// Prefetched in this step and not used yet: evicted by requests last, never by prefetches.
+    Prefetched = 2,
+}
+
+/// `log2 crf(t) + t / H` (see the module documentation); always finite.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Prio(f64);
+
+impl Eq for Prio {}
+
+impl PartialOrd for Prio {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Prio {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// Position of an evictable slot in its layer's set: least used first, then least recently touched.
+type Entry = (Prio, u64, SlotId);
+
+/// The use history of one key (kept whether or not the key is cached).
+#[derive(Clone, Copy, Debug, Default)]
+struct History {
+    /// `crf` at step `last_step`; 0 when never used.
+    crf: f64,
+    last_step: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    key: Option<ExpertKey>,
+    class: Class,
+    prio: Prio,
+    /// Value of the access counter when last touched (the tie-break).
+    tick: u64,
+    /// Loaded by a prefetch and not requested since.
+    prefetched_unused: bool,
+    locked: bool,
+    /// In the wave being planned.
+    pinned: bool,
+    /// Listed in `touched`.
+    touched: bool,
+}
+
+/// A victim candidate: its expected next use (larger is evicted first), then older tick, then lower slot.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    next_use: f64,
+    tick: u64,
+    slot: SlotId,
+}
+
+impl Candidate {
+    /// True when `self` should be evicted before `other`.
+    fn before(&self, other: &Candidate) -> bool {
+        match self.next_use.total_cmp(&other.next_use) {
+            Ordering::Greater => true,
+            Ordering::Less => false,
+            Ordering::Equal => (self.tick, self.slot) < (other.tick, other.slot),
+        }
+    }
+}
+
+/// The slot pool's bookkeeping. Same calls in the same order give the same plans.
+#[derive(Clone, Debug)]
+pub struct SlotPolicy {
+    cfg: PolicyConfig,
+    /// `1 / half_life`.
+    lambda: f64,
+    /// `1 - 2^(-1/H)`: turns a steady-state `crf` into a per-step use probability.
+    p_per_crf: f64,
+    slots: Vec<Slot>,
+    /// Slot of each key (`layer * n_expert + expert`), `NONE` when not cached.
+    slot_of: Vec<SlotId>,
+    history: Vec<History>,
+    /// Empty, unlocked slots.
+    free: BTreeSet<SlotId>,
+    /// Occupied, unlocked, unpinned slots: per layer, per class.
+    evictable: Vec<[BTreeSet<Entry>; 3]>,
+    /// Slots whose class is not `Cold` (reset by `begin_step`).
+    touched: Vec<SlotId>,
+    step: u64,
+    tick: u64,
+    /// The layer of the last request in this step; `None` at the start of a step.
+    cursor: Option<u32>,
+}
+
+const NONE: SlotId = SlotId::MAX;
+
+impl SlotPolicy {
+    pub fn new(cfg: PolicyConfig) -> Result<SlotPolicy, PolicyError> {
+        if cfg.n_slots == 0 {
+            return Err(PolicyError::NoSlots);
+        }
+        if cfg.n_slots > MAX_SLOTS {
+            return Err(PolicyError::TooManySlots {
+                got: cfg.n_slots,
+                max: MAX_SLOTS,
+            });
+        }
+        let n_keys = u64::from(cfg.n_layer) * u64::from(cfg.n_expert);
+        if n_keys == 0 || n_keys > MAX_KEYS || cfg.n_layer > MAX_LAYERS {
+            return Err(PolicyError::BadKeySpace {
+                n_layer: cfg.n_layer,
+                n_expert: cfg.n_expert,
+                max: MAX_KEYS,
+            });
+        }
+        if !(cfg.half_life_steps.is_finite() && cfg.half_life_steps > 0.0) {
+            return Err(PolicyError::BadHalfLife(cfg.half_life_steps));
+        }
+        let lambda = 1.0 / cfg.half_life_steps;
+        let slot = Slot {
+            key: None,
+            class: Class::Cold,
+            prio: Prio(0.0),
+            tick: 0,
+            prefetched_unused: false,
+            locked: false,
+            pinned: false,
+            touched: false,
+        };
+        Ok(SlotPolicy {
+            cfg,
+            lambda,
+            p_per_crf: 1.0 - (-lambda).exp2(),
+            slots: vec![slot; cfg.n_slots],
+            slot_of: vec![NONE; n_keys as usize],
+            history: vec![History::default(); n_keys as usize],
+            free: (0..cfg.n_slots as SlotId).collect(),
+            evictable: vec![Default::default(); cfg.n_layer as usize],
+            touched: Vec::new(),
+            step: 0,
+            tick: 0,
+            cursor: None,
+        })
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Slots holding a key.
+    pub fn n_occupied(&self) -> usize {
+        self.slots.iter().filter(|s| s.key.is_some()).count()
+    }
+
+    /// The current step (0 until the first [`Self::begin_step`]).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Starts a new step (a token or a micro-batch; its requests come layer after layer): keys requested or
+    /// prefetched so far become ordinary candidates for every eviction, and uses from now on count one step later.
+    pub fn begin_step(&mut self) {
+        for s in std::mem::take(&mut self.touched) {
+            self.slots[s as usize].touched = false;
+            let slot = &self.slots[s as usize];
+            if slot.class == Class::Cold {
+                continue;
+            }
+            // A guess not used in its step keeps only its real history.
+            let prio = match slot.key {
+                Some(key) if slot.prefetched_unused => self.history_prio(key),
+                _ => slot.prio,
+            };
+            self.update(s, |slot| {
+                slot.class = Class::Cold;
+                slot.prio = prio;
+            });
+        }
+        self.step = self.step.saturating_add(1);
+        self.cursor = None;
+    }
+
+    /// The slot holding `key`, without counting a use.
+    pub fn lookup(&self, key: ExpertKey) -> Option<SlotId> {
+        let i = self.key_index(key).ok()?;
+        Some(self.slot_of[i]).filter(|&s| s != NONE)
+    }
+
+    /// The key held by `slot`.
+    pub fn key_in(&self, slot: SlotId) -> Option<ExpertKey> {
+        self.slots.get(slot as usize).and_then(|s| s.key)
+    }
+
+    pub fn is_locked(&self, slot: SlotId) -> bool {
+        self.slots.get(slot as usize).is_some_and(|s| s.locked)
+    }
+
+    /// Plans `keys` (a layer's needed experts; duplicates allowed, order irrelevant): hits, and misses with the
+    /// slots to read them into, in waves that fit the pool. Counts one use of every key. Fails without changing
+    /// anything when a key is outside the model or every slot is locked while there is something to load.
+    pub fn request(&mut self, keys: &[ExpertKey]) -> Result<RequestPlan, PolicyError> {
+        let mut needed = keys.to_vec();
+        for &key in &needed {
+            self.key_index(key)?;
+        }
+        needed.sort_unstable();
+        needed.dedup();
+        let mut hits = Vec::new();
+        let mut misses = Vec::new();
+        for &key in &needed {
+            match self.lookup(key) {
+                Some(slot) => hits.push((key, slot)),
+                None => misses.push(key),
+            }
+        }
+        if let Some(&first) = misses.first() {
+            if self.slots.iter().all(|s| s.locked) {
+                return Err(PolicyError::NoSlotAvailable {
+                    key: first,
+                    n_slots: self.slots.len(),
+                });
+            }
+        }
+        if let Some(last) = needed.last() {
+            self.cursor = Some(last.layer);
+        }
+
+        let mut plan = RequestPlan::default();
+        let mut misses = misses.into_iter().peekable();
+        let mut first_wave = true;
+        while first_wave || misses.peek().is_some() {
+            let mut wave = Wave::default();
+            if first_wave {
+                for &(key, slot) in &hits {
+                    let prefetched = self.slots[slot as usize].prefetched_unused;
+                    self.pin(slot);
+                    self.record_use(slot, key);
+                    wave.hits.push(Hit {
+                        key,
+                        slot,
+                        prefetched,
+                    });
+                }
+            }
+            while let Some(&key) = misses.peek() {
+                let Some(slot) = self.demand_victim() else {
+                    break;
+                };
+                let evicted = self.take_slot(slot);
+                self.place(slot, key);
+                self.pin(slot);
+                self.record_use(slot, key);
+                wave.misses.push(Load { key, slot, evicted });
+                misses.next();
+            }
+            let pinned: Vec<SlotId> = wave.entries().map(|(_, s)| s).collect();
+            for s in pinned {
+                self.unpin(s);
+            }
+            if wave.is_empty() {
+                // Unreachable after the check above (a wave with no pins can always take an unlocked slot);
+                // kept so a broken invariant is an error, never a loop or a panic.
+                if let Some(key) = misses.next() {
+                    return Err(PolicyError::NoSlotAvailable {
+                        key,
+                        n_slots: self.slots.len(),
+                    });
+                }
+            } else {
+                plan.waves.push(wave);
+            }
+            first_wave = false;
+        }
+        Ok(plan)
+    }
+
+    /// Loads `keys` (in priority order; duplicates allowed) ahead of their use where that costs no key needed
+    /// sooner: free slots first, then keys not touched in this step whose next use is expected after the guess's.
+    /// `weight` is the chance the guess is used in this step: 1 for hash-routed layers (certain from the token
+    /// ids), lower for the next layer's router prediction. Never evicts a key requested or prefetched in this step.
+    pub fn prefetch(
+        &mut self,
+        keys: &[ExpertKey],
+        weight: f64,
+    ) -> Result<PrefetchPlan, PolicyError> {
+        if !(weight > 0.0 && weight <= 1.0) {
+            return Err(PolicyError::BadWeight(weight));
+        }
+        for &key in keys {
+            self.key_index(key)?;
+        }
+        let mut plan = PrefetchPlan::default();
+        let mut seen = BTreeSet::new();
+        for &key in keys {
+            if !seen.insert(key) {
+                continue;
+            }
+            if self.lookup(key).is_some() {
+                plan.present += 1;
+                continue;
+            }
+            let prio = self.guess_prio(key, weight);
+            let Some(slot) = self.prefetch_victim(self.next_use(key.layer, prio)) else {
+                plan.dropped.push(key);
+                continue;
+            };
+            let evicted = self.take_slot(slot);
+            self.place(slot, key);
+            self.tick += 1;
+            let tick = self.tick;
+            self.update(slot, |s| {
+                s.class = Class::Prefetched;
+                s.prio = prio;
+                s.tick = tick;
+                s.prefetched_unused = true;
+            });
+            self.mark_touched(slot);
+            plan.loads.push(Load { key, slot, evicted });
+        }
+        Ok(plan)
+    }
+
+    /// Keeps `slot` out of every eviction until [`Self::unlock`] (a load into it is in flight, or a device still
+    /// reads it). A locked empty slot is not handed out either.
+    pub fn lock(&mut self, slot: SlotId) -> Result<(), PolicyError> {
+        self.check_slot(slot)?;
+        self.update(slot, |s| s.locked = true);
+        Ok(())
+    }
+
+    pub fn unlock(&mut self, slot: SlotId) -> Result<(), PolicyError> {
+        self.check_slot(slot)?;
+        self.update(slot, |s| s.locked = false);
+        Ok(())
+    }
+
+    /// Forgets what `slot` holds (its load failed, or its bytes were overwritten): the slot becomes free and the
+    /// key a miss again. Returns the key it held.
+    pub fn invalidate(&mut self, slot: SlotId) -> Result<Option<ExpertKey>, PolicyError> {
+        self.check_slot(slot)?;
+        Ok(self.take_slot(slot))
+    }
+
+    fn check_slot(&self, slot: SlotId) -> Result<(), PolicyError> {
+        if (slot as usize) < self.slots.len() {
+            Ok(())
+        } else {
+            Err(PolicyError::SlotOutOfRange {
+                slot,
+                n_slots: self.slots.len(),
+            })
+        }
+    }
+
+    fn key_index(&self, key: ExpertKey) -> Result<usize, PolicyError> {
+        if key.layer < self.cfg.n_layer && key.expert < self.cfg.n_expert {
+            Ok(key.layer as usize * self.cfg.n_expert as usize + key.expert as usize)
+        } else {
+            Err(PolicyError::KeyOutOfRange {
+                key,
+                n_layer: self.cfg.n_layer,
+                n_expert: self.cfg.n_expert,
+            })
+        }
+    }
+
+    /// The set `slot` belongs in (when evictable) and its entry there.
+    fn position(&self, slot: SlotId) -> Option<(usize, usize, Entry)> {
+        let s = &self.slots[slot as usize];
+        let key = s.key?;
+        Some((key.layer as usize, s.class as usize, (s.prio, s.tick, slot)))
+    }
+
+    /// Changes slot `slot` with `f`, keeping the free set and the eviction sets in step with it.
+    fn update(&mut self, slot: SlotId, f: impl FnOnce(&mut Slot)) {
+        if let Some((layer, class, entry)) = self.position(slot) {
+            if let Some(set) = self.evictable.get_mut(layer) {
+                set[class].remove(&entry);
+            }
+        }
+        self.free.remove(&slot);
+        f(&mut self.slots[slot as usize]);
+        let s = &self.slots[slot as usize];
+        if s.locked || s.pinned {
+            return;
+        }
+        match self.position(slot) {
+            Some((layer, class, entry)) => {
+                if let Some(set) = self.evictable.get_mut(layer) {
+                    set[class].insert(entry);
+                }
+            }
+            None => {
+                self.free.insert(slot);
+            }
+        }
+    }
+
+    fn pin(&mut self, slot: SlotId) {
+        self.update(slot, |s| s.pinned = true);
+    }
+
+    fn unpin(&mut self, slot: SlotId) {
+        self.update(slot, |s| s.pinned = false);
+    }
+
+    /// Empties `slot`, returning the key it held.
+    fn take_slot(&mut self, slot: SlotId) -> Option<ExpertKey> {
+        let key = self.slots[slot as usize].key;
+        if let Some(k) = key {
+            if let Ok(i) = self.key_index(k) {
+                self.slot_of[i] = NONE;
+            }
+        }
+        self.update(slot, |s| {
+            s.key = None;
+            s.class = Class::Cold;
+            s.prefetched_unused = false;
+        });
+        key
+    }
+
+    /// Puts `key` into the empty `slot`.
+    fn place(&mut self, slot: SlotId, key: ExpertKey) {
+        if let Ok(i) = self.key_index(key) {
+            self.slot_of[i] = slot;
+        }
+        self.update(slot, |s| s.key = Some(key));
+    }
+
+    /// Counts a requested use of `key` (in `slot`) at the current step, once per step.
+    fn record_use(&mut self, slot: SlotId, key: ExpertKey) {
+        let Ok(i) = self.key_index(key) else {
+            return;
+        };
+        let h = &mut self.history[i];
+        // One use per step: a key requested again in the same step is not more popular for it.
+        if !(h.crf > 0.0 && h.last_step == self.step) {
+            let age = self.step.saturating_sub(h.last_step) as f64;
+            h.crf = 1.0 + h.crf * (-age * self.lambda).exp2();
+            h.last_step = self.step;
+        }
+        let prio = self.history_prio(key);
+        self.tick += 1;
+        let tick = self.tick;
+        self.update(slot, |s| {
+            s.class = Class::Used;
+            s.prio = prio;
+            s.tick = tick;
+            s.prefetched_unused = false;
+        });
+        self.mark_touched(slot);
+    }
+
+    /// Lists `slot` for [`Self::begin_step`] to reset (once).
+    fn mark_touched(&mut self, slot: SlotId) {
+        let s = &mut self.slots[slot as usize];
+        if !s.touched {
+            s.touched = true;
+            self.touched.push(slot);
+        }
+    }
+
+    /// The priority `key`'s uses give it (very low for a key never used).
+    fn history_prio(&self, key: ExpertKey) -> Prio {
+        let h = self
+            .key_index(key)
+            .map(|i| self.history[i])
+            .unwrap_or_default();
+        Prio(h.crf.max(MIN_P).log2() + h.last_step as f64 * self.lambda)
+    }
+
+    /// The priority of a guess: a use in this step with probability `weight`, else its history's.
+    fn guess_prio(&self, key: ExpertKey, weight: f64) -> Prio {
+        let h = self
+            .key_index(key)
+            .map(|i| self.history[i])
+            .unwrap_or_default();
+        let age = self.step.saturating_sub(h.last_step) as f64;
+        let p_hist = (h.crf * (-age * self.lambda).exp2() * self.p_per_crf).min(1.0);
+        let p = weight + (1.0 - weight) * p_hist;
+        let crf = (p / self.p_per_crf).max(MIN_P);
+        Prio(crf.log2() + self.step as f64 * self.lambda)
+    }
+
+    /// Expected steps until a key of `layer` with priority `prio` is used again (see the module documentation).
+    fn next_use(&self, layer: u32, prio: Prio) -> f64 {
+        let n = f64::from(self.cfg.n_layer.max(1));
+        let l = f64::from(layer);
+        let sweep = match self.cursor {
+            None => (l + 1.0) / n,
+            Some(c) if layer > c => (l - f64::from(c)) / n,
+            Some(c) => (n - f64::from(c) + l) / n,
+        };
+        let crf_now = (prio.0 - self.step as f64 * self.lambda).exp2();
+        let p = (crf_now * self.p_per_crf).clamp(MIN_P, 1.0);
+        sweep + (1.0 - p) / p
+    }
+
+    /// The best victim among the least used key of each layer in `classes`.
+    fn best_candidate(&self, classes: &[Class]) -> Option<Candidate> {
+        let mut best: Option<Candidate> = None;
+        for (layer, sets) in self.evictable.iter().enumerate() {
+            for &class in classes {
+                let Some(&(prio, tick, slot)) = sets[class as usize].first() else {
+                    continue;
+                };
+                let c = Candidate {
+                    next_use: self.next_use(layer as u32, prio),
+                    tick,
+                    slot,
+                };
+                if best.as_ref().is_none_or(|b| c.before(b)) {
+                    best = Some(c);
+                }
+            }
+        }
+        best
+    }
+
+    /// The slot a demand miss takes: a free one, else the evictable key whose next use is expected last, keys
+    /// prefetched in this step and not used yet only when nothing else is left.
+    fn demand_victim(&self) -> Option<SlotId> {
+        if let Some(&s) = self.free.first() {
+            return Some(s);
+        }
+        self.best_candidate(&[Class::Cold, Class::Used])
+            .or_else(|| self.best_candidate(&[Class::Prefetched]))
+            .map(|c| c.slot)
+    }
+
+    /// The slot a prefetch whose guess is expected at `guess_next_use` takes: a free one, else a key not touched
+    /// in this step expected later.
+    fn prefetch_victim(&self, guess_next_use: f64) -> Option<SlotId> {
+        if let Some(&s) = self.free.first() {
+            return Some(s);
+        }
+        let c = self.best_candidate(&[Class::Cold])?;
+        (c.next_use > guess_next_use).then_some(c.slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(layer: u32, expert: u32) -> ExpertKey {
+        ExpertKey::new(layer, expert)
+    }
+
+    fn pool(n_slots: usize) -> SlotPolicy {
+        SlotPolicy::new(PolicyConfig::new(n_slots, 4, 64)).unwrap()
+    }
+
+    /// Checks `plan` against the needed `keys`, the policy's state and the pool's invariants.
+    fn check(p: &SlotPolicy, plan: &RequestPlan, keys: &[ExpertKey]) {
+        let mut want = keys.to_vec();
+        want.sort();
+        want.dedup();
+        let mut got: Vec<ExpertKey> = plan.entries().map(|(k, _)| k).collect();
+        got.sort();
+        assert_eq!(got, want, "every needed key in exactly one wave");
+        for w in &plan.waves {
+            assert!(!w.is_empty() && w.len() <= p.n_slots());
+            let mut slots: Vec<SlotId> = w.entries().map(|(_, s)| s).collect();
+            slots.sort();
+            slots.dedup();
+            assert_eq!(slots.len(), w.len(), "distinct slots within a wave");
+        }
+        for (key, slot) in plan.waves.last().into_iter().flat_map(Wave::entries) {
+            assert_eq!((p.lookup(key), p.key_in(slot)), (Some(slot), Some(key)));
+        }
+        // Every slot is exactly one of: free, evictable (in its layer and class set), locked.
+        let mut n_evictable = 0;
+        for s in 0..p.n_slots() as SlotId {
+            let slot = &p.slots[s as usize];
+            assert!(!slot.pinned);
+            let in_free = p.free.contains(&s);
+            let in_set = p
+                .position(s)
+                .is_some_and(|(l, c, e)| p.evictable[l][c].contains(&e));
+            match (slot.key, slot.locked) {
+                (_, true) => assert!(!in_free && !in_set),
+                (None, false) => assert!(in_free && !in_set),
+                (Some(key), false) => {
+                    assert!(!in_free && in_set);
+                    assert_eq!(p.lookup(key), Some(s));
+                    n_evictable += 1;
+                }
+            }
+        }
+        let mut touched = p.touched.clone();
+        touched.sort();
+        touched.dedup();
+        assert_eq!(touched.len(), p.touched.len(), "each slot listed once");
+        let in_sets: usize = p.evictable.iter().flatten().map(BTreeSet::len).sum();
+        assert_eq!(in_sets, n_evictable);
+    }
+
+    /// Requests `keys`, checks the plan, starts the next step.
+    fn step(p: &mut SlotPolicy, keys: &[ExpertKey]) -> RequestPlan {
+        let plan = p.request(keys).unwrap();
+        check(p, &plan, keys);
+        p.begin_step();
+        plan
+    }
+
+    #[test]
+    fn hits_and_misses_are_counted() {
+        let mut p = pool(8);
+        let plan = step(&mut p, &[k(0, 1), k(0, 2), k(0, 3)]);
+        assert_eq!(
+            (plan.n_hits(), plan.n_misses(), plan.n_evictions()),
+            (0, 3, 0)
+        );
+        assert_eq!(plan.waves.len(), 1);
+        let plan = step(&mut p, &[k(0, 2), k(0, 3), k(0, 4), k(0, 3)]);
+        assert_eq!((plan.n_hits(), plan.n_misses()), (2, 1));
+        let hit_keys: Vec<_> = plan.waves[0].hits.iter().map(|h| h.key).collect();
+        assert_eq!(hit_keys, [k(0, 2), k(0, 3)]);
+        assert_eq!(
+            plan.waves[0].slot_of(k(0, 2)),
+            Some(1),
+            "a key keeps its slot"
+        );
+        assert_eq!(p.n_occupied(), 4);
+        assert_eq!(p.request(&[]).unwrap(), RequestPlan::default());
+    }
+
+    #[test]
+    fn misses_evict_only_when_full_and_report_the_victim() {
+        let mut p = pool(2);
+        step(&mut p, &[k(1, 0)]);
+        step(&mut p, &[k(1, 1)]);
+        let plan = step(&mut p, &[k(1, 2)]);
+        // Both used once; the older use counts less.
+        let load = Load {
+            key: k(1, 2),
+            slot: 0,
+            evicted: Some(k(1, 0)),
+        };
+        assert_eq!(plan.waves[0].misses, [load]);
+        assert_eq!(p.lookup(k(1, 0)), None);
+    }
+
+    #[test]
+    fn the_request_pins_its_keys() {
+        let mut p = pool(4);
+        step(&mut p, &[k(0, 0), k(0, 1)]);
+        // Two hits and two misses in a pool of 4: the misses take the two other slots.
+        let plan = step(&mut p, &[k(0, 0), k(0, 1), k(0, 2), k(0, 3)]);
+        assert_eq!(plan.waves.len(), 1);
+        // A pool full of hits plus one miss: the miss waits for a second wave instead of evicting a hit.
+        let plan = step(&mut p, &[k(0, 0), k(0, 1), k(0, 2), k(0, 3), k(0, 4)]);
+        assert_eq!(plan.waves.len(), 2);
+        assert_eq!(
+            (plan.waves[0].hits.len(), plan.waves[0].misses.len()),
+            (4, 0)
+        );
+        assert_eq!(plan.waves[1].misses.len(), 1);
+    }
+
+    #[test]
+    fn a_frequent_expert_survives_a_scan() {
+        let mut p = pool(4);
+        let hot = k(2, 7);
+        for _ in 0..6 {
+            step(&mut p, &[hot]);
+        }
+        // 40 experts used once each, one per step, through a pool of 4: LRU would evict `hot` at the 4th.
+        for e in 10..50 {
+            let plan = step(&mut p, &[k(2, e)]);
+            assert!(plan.waves[0].misses[0].evicted != Some(hot));
+        }
+        assert_eq!(p.request(&[hot]).unwrap().n_hits(), 1);
+    }
+
+    #[test]
+    fn frequency_fades_with_the_half_life() {
+        let cfg = PolicyConfig {
+            half_life_steps: 4.0,
+            ..PolicyConfig::new(2, 1, 100)
+        };
+        let mut p = SlotPolicy::new(cfg).unwrap();
+        let old = k(0, 0);
+        for _ in 0..3 {
+            step(&mut p, &[old]);
+        }
+        // Then one new key per step: after a few half-lives a once-used key outranks 3 old uses.
+        let evicted_at = (1..41).find(|&e| {
+            step(&mut p, &[k(0, e)]);
+            p.lookup(old).is_none()
+        });
+        assert!(matches!(evicted_at, Some(e) if e > 3), "{evicted_at:?}");
+    }
+
+    #[test]
+    fn eviction_order_on_a_crafted_sequence() {
+        let mut p = pool(3);
+        // a: 3 uses long ago; b: 2 uses since; c: 1 use, the latest.
+        let (a, b, c) = (k(0, 0), k(0, 1), k(0, 2));
+        for key in [a, a, a, b, b, c] {
+            step(&mut p, &[key]);
+        }
+        let victims: Vec<_> = (3..6)
+            .map(|e| step(&mut p, &[k(0, e)]).waves[0].misses[0].evicted.unwrap())
+            .collect();
+        // c goes first although it is the newest, then each new once-used key in turn (LRU: a, b, c).
+        assert_eq!(victims, [c, k(0, 3), k(0, 4)]);
+    }
+
+    #[test]
+    fn the_layer_sweep_keeps_the_next_layers_experts() {
+        // 3 layers using the same 2 experts every step: 6 keys cycling through 4 slots.
+        let mut p = SlotPolicy::new(PolicyConfig::new(4, 3, 8)).unwrap();
+        let mut hits = 0;
+        for s in 0..60 {
+            for layer in 0..3 {
+                let plan = p.request(&[k(layer, 0), k(layer, 1)]).unwrap();
+                check(&p, &plan, &[k(layer, 0), k(layer, 1)]);
+                if s >= 30 {
+                    hits += plan.n_hits();
+                }
+                // Once the use counts have settled, the victims are of the layer needed last: the one before.
+                for m in plan.waves.iter().flat_map(|w| &w.misses) {
+                    if let Some(v) = m.evicted.filter(|_| s >= 30) {
+                        assert_eq!(v.layer, (layer + 2) % 3, "step {s} layer {layer}");
+                    }
+                }
+            }
+            p.begin_step();
+        }
+        // LRU evicts each layer just before it is needed: 0 hits. Belady would reach 60 % here.
+        assert!(hits * 2 >= 30 * 6, "{hits} hits of 180");
+    }
+
+    #[test]
+    fn waves_cover_the_needed_set_exactly_once() {
+        for n_slots in [1usize, 2, 3, 5, 8] {
+            let mut p = pool(n_slots);
+            step(&mut p, &[k(3, 1), k(3, 60), k(1, 9)]);
+            let keys: Vec<ExpertKey> = (0..20)
+                .map(|e| k(3, e * 3 % 64))
+                .chain([k(3, 1), k(3, 60)])
+                .collect();
+            let plan = p.request(&keys).unwrap();
+            check(&p, &plan, &keys);
+            assert_eq!(plan.n_hits() + plan.n_misses(), 22);
+            // Waves are as full as the pool allows, hits first.
+            assert_eq!(
+                plan.waves.len(),
+                22usize.div_ceil(n_slots),
+                "{n_slots} slots"
+            );
+            assert!(plan.waves.iter().skip(1).all(|w| w.hits.is_empty()));
+        }
+    }
+
+    #[test]
+    fn prefetch_never_evicts_pinned_or_requested_keys() {
+        let mut p = pool(4);
+        let used = [k(0, 0), k(0, 1), k(0, 2)];
+        p.request(&used).unwrap();
+        // One free slot: the first guess takes it; the others find only keys requested in this step.
+        let plan = p.prefetch(&[k(1, 5), k(1, 6), k(1, 7)], 1.0).unwrap();
+        let load = Load {
+            key: k(1, 5),
+            slot: 3,
+            evicted: None,
+        };
+        assert_eq!(
+            (plan.loads, plan.dropped),
+            (vec![load], vec![k(1, 6), k(1, 7)])
+        );
+        assert!(used.iter().all(|&key| p.lookup(key).is_some()));
+        // Nor another guess of the same step.
+        assert_eq!(p.prefetch(&[k(1, 8)], 1.0).unwrap().dropped, [k(1, 8)]);
+        // The guess is a hit, flagged as prefetched, once.
+        let plan = p.request(&[k(1, 5)]).unwrap();
+        let hit = Hit {
+            key: k(1, 5),
+            slot: 3,
+            prefetched: true,
+        };
+        assert_eq!(
+            (plan.waves[0].hits.clone(), plan.n_prefetch_hits()),
+            (vec![hit], 1)
+        );
+        assert_eq!(p.request(&[k(1, 5)]).unwrap().n_prefetch_hits(), 0);
+    }
+
+    #[test]
+    fn prefetch_evicts_only_keys_expected_after_the_guess() {
+        let mut p = pool(2);
+        let (hot, once) = (k(1, 0), k(1, 1));
+        step(&mut p, &[hot, once]);
+        for _ in 1..100 {
+            step(&mut p, &[hot]);
+        }
+        // A 50 % guess for layer 3 (2 steps away, expected): `once` is expected in hundreds, `hot` in about one.
+        let plan = p.prefetch(&[k(3, 5), k(3, 6)], 0.5).unwrap();
+        let load = Load {
+            key: k(3, 5),
+            slot: 1,
+            evicted: Some(once),
+        };
+        assert_eq!((plan.loads, plan.dropped), (vec![load], vec![k(3, 6)]));
+        assert_eq!(p.prefetch(&[k(3, 5)], 1.0).unwrap().present, 1);
+    }
+
+    #[test]
+    fn an_unused_guess_loses_its_weight_at_the_next_step() {
+        let mut p = SlotPolicy::new(PolicyConfig::new(2, 2, 8)).unwrap();
+        p.request(&[k(0, 0)]).unwrap();
+        p.prefetch(&[k(1, 3)], 1.0).unwrap();
+        p.begin_step();
+        // k(1, 3) was never requested: it goes before a key used once.
+        let plan = p.request(&[k(0, 1)]).unwrap();
+        assert_eq!(plan.waves[0].misses[0].evicted, Some(k(1, 3)));
+    }
+
+    #[test]
+    fn requests_evict_unused_prefetches_last() {
+        let mut p = pool(3);
+        step(&mut p, &[k(0, 0)]);
+        p.prefetch(&[k(1, 0), k(1, 1)], 1.0).unwrap();
+        // Two misses: one takes the cold key's slot, the other a guess's.
+        let plan = p.request(&[k(0, 5), k(0, 6)]).unwrap();
+        let evicted: Vec<_> = plan.waves[0].misses.iter().map(|m| m.evicted).collect();
+        assert_eq!(evicted[0], Some(k(0, 0)));
+        assert!(matches!(evicted[1], Some(key) if key.layer == 1));
+    }
+
+    #[test]
+    fn locked_slots_are_never_evicted_and_a_fully_locked_pool_is_an_error() {
+        let mut p = pool(2);
+        let plan = step(&mut p, &[k(0, 0), k(0, 1)]);
+        let s0 = plan.waves[0].slot_of(k(0, 0)).unwrap();
+        let s1 = plan.waves[0].slot_of(k(0, 1)).unwrap();
+        p.lock(s0).unwrap();
+        assert!(p.is_locked(s0));
+        let keys = [k(0, 2), k(0, 3), k(0, 4)];
+        let plan = p.request(&keys).unwrap();
+        check(&p, &plan, &keys);
+        assert_eq!(plan.waves.len(), 3);
+        assert!(plan.entries().all(|(_, s)| s == s1));
+        assert_eq!(p.lookup(k(0, 0)), Some(s0));
+        p.lock(s1).unwrap();
+        let err = p.request(&[k(0, 9)]).unwrap_err();
+        let want = PolicyError::NoSlotAvailable {
+            key: k(0, 9),
+            n_slots: 2,
+        };
+        assert_eq!(err, want);
+        assert_eq!(
+            p.lookup(k(0, 4)),
+            Some(s1),
+            "a refused request changes nothing"
+        );
+        // Hits still work with every slot locked; prefetches are dropped.
+        assert_eq!(p.request(&[k(0, 0)]).unwrap().n_hits(), 1);
+        assert_eq!(p.prefetch(&[k(0, 9)], 1.0).unwrap().dropped, [k(0, 9)]);
+        p.unlock(s1).unwrap();
+        assert_eq!(p.request(&[k(0, 9)]).unwrap().n_misses(), 1);
+        assert!(p.lock(7).is_err() && p.unlock(7).is_err());
+    }
+
+    #[test]
+    fn invalidate_frees_the_slot() {
+        let mut p = pool(2);
+        let slot = p.request(&[k(0, 3)]).unwrap().waves[0].misses[0].slot;
+        assert_eq!(p.invalidate(slot).unwrap(), Some(k(0, 3)));
+        assert_eq!(p.lookup(k(0, 3)), None);
+        let plan = p.request(&[k(0, 3)]).unwrap();
+        assert_eq!(
+            (plan.n_misses(), plan.waves[0].misses[0].evicted),
+            (1, None)
+        );
+        let err = PolicyError::SlotOutOfRange {
+            slot: 9,
+            n_slots: 2,
+        };
+        assert_eq!(p.invalidate(9), Err(err));
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let new = |n_slots, n_layer, n_expert| {
+            SlotPolicy::new(PolicyConfig::new(n_slots, n_layer, n_expert))
+        };
+        assert_eq!(new(0, 4, 4).unwrap_err(), PolicyError::NoSlots);
+        assert!(new(4, 0, 4).is_err() && new(4, 4, 0).is_err());
+        assert!(new(4, u32::MAX, u32::MAX).is_err() && new(4, MAX_LAYERS + 1, 1).is_err());
+        for h in [f64::NAN, 0.0, -1.0, f64::INFINITY] {
+            let cfg = PolicyConfig {
+                half_life_steps: h,
+                ..PolicyConfig::new(4, 4, 4)
+            };
+            assert!(matches!(
+                SlotPolicy::new(cfg),
+                Err(PolicyError::BadHalfLife(_))
+            ));
+        }
+        let mut p = pool(4);
+        let out = |r: Result<RequestPlan, PolicyError>| {
+            matches!(r, Err(PolicyError::KeyOutOfRange { .. }))
+        };
+        assert!(out(p.request(&[k(0, 0), k(4, 0)])) && out(p.request(&[k(0, 64)])));
+        assert_eq!(p.n_occupied(), 0, "a refused request changes nothing");
+        assert!(p.prefetch(&[k(0, 0)], 0.0).is_err());
+        assert!(p.prefetch(&[k(0, 0)], f64::NAN).is_err());
+        assert!(p.prefetch(&[k(0, 0)], 1.5).is_err());
+        assert!(p.prefetch(&[k(9, 0)], 1.0).is_err());
+    }
+
+    /// A fixed pseudo-random trace (xorshift) of requests and prefetches, layer after layer.
+    fn run_trace(p: &mut SlotPolicy, seed: u64, reverse: bool) -> Vec<(RequestPlan, PrefetchPlan)> {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut out = Vec::new();
+        for _ in 0..200 {
+            for layer in 0..4 {
+                // Skewed: low expert ids are more popular.
+                let mut keys: Vec<ExpertKey> = (0..6)
+                    .map(|_| k(layer, ((next() % 64) * (next() % 64) / 64) as u32))
+                    .collect();
+                if reverse {
+                    keys.reverse();
+                }
+                let guess: Vec<ExpertKey> = (0..2)
+                    .map(|_| k((layer + 1) % 4, (next() % 16) as u32))
+                    .collect();
+                let plan = p.request(&keys).unwrap();
+                check(p, &plan, &keys);
+                out.push((plan, p.prefetch(&guess, 0.5).unwrap()));
+            }
+            p.begin_step();
+        }
+        out
+    }
+
+    #[test]
+    fn same_calls_give_the_same_plans() {
+        let (mut a, mut b, mut c) = (pool(10), pool(10), pool(10));
+        let ra = run_trace(&mut a, 42, false);
+        assert_eq!(ra, run_trace(&mut b, 42, false));
+        // The order of the keys within a request does not matter.
+        assert_eq!(ra, run_trace(&mut c, 42, true));
+        let hits: usize = ra.iter().map(|(r, _)| r.n_hits()).sum();
+        let prefetch_hits: usize = ra.iter().map(|(r, _)| r.n_prefetch_hits()).sum();
+        assert!(hits > 0 && prefetch_hits > 0);
+    }
+}
