@@ -199,6 +199,68 @@ impl TinyConfig {
         }
     }
 
+    /// DeepSeek V4 Flash at its real widths (DSV4.md sections 1-2) with `n_layer` layers, for speed measurements at the
+    /// real matrix sizes: hidden 4096, vocabulary 129280 (`tokenizer.ggml.model = "none"`), 64 heads of 512 (rope
+    /// 64), q LoRA 1024, 8 output groups of rank 1024, window 128, compressors of ratio 4 and 128, indexer 64 x 128
+    /// top-512, 256 routed experts top-6 and 1 shared expert, all of width 2048, YaRN 16 from 65536, context 1M.
+    ///
+    /// Layer schedule: layer 0 raw (ratio 0), then 4, 128, 4, 128, ... (a single layer is ratio 4: llama.cpp needs one);
+    /// hash routing in the first min(3, n_layer) layers, like Flash. Weight types: Q4_K routed experts, Q8_0 for the
+    /// rest (the `Q4_K_M` recipe); [`TinyConfig::with_types`] changes them. At these types a layer is about 3.8 GB
+    /// (3.6 GB of routed experts) and the embedding and output 1.1 GB: two layers make 8.7 GB. Written with
+    /// [`write_tiny_model`] in chunks on every core (see [`Generation`]); `examples/flash_model.rs` is the command.
+    pub fn flash(n_layer: u32) -> TinyConfig {
+        let compress_ratios = match n_layer {
+            1 => vec![4],
+            n => (0..n)
+                .map(|il| match il {
+                    0 => 0,
+                    il if il % 2 == 1 => 4,
+                    _ => 128,
+                })
+                .collect(),
+        };
+        TinyConfig {
+            n_layer,
+            nextn_predict_layers: 0,
+            n_embd: 4096,
+            n_vocab: 129280,
+            n_head: 64,
+            head_dim: 512,
+            n_rot: 64,
+            q_lora_rank: 1024,
+            o_lora_rank: 1024,
+            o_groups: 8,
+            sliding_window: 128,
+            compress_ratios,
+            indexer_n_head: 64,
+            indexer_head_dim: 128,
+            indexer_top_k: 512,
+            n_expert: 256,
+            n_expert_used: 6,
+            expert_ffn: 2048,
+            n_expert_shared: 1,
+            expert_weights_scale: 1.5,
+            hash_layer_count: n_layer.min(3),
+            swiglu_clamp: 10.0,
+            rope_freq_base: 10000.0,
+            compress_rope_freq_base: 160000.0,
+            yarn_factor: 16.0,
+            yarn_orig_ctx: 65536,
+            context_length: 1 << 20,
+            rms_eps: 1e-6,
+            hc_eps: 1e-6,
+            hc_sinkhorn_iters: 20,
+            types: WeightTypes {
+                dense: GgmlType::Q8_0,
+                experts: GgmlType::Q4K,
+                shared: GgmlType::Q8_0,
+                embed: GgmlType::Q8_0,
+            },
+            vocab: Vocabulary::None,
+        }
+    }
+
     /// The same configuration with other weight types.
     pub fn with_types(self, types: WeightTypes) -> TinyConfig {
         TinyConfig { types, ..self }
@@ -345,6 +407,8 @@ pub enum TinyError {
         detail: String,
     },
     Gguf(gguf::GgufError),
+    /// The caller stopped [`write_tiny_model_with`]; no file was left.
+    Cancelled,
 }
 
 impl fmt::Display for TinyError {
@@ -355,6 +419,7 @@ impl fmt::Display for TinyError {
                 write!(f, "tiny model tensor {tensor} as {ty}: {detail}")
             }
             TinyError::Gguf(e) => write!(f, "writing the tiny model: {e}"),
+            TinyError::Cancelled => write!(f, "writing the tiny model: cancelled"),
         }
     }
 }
@@ -375,10 +440,158 @@ impl From<gguf::GgufError> for TinyError {
 }
 
 /// Writes a seeded random tiny model to `path` (replacing it atomically). Same config and seed give the same bytes.
+/// Large tensors are streamed in chunks on every core ([`Generation::default`]).
 pub fn write_tiny_model(path: &Path, cfg: &TinyConfig, seed: u64) -> Result<TinyModel, TinyError> {
+    write_tiny_model_with(path, cfg, seed, &Generation::default(), &mut |_| true)
+}
+
+/// How tensor data is generated: in chunks of whole rows, quantized on several threads, so a model of any size is
+/// written with little memory (about `threads` + 1 chunks of f32 values and their encodings at a time).
+///
+/// `threads` and `chunk_values` never change a value. [`Streams`] defines the values: a tensor drawn from one random
+/// stream is drawn chunk after chunk, in order, on the calling thread and only its quantization runs in parallel; a
+/// tensor big enough for block streams is drawn and quantized block by block on every thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// Worker threads; 0 = every core (`std::thread::available_parallelism`).
+    pub threads: usize,
+    /// About how many values one chunk holds (whole rows, and whole blocks for block-stream tensors; at least one
+    /// row or block). A tensor that fits in one chunk is generated in one piece on the calling thread.
+    pub chunk_values: usize,
+    /// Which tensors draw their values from per-block streams.
+    pub streams: Streams,
+}
+
+impl Default for Generation {
+    /// Every core, chunks of 8M values (32 MB of f32), [`Streams::DEFAULT`].
+    fn default() -> Generation {
+        Generation {
+            threads: 0,
+            chunk_values: 1 << 23,
+            streams: Streams::DEFAULT,
+        }
+    }
+}
+
+impl Generation {
+    fn thread_count(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Which tensors draw their values from one random stream and which from one stream per block of rows.
+///
+/// Every tensor has its own stream (from the seed and its name), drawn in ggml order. A single stream is drawn on one
+/// thread (about 20 ns a value: 40 s for one of Flash's 2^31-value routed-expert stacks), so a tensor with at least
+/// `block_min_values` values is split into blocks of `max(1, block_values / ne0)` whole rows, block `b` drawn from a
+/// stream derived from the seed, the name and `b` (splitmix64 of `b` mixed into the tensor's stream state); blocks
+/// are independent and drawn in parallel. `tid2eid` ids always come from one stream. The default threshold, 2^30
+/// values, is above every tensor of the small presets (the largest, [`TinyConfig::big_experts`]' expert stacks, has
+/// 2^28), so their files are exactly what they were before streaming existed, and below Flash's expert stacks, whose
+/// blocks of 2^23 values are one expert each. Changing either field changes the values of the tensors it covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Streams {
+    /// Tensors with at least this many values use block streams.
+    pub block_min_values: u64,
+    /// Values per block (rounded down to whole rows, at least one row).
+    pub block_values: u64,
+}
+
+impl Streams {
+    pub const DEFAULT: Streams = Streams {
+        block_min_values: 1 << 30,
+        block_values: 1 << 23,
+    };
+
+    /// Rows per block when `spec` uses block streams, `None` when it is one stream.
+    fn block_rows(&self, spec: &TensorSpec) -> Option<usize> {
+        if matches!(spec.init, Init::ExpertIds { .. }) {
+            return None;
+        }
+        let n: u64 = spec.dims.iter().product();
+        let ne0 = spec.dims[0].max(1);
+        (n >= self.block_min_values).then(|| (self.block_values / ne0).max(1) as usize)
+    }
+}
+
+/// Where [`write_tiny_model_with`] is, reported after each chunk it writes.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress<'a> {
+    /// The tensor being written (or just finished).
+    pub tensor: &'a str,
+    /// Tensors written completely so far, and in all.
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    /// Tensor data bytes written so far and in all (without header and padding).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// [`write_tiny_model`] with a choice of threads, chunk size and streams, calling `progress` after each chunk
+/// written; when it returns false, writing stops with [`TinyError::Cancelled`] and leaves no file. With
+/// [`Generation::default`] it writes the same bytes as [`write_tiny_model`].
+pub fn write_tiny_model_with(
+    path: &Path,
+    cfg: &TinyConfig,
+    seed: u64,
+    generation: &Generation,
+    progress: &mut dyn FnMut(&Progress<'_>) -> bool,
+) -> Result<TinyModel, TinyError> {
     cfg.validate()?;
+    if generation.chunk_values == 0 || generation.streams.block_values == 0 {
+        let detail = format!("chunk_values and streams.block_values must be > 0: {generation:?}");
+        return Err(TinyError::Config(detail));
+    }
     let specs = tensor_specs(cfg);
-    write_specs(path, cfg, &specs, |spec| tensor_bytes(spec, seed))
+    let bytes_total = specs.iter().map(spec_bytes).sum();
+    let (mut done, mut bytes_done) = (0, 0);
+    write_specs_streaming(path, cfg, &specs, |spec, out| {
+        let mut report = |bytes: u64, finished: bool| {
+            bytes_done += bytes;
+            done += usize::from(finished);
+            let go_on = progress(&Progress {
+                tensor: &spec.name,
+                tensors_done: done,
+                tensors_total: specs.len(),
+                bytes_done,
+                bytes_total,
+            });
+            match go_on {
+                true => Ok(()),
+                false => Err(Fill::Tiny(TinyError::Cancelled)),
+            }
+        };
+        write_tensor(spec, seed, generation, out, &mut report)
+    })
+}
+
+/// The exact file size [`write_tiny_model`] writes for `cfg`, without writing anything.
+pub fn tiny_model_bytes(cfg: &TinyConfig) -> Result<u64, TinyError> {
+    cfg.validate()?;
+    Ok(plan_writer(cfg, &tensor_specs(cfg))?.plan()?.total_bytes)
+}
+
+/// One tensor of a tiny model: name, shape (ggml order, `ne0` first) and type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TinyTensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+}
+
+/// The tensors [`write_tiny_model`] writes for `cfg`, in file order (nothing is generated).
+pub fn tiny_tensors(cfg: &TinyConfig) -> Vec<TinyTensor> {
+    tensor_specs(cfg)
+        .into_iter()
+        .map(|s| TinyTensor {
+            name: s.name,
+            dims: s.dims,
+            ty: s.ty,
+        })
+        .collect()
 }
 
 /// The GGUF the checkpoint of [`super::tiny_hf::write_tiny_checkpoint`] converts to: the same tensors with their
@@ -393,6 +606,32 @@ pub(crate) fn write_specs(
     specs: &[TensorSpec],
     mut bytes: impl FnMut(&TensorSpec) -> Result<Vec<u8>, TinyError>,
 ) -> Result<TinyModel, TinyError> {
+    write_specs_streaming(path, cfg, specs, |spec, out| {
+        let bytes = bytes(spec)?;
+        out.write_all(&bytes).map_err(Fill::Io)
+    })
+}
+
+/// Why filling a tensor's data stopped: the output failed, or generating the data did.
+pub(crate) enum Fill {
+    Io(io::Error),
+    Tiny(TinyError),
+}
+
+impl From<TinyError> for Fill {
+    fn from(e: TinyError) -> Fill {
+        Fill::Tiny(e)
+    }
+}
+
+impl From<io::Error> for Fill {
+    fn from(e: io::Error) -> Fill {
+        Fill::Io(e)
+    }
+}
+
+/// The writer with the metadata of `cfg` and the tensor table of `specs`.
+fn plan_writer(cfg: &TinyConfig, specs: &[TensorSpec]) -> Result<Writer, TinyError> {
     let mut w = Writer::new();
     write_metadata(&mut w, cfg);
     for s in specs {
@@ -403,12 +642,24 @@ pub(crate) fn write_specs(
                 detail: e.to_string(),
             })?;
     }
+    Ok(w)
+}
+
+/// [`write_specs`] where `fill` writes each tensor's bytes to the file itself, in as many pieces as it likes.
+pub(crate) fn write_specs_streaming(
+    path: &Path,
+    cfg: &TinyConfig,
+    specs: &[TensorSpec],
+    mut fill: impl FnMut(&TensorSpec, &mut dyn io::Write) -> Result<(), Fill>,
+) -> Result<TinyModel, TinyError> {
+    let w = plan_writer(cfg, specs)?;
     // Tensor data is generated inside the writer's callback, one tensor at a time; a failure is parked here
     // because the callback can only return io::Error.
     let mut failure: Option<TinyError> = None;
-    let result = w.write_file(path, true, |i, _, out| match bytes(&specs[i]) {
-        Ok(bytes) => out.write_all(&bytes),
-        Err(e) => {
+    let result = w.write_file(path, true, |i, _, out| match fill(&specs[i], out) {
+        Ok(()) => Ok(()),
+        Err(Fill::Io(e)) => Err(e),
+        Err(Fill::Tiny(e)) => {
             failure = Some(e);
             Err(io::Error::other("tensor generation failed"))
         }
@@ -655,13 +906,83 @@ pub(crate) fn tensor_specs(cfg: &TinyConfig) -> Vec<TensorSpec> {
     v
 }
 
-/// The bytes of one tensor in its type. Every tensor has its own random stream (seed and name), so a tensor's
-/// values do not depend on which other tensors the configuration has.
-fn tensor_bytes(spec: &TensorSpec, seed: u64) -> Result<Vec<u8>, TinyError> {
-    match tensor_values(spec, seed) {
+/// The bytes of one tensor in its type, made in one piece. Every tensor has its own random stream (seed and name),
+/// so a tensor's values do not depend on which other tensors the configuration has.
+fn tensor_bytes(spec: &TensorSpec, seed: u64, streams: &Streams) -> Result<Vec<u8>, TinyError> {
+    match tensor_values_with(spec, seed, streams) {
         Values::Ids(ids) => Ok(ids.into_iter().flat_map(i32::to_le_bytes).collect()),
         Values::F32(values) => encode(&spec.name, spec.ty, &values, spec.dims[0] as usize),
     }
+}
+
+/// Bytes of one tensor's data in its type.
+fn spec_bytes(spec: &TensorSpec) -> u64 {
+    spec.ty.tensor_bytes(&spec.dims).unwrap_or(0)
+}
+
+/// Writes one tensor's bytes to `out`: in one piece when it fits in a chunk (or holds ids), otherwise in chunks of
+/// whole rows (whole blocks for block streams) on `generation.threads` threads, written in order. A one-stream
+/// tensor's chunks are drawn in order from its stream on this thread, each handed to a thread to encode, so the
+/// values are those of [`tensor_values`]; block-stream chunks are drawn and encoded on their threads. `report`
+/// gets the bytes of each piece written and whether the tensor is complete; its error stops the writing.
+fn write_tensor(
+    spec: &TensorSpec,
+    seed: u64,
+    generation: &Generation,
+    out: &mut dyn io::Write,
+    report: &mut dyn FnMut(u64, bool) -> Result<(), Fill>,
+) -> Result<(), Fill> {
+    let streams = &generation.streams;
+    let n_per_row = spec.dims[0].max(1) as usize;
+    let n_rows = (spec.dims.iter().product::<u64>() as usize) / n_per_row;
+    let block_rows = streams.block_rows(spec);
+    let chunk_rows = match block_rows {
+        None => (generation.chunk_values / n_per_row).max(1),
+        Some(b) => b * (generation.chunk_values / (b * n_per_row)).max(1),
+    };
+    if matches!(spec.init, Init::ExpertIds { .. }) || chunk_rows >= n_rows {
+        let bytes = tensor_bytes(spec, seed, streams)?;
+        out.write_all(&bytes)?;
+        return report(bytes.len() as u64, true);
+    }
+    let threads = generation.thread_count().max(1);
+    let encode_rows = |values: &[f32]| -> Result<Vec<u8>, TinyError> {
+        encode(&spec.name, spec.ty, values, n_per_row)
+    };
+    let panicked = || TinyError::Type {
+        tensor: spec.name.clone(),
+        ty: spec.ty,
+        detail: "a generation thread panicked".into(),
+    };
+    let mut rng = Rng::for_tensor(seed, &spec.name);
+    let (n_chunks, mut n_written) = (n_rows.div_ceil(chunk_rows), 0);
+    let mut write = |bytes: Vec<u8>| -> Result<(), Fill> {
+        out.write_all(&bytes)?;
+        n_written += 1;
+        report(bytes.len() as u64, n_written == n_chunks)
+    };
+    std::thread::scope(|s| -> Result<(), Fill> {
+        let mut in_flight = std::collections::VecDeque::new();
+        for start in (0..n_rows).step_by(chunk_rows) {
+            let rows = start..(start + chunk_rows).min(n_rows);
+            let handle = match block_rows {
+                None => {
+                    let values = draw(spec.init, &mut rng, rows.len() * n_per_row);
+                    s.spawn(move || encode_rows(&values))
+                }
+                Some(b) => s.spawn(move || encode_rows(&block_values(spec, seed, b, n_rows, rows))),
+            };
+            in_flight.push_back(handle);
+            if in_flight.len() >= threads {
+                let done = in_flight.pop_front().expect("not empty");
+                write(done.join().map_err(|_| panicked())??)?;
+            }
+        }
+        for done in in_flight {
+            write(done.join().map_err(|_| panicked())??)?;
+        }
+        Ok(())
+    })
 }
 
 /// A tensor's values before they are stored in its type, in ggml order (`dims[0]` fastest).
@@ -672,8 +993,14 @@ pub(crate) enum Values {
     Ids(Vec<i32>),
 }
 
-/// The values of one tensor, drawn from its own random stream (seed and name).
+/// The values of one tensor, drawn from its own random stream (seed and name), or from per-block streams for a
+/// tensor of at least 2^30 values ([`Streams::DEFAULT`]).
 pub(crate) fn tensor_values(spec: &TensorSpec, seed: u64) -> Values {
+    tensor_values_with(spec, seed, &Streams::DEFAULT)
+}
+
+/// [`tensor_values`] with other [`Streams`].
+fn tensor_values_with(spec: &TensorSpec, seed: u64, streams: &Streams) -> Values {
     let mut rng = Rng::for_tensor(seed, &spec.name);
     let n: u64 = spec.dims.iter().product();
     let n = n as usize;
@@ -684,15 +1011,46 @@ pub(crate) fn tensor_values(spec: &TensorSpec, seed: u64) -> Values {
             .map(|e| e as i32);
         return Values::Ids(ids.collect());
     }
-    let values: Vec<f32> = (0..n)
-        .map(|_| match spec.init {
+    match streams.block_rows(spec) {
+        None => Values::F32(draw(spec.init, &mut rng, n)),
+        Some(b) => {
+            let n_rows = n / (spec.dims[0].max(1) as usize);
+            Values::F32(block_values(spec, seed, b, n_rows, 0..n_rows))
+        }
+    }
+}
+
+/// The next `n` values of `rng` for `init` (not ids).
+fn draw(init: Init, rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| match init {
             Init::Normal(std) => std * rng.normal(),
             Init::Norm => 1.0 + 0.1 * rng.normal(),
             Init::Uniform(lo, hi) => lo + (hi - lo) * rng.uniform() as f32,
-            Init::ExpertIds { .. } => unreachable!("handled above"),
+            Init::ExpertIds { .. } => unreachable!("ids are drawn by tensor_values"),
         })
-        .collect();
-    Values::F32(values)
+        .collect()
+}
+
+/// Values of `rows` (starting on a block boundary) of a block-stream tensor with `n_rows` rows in blocks of
+/// `block_rows`: each block from its own stream ([`Rng::for_block`]).
+fn block_values(
+    spec: &TensorSpec,
+    seed: u64,
+    block_rows: usize,
+    n_rows: usize,
+    rows: std::ops::Range<usize>,
+) -> Vec<f32> {
+    debug_assert!(rows.start % block_rows == 0 && rows.end <= n_rows);
+    let n_per_row = spec.dims[0].max(1) as usize;
+    let mut values = Vec::with_capacity(rows.len() * n_per_row);
+    for start in (rows.start..rows.end).step_by(block_rows) {
+        let block = (start / block_rows) as u64;
+        let mut rng = Rng::for_block(seed, &spec.name, block);
+        let end = (start + block_rows).min(rows.end);
+        values.extend(draw(spec.init, &mut rng, (end - start) * n_per_row));
+    }
+    values
 }
 
 /// A tensor's f32 values as the bytes of its type.
@@ -753,6 +1111,22 @@ impl Rng {
         });
         let mut rng = Rng {
             state: seed ^ hash.rotate_left(17),
+            spare: None,
+        };
+        rng.next_u64();
+        rng
+    }
+
+    /// The stream of block `block` of a block-stream tensor ([`Streams`]): the tensor's stream state mixed with a
+    /// splitmix64 hash of the block index, so blocks start at unrelated points of the sequence.
+    fn for_block(seed: u64, name: &str, block: u64) -> Rng {
+        let tensor = Rng::for_tensor(seed, name);
+        let mut key = Rng {
+            state: block,
+            spare: None,
+        };
+        let mut rng = Rng {
+            state: tensor.state ^ key.next_u64(),
             spare: None,
         };
         rng.next_u64();
@@ -988,6 +1362,9 @@ mod tests {
             TinyConfig::alt(),
             TinyConfig::demo(),
             TinyConfig::big_experts(),
+            TinyConfig::flash(1),
+            TinyConfig::flash(2),
+            TinyConfig::flash(43),
         ] {
             cfg.validate().unwrap();
         }
