@@ -7,15 +7,20 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, EngineOptions, Logits};
 use ferrite::ggml::{dequantize_rows, quantize_rows};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use gguf::{GgmlType, GgufFile, Model};
 use support::compare::{prompt, relative_errors};
-use support::llama_ref::{argmax, llama_quantize, LlamaParams, LlamaRef};
+use support::llama_ref::llama_quantize;
+use support::quantize::{assert_same_model, ferrite_logits, llama_logits, quantize, quantize_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrite");
+/// `ferrite quantize ARGS` with this file's thread count.
+fn quantize_args(args: &[&str]) -> Output {
+    quantize(args, THREADS)
+}
+
+const THREADS: usize = 1;
 const N_TOKENS: usize = 200;
 
 /// The F32 tiny model with experts 256 wide, so the K-quants fit without fallbacks.
@@ -27,83 +32,6 @@ fn f32_model(dir: &Path) -> PathBuf {
     };
     write_tiny_model(&path, &cfg, 3).unwrap();
     path
-}
-
-fn quantize(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("quantize")
-        .args(args)
-        .args(["-t", "1"])
-        .output()
-        .unwrap()
-}
-
-fn quantize_ok(input: &Path, output: &Path, recipe: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        input.to_str().unwrap(),
-        output.to_str().unwrap(),
-        "--type",
-        recipe,
-    ];
-    args.extend_from_slice(extra);
-    let out = quantize(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "quantize {recipe} failed: {stderr}");
-    stderr
-}
-
-fn llama_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let params = LlamaParams {
-        n_ctx: 512,
-        ..LlamaParams::default()
-    };
-    let mut r = LlamaRef::load(path, params).unwrap();
-    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    r.logits(&ids, 512).unwrap()
-}
-
-fn ferrite_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let e = Engine::open(
-        path,
-        EngineOptions {
-            n_threads: 1,
-            fused_ops: true,
-            cache_type: CacheType::F32,
-        },
-    )
-    .unwrap();
-    let mut s = e.session(512, 512).unwrap();
-    let flat = s.feed(tokens, Logits::All).unwrap();
-    flat.chunks(e.n_vocab()).map(<[f32]>::to_vec).collect()
-}
-
-/// ferrite and llama.cpp on the same quantized file: 99 % of positions within 1e-4 of the logit scale and 99 % of
-/// argmaxes equal (the rule of tests/parity_llama.rs for quantized weights: routing and the indexer can turn a
-/// rounding-level difference into a different choice at a few positions).
-fn assert_same_model(what: &str, ours: &[Vec<f32>], reference: &[Vec<f32>]) {
-    let errs = relative_errors(ours, reference);
-    let within = errs.iter().filter(|&&e| e <= 1e-4).count() as f64 / errs.len() as f64;
-    let argmax_same = ours
-        .iter()
-        .zip(reference)
-        .filter(|(a, b)| argmax(a) == argmax(b))
-        .count() as f64
-        / ours.len() as f64;
-    eprintln!(
-        "{what}: {:.1} % within 1e-4, argmax {:.1} %",
-        within * 100.0,
-        argmax_same * 100.0
-    );
-    assert!(
-        within >= 0.99,
-        "{what}: only {:.1} % of positions within 1e-4",
-        within * 100.0
-    );
-    assert!(
-        argmax_same >= 0.99,
-        "{what}: argmax agrees at {:.1} %",
-        argmax_same * 100.0
-    );
 }
 
 fn tensor_type(file: &GgufFile, name: &str) -> GgmlType {
@@ -127,7 +55,7 @@ fn every_recipe_loads_in_llama_and_runs_like_ferrite() {
         ("F16", GgmlType::F16, GgmlType::F16, 1),
     ] {
         let out = dir.path().join(format!("{recipe}.gguf"));
-        quantize_ok(&src, &out, recipe, &[]);
+        quantize_ok(&src, &out, recipe, &[], THREADS);
         let f = GgufFile::open(&out).unwrap();
         assert_eq!(
             f.metadata().u32("general.file_type").unwrap(),
@@ -201,12 +129,12 @@ fn blocks_equal_ggml_and_llama_quantize() {
 
     // Q8_0: ferrite's recipe vs llama_model_quantize's MOSTLY_Q8_0 (7), and vs ggml's quantizer on the whole tensor.
     let ours_path = dir.path().join("ours-q8.gguf");
-    quantize_ok(&src, &ours_path, "Q8_0", &[]);
+    quantize_ok(&src, &ours_path, "Q8_0", &[], THREADS);
     let llama_path = dir.path().join("llama-q8.gguf");
     llama_quantize(&src, &llama_path, 7, 1, false, &[]).unwrap();
     // Q4_K pure (every quantizable tensor Q4_K): ferrite's Q4_K_M experts must equal llama.cpp's.
     let ours_q4 = dir.path().join("ours-q4.gguf");
-    quantize_ok(&src, &ours_q4, "Q4_K_M", &[]);
+    quantize_ok(&src, &ours_q4, "Q4_K_M", &[], THREADS);
     let llama_q4 = dir.path().join("llama-q4.gguf");
     llama_quantize(&src, &llama_q4, 15, 1, true, &[]).unwrap();
 
@@ -250,9 +178,9 @@ fn requantizing_a_quantized_gguf_dequantizes_with_ggml() {
     let dir = tempfile::tempdir().unwrap();
     let src = f32_model(dir.path());
     let q8 = dir.path().join("q8.gguf");
-    quantize_ok(&src, &q8, "Q8_0", &[]);
+    quantize_ok(&src, &q8, "Q8_0", &[], THREADS);
     let q4 = dir.path().join("q4.gguf");
-    quantize_ok(&q8, &q4, "Q4_K_M", &["--attention", "Q8_0"]);
+    quantize_ok(&q8, &q4, "Q4_K_M", &["--attention", "Q8_0"], THREADS);
     let (m8, m4) = (Model::open(&q8).unwrap(), Model::open(&q4).unwrap());
     // Experts: Q8_0 -> f32 (ggml) -> Q4_K (ggml), per expert; attention: Q8_0 copied as it is.
     let name = "blk.2.ffn_up_exps.weight";
@@ -291,7 +219,7 @@ fn dry_run_sizes_equal_the_written_files_split_or_not() {
     let dir = tempfile::tempdir().unwrap();
     let src = f32_model(dir.path());
     let out = dir.path().join("q.gguf");
-    let dry = quantize(&[
+    let dry = quantize_args(&[
         src.to_str().unwrap(),
         out.to_str().unwrap(),
         "--type",
@@ -306,7 +234,7 @@ fn dry_run_sizes_equal_the_written_files_split_or_not() {
         "{stdout}"
     );
     let planned = dry_run_total(&stdout);
-    quantize_ok(&src, &out, "Q4_K_M", &[]);
+    quantize_ok(&src, &out, "Q4_K_M", &[], THREADS);
     assert_eq!(std::fs::metadata(&out).unwrap().len(), planned);
 
     // Shards of at most 1 MB: several files whose sizes add up to the plan; llama.cpp and ferrite load them and
@@ -320,9 +248,9 @@ fn dry_run_sizes_equal_the_written_files_split_or_not() {
         "--split-max-size",
         "1M",
     ];
-    let dry = quantize(&[&args[..], &["--dry-run"]].concat());
+    let dry = quantize_args(&[&args[..], &["--dry-run"]].concat());
     let planned = dry_run_total(&String::from_utf8(dry.stdout).unwrap());
-    quantize_ok(&src, &split, "Q4_K_M", &["--split-max-size", "1M"]);
+    quantize_ok(&src, &split, "Q4_K_M", &["--split-max-size", "1M"], THREADS);
     let shards: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -376,18 +304,18 @@ fn bad_inputs_and_flags_fail_cleanly_without_output() {
 
     // An existing output needs --overwrite and is left alone.
     std::fs::write(&out, b"keep me").unwrap();
-    let r = quantize(&[&s(&src), &s(&out), "--type", "Q8_0"]);
+    let r = quantize_args(&[&s(&src), &s(&out), "--type", "Q8_0"]);
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--overwrite"));
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
-    quantize_ok(&src, &out, "Q8_0", &["--overwrite"]);
+    quantize_ok(&src, &out, "Q8_0", &["--overwrite"], THREADS);
     std::fs::remove_file(&out).unwrap();
 
     // A truncated GGUF.
     let bytes = std::fs::read(&src).unwrap();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let r = quantize(&[&s(&cut), &s(&out), "--type", "Q8_0"]);
+    let r = quantize_args(&[&s(&cut), &s(&out), "--type", "Q8_0"]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{err}");
     assert!(err.contains("cut.gguf"), "{err}");
@@ -397,7 +325,7 @@ fn bad_inputs_and_flags_fail_cleanly_without_output() {
     let mut w = gguf::Writer::new();
     w.set("general.architecture", gguf::Value::String("llama".into()));
     w.write_file(&other, true, |_, _, _| Ok(())).unwrap();
-    let r = quantize(&[&s(&other), &s(&out), "--type", "Q8_0"]);
+    let r = quantize_args(&[&s(&other), &s(&out), "--type", "Q8_0"]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1));
     assert!(
@@ -406,7 +334,7 @@ fn bad_inputs_and_flags_fail_cleanly_without_output() {
     );
 
     // Missing input, unknown recipe, unknown type, bad size: usage errors are exit 2.
-    let r = quantize(&[
+    let r = quantize_args(&[
         &s(&dir.path().join("nope.gguf")),
         &s(&out),
         "--type",
@@ -419,11 +347,11 @@ fn bad_inputs_and_flags_fail_cleanly_without_output() {
         vec!["--type", "Q8_0", "--experts", "Q9_9"],
         vec!["--type", "Q8_0", "--split-max-size", "lots"],
     ] {
-        let r = quantize(&[&[s(&src).as_str(), s(&out).as_str()][..], &bad[..]].concat());
+        let r = quantize_args(&[&[s(&src).as_str(), s(&out).as_str()][..], &bad[..]].concat());
         assert_eq!(r.status.code(), Some(2), "{bad:?}");
     }
     // A type ggml cannot put in these rows at all: experts of width 256 as Q8_K (activation-only type).
-    let r = quantize(&[&s(&src), &s(&out), "--type", "Q8_0", "--experts", "q8_K"]);
+    let r = quantize_args(&[&s(&src), &s(&out), "--type", "Q8_0", "--experts", "q8_K"]);
     assert_eq!(r.status.code(), Some(2));
 
     // A write that fails midway (here the file-size limit, as a full disk would): a message naming the file, no
@@ -436,7 +364,10 @@ fn bad_inputs_and_flags_fail_cleanly_without_output() {
     let r = Command::new("sh").args(["-c", &script]).output().unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{err}");
-    assert!(err.contains("out.gguf") && err.contains("too large"), "{err}");
+    assert!(
+        err.contains("out.gguf") && err.contains("too large"),
+        "{err}"
+    );
 
     assert!(!out.exists());
     let left = leftovers(dir.path(), &[&src, &cut, &other]);
@@ -494,7 +425,7 @@ fn importance_matrix_guides_the_iq_types_as_in_llama_cpp() {
 
     // Without an importance matrix IQ2_XXS falls back to Q2_K, and says so.
     let plain = dir.path().join("plain.gguf");
-    let stderr = quantize_ok(&src, &plain, "IQ2_XXS", &[]);
+    let stderr = quantize_ok(&src, &plain, "IQ2_XXS", &[], THREADS);
     assert!(
         stderr.contains("importance matrix") && stderr.contains("Q2_K"),
         "{stderr}"
@@ -513,6 +444,7 @@ fn importance_matrix_guides_the_iq_types_as_in_llama_cpp() {
         &ours,
         "IQ2_XXS",
         &["--imatrix", imatrix.to_str().unwrap()],
+        THREADS,
     );
     let theirs = dir.path().join("llama-iq2.gguf");
     llama_quantize(&src, &theirs, 19, 1, true, &weights).unwrap();

@@ -13,8 +13,6 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, EngineOptions, Logits};
 use ferrite::ggml::dequantize_rows;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, Vocabulary};
 use ferrite::model::tiny_hf::{
@@ -22,9 +20,16 @@ use ferrite::model::tiny_hf::{
 };
 use gguf::{GgmlType, Model, Value};
 use support::compare::{prompt, relative_errors};
-use support::llama_ref::{argmax, LlamaParams, LlamaRef};
+use support::llama_ref::argmax;
+use support::quantize::{assert_same_model, ferrite_logits, llama_logits, quantize, quantize_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrite");
+/// `ferrite quantize ARGS` with this file's thread count.
+fn quantize_args(args: &[&str]) -> Output {
+    quantize(args, THREADS)
+}
+
+const THREADS: usize = 2;
 const N_TOKENS: usize = 200;
 const SEED: u64 = 5;
 
@@ -47,54 +52,6 @@ fn checkpoint(dir: &Path, mtp: bool) -> PathBuf {
     ckpt
 }
 
-fn quantize(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("quantize")
-        .args(args)
-        .args(["-t", "2"])
-        .output()
-        .unwrap()
-}
-
-fn quantize_ok(input: &Path, output: &Path, recipe: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        input.to_str().unwrap(),
-        output.to_str().unwrap(),
-        "--type",
-        recipe,
-    ];
-    args.extend_from_slice(extra);
-    let out = quantize(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "quantize {recipe} failed: {stderr}");
-    stderr
-}
-
-fn ferrite_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let e = Engine::open(
-        path,
-        EngineOptions {
-            n_threads: 1,
-            fused_ops: true,
-            cache_type: CacheType::F32,
-        },
-    )
-    .unwrap();
-    let mut s = e.session(512, 512).unwrap();
-    let flat = s.feed(tokens, Logits::All).unwrap();
-    flat.chunks(e.n_vocab()).map(<[f32]>::to_vec).collect()
-}
-
-fn llama_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let params = LlamaParams {
-        n_ctx: 512,
-        ..LlamaParams::default()
-    };
-    let mut r = LlamaRef::load(path, params).unwrap();
-    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    r.logits(&ids, 512).unwrap()
-}
-
 /// Median per-position relative error and the share of positions with the same argmax.
 fn closeness(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f64) {
     let mut errs = relative_errors(ours, reference);
@@ -106,33 +63,6 @@ fn closeness(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f64) {
         .count() as f64
         / ours.len() as f64;
     (errs[errs.len() / 2], agree)
-}
-
-fn worst(errs: &[f32]) -> f32 {
-    errs.iter().fold(0f32, |m, &e| m.max(e))
-}
-
-/// The rule of tests/parity_llama.rs for the same file in two engines: 99 % of positions within 1e-4 of the logit
-/// scale and 99 % equal argmaxes (F32 files: all positions).
-fn assert_same_model(what: &str, ours: &[Vec<f32>], reference: &[Vec<f32>]) {
-    let errs = relative_errors(ours, reference);
-    let within = errs.iter().filter(|&&e| e <= 1e-4).count() as f64 / errs.len() as f64;
-    let argmax_same = ours
-        .iter()
-        .zip(reference)
-        .filter(|(a, b)| argmax(a) == argmax(b))
-        .count() as f64
-        / ours.len() as f64;
-    eprintln!(
-        "{what}: worst {:.2e}, {:.1} % within 1e-4, argmax {:.1} %",
-        worst(&errs),
-        within * 100.0,
-        argmax_same * 100.0
-    );
-    assert!(
-        within >= 0.99 && argmax_same >= 0.99,
-        "{what}: not the same model"
-    );
 }
 
 /// Every tensor of `got` equals `want`'s (names, types, shapes, bytes); returns how many.
@@ -165,7 +95,7 @@ fn f32_conversion_is_the_model_and_runs_in_llama_like_in_ferrite() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(dir.path(), false);
     let out = dir.path().join("f32.gguf");
-    quantize_ok(&ckpt, &out, "F32", &[]);
+    quantize_ok(&ckpt, &out, "F32", &[], THREADS);
     let official = dir.path().join("official.gguf");
     write_tiny_model_official(&official, &config(), SEED, false).unwrap();
     let n = assert_same_tensors(&out, &official);
@@ -239,7 +169,7 @@ fn q8_0_stays_close_to_f32_and_mxfp4_keeps_the_experts_exact() {
     let f32_logits = ferrite_logits(&official, &tokens);
 
     let q8 = dir.path().join("q8.gguf");
-    quantize_ok(&ckpt, &q8, "Q8_0", &[]);
+    quantize_ok(&ckpt, &q8, "Q8_0", &[], THREADS);
     let ours = ferrite_logits(&q8, &tokens);
     assert_same_model("Q8_0 in llama.cpp", &llama_logits(&q8, &tokens), &ours);
     // Q8_0 against the F32 conversion. This random tiny model is chaotic: discrete choices (score routing, the
@@ -273,7 +203,7 @@ fn q8_0_stays_close_to_f32_and_mxfp4_keeps_the_experts_exact() {
     );
 
     let mx = dir.path().join("mxfp4.gguf");
-    quantize_ok(&ckpt, &mx, "MXFP4", &[]);
+    quantize_ok(&ckpt, &mx, "MXFP4", &[], THREADS);
     let (m, reference) = (Model::open(&mx).unwrap(), Model::open(&official).unwrap());
     let mut experts = 0;
     for t in m
@@ -309,7 +239,7 @@ fn the_mtp_block_is_kept_or_left_out() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(dir.path(), true);
     let out = dir.path().join("mtp.gguf");
-    quantize_ok(&ckpt, &out, "F32", &[]);
+    quantize_ok(&ckpt, &out, "F32", &[], THREADS);
     let official = dir.path().join("official-mtp.gguf");
     write_tiny_model_official(&official, &config(), SEED, true).unwrap();
     assert_same_tensors(&out, &official);
@@ -323,7 +253,7 @@ fn the_mtp_block_is_kept_or_left_out() {
     // llama.cpp loads the MTP block as layer 6; the main model's logits are unchanged by it.
     let tokens = prompt(64, 1024, 3);
     let without = dir.path().join("no-mtp.gguf");
-    let stderr = quantize_ok(&ckpt, &without, "F32", &["--no-mtp"]);
+    let stderr = quantize_ok(&ckpt, &without, "F32", &["--no-mtp"], THREADS);
     assert!(stderr.contains("MTP"), "{stderr}");
     let m = Model::open(&without).unwrap();
     assert_eq!(m.metadata().u32("deepseek4.block_count").unwrap(), 6);
@@ -457,7 +387,7 @@ fn corrupt_checkpoints_fail_with_a_message_and_no_output() {
         copy_dir(&good, &bad);
         damage(&bad);
         let out = dir.path().join("out.gguf");
-        let r = quantize(&[
+        let r = quantize_args(&[
             bad.to_str().unwrap(),
             out.to_str().unwrap(),
             "--type",
@@ -512,7 +442,7 @@ fn a_multi_gigabyte_checkpoint_quantizes_in_bounded_memory_and_ctrl_c_leaves_not
     );
 
     let out = dir.path().join("big.gguf");
-    let stderr = quantize_ok(&ckpt, &out, "MXFP4", &[]);
+    let stderr = quantize_ok(&ckpt, &out, "MXFP4", &[], THREADS);
     let rss = reported_rss(&stderr);
     eprintln!(
         "{} GB checkpoint -> MXFP4: peak RSS {:.0} MiB",

@@ -3,3 +3,4 @@
 
 pub mod compare;
 pub mod llama_ref;
+pub mod quantize;
