@@ -2,19 +2,25 @@
 //! cache, logits). The only API the commands use.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use gguf::Model;
+use gguf::{GgmlType, Model};
 
-use crate::cache::{CacheSizes, CacheType, CompPlan, KvCache, UbatchPlan};
+use crate::cache::{CacheSizes, CacheType, KvCache, UbatchPlan};
 use crate::ggml::{Context, CpuBackend, GraphAllocator, Tensor};
-use crate::model::config::Config;
-use crate::model::forward::{
-    forward, hadamard_matrix, indexer_rotation_size, BatchInputs, BlockInputs, CompInputs, Ops,
-    Uploads,
-};
+use crate::model::config::{Config, LayerKind};
+use crate::model::forward::{hadamard_matrix, indexer_rotation_size};
+use crate::model::step::{build_graph, fill_inputs, GraphCache, GraphKey, GraphParts};
 use crate::model::weights::Weights;
+
+/// Micro-batch graphs a session keeps for reuse: decode cycles through up to three shapes (a ratio-4 row, a
+/// ratio-128 row, or none completes), plus the last prompt's.
+const KEPT_GRAPHS: usize = 4;
+
+/// Set to `0` to build a fresh graph for every micro-batch (a diagnostic: the results are the same).
+const GRAPH_REUSE_ENV: &str = "FERRITE_GRAPH_REUSE";
 
 /// How an engine runs.
 #[derive(Clone, Debug)]
@@ -44,6 +50,8 @@ pub struct Engine {
     cfg: Config,
     weights_ctx: Context<'static>,
     weights: Weights<usize>,
+    /// Constant tensors the graphs read (the indexer's Hadamard matrix), in their own buffer.
+    consts_ctx: Context<'static>,
     backend: CpuBackend,
     opts: EngineOptions,
 }
@@ -84,12 +92,15 @@ impl Engine {
             return Err(e).context("cannot map the weights into ggml");
         }
         let backend = CpuBackend::new(opts.n_threads.max(1))?;
+        let consts_ctx =
+            constants(&cfg, &backend).context("cannot allocate the model's constants")?;
         Ok(Engine {
             path: path.to_path_buf(),
             model,
             cfg,
             weights_ctx,
             weights,
+            consts_ctx,
             backend,
             opts,
         })
@@ -120,6 +131,11 @@ impl Engine {
         self.weights.map(|i| all[i])
     }
 
+    /// The indexer's Hadamard matrix, when the model has ratio-4 layers and the indexer head allows one.
+    fn indexer_rotation(&self) -> Option<Tensor<'_>> {
+        self.consts_ctx.tensors().first().copied()
+    }
+
     /// A new empty sequence with room for `n_ctx` tokens, processing prompts `n_ubatch` tokens at a time.
     pub fn session(&self, n_ctx: usize, n_ubatch: usize) -> Result<Session<'_>> {
         if n_ctx == 0 || n_ubatch == 0 {
@@ -130,13 +146,30 @@ impl Engine {
             .context("cannot allocate the context cache")?;
         let alloc =
             GraphAllocator::new(&self.backend).context("cannot create the compute buffer")?;
+        let reuse = std::env::var(GRAPH_REUSE_ENV).map_or(true, |v| v.trim() != "0");
         Ok(Session {
             engine: self,
-            cache,
+            cache: Rc::new(cache),
             alloc,
+            graphs: GraphCache::new(if reuse { KEPT_GRAPHS } else { 0 }),
+            stats: GraphStats::default(),
             tokens: Vec::new(),
         })
     }
+}
+
+/// The constant tensors of a model's graphs: the indexer's Hadamard matrix (if any), in a buffer of `backend`.
+fn constants(cfg: &Config, backend: &CpuBackend) -> Result<Context<'static>> {
+    let ctx = Context::with_capacity(1, 0)?;
+    let size =
+        indexer_rotation_size(cfg.indexer_dim).filter(|_| cfg.kinds.contains(&LayerKind::Csa));
+    if let Some(r) = size {
+        let t = ctx.new_tensor_2d(GgmlType::F32, r as i64, r as i64)?;
+        t.set_name("indexer_rotation")?;
+        ctx.alloc_tensors(backend)?;
+        t.set_f32(&hadamard_matrix(r))?;
+    }
+    Ok(ctx)
 }
 
 /// Which logits a call returns.
@@ -151,10 +184,23 @@ pub enum Logits {
 /// One sequence being processed: its tokens and cache.
 pub struct Session<'e> {
     engine: &'e Engine,
-    cache: KvCache,
-    /// The compute buffer, reused by every micro-batch's graph.
+    /// Shared with the kept graphs, which read and write it.
+    cache: Rc<KvCache>,
+    /// The compute buffer, shared by every micro-batch's graph.
     alloc: GraphAllocator,
+    /// Graphs of recent micro-batch shapes, allocated in `alloc`'s buffer, reused while the shape repeats.
+    graphs: GraphCache<'e>,
+    stats: GraphStats,
     tokens: Vec<u32>,
+}
+
+/// How a session's micro-batches got their graphs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Graphs built (and allocated).
+    pub built: u64,
+    /// Micro-batches that reused a kept graph.
+    pub reused: u64,
 }
 
 impl<'e> Session<'e> {
@@ -180,6 +226,23 @@ impl<'e> Session<'e> {
         self.cache.bytes()
     }
 
+    /// Keeps the graphs of recent micro-batch shapes and reuses them (the default), or builds a new graph for
+    /// every micro-batch (`false`: a diagnostic; the logits are the same bit for bit). `FERRITE_GRAPH_REUSE=0` in the
+    /// environment turns reuse off for new sessions.
+    pub fn set_graph_reuse(&mut self, on: bool) {
+        self.graphs.set_capacity(if on { KEPT_GRAPHS } else { 0 });
+    }
+
+    /// Whether graphs are kept and reused.
+    pub fn graph_reuse(&self) -> bool {
+        self.graphs.capacity() > 0
+    }
+
+    /// Graphs built and reused so far.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.stats
+    }
+
     /// Processes `tokens` after the ones already seen, in micro-batches, and returns logits (`n_vocab` per row).
     pub fn feed(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let n_vocab = self.engine.cfg.n_vocab;
@@ -195,54 +258,73 @@ impl<'e> Session<'e> {
                 self.n_ctx()
             );
         }
-        let mut out = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.cache.sizes.n_ubatch).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let want = match which {
-                Logits::All => (0..chunk.len()).collect(),
-                Logits::Last if last => vec![chunk.len() - 1],
-                Logits::Last => Vec::new(),
-            };
-            let logits = self.run_ubatch(chunk, &want)?;
-            out.extend_from_slice(&logits);
+        let rows = match which {
+            Logits::All => tokens.len(),
+            Logits::Last => usize::from(!tokens.is_empty()),
+        };
+        let mut out = Vec::with_capacity(rows * n_vocab);
+        let n_chunks = tokens.len().div_ceil(self.cache.sizes.n_ubatch);
+        let mut want = Vec::new();
+        for (i, chunk) in tokens.chunks(self.cache.sizes.n_ubatch).enumerate() {
+            want.clear();
+            match which {
+                Logits::All => want.extend(0..chunk.len()),
+                Logits::Last if i + 1 == n_chunks => want.push(chunk.len() - 1),
+                Logits::Last => {}
+            }
+            self.run_ubatch(chunk, &want, &mut out)?;
         }
         Ok(out)
     }
 
-    /// Runs one micro-batch; returns the logits of the positions in `want` (indices within the micro-batch).
-    fn run_ubatch(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<f32>> {
+    /// Runs one micro-batch; appends the logits of the positions in `want` (indices within the micro-batch) to
+    /// `out`.
+    fn run_ubatch(&mut self, tokens: &[u32], want: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let engine = self.engine;
         let cfg = &engine.cfg;
+        let fused = engine.opts.fused_ops;
         let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past());
-        let n_nodes = 400 * (cfg.n_layer + 1)
-            + 64 * cfg.sinkhorn_iters * cfg.n_layer * usize::from(!engine.opts.fused_ops);
-        let ctx = Context::with_capacity(n_nodes, n_nodes)?;
-        let logits = {
-            let ctx: &Context = &ctx;
-            let mut up = Uploads::default();
-            let inp = batch_inputs(ctx, &mut up, &plan, want, cfg, engine.opts.fused_ops)?;
-            let o = Ops::new(ctx, cfg, engine.opts.fused_ops);
-            let weights = engine.weight_tensors();
-            let cache = self.cache.layers();
-            // Head only when logits are wanted; the layers still run (they fill the cache).
-            let logits = forward(&o, cfg, &weights, &cache, &inp)?;
-            let mut graph = ctx.new_graph(n_nodes)?;
-            graph.expand(logits)?;
-            for e in o.effects() {
-                graph.expand(e)?;
+        let key = GraphKey::of(&plan, want.len());
+        let fresh;
+        let graph = match self.graphs.get(&key) {
+            Some(g) => {
+                self.stats.reused += 1;
+                g
             }
-            self.alloc.alloc(&graph)?;
-            up.upload()?;
-            engine.backend.compute(&graph)?;
-            if want.is_empty() {
-                Vec::new()
-            } else {
-                logits.get_f32()?
+            None => {
+                self.stats.built += 1;
+                let weights = engine.weight_tensors();
+                let parts = GraphParts {
+                    cfg,
+                    fused,
+                    weights: &weights,
+                    rotation: engine.indexer_rotation(),
+                };
+                let g = build_graph(&parts, &self.cache, &plan, want)?;
+                let before = self.alloc.buffer_size();
+                self.alloc.alloc(g.graph())?;
+                if self.alloc.buffer_size() != before {
+                    // A bigger compute buffer: kept graphs still hold the old one; let it go.
+                    self.graphs.clear();
+                }
+                if self.graphs.capacity() > 0 {
+                    self.graphs.insert(key, g);
+                    self.graphs.get(&key).expect("just kept")
+                } else {
+                    fresh = g;
+                    &fresh
+                }
             }
         };
+        let logits = fill_inputs(graph, plan, want, fused, engine.indexer_rotation())?;
+        engine.backend.compute(graph.graph())?;
+        if !want.is_empty() {
+            let start = out.len();
+            out.resize(start + logits.n_elements() as usize, 0.0);
+            logits.read_f32(&mut out[start..])?;
+        }
         self.tokens.extend_from_slice(tokens);
-        Ok(logits)
+        Ok(())
     }
 
     /// Forgets everything after the first `n` tokens. The compressor rings cannot be rolled back, so the prefix
@@ -288,105 +370,4 @@ impl<'e> Session<'e> {
             cache_tensors: self.cache.n_tensors() as u64,
         }
     }
-}
-
-fn batch_inputs<'c>(
-    ctx: &'c Context<'c>,
-    up: &mut Uploads<'c>,
-    plan: &UbatchPlan,
-    want: &[usize],
-    cfg: &Config,
-    fused: bool,
-) -> Result<BatchInputs<'c>> {
-    let n = plan.tokens.len();
-    let positions: Vec<i32> = (plan.p0..plan.p0 + n).map(|p| p as i32).collect();
-    let ring = plan.raw.mask.len() / n;
-    // With no logits wanted, still compute one (cheap) row: the graph needs an output.
-    let out_ids: Vec<i32> = if want.is_empty() {
-        vec![n as i32 - 1]
-    } else {
-        want.iter().map(|&i| i as i32).collect()
-    };
-    Ok(BatchInputs {
-        tokens: up.i32(ctx, "inp_tokens", plan.tokens.clone())?,
-        pos: up.i32(ctx, "inp_pos", positions)?,
-        raw_slots: up.i32(
-            ctx,
-            "inp_raw_slots",
-            plan.raw.write_slots.iter().map(|&s| s as i32).collect(),
-        )?,
-        raw_mask: up.mask(ctx, "inp_raw_mask", ring, plan.raw.mask.clone(), false)?,
-        csa: plan
-            .csa
-            .as_ref()
-            .map(|p| comp_inputs(ctx, up, p, plan.p0, n, fused))
-            .transpose()?,
-        hca: plan
-            .hca
-            .as_ref()
-            .map(|p| comp_inputs(ctx, up, p, plan.p0, n, false))
-            .transpose()?,
-        out_ids: up.i32(ctx, "inp_out_ids", out_ids)?,
-        indexer_rotation: match indexer_rotation_size(cfg.indexer_dim) {
-            Some(r) if plan.csa.is_some() => {
-                Some(up.mask(ctx, "inp_indexer_rot", r, hadamard_matrix(r), false)?)
-            }
-            _ => None,
-        },
-    })
-}
-
-fn comp_inputs<'c>(
-    ctx: &'c Context<'c>,
-    up: &mut Uploads<'c>,
-    p: &CompPlan,
-    p0: usize,
-    n: usize,
-    half_mask: bool,
-) -> Result<CompInputs<'c>> {
-    let c = &p.compress;
-    let r = c.ratio;
-    let blocks = if c.n_blocks == 0 {
-        None
-    } else {
-        let write: Vec<i32> = (c.first_block..c.first_block + c.n_blocks)
-            .map(|j| j as i32)
-            .collect();
-        Some(BlockInputs {
-            n_blocks: c.n_blocks,
-            read_rows: up.i32(ctx, &format!("inp_r{r}_read"), c.read_rows.clone())?,
-            block_pos: up.i32(ctx, &format!("inp_r{r}_block_pos"), c.block_pos.clone())?,
-            write_rows: up.i32(ctx, &format!("inp_r{r}_write"), write)?,
-        })
-    };
-    let mask = up.mask(
-        ctx,
-        &format!("inp_r{r}_mask"),
-        p.n_kv,
-        p.mask.clone(),
-        false,
-    )?;
-    let mask_f16 = if half_mask {
-        Some(up.mask(
-            ctx,
-            &format!("inp_r{r}_mask16"),
-            p.n_kv,
-            p.mask.clone(),
-            true,
-        )?)
-    } else {
-        None
-    };
-    Ok(CompInputs {
-        ratio: r,
-        ape_pos: up.i32(
-            ctx,
-            &format!("inp_r{r}_ape"),
-            (p0..p0 + n).map(|t| (t % r) as i32).collect(),
-        )?,
-        persist_rows: up.i32(ctx, &format!("inp_r{r}_persist"), c.persist_rows.clone())?,
-        blocks,
-        mask,
-        mask_f16,
-    })
 }

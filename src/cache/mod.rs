@@ -1,33 +1,47 @@
 //! The per-sequence cache of DeepSeek V4 (DSV4.md section 4): per layer the raw-window ring (the last `window`
 //! rows plus a micro-batch), compressed rows and indexer rows for the whole context, and the compressor rings that
 //! carry partial blocks between calls. Tensors live in one backend buffer; `plan` does the host bookkeeping.
+//!
+//! The raw ring and the compressed rows of a layer are one tensor (`kv`, ring rows first), so attention reads both
+//! as one view, in the order it needs them; `vt` holds the same rows transposed, kept in step with every write, so
+//! attention reads its values as a view too instead of concatenating and transposing all key rows each token.
 
 pub mod plan;
 
 use gguf::GgmlType;
 
-use crate::ggml::{Context, CpuBackend, Result, Tensor};
+use crate::ggml::{Context, CpuBackend, GgmlError, Result, Tensor};
 use crate::model::config::{Config, LayerKind};
 
 use plan::{
-    compress_plan, compressed_mask, compressor_ring_rows, raw_plan, CompressPlan, RawPlan, Ring,
+    compress_plan, compressed_mask, compressor_ring_rows, raw_mask, raw_plan, CompressPlan,
+    RawPlan, Ring,
 };
 
 /// The compressed rows of one layer (or of its indexer) and the ring of its compressor.
 #[derive(Clone, Debug)]
 pub struct CompCache<T> {
-    /// `{width, rows}`: one row per completed block.
+    /// `{width, rows}`: one row per completed block (for attention rows, a view of the layer's `kv`).
     pub rows: T,
-    /// `{coff·width, ring}`: recent tokens' compressor values.
+    /// `{coff·width, ring}`: recent tokens' compressor values (the first rows of `src_kv`).
     pub ring_kv: T,
-    /// `{coff·width, ring}`: recent tokens' compressor scores (gate + ape).
+    /// `{coff·width, ring}`: recent tokens' compressor scores, gate + ape (the first rows of `src_score`).
     pub ring_score: T,
+    /// `{coff·width, ring + n_ubatch + 1}`: the rows a micro-batch's blocks pool from, in place: the ring, staging
+    /// rows for the micro-batch's new rows, and a padding row (0 for values, -inf for scores; see
+    /// [`plan::CompressPlan`]).
+    pub src_kv: T,
+    pub src_score: T,
 }
 
 /// The cache of one layer.
 #[derive(Clone, Debug)]
 pub struct LayerCache<T> {
-    /// `{head_dim, raw ring}`: the keys (= values) of the most recent tokens.
+    /// `{head_dim, raw ring + compressed rows}`: the keys (= values) attention reads, raw ring rows first.
+    pub kv: T,
+    /// `{raw ring + compressed rows, head_dim}`: `kv` transposed (the values as attention multiplies them).
+    pub vt: T,
+    /// `{head_dim, raw ring}`: the keys of the most recent tokens (a view of the first rows of `kv`).
     pub raw_k: T,
     pub comp: Option<CompCache<T>>,
     pub indexer: Option<CompCache<T>>,
@@ -39,6 +53,8 @@ impl<T: Copy> CompCache<T> {
             rows: f(self.rows),
             ring_kv: f(self.ring_kv),
             ring_score: f(self.ring_score),
+            src_kv: f(self.src_kv),
+            src_score: f(self.src_score),
         }
     }
 }
@@ -46,10 +62,22 @@ impl<T: Copy> CompCache<T> {
 impl<T: Copy> LayerCache<T> {
     pub fn map<U>(&self, f: &impl Fn(T) -> U) -> LayerCache<U> {
         LayerCache {
+            kv: f(self.kv),
+            vt: f(self.vt),
             raw_k: f(self.raw_k),
             comp: self.comp.as_ref().map(|c| c.map(f)),
             indexer: self.indexer.as_ref().map(|c| c.map(f)),
         }
+    }
+
+    /// The tensors a saved session holds, in file order: the raw ring, then the compressor's and the indexer's
+    /// rows and rings (`kv` as its two views; `vt` is rebuilt from them).
+    fn saved(&self) -> Vec<T> {
+        let mut out = vec![self.raw_k];
+        for c in [&self.comp, &self.indexer].into_iter().flatten() {
+            out.extend([c.rows, c.ring_kv, c.ring_score]);
+        }
+        out
     }
 }
 
@@ -111,18 +139,20 @@ pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> (f64, u64) {
     let mut per_token = 0.0;
     let mut fixed = 0u64;
     for kind in &cfg.kinds {
-        fixed += (cfg.head_dim * sizes.raw_ring) as u64 * f;
+        // Key rows twice: `kv` and its transpose `vt`.
+        fixed += 2 * (cfg.head_dim * sizes.raw_ring) as u64 * f;
+        // Values and scores, F32, for the ring, the staging rows and the padding row.
         let ring_width = |width: usize, coff: usize, ratio: usize| {
-            (2 * coff * width * compressor_ring_rows(ratio)) as u64 * 4
+            (2 * coff * width * (compressor_ring_rows(ratio) + sizes.n_ubatch + 1)) as u64 * 4
         };
         match kind {
             LayerKind::Raw => {}
             LayerKind::Csa => {
-                per_token += ((cfg.head_dim + cfg.indexer_dim) as u64 * f) as f64 / 4.0;
+                per_token += ((2 * cfg.head_dim + cfg.indexer_dim) as u64 * f) as f64 / 4.0;
                 fixed += ring_width(cfg.head_dim, 2, 4) + ring_width(cfg.indexer_dim, 2, 4);
             }
             LayerKind::Hca => {
-                per_token += (cfg.head_dim as u64 * f) as f64 / 128.0;
+                per_token += (2 * cfg.head_dim as u64 * f) as f64 / 128.0;
                 fixed += ring_width(cfg.head_dim, 1, 128);
             }
         }
@@ -135,68 +165,106 @@ pub struct KvCache {
     ctx: Context<'static>,
     layers: Vec<LayerCache<usize>>,
     pub sizes: CacheSizes,
+    head_dim: usize,
 }
 
 impl KvCache {
     pub fn new(cfg: &Config, sizes: CacheSizes, backend: &CpuBackend) -> Result<KvCache> {
-        let per_layer = 7;
+        let per_layer = 14;
         let ctx = Context::with_capacity(cfg.n_layer * per_layer + 8, 0)?;
-        let mut count = 0usize;
         let rows_ty = sizes.cache_type.ggml();
-        let mut new = |ty: GgmlType, ne0: usize, ne1: usize, name: String| -> Result<usize> {
-            let t = ctx.new_tensor_2d(ty, ne0 as i64, ne1 as i64)?;
-            t.set_name(&name)?;
-            count += 1;
-            Ok(count - 1)
-        };
+        let dh = cfg.head_dim;
         let mut layers = Vec::with_capacity(cfg.n_layer);
-        for (il, kind) in cfg.kinds.iter().enumerate() {
-            let raw_k = new(
-                rows_ty,
-                cfg.head_dim,
-                sizes.raw_ring,
-                format!("cache.{il}.raw_k"),
-            )?;
-            let mut comp_cache =
-                |width: usize, coff: usize, ratio: usize, what: &str| -> Result<CompCache<usize>> {
-                    let ring = compressor_ring_rows(ratio);
+        {
+            // Tensors are identified by their position in the context (views count too).
+            let mut count = 0usize;
+            let mut made = |t: Tensor<'_>, name: String| -> Result<usize> {
+                t.set_name(&name)?;
+                count += 1;
+                Ok(count - 1)
+            };
+            for (il, kind) in cfg.kinds.iter().enumerate() {
+                let cap = match kind {
+                    LayerKind::Raw => 0,
+                    kind => sizes.comp_rows(kind.ratio()),
+                };
+                let total = sizes.raw_ring + cap;
+                if total.checked_mul(dh).is_none_or(|n| n > i32::MAX as usize) {
+                    return Err(GgmlError::Op {
+                        op: "cache",
+                        detail: format!(
+                            "{total} key rows of {dh} values do not fit 32-bit indices"
+                        ),
+                    });
+                }
+                let kv_t = ctx.new_tensor_2d(rows_ty, dh as i64, total as i64)?;
+                let kv = made(kv_t, format!("cache.{il}.kv"))?;
+                let vt = made(
+                    ctx.new_tensor_2d(rows_ty, total as i64, dh as i64)?,
+                    format!("cache.{il}.vt"),
+                )?;
+                let row = kv_t.nb()[1];
+                let raw_k = made(
+                    ctx.view_2d(kv_t, [dh as i64, sizes.raw_ring as i64], row, 0)?,
+                    format!("cache.{il}.raw_k"),
+                )?;
+                // `what` is "comp" (attention rows, which live in `kv` after the ring) or "idx" (indexer rows).
+                let mut comp_cache = |width: usize,
+                                      coff: usize,
+                                      ratio: usize,
+                                      what: &str|
+                 -> Result<CompCache<usize>> {
+                    let ring = compressor_ring_rows(ratio) as i64;
+                    let n_rows = sizes.comp_rows(ratio) as i64;
+                    let in_kv = what == "comp";
+                    let rows = if in_kv {
+                        ctx.view_2d(kv_t, [width as i64, n_rows], row, sizes.raw_ring * row)?
+                    } else {
+                        ctx.new_tensor_2d(rows_ty, width as i64, n_rows)?
+                    };
+                    let rows = made(rows, format!("cache.{il}.{what}_rows"))?;
+                    let features = (coff * width) as i64;
+                    let src_rows = ring + sizes.n_ubatch as i64 + 1;
+                    let src_kv_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
+                    let src_kv = made(src_kv_t, format!("cache.{il}.{what}_src_kv"))?;
+                    let src_score_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
+                    let src_score = made(src_score_t, format!("cache.{il}.{what}_src_score"))?;
+                    let ring_of = |t| ctx.view_2d(t, [features, ring], Tensor::nb(t)[1], 0);
                     Ok(CompCache {
-                        rows: new(
-                            rows_ty,
-                            width,
-                            sizes.comp_rows(ratio),
-                            format!("cache.{il}.{what}_rows"),
-                        )?,
-                        ring_kv: new(
-                            GgmlType::F32,
-                            coff * width,
-                            ring,
-                            format!("cache.{il}.{what}_ring_kv"),
-                        )?,
-                        ring_score: new(
-                            GgmlType::F32,
-                            coff * width,
-                            ring,
+                        rows,
+                        ring_kv: made(ring_of(src_kv_t)?, format!("cache.{il}.{what}_ring_kv"))?,
+                        ring_score: made(
+                            ring_of(src_score_t)?,
                             format!("cache.{il}.{what}_ring_score"),
                         )?,
+                        src_kv,
+                        src_score,
                     })
                 };
-            let (comp, indexer) = match kind {
-                LayerKind::Raw => (None, None),
-                LayerKind::Csa => (
-                    Some(comp_cache(cfg.head_dim, 2, 4, "comp")?),
-                    Some(comp_cache(cfg.indexer_dim, 2, 4, "idx")?),
-                ),
-                LayerKind::Hca => (Some(comp_cache(cfg.head_dim, 1, 128, "comp")?), None),
-            };
-            layers.push(LayerCache {
-                raw_k,
-                comp,
-                indexer,
-            });
+                let (comp, indexer) = match kind {
+                    LayerKind::Raw => (None, None),
+                    LayerKind::Csa => (
+                        Some(comp_cache(dh, 2, 4, "comp")?),
+                        Some(comp_cache(cfg.indexer_dim, 2, 4, "idx")?),
+                    ),
+                    LayerKind::Hca => (Some(comp_cache(dh, 1, 128, "comp")?), None),
+                };
+                layers.push(LayerCache {
+                    kv,
+                    vt,
+                    raw_k,
+                    comp,
+                    indexer,
+                });
+            }
         }
         ctx.alloc_tensors(backend)?;
-        let cache = KvCache { ctx, layers, sizes };
+        let cache = KvCache {
+            ctx,
+            layers,
+            sizes,
+            head_dim: dh,
+        };
         cache.clear()?;
         Ok(cache)
     }
@@ -207,10 +275,24 @@ impl KvCache {
         self.layers.iter().map(|l| l.map(&|i| all[i])).collect()
     }
 
-    /// Zeroes every row (a fresh sequence).
+    /// Zeroes every row (a fresh sequence), and sets the compressors' padding rows.
     pub fn clear(&self) -> Result<()> {
         for t in self.ctx.tensors() {
+            if t.is_view() {
+                continue;
+            }
             t.set_bytes(&vec![0u8; t.n_bytes()])?;
+        }
+        for layer in self.layers() {
+            for c in [&layer.comp, &layer.indexer].into_iter().flatten() {
+                let mut bytes = vec![0u8; c.src_score.n_bytes()];
+                let pad = c.src_score.nb()[1];
+                let at = bytes.len() - pad;
+                for v in bytes[at..].chunks_exact_mut(4) {
+                    v.copy_from_slice(&f32::NEG_INFINITY.to_le_bytes());
+                }
+                c.src_score.set_bytes(&bytes)?;
+            }
         }
         Ok(())
     }
@@ -220,44 +302,86 @@ impl KvCache {
         self.ctx.allocated_bytes()
     }
 
-    /// Every tensor's bytes, in order (for saving a session).
-    pub fn snapshot(&self) -> Result<Vec<Vec<u8>>> {
-        self.ctx
-            .tensors()
-            .into_iter()
-            .map(|t| t.get_bytes())
-            .collect()
+    /// The tensors a session file holds, in order.
+    fn saved(&self) -> Vec<Tensor<'_>> {
+        self.layers().iter().flat_map(LayerCache::saved).collect()
     }
 
-    /// Restores what [`KvCache::snapshot`] returned (same model and sizes).
+    /// Every saved tensor's bytes, in order (for saving a session).
+    pub fn snapshot(&self) -> Result<Vec<Vec<u8>>> {
+        self.saved().into_iter().map(|t| t.get_bytes()).collect()
+    }
+
+    /// Restores what [`KvCache::snapshot`] returned (same model and sizes), and the transposed keys from them.
     pub fn restore(&self, data: &[Vec<u8>]) -> Result<()> {
-        for (t, bytes) in self.ctx.tensors().into_iter().zip(data) {
+        for (t, bytes) in self.saved().into_iter().zip(data) {
             t.set_bytes(bytes)?;
+        }
+        for layer in self.layers() {
+            let kv = layer.kv.get_bytes()?;
+            layer
+                .vt
+                .set_bytes(&transpose_rows(&kv, self.head_dim, layer.kv.nb()[0]))?;
         }
         Ok(())
     }
 
+    /// Tensors a session file holds.
     pub fn n_tensors(&self) -> usize {
-        self.ctx.tensors().len()
+        self.layers.iter().map(|l| l.saved().len()).sum()
     }
 }
 
+/// `{width, rows}` elements of `elem` bytes -> `{rows, width}`.
+fn transpose_rows(data: &[u8], width: usize, elem: usize) -> Vec<u8> {
+    let rows = data.len() / (width * elem);
+    let mut out = vec![0u8; data.len()];
+    for r in 0..rows {
+        for d in 0..width {
+            let src = (r * width + d) * elem;
+            let dst = (d * rows + r) * elem;
+            out[dst..dst + elem].copy_from_slice(&data[src..src + elem]);
+        }
+    }
+    out
+}
+
+/// Up to this many query rows (tokens × heads), layers with compressed rows attend to the whole raw ring even
+/// while part of it is still unused (rows beyond the padded count, all masked): the extra products cost less than
+/// joining and copying the key rows each micro-batch (decode); beyond it (prompts), they cost more.
+pub const WHOLE_RING_WORK: usize = 64;
+
 /// The host side of one micro-batch: tokens, positions, and every index and mask its graph needs.
+#[derive(Clone, Debug)]
 pub struct UbatchPlan {
     pub tokens: Vec<i32>,
     pub p0: usize,
     pub raw: RawPlan,
     pub csa: Option<CompPlan>,
     pub hca: Option<CompPlan>,
+    /// Rows of the raw ring (the first rows of each layer's `kv`).
+    pub raw_ring: usize,
+    /// For layers with compressed rows, the `[raw_ring, n]` mask of the whole raw ring, when they read all of it
+    /// although `raw.n_kv < raw_ring` rows would do (see [`WHOLE_RING_WORK`]): then their keys and values are single
+    /// views of `kv` and `vt`, with nothing copied. Reading more ring rows, all masked, gives the same results bit
+    /// for bit: they add exact zeros, in groups of 256 that keep every other value in its SIMD lane.
+    pub raw_ring_mask: Option<Vec<f32>>,
+    /// Some layers attend to the raw window only.
+    pub raw_layers: bool,
+    /// Values per key row.
+    pub head_dim: usize,
 }
 
 /// Compressor bookkeeping and visibility for one ratio.
+#[derive(Clone, Debug)]
 pub struct CompPlan {
     pub compress: CompressPlan,
     /// Compressed rows attention reads (the rows that exist, padded; masked beyond them).
     pub n_kv: usize,
     /// `[n_kv, n]` visibility mask.
     pub mask: Vec<f32>,
+    /// Compressed rows the cache holds (after the raw ring in `kv`).
+    pub cap: usize,
 }
 
 impl UbatchPlan {
@@ -269,29 +393,36 @@ impl UbatchPlan {
                 let ring = Ring {
                     cap: compressor_ring_rows(ratio),
                 };
-                let compress = compress_plan(ratio, ring, p0, n);
-                let n_kv = plan::padded_kv(compress.n_rows_after, sizes.comp_rows(ratio));
+                let compress = compress_plan(ratio, ring, p0, n, sizes.n_ubatch);
+                let cap = sizes.comp_rows(ratio);
+                let n_kv = plan::padded_kv(compress.n_rows_after, cap);
                 let mask = compressed_mask(ratio, n_kv, p0, n);
                 CompPlan {
                     compress,
                     n_kv,
                     mask,
+                    cap,
                 }
             })
         };
+        let ring = Ring {
+            cap: sizes.raw_ring,
+        };
+        let raw = raw_plan(ring, cfg.window, p0, n);
+        let comp_layers = cfg.kinds.iter().any(|k| *k != LayerKind::Raw);
+        let whole_ring = n * cfg.n_head <= WHOLE_RING_WORK;
+        let raw_ring_mask = (comp_layers && raw.n_kv < ring.cap && whole_ring)
+            .then(|| raw_mask(ring, cfg.window, p0, n, ring.cap));
         UbatchPlan {
             tokens: tokens.iter().map(|&t| t as i32).collect(),
             p0,
-            raw: raw_plan(
-                Ring {
-                    cap: sizes.raw_ring,
-                },
-                cfg.window,
-                p0,
-                n,
-            ),
+            raw,
             csa: comp(LayerKind::Csa),
             hca: comp(LayerKind::Hca),
+            raw_ring: ring.cap,
+            raw_ring_mask,
+            raw_layers: cfg.kinds.contains(&LayerKind::Raw),
+            head_dim: cfg.head_dim,
         }
     }
 }

@@ -51,6 +51,16 @@ pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize) -> RawPlan {
     let end = p0 + n;
     let write_slots = (p0..end).map(|p| ring.slot(p) as i64).collect();
     let n_kv = padded_kv(end, ring.cap);
+    RawPlan {
+        write_slots,
+        n_kv,
+        mask: raw_mask(ring, window, p0, n, n_kv),
+    }
+}
+
+/// `[n_kv, n]` mask of the first `n_kv` ring rows for queries `p0..p0 + n` (see [`raw_plan`]).
+pub fn raw_mask(ring: Ring, window: usize, p0: usize, n: usize, n_kv: usize) -> Vec<f32> {
+    let end = p0 + n;
     let mut mask = vec![MASKED; n_kv * n];
     for (i, p) in (p0..end).enumerate() {
         for slot in 0..n_kv {
@@ -61,17 +71,14 @@ pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize) -> RawPlan {
             }
         }
     }
-    RawPlan {
-        write_slots,
-        n_kv,
-        mask,
-    }
+    mask
 }
 
 /// Compressor work of one micro-batch for one ratio.
 ///
-/// The compressor's source rows are `[ring rows (cap) | new rows (n) | one padding row]`: the padding row
-/// is zero for values and -inf for scores and stands for the missing block before block 0 (ratio 4).
+/// The compressor's source rows are `[ring rows (cap) | staging rows (stage >= n; the new rows first) | one
+/// padding row]`: the padding row is zero for values and -inf for scores and stands for the missing block before
+/// block 0 (ratio 4).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompressPlan {
     pub ratio: usize,
@@ -83,8 +90,9 @@ pub struct CompressPlan {
     pub read_rows: Vec<i32>,
     /// The position of each completed block's first token (its RoPE position).
     pub block_pos: Vec<i32>,
-    /// For each ring row after this micro-batch, the source row that fills it.
-    pub persist_rows: Vec<i32>,
+    /// Ring rows of the newest `min(n, cap)` positions, oldest first: after the micro-batch, the ring holds the
+    /// last `cap` positions, each in row `position % cap` (the other rows keep what they hold).
+    pub ring_slots: Vec<i32>,
     /// Compressed rows that exist after this micro-batch (all blocks completed so far).
     pub n_rows_after: usize,
 }
@@ -98,9 +106,11 @@ pub fn compressor_ring_rows(ratio: usize) -> usize {
     }
 }
 
-pub fn compress_plan(ratio: usize, ring: Ring, p0: usize, n: usize) -> CompressPlan {
+/// The compressor's work for positions `p0..p0 + n` (`n <= stage`, the staging rows of the source).
+pub fn compress_plan(ratio: usize, ring: Ring, p0: usize, n: usize, stage: usize) -> CompressPlan {
+    debug_assert!(n <= stage);
     let end = p0 + n;
-    let pad_row = (ring.cap + n) as i32;
+    let pad_row = (ring.cap + stage) as i32;
     // Source row of position t: new tokens after the ring; older ones in their ring slot.
     let src = |t: usize| -> i32 {
         if t >= p0 {
@@ -128,19 +138,15 @@ pub fn compress_plan(ratio: usize, ring: Ring, p0: usize, n: usize) -> CompressP
         read_rows.extend((start..start + ratio).map(src));
         block_pos.push(start as i32);
     }
-    let persist_rows = (0..ring.cap)
-        .map(|slot| match ring.position_in(slot, end) {
-            Some(t) => src(t),
-            None => pad_row,
-        })
-        .collect();
+    let kept = n.min(ring.cap);
+    let ring_slots = (end - kept..end).map(|t| ring.slot(t) as i32).collect();
     CompressPlan {
         ratio,
         first_block,
         n_blocks,
         read_rows,
         block_pos,
-        persist_rows,
+        ring_slots,
         n_rows_after,
     }
 }
@@ -205,7 +211,7 @@ mod tests {
     fn ratio4_blocks_overlap_the_previous_block() {
         let ring = Ring { cap: 8 };
         // Positions 0..10 in one batch: blocks 0 and 1 complete (block 2 needs position 11).
-        let plan = compress_plan(4, ring, 0, 10);
+        let plan = compress_plan(4, ring, 0, 10, 10);
         assert_eq!(
             (plan.first_block, plan.n_blocks, plan.n_rows_after),
             (0, 2, 2)
@@ -215,21 +221,29 @@ mod tests {
         assert_eq!(&plan.read_rows[8..], &[8, 9, 10, 11, 12, 13, 14, 15]);
         assert_eq!(plan.block_pos, vec![0, 4]);
         // Then one token at position 10, one at 11 (completes block 2 from the ring and the new row).
-        let plan = compress_plan(4, ring, 10, 1);
+        assert_eq!(
+            plan.ring_slots,
+            vec![2, 3, 4, 5, 6, 7, 0, 1],
+            "positions 2..10"
+        );
+        let plan = compress_plan(4, ring, 10, 1, 1);
         assert_eq!(plan.n_blocks, 0);
-        let plan = compress_plan(4, ring, 11, 1);
+        let plan = compress_plan(4, ring, 11, 1, 1);
         assert_eq!((plan.first_block, plan.n_blocks), (2, 1));
         // Previous block 4..8 in ring slots 4..8; this block 8, 9, 10 in slots 0, 1, 2 and 11 new (row 8).
         assert_eq!(plan.read_rows, vec![4, 5, 6, 7, 0, 1, 2, 8]);
         assert_eq!(plan.block_pos, vec![8]);
-        // The ring afterwards holds 4..12: slots 4..8 keep 4..7, slot 3 gets the new 11.
-        assert_eq!(plan.persist_rows, vec![0, 1, 2, 8, 4, 5, 6, 7]);
+        // The ring afterwards holds 4..12: the new 11 goes to slot 3, the other slots keep theirs.
+        assert_eq!(plan.ring_slots, vec![3]);
+        // With staging rows beyond the batch, the padding row moves after them.
+        let plan = compress_plan(4, ring, 0, 5, 16);
+        assert_eq!(&plan.read_rows[..4], &[24, 24, 24, 24]);
     }
 
     #[test]
     fn ratio128_block_from_ring_and_batch() {
         let ring = Ring { cap: 128 };
-        let plan = compress_plan(128, ring, 100, 40);
+        let plan = compress_plan(128, ring, 100, 40, 64);
         assert_eq!(
             (plan.first_block, plan.n_blocks, plan.n_rows_after),
             (0, 1, 1)

@@ -41,14 +41,44 @@ impl Drop for OwnedBuffer {
     }
 }
 
-/// ggml's CPU backend: computes graphs with a fixed number of threads.
+/// ggml's CPU backend: computes graphs with a fixed number of threads, kept in a pool between computations.
 pub struct CpuBackend {
     ptr: NonNull<sys::ggml_backend>,
     n_threads: usize,
+    /// The worker threads (none for one thread: the calling thread computes). Without a pool, ggml starts and
+    /// joins `n_threads - 1` threads on every graph computation.
+    pool: Option<ThreadPool>,
 }
 
 // SAFETY: a CPU backend instance has no thread affinity; `&self` compute is not shared across threads (`!Sync`).
+// Its pool's threads only run work the owning thread hands them inside `compute`.
 unsafe impl Send for CpuBackend {}
+
+/// A ggml thread pool, freed (its threads stopped and joined) on drop.
+struct ThreadPool(NonNull<sys::ggml_threadpool>);
+
+impl ThreadPool {
+    /// `n_threads` threads counting the caller (it starts `n_threads - 1`), with ggml's default hybrid polling:
+    /// after a computation the workers spin a little for the next one, then sleep.
+    fn new(n_threads: usize) -> Result<ThreadPool> {
+        // SAFETY: pure initialisation of a parameter struct.
+        let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
+        // SAFETY: valid parameters (1 <= n_threads <= i32::MAX, default priority, no CPU mask); returns NULL or a
+        // pool whose threads are started and wait for work.
+        let ptr = unsafe { sys::ggml_threadpool_new(&mut params) };
+        NonNull::new(ptr).map(ThreadPool).ok_or(GgmlError::Init {
+            what: "CPU thread pool",
+        })
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        // SAFETY: made by ggml_threadpool_new and freed once, after the backend stopped using it (no computation
+        // runs: compute borrows the backend, and the backend detaches or frees its pool first).
+        unsafe { sys::ggml_threadpool_free(self.0.as_ptr()) }
+    }
+}
 
 impl CpuBackend {
     /// A CPU backend computing with `n_threads` threads (at least 1).
@@ -58,8 +88,12 @@ impl CpuBackend {
         let ptr = NonNull::new(ptr).ok_or(GgmlError::Init {
             what: "CPU backend",
         })?;
-        let mut backend = CpuBackend { ptr, n_threads: 1 };
-        backend.set_n_threads(n_threads);
+        let mut backend = CpuBackend {
+            ptr,
+            n_threads: 1,
+            pool: None,
+        };
+        backend.set_n_threads(n_threads)?;
         Ok(backend)
     }
 
@@ -67,12 +101,25 @@ impl CpuBackend {
         self.ptr.as_ptr()
     }
 
-    /// Sets the number of compute threads (clamped to 1..=i32::MAX).
-    pub fn set_n_threads(&mut self, n_threads: usize) {
+    /// Sets the number of compute threads (clamped to 1..=i32::MAX) and starts a pool of that many.
+    pub fn set_n_threads(&mut self, n_threads: usize) -> Result<()> {
         let n = n_threads.clamp(1, i32::MAX as usize);
-        // SAFETY: `self` is a CPU backend (made by ggml_backend_cpu_init), as the call requires.
-        unsafe { sys::ggml_backend_cpu_set_n_threads(self.as_ptr(), n as i32) };
+        let pool = if n > 1 {
+            Some(ThreadPool::new(n)?)
+        } else {
+            None
+        };
+        let pool_ptr = pool.as_ref().map_or(std::ptr::null_mut(), |p| p.0.as_ptr());
+        // SAFETY: `self` is a CPU backend (made by ggml_backend_cpu_init), as both calls require; the pool (or NULL:
+        // a pool per computation) outlives its use, as the backend holds it until it is replaced or dropped.
+        unsafe {
+            sys::ggml_backend_cpu_set_n_threads(self.as_ptr(), n as i32);
+            sys::ggml_backend_cpu_set_threadpool(self.as_ptr(), pool_ptr);
+        }
+        // The previous pool (paused by ggml when it was replaced) is freed here.
+        self.pool = pool;
         self.n_threads = n;
+        Ok(())
     }
 
     /// The number of compute threads.
@@ -89,9 +136,15 @@ impl CpuBackend {
     /// Computes `graph`. Every tensor in it must have data, no computed tensor may live in a read-only mapped
     /// region, and the backend must support every node's operator and types; all are checked first, so ggml never
     /// reads unallocated memory, writes mapped weights or aborts on an unsupported type combination.
+    /// A graph computed on this backend before and not changed since (no `expand`, no allocation) is not checked
+    /// again.
     pub fn compute(&self, graph: &Graph<'_>) -> Result<()> {
-        check_graph(graph)?;
-        self.check_supported(graph)?;
+        let me = self.as_ptr() as usize;
+        if graph.verified_by() != Some(me) {
+            check_graph(graph)?;
+            self.check_supported(graph)?;
+            graph.set_verified_by(Some(me));
+        }
         // SAFETY: the graph and every tensor it reaches are alive for the borrow of `graph` (their contexts own the
         // buffers); all have data (checked); none of the written ones is read-only (checked).
         let status = unsafe { sys::ggml_backend_graph_compute(self.as_ptr(), graph.as_ptr()) };
@@ -127,7 +180,8 @@ impl CpuBackend {
 
 impl Drop for CpuBackend {
     fn drop(&mut self) {
-        // SAFETY: created by ggml_backend_cpu_init, freed once; buffers are independent of the backend instance.
+        // SAFETY: created by ggml_backend_cpu_init, freed once; buffers are independent of the backend instance. The
+        // pool is freed after it (field drop), when nothing can use it any more.
         unsafe { sys::ggml_backend_free(self.as_ptr()) }
     }
 }

@@ -104,6 +104,8 @@ impl GraphAllocator {
     /// when the graph reaches a tensor allocated by an earlier `alloc` of this allocator. Values of tensors allocated
     /// by earlier calls are overwritten from now on (read outputs before calling this again).
     pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // Tensors get data from here on: the backend checks the graph again before its next computation.
+        graph.set_verified_by(None);
         let home = graph.home();
         let mut fresh: Vec<Tensor<'_>> = Vec::new();
         for t in graph.tensors() {

@@ -1,6 +1,7 @@
 //! `Graph`: a ggml compute graph built by expanding result tensors, with its capacity checked before ggml would
 //! abort.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -23,6 +24,10 @@ pub struct Graph<'c> {
     order: Vec<Tensor<'c>>,
     /// The context the graph was made in (where a [`super::GraphAllocator`] parks its keep-alive handle).
     home: &'c dyn Home,
+    /// The backend (its address) that has checked every tensor (allocated, not read-only, supported) in
+    /// [`super::CpuBackend::compute`]; cleared by anything that can change that (`expand`, allocation), so a graph
+    /// computed again and again is checked once.
+    verified: Cell<Option<usize>>,
     _ctx: PhantomData<&'c ()>,
 }
 
@@ -58,6 +63,7 @@ impl<'m> Context<'m> {
             visited: HashSet::new(),
             order: Vec::new(),
             home: self,
+            verified: Cell::new(None),
             _ctx: PhantomData,
         })
     }
@@ -81,6 +87,7 @@ impl<'c> Graph<'c> {
         // SAFETY: the graph and `t` (and its sources) are alive for 'c; there is room for every tensor ggml will
         // add (at most `size` nodes plus `size` leafs, and its hash set holds more than 2 * size).
         unsafe { sys::ggml_build_forward_expand(self.as_ptr(), t.as_ptr()) };
+        self.verified.set(None);
         self.visited.extend(new.iter().map(|t| t.as_ptr()));
         self.order.extend(new);
         Ok(())
@@ -124,6 +131,15 @@ impl<'c> Graph<'c> {
     /// The context the graph was made in.
     pub(super) fn home(&self) -> &'c dyn Home {
         self.home
+    }
+
+    /// The backend (its address) that checked this graph as it is now, if any.
+    pub(super) fn verified_by(&self) -> Option<usize> {
+        self.verified.get()
+    }
+
+    pub(super) fn set_verified_by(&self, backend: Option<usize>) {
+        self.verified.set(backend);
     }
 
     /// Every tensor in the graph (nodes and leafs).

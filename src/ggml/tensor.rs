@@ -163,6 +163,11 @@ impl<'ctx> Tensor<'ctx> {
         }
     }
 
+    /// True when this tensor is a view of another's memory.
+    pub fn is_view(self) -> bool {
+        self.view_source().is_some()
+    }
+
     /// The tensor whose memory this one views, if it is a view.
     pub(super) fn view_source(self) -> Option<Tensor<'ctx>> {
         // SAFETY: a view's source outlives it: views are only made by this module's operators, whose results
@@ -301,6 +306,15 @@ impl<'ctx> Tensor<'ctx> {
             Some(GgmlType::F32),
         )?;
         Ok(out)
+    }
+
+    /// Copies the values of an F32 tensor into `out`, whose length must equal `n_elements()`.
+    pub fn read_f32(self, out: &mut [f32]) -> Result<()> {
+        self.read_raw(
+            out.as_mut_ptr().cast(),
+            std::mem::size_of_val(out),
+            Some(GgmlType::F32),
+        )
     }
 
     /// The values of an I32 tensor.

@@ -45,51 +45,36 @@ pub fn attention<'c>(
     let kv = ctx.mul(ctx.rms_norm(ctx.mul_mat(w.kv, c)?, o.eps)?, w.kv_norm)?;
     let kv = ctx.reshape_3d(kv, [dh, 1, n])?;
     let kv = o.rope_tail(ctx.rope_ext(kv, inp.pos, None, rope)?, s.head_dim, rope)?;
-    let raw = ctx.set_rows(cache.raw_k, ctx.reshape_2d(kv, [dh, n])?, inp.raw_slots)?;
-    // The first n_kv ring rows (the mask's width): the rows that may hold keys, padded.
-    let n_kv = inp.raw_mask.ne()[0];
-    let raw = ctx.view_3d(raw, [dh, 1, n_kv], [raw.nb()[1], raw.nb()[1]], 0)?;
+    let kv = ctx.reshape_2d(kv, [dh, n])?;
+    // New keys go to their raw ring rows of `kv` and, value by value, to the same columns of `vt`.
+    let mut keys = KeyRows::new(o, cache)?;
+    let raw_vt = match w.kind {
+        LayerKind::Raw => inp.raw_vt,
+        kind => inp.compressed(kind).map(|c| c.raw_vt),
+    };
+    let Some(raw_vt) = raw_vt else {
+        return Err(missing("the raw key inputs"));
+    };
+    keys.write(kv, inp.raw_slots, raw_vt)?;
 
-    let (keys, mask) = match w.kind {
-        LayerKind::Raw => (raw, inp.raw_mask),
+    // The first n_kv ring rows (the mask's width): the rows that may hold keys, padded.
+    let n_raw = inp.raw_mask.ne()[0];
+    let (split, mask) = match w.kind {
+        LayerKind::Raw => (None, inp.raw_mask),
         kind => {
-            let comp_inp = inp.compressed(kind);
-            let (comp_w, comp_cache) = (w.compressor.as_ref(), cache.comp.as_ref());
-            let (Some(comp_w), Some(comp_cache), Some(comp_inp)) = (comp_w, comp_cache, comp_inp)
-            else {
-                return Err(crate::ggml::GgmlError::Op {
-                    op: "attention",
-                    detail: format!("{} layer without its compressor", kind.name()),
-                });
-            };
-            let spec = RowSpec {
-                width: s.head_dim,
-                rope,
-                rotation: None,
-            };
-            let rows = compress(o, c, comp_w, comp_cache, comp_inp, &spec)?;
-            let mask = match (kind, &w.indexer, &cache.indexer) {
-                (LayerKind::Csa, Some(idx_w), Some(idx_cache)) => {
-                    let spec = RowSpec {
-                        width: s.indexer_dim,
-                        rope,
-                        rotation: inp.indexer_rotation,
-                    };
-                    let idx_rows = compress(o, c, &idx_w.comp, idx_cache, comp_inp, &spec)?;
-                    indexer_mask(o, idx_w, idx_rows, qr, c, comp_inp, s, rope, inp)?
-                }
-                _ => comp_inp.mask,
-            };
-            let n_rows = mask.ne()[0];
-            let visible = ctx.view_3d(rows, [dh, 1, n_rows], [rows.nb()[1], rows.nb()[1]], 0)?;
-            (
-                ctx.concat(raw, visible, 2)?,
-                ctx.concat(inp.raw_mask, mask, 0)?,
-            )
+            let (n_comp, comp_mask) =
+                compressed_rows(o, w, cache, &mut keys, kind, c, qr, inp, s, rope)?;
+            let raw_mask = inp.raw_ring_mask.unwrap_or(inp.raw_mask);
+            let raw = raw_mask.ne()[0];
+            (Some((raw, n_comp)), ctx.concat(raw_mask, comp_mask, 0)?)
         }
     };
 
-    let out = attend(o, q, keys, mask, w.sinks, 1.0 / (s.head_dim as f32).sqrt())?;
+    let (k, v) = match split {
+        None => keys.read(n_raw)?,
+        Some((raw, comp)) => keys.read_with_compressed(raw, comp)?,
+    };
+    let out = attend(o, q, k, v, mask, w.sinks, 1.0 / (s.head_dim as f32).sqrt())?;
     let out = ctx.reshape_3d(out, [dh, h, n])?;
     let out = o.rope_tail(
         ctx.rope_ext_back(out, inp.pos, None, rope)?,
@@ -99,12 +84,138 @@ pub fn attention<'c>(
     grouped_output(o, w, out, s)
 }
 
-/// Scaled dot-product attention over one shared K=V head: `q {Dh, H, n}`, `kv {Dh, 1, n_kv}`, `mask {n_kv, n}`,
-/// `sinks {H}` -> `{Dh·H, n}`.
+/// The compressed rows of a ratio-4 or ratio-128 layer: stores this micro-batch's new rows (`keys`) and returns
+/// how many rows attention reads and their mask `{n_rows, n}` (ratio 4: the lightning indexer's choice).
+#[allow(clippy::too_many_arguments)]
+fn compressed_rows<'c>(
+    o: &Ops<'c>,
+    w: &LayerWeights<Tensor<'c>>,
+    cache: &LayerCache<Tensor<'c>>,
+    keys: &mut KeyRows<'_, 'c>,
+    kind: LayerKind,
+    c: Tensor<'c>,
+    qr: Tensor<'c>,
+    inp: &BatchInputs<'c>,
+    s: &AttnShape,
+    rope: &RopeParams,
+) -> Result<(i64, Tensor<'c>)> {
+    let ctx = o.ctx;
+    let comp_inp = inp.compressed(kind);
+    let (comp_w, comp_cache) = (w.compressor.as_ref(), cache.comp.as_ref());
+    let (Some(comp_w), Some(comp_cache), Some(comp_inp)) = (comp_w, comp_cache, comp_inp) else {
+        return Err(missing("its compressor"));
+    };
+    let spec = RowSpec {
+        width: s.head_dim,
+        rope,
+        rotation: None,
+    };
+    let rows = compress(o, c, comp_w, comp_cache, comp_inp, &spec)?;
+    if let (Some(rows), Some(b)) = (rows, &comp_inp.blocks) {
+        keys.write(rows, b.write_kv, b.write_vt)?;
+    }
+    let mask = match (kind, &w.indexer, &cache.indexer) {
+        (LayerKind::Csa, Some(idx_w), Some(idx_cache)) => {
+            let spec = RowSpec {
+                width: s.indexer_dim,
+                rope,
+                rotation: inp.indexer_rotation,
+            };
+            let new = compress(o, c, &idx_w.comp, idx_cache, comp_inp, &spec)?;
+            let write = comp_inp.blocks.as_ref().and_then(|b| b.write_rows);
+            let idx_rows = match (new, write) {
+                (Some(new), Some(write)) => ctx.set_rows(idx_cache.rows, new, write)?,
+                (None, _) => idx_cache.rows,
+                (Some(_), None) => return Err(missing("the indexer's row inputs")),
+            };
+            indexer_mask(o, idx_w, idx_rows, qr, c, comp_inp, s, rope, inp)?
+        }
+        _ => comp_inp.mask,
+    };
+    Ok((mask.ne()[0], mask))
+}
+
+fn missing(what: &str) -> crate::ggml::GgmlError {
+    crate::ggml::GgmlError::Op {
+        op: "attention",
+        detail: format!("a layer without {what}"),
+    }
+}
+
+/// A layer's key rows as this micro-batch leaves them: `kv {Dh, rows}` and its transpose `vt {rows, Dh}` after the
+/// writes so far (readers must use these nodes, not the cache tensors, to run after the writes).
+struct KeyRows<'o, 'c> {
+    o: &'o Ops<'c>,
+    kv: Tensor<'c>,
+    /// `vt` seen as `{1, rows·Dh}`: one value per row, so a key is written into a column with `set_rows`.
+    vt: Tensor<'c>,
+    rows: usize,
+    /// Rows of the raw ring (the first rows; compressed rows follow).
+    raw_ring: usize,
+}
+
+impl<'o, 'c> KeyRows<'o, 'c> {
+    fn new(o: &'o Ops<'c>, cache: &LayerCache<Tensor<'c>>) -> Result<Self> {
+        let rows = cache.kv.ne()[1];
+        let values = cache.vt.n_elements();
+        Ok(KeyRows {
+            o,
+            kv: cache.kv,
+            vt: o.ctx.reshape_2d(cache.vt, [1, values])?,
+            rows: rows as usize,
+            raw_ring: cache.raw_k.ne()[1] as usize,
+        })
+    }
+
+    /// Stores keys `new {Dh, k}` (F32) at rows `rows` I32 `{k}` of `kv` and at the matching columns of `vt`
+    /// (`vt_rows` I32 `{Dh·k}`: row `rows[j]` of column `d` is one-value row `d·rows + rows[j]`).
+    fn write(&mut self, new: Tensor<'c>, rows: Tensor<'c>, vt_rows: Tensor<'c>) -> Result<()> {
+        let ctx = self.o.ctx;
+        self.kv = ctx.set_rows(self.kv, new, rows)?;
+        let values = ctx.reshape_2d(new, [1, new.n_elements()])?;
+        self.vt = ctx.set_rows(self.vt, values, vt_rows)?;
+        // The transposed copy must be written even where this graph does not read it.
+        self.o.effect(self.vt);
+        Ok(())
+    }
+
+    /// `n` key rows from row `first`, `{Dh, 1, n}`, and, as attention multiplies them, their values `{n, Dh}`.
+    fn view(&self, first: usize, n: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        let ctx = self.o.ctx;
+        let [dh, ..] = self.kv.ne();
+        let row = self.kv.nb()[1];
+        let k = ctx.view_3d(self.kv, [dh, 1, n], [row, row], first * row)?;
+        let elem = self.kv.nb()[0];
+        let v = ctx.view_2d(self.vt, [n, dh], self.rows * elem, first * elem)?;
+        Ok((k, v))
+    }
+
+    /// The first `n` key rows and their values (see [`KeyRows::view`]).
+    fn read(&self, n: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        self.view(0, n)
+    }
+
+    /// The first `n_raw` raw ring rows followed by the first `n_comp` compressed rows: views when `n_raw` is the
+    /// whole ring, else joined copies.
+    fn read_with_compressed(&self, n_raw: i64, n_comp: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        let ring = self.raw_ring;
+        if n_raw as usize == ring {
+            return self.read(n_raw + n_comp);
+        }
+        let ctx = self.o.ctx;
+        let (raw_k, raw_v) = self.view(0, n_raw)?;
+        let (comp_k, comp_v) = self.view(ring, n_comp)?;
+        Ok((ctx.concat(raw_k, comp_k, 2)?, ctx.concat(raw_v, comp_v, 0)?))
+    }
+}
+
+/// Scaled dot-product attention over one shared K=V head: `q {Dh, H, n}`, `k {Dh, 1, n_kv}`, its transpose
+/// `v {n_kv, Dh}`, `mask {n_kv, n}`, `sinks {H}` -> `{Dh·H, n}`.
 fn attend<'c>(
     o: &Ops<'c>,
     q: Tensor<'c>,
-    kv: Tensor<'c>,
+    k: Tensor<'c>,
+    v: Tensor<'c>,
     mask: Tensor<'c>,
     sinks: Tensor<'c>,
     scale: f32,
@@ -112,9 +223,8 @@ fn attend<'c>(
     let ctx = o.ctx;
     let [dh, h, n, _] = q.ne();
     let q = ctx.permute(q, [0, 2, 1, 3])?; // {Dh, n, H}
-    let k = ctx.permute(kv, [0, 2, 1, 3])?; // {Dh, n_kv, 1}
+    let k = ctx.permute(k, [0, 2, 1, 3])?; // {Dh, n_kv, 1}
     let kq = ctx.soft_max_ext_sinks(ctx.mul_mat(k, q)?, Some(mask), scale, 0.0, sinks)?; // {n_kv, n, H}
-    let v = ctx.cont(ctx.transpose(k)?)?; // {n_kv, Dh}
     let out = ctx.mul_mat(v, kq)?; // {Dh, n, H}
     let out = ctx.cont(ctx.permute(out, [0, 2, 1, 3])?)?; // {Dh, H, n}
     ctx.reshape_2d(out, [dh * h, n])

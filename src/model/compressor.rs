@@ -2,8 +2,6 @@
 //! feature, gated by `gate + ape`), normalises and rotates it at the block's first position, and stores it. Partial
 //! blocks carry over between micro-batches in a ring of recent `(kv, score)` rows.
 
-use gguf::GgmlType;
-
 use crate::cache::CompCache;
 use crate::ggml::{Result, RopeParams, Tensor};
 
@@ -18,9 +16,9 @@ pub struct RowSpec<'a, 'c> {
     pub rotation: Option<Tensor<'c>>,
 }
 
-/// Computes this micro-batch's compressed rows and writes them and the ring. `c {D, n}` is the normalised
-/// attention input. Returns the compressed rows `{width, cap}` as they are after the write (the node later
-/// readers must depend on).
+/// Computes the rows of the blocks this micro-batch completes, `{width, n_blocks}` F32 (None when it completes
+/// none), and writes the compressor's ring; the caller stores the rows. `c {D, n}` is the normalised attention
+/// input.
 pub fn compress<'c>(
     o: &Ops<'c>,
     c: Tensor<'c>,
@@ -28,32 +26,28 @@ pub fn compress<'c>(
     cache: &CompCache<Tensor<'c>>,
     inp: &CompInputs<'c>,
     spec: &RowSpec<'_, 'c>,
-) -> Result<Tensor<'c>> {
+) -> Result<Option<Tensor<'c>>> {
     let (width, rope, rotation) = (spec.width, spec.rope, spec.rotation);
     let ctx = o.ctx;
     let kv = ctx.mul_mat(w.kv, c)?;
     let score = ctx.add(ctx.mul_mat(w.gate, c)?, ctx.get_rows(w.ape, inp.ape_pos)?)?;
-    // Source rows: the ring, this micro-batch, and one padding row (zero value, -inf score) that stands for
-    // the missing block before block 0.
-    let features = kv.ne()[0];
-    let pad = |value: f32| -> Result<Tensor<'c>> {
-        ctx.fill(ctx.new_tensor_2d(GgmlType::F32, features, 1)?, value)
+    // The newest rows go to their ring rows, after every read of this micro-batch (effects run last).
+    let n = kv.ne()[1];
+    let kept = inp.ring_slots.ne()[0];
+    let newest = |t: Tensor<'c>| {
+        let row = t.nb()[1];
+        ctx.view_2d(t, [t.ne()[0], kept], row, (n - kept) as usize * row)
     };
-    let src_kv = ctx.concat(ctx.concat(cache.ring_kv, kv, 1)?, pad(0.0)?, 1)?;
-    let src_score = ctx.concat(
-        ctx.concat(cache.ring_score, score, 1)?,
-        pad(f32::NEG_INFINITY)?,
-        1,
-    )?;
-
-    let ring_kv = ctx.get_rows(src_kv, inp.persist_rows)?;
-    o.effect(ctx.cpy(ring_kv, cache.ring_kv)?);
-    let ring_score = ctx.get_rows(src_score, inp.persist_rows)?;
-    o.effect(ctx.cpy(ring_score, cache.ring_score)?);
+    o.effect(ctx.set_rows(cache.src_kv, newest(kv)?, inp.ring_slots)?);
+    o.effect(ctx.set_rows(cache.src_score, newest(score)?, inp.ring_slots)?);
 
     let Some(blocks) = &inp.blocks else {
-        return Ok(cache.rows);
+        return Ok(None);
     };
+    // Source rows: the ring, this micro-batch (staged in place after it), and the padding row (zero value, -inf
+    // score) that stands for the missing block before block 0.
+    let src_kv = ctx.set_rows(cache.src_kv, kv, blocks.stage_rows)?;
+    let src_score = ctx.set_rows(cache.src_score, score, blocks.stage_rows)?;
     let values = block_rows(
         o,
         ctx.get_rows(src_kv, blocks.read_rows)?,
@@ -84,8 +78,10 @@ pub fn compress<'c>(
         Some(rot) => ctx.mul_mat_hadamard(rot, roped)?,
         None => roped,
     };
-    let rows = ctx.reshape_2d(roped, [width as i64, blocks.n_blocks as i64])?;
-    ctx.set_rows(cache.rows, rows, blocks.write_rows)
+    Ok(Some(ctx.reshape_2d(
+        roped,
+        [width as i64, blocks.n_blocks as i64],
+    )?))
 }
 
 /// The rows each block pools, `{width, tokens per block, n_blocks}`: for ratio 4 the previous block's first halves

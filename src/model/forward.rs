@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use gguf::GgmlType;
 
 use crate::cache::LayerCache;
-use crate::ggml::{Context, Result, RopeMode, RopeParams, Tensor};
+use crate::ggml::{Context, GgmlError, Result, RopeMode, RopeParams, Tensor};
 
 use super::attention::{attention, AttnShape};
 use super::config::{Config, LayerKind};
@@ -62,12 +62,18 @@ impl<'c> Ops<'c> {
 /// Index inputs of the blocks one micro-batch completes for one compress ratio.
 pub struct BlockInputs<'c> {
     pub n_blocks: usize,
+    /// I32 `{n}`: the source rows the micro-batch's new rows are staged at (after the ring) for the blocks to read.
+    pub stage_rows: Tensor<'c>,
     /// I32: source rows each block pools.
     pub read_rows: Tensor<'c>,
     /// I32 `{n_blocks}`: RoPE position of each block (its first token).
     pub block_pos: Tensor<'c>,
-    /// I32 `{n_blocks}`: the compressed-cache row each block is written to.
-    pub write_rows: Tensor<'c>,
+    /// I32 `{n_blocks}`: the compressed-cache row each block is written to (in the indexer's rows; ratio 4 only).
+    pub write_rows: Option<Tensor<'c>>,
+    /// I32 `{n_blocks}`: the same rows in the layer's `kv` (after the raw ring).
+    pub write_kv: Tensor<'c>,
+    /// I32 `{head_dim·n_blocks}`: where each value of each block goes in `vt` seen as one-value rows.
+    pub write_vt: Tensor<'c>,
 }
 
 /// Inputs of the compressed layers of one ratio (shared by all layers of that ratio).
@@ -75,8 +81,11 @@ pub struct CompInputs<'c> {
     pub ratio: usize,
     /// I32 `{n}`: the APE row of each new token (`position % ratio`).
     pub ape_pos: Tensor<'c>,
-    /// I32 `{ring}`: the source row that refills each ring row.
-    pub persist_rows: Tensor<'c>,
+    /// I32 `{min(n, ring)}`: the ring rows of the newest positions (the last rows of the micro-batch).
+    pub ring_slots: Tensor<'c>,
+    /// I32 `{head_dim·n}`: where each value of each new raw key goes in `vt` (seen as one-value rows) of the
+    /// layers of this ratio.
+    pub raw_vt: Tensor<'c>,
     pub blocks: Option<BlockInputs<'c>>,
     /// F32 `{n_kv, n}`: visibility of the first `n_kv` compressed rows (padded past the rows that exist).
     pub mask: Tensor<'c>,
@@ -92,8 +101,13 @@ pub struct BatchInputs<'c> {
     pub pos: Tensor<'c>,
     /// I32 `{n}`: raw-window ring rows of the new keys.
     pub raw_slots: Tensor<'c>,
-    /// F32 `{ring, n}`.
+    /// F32 `{n_kv, n}`: visibility of the first `n_kv` raw ring rows.
     pub raw_mask: Tensor<'c>,
+    /// F32 `{ring, n}`: visibility of every raw ring row, for layers with compressed rows, when `raw_mask` does not
+    /// cover the whole ring.
+    pub raw_ring_mask: Option<Tensor<'c>>,
+    /// I32 `{head_dim·n}`: where each value of each new raw key goes in `vt` of the raw-window-only layers.
+    pub raw_vt: Option<Tensor<'c>>,
     pub csa: Option<CompInputs<'c>>,
     pub hca: Option<CompInputs<'c>>,
     /// I32 `{n_out}`: positions (within the micro-batch) whose logits are wanted.
@@ -240,56 +254,143 @@ pub enum HostData {
     F16(Vec<f32>),
 }
 
+impl HostData {
+    fn len(&self) -> usize {
+        match self {
+            HostData::I32(v) => v.len(),
+            HostData::F32(v) | HostData::F16(v) => v.len(),
+        }
+    }
+
+    fn ty(&self) -> GgmlType {
+        match self {
+            HostData::I32(_) => GgmlType::I32,
+            HostData::F32(_) => GgmlType::F32,
+            HostData::F16(_) => GgmlType::F16,
+        }
+    }
+}
+
+/// Where the input tensors come from while the inputs of a micro-batch are listed: new tensors of a graph being
+/// built, or the inputs of a kept graph of the same shape, taken in the same order.
+enum Source<'c> {
+    New(&'c Context<'c>),
+    Kept {
+        tensors: &'c [Tensor<'c>],
+        next: usize,
+    },
+}
+
 /// Input tensors paired with their data.
-#[derive(Default)]
 pub struct Uploads<'c> {
+    source: Source<'c>,
     items: Vec<(Tensor<'c>, HostData)>,
 }
 
 impl<'c> Uploads<'c> {
-    /// A new I32 `{len}` input holding `data`.
-    pub fn i32(&mut self, ctx: &'c Context<'c>, name: &str, data: Vec<i32>) -> Result<Tensor<'c>> {
-        let t = ctx.new_tensor_1d(GgmlType::I32, data.len() as i64)?;
-        t.set_name(name)?;
-        self.items.push((t, HostData::I32(data)));
+    /// Inputs made as new tensors of `ctx` (a graph being built).
+    pub fn new_tensors(ctx: &'c Context<'c>) -> Uploads<'c> {
+        Uploads {
+            source: Source::New(ctx),
+            items: Vec::new(),
+        }
+    }
+
+    /// Inputs of a kept graph: `tensors` as [`Uploads::tensors`] listed them when it was built.
+    pub fn kept(tensors: &'c [Tensor<'c>]) -> Uploads<'c> {
+        Uploads {
+            source: Source::Kept { tensors, next: 0 },
+            items: Vec::with_capacity(tensors.len()),
+        }
+    }
+
+    /// The next input: a new `{ne0, len / ne0}` tensor, or the kept graph's next one, which must have the same
+    /// type and size (a kept graph is only used for micro-batches of its shape; anything else is an error).
+    fn input(
+        &mut self,
+        name: std::fmt::Arguments<'_>,
+        ne0: usize,
+        data: HostData,
+    ) -> Result<Tensor<'c>> {
+        let ty = data.ty();
+        let len = data.len();
+        let t = match &mut self.source {
+            Source::New(ctx) => {
+                let t = if ne0 == len {
+                    ctx.new_tensor_1d(ty, len as i64)?
+                } else {
+                    ctx.new_tensor_2d(ty, ne0 as i64, (len / ne0.max(1)) as i64)?
+                };
+                t.set_name(&name.to_string())?;
+                t
+            }
+            Source::Kept { tensors, next } => {
+                let t = tensors.get(*next).copied();
+                *next += 1;
+                match t {
+                    Some(t) if t.ty() == Some(ty) && t.n_elements() == len as i64 && t.ne()[0] == ne0 as i64 => t,
+                    _ => {
+                        return Err(GgmlError::Op {
+                            op: "graph reuse",
+                            detail: format!(
+                                "input {name} ({ty}, {len} values in rows of {ne0}) does not match the kept graph's {:?}",
+                                t
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        self.items.push((t, data));
         Ok(t)
     }
 
-    /// A new `{ne0, ne1}` mask input (F32, or F16 when `half`) holding `data`.
+    /// A new I32 `{len}` input holding `data`.
+    pub fn i32(&mut self, name: std::fmt::Arguments<'_>, data: Vec<i32>) -> Result<Tensor<'c>> {
+        let len = data.len();
+        self.input(name, len, HostData::I32(data))
+    }
+
+    /// A new `{ne0, len / ne0}` mask input (F32, or F16 when `half`) holding `data`.
     pub fn mask(
         &mut self,
-        ctx: &'c Context<'c>,
-        name: &str,
+        name: std::fmt::Arguments<'_>,
         ne0: usize,
         data: Vec<f32>,
         half: bool,
     ) -> Result<Tensor<'c>> {
-        let ne1 = data.len() / ne0.max(1);
-        let ty = if half { GgmlType::F16 } else { GgmlType::F32 };
-        let t = ctx.new_tensor_2d(ty, ne0 as i64, ne1 as i64)?;
-        t.set_name(name)?;
-        self.items.push((
-            t,
-            if half {
-                HostData::F16(data)
-            } else {
-                HostData::F32(data)
-            },
-        ));
-        Ok(t)
+        let data = if half {
+            HostData::F16(data)
+        } else {
+            HostData::F32(data)
+        };
+        self.input(name, ne0, data)
     }
 
-    /// Writes every input's data (after allocation).
+    /// The input tensors, in the order they were listed.
+    pub fn tensors(&self) -> impl Iterator<Item = Tensor<'c>> + '_ {
+        self.items.iter().map(|(t, _)| *t)
+    }
+
+    /// Writes every input's data (after allocation). For a kept graph, fails unless every one of its inputs was
+    /// listed.
     pub fn upload(&self) -> Result<()> {
+        if let Source::Kept { tensors, next } = &self.source {
+            if *next != tensors.len() {
+                return Err(GgmlError::Op {
+                    op: "graph reuse",
+                    detail: format!("{next} inputs listed, the kept graph has {}", tensors.len()),
+                });
+            }
+        }
+        let mut bytes = Vec::new();
         for (t, data) in &self.items {
             match data {
                 HostData::I32(v) => t.set_i32(v)?,
                 HostData::F32(v) => t.set_f32(v)?,
                 HostData::F16(v) => {
-                    let bytes: Vec<u8> = v
-                        .iter()
-                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                        .collect();
+                    bytes.clear();
+                    bytes.extend(v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()));
                     t.set_bytes(&bytes)?
                 }
             }

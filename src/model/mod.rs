@@ -9,6 +9,7 @@ pub mod hc;
 pub mod moe;
 pub mod names;
 pub mod sizes;
+pub mod step;
 pub mod tiny;
 pub mod tiny_hf;
 pub mod weights;

@@ -1,0 +1,311 @@
+//! One micro-batch as a graph that is kept: what fixes a graph's shape ([`GraphKey`]), the kept graphs
+//! ([`GraphCache`]), and the inputs a plan gives a graph, written anew for every micro-batch. Decode repeats a
+//! handful of shapes (a compressed row completes or not), so after the first tokens it builds and allocates nothing
+//! and only writes inputs, as llama.cpp's graph reuse does.
+
+use std::rc::Rc;
+
+use crate::cache::plan::compressor_ring_rows;
+use crate::cache::{CompPlan, KvCache, UbatchPlan};
+use crate::ggml::{GgmlError, OwnedGraph, Result, Tensor};
+
+use super::config::Config;
+use super::forward::{forward, BatchInputs, BlockInputs, CompInputs, Ops, Uploads};
+use super::weights::Weights;
+
+/// Everything that fixes the structure of a micro-batch's graph: two micro-batches with the same key differ only
+/// in the values of their inputs (token ids, positions, ring rows, masks, block rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GraphKey {
+    pub n_tokens: usize,
+    /// Rows whose logits the head computes.
+    pub n_out: usize,
+    /// Raw-window rows attention reads.
+    pub raw_n_kv: usize,
+    /// Per compressed ratio present in the model: (blocks this micro-batch completes, compressed rows read).
+    pub csa: Option<(usize, usize)>,
+    pub hca: Option<(usize, usize)>,
+}
+
+impl GraphKey {
+    pub fn of(plan: &UbatchPlan, n_out: usize) -> GraphKey {
+        let comp = |p: &Option<CompPlan>| p.as_ref().map(|c| (c.compress.n_blocks, c.n_kv));
+        GraphKey {
+            n_tokens: plan.tokens.len(),
+            n_out: n_out.max(1),
+            raw_n_kv: plan.raw.n_kv,
+            csa: comp(&plan.csa),
+            hca: comp(&plan.hca),
+        }
+    }
+}
+
+/// Positions (within the micro-batch) whose logits the graph computes: the wanted ones, or the last one when none
+/// is wanted (the graph needs an output; it is cheap).
+fn out_ids(n: usize, want: &[usize]) -> Vec<i32> {
+    if want.is_empty() {
+        vec![n as i32 - 1]
+    } else {
+        want.iter().map(|&i| i as i32).collect()
+    }
+}
+
+/// Where the values of `rows` (one key row of `head_dim` values each, to rows `rows[k]` of a `kv` of `total` rows)
+/// go in its transpose `vt` seen as one-value rows: value `d` of key `k` to `d·total + rows[k]`.
+fn vt_rows(rows: impl Iterator<Item = usize>, head_dim: usize, total: usize) -> Vec<i32> {
+    rows.flat_map(|r| (0..head_dim).map(move |d| (d * total + r) as i32))
+        .collect()
+}
+
+/// Lists a micro-batch's inputs with their values, in a fixed order (new tensors when building, a kept graph's
+/// tensors when reusing it). `rotation` is the indexer's Hadamard matrix, a constant of the engine.
+pub fn batch_inputs<'c>(
+    up: &mut Uploads<'c>,
+    plan: UbatchPlan,
+    want: &[usize],
+    fused: bool,
+    rotation: Option<Tensor<'c>>,
+) -> Result<BatchInputs<'c>> {
+    let n = plan.tokens.len();
+    let p0 = plan.p0;
+    let positions: Vec<i32> = (p0..p0 + n).map(|p| p as i32).collect();
+    let n_kv = plan.raw.n_kv;
+    let ring = plan.raw_ring;
+    let slots = || plan.raw.write_slots.iter().map(|&s| s as usize);
+    let raw_slots = slots().map(|s| s as i32).collect();
+    let raw_vt = plan
+        .raw_layers
+        .then(|| vt_rows(slots(), plan.head_dim, ring));
+    let vt = |p: &CompPlan| vt_rows(slots(), plan.head_dim, ring + p.cap);
+    let csa_vt = plan.csa.as_ref().map(vt);
+    let hca_vt = plan.hca.as_ref().map(vt);
+    let has_csa = plan.csa.is_some();
+    let head_dim = plan.head_dim;
+    Ok(BatchInputs {
+        tokens: up.i32(format_args!("inp_tokens"), plan.tokens)?,
+        pos: up.i32(format_args!("inp_pos"), positions)?,
+        raw_slots: up.i32(format_args!("inp_raw_slots"), raw_slots)?,
+        raw_mask: up.mask(format_args!("inp_raw_mask"), n_kv, plan.raw.mask, false)?,
+        raw_ring_mask: match plan.raw_ring_mask {
+            Some(m) => Some(up.mask(format_args!("inp_raw_ring_mask"), ring, m, false)?),
+            None => None,
+        },
+        raw_vt: match raw_vt {
+            Some(v) => Some(up.i32(format_args!("inp_raw_vt"), v)?),
+            None => None,
+        },
+        csa: plan
+            .csa
+            .zip(csa_vt)
+            .map(|(p, v)| comp_inputs(up, p, v, p0, n, ring, head_dim, true, fused))
+            .transpose()?,
+        hca: plan
+            .hca
+            .zip(hca_vt)
+            .map(|(p, v)| comp_inputs(up, p, v, p0, n, ring, head_dim, false, false))
+            .transpose()?,
+        out_ids: up.i32(format_args!("inp_out_ids"), out_ids(n, want))?,
+        indexer_rotation: rotation.filter(|_| has_csa),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn comp_inputs<'c>(
+    up: &mut Uploads<'c>,
+    p: CompPlan,
+    raw_vt: Vec<i32>,
+    p0: usize,
+    n: usize,
+    raw_ring: usize,
+    head_dim: usize,
+    indexer: bool,
+    half_mask: bool,
+) -> Result<CompInputs<'c>> {
+    let c = p.compress;
+    let r = c.ratio;
+    let ring = compressor_ring_rows(r);
+    let blocks = if c.n_blocks == 0 {
+        None
+    } else {
+        let rows = c.first_block..c.first_block + c.n_blocks;
+        let write: Vec<i32> = rows.clone().map(|j| j as i32).collect();
+        let write_kv: Vec<i32> = rows.clone().map(|j| (raw_ring + j) as i32).collect();
+        let write_vt = vt_rows(rows.map(|j| raw_ring + j), head_dim, raw_ring + p.cap);
+        Some(BlockInputs {
+            n_blocks: c.n_blocks,
+            stage_rows: up.i32(
+                format_args!("inp_r{r}_stage"),
+                (0..n).map(|i| (ring + i) as i32).collect(),
+            )?,
+            read_rows: up.i32(format_args!("inp_r{r}_read"), c.read_rows)?,
+            block_pos: up.i32(format_args!("inp_r{r}_block_pos"), c.block_pos)?,
+            write_rows: match indexer {
+                true => Some(up.i32(format_args!("inp_r{r}_write"), write)?),
+                false => None,
+            },
+            write_kv: up.i32(format_args!("inp_r{r}_write_kv"), write_kv)?,
+            write_vt: up.i32(format_args!("inp_r{r}_write_vt"), write_vt)?,
+        })
+    };
+    let mask_f16 = half_mask.then(|| p.mask.clone());
+    let mask = up.mask(format_args!("inp_r{r}_mask"), p.n_kv, p.mask, false)?;
+    let mask_f16 = match mask_f16 {
+        Some(m) => Some(up.mask(format_args!("inp_r{r}_mask16"), p.n_kv, m, true)?),
+        None => None,
+    };
+    Ok(CompInputs {
+        ratio: r,
+        ape_pos: up.i32(
+            format_args!("inp_r{r}_ape"),
+            (p0..p0 + n).map(|t| (t % r) as i32).collect(),
+        )?,
+        ring_slots: up.i32(format_args!("inp_r{r}_ring_slots"), c.ring_slots)?,
+        raw_vt: up.i32(format_args!("inp_r{r}_raw_vt"), raw_vt)?,
+        blocks,
+        mask,
+        mask_f16,
+    })
+}
+
+/// What a micro-batch graph is built from: the model and the engine's constants (lifetime `'e`).
+pub struct GraphParts<'a, 'e> {
+    pub cfg: &'a Config,
+    pub fused: bool,
+    pub weights: &'a Weights<Tensor<'e>>,
+    /// The indexer's Hadamard matrix (an engine constant), when the model has one.
+    pub rotation: Option<Tensor<'e>>,
+}
+
+/// Graph nodes (and context tensors) a micro-batch graph may need.
+pub fn graph_size(cfg: &Config, fused: bool) -> usize {
+    400 * (cfg.n_layer + 1) + 64 * cfg.sinkhorn_iters * cfg.n_layer * usize::from(!fused)
+}
+
+/// Builds the graph of micro-batches shaped like `plan` (with `want` logits rows) over `cache`. Its
+/// [`OwnedGraph::tensors`] are the logits `{n_vocab, n_out}`, then the inputs in [`batch_inputs`] order.
+pub fn build_graph<'e>(
+    parts: &GraphParts<'_, 'e>,
+    cache: &Rc<KvCache>,
+    plan: &UbatchPlan,
+    want: &[usize],
+) -> Result<OwnedGraph<'e>> {
+    let size = graph_size(parts.cfg, parts.fused);
+    let (cfg, fused, weights, rotation) = (parts.cfg, parts.fused, parts.weights, parts.rotation);
+    OwnedGraph::<'e>::build(size, size, cache.clone(), |ctx, cache: &KvCache, _scope| {
+        let mut up = Uploads::new_tensors(ctx);
+        let inp = batch_inputs(&mut up, plan.clone(), want, fused, rotation)?;
+        let o = Ops::new(ctx, cfg, fused);
+        let logits = forward(&o, cfg, weights, &cache.layers(), &inp)?;
+        let mut graph = ctx.new_graph(size)?;
+        graph.expand(logits)?;
+        for e in o.effects() {
+            graph.expand(e)?;
+        }
+        let mut tensors = vec![logits];
+        tensors.extend(up.tensors());
+        Ok::<_, GgmlError>((graph, tensors))
+    })
+}
+
+/// Writes the inputs of `plan` into `graph` (built by [`build_graph`] for the same [`GraphKey`]); returns the
+/// logits tensor.
+pub fn fill_inputs<'g>(
+    graph: &'g OwnedGraph<'_>,
+    plan: UbatchPlan,
+    want: &[usize],
+    fused: bool,
+    rotation: Option<Tensor<'g>>,
+) -> Result<Tensor<'g>> {
+    let tensors = graph.tensors();
+    let Some((&logits, inputs)) = tensors.split_first() else {
+        return Err(GgmlError::Op {
+            op: "graph reuse",
+            detail: "the kept graph has no logits".into(),
+        });
+    };
+    let mut up = Uploads::kept(inputs);
+    batch_inputs(&mut up, plan, want, fused, rotation)?;
+    up.upload()?;
+    Ok(logits)
+}
+
+/// Graphs kept for reuse, each under its [`GraphKey`]; the least recently used goes when a new one needs room.
+pub struct GraphCache<'e> {
+    entries: Vec<Entry<'e>>,
+    capacity: usize,
+    clock: u64,
+}
+
+struct Entry<'e> {
+    key: GraphKey,
+    graph: OwnedGraph<'e>,
+    last_use: u64,
+}
+
+impl<'e> GraphCache<'e> {
+    /// Keeps up to `capacity` graphs (0: none, every micro-batch builds its own).
+    pub fn new(capacity: usize) -> GraphCache<'e> {
+        GraphCache {
+            entries: Vec::new(),
+            capacity,
+            clock: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Changes how many graphs are kept (dropping the least recently used ones beyond it).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+        while self.entries.len() > capacity {
+            self.evict();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The graph kept under `key`, marked as just used.
+    pub fn get(&mut self, key: &GraphKey) -> Option<&OwnedGraph<'e>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let e = self.entries.iter_mut().find(|e| e.key == *key)?;
+        e.last_use = clock;
+        Some(&e.graph)
+    }
+
+    /// Keeps `graph` under `key` (when the capacity allows), making room by dropping the least recently used.
+    pub fn insert(&mut self, key: GraphKey, graph: OwnedGraph<'e>) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.entries.retain(|e| e.key != key);
+        while self.entries.len() >= self.capacity {
+            self.evict();
+        }
+        self.clock += 1;
+        self.entries.push(Entry {
+            key,
+            graph,
+            last_use: self.clock,
+        });
+    }
+
+    /// Drops every kept graph.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    fn evict(&mut self) {
+        if let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_use) {
+            self.entries.swap_remove(i);
+        }
+    }
+}
