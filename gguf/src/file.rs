@@ -68,7 +68,9 @@ impl GgufFile {
     /// in the OS page cache. Streaming readers (the quantizer) call it after each tensor so their memory stays
     /// bounded. Returns false when `bytes` is not inside this file's map.
     pub fn release(&self, bytes: &[u8]) -> bool {
-        self.map.as_ref().is_some_and(|map| release_pages(map, bytes))
+        self.map
+            .as_ref()
+            .is_some_and(|map| release_pages(map, bytes))
     }
 
     /// The data of tensor `t` (an info of this file), borrowed from the map.
@@ -286,6 +288,8 @@ pub fn release_pages(map: &Mmap, bytes: &[u8]) -> bool {
     let end = ((start - base + bytes.len()).div_ceil(PAGE) * PAGE).min(map.len());
     // SAFETY: a read-only file mapping: MADV_DONTNEED only drops this process's page-table entries; the next access
     // reads the same contents back from the page cache, so no borrowed slice sees a change.
-    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+    };
     true
 }

@@ -14,8 +14,8 @@ mod writer;
 
 pub use error::{GgufError, Result, Section};
 pub use file::{
-    release_pages, split_path, split_prefix, GgufFile, Model, ModelTensor, MAX_SPLITS, SPLIT_COUNT, SPLIT_NO,
-    SPLIT_TENSORS_COUNT,
+    release_pages, split_path, split_prefix, GgufFile, Model, ModelTensor, MAX_SPLITS, SPLIT_COUNT,
+    SPLIT_NO, SPLIT_TENSORS_COUNT,
 };
 pub use metadata::Metadata;
 pub use reader::{

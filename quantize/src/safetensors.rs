@@ -633,4 +633,3 @@ impl Checkpoint {
         }
     }
 }
-

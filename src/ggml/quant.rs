@@ -156,7 +156,12 @@ impl quantize::convert::Codec for GgmlCodec {
         quantize_rows(ty, src, n_per_row, imatrix).map_err(|e| e.to_string())
     }
 
-    fn dequantize(&self, ty: GgmlType, data: &[u8], n_per_row: usize) -> std::result::Result<Vec<f32>, String> {
+    fn dequantize(
+        &self,
+        ty: GgmlType,
+        data: &[u8],
+        n_per_row: usize,
+    ) -> std::result::Result<Vec<f32>, String> {
         if ty == GgmlType::F32 {
             // ggml has no to_float for F32 itself.
             return Ok(data
