@@ -254,6 +254,25 @@ pub fn split_path(prefix: &Path, no: u64, count: u64) -> PathBuf {
     prefix.with_file_name(name)
 }
 
+/// `madvise(MADV_DONTNEED)` over the whole pages of the read-only file map `map` that `bytes` (a slice of it) covers:
+/// the pages leave this process's resident set and stay in the OS page cache. False when `bytes` is outside `map`.
+pub fn release_pages(map: &Mmap, bytes: &[u8]) -> bool {
+    let base = map.as_ptr() as usize;
+    let start = bytes.as_ptr() as usize;
+    if bytes.is_empty() || start < base || start + bytes.len() > base + map.len() {
+        return false;
+    }
+    const PAGE: usize = 4096;
+    let first = (start - base) / PAGE * PAGE;
+    let end = ((start - base + bytes.len()).div_ceil(PAGE) * PAGE).min(map.len());
+    // SAFETY: a read-only file mapping: MADV_DONTNEED only drops this process's page-table entries; the next access
+    // reads the same contents back from the page cache, so no borrowed slice sees a change.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+    };
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,23 +292,4 @@ mod tests {
             Path::new("/m/é")
         );
     }
-}
-
-/// `madvise(MADV_DONTNEED)` over the whole pages of the read-only file map `map` that `bytes` (a slice of it) covers:
-/// the pages leave this process's resident set and stay in the OS page cache. False when `bytes` is outside `map`.
-pub fn release_pages(map: &Mmap, bytes: &[u8]) -> bool {
-    let base = map.as_ptr() as usize;
-    let start = bytes.as_ptr() as usize;
-    if bytes.is_empty() || start < base || start + bytes.len() > base + map.len() {
-        return false;
-    }
-    const PAGE: usize = 4096;
-    let first = (start - base) / PAGE * PAGE;
-    let end = ((start - base + bytes.len()).div_ceil(PAGE) * PAGE).min(map.len());
-    // SAFETY: a read-only file mapping: MADV_DONTNEED only drops this process's page-table entries; the next access
-    // reads the same contents back from the page cache, so no borrowed slice sees a change.
-    let _ = unsafe {
-        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
-    };
-    true
 }

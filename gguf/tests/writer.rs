@@ -1,8 +1,6 @@
 //! The writer: round trips through the reader, a plan equal to the written file, identical rewrites,
 //! atomic output, and split models opened as one.
 
-use std::io::Write;
-
 use gguf::{Array, GgmlType, GgufFile, Header, Model, Value, Writer};
 
 /// Deterministic bytes for tensor `i` of `n` bytes.
