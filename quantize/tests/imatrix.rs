@@ -7,34 +7,13 @@ use std::process::Command;
 use gguf::{Array, GgmlType, Value, Writer};
 use quantize::imatrix::{ImatrixData, ImatrixError, ImatrixFormat};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+mod support;
 
-/// The Python with the pinned reference packages: $FERRITE_PYTHON (set by scripts/test.sh) or the repo's .venv.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FERRITE_PYTHON") {
-        return repo_root().join(p);
-    }
-    let venv = repo_root().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no reference Python: run the tests with scripts/test.sh (it creates .venv), or set FERRITE_PYTHON"
-    );
-    venv
-}
+use support::python;
 
 /// A fresh, empty folder for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("imatrix")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::scratch("imatrix", name)
 }
 
 fn le(values: &[f32]) -> Vec<u8> {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use quantize::safetensors::{Checkpoint, Dtype, SafeTensors, INDEX_FILE, SINGLE_FILE};
@@ -13,33 +13,13 @@ use quantize::safetensors_write::{
 };
 use serde_json::Value as Json;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+mod support;
 
-/// The Python with the pinned reference packages: $FERRITE_PYTHON (set by scripts/test.sh) or the repo's .venv.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FERRITE_PYTHON") {
-        return repo_root().join(p);
-    }
-    let venv = repo_root().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no reference Python: run the tests with scripts/test.sh (it creates .venv), or set FERRITE_PYTHON"
-    );
-    venv
-}
+use support::python;
 
+/// A fresh, empty folder for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("safetensors_write")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::scratch("safetensors_write", name)
 }
 
 /// Deterministic bytes of one tensor: a function of its name and position.
