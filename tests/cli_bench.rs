@@ -3,8 +3,11 @@
 //! list, `--vs-llama` measuring llama.cpp in-process too (values only checked finite and positive: speeds are not
 //! reproducible), and bad flags exiting 2, other bad input 1.
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
+use support::cli::{ok, text};
 
 use serde_json::Value;
 
@@ -17,20 +20,6 @@ fn bench(args: &[&str], cache: &Path) -> Output {
         .env("FERRITE_CACHE_DIR", cache)
         .output()
         .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: &Output) -> (String, String) {
-    let err = text(&out.stderr);
-    assert!(
-        out.status.success(),
-        "ferrite failed ({:?}): {err}",
-        out.status
-    );
-    (text(&out.stdout), err)
 }
 
 fn positive(v: &Value) -> f64 {

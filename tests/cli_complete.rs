@@ -3,9 +3,12 @@
 //! model and an over-long prompt exit 1 with a message; Ctrl-C exits 130 with the partial answer out; a closed
 //! stdout ends quietly.
 
-use std::io::{Read as _, Write as _};
+mod support;
+
+use std::io::Read as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use support::cli::{ok, run, text};
 
 use ferrite::tokenizer::Tokenizer;
 
@@ -13,38 +16,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_ferrite");
 
 /// `ferrite complete -m demo -t 1 ARGS` with `stdin` (closed when `None`).
 fn complete(args: &[&str], cache: &Path, stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(BIN)
-        .args(["complete", "-m", "demo", "-t", "1"])
-        .args(args)
-        .env("FERRITE_CACHE_DIR", cache)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Asserts success; returns (stdout, stderr).
-fn ok(out: &Output) -> (String, String) {
-    let err = text(&out.stderr);
-    assert!(
-        out.status.success(),
-        "ferrite failed ({:?}): {err}",
-        out.status
-    );
-    (text(&out.stdout), err)
+    let args = [&["complete", "-m", "demo", "-t", "1"][..], args].concat();
+    run(&args, cache, stdin)
 }
 
 /// Asserts a failure with `code`, nothing on stdout and `needle` on stderr.

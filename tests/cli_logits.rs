@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::cli::text;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -24,10 +26,6 @@ fn ferrite(args: &[&str], cache_dir: &Path) -> Output {
         .env("FERRITE_CACHE_DIR", cache_dir)
         .output()
         .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Asserts success with nothing on stdout; returns stderr.

@@ -6,14 +6,13 @@
 
 mod support;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
+use support::cli::{ok, run as ferrite, text};
 
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use support::llama_ref::{LlamaParams, LlamaRef};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ferrite");
 /// Chunk size of the comparison: past one ratio-128 compressor block, so every layer kind takes part.
 const N_CTX: usize = 160;
 const N_CHUNKS: usize = 3;
@@ -25,39 +24,6 @@ const N_CHUNKS: usize = 3;
 /// real mistake (a wrong token, a shifted position, a missing BOS, an off-by-one in the scored range) moves a
 /// perplexity near 700 by far more than 1e-4.
 const REL_TOL: f64 = 1e-4;
-
-fn ferrite(args: &[&str], cache: &Path, stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("FERRITE_CACHE_DIR", cache)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: &Output) -> (String, String) {
-    let err = text(&out.stderr);
-    assert!(
-        out.status.success(),
-        "ferrite failed ({:?}): {err}",
-        out.status
-    );
-    (text(&out.stdout), err)
-}
 
 /// Asserts a failure with `code`, nothing on stdout and every needle on stderr.
 fn fails(out: &Output, code: i32, needles: &[&str]) {
