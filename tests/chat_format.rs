@@ -13,11 +13,14 @@
 //!   `drop_thinking_false_keeps_prior_assistant_reasoning`), whose goldens match the encoder.
 //! * `docs/DSV4.md` section 6's example.
 
+mod support;
+
 use ferrite::chat::{
     common_prefix_len, render, render_incremental, render_with_template, render_with_template_ext,
     reusable_prefix_len, ChatError, ChatOptions, Effort, Message, PromptRevision, ASSISTANT, BOS,
     EFFORT_ABSOLUTE_MAXIMUM, EFFORT_BEYOND_MAXIMUM, EOS, USER,
 };
+use support::chat_cases::agreed_conversations;
 
 fn thinking() -> ChatOptions {
     ChatOptions {
@@ -496,37 +499,6 @@ undiscovered.\\n\\n' -%}\n{%- set response_format_template",
         )
 }
 
-/// Conversations on which llama.cpp's template and DeepSeek's encoder agree. Left out where they differ: the
-/// template joins system messages with "\n\n" and hoists them all to the top (the encoder writes each raw, in place),
-/// and it writes `<｜Assistant｜>` before an assistant turn that no user turn precedes (the encoder does not).
-fn conversations() -> Vec<Vec<Message>> {
-    vec![
-        vec![Message::user("Hi")],
-        vec![Message::system("You are helpful."), Message::user("Hi")],
-        vec![
-            Message::system("SYS"),
-            Message::user("q1"),
-            Message::assistant_with_reasoning("r1", "a1"),
-            Message::user("q2"),
-            Message::assistant("a2"),
-            Message::user("q3"),
-        ],
-        vec![
-            Message::user("q1"),
-            Message::assistant_with_reasoning("r1", "a1"),
-        ],
-        vec![
-            Message::user("first"),
-            Message::user("second"),
-            Message::assistant_with_reasoning("", "a"),
-        ],
-        vec![
-            Message::user("unicode: ｜DSML｜ 你好 — ok"),
-            Message::assistant("{% raw %} stays text"),
-        ],
-    ]
-}
-
 fn option_grid(revision: PromptRevision) -> Vec<ChatOptions> {
     let mut grid = Vec::new();
     for thinking in [false, true] {
@@ -551,7 +523,7 @@ fn option_grid(revision: PromptRevision) -> Vec<ChatOptions> {
 
 #[test]
 fn llama_cpp_v4_template_renders_like_the_builtin_renderer() {
-    for messages in conversations() {
+    for messages in agreed_conversations() {
         for options in option_grid(PromptRevision::Preview) {
             let builtin = render(&messages, &options, true);
             let jinja =
@@ -564,7 +536,7 @@ fn llama_cpp_v4_template_renders_like_the_builtin_renderer() {
 #[test]
 fn llama_cpp_v4_0731_template_renders_like_the_builtin_renderer() {
     let template = llama_cpp_deepseek_v4_0731_jinja();
-    for messages in conversations() {
+    for messages in agreed_conversations() {
         for options in option_grid(PromptRevision::R0731) {
             let builtin = render(&messages, &options, true);
             let jinja = render_with_template(&template, &messages, &options).unwrap();

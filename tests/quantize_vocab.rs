@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod support;
+
 use ferrite::chat::{
     render, render_with_template, render_with_template_ext, ChatOptions, Effort, Message,
     PromptRevision, BOS, EFFORT_ABSOLUTE_MAXIMUM,
@@ -18,6 +20,7 @@ use ferrite::chat::{
 use ferrite::tokenizer::Tokenizer;
 use gguf::{Array, Value};
 use quantize::vocab::{HfVocab, VocabError, DEEPSEEK_V4_CHAT_TEMPLATE};
+use support::chat_cases::agreed_conversations;
 
 const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
@@ -1054,31 +1057,9 @@ fn broken_files_are_errors_that_name_the_file() {
 /// tests/chat_format.rs's conversations for llama.cpp's template, and its other goldens' conversations (which
 /// llama.cpp's template renders differently from DeepSeek's encoder, but ferrite's template must not).
 fn conversations() -> Vec<Vec<Message>> {
-    vec![
-        vec![Message::user("Hi")],
-        vec![Message::system("You are helpful."), Message::user("Hi")],
-        vec![
-            Message::system("SYS"),
-            Message::user("q1"),
-            Message::assistant_with_reasoning("r1", "a1"),
-            Message::user("q2"),
-            Message::assistant("a2"),
-            Message::user("q3"),
-        ],
-        vec![
-            Message::user("q1"),
-            Message::assistant_with_reasoning("r1", "a1"),
-        ],
-        vec![
-            Message::user("first"),
-            Message::user("second"),
-            Message::assistant_with_reasoning("", "a"),
-        ],
-        vec![
-            Message::user("unicode: ｜DSML｜ 你好 — ok"),
-            Message::assistant("{% raw %} stays text"),
-        ],
-        // Beyond llama.cpp's template.
+    let mut all = agreed_conversations();
+    // Beyond llama.cpp's template.
+    all.extend([
         vec![],
         vec![
             Message::system("First"),
@@ -1111,7 +1092,8 @@ fn conversations() -> Vec<Vec<Message>> {
             Message::user("{{ not a tag }} \n\n trailing  "),
         ],
         vec![Message::system("only a system prompt")],
-    ]
+    ]);
+    all
 }
 
 fn option_grid(revision: PromptRevision) -> Vec<ChatOptions> {
