@@ -3,17 +3,29 @@
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::{GgmlType, Model};
 
-use crate::cache::{CacheSizes, CacheType, KvCache, UbatchPlan};
-use crate::ggml::{Context, CpuBackend, GraphAllocator, Tensor};
+use crate::cache::{cache_bytes, CacheSizes, CacheType, KvCache, UbatchPlan};
+use crate::experts::{ExpertStats, StatsSnapshot};
+use crate::ggml::{lock_memory, Context, CpuBackend, GraphAllocator, OwnedGraph, Tensor};
 use crate::model::config::{Config, LayerKind};
-use crate::model::forward::{hadamard_matrix, indexer_rotation_size};
-use crate::model::step::{build_graph, fill_inputs, GraphCache, GraphKey, GraphParts};
+use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Uploads};
+use crate::model::paged::{
+    build_experts_graph, build_head_graph, build_layer_graph, PagedExperts, PagedStep, StageCall,
+    StageDeps, StageKey, StageState,
+};
+use crate::model::sizes::{expert_tensor_layer, weight_sizes};
+use crate::model::step::{
+    batch_inputs, build_graph, fill_inputs, out_ids, GraphCache, GraphKey, GraphParts,
+};
 use crate::model::weights::Weights;
+use crate::plan::{
+    format_bytes, plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs,
+    PlanRequest,
+};
 
 /// Micro-batch graphs a session keeps for reuse: decode cycles through up to three shapes (a ratio-4 row, a
 /// ratio-128 row, or none completes), plus the last prompt's.
@@ -21,6 +33,40 @@ const KEPT_GRAPHS: usize = 4;
 
 /// Set to `0` to build a fresh graph for every micro-batch (a diagnostic: the results are the same).
 const GRAPH_REUSE_ENV: &str = "FERRITE_GRAPH_REUSE";
+
+/// `-c` when not given, capped by the model's trained context.
+pub const DEFAULT_CTX: usize = 4096;
+
+/// `--ubatch` when not given.
+pub const DEFAULT_UBATCH: usize = 512;
+
+/// The context size a run uses: `-c` (`ctx_size`), 0 meaning the model's trained context; by default
+/// [`DEFAULT_CTX`] or the trained context if smaller.
+pub fn resolve_ctx(cfg: &Config, ctx_size: Option<usize>) -> usize {
+    let trained = cfg.n_ctx_train;
+    match ctx_size {
+        None if trained > 0 => DEFAULT_CTX.min(trained),
+        None => DEFAULT_CTX,
+        Some(0) => trained.max(1),
+        Some(n) => n,
+    }
+}
+
+/// Where routed experts live and how much memory a run may take: the planner's inputs from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct PagingOptions {
+    /// `--mem SIZE`: the whole budget; `None`: what the machine has (MemAvailable and the cgroup limit).
+    pub mem: Option<u64>,
+    /// `--expert-cache N|SIZE`: the cache size instead of the planner's choice.
+    pub expert_cache: Option<ExpertCacheArg>,
+    /// `--mlock`: lock the resident weights (the whole model when resident) in RAM.
+    pub mlock: bool,
+    /// `--no-paging`: leave every expert in the map (the OS pages the file).
+    pub no_paging: bool,
+    /// `-c` as given and `--ubatch`, for the context and compute bytes the plan reserves.
+    pub ctx_size: Option<usize>,
+    pub n_ubatch: Option<usize>,
+}
 
 /// How an engine runs.
 #[derive(Clone, Debug)]
@@ -31,6 +77,8 @@ pub struct EngineOptions {
     pub fused_ops: bool,
     /// How sessions store key rows.
     pub cache_type: CacheType,
+    /// The memory plan's inputs.
+    pub paging: PagingOptions,
 }
 
 impl Default for EngineOptions {
@@ -39,6 +87,7 @@ impl Default for EngineOptions {
             n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fused_ops: true,
             cache_type: CacheType::default(),
+            paging: PagingOptions::default(),
         }
     }
 }
@@ -54,6 +103,12 @@ pub struct Engine {
     consts_ctx: Context<'static>,
     backend: CpuBackend,
     opts: EngineOptions,
+    plan: MemoryPlan,
+    /// The expert cache, when the plan pages the routed experts.
+    paged: Option<PagedExperts>,
+    stats: Mutex<ExpertStats>,
+    /// What locking memory did (`--mlock`, and the paged store's resident weights).
+    notes: Vec<String>,
 }
 
 impl Engine {
@@ -94,7 +149,8 @@ impl Engine {
         let backend = CpuBackend::new(opts.n_threads.max(1))?;
         let consts_ctx =
             constants(&cfg, &backend).context("cannot allocate the model's constants")?;
-        Ok(Engine {
+        let plan = memory_plan(&model, &cfg, &opts)?;
+        let mut engine = Engine {
             path: path.to_path_buf(),
             model,
             cfg,
@@ -103,7 +159,93 @@ impl Engine {
             consts_ctx,
             backend,
             opts,
-        })
+            plan,
+            paged: None,
+            stats: Mutex::new(ExpertStats::new()),
+            notes: Vec::new(),
+        };
+        if let ExpertPlacement::Paged { slots, .. } = engine.plan.placement {
+            let paged = PagedExperts::new(
+                &engine.model,
+                &engine.cfg,
+                &engine.weight_tensors(),
+                slots as usize,
+            )
+            .context("cannot set up the expert cache")?;
+            engine.paged = Some(paged);
+        }
+        engine.lock_memory();
+        Ok(engine)
+    }
+
+    /// Locks what must stay in RAM: with `--mlock` the whole model (resident) or the non-routed weights and the
+    /// cache (paged); the paged store always tries the latter. Failures are notes, not errors (as in llama.cpp).
+    fn lock_memory(&mut self) {
+        let shards = self.model.shards();
+        let mut locked = 0u64;
+        let mut failed = None;
+        let mut lock = |bytes: &[u8]| match lock_memory(bytes) {
+            Ok(()) => locked += bytes.len() as u64,
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        };
+        match &self.paged {
+            None if self.opts.paging.mlock => shards.iter().for_each(|s| lock(s.bytes())),
+            None => return,
+            Some(paged) => {
+                for t in self.model.tensors() {
+                    if expert_tensor_layer(&t.info.name).is_none() {
+                        let shard = &shards[t.shard];
+                        let start = (shard.header().data_offset + t.info.offset) as usize;
+                        let len = t.info.n_bytes as usize;
+                        if let Some(bytes) = shard.bytes().get(start..start + len) {
+                            lock(bytes);
+                        }
+                    }
+                }
+                match paged.lock() {
+                    Ok(()) => locked += paged.pool_bytes() as u64,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match failed {
+            None => self.notes.push(format!("locked {} in RAM", format_bytes(locked))),
+            Some(e) => self.notes.push(format!(
+                "could not lock memory in RAM ({e}; {} locked): the OS may page weights out under pressure (hint: raise `ulimit -l`)",
+                format_bytes(locked)
+            )),
+        }
+    }
+
+    /// The memory plan: budget, what each part takes, where the routed experts live.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// True when routed experts go through the expert cache.
+    pub fn is_paged(&self) -> bool {
+        self.paged.is_some()
+    }
+
+    /// Notes about locked memory, for `--verbose` and the start-up table.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The expert store's counters since the engine opened (or the last reset).
+    pub fn expert_stats(&self) -> StatsSnapshot {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot()
+    }
+
+    pub fn reset_expert_stats(&self) {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).reset();
     }
 
     pub fn config(&self) -> &Config {
@@ -147,15 +289,97 @@ impl Engine {
         let alloc =
             GraphAllocator::new(&self.backend).context("cannot create the compute buffer")?;
         let reuse = std::env::var(GRAPH_REUSE_ENV).map_or(true, |v| v.trim() != "0");
+        let paged = match &self.paged {
+            None => None,
+            Some(_) => Some(PagedSession {
+                state: Rc::new(StageState::new(
+                    &self.cfg,
+                    cache.sizes.n_ubatch,
+                    &self.backend,
+                )?),
+                graphs: GraphCache::new(PAGED_GRAPHS_PER_LAYER * self.cfg.n_layer + 8),
+            }),
+        };
         Ok(Session {
             engine: self,
             cache: Rc::new(cache),
             alloc,
             graphs: GraphCache::new(if reuse { KEPT_GRAPHS } else { 0 }),
+            paged,
             stats: GraphStats::default(),
             tokens: Vec::new(),
         })
     }
+}
+
+/// Stage graphs a paged session keeps per layer: the layer's graph for a few shapes and its experts' graphs for
+/// the entry counts decode sees.
+const PAGED_GRAPHS_PER_LAYER: usize = 12;
+
+/// Bytes of compute buffers the plan reserves: activations of a micro-batch (streams, attention, the experts'
+/// intermediates, scores over the window) and the logits of every row (perplexity asks for them all). An estimate.
+fn compute_bytes(cfg: &Config, n_ubatch: usize) -> u64 {
+    let width = cfg.expert_width.iter().copied().max().unwrap_or(0);
+    let per_token = 8 * cfg.hc * cfg.n_embd
+        + 4 * cfg.n_head * cfg.head_dim
+        + 3 * cfg.n_expert_used * width
+        + cfg.n_head * (cfg.window + n_ubatch)
+        + cfg.n_vocab;
+    (n_ubatch * per_token * 4) as u64
+}
+
+/// Plans memory for `model` under the options' budget (refusing what cannot fit).
+fn memory_plan(model: &Model, cfg: &Config, opts: &EngineOptions) -> Result<MemoryPlan> {
+    let p = &opts.paging;
+    let n_ctx = resolve_ctx(cfg, p.ctx_size);
+    let n_ubatch = p.n_ubatch.unwrap_or(DEFAULT_UBATCH).clamp(1, n_ctx.max(1));
+    let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch, opts.cache_type);
+    let (per_token, fixed) = cache_bytes(cfg, &sizes);
+    let inputs = PlanInputs::from_sizes(
+        &weight_sizes(model),
+        cfg.n_expert_used as u64,
+        n_ctx as u64,
+        fixed + (per_token * n_ctx as f64) as u64,
+        compute_bytes(cfg, n_ubatch),
+    );
+    let budget = p.mem.map_or_else(Budget::from_machine, Budget::from_flag);
+    let req = PlanRequest {
+        expert_cache: p.expert_cache,
+        no_paging: p.no_paging,
+    };
+    plan_memory(&inputs, &budget, &req).map_err(|e| anyhow!("{e}"))
+}
+
+/// A paged session's own parts: the state carried between its stage graphs, and the kept stage graphs.
+struct PagedSession<'e> {
+    state: Rc<StageState>,
+    graphs: GraphCache<'e, StageKey>,
+}
+
+/// The graph kept under `key`, built by `build` and allocated when there is none (kept graphs are dropped when the
+/// compute buffer grows, as they point into the old one).
+fn kept_graph<'g, 'e, K: PartialEq + Copy>(
+    graphs: &'g mut GraphCache<'e, K>,
+    alloc: &mut GraphAllocator,
+    stats: &mut GraphStats,
+    key: K,
+    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
+) -> Result<&'g OwnedGraph<'e>> {
+    if graphs.get(&key).is_some() {
+        stats.reused += 1;
+    } else {
+        stats.built += 1;
+        let g = build()?;
+        let before = alloc.buffer_size();
+        alloc.alloc(g.graph())?;
+        if alloc.buffer_size() != before {
+            graphs.clear();
+        }
+        graphs.insert(key, g);
+    }
+    graphs
+        .get(&key)
+        .ok_or_else(|| anyhow!("a stage graph was not kept (graph cache capacity 0)"))
 }
 
 /// The constant tensors of a model's graphs: the indexer's Hadamard matrix (if any), in a buffer of `backend`.
@@ -190,6 +414,8 @@ pub struct Session<'e> {
     alloc: GraphAllocator,
     /// Graphs of recent micro-batch shapes, allocated in `alloc`'s buffer, reused while the shape repeats.
     graphs: GraphCache<'e>,
+    /// The paged store's state and graphs, when the engine pages experts.
+    paged: Option<PagedSession<'e>>,
     stats: GraphStats,
     tokens: Vec<u32>,
 }
@@ -280,7 +506,17 @@ impl<'e> Session<'e> {
     /// Runs one micro-batch; appends the logits of the positions in `want` (indices within the micro-batch) to
     /// `out`.
     fn run_ubatch(&mut self, tokens: &[u32], want: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        if self.paged.is_some() {
+            return self.run_ubatch_paged(tokens, want, out);
+        }
         let engine = self.engine;
+        {
+            let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.record_step(tokens.len() as u64);
+            for _ in 0..engine.cfg.n_layer {
+                stats.record_resident((tokens.len() * engine.cfg.n_expert_used) as u64);
+            }
+        }
         let cfg = &engine.cfg;
         let fused = engine.opts.fused_ops;
         let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past());
@@ -322,6 +558,106 @@ impl<'e> Session<'e> {
             let start = out.len();
             out.resize(start + logits.n_elements() as usize, 0.0);
             logits.read_f32(&mut out[start..])?;
+        }
+        self.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    /// Runs one micro-batch through the paged store: a graph per layer up to its router, the experts over the slots
+    /// (read on demand), and the head (see `crate::model::paged`).
+    fn run_ubatch_paged(
+        &mut self,
+        tokens: &[u32],
+        want: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let engine = self.engine;
+        let cfg = &engine.cfg;
+        let fused = engine.opts.fused_ops;
+        let px = engine.paged.as_ref().expect("a paged engine");
+        let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past());
+        let key = GraphKey::of(&plan, want.len());
+        let weights = engine.weight_tensors();
+        let rotation = engine.indexer_rotation();
+        let parts = GraphParts {
+            cfg,
+            fused,
+            weights: &weights,
+            rotation,
+        };
+        let Session {
+            cache,
+            alloc,
+            paged,
+            stats,
+            ..
+        } = self;
+        let ps = paged.as_mut().expect("a paged session");
+        let state = ps.state.clone();
+        let graphs = &mut ps.graphs;
+        let backend = &engine.backend;
+        let mut compute = |call: StageCall<'_>| -> Result<()> {
+            match call {
+                StageCall::Layer(il) => {
+                    let sk = StageKey::Layer { key, layer: il };
+                    let g = kept_graph(graphs, alloc, stats, sk, || {
+                        let deps = StageDeps {
+                            cache: cache.clone(),
+                            state: state.clone(),
+                        };
+                        build_layer_graph(&parts, deps, &plan, il)
+                    })?;
+                    let mut up = Uploads::kept(g.tensors());
+                    batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
+                    up.upload_used()?;
+                    backend.compute(g.graph())?;
+                }
+                StageCall::Experts(il, e) => {
+                    let sk = StageKey::Experts {
+                        layer: il,
+                        entries: e.row.len(),
+                    };
+                    let g = kept_graph(graphs, alloc, stats, sk, || {
+                        let slots = px.slot_tensors(il);
+                        build_experts_graph(cfg, fused, slots, state.clone(), il, e.row.len())
+                    })?;
+                    let t = g.tensors();
+                    t[0].set_i32(&e.token)?;
+                    t[1].set_i32(&e.row)?;
+                    t[2].set_i32(&e.slot)?;
+                    backend.compute(g.graph())?;
+                }
+            }
+            Ok(())
+        };
+        let step = PagedStep {
+            experts: px,
+            stats: &engine.stats,
+            cfg,
+            tokens,
+        };
+        let read_i32 = |i: usize, len: usize| -> Result<Vec<i32>> {
+            let mut v = state.get_i32(i)?;
+            v.truncate(len);
+            Ok(v)
+        };
+        step.run(&mut compute, &read_i32)?;
+
+        let n_out = want.len().max(1);
+        let sk = StageKey::Head {
+            n_tokens: tokens.len(),
+            n_out,
+        };
+        let g = kept_graph(graphs, alloc, stats, sk, || {
+            build_head_graph(cfg, fused, &weights, state.clone(), tokens.len(), n_out)
+        })?;
+        let t = g.tensors();
+        t[1].set_i32(&out_ids(tokens.len(), want))?;
+        backend.compute(g.graph())?;
+        if !want.is_empty() {
+            let start = out.len();
+            out.resize(start + t[0].n_elements() as usize, 0.0);
+            t[0].read_f32(&mut out[start..])?;
         }
         self.tokens.extend_from_slice(tokens);
         Ok(())

@@ -19,6 +19,7 @@ fn engine(path: &Path, cache_type: CacheType, fused: bool) -> Engine {
             n_threads: 1,
             fused_ops: fused,
             cache_type,
+            ..Default::default()
         },
     )
     .unwrap()

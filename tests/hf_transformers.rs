@@ -176,6 +176,7 @@ fn logits_match_transformers_whole_and_in_micro_batches_of_7() {
             n_threads: 1,
             fused_ops: true,
             cache_type: CacheType::F32,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -15,6 +15,7 @@ fn open(path: &Path) -> anyhow::Result<Engine> {
             n_threads: 1,
             fused_ops: true,
             cache_type: CacheType::F32,
+            ..Default::default()
         },
     )
 }

@@ -39,6 +39,7 @@ fn engine(path: &Path, fused: bool) -> Engine {
             n_threads: 1,
             fused_ops: fused,
             cache_type: CacheType::F32,
+            ..Default::default()
         },
     )
     .unwrap()
@@ -293,6 +294,7 @@ fn f16_cache_matches_llama_with_its_f16_cache() {
         n_threads: 1,
         fused_ops: true,
         cache_type: CacheType::F16,
+        ..Default::default()
     };
     let e = Engine::open(&path, opts).unwrap();
     let got = ours(&e, &tokens, 512, 512);

@@ -38,6 +38,7 @@ fn tiny_model_speed_next_to_llama() {
         n_threads: THREADS,
         fused_ops: true,
         cache_type: CacheType::F16,
+        ..Default::default()
     };
     let e = Engine::open(&path, opts).unwrap();
     let (mut ours_pp, mut ours_tg) = (Vec::new(), Vec::new());

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, EngineOptions};
+use ferrite::engine::{resolve_ctx, Engine, EngineOptions, PagingOptions};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 
 use super::Hinted;
@@ -18,8 +18,6 @@ pub const DEMO: &str = "demo";
 /// The demo model's file in the cache folder; bump the version when `TinyConfig::demo()` or the seed changes.
 const DEMO_FILE: &str = "demo-v1.gguf";
 const DEMO_SEED: u64 = 1;
-/// `-c` when not given, capped by the model's trained context.
-const DEFAULT_CTX: usize = 4096;
 
 /// Which model to run and how.
 #[derive(Args, Clone, Debug)]
@@ -74,12 +72,7 @@ impl ModelArgs {
     /// Warns on stderr when it exceeds the trained context.
     pub fn n_ctx(&self, engine: &Engine) -> usize {
         let trained = engine.config().n_ctx_train;
-        let n_ctx = match self.ctx_size {
-            None if trained > 0 => DEFAULT_CTX.min(trained),
-            None => DEFAULT_CTX,
-            Some(0) => trained.max(1),
-            Some(n) => n,
-        };
+        let n_ctx = resolve_ctx(engine.config(), self.ctx_size);
         if trained > 0 && n_ctx > trained {
             eprintln!(
                 "ferrite: warning: -c {n_ctx} is beyond the {trained} tokens the model was trained on; quality may suffer"
@@ -119,6 +112,11 @@ pub fn open_engine(args: &ModelArgs) -> Result<Engine> {
         n_threads: args.threads(),
         fused_ops: !args.no_fused_ops,
         cache_type: args.cache_type,
+        paging: PagingOptions {
+            ctx_size: args.ctx_size,
+            n_ubatch: Some(args.ubatch),
+            ..PagingOptions::default()
+        },
     };
     let engine = Engine::open(&path, opts)?;
     for warning in &engine.config().warnings {

@@ -10,6 +10,7 @@ use llama_cpp_sys_2 as sys;
 use super::backend::OwnedBuffer;
 use super::context::Context;
 use super::error::{GgmlError, Result};
+use super::pool::SlotPool;
 use super::tensor::Tensor;
 
 /// ggml's `TENSOR_ALIGNMENT`: `ggml_backend_cpu_buffer_from_ptr` asserts the region start is aligned to it.
@@ -58,7 +59,7 @@ impl<'m> Context<'m> {
     /// [`Context::bind`] point straight at these bytes. The start must be aligned to [`REGION_ALIGNMENT`] (a
     /// mapping's start is page-aligned).
     pub fn map_region(&self, bytes: &'m [u8]) -> Result<RegionId> {
-        self.add_region(bytes.as_ptr(), bytes.len(), None)
+        self.add_region(bytes.as_ptr(), bytes.len(), None, true)
     }
 
     /// As [`Context::map_region`] for bytes owned by a shared `owner` (e.g. `Arc<memmap2::Mmap>` or an opened
@@ -72,7 +73,17 @@ impl<'m> Context<'m> {
         let (ptr, len) = (slice.as_ptr(), slice.len());
         // The slice borrows `*owner`, which sits behind the Arc (it never moves) and is only ever shared from now
         // on, so the bytes stay valid and unchanged while the context holds the Arc.
-        self.add_region(ptr, len, Some(owner))
+        self.add_region(ptr, len, Some(owner), true)
+    }
+
+    /// The writable region over `pool`'s slots (made on first use; the context keeps the pool alive).
+    pub(super) fn pool_region(&self, pool: &Arc<SlotPool>) -> Result<RegionId> {
+        let base = pool.base() as usize;
+        if let Some(i) = self.regions.borrow().iter().position(|r| r.base == base) {
+            return Ok(RegionId(i));
+        }
+        let owner: Arc<dyn Any + Send + Sync> = pool.clone();
+        self.add_region(pool.base(), pool.bytes(), Some(owner), false)
     }
 
     fn add_region(
@@ -80,6 +91,7 @@ impl<'m> Context<'m> {
         ptr: *const u8,
         len: usize,
         owner: Option<Arc<dyn Any + Send + Sync>>,
+        read_only: bool,
     ) -> Result<RegionId> {
         if (ptr as usize) % REGION_ALIGNMENT != 0 {
             return Err(GgmlError::Bind {
@@ -88,8 +100,10 @@ impl<'m> Context<'m> {
             });
         }
         // SAFETY: `ptr..ptr+len` is readable for as long as the context lives ('m borrow or owner kept below); the
-        // start is aligned as ggml asserts. The buffer is registered read-only before any tensor can use it, and
-        // graph compute and data writes refuse read-only buffers, so ggml never writes these bytes.
+        // start is aligned as ggml asserts. Borrowed and shared bytes are registered read-only before any tensor can
+        // use them, and graph compute and data writes refuse read-only buffers, so ggml never writes them; a slot
+        // pool (the one writable kind) is written by ggml only through set_bytes, never by a computation (its
+        // tensors are weights, never graph nodes).
         let raw = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(ptr as *mut _, len) };
         let buffer = OwnedBuffer::new(raw).ok_or_else(|| GgmlError::Alloc {
             what: format!("a CPU buffer over a region of {len} bytes"),
@@ -101,7 +115,9 @@ impl<'m> Context<'m> {
                 sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
             )
         };
-        with_read_only(|set| set.insert(buffer.as_ptr() as usize));
+        if read_only {
+            with_read_only(|set| set.insert(buffer.as_ptr() as usize));
+        }
         let mut regions = self.regions.borrow_mut();
         regions.push(Region {
             buffer,

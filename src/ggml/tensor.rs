@@ -153,6 +153,21 @@ impl<'ctx> Tensor<'ctx> {
         unsafe { sys::ggml_set_output(self.as_ptr()) }
     }
 
+    /// Sets the byte stride of dimension `dim` (1..=3) of a tensor that has no data yet, and recomputes the strides
+    /// above it (a stack of matrices spaced wider than they are long, as in the expert pool).
+    pub(super) fn set_strides(self, dim: usize, nb: usize) {
+        debug_assert!((1..4).contains(&dim) && !self.is_allocated());
+        // SAFETY: the tensor is alive and has no data yet, so no computation reads its strides; ggml_tensor is
+        // plain data owned by the context, which handles borrow.
+        unsafe {
+            let t = &mut *self.as_ptr();
+            t.nb[dim] = nb;
+            for i in dim + 1..4 {
+                t.nb[i] = t.nb[i - 1] * t.ne[i - 1] as usize;
+            }
+        }
+    }
+
     /// Name for error messages.
     pub(super) fn label(self) -> String {
         let name = self.name();

@@ -11,9 +11,9 @@ use crate::ggml::{Context, GgmlError, Result, RopeMode, RopeParams, Tensor};
 
 use super::attention::{attention, AttnShape};
 use super::config::{Config, LayerKind};
-use super::hc::{self, HcParams};
+use super::hc::{self, HcMix, HcParams};
 use super::moe::{moe, MoeShape};
-use super::weights::Weights;
+use super::weights::{LayerWeights, Weights};
 
 /// The graph builder's state: the context, numerical settings, and side effects (cache writes) to run.
 pub struct Ops<'c> {
@@ -182,9 +182,46 @@ pub fn forward<'c>(
     cache: &[LayerCache<Tensor<'c>>],
     inp: &BatchInputs<'c>,
 ) -> Result<Tensor<'c>> {
+    let mut x = embed(o, cfg, w, inp.tokens)?;
+    for (il, lw) in w.layers.iter().enumerate() {
+        let x_mid = attention_block(o, cfg, lw, &cache[il], x, inp, il)?;
+        let (c, mix) = ffn_input(o, lw, x_mid)?;
+        let f = moe(o, lw, c, inp.tokens, &moe_shape(cfg, il))?;
+        x = hc::post(o, f, x_mid, &mix)?;
+    }
+    head(o, cfg, w, x, inp.out_ids)
+}
+
+/// The token embeddings copied into the hc streams: `{D, hc, n}`.
+pub fn embed<'c>(
+    o: &Ops<'c>,
+    cfg: &Config,
+    w: &Weights<Tensor<'c>>,
+    tokens: Tensor<'c>,
+) -> Result<Tensor<'c>> {
     let ctx = o.ctx;
-    let n = inp.tokens.ne()[0];
-    let d = cfg.n_embd as i64;
+    let n = tokens.ne()[0];
+    let e = ctx.reshape_3d(
+        ctx.get_rows(w.token_embd, tokens)?,
+        [cfg.n_embd as i64, 1, n],
+    )?;
+    let mut x = e;
+    for _ in 1..cfg.hc {
+        x = ctx.concat(x, e, 1)?;
+    }
+    Ok(x)
+}
+
+/// Layer `il`'s attention sub-block: `x {D, hc, n}` -> the streams after it.
+pub fn attention_block<'c>(
+    o: &Ops<'c>,
+    cfg: &Config,
+    lw: &LayerWeights<Tensor<'c>>,
+    cache: &LayerCache<Tensor<'c>>,
+    x: Tensor<'c>,
+    inp: &BatchInputs<'c>,
+    il: usize,
+) -> Result<Tensor<'c>> {
     let attn_shape = AttnShape {
         n_head: cfg.n_head,
         head_dim: cfg.head_dim,
@@ -194,48 +231,58 @@ pub fn forward<'c>(
         indexer_dim: cfg.indexer_dim,
         indexer_top_k: cfg.indexer_top_k,
     };
+    let rope = rope_params(cfg, il);
+    let attn_hc = HcParams {
+        func: lw.hc_attn_fn,
+        base: lw.hc_attn_base,
+        scale: lw.hc_attn_scale,
+    };
+    let (y, mix) = hc::pre(o, x, &attn_hc)?;
+    let c = o.ctx.mul(o.ctx.rms_norm(y, o.eps)?, lw.attn_norm)?;
+    let a = attention(o, lw, cache, c, inp, &attn_shape, &rope)?;
+    hc::post(o, a, x, &mix)
+}
 
-    // Embedding, copied into the hc streams: {D, hc, n}.
-    let e = ctx.reshape_3d(ctx.get_rows(w.token_embd, inp.tokens)?, [d, 1, n])?;
-    let mut x = e;
-    for _ in 1..cfg.hc {
-        x = ctx.concat(x, e, 1)?;
+/// The feed-forward's input `{D, n}` (mixed from the streams and normalised) and the mix its output goes back with.
+pub fn ffn_input<'c>(
+    o: &Ops<'c>,
+    lw: &LayerWeights<Tensor<'c>>,
+    x: Tensor<'c>,
+) -> Result<(Tensor<'c>, HcMix<'c>)> {
+    let ffn_hc = HcParams {
+        func: lw.hc_ffn_fn,
+        base: lw.hc_ffn_base,
+        scale: lw.hc_ffn_scale,
+    };
+    let (y, mix) = hc::pre(o, x, &ffn_hc)?;
+    Ok((o.ctx.mul(o.ctx.rms_norm(y, o.eps)?, lw.ffn_norm)?, mix))
+}
+
+/// Routing settings of layer `il`.
+pub fn moe_shape(cfg: &Config, il: usize) -> MoeShape {
+    MoeShape {
+        n_expert_used: cfg.n_expert_used,
+        weights_norm: cfg.expert_weights_norm,
+        weights_scale: cfg.expert_weights_scale,
+        clamp_exp: cfg.clamp_exp[il],
+        clamp_shexp: cfg.clamp_shexp[il],
     }
+}
 
-    for (il, lw) in w.layers.iter().enumerate() {
-        let rope = rope_params(cfg, il);
-        let attn_hc = HcParams {
-            func: lw.hc_attn_fn,
-            base: lw.hc_attn_base,
-            scale: lw.hc_attn_scale,
-        };
-        let (y, mix) = hc::pre(o, x, &attn_hc)?;
-        let c = ctx.mul(ctx.rms_norm(y, o.eps)?, lw.attn_norm)?;
-        let a = attention(o, lw, &cache[il], c, inp, &attn_shape, &rope)?;
-        x = hc::post(o, a, x, &mix)?;
-
-        let ffn_hc = HcParams {
-            func: lw.hc_ffn_fn,
-            base: lw.hc_ffn_base,
-            scale: lw.hc_ffn_scale,
-        };
-        let (y, mix) = hc::pre(o, x, &ffn_hc)?;
-        let c = ctx.mul(ctx.rms_norm(y, o.eps)?, lw.ffn_norm)?;
-        let moe_shape = MoeShape {
-            n_expert_used: cfg.n_expert_used,
-            weights_norm: cfg.expert_weights_norm,
-            weights_scale: cfg.expert_weights_scale,
-            clamp_exp: cfg.clamp_exp[il],
-            clamp_shexp: cfg.clamp_shexp[il],
-        };
-        let f = moe(o, lw, c, inp.tokens, &moe_shape)?;
-        x = hc::post(o, f, x, &mix)?;
-    }
-
-    // Only the wanted positions go through the head.
+/// The head over the positions in `out_ids` (I32 `{n_out}`): `x {D, hc, n}` -> logits `{n_vocab, n_out}`.
+pub fn head<'c>(
+    o: &Ops<'c>,
+    cfg: &Config,
+    w: &Weights<Tensor<'c>>,
+    x: Tensor<'c>,
+    out_ids: Tensor<'c>,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let d = cfg.n_embd as i64;
+    let n = x.ne()[2];
     let hc_dim = d * cfg.hc as i64;
-    let n_out = inp.out_ids.ne()[0];
-    let flat = ctx.get_rows(ctx.reshape_2d(x, [hc_dim, n])?, inp.out_ids)?;
+    let n_out = out_ids.ne()[0];
+    let flat = ctx.get_rows(ctx.reshape_2d(x, [hc_dim, n])?, out_ids)?;
     let x = ctx.reshape_3d(flat, [d, cfg.hc as i64, n_out])?;
     let head = HcParams {
         func: w.hc_head_fn,
@@ -372,9 +419,22 @@ impl<'c> Uploads<'c> {
         self.items.iter().map(|(t, _)| *t)
     }
 
+    /// Writes the data of the inputs the graph uses (those the allocator gave memory); a stage graph of the paged
+    /// store lists every batch input but uses those of its layer only.
+    pub fn upload_used(&self) -> Result<()> {
+        self.check_complete()?;
+        self.write(true)
+    }
+
     /// Writes every input's data (after allocation). For a kept graph, fails unless every one of its inputs was
     /// listed.
     pub fn upload(&self) -> Result<()> {
+        self.check_complete()?;
+        self.write(false)
+    }
+
+    /// For a kept graph: fails unless every one of its inputs was listed.
+    fn check_complete(&self) -> Result<()> {
         if let Source::Kept { tensors, next } = &self.source {
             if *next != tensors.len() {
                 return Err(GgmlError::Op {
@@ -383,8 +443,15 @@ impl<'c> Uploads<'c> {
                 });
             }
         }
+        Ok(())
+    }
+
+    fn write(&self, used_only: bool) -> Result<()> {
         let mut bytes = Vec::new();
         for (t, data) in &self.items {
+            if used_only && !t.is_allocated() {
+                continue;
+            }
             match data {
                 HostData::I32(v) => t.set_i32(v)?,
                 HostData::F32(v) => t.set_f32(v)?,

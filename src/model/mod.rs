@@ -8,6 +8,7 @@ pub mod forward;
 pub mod hc;
 pub mod moe;
 pub mod names;
+pub mod paged;
 pub mod sizes;
 pub mod step;
 pub mod tiny;

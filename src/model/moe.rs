@@ -35,11 +35,25 @@ pub fn moe<'c>(
     tokens: Tensor<'c>,
     s: &MoeShape,
 ) -> Result<Tensor<'c>> {
+    let (selected, weights) = route(o, w, c, tokens, s)?;
+    let experts = [w.gate_exps, w.up_exps, w.down_exps];
+    let e = expert_outputs(o, experts, c, selected, weights, s)?;
+    let routed = sum_experts(o, e)?;
+    o.ctx.add(routed, shared_expert(o, w, c, s)?)
+}
+
+/// The router: the experts each token uses, I32 `{k, n}`, and their weights `{1, k, n}` (normalised and scaled).
+pub fn route<'c>(
+    o: &Ops<'c>,
+    w: &LayerWeights<Tensor<'c>>,
+    c: Tensor<'c>,
+    tokens: Tensor<'c>,
+    s: &MoeShape,
+) -> Result<(Tensor<'c>, Tensor<'c>)> {
     let ctx = o.ctx;
-    let [d, n, _, _] = c.ne();
+    let n = c.ne()[1];
     let k = s.n_expert_used as i64;
-    let logits = ctx.mul_mat(w.gate_inp, c)?; // {E, n}
-    let probs = ctx.sqrt(ctx.softplus(logits)?)?;
+    let probs = ctx.sqrt(ctx.softplus(ctx.mul_mat(w.gate_inp, c)?)?)?; // {E, n}
     let selected = match &w.routing {
         Routing::Hash { tid2eid } => ctx.get_rows(*tid2eid, tokens)?, // I32 {k, n}
         Routing::Score { bias } => ctx.argsort_top_k(ctx.add(probs, *bias)?, s.n_expert_used)?,
@@ -54,12 +68,34 @@ pub fn moe<'c>(
     if s.weights_scale != 0.0 && s.weights_scale != 1.0 {
         weights = ctx.scale(weights, s.weights_scale)?;
     }
+    Ok((selected, weights))
+}
 
+/// The routed experts' outputs, each times its weight, `{D, k, n}`: `experts` are the stacked gate, up and down
+/// matrices (`{D, F, m}`, `{D, F, m}`, `{F, D, m}`) and `ids` I32 `{k, n}` index their third dimension (the model's
+/// experts, or the slots of the expert cache).
+pub fn expert_outputs<'c>(
+    o: &Ops<'c>,
+    experts: [Tensor<'c>; 3],
+    c: Tensor<'c>,
+    ids: Tensor<'c>,
+    weights: Tensor<'c>,
+    s: &MoeShape,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let [gate_exps, up_exps, down_exps] = experts;
+    let [d, n, _, _] = c.ne();
     let x = ctx.reshape_3d(c, [d, 1, n])?;
-    let up = ctx.mul_mat_id(w.up_exps, x, selected)?; // {F, k, n}
-    let gate = ctx.mul_mat_id(w.gate_exps, x, selected)?;
+    let up = ctx.mul_mat_id(up_exps, x, ids)?; // {F, k, n}
+    let gate = ctx.mul_mat_id(gate_exps, x, ids)?;
     let act = swiglu(o, gate, up, s.clamp_exp)?;
-    let experts = ctx.mul(ctx.mul_mat_id(w.down_exps, act, selected)?, weights)?; // {D, k, n}
+    ctx.mul(ctx.mul_mat_id(down_exps, act, ids)?, weights) // {D, k, n}
+}
+
+/// `Σ_j experts[:, j, :]` `{D, n}`, added in expert-slot order.
+pub fn sum_experts<'c>(o: &Ops<'c>, experts: Tensor<'c>) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let [d, k, n, _] = experts.ne();
     let mut routed = ctx.view_2d(experts, [d, n], experts.nb()[2], 0)?;
     for i in 1..k as usize {
         let e = ctx.view_2d(experts, [d, n], experts.nb()[2], i * experts.nb()[1])?;
@@ -68,12 +104,18 @@ pub fn moe<'c>(
     if k == 1 {
         routed = ctx.cont(routed)?;
     }
+    Ok(routed)
+}
 
-    let shared_up = ctx.mul_mat(w.up_shexp, c)?;
-    let shared_gate = ctx.mul_mat(w.gate_shexp, c)?;
-    let shared = ctx.mul_mat(
-        w.down_shexp,
-        swiglu(o, shared_gate, shared_up, s.clamp_shexp)?,
-    )?;
-    ctx.add(routed, shared)
+/// The shared expert `{D, n}`.
+pub fn shared_expert<'c>(
+    o: &Ops<'c>,
+    w: &LayerWeights<Tensor<'c>>,
+    c: Tensor<'c>,
+    s: &MoeShape,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let up = ctx.mul_mat(w.up_shexp, c)?;
+    let gate = ctx.mul_mat(w.gate_shexp, c)?;
+    ctx.mul_mat(w.down_shexp, swiglu(o, gate, up, s.clamp_shexp)?)
 }

@@ -42,7 +42,7 @@ impl GraphKey {
 
 /// Positions (within the micro-batch) whose logits the graph computes: the wanted ones, or the last one when none
 /// is wanted (the graph needs an output; it is cheap).
-fn out_ids(n: usize, want: &[usize]) -> Vec<i32> {
+pub fn out_ids(n: usize, want: &[usize]) -> Vec<i32> {
     if want.is_empty() {
         vec![n as i32 - 1]
     } else {
@@ -229,22 +229,23 @@ pub fn fill_inputs<'g>(
     Ok(logits)
 }
 
-/// Graphs kept for reuse, each under its [`GraphKey`]; the least recently used goes when a new one needs room.
-pub struct GraphCache<'e> {
-    entries: Vec<Entry<'e>>,
+/// Graphs kept for reuse, each under its key (a [`GraphKey`], or a stage of the paged store); the least recently
+/// used goes when a new one needs room.
+pub struct GraphCache<'e, K = GraphKey> {
+    entries: Vec<Entry<'e, K>>,
     capacity: usize,
     clock: u64,
 }
 
-struct Entry<'e> {
-    key: GraphKey,
+struct Entry<'e, K> {
+    key: K,
     graph: OwnedGraph<'e>,
     last_use: u64,
 }
 
-impl<'e> GraphCache<'e> {
+impl<'e, K: PartialEq + Copy> GraphCache<'e, K> {
     /// Keeps up to `capacity` graphs (0: none, every micro-batch builds its own).
-    pub fn new(capacity: usize) -> GraphCache<'e> {
+    pub fn new(capacity: usize) -> GraphCache<'e, K> {
         GraphCache {
             entries: Vec::new(),
             capacity,
@@ -273,7 +274,7 @@ impl<'e> GraphCache<'e> {
     }
 
     /// The graph kept under `key`, marked as just used.
-    pub fn get(&mut self, key: &GraphKey) -> Option<&OwnedGraph<'e>> {
+    pub fn get(&mut self, key: &K) -> Option<&OwnedGraph<'e>> {
         self.clock += 1;
         let clock = self.clock;
         let e = self.entries.iter_mut().find(|e| e.key == *key)?;
@@ -282,7 +283,7 @@ impl<'e> GraphCache<'e> {
     }
 
     /// Keeps `graph` under `key` (when the capacity allows), making room by dropping the least recently used.
-    pub fn insert(&mut self, key: GraphKey, graph: OwnedGraph<'e>) {
+    pub fn insert(&mut self, key: K, graph: OwnedGraph<'e>) {
         if self.capacity == 0 {
             return;
         }

@@ -47,6 +47,7 @@ pub fn ferrite_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         n_threads: 1,
         fused_ops: true,
         cache_type: CacheType::F32,
+        ..Default::default()
     };
     let e = Engine::open(path, options).unwrap();
     let mut s = e.session(512, 512).unwrap();
