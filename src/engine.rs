@@ -24,7 +24,7 @@ use crate::model::step::{
 use crate::model::weights::Weights;
 use crate::plan::{
     format_bytes, plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs,
-    PlanRequest,
+    PlanReason, PlanRequest,
 };
 
 /// Micro-batch graphs a session keeps for reuse: decode cycles through up to three shapes (a ratio-4 row, a
@@ -170,6 +170,7 @@ impl Engine {
                 &engine.cfg,
                 &engine.weight_tensors(),
                 slots as usize,
+                engine.plan.reason == PlanReason::Fitted,
             )
             .context("cannot set up the expert cache")?;
             engine.paged = Some(paged);

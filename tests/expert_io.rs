@@ -89,10 +89,12 @@ fn every_expert_of_a_tiny_model_reads_back_as_mapped() {
             ReadOptions {
                 threads: 1,
                 split_bytes: 0,
+                drop_cache: false,
             },
             ReadOptions {
                 threads: 5,
                 split_bytes: 4096,
+                drop_cache: true,
             },
         ] {
             read_all_and_verify(&model, &model, opts, &cfg);
@@ -385,10 +387,12 @@ mod handcrafted {
             ReadOptions {
                 threads: 1,
                 split_bytes: 0,
+                drop_cache: false,
             },
             ReadOptions {
                 threads: 3,
                 split_bytes: 100,
+                drop_cache: true,
             },
         ] {
             let reader = ExpertReader::with_layout(layout.clone(), opts).unwrap();
@@ -486,6 +490,7 @@ mod handcrafted {
                 ReadOptions {
                     threads: 4,
                     split_bytes: 0,
+                    drop_cache: false,
                 },
             )
             .unwrap()

@@ -471,6 +471,9 @@ pub struct ReadOptions {
     /// Splits slabs larger than this into reads of this size (more reads in flight for few experts); 0 reads
     /// each slab whole.
     pub split_bytes: u64,
+    /// Drops the page cache of what was read (when memory is tight the expert cache is the only copy worth
+    /// keeping; the OS's would push out the pool or the resident weights).
+    pub drop_cache: bool,
 }
 
 impl Default for ReadOptions {
@@ -478,6 +481,7 @@ impl Default for ReadOptions {
         ReadOptions {
             threads: DEFAULT_READ_THREADS,
             split_bytes: 0,
+            drop_cache: false,
         }
     }
 }
@@ -691,7 +695,11 @@ impl ExpertReader {
                 ),
             })?;
         let len = c.buf.len() as u64;
-        file.read_exact_at(c.buf, c.offset).map_err(|source| {
+        let read = file.read_exact_at(c.buf, c.offset);
+        if self.opts.drop_cache {
+            crate::ggml::drop_file_pages(file, c.offset, len);
+        }
+        read.map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
                 ExpertIoError::ShortRead {
                     path: path.clone(),

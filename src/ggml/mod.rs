@@ -36,7 +36,7 @@ pub use gguf_read::{read_gguf_with_ggml, GgufKv, GgufSummary, GgufTensorInfo, Gg
 pub use graph::{Graph, DEFAULT_GRAPH_SIZE};
 pub use ops::SortOrder;
 pub use owned::{BuildScope, OwnedGraph};
-pub use pool::{lock_memory, SlotPool};
+pub use pool::{drop_file_pages, lock_memory, SlotPool};
 pub use quant::{can_quantize_to, dequantize_rows, quantize_rows, requires_imatrix, GgmlCodec};
 pub use region::{RegionId, BIND_ALIGNMENT, REGION_ALIGNMENT};
 pub use tensor::{Tensor, MAX_NAME_LEN};

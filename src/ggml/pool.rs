@@ -117,6 +117,22 @@ pub fn lock_memory(bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// Tells the OS that `len` bytes of `file` at `offset` will not be read again soon (`POSIX_FADV_DONTNEED`): their page
+/// cache goes now instead of pushing out memory that matters when reads already land in the expert cache. A hint:
+/// failures are ignored.
+pub fn drop_file_pages(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    extern "C" {
+        fn posix_fadvise(fd: i32, offset: i64, len: i64, advice: i32) -> i32;
+    }
+    const POSIX_FADV_DONTNEED: i32 = 4;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain system call on an open descriptor; it changes only the kernel's page cache.
+    unsafe { posix_fadvise(file.as_raw_fd(), offset, len, POSIX_FADV_DONTNEED) };
+}
+
 impl Context<'_> {
     /// A new tensor of type `ty` and shape `{ne0, ne1, n_slots}` over `pool`: matrix `s` starts `offset` bytes into
     /// slot `s` (rows of `ne0` values back to back). The matrix must fit its slot after `offset`. The context keeps

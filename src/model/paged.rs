@@ -53,14 +53,20 @@ pub struct PagedExperts {
 
 impl PagedExperts {
     /// A pool of `n_slots` slots for `model`'s routed experts (`weights`: the engine's tensors, for the hash tables).
+    /// `drop_cache`: drop the OS's copy of what is read (memory is tight).
     pub fn new(
         model: &Model,
         cfg: &Config,
         weights: &Weights<Tensor<'_>>,
         n_slots: usize,
+        drop_cache: bool,
     ) -> Result<PagedExperts> {
-        let reader = ExpertReader::open(model, ReadOptions::default())
-            .context("cannot set up reads of the routed experts")?;
+        let opts = ReadOptions {
+            drop_cache,
+            ..ReadOptions::default()
+        };
+        let reader =
+            ExpertReader::open(model, opts).context("cannot set up reads of the routed experts")?;
         let layout = reader.layout();
         let part_bytes = layout.max_slab_bytes().map(|b| b.next_multiple_of(64));
         let stride = part_bytes.iter().sum::<u64>();
