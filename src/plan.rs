@@ -972,6 +972,79 @@ mod tests {
         assert_eq!(b.to_string(), "22.35 GiB (--mem)");
     }
 
+    /// Reads a machine's files from `tests/fixtures/cgroup/NAME`, a folder laid out as its root file system
+    /// (`proc/meminfo`, `proc/self/cgroup`, `proc/self/mountinfo`, the cgroup limit files under `sys/fs/cgroup`).
+    fn fixture_machine(name: &str) -> impl Fn(&Path) -> Option<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cgroup")
+            .join(name);
+        assert!(root.is_dir(), "missing fixture {}", root.display());
+        move |p: &Path| std::fs::read_to_string(root.join(p.strip_prefix("/").ok()?)).ok()
+    }
+
+    #[test]
+    fn the_budget_is_the_cgroup_limit_of_fixture_files_minus_the_margin() {
+        // cgroup v2 (a `systemd-run -p MemoryMax=8G` scope; its parent says max): 8 GiB, under 26.6 GiB available.
+        let sys = SystemMemory::read_with(&fixture_machine("v2"));
+        assert_eq!(sys.mem_available, Some(27_934_516 * 1024));
+        let file = PathBuf::from("/sys/fs/cgroup/system.slice/ferrite-bench.scope/memory.max");
+        let b = Budget::from_system(&sys);
+        let limit = 8u64 << 30;
+        assert_eq!(
+            b.source,
+            BudgetSource::Cgroup {
+                version: 2,
+                file: file.clone()
+            }
+        );
+        assert_eq!((b.limit, b.margin), (Some(limit), safety_margin(limit)));
+        assert_eq!(b.bytes, Some(limit - (512 << 20)));
+        // The plan sizes the cache to it and its table says where the budget came from.
+        let plan = plan_memory(&flash_like(), &b, &PlanRequest::default()).unwrap();
+        assert_eq!(
+            plan.slots(),
+            Some(320),
+            "7.5 GiB - 5 GiB fixed = 320 slots of 8 MiB"
+        );
+        let table = plan.to_string();
+        assert!(
+            table.lines().any(|l| l
+                == "  budget                                7.50 GiB  (cgroup v2 limit \
+                    /sys/fs/cgroup/system.slice/ferrite-bench.scope/memory.max 8.00 GiB minus 512.00 MiB margin)"),
+            "{table}"
+        );
+
+        // cgroup v1 as DESIGN.md 6 simulates a small machine (a hybrid host, the shell moved into
+        // /sys/fs/cgroup/memory/ferrite-4g): 4 GiB under 22.9 GiB available; the root's "no limit" is skipped.
+        let b = Budget::from_system(&SystemMemory::read_with(&fixture_machine("v1")));
+        let limit = 4u64 << 30;
+        assert_eq!(
+            b.source,
+            BudgetSource::Cgroup {
+                version: 1,
+                file: PathBuf::from("/sys/fs/cgroup/memory/ferrite-4g/memory.limit_in_bytes")
+            }
+        );
+        assert_eq!((b.limit, b.margin), (Some(limit), limit / 10));
+        assert_eq!(b.bytes, Some(limit - safety_margin(limit)));
+        assert!(b.to_string().starts_with(
+            "3.60 GiB (cgroup v1 limit /sys/fs/cgroup/memory/ferrite-4g/memory.limit_in_bytes 4.00 GiB minus"
+        ), "{b}");
+
+        // A Docker container on a v1 host (`docker run -m 2g`): the memory hierarchy's own folder is mounted at
+        // /sys/fs/cgroup/memory, so the limit is that folder's.
+        let b = Budget::from_system(&SystemMemory::read_with(&fixture_machine("v1-docker")));
+        let limit = 2u64 << 30;
+        assert_eq!(
+            b.source,
+            BudgetSource::Cgroup {
+                version: 1,
+                file: PathBuf::from("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+            }
+        );
+        assert_eq!(b.bytes, Some(limit - safety_margin(limit)));
+    }
+
     #[test]
     fn the_real_machine_can_be_read() {
         // Whatever it says, reading it must not fail or panic.

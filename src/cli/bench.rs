@@ -13,9 +13,13 @@
 //!   weight except the embedding table, one embedding row, `n_expert_used` experts in each layer, MTP block
 //!   excluded) and the bandwidth that implies at the measured generation speed.
 //!
+//! - The expert store's numbers of each test's timed repetitions (hits, misses, bytes read, I/O wait): with paged
+//!   experts (`--mem`, `--expert-cache`) a line under the table gives the hit rate, MB read and I/O wait per token.
+//!
 //! `--vs-llama` runs the same tests on the same random tokens through llama.cpp in-process (the benchmark reference
 //! in `ferrite::bench_llama`), after ferrite's and with ferrite's engine closed, and adds a ratio column
-//! (ferrite / llama.cpp). The table goes to stdout (or, with `--json`, one JSON object); everything else to stderr.
+//! (ferrite / llama.cpp). The table goes to stdout (or, with `--json`, one JSON object, the memory plan and the expert
+//! statistics included); everything else to stderr.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,11 +29,14 @@ use clap::Args;
 use ferrite::bench_llama::{LlamaContextParams, LlamaModel};
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, Logits};
+use ferrite::experts::StatsSnapshot;
 use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
 use serde_json::{json, Value as Json};
 
 use super::info::human_bytes;
-use super::model_arg::{open_engine, ModelArgs};
+use super::model_arg::{
+    open_engine, plan_json, stats_json, sum_stats, MemoryArgs, ModelArgs, PlanReport,
+};
 use super::Hinted;
 
 #[derive(Args, Debug)]
@@ -63,6 +70,8 @@ pub struct BenchArgs {
     /// Diagnostic: ferrite computes with primitive ggml operators instead of the DeepSeek V4 ones.
     #[arg(long)]
     pub no_fused_ops: bool,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
     /// Run the same tests through llama.cpp (in-process, the reference) and add a ratio column.
     #[arg(long)]
     pub vs_llama: bool,
@@ -191,6 +200,8 @@ struct Row {
     threads: usize,
     test: Test,
     ferrite: Stats,
+    /// The expert store's counters over ferrite's timed repetitions.
+    experts: StatsSnapshot,
     llama: Option<Stats>,
 }
 
@@ -219,13 +230,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(list) => list.0.clone(),
         None => vec![std::thread::available_parallelism().map_or(1, |n| n.get())],
     };
+    // The plan reserves a context as long as the longest test (each test's session holds just its tokens).
     let model_args = |t: usize| ModelArgs {
         model: args.model.clone(),
         threads: Some(t),
-        ctx_size: None,
+        ctx_size: Some(args.n_prompt.max(args.n_gen)),
         ubatch: args.ubatch,
         no_fused_ops: args.no_fused_ops,
         cache_type: args.cache_type,
+        memory: args.memory.clone(),
     };
     let mut tests = Vec::new();
     if args.n_prompt > 0 {
@@ -241,8 +254,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         });
     }
 
-    let mut engine = open_engine(&model_args(threads[0]))?;
+    let mut engine = open_engine(&model_args(threads[0]), PlanReport::WhenNotable)?;
     let facts = model_facts(&engine);
+    let plan = engine.memory_plan().clone();
+    let paged = engine.is_paged();
     let cfg = engine.config();
     let longest = args.n_prompt.max(args.n_gen);
     if cfg.n_ctx_train > 0 && longest > cfg.n_ctx_train {
@@ -275,27 +290,35 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // ferrite first; its peak memory is read before llama.cpp loads anything.
     let hwm_reset = reset_peak_rss();
     let mut rows = Vec::new();
+    // The expert counters of every ferrite run, warm-ups included, over the engines of each thread count.
+    let mut expert_totals = StatsSnapshot::default();
     for (i, &t) in threads.iter().enumerate() {
         if i > 0 && t != engine.options().n_threads {
+            expert_totals = sum_stats(&expert_totals, &engine.expert_stats());
             drop(engine);
-            engine = open_engine(&model_args(t))?;
+            engine = open_engine(&model_args(t), PlanReport::Never)?;
         }
         for &test in &tests {
-            let seconds = measure_ferrite(&engine, test, &tokens, args)?;
+            let (seconds, experts) = measure_ferrite(&engine, test, &tokens, args)?;
             let stats = Stats::new(test.n, seconds);
             eprintln!(
                 "ferrite: {} with {t} threads: {} t/s",
                 test.name(),
                 stats.cell()
             );
+            if paged {
+                eprintln!("ferrite: {} with {t} threads: {experts}", test.name());
+            }
             rows.push(Row {
                 threads: t,
                 test,
                 ferrite: stats,
+                experts,
                 llama: None,
             });
         }
     }
+    expert_totals = sum_stats(&expert_totals, &engine.expert_stats());
     drop(engine);
     let rss = peak_rss();
 
@@ -332,25 +355,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let bandwidth = |stats: &Stats| facts.bytes_per_token as f64 * stats.median;
     if args.json {
-        let results: Vec<Json> = rows
+        let results = rows
             .iter()
             .map(|r| {
                 let tg = r.test.kind == Kind::Generation;
-                json!({
+                Ok(json!({
                     "threads": r.threads,
                     "test": r.test.name(),
                     "kind": if tg { "tg" } else { "pp" },
                     "n_tokens": r.test.n,
                     "ferrite": r.ferrite.json(),
+                    "ferrite_expert_stats": stats_json(&r.experts)?,
                     "llama": r.llama.as_ref().map(Stats::json),
                     "ratio": r.llama.as_ref().map(|l| r.ferrite.median / l.median),
                     "bandwidth_bytes_per_second": tg.then(|| json!({
                         "ferrite": bandwidth(&r.ferrite),
                         "llama": r.llama.as_ref().map(bandwidth),
                     })),
-                })
+                }))
             })
-            .collect();
+            .collect::<Result<Vec<Json>>>()?;
         let report = json!({
             "model": {
                 "path": facts.path, "name": facts.name, "size_bytes": facts.bytes, "params": facts.params,
@@ -369,6 +393,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "seed": args.seed,
             "bytes_per_token": facts.bytes_per_token,
             "bytes_per_token_note": "estimate for decode: non-expert weights without the embedding table, one embedding row, n_expert_used experts per layer",
+            "memory_plan": plan_json(&plan),
+            "expert_stats": stats_json(&expert_totals)?,
+            "expert_stats_note": "ferrite's runs, warm-ups included; ferrite_expert_stats of a result: its timed repetitions",
             "rss_peak_bytes": rss,
             "llama_rss_peak_bytes": llama_rss.map(|(b, _)| b),
             "llama_rss_peak_is_process_wide": llama_rss.map(|(_, reset)| !reset),
@@ -377,6 +404,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         print!("{}", table(&facts, &rows, args.vs_llama));
+        if let Some(slots) = plan.slots().filter(|_| paged) {
+            println!("{}", expert_line(slots, &rows));
+        }
     }
 
     match rss {
@@ -472,13 +502,13 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Seconds of each timed repetition of `test` on ferrite.
+/// Seconds of each timed repetition of `test` on ferrite, and the expert store's counters over them.
 fn measure_ferrite(
     engine: &Engine,
     test: Test,
     tokens: &Tokens,
     args: &BenchArgs,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, StatsSnapshot)> {
     let toks = tokens.of(test);
     let mut session = engine.session(test.n, args.ubatch.min(test.n))?;
     let run = |session: &mut ferrite::engine::Session<'_>, toks: &[u32]| -> Result<()> {
@@ -502,13 +532,33 @@ fn measure_ferrite(
         run(&mut session, warm)?;
     }
     let mut seconds = Vec::with_capacity(args.repetitions);
+    let before = engine.expert_stats();
     for _ in 0..args.repetitions {
         session.reset()?;
         let start = Instant::now();
         run(&mut session, toks)?;
         seconds.push(start.elapsed().as_secs_f64());
     }
-    Ok(seconds)
+    Ok((seconds, engine.expert_stats().since(&before)))
+}
+
+/// The line under the table when the experts are paged: each test's hit rate, MB read and I/O wait per token.
+fn expert_line(slots: u64, rows: &[Row]) -> String {
+    let tests: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let p = r.experts.per_token();
+            format!(
+                "{} ({} threads) {:.1} % hits, {:.2} MB read/token, I/O wait {:.2} ms/token",
+                r.test.name(),
+                r.threads,
+                r.experts.hit_rate() * 100.0,
+                p.bytes_read / 1e6,
+                p.io_wait_ms
+            )
+        })
+        .collect();
+    format!("expert cache ({slots} slots): {}", tests.join("; "))
 }
 
 /// Seconds of each timed repetition of `test` on llama.cpp, with the same tokens and settings.

@@ -1,5 +1,7 @@
 //! `ferrite chat -m MODEL`: a conversation in the terminal (rustyline: history, multi-line input, slash commands),
-//! or one user turn per line of standard input when it is not a terminal, answers on stdout.
+//! or one user turn per line of standard input when it is not a terminal, answers on stdout. An interactive chat
+//! prints the memory plan at start-up (a piped one when the experts are paged); `/stats` adds the expert store's
+//! numbers of the last turn and of the whole chat.
 //!
 //! The cache is kept between turns. The conversation is kept as tokens, exactly as the model read and wrote them
 //! (each answer's generated tokens, its reasoning included, closed by the end-of-sentence token), and a new turn
@@ -15,12 +17,13 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use ferrite::chat::{render, ChatOptions, Message, Role, BOS, THINK_END};
 use ferrite::engine::Session;
+use ferrite::experts::StatsSnapshot;
 use ferrite::sampler::Sampler;
 use ferrite::tokenizer::Tokenizer;
 use rustyline::error::ReadlineError;
 
 use super::generate::{self, GenerateRequest, SamplingArgs, Stop, Timings};
-use super::model_arg::{cache_dir, open_engine, ModelArgs};
+use super::model_arg::{cache_dir, open_engine, ModelArgs, PlanReport};
 
 const HELP: &str = "\
 commands:
@@ -28,7 +31,7 @@ commands:
   /think         thinking mode on (the model reasons before answering)
   /nothink       thinking mode off
   /reset         forget the conversation (the system prompt stays)
-  /stats         tokens in the context, cache size, the last turn's prompt tokens and speeds
+  /stats         tokens in the context, cache size, the last turn's prompt tokens and speeds, expert-cache numbers
   /save FILE     save the session to FILE and the conversation to FILE.json
   /load FILE     restore a session saved with /save
   /quit          leave (also Ctrl-D, or Ctrl-C on an empty line)
@@ -53,7 +56,8 @@ pub struct ChatArgs {
     pub n_predict: i64,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// After each answer, print on stderr how many prompt tokens it processed and the speeds.
+    /// After each answer, print on stderr how many prompt tokens it processed, the speeds and (when the experts are
+    /// paged) the expert cache's hits, misses, bytes read and I/O wait.
     #[arg(long)]
     pub verbose: bool,
 }
@@ -65,12 +69,17 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             args.n_predict
         );
     }
-    let engine = open_engine(&args.model)?;
+    let interactive = std::io::stdin().is_terminal();
+    let report = if interactive {
+        PlanReport::Always
+    } else {
+        PlanReport::WhenNotable
+    };
+    let engine = open_engine(&args.model, report)?;
     let tokenizer = generate::load_tokenizer(&engine)?;
     let n_ctx = args.model.n_ctx(&engine);
     let cfg = args.sampling.config();
     let session = engine.session(n_ctx, args.model.ubatch)?;
-    let interactive = std::io::stdin().is_terminal();
     eprintln!(
         "ferrite: chat with {}, context {n_ctx}, seed {}{}",
         engine.path().display(),
@@ -131,6 +140,8 @@ struct TurnStats {
     /// Of those, tokens the cache already held.
     n_reused: usize,
     stop: Stop,
+    /// The expert store's counters over the turn (a rewind's recomputation included).
+    experts: StatsSnapshot,
 }
 
 struct Chat<'e, 't> {
@@ -183,6 +194,8 @@ impl Chat<'_, '_> {
             );
             return Ok(());
         }
+        let engine = self.session.engine();
+        let experts_before = engine.expert_stats();
         // Keep the longest prefix the session shares with the conversation; at least one token is left to process.
         let held = self.session.tokens();
         let mut reuse = held.iter().zip(&target).take_while(|(a, b)| a == b).count();
@@ -231,6 +244,7 @@ impl Chat<'_, '_> {
             n_conversation: target.len(),
             n_reused: target.len() - timings.n_prompt.min(target.len()),
             stop: gen.stop,
+            experts: engine.expert_stats().since(&experts_before),
         };
         self.last = Some(stats);
         if gen.stop == Stop::Interrupted && gen.timings.n_gen == 0 {
@@ -244,6 +258,9 @@ impl Chat<'_, '_> {
         }
         if self.verbose {
             eprintln!("ferrite: {}", turn_line(&stats));
+            if engine.is_paged() {
+                eprintln!("ferrite: {}", stats.experts);
+            }
         }
 
         // The answer joins the conversation as generated, closed like a finished turn.
@@ -322,8 +339,13 @@ impl Chat<'_, '_> {
             .iter()
             .filter(|m| m.role == Role::Assistant)
             .count();
+        let engine = self.session.engine();
+        let store = match engine.memory_plan().slots() {
+            Some(slots) if engine.is_paged() => format!("experts paged through {slots} slots"),
+            _ => "experts resident".to_string(),
+        };
         let mut s = format!(
-            "context: {} of {} tokens in the cache; conversation: {} tokens, {turns} answers; cache: {:.1} MiB; thinking {}",
+            "context: {} of {} tokens in the cache; conversation: {} tokens, {turns} answers; cache: {:.1} MiB; {store}; thinking {}",
             self.session.n_past(),
             self.session.n_ctx(),
             self.conversation.len(),
@@ -334,9 +356,11 @@ impl Chat<'_, '_> {
             Some(t) => {
                 s.push_str("\nlast turn: ");
                 s.push_str(&turn_line(t));
+                s.push_str(&format!("\nlast turn {}", t.experts));
             }
             None => s.push_str("\nlast turn: none"),
         }
+        s.push_str(&format!("\nall turns {}", engine.expert_stats()));
         s
     }
 

@@ -1,5 +1,6 @@
 //! `ferrite complete -m MODEL [-p TEXT | -f FILE | stdin]`: one answer, streamed to stdout as it is generated and
-//! nothing else there; start-up lines, the seed, why it stopped and the speeds on stderr. Ctrl-C stops the answer
+//! nothing else there; start-up lines (the memory plan when the experts are paged, always with `--verbose`), the
+//! seed, why it stopped, the speeds and (`--verbose`) the expert store's numbers on stderr. Ctrl-C stops the answer
 //! (what was generated is already out) and exits with 130.
 
 use std::io::{IsTerminal as _, Read as _, Write as _};
@@ -13,7 +14,7 @@ use ferrite::model::names::key::CHAT_TEMPLATE;
 use ferrite::sampler::Sampler;
 
 use super::generate::{self, GenerateRequest, SamplingArgs, Stop};
-use super::model_arg::{open_engine, ModelArgs};
+use super::model_arg::{open_engine, ModelArgs, PlanReport};
 use super::Hinted;
 
 /// Exit code after Ctrl-C, as shells report a process ended by SIGINT.
@@ -57,7 +58,8 @@ pub struct CompleteArgs {
     pub n_predict: i64,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Print the rendered prompt, the prompt's and the answer's token ids on stderr.
+    /// Print the memory plan, the rendered prompt, the prompt's and the answer's token ids, and the expert store's
+    /// hits, misses, bytes read and I/O wait on stderr.
     #[arg(long)]
     pub verbose: bool,
 }
@@ -96,7 +98,12 @@ fn chat_prompt(engine: &Engine, messages: &[Message], options: &ChatOptions) -> 
 
 pub fn run(args: &CompleteArgs) -> Result<()> {
     let text = read_prompt(args)?;
-    let engine = open_engine(&args.model)?;
+    let report = if args.verbose {
+        PlanReport::Always
+    } else {
+        PlanReport::WhenNotable
+    };
+    let engine = open_engine(&args.model, report)?;
     let tokenizer = generate::load_tokenizer(&engine)?;
     let n_ctx = args.model.n_ctx(&engine);
 
@@ -172,6 +179,10 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
     }
     eprintln!("ferrite: stopped: {}", gen.stop.describe());
     eprintln!("ferrite: {}", gen.timings.summary());
+    if args.verbose {
+        eprintln!("ferrite: prompt {}", gen.experts.prompt);
+        eprintln!("ferrite: generation {}", gen.experts.generation);
+    }
     if gen.stop == Stop::Interrupted {
         std::process::exit(EXIT_INTERRUPTED);
     }

@@ -1,6 +1,6 @@
 //! The generation loop `complete` and `chat` share: the sampler flags, Ctrl-C as a flag the loop polls, prompt
 //! processing in micro-batches, then sample -> stream -> feed until an end-of-generation token, the token limit, a
-//! full context or Ctrl-C; and the timings both commands report.
+//! full context or Ctrl-C; and the timings and expert-store numbers both commands report.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::engine::{Engine, Logits, Session};
+use ferrite::experts::StatsSnapshot;
 use ferrite::sampler::{Sampler, SamplerConfig};
 use ferrite::tokenizer::{Tokenizer, TokenizerError};
 
@@ -150,6 +151,13 @@ impl Timings {
     }
 }
 
+/// The expert store's counters over the prompt and over the generated tokens of one call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExpertPhases {
+    pub prompt: StatsSnapshot,
+    pub generation: StatsSnapshot,
+}
+
 /// What one call of [`generate`] produced.
 #[derive(Debug)]
 pub struct Generation {
@@ -157,6 +165,7 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub stop: Stop,
     pub timings: Timings,
+    pub experts: ExpertPhases,
 }
 
 /// How one answer is generated.
@@ -182,29 +191,36 @@ pub fn generate(
     emit: &mut dyn FnMut(&str) -> std::io::Result<()>,
 ) -> Result<Generation> {
     let interrupted = || req.interrupt.load(Ordering::Relaxed);
+    let engine = session.engine();
     let mut timings = Timings {
         n_prompt: req.prompt.len(),
         ..Timings::default()
     };
-    let done = |tokens: Vec<u32>, stop: Stop, timings: Timings| {
+    let mut experts = ExpertPhases::default();
+    let done = |tokens: Vec<u32>, stop: Stop, timings: Timings, experts: ExpertPhases| {
         Ok(Generation {
             tokens,
             stop,
             timings,
+            experts,
         })
     };
 
     // The prompt, a micro-batch at a time so Ctrl-C is noticed between them.
     let start = Instant::now();
+    let before = engine.expert_stats();
     let mut logits = Vec::new();
     for chunk in req.prompt.chunks(req.chunk.max(1)) {
         if interrupted() {
             timings.prompt_time = start.elapsed();
-            return done(Vec::new(), Stop::Interrupted, timings);
+            experts.prompt = engine.expert_stats().since(&before);
+            return done(Vec::new(), Stop::Interrupted, timings, experts);
         }
         logits = session.feed(chunk, Logits::Last)?;
     }
     timings.prompt_time = start.elapsed();
+    let after_prompt = engine.expert_stats();
+    experts.prompt = after_prompt.since(&before);
     if logits.is_empty() {
         anyhow::bail!("internal error: generation needs at least one prompt token to process");
     }
@@ -239,7 +255,8 @@ pub fn generate(
         emit(&rest)?;
     }
     timings.gen_time = start.elapsed();
-    done(tokens, stop, timings)
+    experts.generation = engine.expert_stats().since(&after_prompt);
+    done(tokens, stop, timings, experts)
 }
 
 /// The model's vocabulary, with a hint when the GGUF has none.

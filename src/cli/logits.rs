@@ -11,7 +11,7 @@ use ferrite::engine::Logits;
 use ferrite::npy;
 
 use super::info::human_bytes;
-use super::model_arg::{open_engine, ModelArgs};
+use super::model_arg::{open_engine, ModelArgs, PlanReport};
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("input").required(true).args(["tokens", "tokens_file"])))]
@@ -111,7 +111,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     };
     check_out_folder(&args.out)?;
 
-    let engine = open_engine(&args.model)?;
+    let engine = open_engine(&args.model, PlanReport::WhenNotable)?;
     let cfg = engine.config();
     let n_vocab = engine.n_vocab();
     if let Some(i) = prompt.ids.iter().position(|&t| t as usize >= n_vocab) {
@@ -179,6 +179,9 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         args.out.display(),
         human_bytes((logits.len() * 4) as u64)
     );
+    if engine.is_paged() {
+        eprintln!("{}", engine.expert_stats());
+    }
     Ok(())
 }
 

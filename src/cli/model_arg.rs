@@ -1,5 +1,6 @@
 //! The `-m MODEL` argument group every command that runs a model flattens in (threads, context, micro-batch,
-//! diagnostic switches), `open_engine`, and the generated `-m demo` model in the user's cache folder.
+//! memory flags, diagnostic switches), `open_engine` with the memory plan it prints at start-up, the plan and the
+//! expert statistics as JSON, and the generated `-m demo` model in the user's cache folder.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,13 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
 use ferrite::engine::{resolve_ctx, Engine, EngineOptions, PagingOptions};
+use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
+use ferrite::plan::{
+    parse_expert_cache, parse_size, BudgetSource, ExpertCacheArg, ExpertPlacement, MemoryPlan,
+    PlanReason,
+};
+use serde_json::{json, Value as Json};
 
 use super::Hinted;
 
@@ -40,6 +47,28 @@ pub struct ModelArgs {
     /// How the context cache stores key rows: f16 (half the memory, llama.cpp's default) or f32.
     #[arg(long = "cache-type", visible_alias = "ctk", value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type: CacheType,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+}
+
+/// Where the weights live and how much memory a run may take (DESIGN.md 1, "Memory and devices"); `bench`
+/// flattens it in too.
+#[derive(Args, Clone, Debug, Default)]
+pub struct MemoryArgs {
+    /// Memory budget for everything (resident weights, expert cache, context, compute): 512M, 24G, 1.5GiB
+    /// [default: what the machine and its cgroup allow, less a margin].
+    #[arg(long = "mem", value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Expert cache: N slots (a plain number, at least the experts one token uses per layer) or SIZE bytes of slots
+    /// (with a unit: 512M, 2GiB); pages the routed experts even when they would fit [default: sized to --mem].
+    #[arg(long = "expert-cache", value_name = "N|SIZE", value_parser = parse_expert_cache, conflicts_with = "no_paging")]
+    pub expert_cache: Option<ExpertCacheArg>,
+    /// Lock the resident weights (the whole model when nothing is paged) in RAM.
+    #[arg(long)]
+    pub mlock: bool,
+    /// Keep every routed expert in the memory-mapped file whatever the budget (the OS pages it in, slowly).
+    #[arg(long = "no-paging")]
+    pub no_paging: bool,
 }
 
 fn parse_cache_type(s: &str) -> Result<CacheType, String> {
@@ -105,24 +134,128 @@ impl ModelArgs {
     }
 }
 
-/// Opens the model of `args` (generating the demo model if asked for) and prints the model's warnings on stderr.
-pub fn open_engine(args: &ModelArgs) -> Result<Engine> {
+/// When `open_engine` prints the memory plan on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanReport {
+    /// When the routed experts are paged or the plan has warnings (and the lock notes with `--mlock`).
+    WhenNotable,
+    /// Always (`complete --verbose`, interactive `chat`).
+    Always,
+    /// Never (`bench` reopening the same model with another thread count).
+    Never,
+}
+
+/// Opens the model of `args` (generating the demo model if asked for), planned under the memory flags, and prints
+/// the model's warnings and, as `report` says, the memory plan and what locking memory did on stderr. A plan that
+/// cannot fit is an error with the numbers and a hint.
+pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
     let path = args.resolve_path()?;
+    let memory = &args.memory;
     let opts = EngineOptions {
         n_threads: args.threads(),
         fused_ops: !args.no_fused_ops,
         cache_type: args.cache_type,
         paging: PagingOptions {
+            mem: memory.mem,
+            expert_cache: memory.expert_cache,
+            mlock: memory.mlock,
+            no_paging: memory.no_paging,
             ctx_size: args.ctx_size,
             n_ubatch: Some(args.ubatch),
-            ..PagingOptions::default()
         },
+        // The release path for everything no flag sets.
+        ..EngineOptions::default()
     };
     let engine = Engine::open(&path, opts)?;
     for warning in &engine.config().warnings {
         eprintln!("ferrite: warning: {}: {warning}", path.display());
     }
+    let plan = engine.memory_plan();
+    let notable = engine.is_paged() || !plan.warnings.is_empty();
+    let show_plan = match report {
+        PlanReport::Always => true,
+        PlanReport::WhenNotable => notable,
+        PlanReport::Never => false,
+    };
+    if show_plan {
+        eprint!("ferrite: {plan}");
+    }
+    if show_plan || (memory.mlock && report != PlanReport::Never) {
+        for note in engine.notes() {
+            eprintln!("ferrite: note: {note}");
+        }
+    }
     Ok(engine)
+}
+
+/// The memory plan as JSON: where the experts live, the slots, every part's bytes, the budget and its source.
+pub fn plan_json(plan: &MemoryPlan) -> Json {
+    let (placement, slots, slot_bytes) = match plan.placement {
+        ExpertPlacement::Resident => ("resident", None, None),
+        ExpertPlacement::Paged { slots, slot_bytes } => ("paged", Some(slots), Some(slot_bytes)),
+    };
+    let reason = match plan.reason {
+        PlanReason::Fits => "fits",
+        PlanReason::NoBudget => "no_budget",
+        PlanReason::NoExperts => "no_experts",
+        PlanReason::NoPaging => "no_paging",
+        PlanReason::Fitted => "fitted",
+        PlanReason::Override(_) => "expert_cache",
+    };
+    let budget = &plan.budget;
+    let source = match &budget.source {
+        BudgetSource::Flag => json!({ "kind": "mem" }),
+        BudgetSource::MemAvailable => json!({ "kind": "mem_available" }),
+        BudgetSource::Cgroup { version, file } => {
+            json!({ "kind": "cgroup", "version": version, "file": file })
+        }
+        BudgetSource::Unknown => json!({ "kind": "unknown" }),
+    };
+    let i = &plan.inputs;
+    json!({
+        "placement": placement,
+        "reason": reason,
+        "slots": slots,
+        "slot_bytes": slot_bytes,
+        "expert_bytes": plan.expert_bytes(),
+        "routed_bytes": i.routed_bytes(),
+        "resident_bytes": i.resident_bytes,
+        "n_ctx": i.n_ctx,
+        "context_bytes": i.context_bytes,
+        "compute_bytes": i.compute_bytes,
+        "total_bytes": plan.total_bytes(),
+        "budget": {
+            "bytes": budget.bytes, "limit": budget.limit, "margin": budget.margin, "source": source,
+            "text": budget.to_string(),
+        },
+        "warnings": plan.warnings,
+    })
+}
+
+/// The expert store's counters as a JSON value (the object of [`StatsSnapshot::to_json`]).
+pub fn stats_json(stats: &StatsSnapshot) -> Result<Json> {
+    serde_json::from_str(&stats.to_json())
+        .context("internal error: the expert statistics are not valid JSON")
+}
+
+/// The sum of two stretches of expert counters (say, of two engines).
+pub fn sum_stats(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
+    StatsSnapshot {
+        tokens: a.tokens + b.tokens,
+        steps: a.steps + b.steps,
+        requests: a.requests + b.requests,
+        waves: a.waves + b.waves,
+        hits: a.hits + b.hits,
+        misses: a.misses + b.misses,
+        prefetch_hits: a.prefetch_hits + b.prefetch_hits,
+        prefetch_loads: a.prefetch_loads + b.prefetch_loads,
+        prefetch_dropped: a.prefetch_dropped + b.prefetch_dropped,
+        evictions: a.evictions + b.evictions,
+        bytes_read: a.bytes_read + b.bytes_read,
+        reads: a.reads + b.reads,
+        read_time: a.read_time + b.read_time,
+        io_wait: a.io_wait + b.io_wait,
+    }
 }
 
 /// ferrite's cache folder: $FERRITE_CACHE_DIR, else $XDG_CACHE_HOME/ferrite, else ~/.cache/ferrite.

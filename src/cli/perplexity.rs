@@ -20,7 +20,7 @@ use clap::Args;
 use ferrite::engine::Logits;
 use serde_json::json;
 
-use super::model_arg::{open_engine, ModelArgs};
+use super::model_arg::{open_engine, plan_json, stats_json, ModelArgs, PlanReport};
 use super::Hinted;
 
 /// `-c` when not given (llama-perplexity's default).
@@ -106,13 +106,14 @@ fn neg_log_softmax(logits: &[f32], target: usize) -> f64 {
 
 pub fn run(args: &PerplexityArgs) -> Result<()> {
     let text = read_text(args)?;
-    let engine = open_engine(&args.model)?;
-    let tokenizer = super::generate::load_tokenizer(&engine)?;
-    // -c defaults to 512 here (llama-perplexity's default), not to the other commands' 4096.
+    // -c defaults to 512 here (llama-perplexity's default), not to the other commands' 4096; the memory plan
+    // reserves the context this command uses.
     let ctx_args = ModelArgs {
         ctx_size: Some(args.model.ctx_size.unwrap_or(DEFAULT_CTX)),
         ..args.model.clone()
     };
+    let engine = open_engine(&ctx_args, PlanReport::WhenNotable)?;
+    let tokenizer = super::generate::load_tokenizer(&engine)?;
     let n_ctx = ctx_args.n_ctx(&engine);
     if n_ctx < MIN_CTX {
         return Err(Hinted::new(
@@ -244,6 +245,8 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
             "chunk_ppl": chunk_ppl,
             "seconds": secs,
             "tokens_per_second": (n_chunks * n_ctx) as f64 / secs.max(1e-9),
+            "memory_plan": plan_json(engine.memory_plan()),
+            "expert_stats": stats_json(&engine.expert_stats())?,
         });
         writeln!(stdout, "{report}")?;
     } else {
@@ -260,6 +263,9 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         sums.count,
         (n_chunks * n_ctx) as f64 / secs.max(1e-9)
     );
+    if engine.is_paged() {
+        eprintln!("ferrite: {}", engine.expert_stats());
+    }
     Ok(())
 }
 
