@@ -34,9 +34,7 @@ use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
 use serde_json::{json, Value as Json};
 
 use super::info::human_bytes;
-use super::model_arg::{
-    open_engine, plan_json, stats_json, sum_stats, MemoryArgs, ModelArgs, PlanReport,
-};
+use super::model_arg::{open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport};
 use super::Hinted;
 
 #[derive(Args, Debug)]
@@ -294,7 +292,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut expert_totals = StatsSnapshot::default();
     for (i, &t) in threads.iter().enumerate() {
         if i > 0 && t != engine.options().n_threads {
-            expert_totals = sum_stats(&expert_totals, &engine.expert_stats());
+            expert_totals = expert_totals.plus(&engine.expert_stats());
             drop(engine);
             engine = open_engine(&model_args(t), PlanReport::Never)?;
         }
@@ -318,7 +316,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             });
         }
     }
-    expert_totals = sum_stats(&expert_totals, &engine.expert_stats());
+    expert_totals = expert_totals.plus(&engine.expert_stats());
     drop(engine);
     let rss = peak_rss();
 

@@ -238,26 +238,6 @@ pub fn stats_json(stats: &StatsSnapshot) -> Result<Json> {
         .context("internal error: the expert statistics are not valid JSON")
 }
 
-/// The sum of two stretches of expert counters (say, of two engines).
-pub fn sum_stats(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
-    StatsSnapshot {
-        tokens: a.tokens + b.tokens,
-        steps: a.steps + b.steps,
-        requests: a.requests + b.requests,
-        waves: a.waves + b.waves,
-        hits: a.hits + b.hits,
-        misses: a.misses + b.misses,
-        prefetch_hits: a.prefetch_hits + b.prefetch_hits,
-        prefetch_loads: a.prefetch_loads + b.prefetch_loads,
-        prefetch_dropped: a.prefetch_dropped + b.prefetch_dropped,
-        evictions: a.evictions + b.evictions,
-        bytes_read: a.bytes_read + b.bytes_read,
-        reads: a.reads + b.reads,
-        read_time: a.read_time + b.read_time,
-        io_wait: a.io_wait + b.io_wait,
-    }
-}
-
 /// ferrite's cache folder: $FERRITE_CACHE_DIR, else $XDG_CACHE_HOME/ferrite, else ~/.cache/ferrite.
 pub fn cache_dir() -> Result<PathBuf> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());

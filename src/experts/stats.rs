@@ -68,6 +68,26 @@ impl StatsSnapshot {
         }
     }
 
+    /// The counts of `self` and `other` together (runs of several engines).
+    pub fn plus(&self, other: &StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            tokens: self.tokens.saturating_add(other.tokens),
+            steps: self.steps.saturating_add(other.steps),
+            requests: self.requests.saturating_add(other.requests),
+            waves: self.waves.saturating_add(other.waves),
+            hits: self.hits.saturating_add(other.hits),
+            misses: self.misses.saturating_add(other.misses),
+            prefetch_hits: self.prefetch_hits.saturating_add(other.prefetch_hits),
+            prefetch_loads: self.prefetch_loads.saturating_add(other.prefetch_loads),
+            prefetch_dropped: self.prefetch_dropped.saturating_add(other.prefetch_dropped),
+            evictions: self.evictions.saturating_add(other.evictions),
+            bytes_read: self.bytes_read.saturating_add(other.bytes_read),
+            reads: self.reads.saturating_add(other.reads),
+            read_time: self.read_time.saturating_add(other.read_time),
+            io_wait: self.io_wait.saturating_add(other.io_wait),
+        }
+    }
+
     /// Hits over needed experts, 0 when nothing was needed.
     pub fn hit_rate(&self) -> f64 {
         ratio(self.hits, self.hits.saturating_add(self.misses))
@@ -290,6 +310,7 @@ mod tests {
             (2, 0, 1, 0)
         );
         assert_eq!(second.io_wait, Duration::from_millis(4));
+        assert_eq!(first.plus(&second), all, "plus undoes since");
         assert_eq!(all.hit_rate(), 2.0 / 5.0);
         let pt = all.per_token();
         assert_eq!((pt.hits, pt.misses, pt.bytes_read), (1.0, 1.5, 1500.0));
