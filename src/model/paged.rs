@@ -394,7 +394,8 @@ struct Pending<'s> {
     loads: Vec<Load>,
 }
 
-/// The paged part of a micro-batch, for the session: `compute(stage, inputs)` runs a kept or new stage graph.
+/// The host side of one micro-batch through the paged store: plans every layer's experts, reads misses and
+/// prefetches into slots, and asks the session to compute the stage graphs in order.
 pub struct PagedStep<'a> {
     pub experts: &'a PagedExperts,
     pub stats: &'a Mutex<ExpertStats>,
@@ -411,7 +412,8 @@ pub enum StageCall<'x> {
 }
 
 impl PagedStep<'_> {
-    /// Runs every layer: `compute` computes a stage graph; `read_state(i)` reads a state tensor (I32).
+    /// Runs every layer (not the head): `compute` computes a stage graph with its inputs; `read_i32(i, len)` reads
+    /// the first `len` values of I32 state tensor `i` (the chosen or guessed experts).
     pub fn run(
         &self,
         compute: &mut dyn FnMut(StageCall<'_>) -> Result<()>,
