@@ -46,10 +46,10 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// The logits of the prompt (every row when `whole`, else one row per token fed alone) and of `N_GEN` greedy
-/// tokens, and the tokens.
+/// The logits of the prompt (every row when `whole`, else one row per token fed alone, in micro-batches of one
+/// token) and of `N_GEN` greedy tokens, and the tokens.
 fn generate(engine: &Engine, prompt: &[u32], whole: bool) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut s = engine.session(512, 64).unwrap();
+    let mut s = engine.session(512, if whole { 64 } else { 1 }).unwrap();
     let mut rows = Vec::new();
     if whole {
         rows.push(s.feed(prompt, Logits::All).unwrap());

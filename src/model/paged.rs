@@ -216,11 +216,21 @@ pub struct StageDeps {
     pub state: Rc<StageState>,
 }
 
-/// The first `n` columns of a state tensor (its last dimension).
-fn cols<'c>(ctx: &'c Context<'c>, t: Tensor<'c>, n: i64) -> crate::ggml::Result<Tensor<'c>> {
+/// Dimensions of each state tensor (the last one counts tokens; ggml's own count drops trailing 1s, so a
+/// micro-batch of one token cannot tell).
+const RANK: [usize; 9] = [3, 2, 2, 3, 2, 3, 2, 2, 2];
+
+/// The first `n` token columns of state tensor `i`.
+fn cols<'c>(
+    ctx: &'c Context<'c>,
+    st: &'c StageState,
+    i: usize,
+    n: i64,
+) -> crate::ggml::Result<Tensor<'c>> {
+    let t = st.get(i);
     let ne = t.ne();
     let nb = t.nb();
-    match t.n_dims() {
+    match RANK[i] {
         3 => ctx.view_3d(t, [ne[0], ne[1], n], [nb[1], nb[2]], 0),
         _ => ctx.view_2d(t, [ne[0], n], nb[1], 0),
     }
@@ -242,12 +252,12 @@ fn ffn_output<'c>(
         [acc.nb()[1], k as usize * acc.nb()[1]],
         0,
     )?;
-    let f = ctx.add(sum_experts(o, acc)?, cols(ctx, st.get(SHARED), n)?)?;
+    let f = ctx.add(sum_experts(o, acc)?, cols(ctx, st, SHARED, n)?)?;
     let mix = HcMix {
-        post: cols(ctx, st.get(POST), n)?,
-        comb: cols(ctx, st.get(COMB), n)?,
+        post: cols(ctx, st, POST, n)?,
+        comb: cols(ctx, st, COMB, n)?,
     };
-    hc::post(o, f, cols(ctx, st.get(XMID), n)?, &mix)
+    hc::post(o, f, cols(ctx, st, XMID, n)?, &mix)
 }
 
 /// Nodes and tensors a stage graph may need.
@@ -303,7 +313,7 @@ pub fn build_layer_graph<'e>(
             }
             let mut graph = ctx.new_graph(size)?;
             for (t, i) in out {
-                graph.expand(ctx.cpy(t, cols(ctx, st.get(i), n)?)?)?;
+                graph.expand(ctx.cpy(t, cols(ctx, st, i, n)?)?)?;
             }
             for e in o.effects() {
                 graph.expand(e)?;
