@@ -5,6 +5,7 @@ pub mod cache;
 pub mod chat;
 pub mod engine;
 pub mod experts;
+pub mod membw;
 pub mod ggml;
 pub mod model;
 pub mod npy;

@@ -13,6 +13,8 @@
 //!   weight except the embedding table, one embedding row, `n_expert_used` experts in each layer, MTP block
 //!   excluded) and the bandwidth that implies at the measured generation speed.
 //!
+//! - Memory read bandwidth measured with each thread count (a 512 MiB read before the model opens), and the share of
+//!   it the implied generation bandwidth reaches.
 //! - The expert store's numbers of each test's timed repetitions (hits, misses, bytes read, I/O wait): with paged
 //!   experts (`--mem`, `--expert-cache`) a line under the table gives the hit rate, MB read and I/O wait per token.
 //!
@@ -30,6 +32,7 @@ use ferrite::bench_llama::{LlamaContextParams, LlamaModel};
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, Logits};
 use ferrite::experts::StatsSnapshot;
+use ferrite::membw::{read_bandwidth, DEFAULT_BYTES};
 use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
 use serde_json::{json, Value as Json};
 
@@ -228,6 +231,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(list) => list.0.clone(),
         None => vec![std::thread::available_parallelism().map_or(1, |n| n.get())],
     };
+    // Memory read bandwidth per thread count, measured before any model is open: generation is held against it.
+    let membw: Vec<(usize, f64)> = match args.n_gen {
+        0 => Vec::new(),
+        _ => threads
+            .iter()
+            .map(|&t| (t, read_bandwidth(t, DEFAULT_BYTES, 3)))
+            .collect(),
+    };
+    let membw_of = |t: usize| membw.iter().find(|m| m.0 == t).map(|m| m.1);
     // The plan reserves a context as long as the longest test (each test's session holds just its tokens).
     let model_args = |t: usize| ModelArgs {
         model: args.model.clone(),
@@ -369,6 +381,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "bandwidth_bytes_per_second": tg.then(|| json!({
                         "ferrite": bandwidth(&r.ferrite),
                         "llama": r.llama.as_ref().map(bandwidth),
+                        "measured_memory": membw_of(r.threads),
                     })),
                 }))
             })
@@ -443,8 +456,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .as_ref()
             .map(|l| format!(", llama.cpp {:.2} GB/s", bandwidth(l) / 1e9))
             .unwrap_or_default();
+        let share = membw_of(r.threads)
+            .map(|m| {
+                format!(
+                    " ({:.0} % of the {:.2} GB/s memory read bandwidth measured with {} threads)",
+                    bandwidth(&r.ferrite) / m * 100.0,
+                    m / 1e9,
+                    r.threads
+                )
+            })
+            .unwrap_or_default();
         eprintln!(
-            "ferrite: implied weight bandwidth at {} with {} threads: {:.2} GB/s{llama}",
+            "ferrite: implied weight bandwidth at {} with {} threads: {:.2} GB/s{share}{llama}",
             r.test.name(),
             r.threads,
             bandwidth(&r.ferrite) / 1e9
