@@ -35,6 +35,10 @@ use super::moe::{expert_outputs, route, shared_expert, sum_experts};
 use super::step::{batch_inputs, GraphKey, GraphParts};
 use super::weights::{Routing, Weights};
 
+/// Experts per read batch when a layer's misses are read while the previous batch is computed: 24 slabs keep the
+/// reader's 8 threads busy, and a decoded token's misses of a layer (at most 6 in Flash) stay one batch.
+const READ_CHUNK: usize = 8;
+
 /// How much a guess from the next layer's router is worth against a known need (the chance it is used).
 const GUESS_WEIGHT: f64 = 0.5;
 
@@ -465,16 +469,23 @@ impl PagedStep<'_> {
                 for wave in &plan.waves {
                     let hits: BTreeMap<u32, SlotId> =
                         wave.hits.iter().map(|h| (h.key.expert, h.slot)).collect();
-                    let misses: BTreeMap<u32, SlotId> =
-                        wave.misses.iter().map(|m| (m.key.expert, m.slot)).collect();
-                    // Misses load while the hits are computed (different slots).
-                    let reading = self.spawn(scope, wave.misses.clone())?;
+                    // Misses load in chunks, each while the one before (the hits first) is computed: a wave's
+                    // slots are all different, so reading one chunk never touches what another computes.
+                    let chunks: Vec<&[Load]> = wave.misses.chunks(READ_CHUNK).collect();
+                    let mut reading = match chunks.first() {
+                        Some(c) => self.spawn(scope, c.to_vec())?,
+                        None => None,
+                    };
                     if !hits.is_empty() {
                         compute(StageCall::Experts(il, &entries_in(&sel, k, &hits)))?;
                     }
-                    self.join(reading, &mut policy)?;
-                    if !misses.is_empty() {
-                        compute(StageCall::Experts(il, &entries_in(&sel, k, &misses)))?;
+                    for (i, chunk) in chunks.iter().enumerate() {
+                        self.join(reading.take(), &mut policy)?;
+                        if let Some(next) = chunks.get(i + 1) {
+                            reading = self.spawn(scope, next.to_vec())?;
+                        }
+                        let slots = chunk.iter().map(|m| (m.key.expert, m.slot)).collect();
+                        compute(StageCall::Experts(il, &entries_in(&sel, k, &slots)))?;
                     }
                 }
                 // Guess the next layer's experts and read them while its attention runs.
