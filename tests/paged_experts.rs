@@ -195,3 +195,28 @@ fn a_cache_smaller_than_one_tokens_experts_is_refused() {
     .expect("a 1 MiB budget is refused");
     assert!(format!("{err:#}").contains("budget"), "{err:#}");
 }
+
+/// Hash-routed layers' experts are known from the token ids, so the store reads them before the layers ask: with
+/// every layer hash-routed and room for one token's experts, no request ever misses.
+#[test]
+fn hash_routed_experts_are_prefetched_before_they_are_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let mut cfg = TinyConfig::small();
+    cfg.hash_layer_count = cfg.n_layer;
+    write_tiny_model(&path, &cfg, 5).unwrap();
+    let slots = u64::from(cfg.n_layer * cfg.n_expert_used);
+    let paged = open(&path, Some(ExpertCacheArg::Slots(slots)), true);
+    let mut s = paged.session(512, 1).unwrap();
+    for &t in &prompt(40, paged.n_vocab(), 5) {
+        s.feed(&[t], Logits::Last).unwrap();
+    }
+    let st = paged.expert_stats();
+    assert_eq!(st.misses, 0, "{st:?}");
+    assert!(st.prefetch_loads > 0 && st.prefetch_hits > 0, "{st:?}");
+    assert_eq!(
+        st.hits,
+        40 * slots,
+        "every needed expert was in a slot: {st:?}"
+    );
+}

@@ -553,7 +553,12 @@ impl SlotPolicy {
             if !seen.insert(key) {
                 continue;
             }
-            if self.lookup(key).is_some() {
+            if let Some(slot) = self.lookup(key) {
+                // Already in a slot: keep it there for this step (a later guess must not push it out).
+                if self.slots[slot as usize].class == Class::Cold {
+                    self.update(slot, |s| s.class = Class::Prefetched);
+                    self.mark_touched(slot);
+                }
                 plan.present += 1;
                 continue;
             }
@@ -1045,6 +1050,23 @@ mod tests {
             (vec![hit], 1)
         );
         assert_eq!(p.request(&[k(1, 5)]).unwrap().n_prefetch_hits(), 0);
+    }
+
+    #[test]
+    fn a_prefetch_keeps_the_keys_it_finds_in_slots() {
+        let mut p = pool(2);
+        step(&mut p, &[k(0, 0), k(0, 1)]);
+        // A step's certain set: k(0, 0) is already in a slot, k(0, 2) is not. Loading k(0, 2) must not evict
+        // k(0, 0), which this step needs too; it takes k(0, 1)'s slot.
+        let plan = p.prefetch(&[k(0, 0), k(0, 2)], 1.0).unwrap();
+        assert_eq!(plan.present, 1);
+        assert_eq!(plan.loads.len(), 1);
+        assert_eq!(plan.loads[0].evicted, Some(k(0, 1)));
+        let plan = p.request(&[k(0, 0), k(0, 2)]).unwrap();
+        assert_eq!(
+            (plan.n_hits(), plan.n_misses(), plan.n_prefetch_hits()),
+            (2, 0, 1)
+        );
     }
 
     #[test]
