@@ -20,7 +20,7 @@ Usage: bench/paging.sh [--layers N] [--model PATH] [--cap SIZE] [-t THREADS] [-p
   -n N           generated tokens of the decode test (default 32)
   -r N           repetitions (default 2)
   --out DIR      where the JSON, logs and summary.md go (default bench/results/paging-<date>)
-  --no-build     use the binaries already in target/release
+  --no-build     use the binaries already in target/release (FERRITE_BIN=PATH picks another ferrite binary)
 
 Runs, each after dropping the page cache: the disk bandwidth (examples/disk_read), then in the capped cgroup
 `ferrite bench --vs-llama --json` planned from the cap (paged experts), and again with --no-paging (the OS map).
@@ -98,7 +98,7 @@ else
     die "needs jq or python3 to read the JSON the benchmarks print"
 fi
 
-ferrite=target/release/ferrite
+ferrite=${FERRITE_BIN:-target/release/ferrite}
 flash_model=target/release/examples/flash_model
 disk_read=target/release/examples/disk_read
 if [[ $build -eq 1 ]]; then

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use gguf::{GgmlType, Model};
 
 use super::policy::{ExpertKey, Load, SlotId};
+use crate::ggml::{advise_file, FileAdvice};
 use crate::model::sizes::{expert_tensor_layer, EXPERT_TENSORS};
 
 /// The parts of an expert, in slot order.
@@ -471,8 +472,8 @@ pub struct ReadOptions {
     /// Splits slabs larger than this into reads of this size (more reads in flight for few experts); 0 reads
     /// each slab whole.
     pub split_bytes: u64,
-    /// Drops the page cache of what was read (when memory is tight the expert cache is the only copy worth
-    /// keeping; the OS's would push out the pool or the resident weights).
+    /// Reads leave no page cache behind: no readahead, and what was read is dropped (when memory is tight the expert
+    /// cache is the only copy worth keeping; the OS's would push out the pool or the resident weights).
     pub drop_cache: bool,
 }
 
@@ -526,6 +527,11 @@ impl ExpertReader {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if opts.drop_cache {
+            for f in &files {
+                advise_file(f, 0, 0, FileAdvice::Random);
+            }
+        }
         Ok(ExpertReader {
             layout,
             files,
@@ -697,7 +703,7 @@ impl ExpertReader {
         let len = c.buf.len() as u64;
         let read = file.read_exact_at(c.buf, c.offset);
         if self.opts.drop_cache {
-            crate::ggml::drop_file_pages(file, c.offset, len);
+            advise_file(file, c.offset, len, FileAdvice::DontNeed);
         }
         read.map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {

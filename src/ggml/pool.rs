@@ -117,20 +117,32 @@ pub fn lock_memory(bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Tells the OS that `len` bytes of `file` at `offset` will not be read again soon (`POSIX_FADV_DONTNEED`): their page
-/// cache goes now instead of pushing out memory that matters when reads already land in the expert cache. A hint:
-/// failures are ignored.
-pub fn drop_file_pages(file: &std::fs::File, offset: u64, len: u64) {
+/// What a program tells the OS about how it reads a file (`posix_fadvise`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileAdvice {
+    /// Reads come in no order: read exactly what is asked, nothing ahead (`POSIX_FADV_RANDOM`).
+    Random,
+    /// The range will not be read again soon: its page cache can go now (`POSIX_FADV_DONTNEED`).
+    DontNeed,
+}
+
+/// Gives the OS `advice` about `len` bytes of `file` at `offset` (0 and 0: the whole file). A hint: failures are
+/// ignored. The expert reader uses it when memory is tight, so reads leave no page cache behind (readahead past a
+/// slab, or the slab itself, would push out the pool or the resident weights under a cgroup limit).
+pub fn advise_file(file: &std::fs::File, offset: u64, len: u64, advice: FileAdvice) {
     use std::os::fd::AsRawFd;
     extern "C" {
         fn posix_fadvise(fd: i32, offset: i64, len: i64, advice: i32) -> i32;
     }
-    const POSIX_FADV_DONTNEED: i32 = 4;
+    let code = match advice {
+        FileAdvice::Random => 1,
+        FileAdvice::DontNeed => 4,
+    };
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
     };
-    // SAFETY: a plain system call on an open descriptor; it changes only the kernel's page cache.
-    unsafe { posix_fadvise(file.as_raw_fd(), offset, len, POSIX_FADV_DONTNEED) };
+    // SAFETY: a plain system call on an open descriptor; it changes only how the kernel caches the file.
+    unsafe { posix_fadvise(file.as_raw_fd(), offset, len, code) };
 }
 
 impl Context<'_> {
