@@ -6,11 +6,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use gguf::{GgmlType, Model};
+use gguf::{GgmlType, Model, ModelTensor};
 
 use crate::cache::{cache_bytes, CacheSizes, CacheType, KvCache, UbatchPlan};
 use crate::experts::{ExpertStats, StatsSnapshot};
-use crate::ggml::{lock_memory, Context, CpuBackend, GraphAllocator, OwnedGraph, Tensor};
+use crate::ggml::{
+    lock_memory, Context, CpuBackend, GraphAllocator, OwnedGraph, RegionId, RepackType,
+    RepackWeight, RepackedStats, Tensor, WeightOp,
+};
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Uploads};
 use crate::model::paged::{
@@ -79,6 +82,10 @@ pub struct EngineOptions {
     pub cache_type: CacheType,
     /// The memory plan's inputs.
     pub paging: PagingOptions,
+    /// Copy the matrices the CPU has faster kernels for into RAM in ggml's repacked layout (llama.cpp's CPU_REPACK
+    /// buffers: e.g. Q4_K as Q4_K_8x8 on AVX2), the release path; `false` computes every weight from the map.
+    /// Routed experts are repacked only when the plan keeps them all resident within the budget.
+    pub repack: bool,
 }
 
 impl Default for EngineOptions {
@@ -88,6 +95,7 @@ impl Default for EngineOptions {
             fused_ops: true,
             cache_type: CacheType::default(),
             paging: PagingOptions::default(),
+            repack: true,
         }
     }
 }
@@ -118,38 +126,41 @@ impl Engine {
         let model = Arc::new(Model::open(path)?);
         let cfg = Config::from_model(&model)
             .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
+        // Planned first: whether the routed experts are repacked depends on where they live.
+        let plan = memory_plan(&model, &cfg, &opts)?;
         let weights_ctx = Context::with_capacity(model.tensors().len() + 1, 0)?;
         let regions = (0..model.shards().len())
             .map(|s| weights_ctx.map_shared(model.clone(), move |m: &Model| m.shards()[s].bytes()))
             .collect::<Result<Vec<_>, _>>()?;
-        // Create a ggml tensor for each weight the model uses, bound to its bytes in the map.
-        let mut count = 0usize;
-        let mut bind_error = None;
+        // Create a ggml tensor for each weight the model uses; `sources[i]` is the file's tensor of tensor `i`.
+        let mut sources = Vec::new();
+        let mut make_error = None;
         let weights = Weights::bind(&model, &cfg, |name| {
             let Some(t) = model.tensor(name) else {
                 return usize::MAX;
             };
             let dims: Vec<i64> = t.info.dims.iter().map(|&d| d as i64).collect();
-            let result = weights_ctx.new_tensor(t.info.ty, &dims).and_then(|tensor| {
-                tensor.set_name(name)?;
-                let shard = &model.shards()[t.shard];
-                let offset = (shard.header().data_offset + t.info.offset) as usize;
-                weights_ctx.bind(tensor, regions[t.shard], offset)
-            });
+            let result = weights_ctx
+                .new_tensor(t.info.ty, &dims)
+                .and_then(|tensor| tensor.set_name(name));
             if let Err(e) = result {
-                bind_error.get_or_insert(e);
+                make_error.get_or_insert(e);
             }
-            count += 1;
-            count - 1
+            sources.push(t);
+            sources.len() - 1
         })
         .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
-        if let Some(e) = bind_error {
+        if let Some(e) = make_error {
             return Err(e).context("cannot map the weights into ggml");
         }
+        let products = match opts.repack {
+            true => product_weights(&weights, cfg.n_expert_used, experts_fit(&plan)),
+            false => Vec::new(),
+        };
+        let repacked = place_weights(&model, &weights_ctx, &regions, &sources, &products)?;
         let backend = CpuBackend::new(opts.n_threads.max(1))?;
         let consts_ctx =
             constants(&cfg, &backend).context("cannot allocate the model's constants")?;
-        let plan = memory_plan(&model, &cfg, &opts)?;
         let mut engine = Engine {
             path: path.to_path_buf(),
             model,
@@ -175,8 +186,25 @@ impl Engine {
             .context("cannot set up the expert cache")?;
             engine.paged = Some(paged);
         }
+        if repacked.tensors > 0 {
+            engine.notes.push(format!(
+                "repacked {} weights ({}) into RAM for the CPU's matrix kernels",
+                repacked.tensors,
+                format_bytes(repacked.bytes)
+            ));
+        }
         engine.lock_memory();
         Ok(engine)
+    }
+
+    /// Weights held repacked in RAM for the CPU's matrix kernels (0 with `repack` off or no such kernels).
+    pub fn repacked_tensors(&self) -> usize {
+        RepackType::cpu().map_or(0, |rt| self.weights_ctx.repacked(rt).tensors)
+    }
+
+    /// Bytes of the weights held repacked in RAM.
+    pub fn repacked_bytes(&self) -> u64 {
+        RepackType::cpu().map_or(0, |rt| self.weights_ctx.repacked(rt).bytes)
     }
 
     /// Locks what must stay in RAM: with `--mlock` the whole model (resident) or the non-routed weights and the
@@ -381,6 +409,84 @@ fn kept_graph<'g, 'e, K: PartialEq + Copy>(
     graphs
         .get(&key)
         .ok_or_else(|| anyhow!("a stage graph was not kept (graph cache capacity 0)"))
+}
+
+/// The weights that are only ever the first operand of a matrix product, with that product: the ones a repacked
+/// layout may hold (the ops that read each are in `crate::model`). Routed experts only when `experts`. Never:
+/// the embedding (`get_rows`), norms, biases and other vectors, `attn_output_a` (reshaped to 3-D first), the hash
+/// routing table.
+fn product_weights(w: &Weights<usize>, n_used: usize, experts: bool) -> Vec<(usize, WeightOp)> {
+    let mut v = vec![w.output, w.hc_head_fn];
+    for l in &w.layers {
+        v.extend([
+            l.hc_attn_fn,
+            l.hc_ffn_fn,
+            l.q_a,
+            l.q_b,
+            l.kv,
+            l.o_b,
+            l.gate_inp,
+        ]);
+        v.extend([l.gate_shexp, l.up_shexp, l.down_shexp]);
+        for c in l.compressor.iter().chain(l.indexer.iter().map(|i| &i.comp)) {
+            v.extend([c.kv, c.gate]);
+        }
+        v.extend(l.indexer.iter().flat_map(|i| [i.q_b, i.proj]));
+    }
+    let mut out: Vec<_> = v.into_iter().map(|i| (i, WeightOp::MulMat)).collect();
+    if experts {
+        let op = WeightOp::MulMatId { n_used };
+        for l in &w.layers {
+            out.extend([l.gate_exps, l.up_exps, l.down_exps].map(|i| (i, op)));
+        }
+    }
+    out
+}
+
+/// Whether the routed experts may be copied into RAM: all resident and within the budget (a copy of experts the
+/// plan pages, or leaves to the OS over budget, would not fit; the paged store reads its own from the file).
+fn experts_fit(plan: &MemoryPlan) -> bool {
+    let within = plan.budget.bytes.is_none_or(|b| plan.total_bytes() <= b);
+    plan.placement == ExpertPlacement::Resident && within
+}
+
+/// Gives each of `ctx`'s tensors its bytes: those of `products` the CPU has a repacked layout for are copied into a
+/// repack buffer (and the map pages read for them dropped from memory), the rest are bound to the map. Returns
+/// what was repacked.
+fn place_weights(
+    model: &Model,
+    ctx: &Context<'_>,
+    regions: &[RegionId],
+    sources: &[&ModelTensor],
+    products: &[(usize, WeightOp)],
+) -> Result<RepackedStats> {
+    let repack_type = RepackType::cpu().filter(|_| !products.is_empty());
+    let mut ops = vec![None; sources.len()];
+    for &(i, op) in products {
+        if let Some(slot) = ops.get_mut(i) {
+            *slot = Some(op);
+        }
+    }
+    let mut repack = Vec::new();
+    for ((tensor, t), op) in ctx.tensors().into_iter().zip(sources).zip(ops) {
+        if let (Some(rt), Some(op)) = (repack_type, op) {
+            if rt.supports(tensor, op)? {
+                let bytes = model.tensor_data(t);
+                repack.push(RepackWeight { tensor, bytes, op });
+                continue;
+            }
+        }
+        let shard = &model.shards()[t.shard];
+        let offset = (shard.header().data_offset + t.info.offset) as usize;
+        ctx.bind(tensor, regions[t.shard], offset)
+            .context("cannot map the weights into ggml")?;
+    }
+    let Some(rt) = repack_type else {
+        return Ok(RepackedStats::default());
+    };
+    ctx.repack(rt, &repack, |i| model.release(repack[i].bytes))
+        .context("cannot repack the weights for the CPU's matrix kernels (hint: --no-repack)")?;
+    Ok(ctx.repacked(rt))
 }
 
 /// The constant tensors of a model's graphs: the indexer's Hadamard matrix (if any), in a buffer of `backend`.

@@ -39,6 +39,9 @@ fn engine(path: &Path, fused: bool) -> Engine {
             n_threads: 1,
             fused_ops: fused,
             cache_type: CacheType::F32,
+            // The reference runs ggml's plain kernels (`LlamaParams::repack` is off); tests/repack.rs compares
+            // repacked weights with llama.cpp repacking.
+            repack: false,
             ..Default::default()
         },
     )

@@ -69,6 +69,10 @@ pub struct MemoryArgs {
     /// Keep every routed expert in the memory-mapped file whatever the budget (the OS pages it in, slowly).
     #[arg(long = "no-paging")]
     pub no_paging: bool,
+    /// Compute every weight from the mapped file instead of copying the ones the CPU has faster kernels for (e.g.
+    /// Q4_K) into RAM in ggml's repacked layout (llama.cpp's default; faster prompts, slower start).
+    #[arg(long = "no-repack")]
+    pub no_repack: bool,
 }
 
 fn parse_cache_type(s: &str) -> Result<CacheType, String> {
@@ -163,6 +167,7 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             ctx_size: args.ctx_size,
             n_ubatch: Some(args.ubatch),
         },
+        repack: !memory.no_repack,
         // The release path for everything no flag sets.
         ..EngineOptions::default()
     };

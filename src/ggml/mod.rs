@@ -20,6 +20,7 @@ mod owned;
 mod pool;
 mod quant;
 mod region;
+mod repack;
 mod shape;
 mod tensor;
 #[cfg(test)]
@@ -39,6 +40,7 @@ pub use owned::{BuildScope, OwnedGraph};
 pub use pool::{advise_file, lock_memory, FileAdvice, SlotPool};
 pub use quant::{can_quantize_to, dequantize_rows, quantize_rows, requires_imatrix, GgmlCodec};
 pub use region::{RegionId, BIND_ALIGNMENT, REGION_ALIGNMENT};
+pub use repack::{RepackType, RepackWeight, RepackedStats, WeightOp};
 pub use tensor::{Tensor, MAX_NAME_LEN};
 pub use types::{
     block_size, cpu_vec_dot_type, from_ggml, row_size, to_ggml, type_name, type_size, TYPE_COUNT,

@@ -234,6 +234,15 @@ impl<'ctx> Tensor<'ctx> {
                 tensor: self.label(),
             });
         }
+        // SAFETY: a live buffer (checked non-null above); the call asks its type.
+        let host = unsafe { sys::ggml_backend_buffer_is_host(self.buffer()) };
+        if !host && super::repack::RepackType::cpu().is_some_and(|rt| rt.is_type_of(self.buffer()))
+        {
+            // ggml's repacked layouts have no way back (the buffer has no get_tensor) and are written once.
+            return Err(data_err(
+                "is held in ggml's repacked CPU layout, which cannot be read or written".into(),
+            ));
+        }
         if !self.is_contiguous() {
             return Err(data_err(
                 "is not contiguous; copy it with cont() first".into(),

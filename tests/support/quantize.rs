@@ -47,6 +47,8 @@ pub fn ferrite_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         n_threads: 1,
         fused_ops: true,
         cache_type: CacheType::F32,
+        // As the reference: ggml's plain kernels (`LlamaParams::repack` is off).
+        repack: false,
         ..Default::default()
     };
     let e = Engine::open(path, options).unwrap();

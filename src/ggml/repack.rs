@@ -1,0 +1,505 @@
+//! Repacked weights: ggml's CPU "extra" buffer type `CPU_REPACK`, which stores a quantized matrix interleaved
+//! (e.g. Q4_K as Q4_K_8x8, MXFP4 as 8x8) for its AVX2 / NEON GEMM kernels; the test of which weights it takes (the
+//! one llama.cpp's loader uses) and a buffer of it, owned by a context, that weights are copied into (ggml
+//! interleaves them on the way in).
+//!
+//! A repacked tensor's bytes are in ggml's private layout: only the matrix products the test approved may read it
+//! (the CPU backend's `supports_op` refuses any other node, and `compute` checks that first), and its buffer has no
+//! `get_tensor`, so its data cannot be read back.
+
+use gguf::GgmlType;
+use llama_cpp_sys_2 as sys;
+
+use super::backend::OwnedBuffer;
+use super::context::Context;
+use super::error::{GgmlError, Result};
+use super::log::capture;
+use super::tensor::Tensor;
+use super::types::{block_size, cstr_lossy};
+
+/// The name of ggml's repacking buffer type among the CPU's extra buffer types.
+const REPACK_NAME: &str = "CPU_REPACK";
+
+/// Rows of the activation in the test product: a prompt micro-batch, as in llama.cpp's loader.
+const TEST_ROWS: i64 = 512;
+
+/// The matrix product a weight is the first operand of: what the repacked kernels must support.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightOp {
+    /// `mul_mat(w, x)` with a 2-D matrix `w {k, m}`.
+    MulMat,
+    /// `mul_mat_id(w, x, ids)` with stacked experts `w {k, m, n_expert}`, `n_used` of them per token.
+    MulMatId { n_used: usize },
+}
+
+/// A weight to repack: its tensor (of the context, with no data yet), its bytes in ggml's plain layout (e.g. a slice
+/// of a GGUF map) and the product that reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct RepackWeight<'t, 'b> {
+    pub tensor: Tensor<'t>,
+    pub bytes: &'b [u8],
+    pub op: WeightOp,
+}
+
+/// How many weights a context holds repacked, and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepackedStats {
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+/// ggml's CPU repack buffer type and the CPU device that computes from it.
+#[derive(Clone, Copy, Debug)]
+pub struct RepackType {
+    buft: sys::ggml_backend_buffer_type_t,
+    dev: sys::ggml_backend_dev_t,
+}
+
+impl RepackType {
+    /// The CPU backend's `CPU_REPACK` buffer type, found the way llama.cpp finds it (the CPU registry's
+    /// `ggml_backend_dev_get_extra_bufts`); `None` when ggml was built without it (`GGML_CPU_REPACK=OFF`).
+    pub fn cpu() -> Option<RepackType> {
+        // SAFETY: returns ggml's static CPU registry (initialised on first use).
+        let reg = unsafe { sys::ggml_backend_cpu_reg() };
+        // SAFETY: a live registry; the count is a plain read.
+        if reg.is_null() || unsafe { sys::ggml_backend_reg_dev_count(reg) } == 0 {
+            return None;
+        }
+        // SAFETY: index 0 < the device count checked above; the device is static.
+        let dev = unsafe { sys::ggml_backend_reg_dev_get(reg, 0) };
+        let name = c"ggml_backend_dev_get_extra_bufts";
+        // SAFETY: a live registry and a NUL-terminated name; returns NULL or the function registered under it.
+        let proc = unsafe { sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr()) };
+        if dev.is_null() || proc.is_null() {
+            return None;
+        }
+        // SAFETY: the CPU registry returns, under this name, a function of exactly this signature
+        // (`ggml_backend_dev_get_extra_bufts_t`); a non-null data pointer from it is a valid function pointer.
+        let get_extra: unsafe extern "C" fn(
+            sys::ggml_backend_dev_t,
+        ) -> *mut sys::ggml_backend_buffer_type_t = unsafe { std::mem::transmute(proc) };
+        // SAFETY: `dev` is the CPU device; the result is a static, NULL-terminated array (or NULL).
+        let mut cur = unsafe { get_extra(dev) };
+        // SAFETY: walks the array up to its NULL terminator; each entry is a static buffer type with a static name.
+        while !cur.is_null() && !unsafe { *cur }.is_null() {
+            let buft = unsafe { *cur };
+            if cstr_lossy(unsafe { sys::ggml_backend_buft_name(buft) }) == REPACK_NAME {
+                return Some(RepackType { buft, dev });
+            }
+            cur = unsafe { cur.add(1) };
+        }
+        None
+    }
+
+    /// The buffer type's name (`CPU_REPACK`).
+    pub fn name(&self) -> String {
+        // SAFETY: a static buffer type; its name is a static string.
+        cstr_lossy(unsafe { sys::ggml_backend_buft_name(self.buft) })
+    }
+
+    /// Whether the CPU computes `op` with `weight` stored in this buffer type: llama.cpp's `weight_buft_supported`
+    /// (the product of a same-shaped weight with a micro-batch, its weight in an empty buffer of this type, asked of
+    /// the CPU device), plus the size limit of ggml's repack routines (an `int` count of blocks). False for types
+    /// and shapes the host's kernels have no layout for (e.g. Q8_0 on x86, rows not a multiple of 8).
+    pub fn supports(&self, weight: Tensor<'_>, op: WeightOp) -> Result<bool> {
+        let Some(ty) = weight.ty() else {
+            return Ok(false);
+        };
+        let ne = weight.ne();
+        let blocks = weight.n_elements() / block_size(ty).max(1);
+        if blocks > i32::MAX as i64 {
+            return Ok(false);
+        }
+        let ctx = Context::with_capacity(4, 0)?;
+        let w = ctx.new_tensor(ty, &ne)?;
+        let product = match op {
+            WeightOp::MulMat => {
+                let x = ctx.new_tensor_4d(GgmlType::F32, [ne[0], TEST_ROWS, ne[2], ne[3]])?;
+                ctx.mul_mat(w, x)?
+            }
+            WeightOp::MulMatId { n_used } => {
+                let n_used = n_used.max(1) as i64;
+                let x = ctx.new_tensor_3d(GgmlType::F32, ne[0], n_used, TEST_ROWS)?;
+                let ids = ctx.new_tensor_2d(GgmlType::I32, n_used, TEST_ROWS)?;
+                ctx.mul_mat_id(w, x, ids)?
+            }
+        };
+        // SAFETY: a static buffer type; size 0 gives a dummy buffer that only records the type (no memory).
+        let dummy = OwnedBuffer::new(unsafe { sys::ggml_backend_buft_alloc_buffer(self.buft, 0) })
+            .ok_or_else(|| GgmlError::Alloc {
+                what: format!("an empty {} buffer", self.name()),
+            })?;
+        let w_raw = w.as_ptr();
+        // SAFETY: `w` is a tensor of `ctx` with no buffer and no data; pointing it at the dummy buffer only lets
+        // supports_op read the buffer type (it reads no data), and it is detached again before either is freed.
+        let supported = unsafe {
+            (*w_raw).buffer = dummy.as_ptr();
+            let ok = sys::ggml_backend_dev_supports_op(self.dev, product.as_ptr());
+            (*w_raw).buffer = std::ptr::null_mut();
+            ok
+        };
+        Ok(supported)
+    }
+
+    pub(super) fn is_type_of(&self, buf: sys::ggml_backend_buffer_t) -> bool {
+        // SAFETY: a live buffer (callers pass a tensor's buffer); the call reads its type field.
+        !buf.is_null() && unsafe { sys::ggml_backend_buffer_get_type(buf) } == self.buft
+    }
+}
+
+/// One buffer of `ty` (or several behind one handle) holding `weights`, each placed with the repacked layout ggml
+/// chose for it, in transparent huge pages where the OS has them. On an error no weight keeps a buffer.
+fn alloc_buffer(ty: RepackType, weights: &[RepackWeight<'_, '_>]) -> Result<OwnedBuffer> {
+    let mut raw: Vec<*mut sys::ggml_tensor> = weights.iter().map(|w| w.tensor.as_ptr()).collect();
+    let bytes: usize = weights.iter().map(|w| w.tensor.n_bytes()).sum();
+    let alloc_err = || GgmlError::Alloc {
+        what: format!(
+            "a {} buffer of {bytes} bytes for {} weights",
+            ty.name(),
+            weights.len()
+        ),
+    };
+    let n = i32::try_from(raw.len()).map_err(|_| alloc_err())?;
+    // SAFETY: every tensor belongs to one live context and has no data and no view source (checked by the caller);
+    // the call plans the buffer, places each tensor in it (ggml's init_tensor records the chosen layout in `extra`)
+    // and returns the buffer, which the caller owns, or NULL with nothing placed.
+    let buf = unsafe { sys::ggml_backend_buft_alloc_buffer_n(ty.buft, raw.as_mut_ptr(), n) };
+    let buf = OwnedBuffer::new(buf).ok_or_else(alloc_err)?;
+    // SAFETY: every tensor was just placed; `extra` is a plain field of it.
+    let no_layout = |w: &&RepackWeight<'_, '_>| unsafe { (*w.tensor.as_ptr()).extra }.is_null();
+    if let Some(w) = weights.iter().find(no_layout) {
+        for &t in &raw {
+            // SAFETY: tensors of a live context that nothing has used yet: taking their data back before the
+            // buffer is freed (on return) leaves no pointer into it.
+            unsafe {
+                (*t).buffer = std::ptr::null_mut();
+                (*t).data = std::ptr::null_mut();
+                (*t).extra = std::ptr::null_mut();
+            }
+        }
+        return Err(GgmlError::Op {
+            op: "repack",
+            detail: format!(
+                "ggml chose no repacked layout for '{}' {:?}",
+                w.tensor.label(),
+                w.tensor
+            ),
+        });
+    }
+    // SAFETY: a live buffer; marks it as holding weights for schedulers.
+    unsafe {
+        sys::ggml_backend_buffer_set_usage(buf.as_ptr(), sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+    };
+    // SAFETY: a live buffer; its base and size delimit the memory ggml allocated for it.
+    let base = unsafe { sys::ggml_backend_buffer_get_base(buf.as_ptr()) };
+    hints::huge_pages(base.cast(), buf.size());
+    Ok(buf)
+}
+
+impl Context<'_> {
+    /// Allocates `weights` (tensors of this context with no data, not views) in one buffer of `ty` that this
+    /// context owns, and copies each one's bytes in, which repacks them; `copied(i)` runs after weight `i` is in
+    /// (e.g. to drop its source pages from memory). Every weight is checked first ([`RepackType::supports`] for its
+    /// product, its byte count), so ggml never aborts on one; on an error no weight is allocated. Returns the bytes
+    /// of the buffer.
+    pub fn repack(
+        &self,
+        ty: RepackType,
+        weights: &[RepackWeight<'_, '_>],
+        mut copied: impl FnMut(usize),
+    ) -> Result<usize> {
+        if weights.is_empty() {
+            return Ok(0);
+        }
+        for w in weights {
+            self.check_repackable(ty, w)?;
+        }
+        let buf = alloc_buffer(ty, weights)?;
+        let size = buf.size();
+        self.buffers.borrow_mut().push(buf);
+        // ggml logs a debug line per repacked tensor; captured (and dropped) so it does not reach the terminal.
+        let ((), _debug) = capture(|| {
+            for (i, w) in weights.iter().enumerate() {
+                hints::populate(w.bytes);
+                // SAFETY: the tensor is allocated in a live repack buffer with a layout chosen (checked above); the
+                // whole tensor is written from offset 0 with exactly its byte count (checked), as the repack
+                // set_tensor asserts; `bytes` is readable for the call. ggml writes only the tensor's own bytes.
+                unsafe {
+                    sys::ggml_backend_tensor_set(
+                        w.tensor.as_ptr(),
+                        w.bytes.as_ptr().cast(),
+                        0,
+                        w.bytes.len(),
+                    )
+                };
+                copied(i);
+            }
+        });
+        Ok(size)
+    }
+
+    fn check_repackable(&self, ty: RepackType, w: &RepackWeight<'_, '_>) -> Result<()> {
+        let t = w.tensor;
+        if !self.owns(t) {
+            return Err(GgmlError::ForeignTensor {
+                op: "repack",
+                tensor: t.label(),
+            });
+        }
+        if t.is_allocated() || t.view_source().is_some() {
+            return Err(GgmlError::Op {
+                op: "repack",
+                detail: format!("'{}' already has data or is a view", t.label()),
+            });
+        }
+        if w.bytes.len() != t.n_bytes() {
+            return Err(GgmlError::Data {
+                tensor: t.label(),
+                detail: format!(
+                    "holds {} bytes, the slice to repack has {}",
+                    t.n_bytes(),
+                    w.bytes.len()
+                ),
+            });
+        }
+        if !ty.supports(t, w.op)? {
+            return Err(GgmlError::Op {
+                op: "repack",
+                detail: format!(
+                    "{} has no layout for '{}' {t:?} in {:?}; hint: check RepackType::supports first",
+                    ty.name(),
+                    t.label(),
+                    w.op
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The weights of this context that live repacked in a buffer of `ty`, and their bytes.
+    pub fn repacked(&self, ty: RepackType) -> RepackedStats {
+        let mut stats = RepackedStats::default();
+        for t in self.tensors() {
+            if t.view_source().is_none() && ty.is_type_of(t.buffer()) {
+                stats.tensors += 1;
+                stats.bytes += t.n_bytes() as u64;
+            }
+        }
+        stats
+    }
+}
+
+/// Memory hints for the copy (Linux; no-ops elsewhere, and errors are ignored): the repack buffer in transparent huge
+/// pages (a fault per 2 MiB instead of per 4 KiB while it fills, fewer TLB misses in the kernels), and each source's
+/// pages mapped in one call before it is read (a file map would otherwise take a fault per page).
+mod hints {
+    #[cfg(target_os = "linux")]
+    mod linux {
+        use std::ffi::c_void;
+
+        extern "C" {
+            fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32;
+            fn sysconf(name: i32) -> i64;
+        }
+        const MADV_HUGEPAGE: i32 = 14;
+        const MADV_POPULATE_READ: i32 = 22;
+        const SC_PAGESIZE: i32 = 30;
+
+        /// `madvise(advice)` over the whole pages inside (`inner`) or around `ptr..ptr + len`.
+        pub fn advise(ptr: *const u8, len: usize, advice: i32, inner: bool) {
+            // SAFETY: a plain query of a constant.
+            let page = unsafe { sysconf(SC_PAGESIZE) };
+            let Ok(page) = usize::try_from(page) else {
+                return;
+            };
+            if len == 0 || !page.is_power_of_two() {
+                return;
+            }
+            let (start, end) = (ptr as usize, ptr as usize + len);
+            let (start, end) = match inner {
+                true => ((start + page - 1) & !(page - 1), end & !(page - 1)),
+                false => (start & !(page - 1), (end + page - 1) & !(page - 1)),
+            };
+            if end > start {
+                // SAFETY: both advices only change how pages are backed or mapped (huge pages, page-table entries
+                // for a read), never their contents; ranges outside a mapping fail with an error that is ignored.
+                unsafe { madvise(start as *mut c_void, end - start, advice) };
+            }
+        }
+
+        pub fn huge_pages(ptr: *mut u8, len: usize) {
+            advise(ptr, len, MADV_HUGEPAGE, true);
+        }
+
+        pub fn populate(bytes: &[u8]) {
+            advise(bytes.as_ptr(), bytes.len(), MADV_POPULATE_READ, false);
+        }
+    }
+    #[cfg(target_os = "linux")]
+    pub use linux::{huge_pages, populate};
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn huge_pages(_ptr: *mut u8, _len: usize) {}
+    #[cfg(not(target_os = "linux"))]
+    pub fn populate(_bytes: &[u8]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::{quantize_rows, CpuBackend};
+
+    /// A `{k, m}` matrix of `ty` with smooth pseudo-random values, quantized.
+    fn matrix(ty: GgmlType, k: usize, m: usize) -> Vec<u8> {
+        let v: Vec<f32> = (0..k * m)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5)
+            .collect();
+        quantize_rows(ty, &v, k, None).unwrap()
+    }
+
+    /// `w x` for `x` of `n` columns, with `w` repacked or plainly allocated.
+    fn product(
+        ty: GgmlType,
+        bytes: &[u8],
+        k: usize,
+        m: usize,
+        n: usize,
+        repack: bool,
+    ) -> (Vec<f32>, usize) {
+        let weights = Context::with_capacity(1, 0).unwrap();
+        let w = weights.new_tensor_2d(ty, k as i64, m as i64).unwrap();
+        w.set_name("w").unwrap();
+        let rt = RepackType::cpu().expect("ggml is built with CPU_REPACK");
+        if repack {
+            let item = RepackWeight {
+                tensor: w,
+                bytes,
+                op: WeightOp::MulMat,
+            };
+            let mut seen = Vec::new();
+            weights.repack(rt, &[item], |i| seen.push(i)).unwrap();
+            assert_eq!(seen, [0]);
+        } else {
+            weights.alloc_tensors_host().unwrap();
+            w.set_bytes(bytes).unwrap();
+        }
+        let ctx = Context::with_capacity(4, 8).unwrap();
+        let x = ctx
+            .new_tensor_2d(GgmlType::F32, k as i64, n as i64)
+            .unwrap();
+        let y = ctx.mul_mat(w, x).unwrap();
+        let mut g = ctx.new_graph(8).unwrap();
+        g.expand(y).unwrap();
+        ctx.alloc_tensors_host().unwrap();
+        let xs: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0)
+            .collect();
+        x.set_f32(&xs).unwrap();
+        CpuBackend::new(2).unwrap().compute(&g).unwrap();
+        (y.get_f32().unwrap(), weights.repacked(rt).tensors)
+    }
+
+    #[test]
+    fn the_repack_type_is_found_and_refuses_what_it_cannot_hold() {
+        let rt = RepackType::cpu().expect("ggml is built with CPU_REPACK");
+        assert_eq!(rt.name(), REPACK_NAME);
+        let ctx = Context::with_capacity(4, 0).unwrap();
+        let f32_w = ctx.new_tensor_2d(GgmlType::F32, 256, 64).unwrap();
+        assert!(
+            !rt.supports(f32_w, WeightOp::MulMat).unwrap(),
+            "F32 has no repacked layout"
+        );
+        let odd_rows = ctx.new_tensor_2d(GgmlType::Q4K, 256, 12).unwrap();
+        assert!(
+            !rt.supports(odd_rows, WeightOp::MulMat).unwrap(),
+            "rows not a multiple of 8"
+        );
+        let experts = ctx.new_tensor_3d(GgmlType::Q4K, 256, 64, 4).unwrap();
+        assert!(
+            !rt.supports(experts, WeightOp::MulMat).unwrap(),
+            "a 3-D plain product"
+        );
+        // Refused up front with a typed error, nothing allocated.
+        let bytes = vec![0u8; f32_w.n_bytes()];
+        let item = RepackWeight {
+            tensor: f32_w,
+            bytes: &bytes,
+            op: WeightOp::MulMat,
+        };
+        assert!(matches!(
+            ctx.repack(rt, &[item], |_| {}),
+            Err(GgmlError::Op { .. })
+        ));
+        let short = RepackWeight {
+            bytes: &bytes[1..],
+            ..item
+        };
+        assert!(matches!(
+            ctx.repack(rt, &[short], |_| {}),
+            Err(GgmlError::Data { .. })
+        ));
+        assert!(!f32_w.is_allocated());
+        assert_eq!(ctx.repacked(rt), RepackedStats::default());
+    }
+
+    /// Where the host has a repacked Q4_K kernel (AVX2, NEON), a repacked matrix gives the plain product up to
+    /// rounding.
+    #[test]
+    fn a_repacked_q4k_product_matches_the_plain_one() {
+        let rt = RepackType::cpu().unwrap();
+        let (k, m) = (512, 32);
+        let probe = Context::with_capacity(1, 0).unwrap();
+        let t = probe
+            .new_tensor_2d(GgmlType::Q4K, k as i64, m as i64)
+            .unwrap();
+        if !rt.supports(t, WeightOp::MulMat).unwrap() {
+            eprintln!("no repacked Q4_K kernel on this host: skipped");
+            return;
+        }
+        let bytes = matrix(GgmlType::Q4K, k, m);
+        for n in [1, 5, 16] {
+            let (plain, none) = product(GgmlType::Q4K, &bytes, k, m, n, false);
+            let (packed, one) = product(GgmlType::Q4K, &bytes, k, m, n, true);
+            assert_eq!((none, one), (0, 1));
+            let scale = plain.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let worst = plain
+                .iter()
+                .zip(&packed)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(
+                worst <= 1e-4 * scale.max(1.0),
+                "n {n}: differs by {worst} (scale {scale})"
+            );
+        }
+    }
+
+    /// An operator other than the approved product never reads the interleaved bytes: compute refuses it.
+    #[test]
+    fn other_operators_on_a_repacked_weight_are_refused() {
+        let rt = RepackType::cpu().unwrap();
+        let weights = Context::with_capacity(1, 0).unwrap();
+        let w = weights.new_tensor_2d(GgmlType::Q4K, 256, 16).unwrap();
+        if !rt.supports(w, WeightOp::MulMat).unwrap() {
+            eprintln!("no repacked Q4_K kernel on this host: skipped");
+            return;
+        }
+        let bytes = matrix(GgmlType::Q4K, 256, 16);
+        let item = RepackWeight {
+            tensor: w,
+            bytes: &bytes,
+            op: WeightOp::MulMat,
+        };
+        weights.repack(rt, &[item], |_| {}).unwrap();
+        assert_eq!(weights.repacked(rt).tensors, 1);
+        assert_eq!(weights.repacked(rt).bytes, bytes.len() as u64);
+        let ctx = Context::with_capacity(4, 8).unwrap();
+        let rows = ctx.new_tensor_1d(GgmlType::I32, 2).unwrap();
+        let got = ctx.get_rows(w, rows).unwrap();
+        let mut g = ctx.new_graph(8).unwrap();
+        g.expand(got).unwrap();
+        ctx.alloc_tensors_host().unwrap();
+        rows.set_i32(&[0, 3]).unwrap();
+        let err = CpuBackend::new(1).unwrap().compute(&g).unwrap_err();
+        assert!(matches!(err, GgmlError::Compute { .. }), "{err}");
+    }
+}
