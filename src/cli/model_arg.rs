@@ -168,8 +168,6 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             n_ubatch: Some(args.ubatch),
         },
         repack: !memory.no_repack,
-        // The release path for everything no flag sets.
-        ..EngineOptions::default()
     };
     let engine = Engine::open(&path, opts)?;
     for warning in &engine.config().warnings {
