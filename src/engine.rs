@@ -392,6 +392,7 @@ fn kept_graph<'g, 'e, K: PartialEq + Copy>(
     alloc: &mut GraphAllocator,
     stats: &mut GraphStats,
     key: K,
+    spare: &'g mut Option<OwnedGraph<'e>>,
     build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
 ) -> Result<&'g OwnedGraph<'e>> {
     if graphs.get(&key).is_some() {
@@ -402,13 +403,17 @@ fn kept_graph<'g, 'e, K: PartialEq + Copy>(
         let before = alloc.buffer_size();
         alloc.alloc(g.graph())?;
         if alloc.buffer_size() != before {
+            // A bigger compute buffer: kept graphs still point into the old one; let them go.
             graphs.clear();
+        }
+        if graphs.capacity() == 0 {
+            return Ok(spare.insert(g));
         }
         graphs.insert(key, g);
     }
     graphs
         .get(&key)
-        .ok_or_else(|| anyhow!("a stage graph was not kept (graph cache capacity 0)"))
+        .ok_or_else(|| anyhow!("a graph was neither kept nor built"))
 }
 
 /// The weights that are only ever the first operand of a matrix product, with that product: the ones a repacked
@@ -628,14 +633,14 @@ impl<'e> Session<'e> {
         let fused = engine.opts.fused_ops;
         let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past());
         let key = GraphKey::of(&plan, want.len());
-        let fresh;
-        let graph = match self.graphs.get(&key) {
-            Some(g) => {
-                self.stats.reused += 1;
-                g
-            }
-            None => {
-                self.stats.built += 1;
+        let mut spare = None;
+        let graph = kept_graph(
+            &mut self.graphs,
+            &mut self.alloc,
+            &mut self.stats,
+            key,
+            &mut spare,
+            || {
                 let weights = engine.weight_tensors();
                 let parts = GraphParts {
                     cfg,
@@ -643,22 +648,9 @@ impl<'e> Session<'e> {
                     weights: &weights,
                     rotation: engine.indexer_rotation(),
                 };
-                let g = build_graph(&parts, &self.cache, &plan, want)?;
-                let before = self.alloc.buffer_size();
-                self.alloc.alloc(g.graph())?;
-                if self.alloc.buffer_size() != before {
-                    // A bigger compute buffer: kept graphs still hold the old one; let it go.
-                    self.graphs.clear();
-                }
-                if self.graphs.capacity() > 0 {
-                    self.graphs.insert(key, g);
-                    self.graphs.get(&key).expect("just kept")
-                } else {
-                    fresh = g;
-                    &fresh
-                }
-            }
-        };
+                build_graph(&parts, &self.cache, &plan, want)
+            },
+        )?;
         let logits = fill_inputs(graph, plan, want, fused, engine.indexer_rotation())?;
         engine.backend.compute(graph.graph())?;
         if !want.is_empty() {
@@ -707,7 +699,8 @@ impl<'e> Session<'e> {
             match call {
                 StageCall::Layer(il) => {
                     let sk = StageKey::Layer { key, layer: il };
-                    let g = kept_graph(graphs, alloc, stats, sk, || {
+                    let mut spare = None;
+                    let g = kept_graph(graphs, alloc, stats, sk, &mut spare, || {
                         let deps = StageDeps {
                             cache: cache.clone(),
                             state: state.clone(),
@@ -724,7 +717,8 @@ impl<'e> Session<'e> {
                         layer: il,
                         entries: e.row.len(),
                     };
-                    let g = kept_graph(graphs, alloc, stats, sk, || {
+                    let mut spare = None;
+                    let g = kept_graph(graphs, alloc, stats, sk, &mut spare, || {
                         let slots = px.slot_tensors(il);
                         build_experts_graph(cfg, fused, slots, state.clone(), il, e.row.len())
                     })?;
@@ -755,7 +749,8 @@ impl<'e> Session<'e> {
             n_tokens: tokens.len(),
             n_out,
         };
-        let g = kept_graph(graphs, alloc, stats, sk, || {
+        let mut spare = None;
+        let g = kept_graph(graphs, alloc, stats, sk, &mut spare, || {
             build_head_graph(cfg, fused, &weights, state.clone(), tokens.len(), n_out)
         })?;
         let t = g.tensors();
