@@ -337,6 +337,7 @@ impl Engine {
             paged,
             stats: GraphStats::default(),
             tokens: Vec::new(),
+            gather: true,
         })
     }
 }
@@ -530,6 +531,8 @@ pub struct Session<'e> {
     paged: Option<PagedSession<'e>>,
     stats: GraphStats,
     tokens: Vec<u32>,
+    /// Attention of few queries gathers the key rows they see (see [`crate::cache::plan::RawPlan::read_slots`]).
+    gather: bool,
 }
 
 /// How a session's micro-batches got their graphs.
@@ -539,6 +542,8 @@ pub struct GraphStats {
     pub built: u64,
     /// Micro-batches that reused a kept graph.
     pub reused: u64,
+    /// Micro-batches whose attention gathered the key rows it reads.
+    pub gathered: u64,
 }
 
 impl<'e> Session<'e> {
@@ -569,6 +574,23 @@ impl<'e> Session<'e> {
     /// environment turns reuse off for new sessions.
     pub fn set_graph_reuse(&mut self, on: bool) {
         self.graphs.set_capacity(if on { KEPT_GRAPHS } else { 0 });
+    }
+
+    /// Lets attention of few queries gather the key rows they can see (the default), or makes every micro-batch
+    /// read the first rows of the cache as llama.cpp does (`false`: a diagnostic; the logits are the same bit for
+    /// bit).
+    pub fn set_gathered_reads(&mut self, on: bool) {
+        self.gather = on;
+    }
+
+    /// The plan of the next micro-batch, `tokens`.
+    fn plan(&mut self, tokens: &[u32]) -> UbatchPlan {
+        let cfg = &self.engine.cfg;
+        let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past(), self.gather);
+        if plan.raw.read_slots.is_some() {
+            self.stats.gathered += 1;
+        }
+        plan
     }
 
     /// Whether graphs are kept and reused.
@@ -631,7 +653,7 @@ impl<'e> Session<'e> {
         }
         let cfg = &engine.cfg;
         let fused = engine.opts.fused_ops;
-        let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past());
+        let plan = self.plan(tokens);
         let key = GraphKey::of(&plan, want.len());
         let mut spare = None;
         let graph = kept_graph(
@@ -674,7 +696,7 @@ impl<'e> Session<'e> {
         let cfg = &engine.cfg;
         let fused = engine.opts.fused_ops;
         let px = engine.paged.as_ref().expect("a paged engine");
-        let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past());
+        let plan = self.plan(tokens);
         let key = GraphKey::of(&plan, want.len());
         let weights = engine.weight_tensors();
         let rotation = engine.indexer_rotation();

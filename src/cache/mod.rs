@@ -376,7 +376,8 @@ pub struct UbatchPlan {
 #[derive(Clone, Debug)]
 pub struct CompPlan {
     pub compress: CompressPlan,
-    /// Compressed rows attention reads (the rows that exist, padded; masked beyond them).
+    /// Compressed rows attention reads (the rows that exist, padded to [`plan::KV_PAD`], or to
+    /// [`plan::GATHER_PAD`] when the raw rows are gathered; masked beyond them).
     pub n_kv: usize,
     /// `[n_kv, n]` visibility mask.
     pub mask: Vec<f32>,
@@ -385,8 +386,25 @@ pub struct CompPlan {
 }
 
 impl UbatchPlan {
-    pub fn new(cfg: &Config, sizes: &CacheSizes, tokens: &[u32], p0: usize) -> UbatchPlan {
+    /// The plan of `tokens` at positions from `p0`; `gather`: attention of few queries may gather the rows they
+    /// see (see [`plan::RawPlan::read_slots`]; `false` reads the first rows, a diagnostic).
+    pub fn new(
+        cfg: &Config,
+        sizes: &CacheSizes,
+        tokens: &[u32],
+        p0: usize,
+        gather: bool,
+    ) -> UbatchPlan {
         let n = tokens.len();
+        let ring = Ring {
+            cap: sizes.raw_ring,
+        };
+        let raw = raw_plan(ring, cfg.window, p0, n, gather);
+        // Gathered reads are padded finely: they exist to read few rows.
+        let pad = match raw.read_slots {
+            Some(_) => plan::GATHER_PAD,
+            None => plan::KV_PAD,
+        };
         let comp = |kind: LayerKind| {
             cfg.kinds.contains(&kind).then(|| {
                 let ratio = kind.ratio();
@@ -395,7 +413,7 @@ impl UbatchPlan {
                 };
                 let compress = compress_plan(ratio, ring, p0, n, sizes.n_ubatch);
                 let cap = sizes.comp_rows(ratio);
-                let n_kv = plan::padded_kv(compress.n_rows_after, cap);
+                let n_kv = plan::padded_rows(compress.n_rows_after, cap, pad);
                 let mask = compressed_mask(ratio, n_kv, p0, n);
                 CompPlan {
                     compress,
@@ -405,12 +423,8 @@ impl UbatchPlan {
                 }
             })
         };
-        let ring = Ring {
-            cap: sizes.raw_ring,
-        };
-        let raw = raw_plan(ring, cfg.window, p0, n);
         let comp_layers = cfg.kinds.iter().any(|k| *k != LayerKind::Raw);
-        let whole_ring = n * cfg.n_head <= WHOLE_RING_WORK;
+        let whole_ring = n * cfg.n_head <= WHOLE_RING_WORK && raw.read_slots.is_none();
         let raw_ring_mask = (comp_layers && raw.n_kv < ring.cap && whole_ring)
             .then(|| raw_mask(ring, cfg.window, p0, n, ring.cap));
         UbatchPlan {

@@ -29,33 +29,96 @@ impl Ring {
 /// Key rows attention reads are padded to this many (as llama.cpp does), so the reductions group the same way.
 pub const KV_PAD: usize = 256;
 
+/// Rows a gathered read (see [`RawPlan::read_slots`]) is padded to.
+pub const GATHER_PAD: usize = 32;
+
 /// How many of `cap` rows attention reads when `used` of them may hold data: `used` padded to [`KV_PAD`], at
 /// least one pad, at most `cap`.
 pub fn padded_kv(used: usize, cap: usize) -> usize {
-    used.next_multiple_of(KV_PAD).max(KV_PAD).min(cap)
+    padded_rows(used, cap, KV_PAD)
 }
 
-/// Raw-window attention of one micro-batch: keys are the first `n_kv` ring rows.
+/// `used` padded to `pad`, at least one pad, at most `cap`.
+pub fn padded_rows(used: usize, cap: usize, pad: usize) -> usize {
+    used.next_multiple_of(pad).max(pad).min(cap)
+}
+
+/// Raw-window attention of one micro-batch: keys are the first `n_kv` ring rows, or the rows `read_slots` lists.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawPlan {
     /// Ring row of each new token's key.
     pub write_slots: Vec<i64>,
-    /// Ring rows attention reads.
+    /// Ring rows attention reads (`read_slots.len()` when gathered).
     pub n_kv: usize,
+    /// When the queries see far fewer rows than the first `n_kv` (decode): the aligned blocks of ring rows that
+    /// hold the positions they see (see [`gathered_raw`]). Attention then gathers these rows instead of
+    /// multiplying every query with rows it cannot see.
+    pub read_slots: Option<Vec<i32>>,
     /// `[n_kv, n_tokens]` (ggml order: one row of `n_kv` values per query), 0 or -inf.
     pub mask: Vec<f32>,
 }
 
-/// Visible raw keys of query `p`: positions in `(p - window, p]`.
-pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize) -> RawPlan {
+/// Visible raw keys of query `p`: positions in `(p - window, p]`; read gathered when `gather` allows and it pays.
+pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize, gather: bool) -> RawPlan {
     let end = p0 + n;
     let write_slots = (p0..end).map(|p| ring.slot(p) as i64).collect();
     let n_kv = padded_kv(end, ring.cap);
-    RawPlan {
-        write_slots,
-        n_kv,
-        mask: raw_mask(ring, window, p0, n, n_kv),
+    match gather
+        .then(|| gathered_raw(ring, window, p0, n, n_kv))
+        .flatten()
+    {
+        Some((rows, mask)) => RawPlan {
+            write_slots,
+            n_kv: rows.len(),
+            read_slots: Some(rows),
+            mask,
+        },
+        None => RawPlan {
+            write_slots,
+            n_kv,
+            read_slots: None,
+            mask: raw_mask(ring, window, p0, n, n_kv),
+        },
     }
+}
+
+/// The ring rows of the positions queries `p0..p0 + n` see (`p0 + 1 - window ..= p0 + n - 1`), as whole blocks of
+/// [`GATHER_PAD`] rows in ring order, and their `[rows, n]` mask; None unless that is at most half of `n_kv`.
+///
+/// Whole aligned blocks in ring order keep every row at its index modulo [`GATHER_PAD`] and in its order: the
+/// softmax and the dot products over rows add the same values in the same SIMD lanes as when reading the first
+/// `n_kv` rows (the rows left out are masked and add exact zeros there), so both reads give the same bits.
+fn gathered_raw(
+    ring: Ring,
+    window: usize,
+    p0: usize,
+    n: usize,
+    n_kv: usize,
+) -> Option<(Vec<i32>, Vec<f32>)> {
+    let end = p0 + n;
+    let first = (p0 + 1).saturating_sub(window);
+    let mut blocks = vec![false; ring.cap.div_ceil(GATHER_PAD)];
+    for t in first..end {
+        blocks[ring.slot(t) / GATHER_PAD] = true;
+    }
+    let rows: Vec<usize> = (0..blocks.len())
+        .filter(|&b| blocks[b])
+        .flat_map(|b| b * GATHER_PAD..((b + 1) * GATHER_PAD).min(ring.cap))
+        .collect();
+    if 2 * rows.len() > n_kv {
+        return None;
+    }
+    let mut mask = vec![MASKED; rows.len() * n];
+    for (i, p) in (p0..end).enumerate() {
+        for (k, &slot) in rows.iter().enumerate() {
+            if let Some(t) = ring.position_in(slot, end) {
+                if t <= p && t + window > p {
+                    mask[i * rows.len() + k] = 0.0;
+                }
+            }
+        }
+    }
+    Some((rows.into_iter().map(|r| r as i32).collect(), mask))
 }
 
 /// `[n_kv, n]` mask of the first `n_kv` ring rows for queries `p0..p0 + n` (see [`raw_plan`]).
@@ -180,7 +243,7 @@ mod tests {
     fn raw_window_is_the_last_w_positions() {
         // window 4, ring of 4 + 3, a batch of 3 at positions 10..13.
         let ring = Ring { cap: 7 };
-        let plan = raw_plan(ring, 4, 10, 3);
+        let plan = raw_plan(ring, 4, 10, 3, true);
         assert_eq!(plan.write_slots, vec![3, 4, 5]);
         for (i, p) in (10..13).enumerate() {
             assert_eq!(plan.n_kv, 7);
@@ -196,7 +259,7 @@ mod tests {
 
     #[test]
     fn raw_window_at_the_start() {
-        let plan = raw_plan(Ring { cap: 6 }, 4, 0, 2);
+        let plan = raw_plan(Ring { cap: 6 }, 4, 0, 2, true);
         assert_eq!(
             &plan.mask[0..6],
             &[0.0, MASKED, MASKED, MASKED, MASKED, MASKED]
@@ -258,9 +321,48 @@ mod tests {
         assert_eq!(padded_kv(257, 1000), 512);
         assert_eq!(padded_kv(900, 768), 768);
         assert_eq!(padded_kv(3, 8), 8);
-        let plan = raw_plan(Ring { cap: 768 }, 16, 300, 2);
+        assert_eq!(padded_rows(33, 1000, GATHER_PAD), 64);
+        assert_eq!(padded_rows(0, 1000, GATHER_PAD), 32);
+        // A prompt reads the first rows, padded.
+        let plan = raw_plan(Ring { cap: 768 }, 16, 0, 300, true);
         assert_eq!(plan.n_kv, 512);
-        assert_eq!(plan.mask.len(), 1024);
+        assert_eq!(plan.read_slots, None);
+        assert_eq!(plan.mask.len(), 512 * 300);
+        // So does a micro-batch that sees most of the ring.
+        let plan = raw_plan(Ring { cap: 768 }, 128, 1000, 512, true);
+        assert_eq!((plan.n_kv, plan.read_slots), (768, None));
+    }
+
+    #[test]
+    fn few_queries_gather_whole_blocks_of_their_window_across_the_wrap() {
+        let ring = Ring { cap: 768 };
+        // Window 16, queries at 1540 and 1541: positions 1525..=1541, ring rows 757..=767 then 0..=5: the blocks
+        // 0..32 and 736..768, in ring order.
+        let plan = raw_plan(ring, 16, 1540, 2, true);
+        let rows = plan.read_slots.clone().unwrap();
+        let want: Vec<i32> = (0..32).chain(736..768).collect();
+        assert_eq!(rows, want);
+        assert_eq!((plan.n_kv, plan.mask.len()), (64, 128));
+        for (i, p) in (1540..1542).enumerate() {
+            let mut seen: Vec<usize> = (0..64)
+                .filter(|&k| plan.mask[i * 64 + k] == 0.0)
+                .map(|k| ring.position_in(rows[k] as usize, 1542).unwrap())
+                .collect();
+            seen.sort();
+            assert_eq!(seen, (p - 15..=p).collect::<Vec<_>>(), "query {p}");
+        }
+        // Each gathered row's mask is the full read's mask of its ring row.
+        let full = raw_mask(ring, 16, 1540, 2, 768);
+        for i in 0..2 {
+            for (k, &r) in rows.iter().enumerate() {
+                assert_eq!(plan.mask[i * 64 + k], full[i * 768 + r as usize]);
+            }
+        }
+        assert_eq!(raw_plan(ring, 16, 1540, 2, false).read_slots, None);
+        // While the ring fills: the blocks that hold positions.
+        let plan = raw_plan(ring, 128, 40, 1, true);
+        assert_eq!(plan.read_slots.unwrap(), (0..64).collect::<Vec<i32>>());
+        assert_eq!(plan.mask.iter().filter(|&&m| m == 0.0).count(), 41);
     }
 
     #[test]

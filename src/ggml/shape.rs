@@ -10,7 +10,7 @@ use super::context::{check_shape, Context};
 use super::error::{ensure, GgmlError, Result};
 use super::ops::{is_contiguous_rows, shape};
 use super::tensor::Tensor;
-use super::types::row_size;
+use super::types::{row_size, to_ggml};
 
 /// Checks that a view of `a` with extents `ne`, row strides `nb[1..]` and byte `offset` stays inside the memory of
 /// `a`'s root tensor, by both ggml's rule (contiguous size) and the real extent reached with the given strides.
@@ -185,6 +185,15 @@ impl<'m> Context<'m> {
     pub fn cont<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
         // SAFETY: ggml_cont asserts nothing; room reserved.
         self.op("cont", 1, |ctx| unsafe { sys::ggml_cont(ctx, a.as_ptr()) })
+    }
+
+    /// `a` converted to `ty` (same shape; contiguous).
+    pub fn cast<'c>(&'c self, a: Tensor<'c>, ty: GgmlType) -> Result<Tensor<'c>> {
+        check_shape(ty, &a.ne())?;
+        // SAFETY: the shape suits `ty` (checked); room reserved.
+        self.op("cast", 1, |ctx| unsafe {
+            sys::ggml_cast(ctx, a.as_ptr(), to_ggml(ty))
+        })
     }
 
     /// Copies `a` into `dst` (same element count, converting the type); the result is a view of `dst` that must

@@ -70,9 +70,14 @@ pub fn attention<'c>(
         }
     };
 
-    let (k, v) = match split {
-        None => keys.read(n_raw)?,
-        Some((raw, comp)) => keys.read_with_compressed(raw, comp)?,
+    let gather = match w.kind {
+        LayerKind::Raw => inp.raw_read,
+        kind => inp.compressed(kind).and_then(|c| c.attn_rows),
+    };
+    let (k, v) = match (gather, split) {
+        (Some(rows), _) => keys.gather(rows)?,
+        (None, None) => keys.read(n_raw)?,
+        (None, Some((raw, comp))) => keys.read_with_compressed(raw, comp)?,
     };
     let out = attend(o, q, k, v, mask, w.sinks, 1.0 / (s.head_dim as f32).sqrt())?;
     let out = ctx.reshape_3d(out, [dh, h, n])?;
@@ -193,6 +198,22 @@ impl<'o, 'c> KeyRows<'o, 'c> {
     /// The first `n` key rows and their values (see [`KeyRows::view`]).
     fn read(&self, n: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
         self.view(0, n)
+    }
+
+    /// The key rows `rows` (I32 `{m}`) as `{Dh, 1, m}` and their values `{m, Dh}` (a transposed copy: `vt`
+    /// holds columns, which cannot be gathered), in the cache's type: F16 rows stay F16, so attention rounds
+    /// queries and scores as it does over views of the cache.
+    fn gather(&self, rows: Tensor<'c>) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        let ctx = self.o.ctx;
+        let [dh, ..] = self.kv.ne();
+        let m = rows.ne()[0];
+        let k = ctx.get_rows(self.kv, rows)?; // F32 {Dh, m}
+        let k = match self.kv.ty() {
+            Some(ty) if ty != GgmlType::F32 => ctx.cast(k, ty)?,
+            _ => k,
+        };
+        let v = ctx.cont(ctx.transpose(k)?)?;
+        Ok((ctx.reshape_3d(k, [dh, 1, m])?, v))
     }
 
     /// The first `n_raw` raw ring rows followed by the first `n_comp` compressed rows: views when `n_raw` is the

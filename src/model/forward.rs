@@ -86,6 +86,8 @@ pub struct CompInputs<'c> {
     /// I32 `{head_dim·n}`: where each value of each new raw key goes in `vt` (seen as one-value rows) of the
     /// layers of this ratio.
     pub raw_vt: Tensor<'c>,
+    /// I32: the `kv` rows attention gathers (the gathered raw rows, then the first compressed rows), when gathered.
+    pub attn_rows: Option<Tensor<'c>>,
     pub blocks: Option<BlockInputs<'c>>,
     /// F32 `{n_kv, n}`: visibility of the first `n_kv` compressed rows (padded past the rows that exist).
     pub mask: Tensor<'c>,
@@ -101,13 +103,15 @@ pub struct BatchInputs<'c> {
     pub pos: Tensor<'c>,
     /// I32 `{n}`: raw-window ring rows of the new keys.
     pub raw_slots: Tensor<'c>,
-    /// F32 `{n_kv, n}`: visibility of the first `n_kv` raw ring rows.
+    /// F32 `{n_kv, n}`: visibility of the first `n_kv` raw ring rows (of the gathered rows, when gathered).
     pub raw_mask: Tensor<'c>,
     /// F32 `{ring, n}`: visibility of every raw ring row, for layers with compressed rows, when `raw_mask` does not
     /// cover the whole ring.
     pub raw_ring_mask: Option<Tensor<'c>>,
     /// I32 `{head_dim·n}`: where each value of each new raw key goes in `vt` of the raw-window-only layers.
     pub raw_vt: Option<Tensor<'c>>,
+    /// I32 `{n_kv}`: the ring rows the raw-window-only layers gather, when gathered (see `raw_mask`).
+    pub raw_read: Option<Tensor<'c>>,
     pub csa: Option<CompInputs<'c>>,
     pub hca: Option<CompInputs<'c>>,
     /// I32 `{n_out}`: positions (within the micro-batch) whose logits are wanted.

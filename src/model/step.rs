@@ -22,6 +22,8 @@ pub struct GraphKey {
     pub n_out: usize,
     /// Raw-window rows attention reads.
     pub raw_n_kv: usize,
+    /// Attention gathers the rows it reads (see [`crate::cache::plan::RawPlan::read_slots`]).
+    pub gathered: bool,
     /// Per compressed ratio present in the model: (blocks this micro-batch completes, compressed rows read).
     pub csa: Option<(usize, usize)>,
     pub hca: Option<(usize, usize)>,
@@ -34,6 +36,7 @@ impl GraphKey {
             n_tokens: plan.tokens.len(),
             n_out: n_out.max(1),
             raw_n_kv: plan.raw.n_kv,
+            gathered: plan.raw.read_slots.is_some(),
             csa: comp(&plan.csa),
             hca: comp(&plan.hca),
         }
@@ -79,6 +82,17 @@ pub fn batch_inputs<'c>(
     let vt = |p: &CompPlan| vt_rows(slots(), plan.head_dim, ring + p.cap);
     let csa_vt = plan.csa.as_ref().map(vt);
     let hca_vt = plan.hca.as_ref().map(vt);
+    let read = plan.raw.read_slots.as_deref();
+    // Gathered layers with compressed rows read the raw rows, then their first `n_kv` compressed rows.
+    let attn_rows = |p: &CompPlan| {
+        read.map(|raw| {
+            let comp = (0..p.n_kv).map(|j| (ring + j) as i32);
+            raw.iter().copied().chain(comp).collect::<Vec<i32>>()
+        })
+    };
+    let csa_rows = plan.csa.as_ref().map(attn_rows);
+    let hca_rows = plan.hca.as_ref().map(attn_rows);
+    let raw_read = read.filter(|_| plan.raw_layers).map(<[i32]>::to_vec);
     let has_csa = plan.csa.is_some();
     let head_dim = plan.head_dim;
     Ok(BatchInputs {
@@ -94,15 +108,19 @@ pub fn batch_inputs<'c>(
             Some(v) => Some(up.i32(format_args!("inp_raw_vt"), v)?),
             None => None,
         },
+        raw_read: match raw_read {
+            Some(rows) => Some(up.i32(format_args!("inp_raw_read"), rows)?),
+            None => None,
+        },
         csa: plan
             .csa
-            .zip(csa_vt)
-            .map(|(p, v)| comp_inputs(up, p, v, p0, n, ring, head_dim, true, fused))
+            .zip(csa_vt.zip(csa_rows))
+            .map(|(p, (v, r))| comp_inputs(up, p, v, r, p0, n, ring, head_dim, true, fused))
             .transpose()?,
         hca: plan
             .hca
-            .zip(hca_vt)
-            .map(|(p, v)| comp_inputs(up, p, v, p0, n, ring, head_dim, false, false))
+            .zip(hca_vt.zip(hca_rows))
+            .map(|(p, (v, r))| comp_inputs(up, p, v, r, p0, n, ring, head_dim, false, false))
             .transpose()?,
         out_ids: up.i32(format_args!("inp_out_ids"), out_ids(n, want))?,
         indexer_rotation: rotation.filter(|_| has_csa),
@@ -114,6 +132,7 @@ fn comp_inputs<'c>(
     up: &mut Uploads<'c>,
     p: CompPlan,
     raw_vt: Vec<i32>,
+    attn_rows: Option<Vec<i32>>,
     p0: usize,
     n: usize,
     raw_ring: usize,
@@ -161,6 +180,10 @@ fn comp_inputs<'c>(
         )?,
         ring_slots: up.i32(format_args!("inp_r{r}_ring_slots"), c.ring_slots)?,
         raw_vt: up.i32(format_args!("inp_r{r}_raw_vt"), raw_vt)?,
+        attn_rows: match attn_rows {
+            Some(rows) => Some(up.i32(format_args!("inp_r{r}_attn_rows"), rows)?),
+            None => None,
+        },
         blocks,
         mask,
         mask_f16,
