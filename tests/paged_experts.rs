@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use ferrite::engine::{Engine, EngineOptions, Logits, PagingOptions};
+use ferrite::experts::{ExpertLayout, DIRECT_ALIGN};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
 use ferrite::plan::ExpertCacheArg;
 use gguf::GgmlType;
@@ -88,6 +89,16 @@ fn assert_same_bits(what: &str, paged: &[Vec<f32>], resident: &[Vec<f32>]) {
     }
 }
 
+/// Whether the file system lets `path` be opened with O_DIRECT.
+fn opens_direct(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .is_ok()
+}
+
 fn check(cfg: &TinyConfig, slots: u64, fused: bool, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
@@ -123,6 +134,18 @@ fn check(cfg: &TinyConfig, slots: u64, fused: bool, seed: u64) {
             "{what}: hash and guessed experts are prefetched: {st:?}"
         );
         assert!(st.bytes_read > 0 && st.reads > 0, "{what}: {st:?}");
+        // Slabs of whole pages are read with O_DIRECT straight into the slots, where the file system takes it.
+        let whole_pages = ExpertLayout::from_model(&gguf::Model::open(&path).unwrap())
+            .unwrap()
+            .layers()
+            .all(|l| {
+                l.parts
+                    .iter()
+                    .all(|p| p.slab_bytes % DIRECT_ALIGN as u64 == 0)
+            });
+        let direct = whole_pages && opens_direct(&path);
+        let want = if direct { st.bytes_read } else { 0 };
+        assert_eq!(st.direct_bytes, want, "{what}: direct reads: {st:?}");
         if whole && slots < u64::from(cfg.n_expert) {
             assert!(
                 st.waves > st.requests,

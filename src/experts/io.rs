@@ -7,6 +7,11 @@
 //! about 1, while parallel `pread`s of whole slabs keep the device busy (ANCHORS.md (c) item 3: pread slabs about
 //! 25 % faster than the page cache as cache; at 9 reads in flight random 9.3 MiB reads match sequential ones).
 //!
+//! Where the destination allows it (a slot whose room starts on a page boundary, with the slab placed at the same
+//! offset within a page as in the file), slabs are read with `O_DIRECT`: the device writes straight into the slot,
+//! with no copy through the page cache. That copy cost a core about 0.5-0.9 s per GB read on the 2-core machine of
+//! bench/README.md (0.15 s direct), time prompt processing needs for computing.
+//!
 //! [`ExpertReader`] is `Sync`: a store may read misses on a background thread while hits are computed.
 
 use std::collections::BTreeMap;
@@ -25,6 +30,17 @@ use crate::model::sizes::{expert_tensor_layer, EXPERT_TENSORS};
 
 /// The parts of an expert, in slot order.
 pub const PARTS: [&str; 3] = ["gate", "up", "down"];
+
+/// Alignment of direct reads: file offset, length and memory address (the page size; covers devices with 512-byte
+/// and 4096-byte logical blocks).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Room for one part in a slot that takes direct reads of slabs of up to `max_slab` bytes at any offset within a
+/// page: the slab rounded up to pages, plus one page for the bytes before it in its first page and after it in its
+/// last.
+pub fn direct_room(max_slab: u64) -> u64 {
+    max_slab.next_multiple_of(DIRECT_ALIGN as u64) + DIRECT_ALIGN as u64
+}
 
 /// Default read threads: reads mostly wait on the device, so more threads than cores pay; 8 keeps about as many
 /// reads in flight as ds4 measured to saturate NVMe.
@@ -339,18 +355,27 @@ fn slab_tensor(
     })
 }
 
-/// The buffers of one slot: gate, up and down. Each must hold at least its slab (a slot sized for the largest
-/// layer takes any layer's expert in its prefix).
+/// The buffers of one slot: gate, up and down. Part `i`'s slab goes to `parts[i][at[i]..]`, which must hold it (a
+/// slot sized for the largest layer takes any layer's expert). The bytes before `at[i]` and after the slab are
+/// the part's own: a direct read may write them (see [`direct_room`]).
 #[derive(Debug)]
 pub struct SlotBuffers<'a> {
     pub parts: [&'a mut [u8]; 3],
+    pub at: [usize; 3],
 }
 
 impl<'a> SlotBuffers<'a> {
+    /// Slabs at the start of each buffer.
     pub fn new(gate: &'a mut [u8], up: &'a mut [u8], down: &'a mut [u8]) -> SlotBuffers<'a> {
         SlotBuffers {
             parts: [gate, up, down],
+            at: [0; 3],
         }
+    }
+
+    /// Slab `i` at offset `at[i]` of its buffer.
+    pub fn at(self, at: [usize; 3]) -> SlotBuffers<'a> {
+        SlotBuffers { at, ..self }
     }
 
     /// A packed slot (gate | up | down back to back, ANCHORS.md (c) item 4) cut at `part_bytes`, e.g.
@@ -458,6 +483,8 @@ fn slot_error(l: &Load, why: &str) -> ExpertIoError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadReport {
     pub bytes: u64,
+    /// Bytes of slabs read with `O_DIRECT` (straight into their slots).
+    pub direct_bytes: u64,
     /// Read calls issued (one per slab, or more with [`ReadOptions::split_bytes`]).
     pub reads: u64,
     pub experts: u64,
@@ -475,6 +502,8 @@ pub struct ReadOptions {
     /// Reads leave no page cache behind: no readahead, and what was read is dropped (when memory is tight the expert
     /// cache is the only copy worth keeping; the OS's would push out the pool or the resident weights).
     pub drop_cache: bool,
+    /// Read with `O_DIRECT` where the file system and the destination allow it (see the module's notes).
+    pub direct: bool,
 }
 
 impl Default for ReadOptions {
@@ -483,6 +512,7 @@ impl Default for ReadOptions {
             threads: DEFAULT_READ_THREADS,
             split_bytes: 0,
             drop_cache: false,
+            direct: true,
         }
     }
 }
@@ -492,6 +522,8 @@ impl Default for ReadOptions {
 pub struct ExpertReader {
     layout: ExpertLayout,
     files: Vec<File>,
+    /// The same files opened with `O_DIRECT`, where the file system allows it.
+    direct: Vec<Option<File>>,
     opts: ReadOptions,
 }
 
@@ -504,6 +536,9 @@ struct Chunk<'a> {
     shard: usize,
     offset: u64,
     buf: &'a mut [u8],
+    /// A direct read: `buf` and `offset` are aligned, and only the first `must` bytes have to be read (the rest
+    /// rounds the read up to a whole page and may lie past the end of the file).
+    direct: Option<usize>,
 }
 
 impl ExpertReader {
@@ -532,11 +567,22 @@ impl ExpertReader {
                 advise_file(f, 0, 0, FileAdvice::Random);
             }
         }
+        let direct = layout
+            .paths
+            .iter()
+            .map(|p| opts.direct.then(|| open_direct(p)).flatten())
+            .collect();
         Ok(ExpertReader {
             layout,
             files,
+            direct,
             opts,
         })
+    }
+
+    /// Whether reads of shard `shard` may go direct (its file opened with `O_DIRECT`).
+    pub fn can_read_direct(&self, shard: usize) -> bool {
+        self.direct.get(shard).is_some_and(Option::is_some)
     }
 
     pub fn layout(&self) -> &ExpertLayout {
@@ -567,28 +613,30 @@ impl ExpertReader {
         self.read_with(jobs, self.opts)
     }
 
-    fn read_with(
+    fn read_with<'b>(
         &self,
-        jobs: Vec<ReadJob<'_>>,
+        jobs: Vec<ReadJob<'b>>,
         opts: ReadOptions,
     ) -> Result<ReadReport, ExpertIoError> {
         let start = Instant::now();
         let n_experts = jobs.len() as u64;
         let mut chunks = Vec::new();
-        let mut bytes = 0u64;
+        let (mut bytes, mut direct_bytes) = (0u64, 0u64);
         for job in jobs {
             let l = self.layout.slabs(job.key)?;
-            for ((part, buf), t) in job.dest.parts.into_iter().enumerate().zip(&l.parts) {
+            let dest = job.dest;
+            for (part, (buf, t)) in dest.parts.into_iter().zip(&l.parts).enumerate() {
+                let at = dest.at[part];
                 let need = usize::try_from(t.slab_bytes)
                     .ok()
-                    .filter(|&n| n <= buf.len());
+                    .filter(|&n| at.checked_add(n).is_some_and(|end| end <= buf.len()));
                 let Some(need) = need else {
                     return Err(ExpertIoError::Destination {
                         key: job.key,
                         part: PARTS[part],
                         tensor: t.name.clone(),
                         needed: t.slab_bytes,
-                        got: buf.len(),
+                        got: buf.len().saturating_sub(at),
                     });
                 };
                 bytes += t.slab_bytes;
@@ -596,9 +644,8 @@ impl ExpertReader {
                     Ok(n) if n > 0 => n,
                     _ => need.max(1),
                 };
-                let mut offset = t.slab_offset(job.key.expert);
-                for buf in buf[..need].chunks_mut(piece) {
-                    let len = buf.len() as u64;
+                let offset = t.slab_offset(job.key.expert);
+                let mut push = |buf: &'b mut [u8], offset: u64, direct: Option<usize>| {
                     chunks.push(Chunk {
                         order: chunks.len(),
                         key: job.key,
@@ -606,8 +653,31 @@ impl ExpertReader {
                         shard: t.shard,
                         offset,
                         buf,
-                    });
-                    offset += len;
+                        direct,
+                    })
+                };
+                let direct = direct_span(buf.as_ptr() as usize, buf.len(), at, need, offset)
+                    .filter(|_| opts.direct && self.can_read_direct(t.shard));
+                if let Some((span, lead)) = direct {
+                    // Pages of the slot from the page that holds the slab's first byte; pieces of whole pages.
+                    let span = &mut buf[span];
+                    direct_bytes += t.slab_bytes;
+                    let piece = piece.next_multiple_of(DIRECT_ALIGN);
+                    let mut must = lead + need;
+                    let mut offset = offset - lead as u64;
+                    for buf in span.chunks_mut(piece) {
+                        let len = buf.len();
+                        push(buf, offset, Some(must.min(len)));
+                        must = must.saturating_sub(len);
+                        offset += len as u64;
+                    }
+                } else {
+                    let mut offset = offset;
+                    for buf in buf[at..at + need].chunks_mut(piece) {
+                        let len = buf.len() as u64;
+                        push(buf, offset, None);
+                        offset += len;
+                    }
                 }
             }
         }
@@ -622,6 +692,7 @@ impl ExpertReader {
         }
         Ok(ReadReport {
             bytes,
+            direct_bytes,
             reads,
             experts: n_experts,
             elapsed: start.elapsed(),
@@ -701,8 +772,20 @@ impl ExpertReader {
                 ),
             })?;
         let len = c.buf.len() as u64;
-        let read = file.read_exact_at(c.buf, c.offset);
-        if self.opts.drop_cache {
+        let direct = c
+            .direct
+            .zip(self.direct.get(c.shard).and_then(Option::as_ref));
+        let read = match direct {
+            Some((must, direct)) => match read_direct(direct, c.buf, c.offset, must) {
+                // A file system that takes O_DIRECT opens but refuses the read: the same bytes, buffered.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    file.read_exact_at(&mut c.buf[..must], c.offset)
+                }
+                r => r,
+            },
+            None => file.read_exact_at(c.buf, c.offset),
+        };
+        if self.opts.drop_cache && direct.is_none() {
             advise_file(file, c.offset, len, FileAdvice::DontNeed);
         }
         read.map_err(|source| {
@@ -726,6 +809,65 @@ impl ExpertReader {
             }
         })
     }
+}
+
+/// The pages of a buffer (at address `addr`, `len` bytes) that a direct read of the `need` bytes at file `offset`
+/// into the buffer from `at` covers, and the slab's offset in its first page; None unless the slab sits at the
+/// same offset within a page in memory as in the file and the pages lie within the buffer.
+fn direct_span(
+    addr: usize,
+    len: usize,
+    at: usize,
+    need: usize,
+    offset: u64,
+) -> Option<(std::ops::Range<usize>, usize)> {
+    let lead = (offset % DIRECT_ALIGN as u64) as usize;
+    if addr.checked_add(at)? % DIRECT_ALIGN != lead {
+        return None;
+    }
+    let start = at.checked_sub(lead)?;
+    let end = at.checked_add(need)?.next_multiple_of(DIRECT_ALIGN);
+    (end <= len).then_some((start..end, lead))
+}
+
+/// Opens `path` for reading with `O_DIRECT`; None where the system or the file system does not allow it.
+fn open_direct(path: &std::path::Path) -> Option<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Fills `buf` (aligned, whole pages) from `offset` of a file opened with `O_DIRECT`; the read may stop at the end
+/// of the file after the first `must` bytes.
+fn read_direct(file: &File, buf: &mut [u8], offset: u64, must: usize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        // Past a short read the offsets are no longer aligned: only the end of the file stops one.
+        if done % DIRECT_ALIGN != 0 {
+            break;
+        }
+    }
+    if done < must {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+    }
+    Ok(())
 }
 
 /// `key`'s gate, up and down slabs as the memory map of `model` holds them (`layout` must come from `model`).

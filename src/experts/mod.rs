@@ -21,8 +21,9 @@ pub mod policy;
 pub mod stats;
 
 pub use io::{
-    mapped_slabs, packed_slot_jobs, slot_jobs, verify_slot, ExpertIoError, ExpertLayout,
-    ExpertReader, LayerSlabs, ReadJob, ReadOptions, ReadReport, SlabRange, SlabTensor, SlotBuffers,
+    direct_room, mapped_slabs, packed_slot_jobs, slot_jobs, verify_slot, ExpertIoError,
+    ExpertLayout, ExpertReader, LayerSlabs, ReadJob, ReadOptions, ReadReport, SlabRange,
+    SlabTensor, SlotBuffers, DIRECT_ALIGN,
 };
 pub use policy::{
     ExpertKey, Hit, Load, PolicyConfig, PolicyError, PrefetchPlan, RequestPlan, SlotId, SlotPolicy,

@@ -30,6 +30,8 @@ pub struct StatsSnapshot {
     pub evictions: u64,
     /// Bytes and read calls issued, and the wall time of the read batches.
     pub bytes_read: u64,
+    /// Of `bytes_read`, the bytes read with `O_DIRECT` (straight into slots).
+    pub direct_bytes: u64,
     pub reads: u64,
     pub read_time: Duration,
     /// Time the computation stood still waiting for reads (zero when reads were fully hidden).
@@ -62,6 +64,7 @@ impl StatsSnapshot {
                 .saturating_sub(earlier.prefetch_dropped),
             evictions: self.evictions.saturating_sub(earlier.evictions),
             bytes_read: self.bytes_read.saturating_sub(earlier.bytes_read),
+            direct_bytes: self.direct_bytes.saturating_sub(earlier.direct_bytes),
             reads: self.reads.saturating_sub(earlier.reads),
             read_time: self.read_time.saturating_sub(earlier.read_time),
             io_wait: self.io_wait.saturating_sub(earlier.io_wait),
@@ -82,6 +85,7 @@ impl StatsSnapshot {
             prefetch_dropped: self.prefetch_dropped.saturating_add(other.prefetch_dropped),
             evictions: self.evictions.saturating_add(other.evictions),
             bytes_read: self.bytes_read.saturating_add(other.bytes_read),
+            direct_bytes: self.direct_bytes.saturating_add(other.direct_bytes),
             reads: self.reads.saturating_add(other.reads),
             read_time: self.read_time.saturating_add(other.read_time),
             io_wait: self.io_wait.saturating_add(other.io_wait),
@@ -129,7 +133,7 @@ impl StatsSnapshot {
             concat!(
                 "{{\"tokens\":{},\"steps\":{},\"requests\":{},\"waves\":{},\"hits\":{},\"misses\":{},",
                 "\"prefetch_hits\":{},\"prefetch_loads\":{},\"prefetch_dropped\":{},\"evictions\":{},",
-                "\"bytes_read\":{},\"reads\":{},\"read_time_s\":{},\"io_wait_s\":{},\"hit_rate\":{},",
+                "\"bytes_read\":{},\"direct_bytes\":{},\"reads\":{},\"read_time_s\":{},\"io_wait_s\":{},\"hit_rate\":{},",
                 "\"prefetch_accuracy\":{},\"read_bytes_per_s\":{},\"per_token\":{{\"hits\":{},\"misses\":{},",
                 "\"bytes_read\":{},\"io_wait_ms\":{}}}}}"
             ),
@@ -144,6 +148,7 @@ impl StatsSnapshot {
             self.prefetch_dropped,
             self.evictions,
             self.bytes_read,
+            self.direct_bytes,
             self.reads,
             json_f64(self.read_time.as_secs_f64()),
             json_f64(self.io_wait.as_secs_f64()),
@@ -252,6 +257,7 @@ impl ExpertStats {
     pub fn record_read(&mut self, report: &ReadReport) {
         let t = &mut self.totals;
         t.bytes_read = t.bytes_read.saturating_add(report.bytes);
+        t.direct_bytes = t.direct_bytes.saturating_add(report.direct_bytes);
         t.reads = t.reads.saturating_add(report.reads);
         t.read_time = t.read_time.saturating_add(report.elapsed);
     }
@@ -284,6 +290,7 @@ mod tests {
         s.record_request(&p.request(&[k(0, 0), k(0, 1), k(0, 2)]).unwrap());
         s.record_read(&ReadReport {
             bytes: 3000,
+            direct_bytes: 2000,
             reads: 9,
             experts: 3,
             elapsed: Duration::from_millis(3),
@@ -295,6 +302,7 @@ mod tests {
             (0, 3, 2, 1)
         );
         assert_eq!(first.evictions, 1);
+        assert_eq!((first.bytes_read, first.direct_bytes), (3000, 2000));
         assert_eq!(
             first.prefetch_dropped, 1,
             "both slots hold keys requested in this step"

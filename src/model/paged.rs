@@ -22,6 +22,7 @@ use anyhow::{anyhow, Context as _, Result};
 use gguf::{GgmlType, Model};
 
 use crate::cache::{KvCache, UbatchPlan};
+use crate::experts::io::{direct_room, DIRECT_ALIGN};
 use crate::experts::{
     ExpertKey, ExpertReader, ExpertStats, Load, PolicyConfig, ReadJob, ReadOptions, ReadReport,
     SlotBuffers, SlotId, SlotPolicy,
@@ -50,6 +51,9 @@ pub struct PagedExperts {
     reader: ExpertReader,
     /// Bytes of gate, up and down in a slot (each part starts where the previous one's room ends).
     part_bytes: [u64; 3],
+    /// Per layer: where each part's slab starts within its room (its offset within a page in the file, so that it
+    /// can be read with `O_DIRECT`; 0 when the slabs are not whole pages).
+    leads: Vec<[usize; 3]>,
     /// Per hash-routed layer: the experts of every token id (`n_expert_used` per token), for certain prefetches.
     hash_experts: Vec<Option<Vec<i32>>>,
     policy: Mutex<SlotPolicy>,
@@ -72,23 +76,42 @@ impl PagedExperts {
         let reader =
             ExpertReader::open(model, opts).context("cannot set up reads of the routed experts")?;
         let layout = reader.layout();
-        let part_bytes = layout.max_slab_bytes().map(|b| b.next_multiple_of(64));
+        // Slabs of whole pages share their tensor's offset within a page: placed at that offset in rooms that
+        // start on a page boundary, every expert can be read straight into its slot (ExpertReader's O_DIRECT).
+        let page = DIRECT_ALIGN as u64;
+        let direct = layout
+            .layers()
+            .all(|l| l.parts.iter().all(|p| p.slab_bytes % page == 0));
+        let part_bytes = match direct {
+            true => layout.max_slab_bytes().map(direct_room),
+            false => layout.max_slab_bytes().map(|b| b.next_multiple_of(64)),
+        };
         let stride = part_bytes.iter().sum::<u64>();
         let pool = Arc::new(SlotPool::new(n_slots, stride as usize)?);
         let slot_ctx = Context::with_capacity(3 * cfg.n_layer + 1, 0)?;
+        let mut leads = Vec::with_capacity(cfg.n_layer);
         for il in 0..cfg.n_layer {
             let slabs = layout.layer(il as u32).ok_or_else(|| {
                 anyhow!(
                     "layer {il} has no routed experts; the paged store needs them in every layer"
                 )
             })?;
-            let mut offset = 0usize;
+            let lead = slabs.parts.each_ref().map(|p| {
+                if direct {
+                    (p.file_offset % page) as usize
+                } else {
+                    0
+                }
+            });
+            let mut room = 0usize;
             for (part, slab) in slabs.parts.iter().enumerate() {
                 let [n_in, n_out, _] = slab.dims;
-                let t = slot_ctx.pool_tensor(&pool, slab.ty, n_in as i64, n_out as i64, offset)?;
+                let at = room + lead[part];
+                let t = slot_ctx.pool_tensor(&pool, slab.ty, n_in as i64, n_out as i64, at)?;
                 t.set_name(&format!("slots.{il}.{}", crate::experts::io::PARTS[part]))?;
-                offset += part_bytes[part] as usize;
+                room += part_bytes[part] as usize;
             }
+            leads.push(lead);
         }
         let hash_experts = weights
             .layers
@@ -108,6 +131,7 @@ impl PagedExperts {
             slot_ctx,
             reader,
             part_bytes,
+            leads,
             hash_experts,
             policy: Mutex::new(policy),
         })
@@ -146,6 +170,11 @@ impl PagedExperts {
                     .ok_or_else(|| anyhow!("slot {} is outside the expert cache", l.slot))?;
                 let dest = SlotBuffers::packed(buf, self.part_bytes)
                     .ok_or_else(|| anyhow!("slot {} is smaller than an expert", l.slot))?;
+                let lead = self
+                    .leads
+                    .get(l.key.layer as usize)
+                    .ok_or_else(|| anyhow!("layer {} has no slot tensors", l.key.layer))?;
+                let dest = dest.at(*lead);
                 Ok(ReadJob { key: l.key, dest })
             })
             .collect()
