@@ -542,8 +542,9 @@ pub struct GraphStats {
     pub built: u64,
     /// Micro-batches that reused a kept graph.
     pub reused: u64,
-    /// Micro-batches whose attention gathered the key rows it reads.
+    /// Micro-batches whose attention gathered the key rows it reads, whole or in chunks of queries.
     pub gathered: u64,
+    pub chunked: u64,
 }
 
 impl<'e> Session<'e> {
@@ -589,6 +590,9 @@ impl<'e> Session<'e> {
         let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past(), self.gather);
         if plan.raw.read_slots.is_some() {
             self.stats.gathered += 1;
+        }
+        if !plan.chunks.is_empty() {
+            self.stats.chunked += 1;
         }
         plan
     }

@@ -130,5 +130,15 @@ fn gathered_reads_give_the_bits_of_full_reads() {
         // Every single-token micro-batch gathered.
         let stats = gathered.graph_stats();
         assert!(stats.gathered >= 330, "{what}: {stats:?}");
+
+        // A prompt attends in chunks of queries, each over the rows it sees: the same bits again.
+        let prompt = tokens(300, cfg.n_vocab, 10);
+        let mut full = e.session(N_CTX, N_UBATCH).unwrap();
+        full.set_gathered_reads(false);
+        let want = full.feed(&prompt, Logits::All).unwrap();
+        let mut chunked = e.session(N_CTX, N_UBATCH).unwrap();
+        let got = chunked.feed(&prompt, Logits::All).unwrap();
+        assert_eq!(chunked.graph_stats().chunked, 1, "{what}");
+        assert_same_bits(&format!("{what}, prompt in chunks"), &[got], &[want]);
     }
 }

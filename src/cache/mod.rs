@@ -14,8 +14,8 @@ use crate::ggml::{Context, CpuBackend, GgmlError, Result, Tensor};
 use crate::model::config::{Config, LayerKind};
 
 use plan::{
-    compress_plan, compressed_mask, compressor_ring_rows, raw_mask, raw_plan, CompressPlan,
-    RawPlan, Ring,
+    compress_plan, compressed_mask, compressor_ring_rows, raw_mask, raw_plan, window_rows,
+    CompressPlan, RawPlan, Ring,
 };
 
 /// The compressed rows of one layer (or of its indexer) and the ring of its compressor.
@@ -351,6 +351,25 @@ fn transpose_rows(data: &[u8], width: usize, elem: usize) -> Vec<u8> {
 /// joining and copying the key rows each micro-batch (decode); beyond it (prompts), they cost more.
 pub const WHOLE_RING_WORK: usize = 64;
 
+/// Queries per chunk when a prompt's micro-batch attends chunk by chunk (see [`UbatchPlan::chunks`]).
+pub const QUERY_CHUNK: usize = 64;
+
+/// The keys one chunk of a micro-batch's queries attends to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryChunk {
+    /// The chunk's first query (index within the micro-batch) and how many it has.
+    pub first: usize,
+    pub n: usize,
+    /// The raw ring rows its queries see (whole aligned blocks, see [`plan::window_rows`]) and their `[rows, n]`
+    /// mask.
+    pub raw_rows: Vec<i32>,
+    pub raw_mask: Vec<f32>,
+    /// Per compressed ratio present (ratio 4, ratio 128): the first compressed rows it reads (those its last query
+    /// sees, padded to [`plan::GATHER_PAD`]; at most the micro-batch's `n_kv`).
+    pub csa_rows: Option<usize>,
+    pub hca_rows: Option<usize>,
+}
+
 /// The host side of one micro-batch: tokens, positions, and every index and mask its graph needs.
 #[derive(Clone, Debug)]
 pub struct UbatchPlan {
@@ -366,6 +385,10 @@ pub struct UbatchPlan {
     /// views of `kv` and `vt`, with nothing copied. Reading more ring rows, all masked, gives the same results bit
     /// for bit: they add exact zeros, in groups of 256 that keep every other value in its SIMD lane.
     pub raw_ring_mask: Option<Vec<f32>>,
+    /// When not empty, attention runs chunk by chunk over these query chunks, each over the key rows its queries
+    /// see (a prompt's micro-batch: each query sees `window` raw rows and a few compressed ones, far fewer than the
+    /// micro-batch's `n_kv`). Row blocks keep their SIMD lanes as in [`plan::window_rows`].
+    pub chunks: Vec<QueryChunk>,
     /// Some layers attend to the raw window only.
     pub raw_layers: bool,
     /// Values per key row.
@@ -423,6 +446,12 @@ impl UbatchPlan {
                 }
             })
         };
+        let csa = comp(LayerKind::Csa);
+        let hca = comp(LayerKind::Hca);
+        let chunks = match gather && raw.read_slots.is_none() && n >= 2 * QUERY_CHUNK {
+            true => query_chunks(cfg, ring, p0, n, [&csa, &hca]),
+            false => Vec::new(),
+        };
         let comp_layers = cfg.kinds.iter().any(|k| *k != LayerKind::Raw);
         let whole_ring = n * cfg.n_head <= WHOLE_RING_WORK && raw.read_slots.is_none();
         let raw_ring_mask = (comp_layers && raw.n_kv < ring.cap && whole_ring)
@@ -431,12 +460,47 @@ impl UbatchPlan {
             tokens: tokens.iter().map(|&t| t as i32).collect(),
             p0,
             raw,
-            csa: comp(LayerKind::Csa),
-            hca: comp(LayerKind::Hca),
+            csa,
+            hca,
+            chunks,
             raw_ring: ring.cap,
             raw_ring_mask,
             raw_layers: cfg.kinds.contains(&LayerKind::Raw),
             head_dim: cfg.head_dim,
         }
     }
+}
+
+/// The query chunks of a micro-batch of `n` tokens from `p0` (see [`UbatchPlan::chunks`]); `comp`: the ratio-4 and
+/// ratio-128 plans of the micro-batch.
+fn query_chunks(
+    cfg: &Config,
+    ring: Ring,
+    p0: usize,
+    n: usize,
+    comp: [&Option<CompPlan>; 2],
+) -> Vec<QueryChunk> {
+    let end = p0 + n;
+    (0..n)
+        .step_by(QUERY_CHUNK)
+        .map(|first| {
+            let nc = QUERY_CHUNK.min(n - first);
+            let (raw_rows, raw_mask) = window_rows(ring, cfg.window, p0 + first, nc, end);
+            let last = p0 + first + nc - 1;
+            let rows = |c: &Option<CompPlan>| {
+                c.as_ref().map(|c| {
+                    let seen = (last + 1) / c.compress.ratio;
+                    plan::padded_rows(seen, c.n_kv, plan::GATHER_PAD)
+                })
+            };
+            QueryChunk {
+                first,
+                n: nc,
+                raw_rows,
+                raw_mask,
+                csa_rows: rows(comp[0]),
+                hca_rows: rows(comp[1]),
+            }
+        })
+        .collect()
 }

@@ -82,12 +82,8 @@ pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize, gather: bool) ->
     }
 }
 
-/// The ring rows of the positions queries `p0..p0 + n` see (`p0 + 1 - window ..= p0 + n - 1`), as whole blocks of
-/// [`GATHER_PAD`] rows in ring order, and their `[rows, n]` mask; None unless that is at most half of `n_kv`.
-///
-/// Whole aligned blocks in ring order keep every row at its index modulo [`GATHER_PAD`] and in its order: the
-/// softmax and the dot products over rows add the same values in the same SIMD lanes as when reading the first
-/// `n_kv` rows (the rows left out are masked and add exact zeros there), so both reads give the same bits.
+/// The ring rows of the positions queries `p0..p0 + n` see, and their mask (see [`window_rows`]); None unless
+/// that is at most half of `n_kv`.
 fn gathered_raw(
     ring: Ring,
     window: usize,
@@ -95,21 +91,36 @@ fn gathered_raw(
     n: usize,
     n_kv: usize,
 ) -> Option<(Vec<i32>, Vec<f32>)> {
-    let end = p0 + n;
-    let first = (p0 + 1).saturating_sub(window);
+    let (rows, mask) = window_rows(ring, window, p0, n, p0 + n);
+    (2 * rows.len() <= n_kv).then_some((rows, mask))
+}
+
+/// The ring rows holding the positions queries `q0..q0 + n` see (`q0 + 1 - window ..= q0 + n - 1`), as whole blocks
+/// of [`GATHER_PAD`] rows in ring order, and their `[rows, n]` mask, once positions `0..end` are written (`end >=
+/// q0 + n`, and the ring holds every position the queries see).
+///
+/// Whole aligned blocks in ring order keep every row at its index modulo [`GATHER_PAD`] and in its order: the
+/// softmax and the dot products over rows add the same values in the same SIMD lanes as when reading the first
+/// `n_kv` rows (the rows left out are masked and add exact zeros there), so both reads give the same bits.
+pub fn window_rows(
+    ring: Ring,
+    window: usize,
+    q0: usize,
+    n: usize,
+    end: usize,
+) -> (Vec<i32>, Vec<f32>) {
+    let q_end = q0 + n;
+    let first = (q0 + 1).saturating_sub(window);
     let mut blocks = vec![false; ring.cap.div_ceil(GATHER_PAD)];
-    for t in first..end {
+    for t in first..q_end {
         blocks[ring.slot(t) / GATHER_PAD] = true;
     }
     let rows: Vec<usize> = (0..blocks.len())
         .filter(|&b| blocks[b])
         .flat_map(|b| b * GATHER_PAD..((b + 1) * GATHER_PAD).min(ring.cap))
         .collect();
-    if 2 * rows.len() > n_kv {
-        return None;
-    }
     let mut mask = vec![MASKED; rows.len() * n];
-    for (i, p) in (p0..end).enumerate() {
+    for (i, p) in (q0..q_end).enumerate() {
         for (k, &slot) in rows.iter().enumerate() {
             if let Some(t) = ring.position_in(slot, end) {
                 if t <= p && t + window > p {
@@ -118,7 +129,7 @@ fn gathered_raw(
             }
         }
     }
-    Some((rows.into_iter().map(|r| r as i32).collect(), mask))
+    (rows.into_iter().map(|r| r as i32).collect(), mask)
 }
 
 /// `[n_kv, n]` mask of the first `n_kv` ring rows for queries `p0..p0 + n` (see [`raw_plan`]).

@@ -57,29 +57,40 @@ pub fn attention<'c>(
     };
     keys.write(kv, inp.raw_slots, raw_vt)?;
 
-    // The first n_kv ring rows (the mask's width): the rows that may hold keys, padded.
-    let n_raw = inp.raw_mask.ne()[0];
-    let (split, mask) = match w.kind {
-        LayerKind::Raw => (None, inp.raw_mask),
-        kind => {
-            let (n_comp, comp_mask) =
-                compressed_rows(o, w, cache, &mut keys, kind, c, qr, inp, s, rope)?;
-            let raw_mask = inp.raw_ring_mask.unwrap_or(inp.raw_mask);
-            let raw = raw_mask.ne()[0];
-            (Some((raw, n_comp)), ctx.concat(raw_mask, comp_mask, 0)?)
-        }
+    let comp_mask = match w.kind {
+        LayerKind::Raw => None,
+        kind => Some(compressed_rows(
+            o, w, cache, &mut keys, kind, c, qr, inp, s, rope,
+        )?),
     };
-
-    let gather = match w.kind {
-        LayerKind::Raw => inp.raw_read,
-        kind => inp.compressed(kind).and_then(|c| c.attn_rows),
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let out = if inp.chunks.is_empty() {
+        // The first n_kv ring rows (the mask's width): the rows that may hold keys, padded.
+        let Some(full_mask) = inp.raw_mask else {
+            return Err(missing("the raw mask"));
+        };
+        let n_raw = full_mask.ne()[0];
+        let (split, mask) = match comp_mask {
+            None => (None, full_mask),
+            Some(comp_mask) => {
+                let raw_mask = inp.raw_ring_mask.unwrap_or(full_mask);
+                let split = (raw_mask.ne()[0], comp_mask.ne()[0]);
+                (Some(split), ctx.concat(raw_mask, comp_mask, 0)?)
+            }
+        };
+        let gather = match w.kind {
+            LayerKind::Raw => inp.raw_read,
+            kind => inp.compressed(kind).and_then(|c| c.attn_rows),
+        };
+        let (k, v) = match (gather, split) {
+            (Some(rows), _) => keys.gather(rows)?,
+            (None, None) => keys.read(n_raw)?,
+            (None, Some((raw, comp))) => keys.read_with_compressed(raw, comp)?,
+        };
+        attend(o, q, k, v, mask, w.sinks, scale)?
+    } else {
+        attend_chunks(o, &keys, q, w.kind, comp_mask, inp, w.sinks, scale)?
     };
-    let (k, v) = match (gather, split) {
-        (Some(rows), _) => keys.gather(rows)?,
-        (None, None) => keys.read(n_raw)?,
-        (None, Some((raw, comp))) => keys.read_with_compressed(raw, comp)?,
-    };
-    let out = attend(o, q, k, v, mask, w.sinks, 1.0 / (s.head_dim as f32).sqrt())?;
     let out = ctx.reshape_3d(out, [dh, h, n])?;
     let out = o.rope_tail(
         ctx.rope_ext_back(out, inp.pos, None, rope)?,
@@ -103,7 +114,7 @@ fn compressed_rows<'c>(
     inp: &BatchInputs<'c>,
     s: &AttnShape,
     rope: &RopeParams,
-) -> Result<(i64, Tensor<'c>)> {
+) -> Result<Tensor<'c>> {
     let ctx = o.ctx;
     let comp_inp = inp.compressed(kind);
     let (comp_w, comp_cache) = (w.compressor.as_ref(), cache.comp.as_ref());
@@ -137,7 +148,7 @@ fn compressed_rows<'c>(
         }
         _ => comp_inp.mask,
     };
-    Ok((mask.ne()[0], mask))
+    Ok(mask)
 }
 
 fn missing(what: &str) -> crate::ggml::GgmlError {
@@ -249,6 +260,49 @@ fn attend<'c>(
     let out = ctx.mul_mat(v, kq)?; // {Dh, n, H}
     let out = ctx.cont(ctx.permute(out, [0, 2, 1, 3])?)?; // {Dh, H, n}
     ctx.reshape_2d(out, [dh * h, n])
+}
+
+/// Attention chunk by chunk over the micro-batch's query chunks (`inp.chunks`), each over the key rows it gathers:
+/// `q {Dh, H, n}` -> `{Dh·H, n}`, as [`attend`] over all rows gives. `comp_mask {n_kv, n}`: the compressed rows'
+/// mask of the layer (None for raw-window layers); a chunk reads its first rows.
+#[allow(clippy::too_many_arguments)]
+fn attend_chunks<'c>(
+    o: &Ops<'c>,
+    keys: &KeyRows<'_, 'c>,
+    q: Tensor<'c>,
+    kind: LayerKind,
+    comp_mask: Option<Tensor<'c>>,
+    inp: &BatchInputs<'c>,
+    sinks: Tensor<'c>,
+    scale: f32,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let [dh, h, n, _] = q.ne();
+    let mut out = ctx.new_tensor_2d(GgmlType::F32, dh * h, n)?;
+    for c in &inp.chunks {
+        let rows = match kind {
+            LayerKind::Raw => c.raw_rows,
+            LayerKind::Csa => c.csa_rows,
+            LayerKind::Hca => c.hca_rows,
+        };
+        let rows = rows.ok_or_else(|| missing("the key rows of a query chunk"))?;
+        let (k, v) = keys.gather(rows)?;
+        let nc = c.n as i64;
+        let mask = match comp_mask {
+            None => c.raw_mask,
+            Some(m) => {
+                let n_comp = rows.ne()[0] - c.raw_mask.ne()[0];
+                let row = m.nb()[1];
+                let part = ctx.view_2d(m, [n_comp, nc], row, c.first * row)?;
+                ctx.concat(c.raw_mask, part, 0)?
+            }
+        };
+        let [_, q1, q2, _] = q.nb();
+        let qc = ctx.view_3d(q, [dh, h, nc], [q1, q2], c.first * q2)?;
+        let oc = attend(o, qc, k, v, mask, sinks, scale)?;
+        out = ctx.set_rows(out, oc, c.out_rows)?;
+    }
+    Ok(out)
 }
 
 /// The lightning indexer (DSV4.md 3.8): scores every visible compressed row for each query and keeps the

@@ -95,6 +95,22 @@ pub struct CompInputs<'c> {
     pub mask_f16: Option<Tensor<'c>>,
 }
 
+/// Inputs of one chunk of queries that attends on its own (see `crate::cache::UbatchPlan::chunks`).
+pub struct ChunkInputs<'c> {
+    /// The chunk's first query within the micro-batch, and its size.
+    pub first: usize,
+    pub n: usize,
+    /// I32 `{n}`: the rows of the micro-batch's attention output it fills.
+    pub out_rows: Tensor<'c>,
+    /// F32 `{rows, n}`: visibility of the raw rows it reads.
+    pub raw_mask: Tensor<'c>,
+    /// I32: the raw ring rows it reads (raw-window-only layers), and for each compressed ratio the `kv` rows (the
+    /// raw rows, then its first compressed rows).
+    pub raw_rows: Option<Tensor<'c>>,
+    pub csa_rows: Option<Tensor<'c>>,
+    pub hca_rows: Option<Tensor<'c>>,
+}
+
 /// Inputs of one micro-batch.
 pub struct BatchInputs<'c> {
     /// I32 `{n}`.
@@ -103,8 +119,9 @@ pub struct BatchInputs<'c> {
     pub pos: Tensor<'c>,
     /// I32 `{n}`: raw-window ring rows of the new keys.
     pub raw_slots: Tensor<'c>,
-    /// F32 `{n_kv, n}`: visibility of the first `n_kv` raw ring rows (of the gathered rows, when gathered).
-    pub raw_mask: Tensor<'c>,
+    /// F32 `{n_kv, n}`: visibility of the first `n_kv` raw ring rows (of the gathered rows, when gathered); None
+    /// when the queries attend in chunks, each with its own mask.
+    pub raw_mask: Option<Tensor<'c>>,
     /// F32 `{ring, n}`: visibility of every raw ring row, for layers with compressed rows, when `raw_mask` does not
     /// cover the whole ring.
     pub raw_ring_mask: Option<Tensor<'c>>,
@@ -114,6 +131,8 @@ pub struct BatchInputs<'c> {
     pub raw_read: Option<Tensor<'c>>,
     pub csa: Option<CompInputs<'c>>,
     pub hca: Option<CompInputs<'c>>,
+    /// Query chunks attending on their own (empty: the micro-batch attends at once).
+    pub chunks: Vec<ChunkInputs<'c>>,
     /// I32 `{n_out}`: positions (within the micro-batch) whose logits are wanted.
     pub out_ids: Tensor<'c>,
     /// F32 `{r, r}`: the Walsh-Hadamard matrix indexer queries and keys are rotated by (see [`indexer_rotation_size`]).

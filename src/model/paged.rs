@@ -33,7 +33,7 @@ use super::config::Config;
 use super::forward::{attention_block, embed, ffn_input, head, moe_shape, Ops, Uploads};
 use super::hc::{self, HcMix};
 use super::moe::{expert_outputs, route, shared_expert, sum_experts};
-use super::step::{batch_inputs, GraphKey, GraphParts};
+use super::step::{batch_inputs, GraphKey, GraphParts, CHUNK_NODES};
 use super::weights::{Routing, Weights};
 
 /// Experts per read batch when a layer's misses are read while the previous batch is computed: 24 slabs keep the
@@ -306,7 +306,7 @@ pub fn build_layer_graph<'e>(
     plan: &UbatchPlan,
     il: usize,
 ) -> crate::ggml::Result<OwnedGraph<'e>> {
-    let size = stage_graph_size(parts.cfg);
+    let size = stage_graph_size(parts.cfg) + CHUNK_NODES * plan.chunks.len();
     let (cfg, fused, w) = (parts.cfg, parts.fused, parts.weights);
     OwnedGraph::<'e>::build(
         size,

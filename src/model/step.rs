@@ -6,11 +6,11 @@
 use std::rc::Rc;
 
 use crate::cache::plan::compressor_ring_rows;
-use crate::cache::{CompPlan, KvCache, UbatchPlan};
+use crate::cache::{CompPlan, KvCache, QueryChunk, UbatchPlan};
 use crate::ggml::{GgmlError, OwnedGraph, Result, Tensor};
 
 use super::config::Config;
-use super::forward::{forward, BatchInputs, BlockInputs, CompInputs, Ops, Uploads};
+use super::forward::{forward, BatchInputs, BlockInputs, ChunkInputs, CompInputs, Ops, Uploads};
 use super::weights::Weights;
 
 /// Everything that fixes the structure of a micro-batch's graph: two micro-batches with the same key differ only
@@ -27,6 +27,8 @@ pub struct GraphKey {
     /// Per compressed ratio present in the model: (blocks this micro-batch completes, compressed rows read).
     pub csa: Option<(usize, usize)>,
     pub hca: Option<(usize, usize)>,
+    /// The query chunks' shapes (first query, size, rows read per kind), folded into one number.
+    pub chunks: u64,
 }
 
 impl GraphKey {
@@ -39,8 +41,27 @@ impl GraphKey {
             gathered: plan.raw.read_slots.is_some(),
             csa: comp(&plan.csa),
             hca: comp(&plan.hca),
+            chunks: chunk_shapes(&plan.chunks),
         }
     }
+}
+
+/// FNV-1a over every chunk's first query, size and rows read: equal for equal chunk shapes.
+fn chunk_shapes(chunks: &[QueryChunk]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for c in chunks {
+        let rows = |r: Option<usize>| r.map_or(0, |r| r as u64 + 1);
+        for v in [
+            c.first as u64,
+            c.n as u64,
+            c.raw_rows.len() as u64,
+            rows(c.csa_rows),
+            rows(c.hca_rows),
+        ] {
+            h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// Positions (within the micro-batch) whose logits the graph computes: the wanted ones, or the last one when none
@@ -93,13 +114,23 @@ pub fn batch_inputs<'c>(
     let csa_rows = plan.csa.as_ref().map(attn_rows);
     let hca_rows = plan.hca.as_ref().map(attn_rows);
     let raw_read = read.filter(|_| plan.raw_layers).map(<[i32]>::to_vec);
+    let raw_layers = plan.raw_layers;
+    let chunks = plan
+        .chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| chunk_inputs(up, i, c, ring, raw_layers))
+        .collect::<Result<Vec<_>>>()?;
     let has_csa = plan.csa.is_some();
     let head_dim = plan.head_dim;
     Ok(BatchInputs {
         tokens: up.i32(format_args!("inp_tokens"), plan.tokens)?,
         pos: up.i32(format_args!("inp_pos"), positions)?,
         raw_slots: up.i32(format_args!("inp_raw_slots"), raw_slots)?,
-        raw_mask: up.mask(format_args!("inp_raw_mask"), n_kv, plan.raw.mask, false)?,
+        raw_mask: match chunks.is_empty() {
+            true => Some(up.mask(format_args!("inp_raw_mask"), n_kv, plan.raw.mask, false)?),
+            false => None,
+        },
         raw_ring_mask: match plan.raw_ring_mask {
             Some(m) => Some(up.mask(format_args!("inp_raw_ring_mask"), ring, m, false)?),
             None => None,
@@ -122,8 +153,48 @@ pub fn batch_inputs<'c>(
             .zip(hca_vt.zip(hca_rows))
             .map(|(p, (v, r))| comp_inputs(up, p, v, r, p0, n, ring, head_dim, false, false))
             .transpose()?,
+        chunks,
         out_ids: up.i32(format_args!("inp_out_ids"), out_ids(n, want))?,
         indexer_rotation: rotation.filter(|_| has_csa),
+    })
+}
+
+/// The inputs of query chunk `i`: the rows each kind of layer reads, and the raw mask.
+fn chunk_inputs<'c>(
+    up: &mut Uploads<'c>,
+    i: usize,
+    c: QueryChunk,
+    raw_ring: usize,
+    raw_layers: bool,
+) -> Result<ChunkInputs<'c>> {
+    let rows = |n_comp: Option<usize>| {
+        n_comp.map(|m| {
+            let comp = (0..m).map(|j| (raw_ring + j) as i32);
+            c.raw_rows.iter().copied().chain(comp).collect::<Vec<i32>>()
+        })
+    };
+    let (csa, hca) = (rows(c.csa_rows), rows(c.hca_rows));
+    let n_raw = c.raw_rows.len();
+    Ok(ChunkInputs {
+        first: c.first,
+        n: c.n,
+        out_rows: up.i32(
+            format_args!("inp_chunk{i}_out"),
+            (c.first..c.first + c.n).map(|r| r as i32).collect(),
+        )?,
+        raw_mask: up.mask(format_args!("inp_chunk{i}_mask"), n_raw, c.raw_mask, false)?,
+        raw_rows: match raw_layers {
+            true => Some(up.i32(format_args!("inp_chunk{i}_raw"), c.raw_rows)?),
+            false => None,
+        },
+        csa_rows: match csa {
+            Some(r) => Some(up.i32(format_args!("inp_chunk{i}_r4"), r)?),
+            None => None,
+        },
+        hca_rows: match hca {
+            Some(r) => Some(up.i32(format_args!("inp_chunk{i}_r128"), r)?),
+            None => None,
+        },
     })
 }
 
@@ -200,9 +271,14 @@ pub struct GraphParts<'a, 'e> {
 }
 
 /// Graph nodes (and context tensors) a micro-batch graph may need.
-pub fn graph_size(cfg: &Config, fused: bool) -> usize {
-    400 * (cfg.n_layer + 1) + 64 * cfg.sinkhorn_iters * cfg.n_layer * usize::from(!fused)
+pub fn graph_size(cfg: &Config, fused: bool, n_chunks: usize) -> usize {
+    400 * (cfg.n_layer + 1)
+        + 64 * cfg.sinkhorn_iters * cfg.n_layer * usize::from(!fused)
+        + CHUNK_NODES * n_chunks * cfg.n_layer
 }
+
+/// Graph nodes (and context tensors) one query chunk adds to a layer's attention, with room to spare.
+pub const CHUNK_NODES: usize = 32;
 
 /// Builds the graph of micro-batches shaped like `plan` (with `want` logits rows) over `cache`. Its
 /// [`OwnedGraph::tensors`] are the logits `{n_vocab, n_out}`, then the inputs in [`batch_inputs`] order.
@@ -212,7 +288,7 @@ pub fn build_graph<'e>(
     plan: &UbatchPlan,
     want: &[usize],
 ) -> Result<OwnedGraph<'e>> {
-    let size = graph_size(parts.cfg, parts.fused);
+    let size = graph_size(parts.cfg, parts.fused, plan.chunks.len());
     let (cfg, fused, weights, rotation) = (parts.cfg, parts.fused, parts.weights, parts.rotation);
     OwnedGraph::<'e>::build(size, size, cache.clone(), |ctx, cache: &KvCache, _scope| {
         let mut up = Uploads::new_tensors(ctx);
