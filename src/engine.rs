@@ -1,6 +1,7 @@
 //! `Engine` (an opened model: config, weights mapped into ggml, a backend) and `Session` (one sequence: tokens,
 //! cache, logits). The only API the commands use.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -117,6 +118,8 @@ pub struct Engine {
     stats: Mutex<ExpertStats>,
     /// What locking memory did (`--mlock`, and the paged store's resident weights).
     notes: Vec<String>,
+    /// Bytes locked in RAM at open (see [`Engine::locked_bytes`]).
+    locked: u64,
 }
 
 impl Engine {
@@ -174,6 +177,7 @@ impl Engine {
             paged: None,
             stats: Mutex::new(ExpertStats::new()),
             notes: Vec::new(),
+            locked: 0,
         };
         if let ExpertPlacement::Paged { slots, .. } = engine.plan.placement {
             let paged = PagedExperts::new(
@@ -213,26 +217,55 @@ impl Engine {
         let shards = self.model.shards();
         let mut locked = 0u64;
         let mut failed = None;
+        // Weights repacked into RAM are locked there: their pages in the map are no longer read.
+        let repack = RepackType::cpu().filter(|_| self.repacked_tensors() > 0);
+        let repacked: HashSet<String> = match repack {
+            Some(rt) => self
+                .weights_ctx
+                .tensors()
+                .into_iter()
+                .filter(|&t| self.weights_ctx.is_repacked(rt, t))
+                .map(|t| t.name())
+                .collect(),
+            None => HashSet::new(),
+        };
+        if let Some(rt) = repack.filter(|_| self.paged.is_some() || self.opts.paging.mlock) {
+            match self.weights_ctx.lock_repacked(rt) {
+                Ok(bytes) => locked += bytes,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
         let mut lock = |bytes: &[u8]| match lock_memory(bytes) {
             Ok(()) => locked += bytes.len() as u64,
             Err(e) => {
                 failed.get_or_insert(e);
             }
         };
+        // The mapped bytes of the weights computed from the map (paged: the non-routed ones).
+        let mut lock_mapped = |routed: bool| {
+            for t in self.model.tensors() {
+                let name = &t.info.name;
+                if repacked.contains(name) || (!routed && expert_tensor_layer(name).is_some()) {
+                    continue;
+                }
+                let shard = &shards[t.shard];
+                let start = (shard.header().data_offset + t.info.offset) as usize;
+                let len = t.info.n_bytes as usize;
+                if let Some(bytes) = shard.bytes().get(start..start + len) {
+                    lock(bytes);
+                }
+            }
+        };
         match &self.paged {
-            None if self.opts.paging.mlock => shards.iter().for_each(|s| lock(s.bytes())),
+            None if self.opts.paging.mlock && repacked.is_empty() => {
+                shards.iter().for_each(|s| lock(s.bytes()))
+            }
+            None if self.opts.paging.mlock => lock_mapped(true),
             None => return,
             Some(paged) => {
-                for t in self.model.tensors() {
-                    if expert_tensor_layer(&t.info.name).is_none() {
-                        let shard = &shards[t.shard];
-                        let start = (shard.header().data_offset + t.info.offset) as usize;
-                        let len = t.info.n_bytes as usize;
-                        if let Some(bytes) = shard.bytes().get(start..start + len) {
-                            lock(bytes);
-                        }
-                    }
-                }
+                lock_mapped(false);
                 match paged.lock() {
                     Ok(()) => locked += paged.pool_bytes() as u64,
                     Err(e) => {
@@ -241,6 +274,7 @@ impl Engine {
                 }
             }
         }
+        self.locked = locked;
         match failed {
             None => self.notes.push(format!("locked {} in RAM", format_bytes(locked))),
             Some(e) => self.notes.push(format!(
@@ -263,6 +297,12 @@ impl Engine {
     /// Notes about locked memory, for `--verbose` and the start-up table.
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// Bytes locked in RAM at open: with `--mlock`, the model (weights repacked into RAM there instead of their
+    /// pages in the map); when paged, the non-routed weights and the expert cache. 0 when nothing was locked.
+    pub fn locked_bytes(&self) -> u64 {
+        self.locked
     }
 
     /// The expert store's counters since the engine opened (or the last reset).

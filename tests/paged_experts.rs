@@ -25,6 +25,9 @@ fn open(path: &Path, expert_cache: Option<ExpertCacheArg>, fused: bool) -> Engin
                 n_ubatch: Some(64),
                 ..PagingOptions::default()
             },
+            // The same kernels in both stores: the resident one would repack experts of types the CPU has
+            // interleaved kernels for (Q8_0 on ARM), which the paged store computes from its slots as they are.
+            repack: false,
             ..EngineOptions::default()
         },
     )

@@ -274,3 +274,50 @@ fn f32_weights_are_not_repacked() {
         0
     );
 }
+
+/// `--mlock` on a model whose weights are repacked locks the repacked copies and the map's pages of the other
+/// weights, not the whole file as well (the repacked weights' pages in the map are no longer read).
+#[test]
+fn mlock_locks_repacked_weights_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let types = WeightTypes {
+        dense: GgmlType::Q8_0,
+        experts: GgmlType::Q4K,
+        shared: GgmlType::Q4K,
+        embed: GgmlType::Q4K,
+    };
+    let (path, _) = model(dir.path(), "mlock", types, 6);
+    let mlock = PagingOptions {
+        mlock: true,
+        ..PagingOptions::default()
+    };
+    let e = open(&path, true, mlock.clone());
+    if RepackType::cpu().is_none() || e.repacked_tensors() == 0 {
+        eprintln!("note: no repacked kernels on this CPU; nothing to check");
+        return;
+    }
+    if e.notes().iter().any(|n| n.contains("could not lock")) {
+        eprintln!(
+            "note: mlock is not allowed here ({:?}); nothing to check",
+            e.notes()
+        );
+        return;
+    }
+    let model = gguf::Model::open(&path).unwrap();
+    let tensor_bytes: u64 = model.tensors().iter().map(|t| t.info.n_bytes).sum();
+    let locked = e.locked_bytes();
+    let file = std::fs::metadata(&path).unwrap().len();
+    eprintln!(
+        "locked {locked} bytes: {tensor_bytes} bytes of tensors ({} repacked) in a file of {file}",
+        e.repacked_bytes()
+    );
+    // Every tensor's bytes once (a repack buffer pads each weight by at most its alignment): less than the file,
+    // which locking the whole map as well would give at least.
+    assert!(
+        locked >= tensor_bytes && locked < file,
+        "locked {locked} bytes for {tensor_bytes} bytes of tensors in a file of {file}"
+    );
+    // Without repacking the whole file is locked.
+    let plain = open(&path, false, mlock);
+    assert_eq!(plain.locked_bytes(), file);
+}

@@ -276,11 +276,35 @@ impl Context<'_> {
         Ok(())
     }
 
+    /// Whether `t` (a tensor of this context) lives repacked in a buffer of `ty`.
+    pub fn is_repacked(&self, ty: RepackType, t: Tensor<'_>) -> bool {
+        t.view_source().is_none() && ty.is_type_of(t.buffer())
+    }
+
+    /// Locks this context's repack buffers of `ty` in RAM (`mlock`); returns the bytes locked.
+    pub fn lock_repacked(&self, ty: RepackType) -> std::io::Result<u64> {
+        let mut locked = 0u64;
+        for buf in self.buffers.borrow().iter() {
+            if !ty.is_type_of(buf.as_ptr()) {
+                continue;
+            }
+            // SAFETY: the buffer is alive while the context borrows it; get_base returns its start, `size` bytes
+            // long. The slice is only handed to mlock, which reads nothing through it.
+            let bytes = unsafe {
+                let base = sys::ggml_backend_buffer_get_base(buf.as_ptr()) as *const u8;
+                std::slice::from_raw_parts(base, buf.size())
+            };
+            super::pool::lock_memory(bytes)?;
+            locked += bytes.len() as u64;
+        }
+        Ok(locked)
+    }
+
     /// The weights of this context that live repacked in a buffer of `ty`, and their bytes.
     pub fn repacked(&self, ty: RepackType) -> RepackedStats {
         let mut stats = RepackedStats::default();
         for t in self.tensors() {
-            if t.view_source().is_none() && ty.is_type_of(t.buffer()) {
+            if self.is_repacked(ty, t) {
                 stats.tensors += 1;
                 stats.bytes += t.n_bytes() as u64;
             }
