@@ -1,31 +1,28 @@
 //! `Engine` (an opened model: config, weights mapped into ggml, a backend) and `Session` (one sequence: tokens,
 //! cache, logits). The only API the commands use.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use gguf::{GgmlType, Model, ModelTensor};
+use gguf::{GgmlType, Model};
 
 use crate::cache::{cache_bytes, CacheSizes, CacheType, KvCache, UbatchPlan};
 use crate::experts::{ExpertStats, StatsSnapshot};
-use crate::ggml::{
-    lock_memory, Context, CpuBackend, GraphAllocator, OwnedGraph, RegionId, RepackType,
-    RepackWeight, RepackedStats, Tensor, WeightOp,
-};
+use crate::ggml::{Context, CpuBackend, GraphAllocator, OwnedGraph, RepackType, Tensor};
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Uploads};
 use crate::model::paged::{
     build_experts_graph, build_head_graph, build_layer_graph, PagedExperts, PagedStep, StageCall,
     StageDeps, StageKey, StageState,
 };
-use crate::model::sizes::{expert_tensor_layer, weight_sizes};
+use crate::model::sizes::weight_sizes;
 use crate::model::step::{
     batch_inputs, build_graph, fill_inputs, out_ids, GraphCache, GraphKey, GraphParts,
 };
 use crate::model::weights::Weights;
+use crate::placement::{experts_fit, lock_weights, place_weights, product_weights};
 use crate::plan::{
     format_bytes, plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs,
     PlanReason, PlanRequest,
@@ -214,66 +211,12 @@ impl Engine {
     /// Locks what must stay in RAM: with `--mlock` the whole model (resident) or the non-routed weights and the
     /// cache (paged); the paged store always tries the latter. Failures are notes, not errors (as in llama.cpp).
     fn lock_memory(&mut self) {
-        let shards = self.model.shards();
-        let mut locked = 0u64;
-        let mut failed = None;
-        // Weights repacked into RAM are locked there: their pages in the map are no longer read.
-        let repack = RepackType::cpu().filter(|_| self.repacked_tensors() > 0);
-        let repacked: HashSet<String> = match repack {
-            Some(rt) => self
-                .weights_ctx
-                .tensors()
-                .into_iter()
-                .filter(|&t| self.weights_ctx.is_repacked(rt, t))
-                .map(|t| t.name())
-                .collect(),
-            None => HashSet::new(),
-        };
-        if let Some(rt) = repack.filter(|_| self.paged.is_some() || self.opts.paging.mlock) {
-            match self.weights_ctx.lock_repacked(rt) {
-                Ok(bytes) => locked += bytes,
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
+        let mlock = self.opts.paging.mlock;
+        if self.paged.is_none() && !mlock {
+            return;
         }
-        let mut lock = |bytes: &[u8]| match lock_memory(bytes) {
-            Ok(()) => locked += bytes.len() as u64,
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        };
-        // The mapped bytes of the weights computed from the map (paged: the non-routed ones).
-        let mut lock_mapped = |routed: bool| {
-            for t in self.model.tensors() {
-                let name = &t.info.name;
-                if repacked.contains(name) || (!routed && expert_tensor_layer(name).is_some()) {
-                    continue;
-                }
-                let shard = &shards[t.shard];
-                let start = (shard.header().data_offset + t.info.offset) as usize;
-                let len = t.info.n_bytes as usize;
-                if let Some(bytes) = shard.bytes().get(start..start + len) {
-                    lock(bytes);
-                }
-            }
-        };
-        match &self.paged {
-            None if self.opts.paging.mlock && repacked.is_empty() => {
-                shards.iter().for_each(|s| lock(s.bytes()))
-            }
-            None if self.opts.paging.mlock => lock_mapped(true),
-            None => return,
-            Some(paged) => {
-                lock_mapped(false);
-                match paged.lock() {
-                    Ok(()) => locked += paged.pool_bytes() as u64,
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-        }
+        let (locked, failed) =
+            lock_weights(&self.model, &self.weights_ctx, self.paged.as_ref(), mlock);
         self.locked = locked;
         match failed {
             None => self.notes.push(format!("locked {} in RAM", format_bytes(locked))),
@@ -455,84 +398,6 @@ fn kept_graph<'g, 'e, K: PartialEq + Copy>(
     graphs
         .get(&key)
         .ok_or_else(|| anyhow!("a graph was neither kept nor built"))
-}
-
-/// The weights that are only ever the first operand of a matrix product, with that product: the ones a repacked
-/// layout may hold (the ops that read each are in `crate::model`). Routed experts only when `experts`. Never:
-/// the embedding (`get_rows`), norms, biases and other vectors, `attn_output_a` (reshaped to 3-D first), the hash
-/// routing table.
-fn product_weights(w: &Weights<usize>, n_used: usize, experts: bool) -> Vec<(usize, WeightOp)> {
-    let mut v = vec![w.output, w.hc_head_fn];
-    for l in &w.layers {
-        v.extend([
-            l.hc_attn_fn,
-            l.hc_ffn_fn,
-            l.q_a,
-            l.q_b,
-            l.kv,
-            l.o_b,
-            l.gate_inp,
-        ]);
-        v.extend([l.gate_shexp, l.up_shexp, l.down_shexp]);
-        for c in l.compressor.iter().chain(l.indexer.iter().map(|i| &i.comp)) {
-            v.extend([c.kv, c.gate]);
-        }
-        v.extend(l.indexer.iter().flat_map(|i| [i.q_b, i.proj]));
-    }
-    let mut out: Vec<_> = v.into_iter().map(|i| (i, WeightOp::MulMat)).collect();
-    if experts {
-        let op = WeightOp::MulMatId { n_used };
-        for l in &w.layers {
-            out.extend([l.gate_exps, l.up_exps, l.down_exps].map(|i| (i, op)));
-        }
-    }
-    out
-}
-
-/// Whether the routed experts may be copied into RAM: all resident and within the budget (a copy of experts the
-/// plan pages, or leaves to the OS over budget, would not fit; the paged store reads its own from the file).
-fn experts_fit(plan: &MemoryPlan) -> bool {
-    let within = plan.budget.bytes.is_none_or(|b| plan.total_bytes() <= b);
-    plan.placement == ExpertPlacement::Resident && within
-}
-
-/// Gives each of `ctx`'s tensors its bytes: those of `products` the CPU has a repacked layout for are copied into a
-/// repack buffer (and the map pages read for them dropped from memory), the rest are bound to the map. Returns
-/// what was repacked.
-fn place_weights(
-    model: &Model,
-    ctx: &Context<'_>,
-    regions: &[RegionId],
-    sources: &[&ModelTensor],
-    products: &[(usize, WeightOp)],
-) -> Result<RepackedStats> {
-    let repack_type = RepackType::cpu().filter(|_| !products.is_empty());
-    let mut ops = vec![None; sources.len()];
-    for &(i, op) in products {
-        if let Some(slot) = ops.get_mut(i) {
-            *slot = Some(op);
-        }
-    }
-    let mut repack = Vec::new();
-    for ((tensor, t), op) in ctx.tensors().into_iter().zip(sources).zip(ops) {
-        if let (Some(rt), Some(op)) = (repack_type, op) {
-            if rt.supports(tensor, op)? {
-                let bytes = model.tensor_data(t);
-                repack.push(RepackWeight { tensor, bytes, op });
-                continue;
-            }
-        }
-        let shard = &model.shards()[t.shard];
-        let offset = (shard.header().data_offset + t.info.offset) as usize;
-        ctx.bind(tensor, regions[t.shard], offset)
-            .context("cannot map the weights into ggml")?;
-    }
-    let Some(rt) = repack_type else {
-        return Ok(RepackedStats::default());
-    };
-    ctx.repack(rt, &repack, |i| model.release(repack[i].bytes))
-        .context("cannot repack the weights for the CPU's matrix kernels (hint: --no-repack)")?;
-    Ok(ctx.repacked(rt))
 }
 
 /// The constant tensors of a model's graphs: the indexer's Hadamard matrix (if any), in a buffer of `backend`.

@@ -1,0 +1,162 @@
+//! Where each weight's bytes live: bound to the memory-mapped file, or copied into ggml's repack buffers for the
+//! CPU's interleaved kernels; and what is locked in RAM.
+
+use std::collections::HashSet;
+
+use anyhow::{Context as _, Result};
+use gguf::{Model, ModelTensor};
+
+use crate::ggml::{
+    lock_memory, Context, RegionId, RepackType, RepackWeight, RepackedStats, WeightOp,
+};
+use crate::model::paged::PagedExperts;
+use crate::model::sizes::expert_tensor_layer;
+use crate::model::weights::Weights;
+use crate::plan::{ExpertPlacement, MemoryPlan};
+
+/// The weights that are only ever the first operand of a matrix product, with that product: the ones a repacked
+/// layout may hold (the ops that read each are in `crate::model`). Routed experts only when `experts`. Never:
+/// the embedding (`get_rows`), norms, biases and other vectors, `attn_output_a` (reshaped to 3-D first), the hash
+/// routing table.
+pub fn product_weights(w: &Weights<usize>, n_used: usize, experts: bool) -> Vec<(usize, WeightOp)> {
+    let mut v = vec![w.output, w.hc_head_fn];
+    for l in &w.layers {
+        v.extend([
+            l.hc_attn_fn,
+            l.hc_ffn_fn,
+            l.q_a,
+            l.q_b,
+            l.kv,
+            l.o_b,
+            l.gate_inp,
+        ]);
+        v.extend([l.gate_shexp, l.up_shexp, l.down_shexp]);
+        for c in l.compressor.iter().chain(l.indexer.iter().map(|i| &i.comp)) {
+            v.extend([c.kv, c.gate]);
+        }
+        v.extend(l.indexer.iter().flat_map(|i| [i.q_b, i.proj]));
+    }
+    let mut out: Vec<_> = v.into_iter().map(|i| (i, WeightOp::MulMat)).collect();
+    if experts {
+        let op = WeightOp::MulMatId { n_used };
+        for l in &w.layers {
+            out.extend([l.gate_exps, l.up_exps, l.down_exps].map(|i| (i, op)));
+        }
+    }
+    out
+}
+
+/// Whether the routed experts may be copied into RAM: all resident and within the budget (a copy of experts the
+/// plan pages, or leaves to the OS over budget, would not fit; the paged store reads its own from the file).
+pub fn experts_fit(plan: &MemoryPlan) -> bool {
+    let within = plan.budget.bytes.is_none_or(|b| plan.total_bytes() <= b);
+    plan.placement == ExpertPlacement::Resident && within
+}
+
+/// Gives each of `ctx`'s tensors its bytes: those of `products` the CPU has a repacked layout for are copied into a
+/// repack buffer (and the map pages read for them dropped from memory), the rest are bound to the map. Returns
+/// what was repacked.
+pub fn place_weights(
+    model: &Model,
+    ctx: &Context<'_>,
+    regions: &[RegionId],
+    sources: &[&ModelTensor],
+    products: &[(usize, WeightOp)],
+) -> Result<RepackedStats> {
+    let repack_type = RepackType::cpu().filter(|_| !products.is_empty());
+    let mut ops = vec![None; sources.len()];
+    for &(i, op) in products {
+        if let Some(slot) = ops.get_mut(i) {
+            *slot = Some(op);
+        }
+    }
+    let mut repack = Vec::new();
+    for ((tensor, t), op) in ctx.tensors().into_iter().zip(sources).zip(ops) {
+        if let (Some(rt), Some(op)) = (repack_type, op) {
+            if rt.supports(tensor, op)? {
+                let bytes = model.tensor_data(t);
+                repack.push(RepackWeight { tensor, bytes, op });
+                continue;
+            }
+        }
+        let shard = &model.shards()[t.shard];
+        let offset = (shard.header().data_offset + t.info.offset) as usize;
+        ctx.bind(tensor, regions[t.shard], offset)
+            .context("cannot map the weights into ggml")?;
+    }
+    let Some(rt) = repack_type else {
+        return Ok(RepackedStats::default());
+    };
+    ctx.repack(rt, &repack, |i| model.release(repack[i].bytes))
+        .context("cannot repack the weights for the CPU's matrix kernels (hint: --no-repack)")?;
+    Ok(ctx.repacked(rt))
+}
+
+/// Locks in RAM what a run computes from: with `mlock` (resident), the weights (repacked ones in their buffers,
+/// the others' pages in the map; the whole file when nothing is repacked); when `paged`, the non-routed weights,
+/// the repack buffers and the expert cache. Returns the bytes locked and the first failure.
+pub fn lock_weights(
+    model: &Model,
+    weights_ctx: &Context<'_>,
+    paged: Option<&PagedExperts>,
+    mlock: bool,
+) -> (u64, Option<std::io::Error>) {
+    let shards = model.shards();
+    let mut locked = 0u64;
+    let mut failed = None;
+    // Weights repacked into RAM are locked there: their pages in the map are no longer read.
+    let repack = RepackType::cpu().filter(|&rt| weights_ctx.repacked(rt).tensors > 0);
+    let repacked: HashSet<String> = match repack {
+        Some(rt) => weights_ctx
+            .tensors()
+            .into_iter()
+            .filter(|&t| weights_ctx.is_repacked(rt, t))
+            .map(|t| t.name())
+            .collect(),
+        None => HashSet::new(),
+    };
+    if let Some(rt) = repack.filter(|_| paged.is_some() || mlock) {
+        match weights_ctx.lock_repacked(rt) {
+            Ok(bytes) => locked += bytes,
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    let mut lock = |bytes: &[u8]| match lock_memory(bytes) {
+        Ok(()) => locked += bytes.len() as u64,
+        Err(e) => {
+            failed.get_or_insert(e);
+        }
+    };
+    // The mapped bytes of the weights computed from the map (paged: the non-routed ones).
+    let mut lock_mapped = |routed: bool| {
+        for t in model.tensors() {
+            let name = &t.info.name;
+            if repacked.contains(name) || (!routed && expert_tensor_layer(name).is_some()) {
+                continue;
+            }
+            let shard = &shards[t.shard];
+            let start = (shard.header().data_offset + t.info.offset) as usize;
+            let len = t.info.n_bytes as usize;
+            if let Some(bytes) = shard.bytes().get(start..start + len) {
+                lock(bytes);
+            }
+        }
+    };
+    match paged {
+        None if mlock && repacked.is_empty() => shards.iter().for_each(|s| lock(s.bytes())),
+        None if mlock => lock_mapped(true),
+        None => {}
+        Some(paged) => {
+            lock_mapped(false);
+            match paged.lock() {
+                Ok(()) => locked += paged.pool_bytes() as u64,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+    }
+    (locked, failed)
+}
