@@ -268,17 +268,6 @@ fn attend<'c>(
         None => Ok(t),
     };
     let [dh, h, n, _] = q.ne();
-    if n == 1 {
-        // One query per head and one key head for all: the heads' queries are the columns of one matrix product
-        // (a product per head would be a matrix-vector one each).
-        let n_kv = k.ne()[2];
-        let q = rounded(ctx.reshape_2d(q, [dh, h])?)?;
-        let k = ctx.view_2d(k, [dh, n_kv], k.nb()[2], 0)?;
-        let kq = ctx.reshape_3d(ctx.mul_mat(k, q)?, [n_kv, 1, h])?;
-        let kq = ctx.soft_max_ext_sinks(kq, Some(mask), scale, 0.0, sinks)?; // {n_kv, 1, H}
-        let kq = rounded(ctx.reshape_2d(kq, [n_kv, h])?)?;
-        return ctx.reshape_2d(ctx.mul_mat(v, kq)?, [dh * h, 1]);
-    }
     let q = rounded(ctx.permute(q, [0, 2, 1, 3])?)?; // {Dh, n, H}
     let k = ctx.permute(k, [0, 2, 1, 3])?; // {Dh, n_kv, 1}
     let kq = ctx.soft_max_ext_sinks(ctx.mul_mat(k, q)?, Some(mask), scale, 0.0, sinks)?; // {n_kv, n, H}
