@@ -1,34 +1,18 @@
 //! Agreement with the reference implementation, the PyPI `gguf` package (tests/py/gguf_ref.py):
 //! files it writes parse to the same metadata and tensor table, and files ferrite writes read back the same there.
 
+#[path = "support/reference_python.rs"]
+mod reference_python;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use gguf::{Array, GgmlType, GgufFile, Value, Writer};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The Python with the pinned reference packages: $FERRITE_PYTHON (set by scripts/test.sh) or the repo's .venv.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FERRITE_PYTHON") {
-        // Tests run in the crate folder; a relative path is meant from the repository root.
-        return repo_root().join(p);
-    }
-    let venv = repo_root().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no reference Python: run the tests with scripts/test.sh (it creates .venv), or set FERRITE_PYTHON"
-    );
-    venv
-}
+use reference_python::{python, repo_root};
 
 fn gguf_ref(args: &[&str]) -> String {
     let out = Command::new(python())

@@ -1,6 +1,9 @@
 //! Split (sharded) writing in llama.cpp's layout: shards of bounded size, read back as one model; metadata only
 //! in the first shard; split keys of the exact GGUF types; atomic output over all shards; overwrite refused.
 
+#[path = "support/reference_python.rs"]
+mod reference_python;
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,6 +12,7 @@ use std::process::Command;
 use gguf::{
     Array, GgmlType, GgufFile, Model, Value, Writer, SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT,
 };
+use reference_python::{python, repo_root};
 
 /// Deterministic bytes for tensor `i` (its index over all shards) of `n` bytes.
 fn data(i: usize, n: u64) -> Vec<u8> {
@@ -438,26 +442,6 @@ fn quantized_tensors_and_metadata_heavy_first_shard() {
     assert!(shards[0].plan().unwrap().total_bytes > 2048);
     assert_eq!(shards[0].tensors().len(), 1);
     split_write_check(&w, 2048, &dir.path().join("q.gguf"));
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The Python with the pinned reference packages, as in tests/pyref.rs.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FERRITE_PYTHON") {
-        return repo_root().join(p);
-    }
-    let venv = repo_root().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no reference Python: run the tests with scripts/test.sh (it creates .venv), or set FERRITE_PYTHON"
-    );
-    venv
 }
 
 #[test]

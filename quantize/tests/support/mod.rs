@@ -3,25 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+#[path = "../../../gguf/tests/support/reference_python.rs"]
+mod reference_python;
 
-/// The Python with the pinned reference packages: $FERRITE_PYTHON (set by scripts/test.sh) or the repo's .venv.
-pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FERRITE_PYTHON") {
-        return repo_root().join(p);
-    }
-    let venv = repo_root().join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no reference Python: run the tests with scripts/test.sh (it creates .venv), or set FERRITE_PYTHON"
-    );
-    venv
-}
+pub use reference_python::python;
 
 /// A fresh, empty folder `group/name` under the target's temporary folder.
 pub fn scratch(group: &str, name: &str) -> PathBuf {
