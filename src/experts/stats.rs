@@ -163,7 +163,8 @@ impl StatsSnapshot {
     }
 }
 
-/// One line: "experts: 81.0 % hits (1234 hits, 289 misses), 1.21 GiB read (30.9 MiB/token, 2.1 GB/s), ...".
+/// One line: "experts: 81.0 % hits (1234 hits, 289 misses), 1.21 GiB read (30.9 MiB/token, 2.1 GB/s), I/O wait
+/// 3.1 ms/token, 100 % read direct, prefetch ...".
 impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = self.per_token();
@@ -178,6 +179,10 @@ impl fmt::Display for StatsSnapshot {
             self.read_bandwidth() / 1e9,
             p.io_wait_ms,
         )?;
+        if self.direct_bytes > 0 {
+            let share = ratio(self.direct_bytes, self.bytes_read) * 100.0;
+            write!(f, ", {share:.0} % read direct")?;
+        }
         if self.prefetch_loads > 0 {
             write!(
                 f,
@@ -345,6 +350,7 @@ mod tests {
             hits: 3,
             misses: 1,
             bytes_read: 2 << 20,
+            direct_bytes: 1 << 20,
             read_time: Duration::from_millis(500),
             io_wait: Duration::from_millis(10),
             prefetch_loads: 4,
@@ -356,10 +362,12 @@ mod tests {
         assert_eq!(parsed["hit_rate"], 0.75);
         assert_eq!(parsed["per_token"]["bytes_read"], 1048576.0);
         assert_eq!(parsed["io_wait_s"], 0.01);
+        assert_eq!(parsed["direct_bytes"], 1 << 20);
         let line = s.to_string();
         assert!(
             line.contains("75.0 % hits")
                 && line.contains("1.00 MiB/token")
+                && line.contains("50 % read direct")
                 && line.contains("25 % used"),
             "{line}"
         );
