@@ -212,11 +212,11 @@ impl Engine {
     /// cache (paged); the paged store always tries the latter. Failures are notes, not errors (as in llama.cpp).
     fn lock_memory(&mut self) {
         let mlock = self.opts.paging.mlock;
-        if self.paged.is_none() && !mlock {
+        let Some((locked, failed)) =
+            lock_weights(&self.model, &self.weights_ctx, self.paged.as_ref(), mlock)
+        else {
             return;
-        }
-        let (locked, failed) =
-            lock_weights(&self.model, &self.weights_ctx, self.paged.as_ref(), mlock);
+        };
         self.locked = locked;
         match failed {
             None => self.notes.push(format!("locked {} in RAM", format_bytes(locked))),

@@ -94,18 +94,21 @@ pub fn place_weights(
 
 /// Locks in RAM what a run computes from: with `mlock` (resident), the weights (repacked ones in their buffers,
 /// the others' pages in the map; the whole file when nothing is repacked); when `paged`, the non-routed weights,
-/// the repack buffers and the expert cache. Returns the bytes locked and the first failure.
+/// the repack buffers and the expert cache. Returns the bytes locked and the first failure; None when there is
+/// nothing to lock (resident without `mlock`).
 pub fn lock_weights(
     model: &Model,
     weights_ctx: &Context<'_>,
     paged: Option<&PagedExperts>,
     mlock: bool,
-) -> (u64, Option<std::io::Error>) {
-    let shards = model.shards();
+) -> Option<(u64, Option<std::io::Error>)> {
+    if paged.is_none() && !mlock {
+        return None;
+    }
     let mut locked = 0u64;
     let mut failed = None;
     // Weights repacked into RAM are locked there: their pages in the map are no longer read.
-    let repack = RepackType::cpu().filter(|&rt| weights_ctx.repacked(rt).tensors > 0);
+    let repack = RepackType::cpu();
     let repacked: HashSet<String> = match repack {
         Some(rt) => weights_ctx
             .tensors()
@@ -115,7 +118,7 @@ pub fn lock_weights(
             .collect(),
         None => HashSet::new(),
     };
-    if let Some(rt) = repack.filter(|_| paged.is_some() || mlock) {
+    if let Some(rt) = repack.filter(|_| !repacked.is_empty()) {
         match weights_ctx.lock_repacked(rt) {
             Ok(bytes) => locked += bytes,
             Err(e) => {
@@ -133,21 +136,14 @@ pub fn lock_weights(
     let mut lock_mapped = |routed: bool| {
         for t in model.tensors() {
             let name = &t.info.name;
-            if repacked.contains(name) || (!routed && expert_tensor_layer(name).is_some()) {
-                continue;
-            }
-            let shard = &shards[t.shard];
-            let start = (shard.header().data_offset + t.info.offset) as usize;
-            let len = t.info.n_bytes as usize;
-            if let Some(bytes) = shard.bytes().get(start..start + len) {
-                lock(bytes);
+            if !repacked.contains(name) && (routed || expert_tensor_layer(name).is_none()) {
+                lock(model.tensor_data(t));
             }
         }
     };
     match paged {
-        None if mlock && repacked.is_empty() => shards.iter().for_each(|s| lock(s.bytes())),
-        None if mlock => lock_mapped(true),
-        None => {}
+        None if repacked.is_empty() => model.shards().iter().for_each(|s| lock(s.bytes())),
+        None => lock_mapped(true),
         Some(paged) => {
             lock_mapped(false);
             match paged.lock() {
@@ -158,5 +154,5 @@ pub fn lock_weights(
             }
         }
     }
-    (locked, failed)
+    Some((locked, failed))
 }

@@ -23,6 +23,14 @@ const PROMPT_LEN: usize = 200;
 /// Tokens fed one at a time (each a decode call in both engines).
 const N_SINGLE: usize = 40;
 
+/// Q8_0 dense weights with Q4_K experts, shared experts and embedding: Q4_K has repacked kernels on AVX2 and NEON.
+const Q8_Q4K: WeightTypes = WeightTypes {
+    dense: GgmlType::Q8_0,
+    experts: GgmlType::Q4K,
+    shared: GgmlType::Q4K,
+    embed: GgmlType::Q4K,
+};
+
 /// [`TinyConfig::small`] with experts of width 256 (k-quants need rows of 256) in `types`.
 fn model(dir: &Path, name: &str, types: WeightTypes, seed: u64) -> (PathBuf, TinyConfig) {
     let cfg = TinyConfig {
@@ -244,13 +252,7 @@ fn check_routed_experts(
 
 #[test]
 fn q4k_weights_repacked_match_llama_cpp() {
-    let types = WeightTypes {
-        dense: GgmlType::Q8_0,
-        experts: GgmlType::Q4K,
-        shared: GgmlType::Q4K,
-        embed: GgmlType::Q4K,
-    };
-    check("q8-q4k", types, 3);
+    check("q8-q4k", Q8_Q4K, 3);
 }
 
 #[test]
@@ -280,13 +282,7 @@ fn f32_weights_are_not_repacked() {
 #[test]
 fn mlock_locks_repacked_weights_once() {
     let dir = tempfile::tempdir().unwrap();
-    let types = WeightTypes {
-        dense: GgmlType::Q8_0,
-        experts: GgmlType::Q4K,
-        shared: GgmlType::Q4K,
-        embed: GgmlType::Q4K,
-    };
-    let (path, _) = model(dir.path(), "mlock", types, 6);
+    let (path, _) = model(dir.path(), "mlock", Q8_Q4K, 6);
     let mlock = PagingOptions {
         mlock: true,
         ..PagingOptions::default()

@@ -105,12 +105,7 @@ pub fn batch_inputs<'c>(
     let hca_vt = plan.hca.as_ref().map(vt);
     let read = plan.raw.read_slots.as_deref();
     // Gathered layers with compressed rows read the raw rows, then their first `n_kv` compressed rows.
-    let attn_rows = |p: &CompPlan| {
-        read.map(|raw| {
-            let comp = (0..p.n_kv).map(|j| (ring + j) as i32);
-            raw.iter().copied().chain(comp).collect::<Vec<i32>>()
-        })
-    };
+    let attn_rows = |p: &CompPlan| read.map(|raw| kv_rows(raw, ring, p.n_kv));
     let csa_rows = plan.csa.as_ref().map(attn_rows);
     let hca_rows = plan.hca.as_ref().map(attn_rows);
     let raw_read = read.filter(|_| plan.raw_layers).map(<[i32]>::to_vec);
@@ -159,6 +154,13 @@ pub fn batch_inputs<'c>(
     })
 }
 
+/// The `kv` rows a layer with compressed rows gathers: the raw ring rows `raw`, then its first `n_comp` compressed
+/// rows (which follow the `raw_ring` rows of the ring in `kv`).
+fn kv_rows(raw: &[i32], raw_ring: usize, n_comp: usize) -> Vec<i32> {
+    let comp = (0..n_comp).map(|j| (raw_ring + j) as i32);
+    raw.iter().copied().chain(comp).collect()
+}
+
 /// The inputs of query chunk `i`: the rows each kind of layer reads, and the raw mask.
 fn chunk_inputs<'c>(
     up: &mut Uploads<'c>,
@@ -167,12 +169,7 @@ fn chunk_inputs<'c>(
     raw_ring: usize,
     raw_layers: bool,
 ) -> Result<ChunkInputs<'c>> {
-    let rows = |n_comp: Option<usize>| {
-        n_comp.map(|m| {
-            let comp = (0..m).map(|j| (raw_ring + j) as i32);
-            c.raw_rows.iter().copied().chain(comp).collect::<Vec<i32>>()
-        })
-    };
+    let rows = |n_comp: Option<usize>| n_comp.map(|m| kv_rows(&c.raw_rows, raw_ring, m));
     let (csa, hca) = (rows(c.csa_rows), rows(c.hca_rows));
     let n_raw = c.raw_rows.len();
     Ok(ChunkInputs {
