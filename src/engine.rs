@@ -10,9 +10,12 @@ use gguf::{GgmlType, Model};
 
 use crate::cache::{cache_bytes, CacheSizes, CacheType, KvCache, UbatchPlan};
 use crate::experts::{ExpertStats, StatsSnapshot};
-use crate::ggml::{Context, CpuBackend, GraphAllocator, OwnedGraph, RepackType, Tensor};
+use crate::ggml::{
+    Context, CpuBackend, GraphAllocator, GroupedKernel, OwnedGraph, RepackType, Tensor,
+};
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Uploads};
+use crate::model::moe::groups_rows;
 use crate::model::paged::{
     build_experts_graph, build_head_graph, build_layer_graph, PagedExperts, PagedStep, StageCall,
     StageDeps, StageKey, StageState,
@@ -34,6 +37,9 @@ const KEPT_GRAPHS: usize = 4;
 
 /// Set to `0` to build a fresh graph for every micro-batch (a diagnostic: the results are the same).
 const GRAPH_REUSE_ENV: &str = "FERRITE_GRAPH_REUSE";
+/// `FERRITE_GROUPED_EXPERTS=0` turns the grouped expert products off for new sessions (see
+/// [`Session::set_grouped_experts`]).
+const GROUPED_EXPERTS_ENV: &str = "FERRITE_GROUPED_EXPERTS";
 
 /// `-c` when not given, capped by the model's trained context.
 pub const DEFAULT_CTX: usize = 4096;
@@ -117,6 +123,8 @@ pub struct Engine {
     notes: Vec<String>,
     /// Bytes locked in RAM at open (see [`Engine::locked_bytes`]).
     locked: u64,
+    /// See [`Engine::grouped_experts`].
+    grouped: Option<RepackType>,
 }
 
 impl Engine {
@@ -175,7 +183,14 @@ impl Engine {
             stats: Mutex::new(ExpertStats::new()),
             notes: Vec::new(),
             locked: 0,
+            grouped: None,
         };
+        engine.grouped = RepackType::cpu().filter(|rt| {
+            let w = engine.weight_tensors();
+            w.layers
+                .iter()
+                .any(|l| GroupedKernel::of(l.gate_exps, rt).is_some())
+        });
         if let ExpertPlacement::Paged { slots, .. } = engine.plan.placement {
             let paged = PagedExperts::new(
                 &engine.model,
@@ -201,6 +216,12 @@ impl Engine {
     /// Weights held repacked in RAM for the CPU's matrix kernels (0 with `repack` off or no such kernels).
     pub fn repacked_tensors(&self) -> usize {
         RepackType::cpu().map_or(0, |rt| self.weights_ctx.repacked(rt).tensors)
+    }
+
+    /// The buffer type of the repacked weights when routed experts are among them in a layout the grouped products
+    /// take: a prompt's expert products then use ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
+    pub fn grouped_experts(&self) -> Option<RepackType> {
+        self.grouped
     }
 
     /// Bytes of the weights held repacked in RAM.
@@ -300,7 +321,8 @@ impl Engine {
             .context("cannot allocate the context cache")?;
         let alloc =
             GraphAllocator::new(&self.backend).context("cannot create the compute buffer")?;
-        let reuse = std::env::var(GRAPH_REUSE_ENV).map_or(true, |v| v.trim() != "0");
+        let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
+        let reuse = on(GRAPH_REUSE_ENV);
         let paged = match &self.paged {
             None => None,
             Some(_) => Some(PagedSession {
@@ -321,6 +343,7 @@ impl Engine {
             stats: GraphStats::default(),
             tokens: Vec::new(),
             gather: true,
+            grouped: on(GROUPED_EXPERTS_ENV),
         })
     }
 }
@@ -438,6 +461,8 @@ pub struct Session<'e> {
     tokens: Vec<u32>,
     /// Attention of few queries gathers the key rows they see (see [`crate::cache::plan::RawPlan::read_slots`]).
     gather: bool,
+    /// A prompt's repacked experts multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
+    grouped: bool,
 }
 
 /// How a session's micro-batches got their graphs.
@@ -450,6 +475,8 @@ pub struct GraphStats {
     /// Micro-batches whose attention gathered the key rows it reads, whole or in chunks of queries.
     pub gathered: u64,
     pub chunked: u64,
+    /// Micro-batches whose repacked experts multiplied with the grouped GEMM products.
+    pub grouped: u64,
 }
 
 impl<'e> Session<'e> {
@@ -487,6 +514,14 @@ impl<'e> Session<'e> {
     /// bit).
     pub fn set_gathered_reads(&mut self, on: bool) {
         self.gather = on;
+    }
+
+    /// Lets a prompt's repacked routed experts multiply with ggml's GEMM kernels, four rows at a time (the
+    /// default), or makes every micro-batch use `mul_mat_id`, one row at a time, as llama.cpp does (`false`: a
+    /// diagnostic; the kernels round differently, so logits differ in the last bits). `FERRITE_GROUPED_EXPERTS=0`
+    /// in the environment turns them off for new sessions.
+    pub fn set_grouped_experts(&mut self, on: bool) {
+        self.grouped = on;
     }
 
     /// The plan of the next micro-batch, `tokens`.
@@ -563,7 +598,11 @@ impl<'e> Session<'e> {
         let cfg = &engine.cfg;
         let fused = engine.opts.fused_ops;
         let plan = self.plan(tokens);
-        let key = GraphKey::of(&plan, want.len());
+        let grouped = engine.grouped.filter(|_| self.grouped);
+        if grouped.is_some() && groups_rows(tokens.len(), cfg.n_expert_used, cfg.n_expert) {
+            self.stats.grouped += 1;
+        }
+        let key = GraphKey::of(&plan, want.len(), grouped.is_some());
         let mut spare = None;
         let graph = kept_graph(
             &mut self.graphs,
@@ -576,6 +615,7 @@ impl<'e> Session<'e> {
                 let parts = GraphParts {
                     cfg,
                     fused,
+                    grouped,
                     weights: &weights,
                     rotation: engine.indexer_rotation(),
                 };
@@ -606,12 +646,14 @@ impl<'e> Session<'e> {
         let fused = engine.opts.fused_ops;
         let px = engine.paged.as_ref().expect("a paged engine");
         let plan = self.plan(tokens);
-        let key = GraphKey::of(&plan, want.len());
+        // Paged experts live in the slots, not repacked: the grouped products never apply.
+        let key = GraphKey::of(&plan, want.len(), false);
         let weights = engine.weight_tensors();
         let rotation = engine.indexer_rotation();
         let parts = GraphParts {
             cfg,
             fused,
+            grouped: None,
             weights: &weights,
             rotation,
         };

@@ -1,8 +1,9 @@
 //! Repacked weights (ggml's CPU_REPACK layouts) compute what llama.cpp computes with its own repacking: with
 //! `repack` on, ferrite's logits match llama.cpp's with `use_extra_bufts` on the same quantized tiny models, whole
 //! prompts (the GEMM kernels) and token by token (GEMV), and differ from the plain kernels' (so the test would see
-//! repacking silently off); the weights really are repacked where the host has the kernels; routed experts are left
-//! to the paged store when it pages them, and to the map when the plan leaves them over the budget.
+//! repacking silently off); a whole prompt's repacked experts use the grouped GEMM products, which give llama.cpp's
+//! bits for MXFP4; the weights really are repacked where the host has the kernels; routed experts are left to the
+//! paged store when it pages them, and to the map when the plan leaves them over the budget.
 
 mod support;
 
@@ -58,15 +59,22 @@ fn open(path: &Path, repack: bool, paging: PagingOptions) -> Engine {
     Engine::open(path, opts).unwrap()
 }
 
-/// Every position's logits, feeding `call` tokens per call (micro-batches of [`N_UBATCH`]).
+/// Every position's logits, feeding `call` tokens per call (micro-batches of [`N_UBATCH`]), with a prompt's
+/// repacked experts multiplied row by row as llama.cpp does (`mul_mat_id`'s GEMV).
 fn ours(e: &Engine, tokens: &[u32], call: usize) -> Vec<Vec<f32>> {
+    ours_grouped(e, tokens, call, false).0
+}
+
+/// [`ours`], with the grouped GEMM products on or off; also the micro-batches that used them.
+fn ours_grouped(e: &Engine, tokens: &[u32], call: usize, grouped: bool) -> (Vec<Vec<f32>>, u64) {
     let mut s = e.session(N_CTX, N_UBATCH).unwrap();
+    s.set_grouped_experts(grouped);
     let mut rows = Vec::new();
     for chunk in tokens.chunks(call) {
         let flat = s.feed(chunk, Logits::All).unwrap();
         rows.extend(flat.chunks(e.n_vocab()).map(<[f32]>::to_vec));
     }
-    rows
+    (rows, s.graph_stats().grouped)
 }
 
 /// llama.cpp's logits of every position, `call` tokens per decode call, repacking or not.
@@ -147,7 +155,19 @@ fn expected(cfg: &TinyConfig, routed: bool) -> usize {
     shared + head + experts
 }
 
-fn check(name: &str, types: WeightTypes, seed: u64) {
+/// How the grouped expert products of a prompt (ggml's GEMM over each expert's rows) compare with llama.cpp's
+/// `mul_mat_id` (its GEMV row by row) at the model's logits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Grouped {
+    /// The kernels give the same bits (MXFP4): the logits match llama.cpp's.
+    SameBits,
+    /// The kernels sum in another order (Q4_K; checked product by product in tests/grouped_experts.rs to 1e-5),
+    /// which this tiny random model amplifies as it does any rounding (see "repack off vs on"): only their use is
+    /// checked here.
+    Rounded,
+}
+
+fn check(name: &str, types: WeightTypes, seed: u64, grouped: Grouped) {
     let dir = tempfile::tempdir().unwrap();
     let (path, cfg) = model(dir.path(), name, types, seed);
     let tokens = prompt(PROMPT_LEN, cfg.n_vocab as usize, seed);
@@ -155,7 +175,39 @@ fn check(name: &str, types: WeightTypes, seed: u64) {
     let packed = open(&path, true, PagingOptions::default());
     check_counts(name, &cfg, &plain, &packed);
     check_logits(name, &path, &tokens, &plain, &packed);
+    check_grouped(name, &path, &tokens, &packed, grouped);
     check_routed_experts(name, &path, &cfg, &tokens, &packed);
+}
+
+/// With the grouped products on (the default), a whole prompt uses them where the host has the kernels; with
+/// kernels that give the same bits, the logits still match llama.cpp's.
+fn check_grouped(name: &str, path: &Path, tokens: &[u32], packed: &Engine, grouped: Grouped) {
+    let (logits, used) = ours_grouped(packed, tokens, PROMPT_LEN, true);
+    if packed.grouped_experts().is_none() {
+        assert_eq!(used, 0, "{name}: no grouped kernels, yet grouped products");
+        eprintln!("{name}: the host has no grouped kernels for these experts");
+        return;
+    }
+    assert_eq!(
+        used, 1,
+        "{name}: the whole prompt is one micro-batch, grouped"
+    );
+    let want = reference(path, tokens, PROMPT_LEN, true);
+    match grouped {
+        Grouped::SameBits => {
+            assert_close(&format!("{name}: grouped, whole prompt"), &logits, &want)
+        }
+        Grouped::Rounded => {
+            let apart = worst(&logits, &want);
+            eprintln!(
+                "{name}: grouped products vs llama.cpp's rows: {apart:.2e} of the logit scale"
+            );
+            assert!(
+                apart > 0.0,
+                "{name}: the grouped Q4_K products should round differently"
+            );
+        }
+    }
 }
 
 /// Nothing repacked with `repack` off; with it on, at least what the host has kernels for, and a note says so.
@@ -252,7 +304,7 @@ fn check_routed_experts(
 
 #[test]
 fn q4k_weights_repacked_match_llama_cpp() {
-    check("q8-q4k", Q8_Q4K, 3);
+    check("q8-q4k", Q8_Q4K, 3, Grouped::Rounded);
 }
 
 #[test]
@@ -263,7 +315,7 @@ fn mxfp4_experts_repacked_match_llama_cpp() {
         shared: GgmlType::Q8_0,
         embed: GgmlType::Q8_0,
     };
-    check("f16-mxfp4", types, 4);
+    check("f16-mxfp4", types, 4, Grouped::SameBits);
 }
 
 /// F32 weights have no repacked layout: nothing is copied, the engine runs from the map as before.

@@ -7,6 +7,7 @@ use llama_cpp_sys_2 as sys;
 
 use super::error::{GgmlError, Result};
 use super::graph::Graph;
+use super::grouped::is_grouped_op;
 use super::region::is_read_only;
 use super::types::cstr_lossy;
 
@@ -159,7 +160,10 @@ impl CpuBackend {
 
 impl CpuBackend {
     fn check_supported(&self, graph: &Graph<'_>) -> Result<()> {
-        for t in graph.tensors().filter(|t| !is_view_op(t.op())) {
+        for t in graph
+            .tensors()
+            .filter(|&t| !is_view_op(t.op()) && !is_grouped_op(t))
+        {
             // SAFETY: a live backend and a live tensor whose sources are alive; the call only inspects them.
             if !unsafe { sys::ggml_backend_supports_op(self.as_ptr(), t.as_ptr()) } {
                 // SAFETY: returns a static string naming the tensor's op.

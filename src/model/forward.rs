@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use gguf::GgmlType;
 
 use crate::cache::LayerCache;
-use crate::ggml::{Context, GgmlError, Result, RopeMode, RopeParams, Tensor};
+use crate::ggml::{Context, GgmlError, RepackType, Result, RopeMode, RopeParams, Tensor};
 
 use super::attention::{attention, AttnShape};
 use super::config::{Config, LayerKind};
@@ -23,6 +23,9 @@ pub struct Ops<'c> {
     pub eps: f32,
     pub hc_eps: f32,
     pub sinkhorn_iters: usize,
+    /// Repacked routed experts of a prompt multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`])
+    /// when set: the buffer type they are repacked in.
+    pub grouped: Option<RepackType>,
     effects: RefCell<Vec<Tensor<'c>>>,
 }
 
@@ -34,8 +37,14 @@ impl<'c> Ops<'c> {
             eps: cfg.eps,
             hc_eps: cfg.hc_eps,
             sinkhorn_iters: cfg.sinkhorn_iters,
+            grouped: None,
             effects: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Lets repacked routed experts use the grouped GEMM products (see [`Ops::grouped`]).
+    pub fn with_grouped(self, grouped: Option<RepackType>) -> Ops<'c> {
+        Ops { grouped, ..self }
     }
 
     /// Records a node that must run although nothing reads it (a cache write).

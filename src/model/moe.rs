@@ -1,7 +1,7 @@
 //! The feed-forward (DSV4.md 3.10): routed experts chosen by sqrt(softplus) scores plus a selection bias, or by
 //! the token id in hash layers; weights normalised and scaled; SwiGLU with clamps; plus the shared expert.
 
-use crate::ggml::{Result, Tensor};
+use crate::ggml::{GroupedKernel, Result, Tensor};
 
 use super::forward::Ops;
 use super::weights::{LayerWeights, Routing};
@@ -13,6 +13,17 @@ pub struct MoeShape {
     pub weights_scale: f32,
     pub clamp_exp: f32,
     pub clamp_shexp: f32,
+}
+
+/// Rows per expert, on average over a micro-batch, from which repacked experts multiply with ggml's GEMM kernels
+/// (grouped rows): with fewer, most experts get fewer than the four rows one GEMM call takes, and `mul_mat_id`'s
+/// GEMV per row is as fast.
+const GROUPED_MIN_ROWS: i64 = 4;
+
+/// Whether a micro-batch of `n` tokens, each routed to `n_used` of `n_expert` experts, multiplies repacked experts
+/// with the grouped GEMM products.
+pub fn groups_rows(n: usize, n_used: usize, n_expert: usize) -> bool {
+    (n * n_used) as i64 >= GROUPED_MIN_ROWS * n_expert as i64
 }
 
 /// Weights below this sum are clamped before normalising (the smallest normal F16, as llama.cpp does).
@@ -86,10 +97,33 @@ pub fn expert_outputs<'c>(
     let [gate_exps, up_exps, down_exps] = experts;
     let [d, n, _, _] = c.ne();
     let x = ctx.reshape_3d(c, [d, 1, n])?;
-    let up = ctx.mul_mat_id(up_exps, x, ids)?; // {F, k, n}
-    let gate = ctx.mul_mat_id(gate_exps, x, ids)?;
+    let grouped = |w: Tensor<'c>| {
+        o.grouped
+            .as_ref()
+            .filter(|_| groups_rows(n as usize, ids.ne()[0] as usize, w.ne()[2] as usize))
+            .and_then(|r| GroupedKernel::of(w, r))
+    };
+    let (up, gate) = match (grouped(up_exps), grouped(gate_exps)) {
+        // One quantization of the input serves both products.
+        (Some(ku), Some(kg)) if std::ptr::eq(ku, kg) => {
+            let x = ctx.grouped_rows(ku, up_exps, x, ids)?;
+            let up = ctx.mul_mat_id_grouped(up_exps, x)?;
+            (up, ctx.mul_mat_id_grouped(gate_exps, x)?)
+        }
+        _ => (
+            ctx.mul_mat_id(up_exps, x, ids)?, // {F, k, n}
+            ctx.mul_mat_id(gate_exps, x, ids)?,
+        ),
+    };
     let act = swiglu(o, gate, up, s.clamp_exp)?;
-    ctx.mul(ctx.mul_mat_id(down_exps, act, ids)?, weights) // {D, k, n}
+    let down = match grouped(down_exps) {
+        Some(kd) => {
+            let act = ctx.grouped_rows(kd, down_exps, act, ids)?;
+            ctx.mul_mat_id_grouped(down_exps, act)?
+        }
+        None => ctx.mul_mat_id(down_exps, act, ids)?,
+    };
+    ctx.mul(down, weights) // {D, k, n}
 }
 
 /// `Σ_j experts[:, j, :]` `{D, n}`, added in expert-slot order.

@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use crate::cache::plan::compressor_ring_rows;
 use crate::cache::{CompPlan, KvCache, QueryChunk, UbatchPlan};
-use crate::ggml::{GgmlError, OwnedGraph, Result, Tensor};
+use crate::ggml::{GgmlError, OwnedGraph, RepackType, Result, Tensor};
 
 use super::config::Config;
 use super::forward::{forward, BatchInputs, BlockInputs, ChunkInputs, CompInputs, Ops, Uploads};
@@ -29,10 +29,12 @@ pub struct GraphKey {
     pub hca: Option<(usize, usize)>,
     /// The query chunks' shapes (first query, size, rows read per kind), folded into one number.
     pub chunks: u64,
+    /// Repacked experts may use the grouped GEMM products (see [`super::forward::Ops::grouped`]).
+    pub grouped: bool,
 }
 
 impl GraphKey {
-    pub fn of(plan: &UbatchPlan, n_out: usize) -> GraphKey {
+    pub fn of(plan: &UbatchPlan, n_out: usize, grouped: bool) -> GraphKey {
         let comp = |p: &Option<CompPlan>| p.as_ref().map(|c| (c.compress.n_blocks, c.n_kv));
         GraphKey {
             n_tokens: plan.tokens.len(),
@@ -42,6 +44,7 @@ impl GraphKey {
             csa: comp(&plan.csa),
             hca: comp(&plan.hca),
             chunks: chunk_shapes(&plan.chunks),
+            grouped,
         }
     }
 }
@@ -262,6 +265,8 @@ fn comp_inputs<'c>(
 pub struct GraphParts<'a, 'e> {
     pub cfg: &'a Config,
     pub fused: bool,
+    /// The buffer type of repacked routed experts that may use the grouped GEMM products (must match the key).
+    pub grouped: Option<RepackType>,
     pub weights: &'a Weights<Tensor<'e>>,
     /// The indexer's Hadamard matrix (an engine constant), when the model has one.
     pub rotation: Option<Tensor<'e>>,
@@ -287,10 +292,11 @@ pub fn build_graph<'e>(
 ) -> Result<OwnedGraph<'e>> {
     let size = graph_size(parts.cfg, parts.fused, plan.chunks.len());
     let (cfg, fused, weights, rotation) = (parts.cfg, parts.fused, parts.weights, parts.rotation);
+    let grouped = parts.grouped;
     OwnedGraph::<'e>::build(size, size, cache.clone(), |ctx, cache: &KvCache, _scope| {
         let mut up = Uploads::new_tensors(ctx);
         let inp = batch_inputs(&mut up, plan.clone(), want, fused, rotation)?;
-        let o = Ops::new(ctx, cfg, fused);
+        let o = Ops::new(ctx, cfg, fused).with_grouped(grouped);
         let logits = forward(&o, cfg, weights, &cache.layers(), &inp)?;
         let mut graph = ctx.new_graph(size)?;
         graph.expand(logits)?;

@@ -1,0 +1,140 @@
+//! The grouped expert products (`Context::grouped_rows` + `mul_mat_id_grouped`: ggml's repacked GEMM kernels over
+//! each expert's rows) against `mul_mat_id` (ggml's repacked GEMV kernel row by row) on the same repacked experts
+//! and inputs, for Q4_K and MXFP4 experts: uneven expert loads (experts with 0, 1..3, 4 and more rows, a bias
+//! towards a few), a shared input and one input per slot (as the down projection), and both thread counts.
+
+use ferrite::ggml::{
+    quantize_rows, Context, CpuBackend, GroupedKernel, RepackType, RepackWeight, WeightOp,
+};
+use gguf::GgmlType;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// `n_used` distinct experts per token, skewed so some experts get many rows and some none.
+fn routes(rng: &mut Rng, n_expert: usize, n_used: usize, n: usize) -> Vec<i32> {
+    let mut ids = Vec::with_capacity(n_used * n);
+    for _ in 0..n {
+        let mut chosen: Vec<i32> = Vec::new();
+        while chosen.len() < n_used {
+            let r = rng.next() as usize;
+            // Half the picks among the first quarter of the experts; the last one never.
+            let e = if r % 2 == 0 {
+                (r >> 8) % (n_expert / 4)
+            } else {
+                (r >> 8) % (n_expert - 1)
+            };
+            if !chosen.contains(&(e as i32)) {
+                chosen.push(e as i32);
+            }
+        }
+        ids.extend(chosen);
+    }
+    ids
+}
+
+/// Worst |a - b| relative to the largest |b|.
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn check(ty: GgmlType, threads: usize, per_slot_input: bool) {
+    let Some(rt) = RepackType::cpu() else {
+        eprintln!("no CPU_REPACK buffer type: nothing to check");
+        return;
+    };
+    let (d, m, n_expert, n_used, n) = (512i64, 64i64, 16usize, 4usize, 37usize);
+    let mut rng = Rng(0x5eed ^ ty as u64 ^ (threads as u64) << 8);
+    let w_f32: Vec<f32> = (0..d * m * n_expert as i64)
+        .map(|_| rng.uniform())
+        .collect();
+    let w_bytes = quantize_rows(ty, &w_f32, d as usize, None).unwrap();
+
+    let weights = Context::with_capacity(1, 0).unwrap();
+    let w = weights.new_tensor_3d(ty, d, m, n_expert as i64).unwrap();
+    let op = WeightOp::MulMatId { n_used };
+    if !rt.supports(w, op).unwrap() {
+        eprintln!("{ty}: the host has no repacked layout: nothing to check");
+        return;
+    }
+    weights
+        .repack(
+            rt,
+            &[RepackWeight {
+                tensor: w,
+                bytes: &w_bytes,
+                op,
+            }],
+            |_| {},
+        )
+        .unwrap();
+    let Some(kernel) = GroupedKernel::of(w, &rt) else {
+        eprintln!("{ty}: repacked in a layout the grouped products do not take: nothing to check");
+        return;
+    };
+
+    let ctx = Context::with_capacity(16, 16).unwrap();
+    let b1 = if per_slot_input { n_used as i64 } else { 1 };
+    let x = ctx.new_tensor_3d(GgmlType::F32, d, b1, n as i64).unwrap();
+    let ids = ctx
+        .new_tensor_2d(GgmlType::I32, n_used as i64, n as i64)
+        .unwrap();
+    let want = ctx.mul_mat_id(w, x, ids).unwrap();
+    let rows = ctx.grouped_rows(kernel, w, x, ids).unwrap();
+    let got = ctx.mul_mat_id_grouped(w, rows).unwrap();
+    let mut graph = ctx.new_graph(16).unwrap();
+    graph.expand(want).unwrap();
+    graph.expand(got).unwrap();
+    ctx.alloc_tensors_host().unwrap();
+    let xs: Vec<f32> = (0..d * b1 * n as i64).map(|_| rng.uniform()).collect();
+    x.set_f32(&xs).unwrap();
+    let route = routes(&mut rng, n_expert, n_used, n);
+    ids.set_bytes(
+        &route
+            .iter()
+            .flat_map(|i| i.to_le_bytes())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    CpuBackend::new(threads).unwrap().compute(&graph).unwrap();
+    let (want, got) = (want.get_f32().unwrap(), got.get_f32().unwrap());
+    assert_eq!(want.len(), got.len());
+    let mut per_expert = vec![0usize; n_expert];
+    route.iter().for_each(|&e| per_expert[e as usize] += 1);
+    assert!(per_expert.contains(&0) && per_expert.iter().any(|&c| c >= 8));
+    let err = worst(&got, &want);
+    eprintln!("{ty}, {threads} threads, per-slot input {per_slot_input}: worst {err:.2e}, rows per expert {per_expert:?}");
+    // Same quantized inputs and weights; GEMM and GEMV only sum in another order (f32).
+    assert!(
+        err < 1e-5,
+        "{ty}: grouped products differ from mul_mat_id by {err:.2e}"
+    );
+}
+
+#[test]
+fn q4k_grouped_products_match_mul_mat_id() {
+    for threads in [1, 2] {
+        check(GgmlType::Q4K, threads, false);
+        check(GgmlType::Q4K, threads, true);
+    }
+}
+
+#[test]
+fn mxfp4_grouped_products_match_mul_mat_id() {
+    for threads in [1, 2] {
+        check(GgmlType::Mxfp4, threads, false);
+        check(GgmlType::Mxfp4, threads, true);
+    }
+}
