@@ -224,6 +224,12 @@ impl Engine {
         self.grouped
     }
 
+    /// Puts the compute threads to sleep until the next computation, so they take no CPU meanwhile (see
+    /// [`CpuBackend::pause_threads`]).
+    pub fn pause_threads(&self) {
+        self.backend.pause_threads();
+    }
+
     /// Bytes of the weights held repacked in RAM.
     pub fn repacked_bytes(&self) -> u64 {
         RepackType::cpu().map_or(0, |rt| self.weights_ctx.repacked(rt).bytes)

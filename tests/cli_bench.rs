@@ -283,6 +283,53 @@ fn vs_llama_measures_llama_cpp_too() {
     positive(&v["results"][1]["bandwidth_bytes_per_second"]["llama"]);
 }
 
+/// `--interleave`: both engines' repetitions alternate; the ratio is the median of the pairs' ratios (one pair per
+/// repetition, so with three it is the middle one), llama.cpp's peak memory is not measured apart, and the flag
+/// needs `--vs-llama`.
+#[test]
+fn interleave_pairs_the_repetitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "-m",
+        "demo",
+        "-p",
+        "32",
+        "-n",
+        "8",
+        "-r",
+        "3",
+        "-t",
+        "1",
+        "--vs-llama",
+        "--interleave",
+        "--json",
+    ];
+    let (out, err) = ok(&bench(&args, dir.path()));
+    assert!(err.contains("ferrite: pp32") && err.contains("llama.cpp: tg8"), "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["interleaved"], Value::Bool(true));
+    assert!(v["llama_rss_peak_bytes"].is_null());
+    for r in v["results"].as_array().unwrap() {
+        let samples = |who: &str| -> Vec<f64> {
+            r[who]["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(positive)
+                .collect()
+        };
+        let (ours, theirs) = (samples("ferrite"), samples("llama"));
+        assert_eq!((ours.len(), theirs.len()), (3, 3));
+        let mut pairs: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a / b).collect();
+        pairs.sort_by(f64::total_cmp);
+        let ratio = positive(&r["ratio"]);
+        assert!((ratio - pairs[1]).abs() <= 1e-9 * ratio, "{ratio} vs pairs {pairs:?}");
+    }
+
+    let out = bench(&["-m", "demo", "--interleave"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "--interleave needs --vs-llama");
+}
+
 #[test]
 fn bad_flags_exit_2_and_bad_input_exits_1() {
     let dir = tempfile::tempdir().unwrap();

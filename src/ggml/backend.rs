@@ -123,6 +123,17 @@ impl CpuBackend {
         Ok(())
     }
 
+    /// Puts the pool's workers to sleep now, instead of letting them spin a while for the next computation (the
+    /// next `compute` wakes them): so they take no CPU from other work between computations, e.g. another engine
+    /// being measured.
+    pub fn pause_threads(&self) {
+        if let Some(pool) = &self.pool {
+            // SAFETY: a live pool of this backend; pausing only sets a flag the workers read, and no computation
+            // runs (compute borrows the backend for its duration, and backends are not shared between threads).
+            unsafe { sys::ggml_threadpool_pause(pool.0.as_ptr()) }
+        }
+    }
+
     /// The number of compute threads.
     pub fn n_threads(&self) -> usize {
         self.n_threads

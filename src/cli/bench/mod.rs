@@ -20,17 +20,22 @@
 //!
 //! `--vs-llama` runs the same tests on the same random tokens through llama.cpp in-process (the benchmark reference
 //! in `ferrite::bench_llama`), after ferrite's and with ferrite's engine closed, and adds a ratio column
-//! (ferrite / llama.cpp). The table goes to stdout (or, with `--json`, one JSON object, the memory plan and the expert
-//! statistics included); everything else to stderr.
+//! (ferrite / llama.cpp). With `--interleave` both engines are loaded at once and their repetitions alternate
+//! (ferrite, llama.cpp, ferrite, ...), so a machine whose speed drifts (shared hosts, thermal limits) slows both
+//! alike; the ratio is then the median of each pair's ratio, and llama.cpp's peak memory is not measured apart. The
+//! table goes to stdout (or, with `--json`, one JSON object, the memory plan and the expert statistics included);
+//! everything else to stderr.
+
+mod runs;
+mod table;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use ferrite::bench_llama::{LlamaContextParams, LlamaModel};
+use ferrite::bench_llama::LlamaModel;
 use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, Logits};
+use ferrite::engine::Engine;
 use ferrite::experts::StatsSnapshot;
 use ferrite::membw::{read_bandwidth, DEFAULT_BYTES};
 use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
@@ -39,6 +44,8 @@ use serde_json::{json, Value as Json};
 use super::info::human_bytes;
 use super::model_arg::{open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport};
 use super::Hinted;
+use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
+use table::{expert_line, human_params, table};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -80,6 +87,10 @@ pub struct BenchArgs {
     /// both engines run the same ggml kernels).
     #[arg(long, requires = "vs_llama")]
     pub llama_repack: bool,
+    /// With --vs-llama: load both engines at once and alternate their repetitions, so both see the same machine
+    /// (needs memory for both models; the ratio is the median of the pairs' ratios).
+    #[arg(long, requires = "vs_llama")]
+    pub interleave: bool,
     /// Skip the warm-up runs.
     #[arg(long)]
     pub no_warmup: bool,
@@ -161,11 +172,7 @@ impl Stats {
         let mut sorted = tps.clone();
         sorted.sort_by(f64::total_cmp);
         let n = sorted.len();
-        let median = if n % 2 == 1 {
-            sorted[n / 2]
-        } else {
-            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-        };
+        let median = median_of_sorted(&sorted);
         let mean = tps.iter().sum::<f64>() / n as f64;
         // Sample standard deviation, as llama-bench reports; 0 for one repetition.
         let stddev = if n > 1 {
@@ -196,6 +203,16 @@ impl Stats {
     }
 }
 
+/// The median of sorted values (at least one).
+fn median_of_sorted(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// One test at one thread count, for both engines.
 struct Row {
     threads: usize,
@@ -204,6 +221,68 @@ struct Row {
     /// The expert store's counters over ferrite's timed repetitions.
     experts: StatsSnapshot,
     llama: Option<Stats>,
+    /// The two engines' repetitions alternated (`--interleave`): the ratio pairs them.
+    paired: bool,
+}
+
+impl Row {
+    /// ferrite / llama.cpp: the median of the repetitions' ratios when they alternated (pairs), else the ratio of
+    /// the medians.
+    fn ratio(&self) -> Option<f64> {
+        let l = self.llama.as_ref()?;
+        if !self.paired {
+            return Some(self.ferrite.median / l.median);
+        }
+        let mut r: Vec<f64> = self
+            .ferrite
+            .tps
+            .iter()
+            .zip(&l.tps)
+            .map(|(a, b)| a / b)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        Some(median_of_sorted(&r))
+    }
+}
+
+/// Prints a row's speed (the engine measured last: llama.cpp's once it has one, both when paired) to stderr.
+fn report_row(row: &Row, paged: bool) {
+    let (t, name) = (row.threads, row.test.name());
+    if row.llama.is_none() || row.paired {
+        eprintln!(
+            "ferrite: {name} with {t} threads: {} t/s",
+            row.ferrite.cell()
+        );
+        if paged {
+            eprintln!("ferrite: {name} with {t} threads: {}", row.experts);
+        }
+    }
+    if let Some(l) = &row.llama {
+        eprintln!("llama.cpp: {name} with {t} threads: {} t/s", l.cell());
+    }
+}
+
+/// llama.cpp's model (the reference) on the same file, checked to see the same vocabulary.
+fn load_reference(
+    args: &BenchArgs,
+    model_args: &ModelArgs,
+    facts: &ModelFacts,
+    tokens: &Tokens,
+) -> Result<LlamaModel> {
+    let path = model_args.resolve_path()?;
+    let model = LlamaModel::load(&path, args.llama_repack)
+        .context("--vs-llama: llama.cpp (the reference) cannot run this model")?;
+    if model.n_vocab() != facts.n_vocab {
+        anyhow::bail!(
+            "--vs-llama: llama.cpp sees {} tokens in the vocabulary, ferrite {}",
+            model.n_vocab(),
+            facts.n_vocab
+        );
+    }
+    if model.bos().map(|b| b as u32) != tokens.bos {
+        eprintln!("ferrite: note: llama.cpp and ferrite disagree on adding BOS; both get ferrite's tokens");
+    }
+    Ok(model)
 }
 
 /// What the table and the JSON say about the model.
@@ -297,71 +376,83 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     );
 
-    // ferrite first; its peak memory is read before llama.cpp loads anything.
     let hwm_reset = reset_peak_rss();
     let mut rows = Vec::new();
     // The expert counters of every ferrite run, warm-ups included, over the engines of each thread count.
     let mut expert_totals = StatsSnapshot::default();
-    for (i, &t) in threads.iter().enumerate() {
-        if i > 0 && t != engine.options().n_threads {
-            expert_totals = expert_totals.plus(&engine.expert_stats());
-            drop(engine);
-            engine = open_engine(&model_args(t), PlanReport::Never)?;
-        }
-        for &test in &tests {
-            let (seconds, experts) = measure_ferrite(&engine, test, &tokens, args)?;
-            let stats = Stats::new(test.n, seconds);
-            eprintln!(
-                "ferrite: {} with {t} threads: {} t/s",
-                test.name(),
-                stats.cell()
-            );
-            if paged {
-                eprintln!("ferrite: {} with {t} threads: {experts}", test.name());
+    let load_llama = || load_reference(args, &model_args(threads[0]), &facts, &tokens);
+    let (rss, llama_rss) = if args.interleave {
+        // ferrite's warm-ups first, alone: its peak memory is read before llama.cpp loads anything.
+        if !args.no_warmup {
+            for &test in &tests {
+                FerriteRuns::new(&engine, test, &tokens, args)?.warm_up()?;
             }
-            rows.push(Row {
-                threads: t,
-                test,
-                ferrite: stats,
-                experts,
-                llama: None,
-            });
         }
-    }
-    expert_totals = expert_totals.plus(&engine.expert_stats());
-    drop(engine);
-    let rss = peak_rss();
-
-    let mut llama_rss = None;
-    if args.vs_llama {
-        let llama_reset = reset_peak_rss();
-        let path = model_args(threads[0]).resolve_path()?;
-        let model = LlamaModel::load(&path, args.llama_repack)
-            .context("--vs-llama: llama.cpp (the reference) cannot run this model")?;
-        if model.n_vocab() != facts.n_vocab {
-            anyhow::bail!(
-                "--vs-llama: llama.cpp sees {} tokens in the vocabulary, ferrite {}",
-                model.n_vocab(),
-                facts.n_vocab
-            );
+        let rss = peak_rss();
+        let model = load_llama()?;
+        for (i, &t) in threads.iter().enumerate() {
+            if i > 0 && t != engine.options().n_threads {
+                expert_totals = expert_totals.plus(&engine.expert_stats());
+                drop(engine);
+                engine = open_engine(&model_args(t), PlanReport::Never)?;
+            }
+            for &test in &tests {
+                let (ours, theirs, experts) =
+                    measure_interleaved(&engine, &model, test, &tokens, args)?;
+                let row = Row {
+                    threads: t,
+                    test,
+                    ferrite: Stats::new(test.n, ours),
+                    experts,
+                    llama: Some(Stats::new(test.n, theirs)),
+                    paired: true,
+                };
+                report_row(&row, paged);
+                rows.push(row);
+            }
         }
-        if model.bos().map(|b| b as u32) != tokens.bos {
-            eprintln!("ferrite: note: llama.cpp and ferrite disagree on adding BOS; both get ferrite's tokens");
+        expert_totals = expert_totals.plus(&engine.expert_stats());
+        drop(engine);
+        (rss, None)
+    } else {
+        // ferrite first; its peak memory is read before llama.cpp loads anything.
+        for (i, &t) in threads.iter().enumerate() {
+            if i > 0 && t != engine.options().n_threads {
+                expert_totals = expert_totals.plus(&engine.expert_stats());
+                drop(engine);
+                engine = open_engine(&model_args(t), PlanReport::Never)?;
+            }
+            for &test in &tests {
+                let (seconds, experts) = measure_ferrite(&engine, test, &tokens, args)?;
+                let row = Row {
+                    threads: t,
+                    test,
+                    ferrite: Stats::new(test.n, seconds),
+                    experts,
+                    llama: None,
+                    paired: false,
+                };
+                report_row(&row, paged);
+                rows.push(row);
+            }
         }
-        for row in &mut rows {
-            let seconds = measure_llama(&model, row.threads, row.test, &tokens, args)?;
-            let stats = Stats::new(row.test.n, seconds);
-            eprintln!(
-                "llama.cpp: {} with {} threads: {} t/s",
-                row.test.name(),
-                row.threads,
-                stats.cell()
-            );
-            row.llama = Some(stats);
+        expert_totals = expert_totals.plus(&engine.expert_stats());
+        drop(engine);
+        let rss = peak_rss();
+        let mut llama_rss = None;
+        if args.vs_llama {
+            let llama_reset = reset_peak_rss();
+            let model = load_llama()?;
+            for row in &mut rows {
+                let seconds = measure_llama(&model, row.threads, row.test, &tokens, args)?;
+                row.llama = Some(Stats::new(row.test.n, seconds));
+                report_row(row, false);
+            }
+            drop(model);
+            llama_rss = peak_rss().map(|b| (b, llama_reset && hwm_reset));
         }
-        drop(model);
-        llama_rss = peak_rss().map(|b| (b, llama_reset && hwm_reset));
-    }
+        (rss, llama_rss)
+    };
 
     let bandwidth = |stats: &Stats| facts.bytes_per_token as f64 * stats.median;
     if args.json {
@@ -377,7 +468,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "ferrite": r.ferrite.json(),
                     "ferrite_expert_stats": stats_json(&r.experts)?,
                     "llama": r.llama.as_ref().map(Stats::json),
-                    "ratio": r.llama.as_ref().map(|l| r.ferrite.median / l.median),
+                    "ratio": r.ratio(),
                     "bandwidth_bytes_per_second": tg.then(|| json!({
                         "ferrite": bandwidth(&r.ferrite),
                         "llama": r.llama.as_ref().map(bandwidth),
@@ -401,6 +492,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "cache_type": match args.cache_type { CacheType::F16 => "f16", CacheType::F32 => "f32" },
             "fused_ops": !args.no_fused_ops,
             "llama_repack": args.llama_repack,
+            "interleaved": args.interleave,
             "seed": args.seed,
             "bytes_per_token": facts.bytes_per_token,
             "bytes_per_token_note": "estimate for decode: non-expert weights without the embedding table, one embedding row, n_expert_used experts per layer",
@@ -476,151 +568,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The random tokens both engines process.
-struct Tokens {
-    bos: Option<u32>,
-    prompt: Vec<u32>,
-    gen: Vec<u32>,
-}
-
-impl Tokens {
-    fn new(engine: &Engine, args: &BenchArgs) -> Tokens {
-        let md = engine.model().metadata();
-        let add_bos = md.bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
-        let n_vocab = engine.n_vocab();
-        let bos = md
-            .u32("tokenizer.ggml.bos_token_id")
-            .ok()
-            .filter(|&b| add_bos && (b as usize) < n_vocab);
-        let mut state = args.seed;
-        let mut random = |n: usize| -> Vec<u32> {
-            let mut v: Vec<u32> = (0..n)
-                .map(|_| (splitmix64(&mut state) % n_vocab as u64) as u32)
-                .collect();
-            if let (Some(b), Some(first)) = (bos, v.first_mut()) {
-                *first = b;
-            }
-            v
-        };
-        let prompt = random(args.n_prompt);
-        let gen = random(args.n_gen);
-        Tokens { bos, prompt, gen }
-    }
-
-    fn of(&self, test: Test) -> &[u32] {
-        match test.kind {
-            Kind::Prompt => &self.prompt,
-            Kind::Generation => &self.gen,
-        }
-    }
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Seconds of each timed repetition of `test` on ferrite, and the expert store's counters over them.
-fn measure_ferrite(
-    engine: &Engine,
-    test: Test,
-    tokens: &Tokens,
-    args: &BenchArgs,
-) -> Result<(Vec<f64>, StatsSnapshot)> {
-    let toks = tokens.of(test);
-    let mut session = engine.session(test.n, args.ubatch.min(test.n))?;
-    let run = |session: &mut ferrite::engine::Session<'_>, toks: &[u32]| -> Result<()> {
-        match test.kind {
-            Kind::Prompt => {
-                session.feed(toks, Logits::Last)?;
-            }
-            Kind::Generation => {
-                for &t in toks {
-                    session.feed(&[t], Logits::Last)?;
-                }
-            }
-        }
-        Ok(())
-    };
-    if !args.no_warmup {
-        let warm = match test.kind {
-            Kind::Prompt => toks,
-            Kind::Generation => &toks[..1],
-        };
-        run(&mut session, warm)?;
-    }
-    let mut seconds = Vec::with_capacity(args.repetitions);
-    let before = engine.expert_stats();
-    for _ in 0..args.repetitions {
-        session.reset()?;
-        let start = Instant::now();
-        run(&mut session, toks)?;
-        seconds.push(start.elapsed().as_secs_f64());
-    }
-    Ok((seconds, engine.expert_stats().since(&before)))
-}
-
-/// The line under the table when the experts are paged: each test's hit rate, MB read and I/O wait per token.
-fn expert_line(slots: u64, rows: &[Row]) -> String {
-    let tests: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let p = r.experts.per_token();
-            format!(
-                "{} ({} threads) {:.1} % hits, {:.2} MB read/token, I/O wait {:.2} ms/token",
-                r.test.name(),
-                r.threads,
-                r.experts.hit_rate() * 100.0,
-                p.bytes_read / 1e6,
-                p.io_wait_ms
-            )
-        })
-        .collect();
-    format!("expert cache ({slots} slots): {}", tests.join("; "))
-}
-
-/// Seconds of each timed repetition of `test` on llama.cpp, with the same tokens and settings.
-fn measure_llama(
-    model: &LlamaModel,
-    threads: usize,
-    test: Test,
-    tokens: &Tokens,
-    args: &BenchArgs,
-) -> Result<Vec<f64>> {
-    let toks: Vec<i32> = tokens.of(test).iter().map(|&t| t as i32).collect();
-    let mut ctx = model.context(LlamaContextParams {
-        n_ctx: test.n as u32,
-        n_batch: test.n as u32,
-        n_ubatch: args.ubatch.min(test.n) as u32,
-        n_threads: threads as i32,
-        cache_f16: args.cache_type == CacheType::F16,
-    })?;
-    let run = |ctx: &mut ferrite::bench_llama::LlamaContext<'_>, toks: &[i32]| -> Result<()> {
-        match test.kind {
-            Kind::Prompt => ctx.decode(toks),
-            Kind::Generation => toks.iter().try_for_each(|&t| ctx.decode(&[t])),
-        }
-    };
-    if !args.no_warmup {
-        let warm = match test.kind {
-            Kind::Prompt => &toks[..],
-            Kind::Generation => &toks[..1],
-        };
-        run(&mut ctx, warm)?;
-    }
-    let mut seconds = Vec::with_capacity(args.repetitions);
-    for _ in 0..args.repetitions {
-        ctx.clear();
-        let start = Instant::now();
-        run(&mut ctx, &toks)?;
-        seconds.push(start.elapsed().as_secs_f64());
-    }
-    Ok(seconds)
-}
-
 fn model_facts(engine: &Engine) -> ModelFacts {
     let model = engine.model();
     let cfg = engine.config();
@@ -673,100 +620,6 @@ fn model_facts(engine: &Engine) -> ModelFacts {
 }
 
 /// llama-bench's markdown table, with llama.cpp's speed and the ratio when measured.
-fn table(facts: &ModelFacts, rows: &[Row], vs_llama: bool) -> String {
-    let mut header = vec![
-        "model",
-        "size",
-        "params",
-        "backend",
-        "threads",
-        "test",
-        "t/s (median ± sd)",
-    ];
-    if vs_llama {
-        header.extend(["llama.cpp t/s", "ferrite / llama.cpp"]);
-    }
-    let right = |i: usize| i != 0 && i != 3;
-    let size = if facts.bytes >= 1 << 30 {
-        format!("{:.2} GiB", facts.bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.2} MiB", facts.bytes as f64 / (1u64 << 20) as f64)
-    };
-    let mut cells: Vec<Vec<String>> = Vec::new();
-    for r in rows {
-        let mut line = vec![
-            facts.name.clone(),
-            size.clone(),
-            human_params(facts.params),
-            "CPU".to_string(),
-            r.threads.to_string(),
-            r.test.name(),
-            r.ferrite.cell(),
-        ];
-        if vs_llama {
-            match &r.llama {
-                Some(l) => {
-                    line.push(l.cell());
-                    line.push(format!("{:.2}", r.ferrite.median / l.median));
-                }
-                None => line.extend(["-".to_string(), "-".to_string()]),
-            }
-        }
-        cells.push(line);
-    }
-    let width = |i: usize| {
-        cells
-            .iter()
-            .map(|l| l[i].chars().count())
-            .chain([header[i].chars().count()])
-            .max()
-            .unwrap_or(1)
-    };
-    let widths: Vec<usize> = (0..header.len()).map(width).collect();
-    let pad = |s: &str, i: usize| {
-        let fill = widths[i].saturating_sub(s.chars().count());
-        if right(i) {
-            format!("{}{s}", " ".repeat(fill))
-        } else {
-            format!("{s}{}", " ".repeat(fill))
-        }
-    };
-    let mut out = String::new();
-    let line = |items: Vec<String>| format!("| {} |\n", items.join(" | "));
-    out += &line(header.iter().enumerate().map(|(i, h)| pad(h, i)).collect());
-    out += &line(
-        widths
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| {
-                if right(i) {
-                    format!("{}:", "-".repeat(w - 1))
-                } else {
-                    "-".repeat(w)
-                }
-            })
-            .collect(),
-    );
-    for l in &cells {
-        out += &line(l.iter().enumerate().map(|(i, c)| pad(c, i)).collect());
-    }
-    out
-}
-
-/// Parameters as llama-bench writes them: `6.74 B`, `13.11 M`, `512.00 K`.
-fn human_params(n: u64) -> String {
-    let v = n as f64;
-    if v >= 1e9 {
-        format!("{:.2} B", v / 1e9)
-    } else if v >= 1e6 {
-        format!("{:.2} M", v / 1e6)
-    } else if v >= 1e3 {
-        format!("{:.2} K", v / 1e3)
-    } else {
-        n.to_string()
-    }
-}
-
 /// Resets the kernel's peak-RSS counter of this process (Linux 4.0+); false when it cannot.
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()

@@ -1,0 +1,240 @@
+//! The runs `ferrite bench` times: the random tokens both engines process, and each engine's warm-up and timed
+//! repetitions of one test, one repetition at a time (so the two engines' repetitions can alternate).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use ferrite::bench_llama::{LlamaContext, LlamaContextParams, LlamaModel};
+use ferrite::cache::CacheType;
+use ferrite::engine::{Engine, Logits, Session};
+use ferrite::experts::StatsSnapshot;
+
+use super::{BenchArgs, Kind, Test};
+
+/// The random tokens both engines process.
+pub(super) struct Tokens {
+    pub(super) bos: Option<u32>,
+    prompt: Vec<u32>,
+    gen: Vec<u32>,
+}
+
+impl Tokens {
+    pub(super) fn new(engine: &Engine, args: &BenchArgs) -> Tokens {
+        let md = engine.model().metadata();
+        let add_bos = md.bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+        let n_vocab = engine.n_vocab();
+        let bos = md
+            .u32("tokenizer.ggml.bos_token_id")
+            .ok()
+            .filter(|&b| add_bos && (b as usize) < n_vocab);
+        let mut state = args.seed;
+        let mut random = |n: usize| -> Vec<u32> {
+            let mut v: Vec<u32> = (0..n)
+                .map(|_| (splitmix64(&mut state) % n_vocab as u64) as u32)
+                .collect();
+            if let (Some(b), Some(first)) = (bos, v.first_mut()) {
+                *first = b;
+            }
+            v
+        };
+        let prompt = random(args.n_prompt);
+        let gen = random(args.n_gen);
+        Tokens { bos, prompt, gen }
+    }
+
+    fn of(&self, test: Test) -> &[u32] {
+        match test.kind {
+            Kind::Prompt => &self.prompt,
+            Kind::Generation => &self.gen,
+        }
+    }
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Ferrite's runs of one test, in a session of its own.
+pub(super) struct FerriteRuns<'e, 't> {
+    engine: &'e Engine,
+    session: Session<'e>,
+    toks: &'t [u32],
+    kind: Kind,
+    /// The expert store's counters before the first timed repetition.
+    before: Option<StatsSnapshot>,
+}
+
+impl<'e, 't> FerriteRuns<'e, 't> {
+    pub(super) fn new(
+        engine: &'e Engine,
+        test: Test,
+        tokens: &'t Tokens,
+        args: &BenchArgs,
+    ) -> Result<FerriteRuns<'e, 't>> {
+        Ok(FerriteRuns {
+            engine,
+            session: engine.session(test.n, args.ubatch.min(test.n))?,
+            toks: tokens.of(test),
+            kind: test.kind,
+            before: None,
+        })
+    }
+
+    fn run(&mut self, toks: &[u32]) -> Result<()> {
+        match self.kind {
+            Kind::Prompt => {
+                self.session.feed(toks, Logits::Last)?;
+            }
+            Kind::Generation => {
+                for &t in toks {
+                    self.session.feed(&[t], Logits::Last)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The untimed run (for generation, one token, as llama-bench does).
+    pub(super) fn warm_up(&mut self) -> Result<()> {
+        self.run(warm_part(self.kind, self.toks))
+    }
+
+    /// One timed repetition from an empty cache, in seconds.
+    pub(super) fn timed(&mut self) -> Result<f64> {
+        if self.before.is_none() {
+            self.before = Some(self.engine.expert_stats());
+        }
+        self.session.reset()?;
+        let start = Instant::now();
+        self.run(self.toks)?;
+        let seconds = start.elapsed().as_secs_f64();
+        // ggml's workers would spin a while for more work: not during the next run (llama.cpp's, interleaved).
+        self.engine.pause_threads();
+        Ok(seconds)
+    }
+
+    /// The expert store's counters over the timed repetitions.
+    pub(super) fn expert_stats(&self) -> StatsSnapshot {
+        let now = self.engine.expert_stats();
+        match &self.before {
+            Some(b) => now.since(b),
+            None => StatsSnapshot::default(),
+        }
+    }
+}
+
+/// llama.cpp's runs of one test, in a context of its own with the same tokens and settings.
+pub(super) struct LlamaRuns<'m> {
+    ctx: LlamaContext<'m>,
+    toks: Vec<i32>,
+    kind: Kind,
+}
+
+impl<'m> LlamaRuns<'m> {
+    pub(super) fn new(
+        model: &'m LlamaModel,
+        threads: usize,
+        test: Test,
+        tokens: &Tokens,
+        args: &BenchArgs,
+    ) -> Result<LlamaRuns<'m>> {
+        let ctx = model.context(LlamaContextParams {
+            n_ctx: test.n as u32,
+            n_batch: test.n as u32,
+            n_ubatch: args.ubatch.min(test.n) as u32,
+            n_threads: threads as i32,
+            cache_f16: args.cache_type == CacheType::F16,
+        })?;
+        Ok(LlamaRuns {
+            ctx,
+            toks: tokens.of(test).iter().map(|&t| t as i32).collect(),
+            kind: test.kind,
+        })
+    }
+
+    fn run(ctx: &mut LlamaContext<'m>, kind: Kind, toks: &[i32]) -> Result<()> {
+        match kind {
+            Kind::Prompt => ctx.decode(toks),
+            Kind::Generation => toks.iter().try_for_each(|&t| ctx.decode(&[t])),
+        }
+    }
+
+    pub(super) fn warm_up(&mut self) -> Result<()> {
+        Self::run(&mut self.ctx, self.kind, warm_part(self.kind, &self.toks))
+    }
+
+    pub(super) fn timed(&mut self) -> Result<f64> {
+        self.ctx.clear();
+        let start = Instant::now();
+        Self::run(&mut self.ctx, self.kind, &self.toks)?;
+        Ok(start.elapsed().as_secs_f64())
+    }
+}
+
+/// What a warm-up processes: the whole prompt, or generation's first token.
+fn warm_part<T>(kind: Kind, toks: &[T]) -> &[T] {
+    match kind {
+        Kind::Prompt => toks,
+        Kind::Generation => &toks[..toks.len().min(1)],
+    }
+}
+
+/// Seconds of each timed repetition of `test` on ferrite (after a warm-up unless `--no-warmup`), and the expert
+/// store's counters over them.
+pub(super) fn measure_ferrite(
+    engine: &Engine,
+    test: Test,
+    tokens: &Tokens,
+    args: &BenchArgs,
+) -> Result<(Vec<f64>, StatsSnapshot)> {
+    let mut runs = FerriteRuns::new(engine, test, tokens, args)?;
+    if !args.no_warmup {
+        runs.warm_up()?;
+    }
+    let seconds = (0..args.repetitions)
+        .map(|_| runs.timed())
+        .collect::<Result<Vec<f64>>>()?;
+    Ok((seconds, runs.expert_stats()))
+}
+
+/// Seconds of each timed repetition of `test` on llama.cpp (after a warm-up unless `--no-warmup`).
+pub(super) fn measure_llama(
+    model: &LlamaModel,
+    threads: usize,
+    test: Test,
+    tokens: &Tokens,
+    args: &BenchArgs,
+) -> Result<Vec<f64>> {
+    let mut runs = LlamaRuns::new(model, threads, test, tokens, args)?;
+    if !args.no_warmup {
+        runs.warm_up()?;
+    }
+    (0..args.repetitions).map(|_| runs.timed()).collect()
+}
+
+/// Both engines' timed repetitions of `test`, alternating (ferrite, llama.cpp, ferrite, ...) after both warm-ups,
+/// so both see the same machine; and the expert store's counters over ferrite's.
+pub(super) fn measure_interleaved(
+    engine: &Engine,
+    model: &LlamaModel,
+    test: Test,
+    tokens: &Tokens,
+    args: &BenchArgs,
+) -> Result<(Vec<f64>, Vec<f64>, StatsSnapshot)> {
+    let mut ours = FerriteRuns::new(engine, test, tokens, args)?;
+    let mut theirs = LlamaRuns::new(model, engine.options().n_threads, test, tokens, args)?;
+    if !args.no_warmup {
+        ours.warm_up()?;
+        theirs.warm_up()?;
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..args.repetitions {
+        a.push(ours.timed()?);
+        b.push(theirs.timed()?);
+    }
+    Ok((a, b, ours.expert_stats()))
+}

@@ -1,0 +1,119 @@
+//! The table `ferrite bench` prints, and the expert cache's line under it.
+
+use super::{ModelFacts, Row};
+
+/// The line under the table when the experts are paged: each test's hit rate, MB read and I/O wait per token.
+pub(super) fn expert_line(slots: u64, rows: &[Row]) -> String {
+    let tests: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let p = r.experts.per_token();
+            format!(
+                "{} ({} threads) {:.1} % hits, {:.2} MB read/token, I/O wait {:.2} ms/token",
+                r.test.name(),
+                r.threads,
+                r.experts.hit_rate() * 100.0,
+                p.bytes_read / 1e6,
+                p.io_wait_ms
+            )
+        })
+        .collect();
+    format!("expert cache ({slots} slots): {}", tests.join("; "))
+}
+
+pub(super) fn table(facts: &ModelFacts, rows: &[Row], vs_llama: bool) -> String {
+    let mut header = vec![
+        "model",
+        "size",
+        "params",
+        "backend",
+        "threads",
+        "test",
+        "t/s (median ± sd)",
+    ];
+    if vs_llama {
+        header.extend(["llama.cpp t/s", "ferrite / llama.cpp"]);
+    }
+    let right = |i: usize| i != 0 && i != 3;
+    let size = if facts.bytes >= 1 << 30 {
+        format!("{:.2} GiB", facts.bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", facts.bytes as f64 / (1u64 << 20) as f64)
+    };
+    let mut cells: Vec<Vec<String>> = Vec::new();
+    for r in rows {
+        let mut line = vec![
+            facts.name.clone(),
+            size.clone(),
+            human_params(facts.params),
+            "CPU".to_string(),
+            r.threads.to_string(),
+            r.test.name(),
+            r.ferrite.cell(),
+        ];
+        if vs_llama {
+            match &r.llama {
+                Some(l) => {
+                    line.push(l.cell());
+                    line.push(format!(
+                        "{:.2}",
+                        r.ratio().unwrap_or(r.ferrite.median / l.median)
+                    ));
+                }
+                None => line.extend(["-".to_string(), "-".to_string()]),
+            }
+        }
+        cells.push(line);
+    }
+    let width = |i: usize| {
+        cells
+            .iter()
+            .map(|l| l[i].chars().count())
+            .chain([header[i].chars().count()])
+            .max()
+            .unwrap_or(1)
+    };
+    let widths: Vec<usize> = (0..header.len()).map(width).collect();
+    let pad = |s: &str, i: usize| {
+        let fill = widths[i].saturating_sub(s.chars().count());
+        if right(i) {
+            format!("{}{s}", " ".repeat(fill))
+        } else {
+            format!("{s}{}", " ".repeat(fill))
+        }
+    };
+    let mut out = String::new();
+    let line = |items: Vec<String>| format!("| {} |\n", items.join(" | "));
+    out += &line(header.iter().enumerate().map(|(i, h)| pad(h, i)).collect());
+    out += &line(
+        widths
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                if right(i) {
+                    format!("{}:", "-".repeat(w - 1))
+                } else {
+                    "-".repeat(w)
+                }
+            })
+            .collect(),
+    );
+    for l in &cells {
+        out += &line(l.iter().enumerate().map(|(i, c)| pad(c, i)).collect());
+    }
+    out
+}
+
+/// Parameters as llama-bench writes them: `6.74 B`, `13.11 M`, `512.00 K`.
+pub(super) fn human_params(n: u64) -> String {
+    let v = n as f64;
+    if v >= 1e9 {
+        format!("{:.2} B", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.2} K", v / 1e3)
+    } else {
+        n.to_string()
+    }
+}
