@@ -305,7 +305,10 @@ fn interleave_pairs_the_repetitions() {
         "--json",
     ];
     let (out, err) = ok(&bench(&args, dir.path()));
-    assert!(err.contains("ferrite: pp32") && err.contains("llama.cpp: tg8"), "{err}");
+    assert!(
+        err.contains("ferrite: pp32") && err.contains("llama.cpp: tg8"),
+        "{err}"
+    );
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["interleaved"], Value::Bool(true));
     assert!(v["llama_rss_peak_bytes"].is_null());
@@ -323,7 +326,10 @@ fn interleave_pairs_the_repetitions() {
         let mut pairs: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a / b).collect();
         pairs.sort_by(f64::total_cmp);
         let ratio = positive(&r["ratio"]);
-        assert!((ratio - pairs[1]).abs() <= 1e-9 * ratio, "{ratio} vs pairs {pairs:?}");
+        assert!(
+            (ratio - pairs[1]).abs() <= 1e-9 * ratio,
+            "{ratio} vs pairs {pairs:?}"
+        );
     }
 
     let out = bench(&["-m", "demo", "--interleave"], dir.path());
