@@ -358,6 +358,22 @@ impl Groups {
     }
 }
 
+/// What both steps read first: the kernel, the rows grouped by expert (`src[1]` the ids, `src[2]` the experts), the
+/// length of a row and the bytes of a quantized one; `None` for a length `grouped_rows` would have refused.
+///
+/// # Safety
+/// `dst` is a node of this module with its sources allocated; `userdata` a static [`GroupedKernel`].
+unsafe fn callback_setup(
+    dst: *mut sys::ggml_tensor,
+    userdata: *mut c_void,
+) -> Option<(&'static GroupedKernel, Groups, usize, usize)> {
+    let kernel = &*(userdata as *const GroupedKernel);
+    let (ids, w) = (&*(*dst).src[1], &*(*dst).src[2]);
+    let d = w.ne[0] as usize;
+    let row_bytes = row_size(kernel.input, d as i64).ok()?;
+    Some((kernel, Groups::of(ids, w.ne[2] as usize), d, row_bytes))
+}
+
 /// Step 1, on thread `ith` of `nth`: quantizes its share of the groups of four rows and of the single rows.
 ///
 /// # Safety
@@ -369,12 +385,10 @@ unsafe extern "C" fn quantize_rows_callback(
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    let kernel = &*(userdata as *const GroupedKernel);
-    let (b, ids, w) = (&*(*dst).src[0], &*(*dst).src[1], &*(*dst).src[2]);
-    let (d, kb) = (b.ne[0] as usize, b.ne[1] as usize);
-    let groups = Groups::of(ids, w.ne[2] as usize);
-    let Ok(row_bytes) = row_size(kernel.input, d as i64) else {
-        return; // `grouped_rows` checked that the rows fill whole blocks
+    let b = &*(*dst).src[0];
+    let kb = b.ne[1] as usize;
+    let Some((kernel, groups, d, row_bytes)) = callback_setup(dst, userdata) else {
+        return;
     };
     let from_float = (*sys::ggml_get_type_traits_cpu(to_ggml(kernel.input))).from_float;
     let Some(from_float) = from_float else {
@@ -420,9 +434,8 @@ unsafe extern "C" fn product_callback(
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    let kernel = &*(userdata as *const GroupedKernel);
-    let (quantized, ids, w) = (&*(*dst).src[0], &*(*dst).src[1], &*(*dst).src[2]);
-    let (d, m) = (w.ne[0] as usize, w.ne[1]);
+    let (quantized, w) = (&*(*dst).src[0], &*(*dst).src[2]);
+    let m = w.ne[1];
     // Columns of this thread, on multiples of the interleave (as ggml's repacked mul_mat splits them).
     let align = |c: i64| (c + COLS - 1) / COLS * COLS;
     let c0 = align(ith as i64 * m / nth as i64).min(m);
@@ -431,9 +444,8 @@ unsafe extern "C" fn product_callback(
         return;
     }
     let nc = (c1 - c0) as usize;
-    let groups = Groups::of(ids, w.ne[2] as usize);
-    let Ok(row_bytes) = row_size(kernel.input, d as i64) else {
-        return; // `grouped_rows` checked that the rows fill whole blocks
+    let Some((kernel, groups, d, row_bytes)) = callback_setup(dst, userdata) else {
+        return;
     };
     let out = (*dst).data as *mut u8;
     let out_row = |(j, t): (u32, u32)| {

@@ -381,77 +381,68 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // The expert counters of every ferrite run, warm-ups included, over the engines of each thread count.
     let mut expert_totals = StatsSnapshot::default();
     let load_llama = || load_reference(args, &model_args(threads[0]), &facts, &tokens);
-    let (rss, llama_rss) = if args.interleave {
-        // ferrite's warm-ups first, alone: its peak memory is read before llama.cpp loads anything.
+    // With --interleave, ferrite's warm-ups come first, alone: its peak memory is read before llama.cpp loads.
+    let mut interleaved = None;
+    if args.interleave {
         if !args.no_warmup {
             for &test in &tests {
                 FerriteRuns::new(&engine, test, &tokens, args)?.warm_up()?;
             }
         }
-        let rss = peak_rss();
-        let model = load_llama()?;
-        for (i, &t) in threads.iter().enumerate() {
-            if i > 0 && t != engine.options().n_threads {
-                expert_totals = expert_totals.plus(&engine.expert_stats());
-                drop(engine);
-                engine = open_engine(&model_args(t), PlanReport::Never)?;
-            }
-            for &test in &tests {
-                let (ours, theirs, experts) =
-                    measure_interleaved(&engine, &model, test, &tokens, args)?;
-                let row = Row {
-                    threads: t,
-                    test,
-                    ferrite: Stats::new(test.n, ours),
-                    experts,
-                    llama: Some(Stats::new(test.n, theirs)),
-                    paired: true,
-                };
-                report_row(&row, paged);
-                rows.push(row);
-            }
+        interleaved = Some((peak_rss(), load_llama()?));
+    }
+    for (i, &t) in threads.iter().enumerate() {
+        if i > 0 && t != engine.options().n_threads {
+            expert_totals = expert_totals.plus(&engine.expert_stats());
+            drop(engine);
+            engine = open_engine(&model_args(t), PlanReport::Never)?;
         }
-        expert_totals = expert_totals.plus(&engine.expert_stats());
-        drop(engine);
-        (rss, None)
-    } else {
-        // ferrite first; its peak memory is read before llama.cpp loads anything.
-        for (i, &t) in threads.iter().enumerate() {
-            if i > 0 && t != engine.options().n_threads {
-                expert_totals = expert_totals.plus(&engine.expert_stats());
-                drop(engine);
-                engine = open_engine(&model_args(t), PlanReport::Never)?;
-            }
-            for &test in &tests {
-                let (seconds, experts) = measure_ferrite(&engine, test, &tokens, args)?;
-                let row = Row {
-                    threads: t,
-                    test,
-                    ferrite: Stats::new(test.n, seconds),
-                    experts,
-                    llama: None,
-                    paired: false,
-                };
-                report_row(&row, paged);
-                rows.push(row);
-            }
+        for &test in &tests {
+            let (ours, theirs, experts) = match &interleaved {
+                Some((_, model)) => {
+                    let (ours, theirs, experts) =
+                        measure_interleaved(&engine, model, test, &tokens, args)?;
+                    (ours, Some(theirs), experts)
+                }
+                None => {
+                    let (ours, experts) = measure_ferrite(&engine, test, &tokens, args)?;
+                    (ours, None, experts)
+                }
+            };
+            let row = Row {
+                threads: t,
+                test,
+                ferrite: Stats::new(test.n, ours),
+                experts,
+                llama: theirs.map(|s| Stats::new(test.n, s)),
+                paired: interleaved.is_some(),
+            };
+            report_row(&row, paged);
+            rows.push(row);
         }
-        expert_totals = expert_totals.plus(&engine.expert_stats());
-        drop(engine);
-        let rss = peak_rss();
-        let mut llama_rss = None;
-        if args.vs_llama {
-            let llama_reset = reset_peak_rss();
-            let model = load_llama()?;
-            for row in &mut rows {
-                let seconds = measure_llama(&model, row.threads, row.test, &tokens, args)?;
-                row.llama = Some(Stats::new(row.test.n, seconds));
-                report_row(row, false);
+    }
+    expert_totals = expert_totals.plus(&engine.expert_stats());
+    drop(engine);
+    let (rss, llama_rss) = match interleaved {
+        // llama.cpp's peak memory is not measured apart when both engines were loaded.
+        Some((rss, _model)) => (rss, None),
+        // Otherwise ferrite's peak memory is read before llama.cpp loads anything.
+        None => {
+            let rss = peak_rss();
+            let mut llama_rss = None;
+            if args.vs_llama {
+                let llama_reset = reset_peak_rss();
+                let model = load_llama()?;
+                for row in &mut rows {
+                    let seconds = measure_llama(&model, row.threads, row.test, &tokens, args)?;
+                    row.llama = Some(Stats::new(row.test.n, seconds));
+                    report_row(row, false);
+                }
+                drop(model);
+                llama_rss = peak_rss().map(|b| (b, llama_reset && hwm_reset));
             }
-            drop(model);
-            llama_rss = peak_rss().map(|b| (b, llama_reset && hwm_reset));
+            (rss, llama_rss)
         }
-        (rss, llama_rss)
     };
 
     let bandwidth = |stats: &Stats| facts.bytes_per_token as f64 * stats.median;
