@@ -51,7 +51,7 @@ pub struct RawPlan {
     /// Ring rows attention reads (`read_slots.len()` when gathered).
     pub n_kv: usize,
     /// When the queries see far fewer rows than the first `n_kv` (decode): the aligned blocks of ring rows that
-    /// hold the positions they see (see [`gathered_raw`]). Attention then gathers these rows instead of
+    /// hold the positions they see (see `gathered_raw`). Attention then gathers these rows instead of
     /// multiplying every query with rows it cannot see.
     pub read_slots: Option<Vec<i32>>,
     /// `[n_kv, n_tokens]` (ggml order: one row of `n_kv` values per query), 0 or -inf.

@@ -171,7 +171,7 @@ impl fmt::Debug for HfVocab {
 
 impl HfVocab {
     /// Reads DIR/tokenizer.json and DIR/tokenizer_config.json (the latter optional); `vocab_size` is config.json's
-    /// vocab_size (ids above the tokenizer's get "[PAD<i>]" UNUSED entries like the converter; fewer -> error).
+    /// vocab_size (ids above the tokenizer's get `"[PAD<i>]"` UNUSED entries like the converter; fewer -> error).
     pub fn read(dir: &Path, vocab_size: Option<u32>) -> Result<HfVocab, VocabError> {
         let tokenizer_path = dir.join(TOKENIZER_JSON);
         if !tokenizer_path.is_file() {

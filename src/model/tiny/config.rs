@@ -51,7 +51,7 @@ pub struct TinyConfig {
 }
 
 impl TinyConfig {
-    /// DSV4.md section 7's verified configuration: 6 layers, ratios [0,4,128,4,128,0], hidden 256, 4 heads of 128,
+    /// DSV4.md section 7's verified configuration: 6 layers, ratios `[0,4,128,4,128,0]`, hidden 256, 4 heads of 128,
     /// 16 indexer heads of 64 (top-8), 8 experts top-2 of width 64, hash layers 0-1, window 16, YaRN 16 from 256.
     pub fn small() -> TinyConfig {
         TinyConfig {
@@ -90,7 +90,7 @@ impl TinyConfig {
         }
     }
 
-    /// A second, different layout: 7 layers [0,4,128,4,0,128,4], hidden 384, 8 heads of 96 (rope 32), 4 output
+    /// A second, different layout: 7 layers `[0,4,128,4,0,128,4]`, hidden 384, 8 heads of 96 (rope 32), 4 output
     /// groups, window 32, 16 experts top-4 of width 32, 3 hash layers (raw, ratio 4 and ratio 128), indexer
     /// 16 x 64 top-16, YaRN 8 from 512, `nextn_predict_layers = 1` without MTP tensors (as the converter writes it).
     pub fn alt() -> TinyConfig {
@@ -130,7 +130,7 @@ impl TinyConfig {
         }
     }
 
-    /// The `-m demo` model: small and quick (4 layers [0,4,128,0]), with the demo vocabulary so text goes in and out.
+    /// The `-m demo` model: small and quick (4 layers `[0,4,128,0]`), with the demo vocabulary so text goes in and out.
     pub fn demo() -> TinyConfig {
         TinyConfig {
             n_layer: 4,
