@@ -2,6 +2,11 @@
 //! each expert's rows) against `mul_mat_id` (ggml's repacked GEMV kernel row by row) on the same repacked experts
 //! and inputs, for Q4_K and MXFP4 experts: uneven expert loads (experts with 0, 1..3, 4 and more rows, a bias
 //! towards a few), a shared input and one input per slot (as the down projection), and both thread counts.
+//!
+//! Also a measurement, not a check, of both at Flash's expert size: `cargo test --release --test grouped_experts --
+//! --ignored --nocapture`.
+
+use std::time::Instant;
 
 use ferrite::ggml::{
     quantize_rows, Context, CpuBackend, GroupedKernel, RepackType, RepackWeight, WeightOp,
@@ -136,5 +141,91 @@ fn mxfp4_grouped_products_match_mul_mat_id() {
     for threads in [1, 2] {
         check(GgmlType::Mxfp4, threads, false);
         check(GgmlType::Mxfp4, threads, true);
+    }
+}
+
+/// Milliseconds of `mul_mat_id` and of the grouped products (step 1 and step 2 of one input, as the gate
+/// projection) for 128 tokens routed to 6 of 64 experts of Flash's size (4096 x 2048), 2 threads, median of 5.
+#[test]
+#[ignore = "a measurement; run explicitly"]
+fn grouped_products_speed() {
+    let Some(rt) = RepackType::cpu() else {
+        return;
+    };
+    let (d, m, n_expert, n_used, n) = (4096i64, 2048i64, 64usize, 6usize, 128usize);
+    for ty in [GgmlType::Q4K, GgmlType::Mxfp4] {
+        let mut rng = Rng(7);
+        let one: Vec<f32> = (0..d * m).map(|_| rng.uniform()).collect();
+        let one = quantize_rows(ty, &one, d as usize, None).unwrap();
+        let bytes = one.repeat(n_expert);
+        let weights = Context::with_capacity(1, 0).unwrap();
+        let w = weights.new_tensor_3d(ty, d, m, n_expert as i64).unwrap();
+        let op = WeightOp::MulMatId { n_used };
+        weights
+            .repack(
+                rt,
+                &[RepackWeight {
+                    tensor: w,
+                    bytes: &bytes,
+                    op,
+                }],
+                |_| {},
+            )
+            .unwrap();
+        let Some(kernel) = GroupedKernel::of(w, &rt) else {
+            eprintln!("{ty}: no grouped kernel on this host");
+            continue;
+        };
+        let ctx = Context::with_capacity(16, 16).unwrap();
+        let x = ctx.new_tensor_3d(GgmlType::F32, d, 1, n as i64).unwrap();
+        let ids = ctx
+            .new_tensor_2d(GgmlType::I32, n_used as i64, n as i64)
+            .unwrap();
+        let rows_per_row = ctx.mul_mat_id(w, x, ids).unwrap();
+        let rows = ctx.grouped_rows(kernel, w, x, ids).unwrap();
+        let grouped = ctx.mul_mat_id_grouped(w, rows).unwrap();
+        let mut a = ctx.new_graph(16).unwrap();
+        a.expand(rows_per_row).unwrap();
+        let mut b = ctx.new_graph(16).unwrap();
+        b.expand(grouped).unwrap();
+        ctx.alloc_tensors_host().unwrap();
+        x.set_f32(&(0..d * n as i64).map(|_| rng.uniform()).collect::<Vec<_>>())
+            .unwrap();
+        let mut route = Vec::new();
+        for _ in 0..n {
+            let mut chosen: Vec<i32> = Vec::new();
+            while chosen.len() < n_used {
+                let e = (rng.next() % n_expert as u64) as i32;
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            route.extend(chosen);
+        }
+        ids.set_bytes(
+            &route
+                .iter()
+                .flat_map(|i| i.to_le_bytes())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let backend = CpuBackend::new(2).unwrap();
+        let time = |g| {
+            backend.compute(g).unwrap();
+            let mut ms: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    backend.compute(g).unwrap();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            ms[2]
+        };
+        let (per_row, grouped) = (time(&a), time(&b));
+        eprintln!(
+            "{ty}: mul_mat_id {per_row:.1} ms, grouped {grouped:.1} ms ({:.2}x)",
+            per_row / grouped
+        );
     }
 }
