@@ -27,18 +27,18 @@ impl Rng {
     }
 }
 
-/// `n_used` distinct experts per token, skewed so some experts get many rows and some none.
-fn routes(rng: &mut Rng, n_expert: usize, n_used: usize, n: usize) -> Vec<i32> {
+/// `n_used` distinct experts per token; `skewed`: half the picks among the first quarter of the experts and the
+/// last one never, so some experts get many rows and some none; else uniform.
+fn routes(rng: &mut Rng, n_expert: usize, n_used: usize, n: usize, skewed: bool) -> Vec<i32> {
     let mut ids = Vec::with_capacity(n_used * n);
     for _ in 0..n {
         let mut chosen: Vec<i32> = Vec::new();
         while chosen.len() < n_used {
             let r = rng.next() as usize;
-            // Half the picks among the first quarter of the experts; the last one never.
-            let e = if r % 2 == 0 {
-                (r >> 8) % (n_expert / 4)
-            } else {
-                (r >> 8) % (n_expert - 1)
+            let e = match skewed {
+                true if r % 2 == 0 => (r >> 8) % (n_expert / 4),
+                true => (r >> 8) % (n_expert - 1),
+                false => (r >> 8) % n_expert,
             };
             if !chosen.contains(&(e as i32)) {
                 chosen.push(e as i32);
@@ -47,6 +47,30 @@ fn routes(rng: &mut Rng, n_expert: usize, n_used: usize, n: usize) -> Vec<i32> {
         ids.extend(chosen);
     }
     ids
+}
+
+/// A context holding `{d, m, n_expert}` experts of `ty` (its first tensor), repacked from `bytes`; `None` when the
+/// host has no repacked layout for them.
+fn repacked_experts(
+    rt: RepackType,
+    ty: GgmlType,
+    [d, m, n_expert]: [i64; 3],
+    n_used: usize,
+    bytes: &[u8],
+) -> Option<Context<'static>> {
+    let weights = Context::with_capacity(1, 0).unwrap();
+    let w = weights.new_tensor_3d(ty, d, m, n_expert).unwrap();
+    let op = WeightOp::MulMatId { n_used };
+    if !rt.supports(w, op).unwrap() {
+        return None;
+    }
+    let tensor = RepackWeight {
+        tensor: w,
+        bytes,
+        op,
+    };
+    weights.repack(rt, &[tensor], |_| {}).unwrap();
+    Some(weights)
 }
 
 /// Worst |a - b| relative to the largest |b|.
@@ -67,24 +91,11 @@ fn check(ty: GgmlType, threads: usize, per_slot_input: bool) {
         .collect();
     let w_bytes = quantize_rows(ty, &w_f32, d as usize, None).unwrap();
 
-    let weights = Context::with_capacity(1, 0).unwrap();
-    let w = weights.new_tensor_3d(ty, d, m, n_expert as i64).unwrap();
-    let op = WeightOp::MulMatId { n_used };
-    if !rt.supports(w, op).unwrap() {
+    let Some(weights) = repacked_experts(rt, ty, [d, m, n_expert as i64], n_used, &w_bytes) else {
         eprintln!("{ty}: the host has no repacked layout: nothing to check");
         return;
-    }
-    weights
-        .repack(
-            rt,
-            &[RepackWeight {
-                tensor: w,
-                bytes: &w_bytes,
-                op,
-            }],
-            |_| {},
-        )
-        .unwrap();
+    };
+    let w = weights.tensors()[0];
     let Some(kernel) = GroupedKernel::of(w, &rt) else {
         eprintln!("{ty}: repacked in a layout the grouped products do not take: nothing to check");
         return;
@@ -105,7 +116,7 @@ fn check(ty: GgmlType, threads: usize, per_slot_input: bool) {
     ctx.alloc_tensors_host().unwrap();
     let xs: Vec<f32> = (0..d * b1 * n as i64).map(|_| rng.uniform()).collect();
     x.set_f32(&xs).unwrap();
-    let route = routes(&mut rng, n_expert, n_used, n);
+    let route = routes(&mut rng, n_expert, n_used, n, true);
     ids.set_bytes(
         &route
             .iter()
@@ -158,20 +169,12 @@ fn grouped_products_speed() {
         let one: Vec<f32> = (0..d * m).map(|_| rng.uniform()).collect();
         let one = quantize_rows(ty, &one, d as usize, None).unwrap();
         let bytes = one.repeat(n_expert);
-        let weights = Context::with_capacity(1, 0).unwrap();
-        let w = weights.new_tensor_3d(ty, d, m, n_expert as i64).unwrap();
-        let op = WeightOp::MulMatId { n_used };
-        weights
-            .repack(
-                rt,
-                &[RepackWeight {
-                    tensor: w,
-                    bytes: &bytes,
-                    op,
-                }],
-                |_| {},
-            )
-            .unwrap();
+        let Some(weights) = repacked_experts(rt, ty, [d, m, n_expert as i64], n_used, &bytes)
+        else {
+            eprintln!("{ty}: no repacked layout on this host");
+            continue;
+        };
+        let w = weights.tensors()[0];
         let Some(kernel) = GroupedKernel::of(w, &rt) else {
             eprintln!("{ty}: no grouped kernel on this host");
             continue;
@@ -191,17 +194,7 @@ fn grouped_products_speed() {
         ctx.alloc_tensors_host().unwrap();
         x.set_f32(&(0..d * n as i64).map(|_| rng.uniform()).collect::<Vec<_>>())
             .unwrap();
-        let mut route = Vec::new();
-        for _ in 0..n {
-            let mut chosen: Vec<i32> = Vec::new();
-            while chosen.len() < n_used {
-                let e = (rng.next() % n_expert as u64) as i32;
-                if !chosen.contains(&e) {
-                    chosen.push(e);
-                }
-            }
-            route.extend(chosen);
-        }
+        let route = routes(&mut rng, n_expert, n_used, n, false);
         ids.set_bytes(
             &route
                 .iter()
