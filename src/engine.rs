@@ -11,7 +11,8 @@ use gguf::{GgmlType, Model};
 use crate::cache::{cache_bytes, CacheSizes, CacheType, KvCache, UbatchPlan};
 use crate::experts::{ExpertStats, StatsSnapshot};
 use crate::ggml::{
-    Context, CpuBackend, GraphAllocator, GroupedKernel, OwnedGraph, RepackType, Tensor,
+    Context, CpuBackend, GraphAllocator, GroupedKernel, OwnedGraph, RepackType, RepackedStats,
+    Tensor,
 };
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Uploads};
@@ -87,8 +88,9 @@ pub struct EngineOptions {
     /// The memory plan's inputs.
     pub paging: PagingOptions,
     /// Copy the matrices the CPU has faster kernels for into RAM in ggml's repacked layout (llama.cpp's CPU_REPACK
-    /// buffers: e.g. Q4_K as Q4_K_8x8 on AVX2), the release path; `false` computes every weight from the map.
-    /// Routed experts are repacked only when the plan keeps them all resident within the budget.
+    /// buffers: e.g. Q4_K as Q4_K_8x8 on AVX2), and the other non-expert matrices as they are, in huge pages: the
+    /// release path; `false` computes every weight from the map. Routed experts are repacked only when the plan
+    /// keeps them all resident within the budget, and never copied otherwise.
     pub repack: bool,
 }
 
@@ -125,6 +127,8 @@ pub struct Engine {
     locked: u64,
     /// See [`Engine::grouped_experts`].
     grouped: Option<RepackType>,
+    /// The weights copied into RAM as they are (see [`crate::placement::place_weights`]).
+    copied: RepackedStats,
 }
 
 impl Engine {
@@ -165,7 +169,7 @@ impl Engine {
             true => product_weights(&weights, cfg.n_expert_used, experts_fit(&plan)),
             false => Vec::new(),
         };
-        let repacked = place_weights(&model, &weights_ctx, &regions, &sources, &products)?;
+        let placed = place_weights(&model, &weights_ctx, &regions, &sources, &products)?;
         let backend = CpuBackend::new(opts.n_threads.max(1))?;
         let consts_ctx =
             constants(&cfg, &backend).context("cannot allocate the model's constants")?;
@@ -184,6 +188,7 @@ impl Engine {
             notes: Vec::new(),
             locked: 0,
             grouped: None,
+            copied: RepackedStats::default(),
         };
         engine.grouped = RepackType::cpu().filter(|rt| {
             let w = engine.weight_tensors();
@@ -202,6 +207,7 @@ impl Engine {
             .context("cannot set up the expert cache")?;
             engine.paged = Some(paged);
         }
+        let (repacked, copied) = (placed.repacked, placed.copied);
         if repacked.tensors > 0 {
             engine.notes.push(format!(
                 "repacked {} weights ({}) into RAM for the CPU's matrix kernels",
@@ -209,6 +215,14 @@ impl Engine {
                 format_bytes(repacked.bytes)
             ));
         }
+        if copied.tensors > 0 {
+            engine.notes.push(format!(
+                "copied {} weights ({}) into RAM in huge pages",
+                copied.tensors,
+                format_bytes(copied.bytes)
+            ));
+        }
+        engine.copied = copied;
         engine.lock_memory();
         Ok(engine)
     }
@@ -228,6 +242,11 @@ impl Engine {
     /// [`CpuBackend::pause_threads`]).
     pub fn pause_threads(&self) {
         self.backend.pause_threads();
+    }
+
+    /// Weights copied into RAM as they are (products without a repacked layout, with `repack` on).
+    pub fn copied_tensors(&self) -> usize {
+        self.copied.tensors
     }
 
     /// Bytes of the weights held repacked in RAM.

@@ -213,7 +213,25 @@ fn check_grouped(name: &str, path: &Path, tokens: &[u32], packed: &Engine, group
 /// Nothing repacked with `repack` off; with it on, at least what the host has kernels for, and a note says so.
 fn check_counts(name: &str, cfg: &TinyConfig, plain: &Engine, packed: &Engine) {
     assert_eq!(plain.repacked_tensors(), 0, "{name}: repack off");
+    assert_eq!(
+        plain.copied_tensors(),
+        0,
+        "{name}: repack off copies nothing"
+    );
     assert!(!plain.notes().iter().any(|n| n.contains("repacked")));
+    // Every matrix product's weight that is not repacked (nor a routed expert) is copied into RAM as it is.
+    let products = 3 * cfg.n_layer as usize + 1; // at least the shared experts and the output head
+    let in_ram = packed.repacked_tensors() + packed.copied_tensors();
+    eprintln!(
+        "{name}: {} repacked, {} copied into RAM",
+        packed.repacked_tensors(),
+        packed.copied_tensors()
+    );
+    assert!(in_ram >= products, "{name}: {in_ram} weights in RAM");
+    assert!(
+        packed.copied_tensors() > 0,
+        "{name}: the attention matrices at least are copied"
+    );
     let want = expected(cfg, true);
     let n = packed.repacked_tensors();
     let bytes = packed.repacked_bytes();

@@ -69,8 +69,9 @@ pub struct MemoryArgs {
     /// Keep every routed expert in the memory-mapped file whatever the budget (the OS pages it in, slowly).
     #[arg(long = "no-paging")]
     pub no_paging: bool,
-    /// Compute every weight from the mapped file instead of copying the ones the CPU has faster kernels for (e.g.
-    /// Q4_K) into RAM in ggml's repacked layout (llama.cpp's default; faster prompts, slower start).
+    /// Compute every weight from the mapped file instead of copying the matrices into RAM: those the CPU has faster
+    /// kernels for (e.g. Q4_K) in ggml's repacked layout (llama.cpp's default), the other non-expert ones as they
+    /// are in huge pages (faster prompts and decode, slower start).
     #[arg(long = "no-repack")]
     pub no_repack: bool,
 }
