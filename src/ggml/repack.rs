@@ -215,27 +215,38 @@ impl Context<'_> {
             self.check_repackable(ty, w)?;
         }
         let buf = alloc_buffer(ty, weights)?;
+        // ggml logs a debug line per repacked tensor; captured (and dropped) so it does not reach the terminal.
+        let (size, _debug) = capture(|| self.fill_weights(buf, weights, &mut copied));
+        Ok(size)
+    }
+
+    /// Keeps `buf` (where every one of `weights` was placed, with a layout ggml chose for a repack buffer) and
+    /// writes each weight's bytes in, calling `copied(i)` after weight `i`; returns the buffer's size.
+    fn fill_weights(
+        &self,
+        buf: OwnedBuffer,
+        weights: &[RepackWeight<'_, '_>],
+        copied: &mut impl FnMut(usize),
+    ) -> usize {
         let size = buf.size();
         self.buffers.borrow_mut().push(buf);
-        // ggml logs a debug line per repacked tensor; captured (and dropped) so it does not reach the terminal.
-        let ((), _debug) = capture(|| {
-            for (i, w) in weights.iter().enumerate() {
-                hints::populate(w.bytes);
-                // SAFETY: the tensor is allocated in a live repack buffer with a layout chosen (checked above); the
-                // whole tensor is written from offset 0 with exactly its byte count (checked), as the repack
-                // set_tensor asserts; `bytes` is readable for the call. ggml writes only the tensor's own bytes.
-                unsafe {
-                    sys::ggml_backend_tensor_set(
-                        w.tensor.as_ptr(),
-                        w.bytes.as_ptr().cast(),
-                        0,
-                        w.bytes.len(),
-                    )
-                };
-                copied(i);
-            }
-        });
-        Ok(size)
+        for (i, w) in weights.iter().enumerate() {
+            hints::populate(w.bytes);
+            // SAFETY: the tensor is allocated in a live buffer of this context (with a layout chosen, for a repack
+            // buffer); the whole tensor is written from offset 0 with exactly its byte count (checked by the
+            // callers), as the repack set_tensor asserts; `bytes` is readable for the call. ggml writes only the
+            // tensor's own bytes.
+            unsafe {
+                sys::ggml_backend_tensor_set(
+                    w.tensor.as_ptr(),
+                    w.bytes.as_ptr().cast(),
+                    0,
+                    w.bytes.len(),
+                )
+            };
+            copied(i);
+        }
+        size
     }
 
     /// Allocates `weights` (tensors of this context with no data, not views) in one plain host buffer that this
@@ -277,23 +288,7 @@ impl Context<'_> {
             let base = sys::ggml_backend_buffer_get_base(buf.as_ptr());
             hints::huge_pages(base.cast(), buf.size());
         }
-        let size = buf.size();
-        self.buffers.borrow_mut().push(buf);
-        for (i, w) in weights.iter().enumerate() {
-            hints::populate(w.bytes);
-            // SAFETY: the tensor is allocated in a live host buffer and written whole from offset 0 with exactly
-            // its byte count (checked); `bytes` is readable for the call.
-            unsafe {
-                sys::ggml_backend_tensor_set(
-                    w.tensor.as_ptr(),
-                    w.bytes.as_ptr().cast(),
-                    0,
-                    w.bytes.len(),
-                )
-            };
-            copied(i);
-        }
-        Ok(size)
+        Ok(self.fill_weights(buf, weights, &mut copied))
     }
 
     /// Whether `t` (a tensor of this context) lives in a buffer this context owns: repacked or copied into RAM,
