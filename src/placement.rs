@@ -1,5 +1,5 @@
-//! Where each weight's bytes live: bound to the memory-mapped file, or copied into ggml's repack buffers for the
-//! CPU's interleaved kernels; and what is locked in RAM.
+//! Where each weight's bytes live: bound to the memory-mapped file, or copied into RAM (ggml's repack buffers for
+//! the CPU's interleaved kernels, or a plain buffer in huge pages); and what is locked in RAM.
 
 use std::collections::HashSet;
 
@@ -119,9 +119,9 @@ pub fn place_weights(
     Ok(placed)
 }
 
-/// Locks in RAM what a run computes from: with `mlock` (resident), the weights (repacked ones in their buffers,
-/// the others' pages in the map; the whole file when nothing is repacked); when `paged`, the non-routed weights,
-/// the repack buffers and the expert cache. Returns the bytes locked and the first failure; None when there is
+/// Locks in RAM what a run computes from: with `mlock` (resident), the weights (repacked or copied ones in their
+/// buffers, the others' pages in the map; the whole file when none is in RAM); when `paged`, the non-routed
+/// weights, the weight buffers and the expert cache. Returns the bytes locked and the first failure; None when there is
 /// nothing to lock (resident without `mlock`).
 pub fn lock_weights(
     model: &Model,
@@ -135,13 +135,13 @@ pub fn lock_weights(
     let mut locked = 0u64;
     let mut failed = None;
     // Weights repacked or copied into RAM are locked there: their pages in the map are no longer read.
-    let repacked: HashSet<String> = weights_ctx
+    let in_ram: HashSet<String> = weights_ctx
         .tensors()
         .into_iter()
         .filter(|&t| weights_ctx.is_in_ram(t))
         .map(|t| t.name())
         .collect();
-    if !repacked.is_empty() {
+    if !in_ram.is_empty() {
         match weights_ctx.lock_owned() {
             Ok(bytes) => locked += bytes,
             Err(e) => {
@@ -159,13 +159,13 @@ pub fn lock_weights(
     let mut lock_mapped = |routed: bool| {
         for t in model.tensors() {
             let name = &t.info.name;
-            if !repacked.contains(name) && (routed || expert_tensor_layer(name).is_none()) {
+            if !in_ram.contains(name) && (routed || expert_tensor_layer(name).is_none()) {
                 lock(model.tensor_data(t));
             }
         }
     };
     match paged {
-        None if repacked.is_empty() => model.shards().iter().for_each(|s| lock(s.bytes())),
+        None if in_ram.is_empty() => model.shards().iter().for_each(|s| lock(s.bytes())),
         None => lock_mapped(true),
         Some(paged) => {
             lock_mapped(false);

@@ -147,28 +147,47 @@ impl RepackType {
     }
 }
 
-/// One buffer of `ty` (or several behind one handle) holding `weights`, each placed with the repacked layout ggml
-/// chose for it, in transparent huge pages where the OS has them. On an error no weight keeps a buffer.
-fn alloc_buffer(ty: RepackType, weights: &[RepackWeight<'_, '_>]) -> Result<OwnedBuffer> {
+/// One buffer of `buft` (or several behind one handle, `name` in errors) holding `weights`, each placed by ggml,
+/// marked as holding weights, in transparent huge pages where the OS has them (advised before anything touches it).
+/// On an error no weight keeps a buffer.
+fn alloc_weights(
+    buft: sys::ggml_backend_buffer_type_t,
+    name: &str,
+    weights: &[RepackWeight<'_, '_>],
+) -> Result<OwnedBuffer> {
     let mut raw: Vec<*mut sys::ggml_tensor> = weights.iter().map(|w| w.tensor.as_ptr()).collect();
     let bytes: usize = weights.iter().map(|w| w.tensor.n_bytes()).sum();
     let alloc_err = || GgmlError::Alloc {
         what: format!(
-            "a {} buffer of {bytes} bytes for {} weights",
-            ty.name(),
+            "a {name} buffer of {bytes} bytes for {} weights",
             weights.len()
         ),
     };
     let n = i32::try_from(raw.len()).map_err(|_| alloc_err())?;
     // SAFETY: every tensor belongs to one live context and has no data and no view source (checked by the caller);
-    // the call plans the buffer, places each tensor in it (ggml's init_tensor records the chosen layout in `extra`)
-    // and returns the buffer, which the caller owns, or NULL with nothing placed.
-    let buf = unsafe { sys::ggml_backend_buft_alloc_buffer_n(ty.buft, raw.as_mut_ptr(), n) };
+    // the call plans the buffer, places each tensor in it (for a repack buffer, ggml's init_tensor records the
+    // chosen layout in `extra`) and returns the buffer, which the caller owns, or NULL with nothing placed.
+    let buf = unsafe { sys::ggml_backend_buft_alloc_buffer_n(buft, raw.as_mut_ptr(), n) };
     let buf = OwnedBuffer::new(buf).ok_or_else(alloc_err)?;
+    // SAFETY: a live buffer; marks it as holding weights for schedulers.
+    unsafe {
+        sys::ggml_backend_buffer_set_usage(buf.as_ptr(), sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+    };
+    // SAFETY: a live buffer; its base and size delimit the memory ggml allocated for it.
+    let base = unsafe { sys::ggml_backend_buffer_get_base(buf.as_ptr()) };
+    hints::huge_pages(base.cast(), buf.size());
+    Ok(buf)
+}
+
+/// One buffer of `ty` holding `weights`, each placed with the repacked layout ggml chose for it (see
+/// [`alloc_weights`]). On an error no weight keeps a buffer.
+fn alloc_buffer(ty: RepackType, weights: &[RepackWeight<'_, '_>]) -> Result<OwnedBuffer> {
+    let buf = alloc_weights(ty.buft, &ty.name(), weights)?;
     // SAFETY: every tensor was just placed; `extra` is a plain field of it.
     let no_layout = |w: &&RepackWeight<'_, '_>| unsafe { (*w.tensor.as_ptr()).extra }.is_null();
     if let Some(w) = weights.iter().find(no_layout) {
-        for &t in &raw {
+        for w in weights {
+            let t = w.tensor.as_ptr();
             // SAFETY: tensors of a live context that nothing has used yet: taking their data back before the
             // buffer is freed (on return) leaves no pointer into it.
             unsafe {
@@ -186,13 +205,6 @@ fn alloc_buffer(ty: RepackType, weights: &[RepackWeight<'_, '_>]) -> Result<Owne
             ),
         });
     }
-    // SAFETY: a live buffer; marks it as holding weights for schedulers.
-    unsafe {
-        sys::ggml_backend_buffer_set_usage(buf.as_ptr(), sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-    };
-    // SAFETY: a live buffer; its base and size delimit the memory ggml allocated for it.
-    let base = unsafe { sys::ggml_backend_buffer_get_base(buf.as_ptr()) };
-    hints::huge_pages(base.cast(), buf.size());
     Ok(buf)
 }
 
@@ -265,29 +277,9 @@ impl Context<'_> {
         for w in weights {
             self.check_unplaced("copy into RAM", w)?;
         }
-        let mut raw: Vec<*mut sys::ggml_tensor> =
-            weights.iter().map(|w| w.tensor.as_ptr()).collect();
-        let n = i32::try_from(raw.len()).map_err(|_| GgmlError::Alloc {
-            what: format!("a host buffer for {} weights", raw.len()),
-        })?;
         // SAFETY: returns ggml's static CPU buffer type.
         let buft = unsafe { sys::ggml_backend_cpu_buffer_type() };
-        // SAFETY: every tensor belongs to this live context and has no data and no view source (checked); the call
-        // places each in a new buffer the caller owns, or returns NULL with nothing placed.
-        let buf = unsafe { sys::ggml_backend_buft_alloc_buffer_n(buft, raw.as_mut_ptr(), n) };
-        let buf = OwnedBuffer::new(buf).ok_or_else(|| GgmlError::Alloc {
-            what: format!("a host buffer for {} weights", weights.len()),
-        })?;
-        // SAFETY: a live buffer; its base and size delimit the memory ggml allocated for it (not yet touched, so
-        // the advice takes effect as it fills).
-        unsafe {
-            sys::ggml_backend_buffer_set_usage(
-                buf.as_ptr(),
-                sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
-            );
-            let base = sys::ggml_backend_buffer_get_base(buf.as_ptr());
-            hints::huge_pages(base.cast(), buf.size());
-        }
+        let buf = alloc_weights(buft, "host", weights)?;
         Ok(self.fill_weights(buf, weights, &mut copied))
     }
 
@@ -315,16 +307,6 @@ impl Context<'_> {
             locked += bytes.len() as u64;
         }
         Ok(locked)
-    }
-
-    /// The weights of this context that live in RAM (repacked or copied), and their bytes.
-    pub fn in_ram(&self) -> RepackedStats {
-        let mut stats = RepackedStats::default();
-        for t in self.tensors().into_iter().filter(|&t| self.is_in_ram(t)) {
-            stats.tensors += 1;
-            stats.bytes += t.n_bytes() as u64;
-        }
-        stats
     }
 
     /// A weight may be given bytes: a tensor of this context, with no data, not a view, `w.bytes` its size.
