@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::{GgmlType, Model};
 
+use crate::cache::plan::Gather;
 use crate::cache::{cache_bytes, CacheSizes, CacheType, KvCache, UbatchPlan};
 use crate::experts::{ExpertStats, StatsSnapshot};
 use crate::ggml::{
@@ -367,7 +368,7 @@ impl Engine {
             paged,
             stats: GraphStats::default(),
             tokens: Vec::new(),
-            gather: true,
+            gather: Gather::for_this_build(),
             grouped: on(GROUPED_EXPERTS_ENV),
         })
     }
@@ -485,7 +486,7 @@ pub struct Session<'e> {
     stats: GraphStats,
     tokens: Vec<u32>,
     /// Attention of few queries gathers the key rows they see (see [`crate::cache::plan::RawPlan::read_slots`]).
-    gather: bool,
+    gather: Gather,
     /// A prompt's repacked experts multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
     grouped: bool,
 }
@@ -534,11 +535,14 @@ impl<'e> Session<'e> {
         self.graphs.set_capacity(if on { KEPT_GRAPHS } else { 0 });
     }
 
-    /// Lets attention of few queries gather the key rows they can see (the default), or makes every micro-batch
-    /// read the first rows of the cache as llama.cpp does (`false`: a diagnostic; the logits are the same bit for
-    /// bit).
+    /// Lets attention of few queries gather the key rows they can see (the default, on the ISAs whose dot-product
+    /// lanes ferrite knows: see [`crate::ggml::dot_lane_rows`]), or makes every micro-batch read the first rows of
+    /// the cache as llama.cpp does (`false`: a diagnostic; the logits are the same bit for bit).
     pub fn set_gathered_reads(&mut self, on: bool) {
-        self.gather = on;
+        self.gather = match on {
+            true => Gather::for_this_build(),
+            false => Gather::Off,
+        };
     }
 
     /// Lets a prompt's repacked routed experts multiply with ggml's GEMM kernels, four rows at a time (the

@@ -15,7 +15,7 @@ use crate::model::config::{Config, LayerKind};
 
 use plan::{
     compress_plan, compressed_mask, compressor_ring_rows, raw_mask, raw_plan, window_rows,
-    CompressPlan, RawPlan, Ring,
+    CompressPlan, Gather, RawPlan, Ring,
 };
 
 /// The compressed rows of one layer (or of its indexer) and the ring of its compressor.
@@ -365,7 +365,7 @@ pub struct QueryChunk {
     pub raw_rows: Vec<i32>,
     pub raw_mask: Vec<f32>,
     /// Per compressed ratio present (ratio 4, ratio 128): the first compressed rows it reads (those its last query
-    /// sees, padded to [`plan::GATHER_PAD`]; at most the micro-batch's `n_kv`).
+    /// sees, padded to the gather's block; at most the micro-batch's `n_kv`).
     pub csa_rows: Option<usize>,
     pub hca_rows: Option<usize>,
 }
@@ -400,7 +400,7 @@ pub struct UbatchPlan {
 pub struct CompPlan {
     pub compress: CompressPlan,
     /// Compressed rows attention reads (the rows that exist, padded to [`plan::KV_PAD`], or to
-    /// [`plan::GATHER_PAD`] when the raw rows are gathered; masked beyond them).
+    /// the gather's block (see [`Gather::Blocks`]) when the raw rows are gathered; masked beyond them).
     pub n_kv: usize,
     /// `[n_kv, n]` visibility mask.
     pub mask: Vec<f32>,
@@ -410,13 +410,13 @@ pub struct CompPlan {
 
 impl UbatchPlan {
     /// The plan of `tokens` at positions from `p0`; `gather`: attention of few queries may gather the rows they
-    /// see (see [`plan::RawPlan::read_slots`]; `false` reads the first rows, a diagnostic).
+    /// see (see [`plan::RawPlan::read_slots`]; [`Gather::Off`] reads the first rows, a diagnostic).
     pub fn new(
         cfg: &Config,
         sizes: &CacheSizes,
         tokens: &[u32],
         p0: usize,
-        gather: bool,
+        gather: Gather,
     ) -> UbatchPlan {
         let n = tokens.len();
         let ring = Ring {
@@ -424,9 +424,9 @@ impl UbatchPlan {
         };
         let raw = raw_plan(ring, cfg.window, p0, n, gather);
         // Gathered reads are padded finely: they exist to read few rows.
-        let pad = match raw.read_slots {
-            Some(_) => plan::GATHER_PAD,
-            None => plan::KV_PAD,
+        let pad = match (raw.read_slots.is_some(), gather) {
+            (true, Gather::Blocks(block)) => block,
+            _ => plan::KV_PAD,
         };
         let comp = |kind: LayerKind| {
             cfg.kinds.contains(&kind).then(|| {
@@ -448,9 +448,11 @@ impl UbatchPlan {
         };
         let csa = comp(LayerKind::Csa);
         let hca = comp(LayerKind::Hca);
-        let chunks = match gather && raw.read_slots.is_none() && n >= 2 * QUERY_CHUNK {
-            true => query_chunks(cfg, ring, p0, n, [&csa, &hca]),
-            false => Vec::new(),
+        let chunks = match gather {
+            Gather::Blocks(block) if raw.read_slots.is_none() && n >= 2 * QUERY_CHUNK => {
+                query_chunks(cfg, ring, p0, n, [&csa, &hca], block)
+            }
+            _ => Vec::new(),
         };
         let comp_layers = cfg.kinds.iter().any(|k| *k != LayerKind::Raw);
         let whole_ring = n * cfg.n_head <= WHOLE_RING_WORK && raw.read_slots.is_none();
@@ -472,25 +474,26 @@ impl UbatchPlan {
 }
 
 /// The query chunks of a micro-batch of `n` tokens from `p0` (see [`UbatchPlan::chunks`]); `comp`: the ratio-4 and
-/// ratio-128 plans of the micro-batch.
+/// ratio-128 plans of the micro-batch; `block`: see [`Gather::Blocks`].
 fn query_chunks(
     cfg: &Config,
     ring: Ring,
     p0: usize,
     n: usize,
     comp: [&Option<CompPlan>; 2],
+    block: usize,
 ) -> Vec<QueryChunk> {
     let end = p0 + n;
     (0..n)
         .step_by(QUERY_CHUNK)
         .map(|first| {
             let nc = QUERY_CHUNK.min(n - first);
-            let (raw_rows, raw_mask) = window_rows(ring, cfg.window, p0 + first, nc, end);
+            let (raw_rows, raw_mask) = window_rows(ring, cfg.window, p0 + first, nc, end, block);
             let last = p0 + first + nc - 1;
             let rows = |c: &Option<CompPlan>| {
                 c.as_ref().map(|c| {
                     let seen = (last + 1) / c.compress.ratio;
-                    plan::padded_rows(seen, c.n_kv, plan::GATHER_PAD)
+                    plan::padded_rows(seen, c.n_kv, block)
                 })
             };
             QueryChunk {

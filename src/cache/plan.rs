@@ -29,8 +29,22 @@ impl Ring {
 /// Key rows attention reads are padded to this many (as llama.cpp does), so the reductions group the same way.
 pub const KV_PAD: usize = 256;
 
-/// Rows a gathered read (see [`RawPlan::read_slots`]) is padded to.
-pub const GATHER_PAD: usize = 32;
+/// How attention of few queries reads its key rows (see [`RawPlan::read_slots`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gather {
+    /// Every micro-batch reads the first rows of the cache, as llama.cpp does.
+    Off,
+    /// Micro-batches that see few rows gather aligned blocks of this many rows (see [`window_rows`]): the rows
+    /// ggml's dot products of this build keep in their SIMD lanes ([`crate::ggml::dot_lane_rows`]).
+    Blocks(usize),
+}
+
+impl Gather {
+    /// Gathering in the blocks this build's kernels need, where they are known.
+    pub fn for_this_build() -> Gather {
+        crate::ggml::dot_lane_rows().map_or(Gather::Off, Gather::Blocks)
+    }
+}
 
 /// How many of `cap` rows attention reads when `used` of them may hold data: `used` padded to [`KV_PAD`], at
 /// least one pad, at most `cap`.
@@ -59,14 +73,15 @@ pub struct RawPlan {
 }
 
 /// Visible raw keys of query `p`: positions in `(p - window, p]`; read gathered when `gather` allows and it pays.
-pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize, gather: bool) -> RawPlan {
+pub fn raw_plan(ring: Ring, window: usize, p0: usize, n: usize, gather: Gather) -> RawPlan {
     let end = p0 + n;
     let write_slots = (p0..end).map(|p| ring.slot(p) as i64).collect();
     let n_kv = padded_kv(end, ring.cap);
-    match gather
-        .then(|| gathered_raw(ring, window, p0, n, n_kv))
-        .flatten()
-    {
+    let gathered = match gather {
+        Gather::Blocks(block) => gathered_raw(ring, window, p0, n, n_kv, block),
+        Gather::Off => None,
+    };
+    match gathered {
         Some((rows, mask)) => RawPlan {
             write_slots,
             n_kv: rows.len(),
@@ -90,34 +105,37 @@ fn gathered_raw(
     p0: usize,
     n: usize,
     n_kv: usize,
+    block: usize,
 ) -> Option<(Vec<i32>, Vec<f32>)> {
-    let (rows, mask) = window_rows(ring, window, p0, n, p0 + n);
+    let (rows, mask) = window_rows(ring, window, p0, n, p0 + n, block);
     (2 * rows.len() <= n_kv).then_some((rows, mask))
 }
 
 /// The ring rows holding the positions queries `q0..q0 + n` see (`q0 + 1 - window ..= q0 + n - 1`), as whole blocks
-/// of [`GATHER_PAD`] rows in ring order, and their `[rows, n]` mask, once positions `0..end` are written (`end >=
-/// q0 + n`, and the ring holds every position the queries see).
+/// of `block` rows in ring order, and their `[rows, n]` mask, once positions `0..end` are written (`end >= q0 + n`,
+/// and the ring holds every position the queries see).
 ///
-/// Whole aligned blocks in ring order keep every row at its index modulo [`GATHER_PAD`] and in its order: the
-/// softmax and the dot products over rows add the same values in the same SIMD lanes as when reading the first
-/// `n_kv` rows (the rows left out are masked and add exact zeros there), so both reads give the same bits.
+/// Whole aligned blocks in ring order keep every row at its index modulo `block` and in its order: when `block` is
+/// the rows ggml's dot products spread over their SIMD accumulators ([`Gather::Blocks`]), the softmax and the dot
+/// products over rows add the same values in the same lanes as when reading the first `n_kv` rows (the rows left
+/// out are masked and add exact zeros there), so both reads give the same bits.
 pub fn window_rows(
     ring: Ring,
     window: usize,
     q0: usize,
     n: usize,
     end: usize,
+    block: usize,
 ) -> (Vec<i32>, Vec<f32>) {
     let q_end = q0 + n;
     let first = (q0 + 1).saturating_sub(window);
-    let mut blocks = vec![false; ring.cap.div_ceil(GATHER_PAD)];
+    let mut blocks = vec![false; ring.cap.div_ceil(block)];
     for t in first..q_end {
-        blocks[ring.slot(t) / GATHER_PAD] = true;
+        blocks[ring.slot(t) / block] = true;
     }
     let rows: Vec<usize> = (0..blocks.len())
         .filter(|&b| blocks[b])
-        .flat_map(|b| b * GATHER_PAD..((b + 1) * GATHER_PAD).min(ring.cap))
+        .flat_map(|b| b * block..((b + 1) * block).min(ring.cap))
         .collect();
     let mut mask = vec![MASKED; rows.len() * n];
     for (i, p) in (q0..q_end).enumerate() {
@@ -240,6 +258,9 @@ pub fn compressed_mask(ratio: usize, n_rows: usize, p0: usize, n: usize) -> Vec<
 mod tests {
     use super::*;
 
+    /// The blocks of an AVX2 build.
+    const AVX2: Gather = Gather::Blocks(32);
+
     #[test]
     fn ring_positions() {
         let r = Ring { cap: 8 };
@@ -332,15 +353,15 @@ mod tests {
         assert_eq!(padded_kv(257, 1000), 512);
         assert_eq!(padded_kv(900, 768), 768);
         assert_eq!(padded_kv(3, 8), 8);
-        assert_eq!(padded_rows(33, 1000, GATHER_PAD), 64);
-        assert_eq!(padded_rows(0, 1000, GATHER_PAD), 32);
+        assert_eq!(padded_rows(33, 1000, 32), 64);
+        assert_eq!(padded_rows(0, 1000, 32), 32);
         // A prompt reads the first rows, padded.
-        let plan = raw_plan(Ring { cap: 768 }, 16, 0, 300, true);
+        let plan = raw_plan(Ring { cap: 768 }, 16, 0, 300, AVX2);
         assert_eq!(plan.n_kv, 512);
         assert_eq!(plan.read_slots, None);
         assert_eq!(plan.mask.len(), 512 * 300);
         // So does a micro-batch that sees most of the ring.
-        let plan = raw_plan(Ring { cap: 768 }, 128, 1000, 512, true);
+        let plan = raw_plan(Ring { cap: 768 }, 128, 1000, 512, AVX2);
         assert_eq!((plan.n_kv, plan.read_slots), (768, None));
     }
 
@@ -349,7 +370,7 @@ mod tests {
         let ring = Ring { cap: 768 };
         // Window 16, queries at 1540 and 1541: positions 1525..=1541, ring rows 757..=767 then 0..=5: the blocks
         // 0..32 and 736..768, in ring order.
-        let plan = raw_plan(ring, 16, 1540, 2, true);
+        let plan = raw_plan(ring, 16, 1540, 2, AVX2);
         let rows = plan.read_slots.clone().unwrap();
         let want: Vec<i32> = (0..32).chain(736..768).collect();
         assert_eq!(rows, want);
@@ -369,11 +390,15 @@ mod tests {
                 assert_eq!(plan.mask[i * 64 + k], full[i * 768 + r as usize]);
             }
         }
-        assert_eq!(raw_plan(ring, 16, 1540, 2, false).read_slots, None);
+        assert_eq!(raw_plan(ring, 16, 1540, 2, Gather::Off).read_slots, None);
         // While the ring fills: the blocks that hold positions.
-        let plan = raw_plan(ring, 128, 40, 1, true);
+        let plan = raw_plan(ring, 128, 40, 1, AVX2);
         assert_eq!(plan.read_slots.unwrap(), (0..64).collect::<Vec<i32>>());
         assert_eq!(plan.mask.iter().filter(|&&m| m == 0.0).count(), 41);
+        // AVX-512's 64-row lanes: the same window in the blocks 0..64 and 704..768.
+        let plan = raw_plan(ring, 16, 1540, 2, Gather::Blocks(64));
+        let want: Vec<i32> = (0..64).chain(704..768).collect();
+        assert_eq!(plan.read_slots.unwrap(), want);
     }
 
     #[test]

@@ -82,12 +82,12 @@ pub fn attention<'c>(
             LayerKind::Raw => inp.raw_read,
             kind => inp.compressed(kind).and_then(|c| c.attn_rows),
         };
-        let (k, v, round) = match (gather, split) {
+        let (k, v) = match (gather, split) {
             (Some(rows), _) => keys.gather(rows)?,
-            (None, None) => with_no_rounding(keys.read(n_raw)?),
-            (None, Some((raw, comp))) => with_no_rounding(keys.read_with_compressed(raw, comp)?),
+            (None, None) => keys.read(n_raw)?,
+            (None, Some((raw, comp))) => keys.read_with_compressed(raw, comp)?,
         };
-        attend(o, q, k, v, round, mask, w.sinks, scale)?
+        attend(o, q, k, v, mask, w.sinks, scale)?
     } else {
         attend_chunks(o, &keys, q, w.kind, comp_mask, inp, w.sinks, scale)?
     };
@@ -211,17 +211,21 @@ impl<'o, 'c> KeyRows<'o, 'c> {
         self.view(0, n)
     }
 
-    /// The key rows `rows` (I32 `{m}`) as F32 `{Dh, 1, m}` and their values `{m, Dh}` (a transposed copy: `vt`
-    /// holds columns, which cannot be gathered), and the cache's type when it is not F32: attention then rounds
-    /// queries and scores to it, as the matrix products over views of the cache do (see [`attend`]).
-    fn gather(&self, rows: Tensor<'c>) -> Result<(Tensor<'c>, Tensor<'c>, Option<GgmlType>)> {
+    /// The key rows `rows` (I32 `{m}`) as `{Dh, 1, m}` and their values `{m, Dh}` (a transposed copy: `vt` holds
+    /// columns, which cannot be gathered), both in the cache's type: attention then runs the same ggml products as
+    /// over views of the cache, which convert queries and scores to that type as they do there (ggml's `get_rows`
+    /// gives F32; converting the rows back to F16 is exact).
+    fn gather(&self, rows: Tensor<'c>) -> Result<(Tensor<'c>, Tensor<'c>)> {
         let ctx = self.o.ctx;
         let [dh, ..] = self.kv.ne();
         let m = rows.ne()[0];
         let k = ctx.get_rows(self.kv, rows)?; // F32 {Dh, m}
+        let k = match self.kv.ty() {
+            Some(GgmlType::F32) | None => k,
+            Some(ty) => ctx.cast(k, ty)?,
+        };
         let v = ctx.cont(ctx.transpose(k)?)?;
-        let round = self.kv.ty().filter(|&ty| ty != GgmlType::F32);
-        Ok((ctx.reshape_3d(k, [dh, 1, m])?, v, round))
+        Ok((ctx.reshape_3d(k, [dh, 1, m])?, v))
     }
 
     /// The first `n_raw` raw ring rows followed by the first `n_comp` compressed rows: views when `n_raw` is the
@@ -238,40 +242,23 @@ impl<'o, 'c> KeyRows<'o, 'c> {
     }
 }
 
-fn with_no_rounding<'c>(
-    (k, v): (Tensor<'c>, Tensor<'c>),
-) -> (Tensor<'c>, Tensor<'c>, Option<GgmlType>) {
-    (k, v, None)
-}
-
 /// Scaled dot-product attention over one shared K=V head: `q {Dh, H, n}`, `k {Dh, 1, n_kv}`, its transpose
 /// `v {n_kv, Dh}`, `mask {n_kv, n}`, `sinks {H}` -> `{Dh·H, n}`.
-///
-/// `round`: F32 keys and values gathered from a cache of this type. A matrix product over F16 keys converts the
-/// queries (and, over F16 values, the scores) to F16 and sums exact products in F32; rounding them to F16 and
-/// back, then multiplying in F32, adds the same products in the same order: the same bits, without converting the
-/// keys and values in every dot product.
-#[allow(clippy::too_many_arguments)]
 fn attend<'c>(
     o: &Ops<'c>,
     q: Tensor<'c>,
     k: Tensor<'c>,
     v: Tensor<'c>,
-    round: Option<GgmlType>,
     mask: Tensor<'c>,
     sinks: Tensor<'c>,
     scale: f32,
 ) -> Result<Tensor<'c>> {
     let ctx = o.ctx;
-    let rounded = |t: Tensor<'c>| match round {
-        Some(ty) => ctx.cast(ctx.cast(t, ty)?, GgmlType::F32),
-        None => Ok(t),
-    };
     let [dh, h, n, _] = q.ne();
-    let q = rounded(ctx.permute(q, [0, 2, 1, 3])?)?; // {Dh, n, H}
+    let q = ctx.permute(q, [0, 2, 1, 3])?; // {Dh, n, H}
     let k = ctx.permute(k, [0, 2, 1, 3])?; // {Dh, n_kv, 1}
     let kq = ctx.soft_max_ext_sinks(ctx.mul_mat(k, q)?, Some(mask), scale, 0.0, sinks)?; // {n_kv, n, H}
-    let out = ctx.mul_mat(v, rounded(kq)?)?; // {Dh, n, H}
+    let out = ctx.mul_mat(v, kq)?; // {Dh, n, H}
     let out = ctx.cont(ctx.permute(out, [0, 2, 1, 3])?)?; // {Dh, H, n}
     ctx.reshape_2d(out, [dh * h, n])
 }
@@ -300,7 +287,7 @@ fn attend_chunks<'c>(
             LayerKind::Hca => c.hca_rows,
         };
         let rows = rows.ok_or_else(|| missing("the key rows of a query chunk"))?;
-        let (k, v, round) = keys.gather(rows)?;
+        let (k, v) = keys.gather(rows)?;
         let nc = c.n as i64;
         let mask = match comp_mask {
             None => c.raw_mask,
@@ -313,7 +300,7 @@ fn attend_chunks<'c>(
         };
         let [_, q1, q2, _] = q.nb();
         let qc = ctx.view_3d(q, [dh, h, nc], [q1, q2], c.first * q2)?;
-        let oc = attend(o, qc, k, v, round, mask, sinks, scale)?;
+        let oc = attend(o, qc, k, v, mask, sinks, scale)?;
         out = ctx.set_rows(out, oc, c.out_rows)?;
     }
     Ok(out)
