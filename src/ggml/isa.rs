@@ -221,21 +221,36 @@ mod tests {
     #[test]
     fn repack_layouts_follow_ggmls_choice() {
         let avx2 = x86(false, false);
-        assert_eq!(avx2.repack_layout(GgmlType::Q4K, 16), Some(RepackLayout::Q4K8x8));
+        assert_eq!(
+            avx2.repack_layout(GgmlType::Q4K, 16),
+            Some(RepackLayout::Q4K8x8)
+        );
         assert_eq!(avx2.repack_layout(GgmlType::Q4K, 12), None);
-        assert_eq!(avx2.repack_layout(GgmlType::Mxfp4, 8), Some(RepackLayout::Mxfp4x8x8));
+        assert_eq!(
+            avx2.repack_layout(GgmlType::Mxfp4, 8),
+            Some(RepackLayout::Mxfp4x8x8)
+        );
         let dot = CpuFeatures {
             neon: true,
             dotprod: true,
             ..CpuFeatures::default()
         };
-        assert_eq!(dot.repack_layout(GgmlType::Q4K, 8), Some(RepackLayout::Q4K8x4));
-        assert_eq!(dot.repack_layout(GgmlType::Mxfp4, 4), Some(RepackLayout::Mxfp4x4x4));
+        assert_eq!(
+            dot.repack_layout(GgmlType::Q4K, 8),
+            Some(RepackLayout::Q4K8x4)
+        );
+        assert_eq!(
+            dot.repack_layout(GgmlType::Mxfp4, 4),
+            Some(RepackLayout::Mxfp4x4x4)
+        );
         let i8mm = CpuFeatures {
             matmul_int8: true,
             ..dot
         };
-        assert_eq!(i8mm.repack_layout(GgmlType::Q4K, 8), Some(RepackLayout::Q4K8x8));
+        assert_eq!(
+            i8mm.repack_layout(GgmlType::Q4K, 8),
+            Some(RepackLayout::Q4K8x8)
+        );
         assert_eq!(CpuFeatures::default().repack_layout(GgmlType::Q4K, 8), None);
     }
 
