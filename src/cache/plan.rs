@@ -275,7 +275,7 @@ mod tests {
     fn raw_window_is_the_last_w_positions() {
         // window 4, ring of 4 + 3, a batch of 3 at positions 10..13.
         let ring = Ring { cap: 7 };
-        let plan = raw_plan(ring, 4, 10, 3, true);
+        let plan = raw_plan(ring, 4, 10, 3, AVX2);
         assert_eq!(plan.write_slots, vec![3, 4, 5]);
         for (i, p) in (10..13).enumerate() {
             assert_eq!(plan.n_kv, 7);
@@ -291,7 +291,7 @@ mod tests {
 
     #[test]
     fn raw_window_at_the_start() {
-        let plan = raw_plan(Ring { cap: 6 }, 4, 0, 2, true);
+        let plan = raw_plan(Ring { cap: 6 }, 4, 0, 2, AVX2);
         assert_eq!(
             &plan.mask[0..6],
             &[0.0, MASKED, MASKED, MASKED, MASKED, MASKED]
