@@ -1,6 +1,6 @@
 //! The grouped expert products (`Context::grouped_rows` + `mul_mat_id_grouped`: ggml's repacked GEMM kernels over
 //! each expert's rows) against `mul_mat_id` (ggml's repacked GEMV kernel row by row) on the same repacked experts
-//! and inputs, for Q4_K and MXFP4 experts: uneven expert loads (experts with 0, 1..3, 4 and more rows, a bias
+//! and inputs, for Q4_K, Q2_K and MXFP4 experts: uneven expert loads (experts with 0, 1..3, 4 and more rows, a bias
 //! towards a few), a shared input and one input per slot (as the down projection), and both thread counts.
 //!
 //! Also a measurement, not a check, of both at Flash's expert size: `cargo test --release --test grouped_experts --
@@ -144,6 +144,15 @@ fn q4k_grouped_products_match_mul_mat_id() {
     for threads in [1, 2] {
         check(GgmlType::Q4K, threads, false);
         check(GgmlType::Q4K, threads, true);
+    }
+}
+
+/// Q2_K has a repacked layout (and grouped kernels) only where ggml was built for AVX-512.
+#[test]
+fn q2k_grouped_products_match_mul_mat_id() {
+    for threads in [1, 2] {
+        check(GgmlType::Q2K, threads, false);
+        check(GgmlType::Q2K, threads, true);
     }
 }
 

@@ -14,19 +14,27 @@
 //!
 //! The rows of one product are quantized once, so the gate and up products of one input share them.
 //!
-//! Only the layouts whose kernels are checked here are taken (see [`GroupedKernel::of`]): Q4_K and MXFP4 as
-//! ggml repacks them on x86 with AVX2 (8 columns interleaved, 8-byte input groups). Other weights keep
-//! `mul_mat_id`.
+//! Only the layouts whose kernels are checked here are taken (see [`GroupedKernel::of`]): Q4_K and MXFP4 in the
+//! 8x8 layouts (8 columns interleaved, 8-byte input groups) that ggml gives them on x86 with AVX2 or AVX-512 (the
+//! kernels use AVX-512 where ggml was built for it), Q2_K in the 8x8 layout ggml has only for AVX-512, and Q4_K on
+//! Arm with int8 matrix multiply. Which layout ggml
+//! chose is read from its CPU features ([`super::repack_layout`], a mirror of ggml's choice) and then checked once
+//! per process: a probe product with the kernels must equal ggml's own `mul_mat_id` on a weight ggml repacked
+//! ([`GroupedKernel::probe`]). Other weights keep `mul_mat_id`.
 
 use std::os::raw::{c_int, c_void};
+use std::sync::OnceLock;
 
 use gguf::GgmlType;
 use llama_cpp_sys_2 as sys;
 
+use super::backend::CpuBackend;
 use super::context::Context;
 use super::error::{ensure, Result};
+use super::isa::{repack_layout, RepackLayout};
 use super::ops::shape;
-use super::repack::RepackType;
+use super::quant::quantize_rows;
+use super::repack::{RepackType, RepackWeight, WeightOp};
 use super::tensor::Tensor;
 use super::types::{block_size, row_size, to_ggml};
 
@@ -59,6 +67,24 @@ extern "C" {
         nc: c_int,
     );
     fn ggml_gemv_q4_K_8x8_q8_K(
+        n: c_int,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: c_int,
+        nc: c_int,
+    );
+    fn ggml_gemm_q2_K_8x8_q8_K(
+        n: c_int,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: c_int,
+        nc: c_int,
+    );
+    fn ggml_gemv_q2_K_8x8_q8_K(
         n: c_int,
         s: *mut f32,
         bs: usize,
@@ -100,6 +126,8 @@ pub struct GroupedKernel {
     quantize_mat: QuantizeMatFn,
     gemm: MatFn,
     gemv: MatFn,
+    /// The probe's answer on this host (see [`GroupedKernel::probe`]), once asked.
+    agrees: OnceLock<bool>,
 }
 
 static Q4_K_8X8: GroupedKernel = GroupedKernel {
@@ -108,6 +136,16 @@ static Q4_K_8X8: GroupedKernel = GroupedKernel {
     quantize_mat: ggml_quantize_mat_q8_K_4x8,
     gemm: ggml_gemm_q4_K_8x8_q8_K,
     gemv: ggml_gemv_q4_K_8x8_q8_K,
+    agrees: OnceLock::new(),
+};
+
+static Q2_K_8X8: GroupedKernel = GroupedKernel {
+    weight: GgmlType::Q2K,
+    input: GgmlType::Q8K,
+    quantize_mat: ggml_quantize_mat_q8_K_4x8,
+    gemm: ggml_gemm_q2_K_8x8_q8_K,
+    gemv: ggml_gemv_q2_K_8x8_q8_K,
+    agrees: OnceLock::new(),
 };
 
 static MXFP4_8X8: GroupedKernel = GroupedKernel {
@@ -116,28 +154,106 @@ static MXFP4_8X8: GroupedKernel = GroupedKernel {
     quantize_mat: ggml_quantize_mat_q8_0_4x8,
     gemm: ggml_gemm_mxfp4_8x8_q8_0,
     gemv: ggml_gemv_mxfp4_8x8_q8_0,
+    agrees: OnceLock::new(),
 };
+
+/// Worst difference, relative to the largest value, that the probe accepts: the kernels and `mul_mat_id` read the
+/// same quantized weights and inputs and only add in another order (a few 1e-7); a weight read in another layout
+/// than ggml wrote gives differences of the order of the values themselves.
+const PROBE_TOLERANCE: f32 = 1e-4;
 
 impl GroupedKernel {
     /// The kernels of `experts` `{k, m, n_expert}` when it lives repacked in `repack`'s buffer in a layout this
-    /// module takes: ggml's choice for the type (`ggml_repack_get_optimal_repack_type`) is the AVX2 8x8 layout
-    /// exactly when the CPU has AVX2 and `m` is a multiple of 8.
+    /// module takes: ggml's choice for the type and row count on this build ([`repack_layout`]), confirmed by the
+    /// probe (once per process).
     pub fn of(experts: Tensor<'_>, repack: &RepackType) -> Option<&'static GroupedKernel> {
         if !repack.is_type_of(experts.buffer()) {
             return None;
         }
         let ne = experts.ne();
-        // SAFETY: reads a flag ggml-cpu fixed at build time.
-        let avx2 = unsafe { sys::ggml_cpu_has_avx2() } != 0;
-        if !avx2 || ne[1] % COLS != 0 || ne[3] != 1 {
+        if ne[3] != 1 {
             return None;
         }
-        let kernel = match experts.ty()? {
-            GgmlType::Q4K => &Q4_K_8X8,
-            GgmlType::Mxfp4 => &MXFP4_8X8,
+        let kernel = match repack_layout(experts.ty()?, ne[1])? {
+            RepackLayout::Q4K8x8 => &Q4_K_8X8,
+            RepackLayout::Q2K8x8 => &Q2_K_8X8,
+            RepackLayout::Mxfp4x8x8 => &MXFP4_8X8,
             _ => return None,
         };
-        (ne[0] % block_size(kernel.input) == 0).then_some(kernel)
+        let agrees = *kernel
+            .agrees
+            .get_or_init(|| kernel.probe(repack).is_ok_and(|err| err < PROBE_TOLERANCE));
+        (agrees && ne[0] % block_size(kernel.input) == 0).then_some(kernel)
+    }
+
+    /// The weight type the kernels read.
+    pub fn weight_type(&self) -> GgmlType {
+        self.weight
+    }
+
+    /// A small product on this host, with ggml's `mul_mat_id` as the reference: random `{256, 16, 4}` experts of the
+    /// kernel's type that ggml repacks (in the layout it chooses), 9 tokens routed to two experts each (groups of
+    /// four rows and single rows); returns the worst difference relative to the largest value.
+    pub fn probe(&'static self, repack: &RepackType) -> Result<f32> {
+        let (d, m, n_expert, n_used) = (256i64, 16i64, 4i64, 2usize);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut uniform = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let values: Vec<f32> = (0..d * m * n_expert).map(|_| uniform()).collect();
+        let bytes = quantize_rows(self.weight, &values, d as usize, None)?;
+        let weights = Context::with_capacity(1, 0)?;
+        let experts = weights.new_tensor_3d(self.weight, d, m, n_expert)?;
+        let op = WeightOp::MulMatId { n_used };
+        let weight = RepackWeight {
+            tensor: experts,
+            bytes: &bytes,
+            op,
+        };
+        weights.repack(*repack, &[weight], |_| {})?;
+        let inputs: Vec<f32> = (0..d * 9).map(|_| uniform()).collect();
+        // Expert 0 gets six rows (a group of four and two single rows), 1 gets five, 2 gets seven, 3 none.
+        let ids = [0, 1, 0, 2, 1, 2, 0, 2, 1, 2, 0, 1, 2, 0, 1, 2, 0, 2];
+        self.disagreement(experts, &inputs, &ids)
+    }
+
+    /// The grouped products against `mul_mat_id` on `experts` (of this kernel's type) for `inputs` `{k, 1, n}` and
+    /// `ids` `{2, n}`: the worst difference relative to the largest value of `mul_mat_id`'s.
+    fn disagreement(
+        &'static self,
+        experts: Tensor<'_>,
+        inputs: &[f32],
+        ids: &[i32],
+    ) -> Result<f32> {
+        let d = experts.ne()[0];
+        let n = inputs.len() as i64 / d;
+        let ctx = Context::with_capacity(8, 8)?;
+        let x = ctx.new_tensor_3d(GgmlType::F32, d, 1, n)?;
+        let id = ctx.new_tensor_2d(GgmlType::I32, ids.len() as i64 / n, n)?;
+        let want = ctx.mul_mat_id(experts, x, id)?;
+        let rows = ctx.grouped_rows(self, experts, x, id)?;
+        let got = ctx.mul_mat_id_grouped(experts, rows)?;
+        let mut graph = ctx.new_graph(8)?;
+        graph.expand(want)?;
+        graph.expand(got)?;
+        ctx.alloc_tensors_host()?;
+        x.set_f32(inputs)?;
+        id.set_i32(ids)?;
+        CpuBackend::new(1)?.compute(&graph)?;
+        let (want, got) = (want.get_f32()?, got.get_f32()?);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = want
+            .iter()
+            .zip(&got)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // NaN (a garbage read) counts as the largest difference.
+        Ok(match worst / scale {
+            e if e.is_nan() => f32::INFINITY,
+            e => e,
+        })
     }
 
     fn userdata(&'static self) -> *mut c_void {
@@ -485,6 +601,72 @@ unsafe extern "C" fn product_callback(
                 quantized.add((first + r) * row_bytes) as *const c_void,
                 1,
                 nc as c_int,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On this host, a type ggml repacks into a layout of this module gets its kernels, and the probe agrees with
+    /// ggml's own product; a type it does not (e.g. Q4_K on a CPU without AVX2 or int8 matmul) gets none.
+    #[test]
+    fn kernels_are_taken_where_ggml_chose_their_layout_and_agree() {
+        let Some(rt) = RepackType::cpu() else {
+            return; // built without CPU_REPACK: nothing is repacked
+        };
+        for kernel in [&Q4_K_8X8, &Q2_K_8X8, &MXFP4_8X8] {
+            let ty = kernel.weight;
+            let layout = repack_layout(ty, 16);
+            let ours = matches!(
+                layout,
+                Some(RepackLayout::Q4K8x8 | RepackLayout::Q2K8x8 | RepackLayout::Mxfp4x8x8)
+            );
+            eprintln!("{ty}: ggml's layout on this build {layout:?}");
+            if !ours {
+                continue;
+            }
+            let err = kernel.probe(&rt).unwrap();
+            assert!(err < PROBE_TOLERANCE, "{ty}: probe differs by {err:.2e}");
+            let weights = Context::with_capacity(1, 0).unwrap();
+            let w = weights.new_tensor_3d(ty, 256, 16, 4).unwrap();
+            let bytes = vec![0u8; row_size(ty, 256).unwrap() * 64];
+            let op = WeightOp::MulMatId { n_used: 2 };
+            let weight = RepackWeight {
+                tensor: w,
+                bytes: &bytes,
+                op,
+            };
+            weights.repack(rt, &[weight], |_| {}).unwrap();
+            assert!(std::ptr::eq(GroupedKernel::of(w, &rt).unwrap(), kernel));
+        }
+    }
+
+    /// The probe can fail: the same kernels over experts in ggml's plain layout (not repacked) read the blocks in
+    /// the wrong order, far beyond the tolerance.
+    #[test]
+    fn the_probe_sees_a_layout_the_kernels_do_not_read() {
+        for kernel in [&Q4_K_8X8, &Q2_K_8X8, &MXFP4_8X8] {
+            let ty = kernel.weight;
+            let (d, m, n) = (256usize, 16usize, 4usize);
+            let values: Vec<f32> = (0..d * m * 4)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let bytes = quantize_rows(ty, &values, d, None).unwrap();
+            let weights = Context::with_capacity(1, 0).unwrap();
+            let w = weights.new_tensor_3d(ty, d as i64, m as i64, 4).unwrap();
+            weights.alloc_tensors_host().unwrap();
+            w.set_bytes(&bytes).unwrap();
+            let inputs: Vec<f32> = (0..d * n)
+                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            let ids = [0, 1, 0, 1, 0, 1, 0, 1];
+            let err = kernel.disagreement(w, &inputs, &ids).unwrap();
+            assert!(
+                err > 100.0 * PROBE_TOLERANCE,
+                "{ty}: plain layout differs by only {err:.2e}"
             );
         }
     }

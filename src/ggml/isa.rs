@@ -127,6 +127,8 @@ pub enum RepackLayout {
     Q4K8x8,
     /// `block_q4_Kx8`, 4-byte input groups (`q4_K_8x4_q8_K`, Arm dot product).
     Q4K8x4,
+    /// `block_q2_Kx8` (`q2_K_8x8_q8_K`, AVX-512 only).
+    Q2K8x8,
     /// `block_mxfp4x8` (`mxfp4_8x8_q8_0`).
     Mxfp4x8x8,
     /// `block_mxfp4x4` (`mxfp4_4x4_q8_0`, Arm dot product).
@@ -153,7 +155,8 @@ impl CpuFeatures {
             GgmlType::Q4K if arm_dot && rows % 8 == 0 => Some(RepackLayout::Q4K8x4),
             GgmlType::Mxfp4 if self.avx2 && rows % 8 == 0 => Some(RepackLayout::Mxfp4x8x8),
             GgmlType::Mxfp4 if arm_dot && rows % 4 == 0 => Some(RepackLayout::Mxfp4x4x4),
-            GgmlType::Q4K | GgmlType::Mxfp4 if !self.riscv_v => None,
+            GgmlType::Q2K if self.avx512 && rows % 8 == 0 => Some(RepackLayout::Q2K8x8),
+            GgmlType::Q4K | GgmlType::Mxfp4 | GgmlType::Q2K if !self.riscv_v => None,
             _ => Some(RepackLayout::Other),
         }
     }

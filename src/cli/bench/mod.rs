@@ -475,6 +475,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "n_expert_used": facts.n_expert_used,
             },
             "backend": "CPU",
+            "cpu_simd": ferrite::ggml::cpu_features().simd_name(),
             "n_prompt": args.n_prompt,
             "n_gen": args.n_gen,
             "repetitions": args.repetitions,
