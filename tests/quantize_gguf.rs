@@ -501,3 +501,84 @@ fn importance_matrix_guides_the_iq_types_as_in_llama_cpp() {
         "the importance matrix changed nothing"
     );
 }
+
+/// A copy of `src` with the tensors `edit` changes (name -> new dims and bytes; None keeps a tensor as it is).
+fn edited_copy(
+    src: &Path,
+    out: &Path,
+    edit: impl Fn(&str, &[u64], &[u8]) -> Option<(Vec<u64>, Vec<u8>)>,
+) {
+    let model = Model::open(src).unwrap();
+    let mut w = gguf::Writer::new();
+    for (k, v) in model.metadata().iter() {
+        w.set(k.to_string(), v.clone());
+    }
+    let mut data = Vec::new();
+    for t in model.tensors() {
+        let bytes = model.tensor_data(t);
+        let (dims, bytes) = edit(&t.info.name, &t.info.dims, bytes)
+            .unwrap_or_else(|| (t.info.dims.clone(), bytes.to_vec()));
+        w.add_tensor(&t.info.name, &dims, t.info.ty).unwrap();
+        data.push(bytes);
+    }
+    w.write_file(out, true, |i, _, sink| {
+        std::io::Write::write_all(sink, &data[i])
+    })
+    .unwrap();
+}
+
+/// Hostile tensors in a GGUF input (issue 15): a tensor with no dimensions (planning indexed its first), an empty
+/// one, and expert ids beyond `expert_count` (they were copied into the output unchecked) are refused with exit 1,
+/// the tensor named, and no output, with `--dry-run` too.
+#[test]
+fn hostile_tensors_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = f32_model(dir.path());
+    let out = dir.path().join("out.gguf");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: [(&str, &str, &[&str]); 3] = [
+        (
+            "no-dims",
+            "blk.0.attn_norm.weight",
+            &["0 dimensions", "expected 1 to 4"],
+        ),
+        ("empty", "blk.1.attn_q_a.weight", &["is 0: an empty tensor"]),
+        (
+            "ids",
+            "blk.0.ffn_gate_tid2eid.weight",
+            &["expert id 100000", "expert_count"],
+        ),
+    ];
+    for (what, tensor, want) in cases {
+        let bad = dir.path().join(format!("{what}.gguf"));
+        edited_copy(&src, &bad, |name, dims, bytes| {
+            (name == tensor).then(|| match what {
+                "no-dims" => (Vec::new(), vec![0; 4]),
+                "empty" => (vec![dims[0], 0], Vec::new()),
+                _ => (
+                    dims.to_vec(),
+                    bytes
+                        .chunks(4)
+                        .flat_map(|_| 100_000i32.to_le_bytes())
+                        .collect(),
+                ),
+            })
+        });
+        let (bad_s, out_s) = (s(&bad), s(&out));
+        for extra in [&[][..], &["--dry-run"][..]] {
+            let args = [
+                &[bad_s.as_str(), out_s.as_str(), "--type", "Q8_0"][..],
+                extra,
+            ]
+            .concat();
+            let r = quantize_args(&args);
+            let err = String::from_utf8_lossy(&r.stderr);
+            assert_eq!(r.status.code(), Some(1), "{what} {extra:?}: {err}");
+            assert!(err.contains(tensor), "{what}: {err}");
+            for w in want {
+                assert!(err.contains(w), "{what}: wanted {w:?} in {err}");
+            }
+            assert!(!out.exists(), "{what}");
+        }
+    }
+}

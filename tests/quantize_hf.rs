@@ -381,6 +381,28 @@ fn corrupt_checkpoints_fail_with_a_message_and_no_output() {
             Box::new(|d: &Path| edit_json(&d.join("config.json"), |v| v["hc_mult"] = 3.into())),
             &["hc_mult", "expected 4"],
         ),
+        (
+            "experts beyond llama.cpp's limit",
+            Box::new(|d: &Path| {
+                edit_json(&d.join("config.json"), |v| {
+                    v["n_routed_experts"] = 4_000_000_000u32.into()
+                })
+            }),
+            &["n_routed_experts", "4000000000", "expected 1 to 1024"],
+        ),
+        (
+            "more experts than the checkpoint holds",
+            Box::new(|d: &Path| {
+                edit_json(&d.join("config.json"), |v| {
+                    v["n_routed_experts"] = 1000.into()
+                })
+            }),
+            &[
+                "1000 routed experts",
+                "expert tensors",
+                "the checkpoint holds",
+            ],
+        ),
     ];
     for (what, damage, expect) in cases {
         let bad = dir.path().join(what.replace(' ', "-"));

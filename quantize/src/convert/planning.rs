@@ -1,4 +1,5 @@
-//! [`plan`]: every output tensor's type and method, decided from headers only.
+//! [`plan`]: every output tensor's type and method, decided from headers (and the small expert-id tables, which are
+//! range-checked here).
 
 use gguf::deepseek4::key;
 use gguf::{GgmlType, Value};
@@ -16,7 +17,7 @@ const QUANTIZATION_VERSION: &str = "general.quantization_version";
 const FILE_TYPE: &str = "general.file_type";
 
 /// Decides every output tensor: type (recipe, overrides, llama.cpp's block fallbacks, the importance matrix), method,
-/// sizes. Reads headers only.
+/// sizes. Reads headers, and the expert-id tables to check their ids; refuses empty or overflowing shapes.
 pub fn plan<'a>(
     input: &'a Input,
     opts: &Options<'a>,
@@ -32,6 +33,21 @@ pub fn plan<'a>(
             has_mtp,
         } => {
             let with_mtp = *has_mtp && opts.keep_mtp;
+            // The names are built from the config's counts: first check the checkpoint can hold them.
+            let needed = config.expert_tensors(with_mtp);
+            if needed > ckpt.len() as u64 {
+                return Err(ConvertError::Input {
+                    path: dir.clone(),
+                    problem: format!(
+                        "config.json asks for {} layers x {} routed experts, {needed} expert tensors, and the \
+                         checkpoint holds {} tensors in all; config.json does not belong to these safetensors \
+                         (hint: check num_hidden_layers and n_routed_experts)",
+                        config.n_layer,
+                        config.n_expert,
+                        ckpt.len()
+                    ),
+                });
+            }
             let tensors: Vec<HfTensor> = config.tensors(with_mtp);
             let data = hf::resolve(ckpt, config, &tensors, with_mtp)?;
             let name = dir
@@ -99,10 +115,19 @@ pub fn plan<'a>(
         set_meta(&mut metadata, "general.name", Value::String(name.clone()));
     }
 
+    let n_expert = metadata
+        .iter()
+        .find(|(k, _)| k == key::EXPERT_COUNT)
+        .and_then(|(_, v)| v.as_i128())
+        .and_then(|n| u64::try_from(n).ok());
     let mut items = Vec::with_capacity(sources.len());
     let mut imatrix_missing = Vec::new();
     for (name, dims, data) in sources {
+        check_dims(&name, &dims)?;
         let item = plan_item(name, dims, data, opts, codec, &mut imatrix_missing)?;
+        if item.method == Method::Copy || item.method == Method::Ids {
+            check_expert_ids(&item, n_expert)?;
+        }
         items.push(item);
     }
     if !imatrix_missing.is_empty() {
@@ -270,6 +295,70 @@ fn plan_item<'a>(
         data,
         imatrix,
     })
+}
+
+/// A tensor's shape must be 1 to 4 dimensions, none of them 0, with an element count that fits in 63 bits (ggml's
+/// `int64_t` sizes): an empty or overflowing shape would reach row arithmetic as a division by 0 or a wrapped size.
+fn check_dims(name: &str, dims: &[u64]) -> Result<(), ConvertError> {
+    let err = |detail: String| ConvertError::Tensor {
+        tensor: name.to_string(),
+        detail,
+    };
+    if dims.is_empty() || dims.len() > 4 {
+        return Err(err(format!("{} dimensions, expected 1 to 4", dims.len())));
+    }
+    if let Some(i) = dims.iter().position(|&d| d == 0) {
+        return Err(err(format!(
+            "dimension {i} of {dims:?} is 0: an empty tensor (expected every dimension >= 1)"
+        )));
+    }
+    let count = dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64);
+    if count.is_none() {
+        return Err(err(format!(
+            "shape {dims:?} holds more than 2^63 values (a corrupt shape)"
+        )));
+    }
+    Ok(())
+}
+
+/// An expert-id table (`ffn_gate_tid2eid`, copied as it is) must name experts that exist: every id in `0..n_expert`
+/// (`deepseek4.expert_count`). An id beyond them would make an engine read or write past its expert tensors.
+fn check_expert_ids(item: &Item, n_expert: Option<u64>) -> Result<(), ConvertError> {
+    let (bytes, width) = match &item.data {
+        Data::Ggml {
+            ty: GgmlType::I32,
+            bytes,
+        } => (*bytes, 4),
+        Data::Hf(HfData::TokenIds { bytes, wide }) => (*bytes, if *wide { 8 } else { 4 }),
+        _ => return Ok(()),
+    };
+    let err = |detail: String| ConvertError::Tensor {
+        tensor: item.name.clone(),
+        detail,
+    };
+    let Some(n_expert) = n_expert else {
+        return Err(err(format!(
+            "expert ids, but the metadata has no {} to check them against",
+            key::EXPERT_COUNT
+        )));
+    };
+    for (i, id) in bytes.chunks_exact(width).enumerate() {
+        let id = match width {
+            4 => i32::from_le_bytes([id[0], id[1], id[2], id[3]]) as i64,
+            _ => i64::from_le_bytes([id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]]),
+        };
+        if id < 0 || id as u64 >= n_expert {
+            return Err(err(format!(
+                "expert id {id} at index {i}, expected 0 to {} ({} = {n_expert})",
+                n_expert - 1,
+                key::EXPERT_COUNT
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Types ggml can turn back into f32 (everything but the integer types).

@@ -76,6 +76,11 @@ impl Fields<'_> {
 const CONFIG_FILE: &str = "config.json";
 const ARCHITECTURE: &str = "DeepseekV4ForCausalLM";
 
+/// llama.cpp's `LLAMA_MAX_LAYERS`.
+pub const MAX_LAYERS: u32 = 512;
+/// llama.cpp's `LLAMA_MAX_EXPERTS`.
+pub const MAX_EXPERTS: u32 = 1024;
+
 impl HfConfig {
     /// Reads `dir/config.json`.
     pub fn read(dir: &Path) -> Result<HfConfig, HfError> {
@@ -238,6 +243,19 @@ impl HfConfig {
 
     /// The constraints llama.cpp's loader and graph put on the hyperparameters (DSV4.md section 7).
     fn check(&self, f: &Fields) -> Result<(), HfError> {
+        // llama.cpp's LLAMA_MAX_LAYERS and LLAMA_MAX_EXPERTS: a file beyond them does not load there, and the
+        // tensor names are built from these counts (the checkpoint is checked to hold them before that).
+        for (key, value, max) in [
+            ("num_hidden_layers", self.n_layer, MAX_LAYERS),
+            ("n_routed_experts", self.n_expert, MAX_EXPERTS),
+        ] {
+            if value == 0 || value > max {
+                return Err(f.err(
+                    key,
+                    format!("{value}, expected 1 to {max} (llama.cpp's limit)"),
+                ));
+            }
+        }
         let kv = f.u32_opt("num_key_value_heads")?.unwrap_or(1);
         if kv != 1 {
             return Err(f.err(
@@ -288,6 +306,18 @@ impl HfConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Routed-expert tensors the checkpoint must hold for this config: gate, up and down of every expert of every
+    /// layer (with the MTP block's when it is converted).
+    pub fn expert_tensors(&self, with_mtp: bool) -> u64 {
+        let layers = self.n_layer as u64
+            + if with_mtp {
+                self.nextn_predict_layers as u64
+            } else {
+                0
+            };
+        3 * layers * self.n_expert as u64
     }
 
     /// Compression ratio of layer `il` (the MTP block, past the main layers, defaults to 0).
