@@ -272,7 +272,8 @@ fn yarn_attn_factor(freq_scale: f32) -> f32 {
 }
 
 impl Config {
-    /// Reads and validates the configuration of a DeepSeek V4 model.
+    /// Reads and validates the configuration of a DeepSeek V4 model: every key in range, then every tensor bound
+    /// to it (name, shape, type, routing ids), so no size computed from the config exceeds what the file holds.
     pub fn from_model(model: &Model) -> Result<Config, ConfigError> {
         let md = model.metadata();
         match md.str(key::ARCHITECTURE) {
