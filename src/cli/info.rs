@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use ferrite::model::sizes::{weight_sizes, WeightSizes, ARCH};
+use ferrite::model::sizes::{blocks_with_tensors, weight_sizes, WeightSizes, ARCH};
 use gguf::{Array, Metadata, Model, Value};
 use serde_json::{json, Value as Json};
 
@@ -231,6 +231,8 @@ struct Deepseek4Facts {
     hidden: Option<u64>,
     vocab_rows: Option<u64>,
     has_mtp: bool,
+    /// Blocks with tensors in the file (see [`blocks_with_tensors`]).
+    blocks_in_file: u64,
 }
 
 fn deepseek4_facts(model: &Model) -> Deepseek4Facts {
@@ -260,6 +262,7 @@ fn deepseek4_facts(model: &Model) -> Deepseek4Facts {
             .tensor("token_embd.weight")
             .and_then(|t| t.info.dims.get(1).copied()),
         has_mtp,
+        blocks_in_file: blocks_with_tensors(model),
     }
 }
 
@@ -269,7 +272,8 @@ impl Deepseek4Facts {
         let (Some(n), Some(ratios)) = (self.block_count, &self.ratios) else {
             return Vec::new();
         };
-        (0..n as usize)
+        // Only the entries the array holds: a hostile block_count must not size this list.
+        (0..n.min(ratios.len() as u64) as usize)
             .map(|i| match ratios.get(i) {
                 Some(0) => "raw",
                 Some(4) => "csa",
@@ -283,10 +287,13 @@ impl Deepseek4Facts {
         let kinds = self.layer_kinds();
         let count = |k: &str| kinds.iter().filter(|&&x| x == k).count();
         let n = self.block_count.map_or("?".into(), |n| n.to_string());
-        let mtp = if self.has_mtp {
-            " (the last is the MTP block)"
-        } else {
-            ""
+        let mtp = match self.block_count {
+            Some(n) if n > self.blocks_in_file => format!(
+                " (but the file has tensors for {} blocks only: not loadable)",
+                self.blocks_in_file
+            ),
+            _ if self.has_mtp => " (the last is the MTP block)".into(),
+            _ => String::new(),
         };
         format!(
             "{n} layers{mtp}: {} raw-window, {} ratio-4 with indexer, {} ratio-128",

@@ -1,9 +1,25 @@
 //! The typed DeepSeek V4 configuration, read from `deepseek4.*` metadata: every shape comes from the file,
 //! every key is checked (type and range), and all problems are reported at once.
 
+use std::fmt::Display;
+
 use gguf::{Array, GgufError, Metadata, Model, Value};
 
 use super::names::{self, blk, key, ARCH, GATING_SQRT_SOFTPLUS};
+use super::sizes::blocks_with_tensors;
+use super::weights::Weights;
+
+/// Most layers a file may have (llama.cpp's LLAMA_MAX_LAYERS); per-layer tables are sized from it.
+pub const MAX_LAYERS: usize = 512;
+/// Most routed experts per layer (llama.cpp's LLAMA_MAX_EXPERTS).
+pub const MAX_EXPERTS: usize = 1024;
+/// Most Sinkhorn iterations: each adds 64 graph nodes per layer (DeepSeek V4 uses 20).
+pub const MAX_SINKHORN_ITERS: usize = 100;
+/// Longest indexer key: its Hadamard rotation is up to this squared in F32 (16 MiB; DeepSeek V4 uses 128).
+pub const MAX_INDEXER_DIM: usize = 2048;
+
+/// The hint of a value no DeepSeek V4 converter writes.
+const DAMAGED: &str = "the file is damaged or was not converted for DeepSeek V4; re-convert it";
 
 /// Attention kind of a layer, from its compress ratio.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +219,51 @@ impl Reader<'_> {
             self.problems.push(problem());
         }
     }
+
+    /// A problem unless `ok`: key `k` holds `got`, outside `allowed`, with `hint` on what to do or why it matters.
+    fn range(&mut self, k: &str, ok: bool, got: impl Display, allowed: &str, hint: &str) {
+        if !ok {
+            self.problems
+                .push(format!("{k} is {got}, expected {allowed} (hint: {hint})"));
+        }
+    }
+
+    /// A float that must be finite and at least `min` (epsilons, clamps, scales).
+    fn finite_min(&mut self, k: &str, v: f32, min: f32, hint: &str) {
+        let allowed = format!("a finite number >= {min}");
+        self.range(k, v.is_finite() && v >= min, v, &allowed, hint);
+    }
+
+    /// Every entry of a per-layer float array finite and >= 0; the first bad one is reported.
+    fn finite_entries(&mut self, k: &str, values: &[f32], hint: &str) {
+        if let Some((i, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+        {
+            self.problems.push(format!(
+                "{k} entry {i} is {v}, expected a finite number >= 0 (hint: {hint})"
+            ));
+        }
+    }
+}
+
+/// `block_count` checked against the `blk.N` tensors present (and [`MAX_LAYERS`]) before any per-layer table is
+/// sized from it; a larger count is a problem and the rest of the file is read with the count it can hold.
+fn cap_block_count(r: &mut Reader, model: &Model, n: usize) -> usize {
+    let blocks = blocks_with_tensors(model).min(MAX_LAYERS as u64) as usize;
+    if n <= blocks {
+        return n;
+    }
+    let held = match blocks {
+        0 => "the file has no blk.N tensors".to_string(),
+        b => format!("the file has tensors for blk.0 to blk.{} only", b - 1),
+    };
+    r.problems.push(format!(
+        "{} is {n}, expected at most {blocks}: {held} (at most {MAX_LAYERS} layers are supported) (hint: {DAMAGED})",
+        key::BLOCK_COUNT
+    ));
+    blocks
 }
 
 /// YaRN's magnitude correction that llama.cpp passes as `attn_factor` to cancel ggml's own (DSV4.md 3.5).
@@ -211,7 +272,8 @@ fn yarn_attn_factor(freq_scale: f32) -> f32 {
 }
 
 impl Config {
-    /// Reads and validates the configuration of a DeepSeek V4 model.
+    /// Reads and validates the configuration of a DeepSeek V4 model: every key in range, then every tensor bound
+    /// to it (name, shape, type, routing ids), so no size computed from the config exceeds what the file holds.
     pub fn from_model(model: &Model) -> Result<Config, ConfigError> {
         let md = model.metadata();
         match md.str(key::ARCHITECTURE) {
@@ -231,6 +293,7 @@ impl Config {
             warnings: Vec::new(),
         };
         let n_layer_all = r.u32(key::BLOCK_COUNT);
+        let n_layer_all = cap_block_count(&mut r, model, n_layer_all);
         let nextn = if md.contains(key::NEXTN_PREDICT_LAYERS) {
             r.u32(key::NEXTN_PREDICT_LAYERS)
         } else {
@@ -285,6 +348,18 @@ impl Config {
 
         let rope_base = r.f32_or(key::ROPE_FREQ_BASE, 10000.0);
         let compress_base = r.f32(key::COMPRESS_ROPE_FREQ_BASE);
+        for (k, base) in [
+            (key::ROPE_FREQ_BASE, rope_base),
+            (key::COMPRESS_ROPE_FREQ_BASE, compress_base),
+        ] {
+            r.range(
+                k,
+                base.is_finite() && base > 0.0,
+                base,
+                "a finite number > 0",
+                "RoPE raises it to fractional powers; DeepSeek V4 uses 10000 and 160000",
+            );
+        }
         let scaling = md.str(key::ROPE_SCALING_TYPE).ok();
         match scaling {
             Some("yarn") => {}
@@ -295,14 +370,25 @@ impl Config {
             Some(other) => r.problems.push(format!("{} is {other:?}, expected \"yarn\"", key::ROPE_SCALING_TYPE)),
         }
         let factor = r.f32_or(key::ROPE_SCALING_FACTOR, 1.0);
-        r.check(factor >= 1.0, || {
-            format!("{} is {factor}, expected >= 1", key::ROPE_SCALING_FACTOR)
-        });
+        r.range(
+            key::ROPE_SCALING_FACTOR,
+            factor.is_finite() && factor >= 1.0,
+            factor,
+            "a finite number >= 1",
+            "1 turns YaRN off; DeepSeek V4 uses 16",
+        );
         let orig_ctx = if md.contains(key::ROPE_SCALING_ORIG_CTX) {
             r.u32(key::ROPE_SCALING_ORIG_CTX)
         } else {
             n_ctx_train
         };
+        r.range(
+            key::ROPE_SCALING_ORIG_CTX,
+            orig_ctx <= i32::MAX as usize,
+            orig_ctx,
+            &format!("at most {}", i32::MAX),
+            "ggml takes it as a 32-bit signed integer; DeepSeek V4 uses 65536",
+        );
         let freq_scale = 1.0 / factor.max(1.0);
         let yarn = freq_scale < 1.0;
         let rope_raw = Rope {
@@ -326,15 +412,35 @@ impl Config {
             },
             beta_fast: 32.0,
             beta_slow: 1.0,
-            n_ctx_orig: orig_ctx as i32,
+            n_ctx_orig: i32::try_from(orig_ctx).unwrap_or(i32::MAX),
         };
 
         let eps = r.f32(key::RMS_EPS);
+        r.finite_min(
+            key::RMS_EPS,
+            eps,
+            0.0,
+            "every RMS norm adds it under the square root; DeepSeek V4 uses 1e-6",
+        );
         let n_expert = r.u32(key::EXPERT_COUNT);
+        r.range(
+            key::EXPERT_COUNT,
+            n_expert <= MAX_EXPERTS,
+            n_expert,
+            &format!("at most {MAX_EXPERTS}"),
+            DAMAGED,
+        );
         let n_expert_used = r.u32(key::EXPERT_USED_COUNT);
         let expert_width = r.per_layer_u32(key::EXPERT_FFN_LENGTH, n_layer_all);
         let n_expert_shared = r.u32(key::EXPERT_SHARED_COUNT);
         let expert_weights_scale = r.f32(key::EXPERT_WEIGHTS_SCALE);
+        r.range(
+            key::EXPERT_WEIGHTS_SCALE,
+            expert_weights_scale.is_finite(),
+            expert_weights_scale,
+            "a finite number",
+            "it scales every routed expert's output; DeepSeek V4 uses 1.5",
+        );
         let expert_weights_norm = r.bool(key::EXPERT_WEIGHTS_NORM);
         let gating = r.u32(key::EXPERT_GATING_FUNC);
         r.check(gating == GATING_SQRT_SOFTPLUS as usize, || {
@@ -350,12 +456,37 @@ impl Config {
         } else {
             clamp_exp.clone()
         };
+        let clamp_hint = "0 turns the SwiGLU clamp off; DeepSeek V4 uses 10";
+        r.finite_entries(key::SWIGLU_CLAMP_EXP, &clamp_exp, clamp_hint);
+        if md.contains(key::SWIGLU_CLAMP_SHEXP) {
+            r.finite_entries(key::SWIGLU_CLAMP_SHEXP, &clamp_shexp, clamp_hint);
+        }
         let indexer_heads = r.u32(key::INDEXER_HEAD_COUNT);
         let indexer_dim = r.u32(key::INDEXER_KEY_LENGTH);
+        r.range(
+            key::INDEXER_KEY_LENGTH,
+            indexer_dim <= MAX_INDEXER_DIM,
+            indexer_dim,
+            &format!("at most {MAX_INDEXER_DIM}"),
+            "the indexer's Hadamard rotation is a square matrix of up to this size; DeepSeek V4 uses 128",
+        );
         let indexer_top_k = r.u32(key::INDEXER_TOP_K);
         let hc = r.u32(key::HC_COUNT);
         let sinkhorn_iters = r.u32(key::HC_SINKHORN_ITERS);
+        r.range(
+            key::HC_SINKHORN_ITERS,
+            sinkhorn_iters <= MAX_SINKHORN_ITERS,
+            sinkhorn_iters,
+            &format!("1..={MAX_SINKHORN_ITERS}"),
+            "each iteration adds graph nodes to every layer; DeepSeek V4 uses 20",
+        );
         let hc_eps = r.f32(key::HC_EPS);
+        r.finite_min(
+            key::HC_EPS,
+            hc_eps,
+            0.0,
+            "the hyper-connection weights add it to stay positive; DeepSeek V4 uses 1e-6",
+        );
         if md.contains(key::EXPERT_GROUP_COUNT) {
             let groups = r.u32(key::EXPERT_GROUP_COUNT);
             r.check(groups <= 1, || {
@@ -402,6 +533,12 @@ impl Config {
         };
         if r.problems.is_empty() {
             config.check_ranges(&mut r.problems);
+        }
+        // The shapes bound here cap every size the planner and the caches compute from the config.
+        if r.problems.is_empty() {
+            if let Err(e) = Weights::bind(model, &config, |_| ()) {
+                r.problems.extend(e.problems);
+            }
         }
         if !r.problems.is_empty() {
             return Err(ConfigError {
@@ -452,7 +589,16 @@ impl Config {
                 self.n_head, self.o_groups
             ),
         );
-        check(self.window > 0, "sliding_window must be positive".into());
+        check(
+            self.window > 0 && self.window <= self.n_ctx_train,
+            format!(
+                "{} is {}, expected 1..={} = {} (hint: the raw cache holds this many rows per layer; DeepSeek V4 uses 128)",
+                key::SLIDING_WINDOW,
+                self.window,
+                self.n_ctx_train,
+                key::CONTEXT_LENGTH
+            ),
+        );
         check(
             self.hc == 4,
             format!("hyper_connection.count is {}, expected 4", self.hc),

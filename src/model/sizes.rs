@@ -62,6 +62,20 @@ pub fn expert_tensor_layer(name: &str) -> Option<u32> {
     EXPERT_TENSORS.contains(&kind).then(|| layer.parse().ok())?
 }
 
+/// Blocks the file has tensors for: one past the highest `N` of a `blk.N.*` tensor (0 when there are none). A
+/// `block_count` above this names layers that cannot be there, so it bounds every per-layer table.
+pub fn blocks_with_tensors(model: &Model) -> u64 {
+    model
+        .tensors()
+        .iter()
+        .filter_map(|t| {
+            let (layer, _) = t.info.name.strip_prefix("blk.")?.split_once('.')?;
+            layer.parse::<u64>().ok()?.checked_add(1)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Sizes of the weights of `model`, by kind, from its tensor table.
 pub fn weight_sizes(model: &Model) -> WeightSizes {
     let mut sizes = WeightSizes {

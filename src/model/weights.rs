@@ -80,20 +80,52 @@ pub struct Weights<T> {
     pub layers: Vec<LayerWeights<T>>,
 }
 
-/// What a tensor must look like.
+/// What a tensor's type must be, from what the CPU backend computes with it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Want {
-    /// Any ggml type.
-    Any,
-    /// F32 (ggml asserts it for sinks and the hyper-connection base and scale).
+    /// A matrix of `mul_mat` / `mul_mat_id`: a type with a ggml CPU dot product.
+    Matrix,
+    /// The token embedding: a type `get_rows` reads.
+    Embedding,
+    /// F32: 1-D weights (ggml's `mul` and norms take an F32 input with them; sinks and the hyper-connection base
+    /// and scale are asserted F32).
     F32,
     /// I32 (the hash routing table).
     I32,
 }
 
+impl Want {
+    fn accepts(self, ty: GgmlType) -> bool {
+        use GgmlType as T;
+        // No float type computes here: Q8_1 and Q8_K exist only as the other side of a dot product, F64 has no
+        // dot product or get_rows on the CPU, and integers are not weights.
+        let not_computed = matches!(ty, T::I8 | T::I16 | T::I32 | T::I64 | T::F64 | T::Q8K);
+        match self {
+            Want::Matrix => !not_computed && ty != T::Q8_1,
+            Want::Embedding => !not_computed,
+            Want::F32 => ty == T::F32,
+            Want::I32 => ty == T::I32,
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Want::Matrix => "a float or quantized type the CPU multiplies (not q8_1, q8_k, f64 or an integer type)",
+            Want::Embedding => "a float or quantized type the CPU reads rows of (not q8_k, f64 or an integer type)",
+            Want::F32 => "f32",
+            Want::I32 => "i32",
+        }
+    }
+}
+
+/// The hint of a tensor type the CPU cannot compute with.
+const TYPE_HINT: &str = "re-quantize the file (e.g. `ferrite quantize`) with supported types";
+
 /// Looks tensors up by name and checks them, collecting every problem.
 struct Check<'m, F> {
     model: &'m Model,
+    /// Routed experts per layer: the bound of the ids in `tid2eid`.
+    n_expert: usize,
     problems: Vec<String>,
     make: F,
 }
@@ -111,33 +143,47 @@ impl<T, F: FnMut(&str) -> T> Check<'_, F> {
                         "tensor {name:?} has shape {got:?}, expected {dims:?}"
                     ));
                 }
-                let ty_ok = match want {
-                    Want::Any => !matches!(
-                        t.info.ty,
-                        GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64
-                    ),
-                    Want::F32 => t.info.ty == GgmlType::F32,
-                    Want::I32 => t.info.ty == GgmlType::I32,
-                };
-                if !ty_ok {
-                    let expected = match want {
-                        Want::Any => "a float or quantized type",
-                        Want::F32 => "f32",
-                        Want::I32 => "i32",
-                    };
+                if !want.accepts(t.info.ty) {
                     self.problems.push(format!(
-                        "tensor {name:?} has type {}, expected {expected}",
-                        t.info.ty
+                        "tensor {name:?} has type {}, expected {} (hint: {TYPE_HINT})",
+                        t.info.ty,
+                        want.expected()
                     ));
+                } else if want == Want::I32 && got == dims {
+                    self.check_expert_ids(name, self.model.tensor_data(t), dims[0]);
                 }
             }
         }
         (self.make)(name)
     }
 
-    /// A 1-D weight: F32 expected; ggml's norm kernels also take F16/BF16 but llama.cpp keeps them F32.
+    /// A 1-D weight (a norm's scale): F32, as llama.cpp keeps them and ggml's `mul` needs with an F32 input.
     fn vec(&mut self, name: &str, n: usize) -> T {
-        self.get(name, &[n], Want::Any)
+        self.get(name, &[n], Want::F32)
+    }
+
+    /// Every id of a hash routing table is an expert of the layer: `mul_mat_id` indexes with them unchecked.
+    fn check_expert_ids(&mut self, name: &str, data: &[u8], per_token: usize) {
+        let ids = data
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let mut bad = ids
+            .enumerate()
+            .filter(|&(_, id)| usize::try_from(id).map_or(true, |id| id >= self.n_expert));
+        if let Some((i, id)) = bad.next() {
+            let more = bad.count();
+            let rest = match more {
+                0 => String::new(),
+                n => format!(" and {n} more out-of-range ids"),
+            };
+            self.problems.push(format!(
+                "tensor {name:?} holds expert id {id} for token {}{rest}, expected 0..{} (expert_count {}) \
+                 (hint: the routing table is damaged; re-convert the file)",
+                i / per_token.max(1),
+                self.n_expert,
+                self.n_expert
+            ));
+        }
     }
 }
 
@@ -151,16 +197,17 @@ impl<T> Weights<T> {
     ) -> Result<Weights<T>, ConfigError> {
         let mut c = Check {
             model,
+            n_expert: cfg.n_expert,
             problems: Vec::new(),
             make,
         };
         let d = cfg.n_embd;
         let hc_dim = cfg.hc * d;
         let hc_mix = (2 + cfg.hc) * cfg.hc;
-        let token_embd = c.get(global::TOKEN_EMBD, &[d, cfg.n_vocab], Want::Any);
+        let token_embd = c.get(global::TOKEN_EMBD, &[d, cfg.n_vocab], Want::Embedding);
         let output_norm = c.vec(global::OUTPUT_NORM, d);
-        let output = c.get(global::OUTPUT, &[d, cfg.n_vocab], Want::Any);
-        let hc_head_fn = c.get(global::OUTPUT_HC_FN, &[hc_dim, cfg.hc], Want::Any);
+        let output = c.get(global::OUTPUT, &[d, cfg.n_vocab], Want::Matrix);
+        let hc_head_fn = c.get(global::OUTPUT_HC_FN, &[hc_dim, cfg.hc], Want::Matrix);
         let hc_head_base = c.get(global::OUTPUT_HC_BASE, &[cfg.hc], Want::F32);
         let hc_head_scale = c.get(global::OUTPUT_HC_SCALE, &[1], Want::F32);
         let layers = (0..cfg.n_layer)
@@ -198,8 +245,8 @@ fn bind_layer<T, F: FnMut(&str) -> T>(
     let compressor = (kind != LayerKind::Raw).then(|| {
         let coff = if kind == LayerKind::Csa { 2 } else { 1 };
         Compressor {
-            kv: c.get(&n(blk::COMP_KV), &[d, coff * dh], Want::Any),
-            gate: c.get(&n(blk::COMP_GATE), &[d, coff * dh], Want::Any),
+            kv: c.get(&n(blk::COMP_KV), &[d, coff * dh], Want::Matrix),
+            gate: c.get(&n(blk::COMP_GATE), &[d, coff * dh], Want::Matrix),
             ape: c.get(&n(blk::COMP_APE), &[coff * dh, kind.ratio()], Want::F32),
             norm: c.vec(&n(blk::COMP_NORM), dh),
         }
@@ -207,11 +254,11 @@ fn bind_layer<T, F: FnMut(&str) -> T>(
     let indexer = (kind == LayerKind::Csa).then(|| {
         let (ih, id) = (cfg.indexer_heads, cfg.indexer_dim);
         Indexer {
-            q_b: c.get(&n(blk::INDEXER_Q_B), &[cfg.q_lora, ih * id], Want::Any),
-            proj: c.get(&n(blk::INDEXER_PROJ), &[d, ih], Want::Any),
+            q_b: c.get(&n(blk::INDEXER_Q_B), &[cfg.q_lora, ih * id], Want::Matrix),
+            proj: c.get(&n(blk::INDEXER_PROJ), &[d, ih], Want::Matrix),
             comp: Compressor {
-                kv: c.get(&n(blk::INDEXER_COMP_KV), &[d, 2 * id], Want::Any),
-                gate: c.get(&n(blk::INDEXER_COMP_GATE), &[d, 2 * id], Want::Any),
+                kv: c.get(&n(blk::INDEXER_COMP_KV), &[d, 2 * id], Want::Matrix),
+                gate: c.get(&n(blk::INDEXER_COMP_GATE), &[d, 2 * id], Want::Matrix),
                 ape: c.get(&n(blk::INDEXER_COMP_APE), &[2 * id, 4], Want::F32),
                 norm: c.vec(&n(blk::INDEXER_COMP_NORM), id),
             },
@@ -234,46 +281,46 @@ fn bind_layer<T, F: FnMut(&str) -> T>(
         kind,
         attn_norm: c.vec(&n(blk::ATTN_NORM), d),
         ffn_norm: c.vec(&n(blk::FFN_NORM), d),
-        hc_attn_fn: c.get(&n(blk::HC_ATTN_FN), &[hc_dim, hc_mix], Want::Any),
+        hc_attn_fn: c.get(&n(blk::HC_ATTN_FN), &[hc_dim, hc_mix], Want::Matrix),
         hc_attn_base: c.get(&n(blk::HC_ATTN_BASE), &[hc_mix], Want::F32),
         hc_attn_scale: c.get(&n(blk::HC_ATTN_SCALE), &[3], Want::F32),
-        hc_ffn_fn: c.get(&n(blk::HC_FFN_FN), &[hc_dim, hc_mix], Want::Any),
+        hc_ffn_fn: c.get(&n(blk::HC_FFN_FN), &[hc_dim, hc_mix], Want::Matrix),
         hc_ffn_base: c.get(&n(blk::HC_FFN_BASE), &[hc_mix], Want::F32),
         hc_ffn_scale: c.get(&n(blk::HC_FFN_SCALE), &[3], Want::F32),
         sinks: c.get(&n(blk::ATTN_SINKS), &[h], Want::F32),
-        q_a: c.get(&n(blk::ATTN_Q_A), &[d, cfg.q_lora], Want::Any),
+        q_a: c.get(&n(blk::ATTN_Q_A), &[d, cfg.q_lora], Want::Matrix),
         q_a_norm: c.vec(&n(blk::ATTN_Q_A_NORM), cfg.q_lora),
-        q_b: c.get(&n(blk::ATTN_Q_B), &[cfg.q_lora, h * dh], Want::Any),
-        kv: c.get(&n(blk::ATTN_KV), &[d, dh], Want::Any),
+        q_b: c.get(&n(blk::ATTN_Q_B), &[cfg.q_lora, h * dh], Want::Matrix),
+        kv: c.get(&n(blk::ATTN_KV), &[d, dh], Want::Matrix),
         kv_norm: c.vec(&n(blk::ATTN_KV_NORM), dh),
         o_a: c.get(
             &n(blk::ATTN_OUTPUT_A),
             &[h * dh / cfg.o_groups.max(1), cfg.o_groups * cfg.o_lora],
-            Want::Any,
+            Want::Matrix,
         ),
         o_b: c.get(
             &n(blk::ATTN_OUTPUT_B),
             &[cfg.o_groups * cfg.o_lora, d],
-            Want::Any,
+            Want::Matrix,
         ),
-        gate_inp: c.get(&n(blk::FFN_GATE_INP), &[d, e], Want::Any),
-        gate_exps: c.get(&n(blk::FFN_GATE_EXPS), &[d, ff, e], Want::Any),
-        up_exps: c.get(&n(blk::FFN_UP_EXPS), &[d, ff, e], Want::Any),
-        down_exps: c.get(&n(blk::FFN_DOWN_EXPS), &[ff, d, e], Want::Any),
+        gate_inp: c.get(&n(blk::FFN_GATE_INP), &[d, e], Want::Matrix),
+        gate_exps: c.get(&n(blk::FFN_GATE_EXPS), &[d, ff, e], Want::Matrix),
+        up_exps: c.get(&n(blk::FFN_UP_EXPS), &[d, ff, e], Want::Matrix),
+        down_exps: c.get(&n(blk::FFN_DOWN_EXPS), &[ff, d, e], Want::Matrix),
         gate_shexp: c.get(
             &n(blk::FFN_GATE_SHEXP),
             &[d, ff * cfg.n_expert_shared],
-            Want::Any,
+            Want::Matrix,
         ),
         up_shexp: c.get(
             &n(blk::FFN_UP_SHEXP),
             &[d, ff * cfg.n_expert_shared],
-            Want::Any,
+            Want::Matrix,
         ),
         down_shexp: c.get(
             &n(blk::FFN_DOWN_SHEXP),
             &[ff * cfg.n_expert_shared, d],
-            Want::Any,
+            Want::Matrix,
         ),
         routing,
         compressor,
