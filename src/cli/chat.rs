@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use ferrite::chat::{render, ChatOptions, Message, Role, BOS, THINK_END};
+use ferrite::chat::{ChatOptions, Message, Role, BOS, THINK_END};
 use ferrite::engine::Session;
 use ferrite::experts::StatsSnapshot;
 use ferrite::sampler::Sampler;
@@ -79,7 +79,10 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let tokenizer = generate::load_tokenizer(&engine)?;
     let n_ctx = args.model.n_ctx(&engine);
     let cfg = args.sampling.config();
-    let session = engine.session(n_ctx, args.model.ubatch)?;
+    let session = engine.session()?;
+    if let Some(note) = engine.prompt_format().note() {
+        eprintln!("ferrite: note: {note}");
+    }
     eprintln!(
         "ferrite: chat with {}, context {n_ctx}, seed {}{}",
         engine.path().display(),
@@ -92,7 +95,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     );
     let mut chat = Chat {
         session,
-        tokenizer: &tokenizer,
+        tokenizer,
         sampler: Sampler::new(cfg),
         options: ChatOptions {
             thinking: !args.no_think,
@@ -166,7 +169,8 @@ impl Chat<'_, '_> {
     /// reuses whatever prefix still matches.
     fn clear(&mut self) {
         self.messages = self.system.iter().map(Message::system).collect();
-        let text = render(&self.messages, &self.options, false);
+        let format = self.session.engine().prompt_format();
+        let text = format.render(&self.messages, &self.options, false);
         self.conversation = self.tokenizer.encode(&text, true);
         self.last = None;
     }
@@ -178,7 +182,8 @@ impl Chat<'_, '_> {
             reasoning_effort: None,
             ..self.options
         };
-        let whole = render(&[Message::user(text)], &options, true);
+        let format = self.session.engine().prompt_format();
+        let whole = format.render(&[Message::user(text)], &options, true);
         whole.strip_prefix(BOS).unwrap_or(&whole).to_string()
     }
 

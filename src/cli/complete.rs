@@ -8,9 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use ferrite::chat::{render, render_with_template, ChatOptions, Message};
-use ferrite::engine::Engine;
-use ferrite::model::names::key::CHAT_TEMPLATE;
+use ferrite::chat::{ChatOptions, Message};
 use ferrite::sampler::Sampler;
 
 use super::generate::{self, GenerateRequest, SamplingArgs, Stop};
@@ -72,30 +70,6 @@ fn parse_n_predict(s: &str) -> Result<i64, String> {
     }
 }
 
-/// The chat prompt: the GGUF's own `tokenizer.chat_template` when it has one (as llama.cpp uses it), else the
-/// built-in DeepSeek V4 format. A template that renders differently from the built-in format, or fails to render,
-/// is reported on stderr.
-fn chat_prompt(engine: &Engine, messages: &[Message], options: &ChatOptions) -> String {
-    let builtin = render(messages, options, true);
-    let Ok(template) = engine.model().metadata().str(CHAT_TEMPLATE) else {
-        return builtin;
-    };
-    match render_with_template(template, messages, options) {
-        Ok(text) if text == builtin => builtin,
-        Ok(text) => {
-            eprintln!(
-                "ferrite: note: the model's chat template renders this conversation differently from DeepSeek V4's \
-                 own format; using the model's template (--verbose prints the prompt)"
-            );
-            text
-        }
-        Err(e) => {
-            eprintln!("ferrite: warning: the model's chat template cannot be rendered ({e}); using DeepSeek V4's own format");
-            builtin
-        }
-    }
-}
-
 pub fn run(args: &CompleteArgs) -> Result<()> {
     let text = read_prompt(args)?;
     let report = if args.verbose {
@@ -119,7 +93,11 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
             thinking: !args.no_think,
             ..ChatOptions::default()
         };
-        chat_prompt(&engine, &messages, &options)
+        let format = engine.prompt_format();
+        if let Some(note) = format.note() {
+            eprintln!("ferrite: note: {note}");
+        }
+        format.render(&messages, &options, true)
     };
     let mut prompt = Vec::new();
     if args.raw && tokenizer.add_bos() {
@@ -142,7 +120,7 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
 
     let cfg = args.sampling.config();
     let mut sampler = Sampler::new(cfg);
-    let mut session = engine.session(n_ctx, args.model.ubatch)?;
+    let mut session = engine.session()?;
     eprintln!(
         "ferrite: {} prompt tokens, context {n_ctx}, seed {}, temp {}",
         prompt.len(),
@@ -166,7 +144,7 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
         stdout.write_all(s.as_bytes())?;
         stdout.flush()
     };
-    let gen = generate::generate(&mut session, &tokenizer, &mut sampler, &req, &mut emit)?;
+    let gen = generate::generate(&mut session, tokenizer, &mut sampler, &req, &mut emit)?;
     stdout.flush()?;
     drop(stdout);
 

@@ -260,21 +260,28 @@ pub fn generate(
 }
 
 /// The model's vocabulary, with a hint when the GGUF has none.
-pub fn load_tokenizer(engine: &Engine) -> Result<Tokenizer> {
-    tokenizer_of(engine.model(), engine.path())
+pub fn load_tokenizer(engine: &Engine) -> Result<&Tokenizer> {
+    engine
+        .tokenizer()
+        .map_err(|e| tokenizer_error(e, engine.path()))
 }
 
 /// The tokenizer of `model` (read from `path`), with a hint when the model has no vocabulary.
 pub fn tokenizer_of(model: &gguf::Model, path: &std::path::Path) -> Result<Tokenizer> {
+    Tokenizer::from_gguf(model).map_err(|e| tokenizer_error(e, path))
+}
+
+/// `e` with the file it is about, and a hint when the model has no vocabulary.
+fn tokenizer_error(e: TokenizerError, path: &std::path::Path) -> anyhow::Error {
     let path = path.display().to_string();
-    Tokenizer::from_gguf(model).map_err(|e| match e {
+    match e {
         TokenizerError::NoVocabulary { .. } => Hinted::new(
             format!("{path}: {e}"),
             "use a GGUF converted with its tokenizer, or `-m demo`; `ferrite logits --tokens` runs this model from ids",
         )
         .into(),
         _ => anyhow::Error::new(e).context(format!("cannot read the vocabulary of {path}")),
-    })
+    }
 }
 
 /// `[1, 2, 3]`

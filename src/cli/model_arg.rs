@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
-use ferrite::engine::{resolve_ctx, Engine, EngineOptions, PagingOptions};
+use ferrite::engine::{Engine, EngineOptions, PagingOptions};
 use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use ferrite::plan::{
@@ -102,11 +102,11 @@ impl ModelArgs {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
-    /// The context size for `engine`: `-c`, 0 meaning the model's trained context, by default at most 4096.
-    /// Warns on stderr when it exceeds the trained context.
+    /// The context size `engine` was planned for: `-c`, 0 meaning the model's trained context, by default at most
+    /// 4096. Warns on stderr when it exceeds the trained context.
     pub fn n_ctx(&self, engine: &Engine) -> usize {
         let trained = engine.config().n_ctx_train;
-        let n_ctx = resolve_ctx(engine.config(), self.ctx_size);
+        let n_ctx = engine.n_ctx();
         if trained > 0 && n_ctx > trained {
             eprintln!(
                 "ferrite: warning: -c {n_ctx} is beyond the {trained} tokens the model was trained on; quality may suffer"
