@@ -3,7 +3,7 @@
 //! seed, why it stopped, the speeds and (`--verbose`) the expert store's numbers on stderr. Ctrl-C stops the answer
 //! (what was generated is already out) and exits with 130.
 
-use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::io::{IsTerminal as _, Read as _};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
@@ -11,7 +11,9 @@ use clap::Args;
 use ferrite::chat::{ChatOptions, Message};
 use ferrite::sampler::Sampler;
 
-use super::generate::{self, GenerateRequest, SamplingArgs, Stop};
+use ferrite::generate::{GenerateOptions, StopReason};
+
+use super::generate::{self, SamplingArgs};
 use super::model_arg::{open_engine, ModelArgs, PlanReport};
 use super::Hinted;
 
@@ -133,20 +135,11 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
     }
 
     let interrupt = generate::interrupt_flag()?;
-    let req = GenerateRequest {
-        prompt: &prompt,
+    let opts = GenerateOptions {
         max_tokens: usize::try_from(args.n_predict).ok(),
-        interrupt: &interrupt,
-        chunk: args.model.ubatch,
+        interrupt: Some(&interrupt),
     };
-    let mut stdout = std::io::stdout().lock();
-    let mut emit = |s: &str| {
-        stdout.write_all(s.as_bytes())?;
-        stdout.flush()
-    };
-    let gen = generate::generate(&mut session, tokenizer, &mut sampler, &req, &mut emit)?;
-    stdout.flush()?;
-    drop(stdout);
+    let gen = generate::generate_to_stdout(&mut session, &mut sampler, &prompt, &opts)?;
 
     // The answer has no final line break of its own: keep the next line off it when both go to one terminal.
     if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
@@ -155,13 +148,13 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
     if args.verbose {
         eprintln!("ferrite: answer ids: {}", generate::id_list(&gen.tokens));
     }
-    eprintln!("ferrite: stopped: {}", gen.stop.describe());
+    eprintln!("ferrite: stopped: {}", generate::describe(gen.stop_reason));
     eprintln!("ferrite: {}", gen.timings.summary());
     if args.verbose {
         eprintln!("ferrite: prompt {}", gen.experts.prompt);
         eprintln!("ferrite: generation {}", gen.experts.generation);
     }
-    if gen.stop == Stop::Interrupted {
+    if gen.stop_reason == StopReason::Interrupted {
         std::process::exit(EXIT_INTERRUPTED);
     }
     Ok(())

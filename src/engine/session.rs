@@ -164,6 +164,11 @@ impl<'e> Session<'e> {
         self.cache.sizes.n_ctx
     }
 
+    /// Tokens per micro-batch (one graph computation) of a prompt.
+    pub fn n_ubatch(&self) -> usize {
+        self.cache.sizes.n_ubatch
+    }
+
     /// Bytes of this sequence's cache.
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()
