@@ -3,7 +3,7 @@
 
 mod session;
 
-pub use session::{GraphStats, Logits, Session};
+pub use session::{GraphStats, Logits, Session, SessionOptions};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -78,6 +78,8 @@ pub struct EngineOptions {
     /// release path; `false` computes every weight from the map. Routed experts are repacked only when the plan
     /// keeps them all resident within the budget, and never copied otherwise.
     pub repack: bool,
+    /// How new sessions run (diagnostic switches; the library reads no environment variables).
+    pub session: SessionOptions,
 }
 
 impl Default for EngineOptions {
@@ -88,6 +90,7 @@ impl Default for EngineOptions {
             cache_type: CacheType::default(),
             paging: PagingOptions::default(),
             repack: true,
+            session: SessionOptions::default(),
         }
     }
 }

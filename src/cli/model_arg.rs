@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, EngineOptions, PagingOptions};
+use ferrite::engine::{Engine, EngineOptions, PagingOptions, SessionOptions};
 use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use ferrite::plan::{
@@ -139,6 +139,17 @@ impl ModelArgs {
     }
 }
 
+/// The diagnostic switches of new sessions from the environment: `FERRITE_GRAPH_REUSE=0` builds a fresh graph for
+/// every micro-batch, `FERRITE_GROUPED_EXPERTS=0` multiplies a prompt's experts with `mul_mat_id` (see
+/// [`SessionOptions`]).
+fn session_options_from_env() -> SessionOptions {
+    let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
+    SessionOptions {
+        graph_reuse: on("FERRITE_GRAPH_REUSE"),
+        grouped_experts: on("FERRITE_GROUPED_EXPERTS"),
+    }
+}
+
 /// When `open_engine` prints the memory plan on stderr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlanReport {
@@ -169,6 +180,7 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             n_ubatch: Some(args.ubatch),
         },
         repack: !memory.no_repack,
+        session: session_options_from_env(),
     };
     let engine = Engine::open(&path, opts)?;
     for warning in &engine.config().warnings {

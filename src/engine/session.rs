@@ -24,11 +24,24 @@ use crate::model::step::{
 /// ratio-128 row, or none completes), plus the last prompt's.
 const KEPT_GRAPHS: usize = 4;
 
-/// Set to `0` to build a fresh graph for every micro-batch (a diagnostic: the results are the same).
-const GRAPH_REUSE_ENV: &str = "FERRITE_GRAPH_REUSE";
-/// `FERRITE_GROUPED_EXPERTS=0` turns the grouped expert products off for new sessions (see
-/// [`Session::set_grouped_experts`]).
-const GROUPED_EXPERTS_ENV: &str = "FERRITE_GROUPED_EXPERTS";
+/// How new sessions run: diagnostic switches that compare against the release path (both `true`), never change
+/// what it computes. The CLI sets them from `FERRITE_GRAPH_REUSE=0` and `FERRITE_GROUPED_EXPERTS=0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// See [`Session::set_graph_reuse`].
+    pub graph_reuse: bool,
+    /// See [`Session::set_grouped_experts`].
+    pub grouped_experts: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            graph_reuse: true,
+            grouped_experts: true,
+        }
+    }
+}
 
 /// A paged session's own parts: the state carried between its stage graphs, and the kept stage graphs.
 struct PagedSession<'e> {
@@ -125,8 +138,7 @@ impl<'e> Session<'e> {
             .context("cannot allocate the context cache")?;
         let alloc =
             GraphAllocator::new(&engine.backend).context("cannot create the compute buffer")?;
-        let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
-        let reuse = on(GRAPH_REUSE_ENV);
+        let opts = engine.opts.session;
         let paged = match &engine.paged {
             None => None,
             Some(_) => Some(PagedSession {
@@ -138,12 +150,12 @@ impl<'e> Session<'e> {
             engine,
             cache: Rc::new(cache),
             alloc,
-            graphs: GraphCache::new(if reuse { KEPT_GRAPHS } else { 0 }),
+            graphs: GraphCache::new(if opts.graph_reuse { KEPT_GRAPHS } else { 0 }),
             paged,
             stats: GraphStats::default(),
             tokens: Vec::new(),
             gather: Gather::for_this_build(),
-            grouped: on(GROUPED_EXPERTS_ENV),
+            grouped: opts.grouped_experts,
         })
     }
 
@@ -175,8 +187,8 @@ impl<'e> Session<'e> {
     }
 
     /// Keeps the graphs of recent micro-batch shapes and reuses them (the default), or builds a new graph for
-    /// every micro-batch (`false`: a diagnostic; the logits are the same bit for bit). `FERRITE_GRAPH_REUSE=0` in the
-    /// environment turns reuse off for new sessions.
+    /// every micro-batch (`false`: a diagnostic; the logits are the same bit for bit). New sessions start as
+    /// [`SessionOptions::graph_reuse`] says.
     pub fn set_graph_reuse(&mut self, on: bool) {
         self.graphs.set_capacity(if on { KEPT_GRAPHS } else { 0 });
     }
@@ -193,8 +205,8 @@ impl<'e> Session<'e> {
 
     /// Lets a prompt's repacked routed experts multiply with ggml's GEMM kernels, four rows at a time (the
     /// default), or makes every micro-batch use `mul_mat_id`, one row at a time, as llama.cpp does (`false`: a
-    /// diagnostic; the kernels round differently, so logits differ in the last bits). `FERRITE_GROUPED_EXPERTS=0`
-    /// in the environment turns them off for new sessions.
+    /// diagnostic; the kernels round differently, so logits differ in the last bits). New sessions start as
+    /// [`SessionOptions::grouped_experts`] says.
     pub fn set_grouped_experts(&mut self, on: bool) {
         self.grouped = on;
     }
