@@ -96,6 +96,14 @@ impl Default for EngineOptions {
 }
 
 /// An opened DeepSeek V4 model. Immutable once open; sessions borrow it.
+///
+/// Thread safety: `Engine` is `Send` (checked below at compile time): a server can open it on one thread and move
+/// it to the thread that runs its sessions. Its parts are owned ggml objects that ggml lets any one thread use (the
+/// weights' context and buffers, the CPU backend, the paged store's slots and I/O), the file map, and counters behind
+/// a `Mutex`. It is not `Sync`: sessions compute through the engine's one CPU backend (a thread pool and its
+/// work buffer, not reentrant), and the weights' ggml context keeps its buffers in `RefCell`s; so all the sessions of
+/// an engine run on the thread that holds it, one computation at a time. Serving requests from several threads
+/// means sending them to that thread (or opening one engine per thread).
 pub struct Engine {
     path: PathBuf,
     model: Arc<Model>,
@@ -373,6 +381,12 @@ impl Engine {
     pub fn session_sized(&self, n_ctx: usize, n_ubatch: usize) -> Result<Session<'_>> {
         Session::new(self, n_ctx, n_ubatch)
     }
+}
+
+/// What the documentation of [`Engine`] claims, checked at compile time.
+fn _assert_send<T: Send>() {}
+fn _engine_is_send() {
+    _assert_send::<Engine>();
 }
 
 /// Bytes of compute buffers the plan reserves: activations of a micro-batch (streams, attention, the experts'

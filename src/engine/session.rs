@@ -94,6 +94,11 @@ pub enum Logits {
 }
 
 /// One sequence being processed: its tokens and cache.
+///
+/// Thread safety: neither `Send` nor `Sync`. It borrows its [`Engine`] (not `Sync`, so `&Engine` cannot cross
+/// threads), and shares its cache and the paged store's stage state with the graphs it keeps through `Rc`. A session
+/// lives on the thread that holds its engine; many sessions of one engine may live there, each used by one caller at
+/// a time (every method that computes takes `&mut self`).
 pub struct Session<'e> {
     engine: &'e Engine,
     /// Shared with the kept graphs, which read and write it.
