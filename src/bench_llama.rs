@@ -10,12 +10,21 @@
 use std::ffi::{c_char, c_void, CString};
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use llama_cpp_sys_2 as sys;
 
 static INIT: Once = Once::new();
+/// Whether llama.cpp's log is shown (see [`show_log`]).
+static SHOW_LOG: AtomicBool = AtomicBool::new(false);
+
+/// Shows llama.cpp's log (silenced by default) from the first model loaded on; the CLI sets it from
+/// `FERRITE_LLAMA_LOG=1`.
+pub fn show_log(on: bool) {
+    SHOW_LOG.store(on, Ordering::Relaxed);
+}
 
 unsafe extern "C" fn quiet_log(
     _level: sys::ggml_log_level,
@@ -24,10 +33,10 @@ unsafe extern "C" fn quiet_log(
 ) {
 }
 
-/// `llama_backend_init` once per process; llama.cpp's log is silenced unless `FERRITE_LLAMA_LOG=1`.
+/// `llama_backend_init` once per process; llama.cpp's log is silenced unless [`show_log`] asked for it.
 fn init() {
     INIT.call_once(|| {
-        if std::env::var("FERRITE_LLAMA_LOG").as_deref() != Ok("1") {
+        if !SHOW_LOG.load(Ordering::Relaxed) {
             // SAFETY: the callback ignores its arguments and is a plain function that lives for the whole process.
             unsafe { sys::llama_log_set(Some(quiet_log), std::ptr::null_mut()) };
         }

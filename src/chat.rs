@@ -1,6 +1,7 @@
 //! The DeepSeek V4 prompt format: a conversation rendered to the text the tokenizer reads (special tokens as their
-//! text), the same text rendered through a GGUF's Jinja `tokenizer.chat_template` for cross-checks, and the shared
-//! prefix of two renderings so a chat session can keep its cache.
+//! text), the same text rendered through a GGUF's Jinja `tokenizer.chat_template` for cross-checks, the shared
+//! prefix of two renderings so a chat session can keep its cache, and [`PromptFormat`]: the one policy every command
+//! renders prompts with.
 //!
 //! Source of truth: DeepSeek's reference encoder `encoding/encoding_dsv4.py` (`encode_messages`, `render_message`,
 //! `merge_tool_messages`, `_drop_thinking_messages`) shipped in the DeepSeek-V4 Hugging Face repositories. The HF
@@ -514,5 +515,108 @@ pub fn render_incremental(
     IncrementalPrompt {
         prompt,
         reuse_bytes,
+    }
+}
+
+/// Conversations the model's own template is checked on: ones where llama.cpp's DeepSeek V4 templates and
+/// DeepSeek's encoder agree (a lone user turn, a system prompt, a finished exchange with reasoning before a new turn).
+fn probe_conversations() -> Vec<Vec<Message>> {
+    vec![
+        vec![Message::user("Hi")],
+        vec![Message::system("You are helpful."), Message::user("Hi")],
+        vec![
+            Message::user("q1"),
+            Message::assistant_with_reasoning("r1", "a1"),
+            Message::user("q2"),
+        ],
+    ]
+}
+
+/// What a model's `tokenizer.chat_template` says about the built-in format, checked once when the model opens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateCheck {
+    /// The model has no chat template.
+    Absent,
+    /// The template renders every probe conversation as the built-in renderer does.
+    Agrees,
+    /// The template renders a probe conversation differently: `template` where the built-in renderer wrote
+    /// `builtin`.
+    Differs { builtin: String, template: String },
+    /// The template does not render (a syntax error, a feature minijinja lacks).
+    Fails(String),
+}
+
+/// The one prompt format `complete` and `chat` (and any other caller) use: DeepSeek V4's own, written by the
+/// built-in renderer ([`render`], a port of DeepSeek's reference encoder). A GGUF's `tokenizer.chat_template` is
+/// checked against it on probe conversations; where it agrees the two are the same text, where it differs or
+/// cannot render the built-in format still wins (DeepSeek ships no Jinja template: a GGUF's is a port, and a chat
+/// keeps its conversation as tokens, which only an append-only renderer allows), and [`PromptFormat::note`] says so.
+#[derive(Clone, Debug)]
+pub struct PromptFormat {
+    check: TemplateCheck,
+}
+
+impl PromptFormat {
+    /// The format for a model whose chat template is `template` (`None`: it has none).
+    pub fn new(template: Option<&str>) -> PromptFormat {
+        let Some(template) = template else {
+            return PromptFormat {
+                check: TemplateCheck::Absent,
+            };
+        };
+        let mut check = TemplateCheck::Agrees;
+        'probes: for messages in probe_conversations() {
+            for thinking in [true, false] {
+                let options = ChatOptions {
+                    thinking,
+                    ..ChatOptions::default()
+                };
+                let builtin = render(&messages, &options, true);
+                match render_with_template(template, &messages, &options) {
+                    Ok(text) if text == builtin => {}
+                    Ok(text) => {
+                        check = TemplateCheck::Differs {
+                            builtin,
+                            template: text,
+                        };
+                        break 'probes;
+                    }
+                    Err(e) => {
+                        check = TemplateCheck::Fails(e.to_string());
+                        break 'probes;
+                    }
+                }
+            }
+        }
+        PromptFormat { check }
+    }
+
+    /// How the model's template compared with the built-in format.
+    pub fn template_check(&self) -> &TemplateCheck {
+        &self.check
+    }
+
+    /// A line for the user when the model's template was set aside (it differs or fails); `None` otherwise.
+    pub fn note(&self) -> Option<String> {
+        match &self.check {
+            TemplateCheck::Absent | TemplateCheck::Agrees => None,
+            TemplateCheck::Differs { builtin, template } => Some(format!(
+                "the model's chat template renders differently from DeepSeek V4's own format (e.g. {template:?} \
+                 instead of {builtin:?}); using DeepSeek V4's format"
+            )),
+            TemplateCheck::Fails(e) => Some(format!(
+                "the model's chat template cannot be rendered ({e}); using DeepSeek V4's own format"
+            )),
+        }
+    }
+
+    /// The prompt for `messages`: see [`render`].
+    pub fn render(
+        &self,
+        messages: &[Message],
+        options: &ChatOptions,
+        add_generation_prompt: bool,
+    ) -> String {
+        render(messages, options, add_generation_prompt)
     }
 }

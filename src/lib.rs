@@ -5,6 +5,7 @@ pub mod cache;
 pub mod chat;
 pub mod engine;
 pub mod experts;
+pub mod generate;
 pub mod ggml;
 pub mod membw;
 pub mod model;

@@ -17,8 +17,8 @@ mod support;
 
 use ferrite::chat::{
     common_prefix_len, render, render_incremental, render_with_template, render_with_template_ext,
-    reusable_prefix_len, ChatError, ChatOptions, Effort, Message, PromptRevision, ASSISTANT, BOS,
-    EFFORT_ABSOLUTE_MAXIMUM, EFFORT_BEYOND_MAXIMUM, EOS, USER,
+    reusable_prefix_len, ChatError, ChatOptions, Effort, Message, PromptFormat, PromptRevision,
+    TemplateCheck, ASSISTANT, BOS, EFFORT_ABSOLUTE_MAXIMUM, EFFORT_BEYOND_MAXIMUM, EOS, USER,
 };
 use support::chat_cases::agreed_conversations;
 
@@ -650,4 +650,34 @@ fn reuse_backs_off_to_a_special_token_boundary() {
     );
     assert_eq!(reusable_prefix_len("", &current), 0);
     assert_eq!(reusable_prefix_len("different", &current), 0);
+}
+
+#[test]
+fn prompt_format_accepts_llama_cpp_templates_and_sets_aside_others() {
+    for template in [
+        LLAMA_CPP_DEEPSEEK_V4_JINJA.to_string(),
+        llama_cpp_deepseek_v4_0731_jinja(),
+    ] {
+        let format = PromptFormat::new(Some(&template));
+        assert_eq!(format.template_check(), &TemplateCheck::Agrees);
+        assert_eq!(format.note(), None);
+    }
+    assert_eq!(
+        PromptFormat::new(None).template_check(),
+        &TemplateCheck::Absent
+    );
+    let other = PromptFormat::new(Some("{% for m in messages %}{{ m.content }}{% endfor %}"));
+    assert!(matches!(
+        other.template_check(),
+        TemplateCheck::Differs { .. }
+    ));
+    assert!(other.note().unwrap().contains("using DeepSeek V4's format"));
+    let broken = PromptFormat::new(Some("{% for %}"));
+    assert!(matches!(broken.template_check(), TemplateCheck::Fails(_)));
+    // Whatever the template, the prompt is the built-in renderer's.
+    let messages = [Message::user("Hi")];
+    assert_eq!(
+        other.render(&messages, &thinking(), true),
+        render(&messages, &thinking(), true)
+    );
 }

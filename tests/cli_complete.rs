@@ -274,7 +274,10 @@ fn demo_with_template(cache: &Path, dir: &Path, template: &str) -> std::path::Pa
 }
 
 #[test]
-fn a_chat_template_in_the_model_is_used() {
+/// One prompt-format policy for `complete` and `chat` (README, "Usage"): a model template that renders differently
+/// from DeepSeek V4's format is set aside with a note, and both commands use the built-in format. (Until the
+/// generation API moved into the library, `complete` used such a template and `chat` ignored it.)
+fn a_chat_template_that_differs_is_set_aside_by_complete_and_chat() {
     let dir = tempfile::tempdir().unwrap();
     // Generate the demo model in this cache first.
     ok(&complete(
@@ -311,13 +314,21 @@ fn a_chat_template_in_the_model_is_used() {
     };
     let (_, err) = ok(&run(&[]));
     assert!(
-        err.contains("prompt text: \"<｜begin▁of▁sentence｜>[user]hi<｜Assistant｜>\""),
+        err.contains("prompt text: \"<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜><think>\""),
         "{err}"
     );
     assert!(
-        err.contains("renders this conversation differently"),
+        err.contains("chat template renders differently")
+            && err.contains("using DeepSeek V4's format"),
         "{err}"
     );
+    let chat = support::cli::run(
+        &["chat", "-m", model.to_str().unwrap(), "-t", "1", "-n", "1"],
+        dir.path(),
+        Some(b"hi\n"),
+    );
+    let (_, err) = ok(&chat);
+    assert!(err.contains("chat template renders differently"), "{err}");
     // --raw bypasses any chat format.
     let (_, err) = ok(&run(&["--raw"]));
     assert!(err.contains("prompt text: \"hi\""), "{err}");

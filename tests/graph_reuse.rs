@@ -72,13 +72,13 @@ fn check(cache_type: CacheType, fused: bool, seed: u64) {
     let toks = tokens(345, cfg.n_vocab, seed as u32);
     let what = format!("{cache_type:?} cache, fused {fused}");
 
-    let mut fresh = e.session(N_CTX, N_UBATCH).unwrap();
+    let mut fresh = e.session_sized(N_CTX, N_UBATCH).unwrap();
     fresh.set_graph_reuse(false);
     assert!(!fresh.graph_reuse());
     let want = run(&mut fresh, &toks);
     assert_eq!(fresh.graph_stats().reused, 0);
 
-    let mut kept = e.session(N_CTX, N_UBATCH).unwrap();
+    let mut kept = e.session_sized(N_CTX, N_UBATCH).unwrap();
     assert!(kept.graph_reuse(), "reuse is the default");
     let got = run(&mut kept, &toks);
     assert_same_bits(&what, &got, &want);
@@ -89,7 +89,7 @@ fn check(cache_type: CacheType, fused: bool, seed: u64) {
     // A session saved and restored continues with kept graphs as the original does.
     let saved = dir.path().join("session.bin");
     kept.save(&saved).unwrap();
-    let mut restored = e.session(N_CTX, N_UBATCH).unwrap();
+    let mut restored = e.session_sized(N_CTX, N_UBATCH).unwrap();
     restored.load(&saved).unwrap();
     for &t in &toks[330..345] {
         let a = kept.feed(&[t], Logits::Last).unwrap();
@@ -128,11 +128,11 @@ fn gathered_reads_give_the_bits_of_full_reads() {
         let e = engine(&path, cache_type, fused);
         let toks = tokens(345, cfg.n_vocab, 9);
         let what = format!("{cache_type:?} cache, fused {fused}, gathered");
-        let mut full = e.session(N_CTX, N_UBATCH).unwrap();
+        let mut full = e.session_sized(N_CTX, N_UBATCH).unwrap();
         full.set_gathered_reads(false);
         let want = run(&mut full, &toks);
         assert_eq!(full.graph_stats().gathered, 0);
-        let mut gathered = e.session(N_CTX, N_UBATCH).unwrap();
+        let mut gathered = e.session_sized(N_CTX, N_UBATCH).unwrap();
         let got = run(&mut gathered, &toks);
         assert_same_bits(&what, &got, &want);
         // Every single-token micro-batch gathered (none where the lanes are not known).
@@ -144,10 +144,10 @@ fn gathered_reads_give_the_bits_of_full_reads() {
 
         // A prompt attends in chunks of queries, each over the rows it sees: the same bits again.
         let prompt = tokens(300, cfg.n_vocab, 10);
-        let mut full = e.session(N_CTX, N_UBATCH).unwrap();
+        let mut full = e.session_sized(N_CTX, N_UBATCH).unwrap();
         full.set_gathered_reads(false);
         let want = full.feed(&prompt, Logits::All).unwrap();
-        let mut chunked = e.session(N_CTX, N_UBATCH).unwrap();
+        let mut chunked = e.session_sized(N_CTX, N_UBATCH).unwrap();
         let got = chunked.feed(&prompt, Logits::All).unwrap();
         let chunks = u64::from(lanes.is_some());
         assert_eq!(chunked.graph_stats().chunked, chunks, "{what}");

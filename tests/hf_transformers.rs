@@ -160,7 +160,7 @@ impl Agreement {
 /// ferrite's logits of every position, the whole prompt in one call with micro-batches of `ubatch`.
 fn ferrite_logits(engine: &Engine, tokens: &[u32], ubatch: usize) -> Vec<f32> {
     let mut session = engine
-        .session(tokens.len().next_power_of_two(), ubatch)
+        .session_sized(tokens.len().next_power_of_two(), ubatch)
         .unwrap();
     session.feed(tokens, Logits::All).unwrap()
 }

@@ -53,7 +53,9 @@ fn argmax(v: &[f32]) -> u32 {
 /// The logits of the prompt (every row when `whole`, else one row per token fed alone, in micro-batches of one
 /// token) and of `N_GEN` greedy tokens, and the tokens.
 fn generate(engine: &Engine, prompt: &[u32], whole: bool) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut s = engine.session(512, if whole { 64 } else { 1 }).unwrap();
+    let mut s = engine
+        .session_sized(512, if whole { 64 } else { 1 })
+        .unwrap();
     let mut rows = Vec::new();
     if whole {
         rows.push(s.feed(prompt, Logits::All).unwrap());
@@ -233,7 +235,7 @@ fn hash_routed_experts_are_prefetched_before_they_are_needed() {
     write_tiny_model(&path, &cfg, 5).unwrap();
     let slots = u64::from(cfg.n_layer * cfg.n_expert_used);
     let paged = open(&path, Some(ExpertCacheArg::Slots(slots)), true);
-    let mut s = paged.session(512, 1).unwrap();
+    let mut s = paged.session_sized(512, 1).unwrap();
     for &t in &prompt(40, paged.n_vocab(), 5) {
         s.feed(&[t], Logits::Last).unwrap();
     }

@@ -50,7 +50,7 @@ fn engine(path: &Path, fused: bool) -> Engine {
 
 /// ferrite's logits for every position, feeding the prompt in calls of `call` tokens with micro-batches of `ubatch`.
 fn ours(e: &Engine, tokens: &[u32], call: usize, ubatch: usize) -> Vec<Vec<f32>> {
-    let mut s = e.session(N_CTX, ubatch).unwrap();
+    let mut s = e.session_sized(N_CTX, ubatch).unwrap();
     let n_vocab = e.n_vocab();
     let mut rows = Vec::new();
     for chunk in tokens.chunks(call) {
@@ -213,7 +213,7 @@ fn greedy_generation_matches_llama() {
         .collect();
 
     let e = engine(&path, true);
-    let mut s = e.session(N_CTX, 64).unwrap();
+    let mut s = e.session_sized(N_CTX, 64).unwrap();
     let mut logits = s.feed(&start, Logits::Last).unwrap();
     let mut got = Vec::new();
     for _ in 0..n {
@@ -237,11 +237,11 @@ fn rewind_and_save_restore_equal_recomputing() {
     let e = engine(&path, true);
     let tokens = prompt(300, cfg.n_vocab as usize, 2);
     let fresh = |n: usize| {
-        let mut s = e.session(N_CTX, 32).unwrap();
+        let mut s = e.session_sized(N_CTX, 32).unwrap();
         s.feed(&tokens[..n], Logits::Last).unwrap()
     };
 
-    let mut s = e.session(N_CTX, 32).unwrap();
+    let mut s = e.session_sized(N_CTX, 32).unwrap();
     s.feed(&tokens, Logits::Last).unwrap();
     s.rewind(170).unwrap();
     assert_eq!(s.n_past(), 170);
@@ -252,7 +252,7 @@ fn rewind_and_save_restore_equal_recomputing() {
     let saved = dir.path().join("session.bin");
     s.save(&saved).unwrap();
     let continued = s.feed(&tokens[171..260], Logits::Last).unwrap();
-    let mut restored = e.session(N_CTX, 32).unwrap();
+    let mut restored = e.session_sized(N_CTX, 32).unwrap();
     restored.load(&saved).unwrap();
     assert_eq!(restored.n_past(), 171);
     assert_eq!(restored.tokens(), &tokens[..171]);
@@ -269,7 +269,7 @@ fn rewind_and_save_restore_equal_recomputing() {
     );
 
     // A session from other sizes is refused with a message.
-    let mut other = e.session(512, 32).unwrap();
+    let mut other = e.session_sized(512, 32).unwrap();
     let err = other.load(&saved).unwrap_err();
     assert!(
         format!("{err:#}").contains("another model or other sizes"),
@@ -315,7 +315,7 @@ fn f16_cache_matches_llama_with_its_f16_cache() {
     // F16 rows really are stored: the session's cache is smaller than with F32.
     let f32_engine = engine(&path, true);
     assert!(
-        e.session(N_CTX, 512).unwrap().cache_bytes()
-            < f32_engine.session(N_CTX, 512).unwrap().cache_bytes()
+        e.session_sized(N_CTX, 512).unwrap().cache_bytes()
+            < f32_engine.session_sized(N_CTX, 512).unwrap().cache_bytes()
     );
 }

@@ -67,7 +67,7 @@ fn ours(e: &Engine, tokens: &[u32], call: usize) -> Vec<Vec<f32>> {
 
 /// [`ours`], with the grouped GEMM products on or off; also the micro-batches that used them.
 fn ours_grouped(e: &Engine, tokens: &[u32], call: usize, grouped: bool) -> (Vec<Vec<f32>>, u64) {
-    let mut s = e.session(N_CTX, N_UBATCH).unwrap();
+    let mut s = e.session_sized(N_CTX, N_UBATCH).unwrap();
     s.set_grouped_experts(grouped);
     let mut rows = Vec::new();
     for chunk in tokens.chunks(call) {

@@ -43,7 +43,7 @@ fn tiny_model_speed_next_to_llama() {
     let e = Engine::open(&path, opts).unwrap();
     let (mut ours_pp, mut ours_tg) = (Vec::new(), Vec::new());
     for _ in 0..reps {
-        let mut s = e.session(n_ctx, PREFILL).unwrap();
+        let mut s = e.session_sized(n_ctx, PREFILL).unwrap();
         let t = Instant::now();
         s.feed(&tokens[..PREFILL], Logits::Last).unwrap();
         ours_pp.push(PREFILL as f64 / t.elapsed().as_secs_f64());

@@ -15,14 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use ferrite::chat::{render, ChatOptions, Message, Role, BOS, THINK_END};
+use ferrite::chat::{ChatOptions, Message, Role, BOS, THINK_END};
 use ferrite::engine::Session;
 use ferrite::experts::StatsSnapshot;
 use ferrite::sampler::Sampler;
 use ferrite::tokenizer::Tokenizer;
 use rustyline::error::ReadlineError;
 
-use super::generate::{self, GenerateRequest, SamplingArgs, Stop, Timings};
+use ferrite::generate::{GenerateOptions, StopReason, Timings};
+
+use super::generate::{self, SamplingArgs};
 use super::model_arg::{cache_dir, open_engine, ModelArgs, PlanReport};
 
 const HELP: &str = "\
@@ -79,7 +81,10 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let tokenizer = generate::load_tokenizer(&engine)?;
     let n_ctx = args.model.n_ctx(&engine);
     let cfg = args.sampling.config();
-    let session = engine.session(n_ctx, args.model.ubatch)?;
+    let session = engine.session()?;
+    if let Some(note) = engine.prompt_format().note() {
+        eprintln!("ferrite: note: {note}");
+    }
     eprintln!(
         "ferrite: chat with {}, context {n_ctx}, seed {}{}",
         engine.path().display(),
@@ -92,7 +97,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     );
     let mut chat = Chat {
         session,
-        tokenizer: &tokenizer,
+        tokenizer,
         sampler: Sampler::new(cfg),
         options: ChatOptions {
             thinking: !args.no_think,
@@ -104,7 +109,6 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         conversation: Vec::new(),
         last: None,
         max_tokens: usize::try_from(args.n_predict).ok(),
-        chunk: args.model.ubatch,
         verbose: args.verbose,
         interrupt: generate::interrupt_flag()?,
     };
@@ -139,7 +143,7 @@ struct TurnStats {
     n_conversation: usize,
     /// Of those, tokens the cache already held.
     n_reused: usize,
-    stop: Stop,
+    stop: StopReason,
     /// The expert store's counters over the turn (a rewind's recomputation included).
     experts: StatsSnapshot,
 }
@@ -156,7 +160,6 @@ struct Chat<'e, 't> {
     conversation: Vec<u32>,
     last: Option<TurnStats>,
     max_tokens: Option<usize>,
-    chunk: usize,
     verbose: bool,
     interrupt: std::sync::Arc<AtomicBool>,
 }
@@ -166,7 +169,8 @@ impl Chat<'_, '_> {
     /// reuses whatever prefix still matches.
     fn clear(&mut self) {
         self.messages = self.system.iter().map(Message::system).collect();
-        let text = render(&self.messages, &self.options, false);
+        let format = self.session.engine().prompt_format();
+        let text = format.render(&self.messages, &self.options, false);
         self.conversation = self.tokenizer.encode(&text, true);
         self.last = None;
     }
@@ -178,7 +182,8 @@ impl Chat<'_, '_> {
             reasoning_effort: None,
             ..self.options
         };
-        let whole = render(&[Message::user(text)], &options, true);
+        let format = self.session.engine().prompt_format();
+        let whole = format.render(&[Message::user(text)], &options, true);
         whole.strip_prefix(BOS).unwrap_or(&whole).to_string()
     }
 
@@ -212,24 +217,17 @@ impl Chat<'_, '_> {
         }
 
         self.interrupt.store(false, Ordering::Relaxed);
-        let req = GenerateRequest {
-            prompt: &target[reuse..],
+        let opts = GenerateOptions {
             max_tokens: self.max_tokens,
-            interrupt: &self.interrupt,
-            chunk: self.chunk,
+            interrupt: Some(&self.interrupt),
         };
-        let mut stdout = std::io::stdout().lock();
-        let mut emit = |s: &str| {
-            stdout.write_all(s.as_bytes())?;
-            stdout.flush()
-        };
-        let gen = generate::generate(
+        let gen = generate::generate_to_stdout(
             &mut self.session,
-            self.tokenizer,
             &mut self.sampler,
-            &req,
-            &mut emit,
+            &target[reuse..],
+            &opts,
         )?;
+        let mut stdout = std::io::stdout().lock();
         writeln!(stdout)?;
         stdout.flush()?;
         drop(stdout);
@@ -243,18 +241,18 @@ impl Chat<'_, '_> {
             timings,
             n_conversation: target.len(),
             n_reused: target.len() - timings.n_prompt.min(target.len()),
-            stop: gen.stop,
+            stop: gen.stop_reason,
             experts: engine.expert_stats().since(&experts_before),
         };
         self.last = Some(stats);
-        if gen.stop == Stop::Interrupted && gen.timings.n_gen == 0 {
+        if gen.stop_reason == StopReason::Interrupted && gen.timings.n_gen == 0 {
             // Stopped before the answer began: the turn is dropped; the cache keeps what it processed.
             eprintln!("ferrite: interrupted before the answer began; the question was dropped");
             return Ok(());
         }
-        match gen.stop {
-            Stop::EndOfGeneration(_) => {}
-            stop => eprintln!("ferrite: answer stopped: {}", stop.describe()),
+        match gen.stop_reason {
+            StopReason::EndOfGeneration(_) => {}
+            stop => eprintln!("ferrite: answer stopped: {}", generate::describe(stop)),
         }
         if self.verbose {
             eprintln!("ferrite: {}", turn_line(&stats));
@@ -268,8 +266,8 @@ impl Chat<'_, '_> {
         self.messages.push(self.answer_message(&gen.tokens));
         self.conversation = target;
         self.conversation.extend_from_slice(&gen.tokens);
-        let close = match gen.stop {
-            Stop::EndOfGeneration(id) => Some(id),
+        let close = match gen.stop_reason {
+            StopReason::EndOfGeneration(id) => Some(id),
             _ => self.tokenizer.eos(),
         };
         self.conversation.extend(close);
@@ -429,7 +427,7 @@ fn turn_line(t: &TurnStats) -> String {
         t.timings.prompt_speed(),
         t.timings.n_gen,
         t.timings.gen_speed(),
-        t.stop.describe()
+        generate::describe(t.stop)
     )
 }
 

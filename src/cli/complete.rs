@@ -3,17 +3,17 @@
 //! seed, why it stopped, the speeds and (`--verbose`) the expert store's numbers on stderr. Ctrl-C stops the answer
 //! (what was generated is already out) and exits with 130.
 
-use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::io::{IsTerminal as _, Read as _};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use ferrite::chat::{render, render_with_template, ChatOptions, Message};
-use ferrite::engine::Engine;
-use ferrite::model::names::key::CHAT_TEMPLATE;
+use ferrite::chat::{ChatOptions, Message};
 use ferrite::sampler::Sampler;
 
-use super::generate::{self, GenerateRequest, SamplingArgs, Stop};
+use ferrite::generate::{GenerateOptions, StopReason};
+
+use super::generate::{self, SamplingArgs};
 use super::model_arg::{open_engine, ModelArgs, PlanReport};
 use super::Hinted;
 
@@ -72,30 +72,6 @@ fn parse_n_predict(s: &str) -> Result<i64, String> {
     }
 }
 
-/// The chat prompt: the GGUF's own `tokenizer.chat_template` when it has one (as llama.cpp uses it), else the
-/// built-in DeepSeek V4 format. A template that renders differently from the built-in format, or fails to render,
-/// is reported on stderr.
-fn chat_prompt(engine: &Engine, messages: &[Message], options: &ChatOptions) -> String {
-    let builtin = render(messages, options, true);
-    let Ok(template) = engine.model().metadata().str(CHAT_TEMPLATE) else {
-        return builtin;
-    };
-    match render_with_template(template, messages, options) {
-        Ok(text) if text == builtin => builtin,
-        Ok(text) => {
-            eprintln!(
-                "ferrite: note: the model's chat template renders this conversation differently from DeepSeek V4's \
-                 own format; using the model's template (--verbose prints the prompt)"
-            );
-            text
-        }
-        Err(e) => {
-            eprintln!("ferrite: warning: the model's chat template cannot be rendered ({e}); using DeepSeek V4's own format");
-            builtin
-        }
-    }
-}
-
 pub fn run(args: &CompleteArgs) -> Result<()> {
     let text = read_prompt(args)?;
     let report = if args.verbose {
@@ -119,7 +95,11 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
             thinking: !args.no_think,
             ..ChatOptions::default()
         };
-        chat_prompt(&engine, &messages, &options)
+        let format = engine.prompt_format();
+        if let Some(note) = format.note() {
+            eprintln!("ferrite: note: {note}");
+        }
+        format.render(&messages, &options, true)
     };
     let mut prompt = Vec::new();
     if args.raw && tokenizer.add_bos() {
@@ -142,7 +122,7 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
 
     let cfg = args.sampling.config();
     let mut sampler = Sampler::new(cfg);
-    let mut session = engine.session(n_ctx, args.model.ubatch)?;
+    let mut session = engine.session()?;
     eprintln!(
         "ferrite: {} prompt tokens, context {n_ctx}, seed {}, temp {}",
         prompt.len(),
@@ -155,20 +135,11 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
     }
 
     let interrupt = generate::interrupt_flag()?;
-    let req = GenerateRequest {
-        prompt: &prompt,
+    let opts = GenerateOptions {
         max_tokens: usize::try_from(args.n_predict).ok(),
-        interrupt: &interrupt,
-        chunk: args.model.ubatch,
+        interrupt: Some(&interrupt),
     };
-    let mut stdout = std::io::stdout().lock();
-    let mut emit = |s: &str| {
-        stdout.write_all(s.as_bytes())?;
-        stdout.flush()
-    };
-    let gen = generate::generate(&mut session, &tokenizer, &mut sampler, &req, &mut emit)?;
-    stdout.flush()?;
-    drop(stdout);
+    let gen = generate::generate_to_stdout(&mut session, &mut sampler, &prompt, &opts)?;
 
     // The answer has no final line break of its own: keep the next line off it when both go to one terminal.
     if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
@@ -177,13 +148,13 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
     if args.verbose {
         eprintln!("ferrite: answer ids: {}", generate::id_list(&gen.tokens));
     }
-    eprintln!("ferrite: stopped: {}", gen.stop.describe());
+    eprintln!("ferrite: stopped: {}", generate::describe(gen.stop_reason));
     eprintln!("ferrite: {}", gen.timings.summary());
     if args.verbose {
         eprintln!("ferrite: prompt {}", gen.experts.prompt);
         eprintln!("ferrite: generation {}", gen.experts.generation);
     }
-    if gen.stop == Stop::Interrupted {
+    if gen.stop_reason == StopReason::Interrupted {
         std::process::exit(EXIT_INTERRUPTED);
     }
     Ok(())

@@ -1,15 +1,15 @@
-//! The generation loop `complete` and `chat` share: the sampler flags, Ctrl-C as a flag the loop polls, prompt
-//! processing in micro-batches, then sample -> stream -> feed until an end-of-generation token, the token limit, a
-//! full context or Ctrl-C; and the timings and expert-store numbers both commands report.
+//! What `complete` and `chat` share around the library's generation loop (`ferrite::generate`): the sampler flags,
+//! Ctrl-C as the flag the loop polls, the answer streamed to standard output, the vocabulary with its hints.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::Write as _;
+use std::ops::ControlFlow;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use ferrite::engine::{Engine, Logits, Session};
-use ferrite::experts::StatsSnapshot;
+use ferrite::engine::{Engine, Session};
+use ferrite::generate::{generate, GenerateOptions, GenerateResult, StopReason};
 use ferrite::sampler::{Sampler, SamplerConfig};
 use ferrite::tokenizer::{Tokenizer, TokenizerError};
 
@@ -86,195 +86,68 @@ pub fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-/// Why generation stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
-    /// The model produced an end-of-generation token (not streamed, not in `Generation::tokens`).
-    EndOfGeneration(u32),
-    /// `-n` tokens were generated.
-    TokenLimit,
-    /// The context is full.
-    ContextFull,
-    /// Ctrl-C.
-    Interrupted,
-}
-
-impl Stop {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Stop::EndOfGeneration(_) => "end of generation",
-            Stop::TokenLimit => "token limit (-n) reached",
-            Stop::ContextFull => "context full (raise -c)",
-            Stop::Interrupted => "interrupted",
-        }
+/// Why generation stopped, as the CLI says it.
+pub fn describe(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::EndOfGeneration(_) => "end of generation",
+        StopReason::TokenLimit => "token limit (-n) reached",
+        StopReason::ContextFull => "context full (raise -c)",
+        StopReason::Interrupted => "interrupted",
+        StopReason::Cancelled => "output closed",
     }
 }
 
-/// Counts and times of one prompt + answer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Timings {
-    /// Prompt tokens processed (the ones the cache did not already hold).
-    pub n_prompt: usize,
-    pub prompt_time: Duration,
-    /// Tokens generated (the end-of-generation token included: it was sampled).
-    pub n_gen: usize,
-    pub gen_time: Duration,
-}
-
-fn per_second(n: usize, t: Duration) -> f64 {
-    let s = t.as_secs_f64();
-    if s > 0.0 {
-        n as f64 / s
-    } else {
-        0.0
-    }
-}
-
-impl Timings {
-    pub fn prompt_speed(&self) -> f64 {
-        per_second(self.n_prompt, self.prompt_time)
-    }
-    pub fn gen_speed(&self) -> f64 {
-        per_second(self.n_gen, self.gen_time)
-    }
-    /// `prompt: N tokens in S s (X tok/s); generation: ...`
-    pub fn summary(&self) -> String {
-        format!(
-            "prompt: {} tokens in {:.2} s ({:.1} tok/s); generation: {} tokens in {:.2} s ({:.1} tok/s)",
-            self.n_prompt,
-            self.prompt_time.as_secs_f64(),
-            self.prompt_speed(),
-            self.n_gen,
-            self.gen_time.as_secs_f64(),
-            self.gen_speed()
-        )
-    }
-}
-
-/// The expert store's counters over the prompt and over the generated tokens of one call.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ExpertPhases {
-    pub prompt: StatsSnapshot,
-    pub generation: StatsSnapshot,
-}
-
-/// What one call of [`generate`] produced.
-#[derive(Debug)]
-pub struct Generation {
-    /// The generated tokens, in order, without the end-of-generation token.
-    pub tokens: Vec<u32>,
-    pub stop: Stop,
-    pub timings: Timings,
-    pub experts: ExpertPhases,
-}
-
-/// How one answer is generated.
-pub struct GenerateRequest<'a> {
-    /// Tokens to process before generating (not yet in the session).
-    pub prompt: &'a [u32],
-    /// Most tokens to generate; `None` = until end of generation or a full context.
-    pub max_tokens: Option<usize>,
-    pub interrupt: &'a AtomicBool,
-    /// Prompt tokens per `feed` call (the session's micro-batch size): Ctrl-C is noticed between calls.
-    pub chunk: usize,
-}
-
-/// Processes `req.prompt` after the session's tokens, then generates, handing each piece of complete UTF-8 text to
-/// `emit` as soon as it is known. The last generated token is fed to the session too, so the session holds
-/// prompt + answer (not the end-of-generation token). An `emit` error (a closed stdout) ends the call with it.
-/// Ctrl-C during the prompt returns `Stop::Interrupted` with no tokens; the session then holds part of the prompt.
-pub fn generate(
+/// [`generate`] with the answer written to standard output as it comes, a piece at a time. A write error (a closed
+/// stdout) stops generation and is returned.
+pub fn generate_to_stdout(
     session: &mut Session<'_>,
-    tokenizer: &Tokenizer,
     sampler: &mut Sampler,
-    req: &GenerateRequest<'_>,
-    emit: &mut dyn FnMut(&str) -> std::io::Result<()>,
-) -> Result<Generation> {
-    let interrupted = || req.interrupt.load(Ordering::Relaxed);
-    let engine = session.engine();
-    let mut timings = Timings {
-        n_prompt: req.prompt.len(),
-        ..Timings::default()
-    };
-    let mut experts = ExpertPhases::default();
-    let done = |tokens: Vec<u32>, stop: Stop, timings: Timings, experts: ExpertPhases| {
-        Ok(Generation {
-            tokens,
-            stop,
-            timings,
-            experts,
-        })
-    };
-
-    // The prompt, a micro-batch at a time so Ctrl-C is noticed between them.
-    let start = Instant::now();
-    let before = engine.expert_stats();
-    let mut logits = Vec::new();
-    for chunk in req.prompt.chunks(req.chunk.max(1)) {
-        if interrupted() {
-            timings.prompt_time = start.elapsed();
-            experts.prompt = engine.expert_stats().since(&before);
-            return done(Vec::new(), Stop::Interrupted, timings, experts);
+    prompt: &[u32],
+    opts: &GenerateOptions<'_>,
+) -> Result<GenerateResult> {
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = None;
+    let result = generate(session, sampler, prompt, opts, |piece| {
+        match stdout
+            .write_all(piece.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
         }
-        logits = session.feed(chunk, Logits::Last)?;
+    })?;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(result),
     }
-    timings.prompt_time = start.elapsed();
-    let after_prompt = engine.expert_stats();
-    experts.prompt = after_prompt.since(&before);
-    if logits.is_empty() {
-        anyhow::bail!("internal error: generation needs at least one prompt token to process");
-    }
-
-    let start = Instant::now();
-    let mut decoder = tokenizer.stream_decoder();
-    let mut tokens = Vec::new();
-    let stop = loop {
-        if interrupted() {
-            break Stop::Interrupted;
-        }
-        if req.max_tokens.is_some_and(|n| tokens.len() >= n) {
-            break Stop::TokenLimit;
-        }
-        if session.n_past() >= session.n_ctx() {
-            break Stop::ContextFull;
-        }
-        let id = sampler.sample(&logits, session.tokens());
-        timings.n_gen += 1;
-        if tokenizer.is_eog(id) {
-            break Stop::EndOfGeneration(id);
-        }
-        tokens.push(id);
-        let text = decoder.push(id);
-        if !text.is_empty() {
-            emit(&text)?;
-        }
-        logits = session.feed(&[id], Logits::Last)?;
-    };
-    let rest = decoder.flush();
-    if !rest.is_empty() {
-        emit(&rest)?;
-    }
-    timings.gen_time = start.elapsed();
-    experts.generation = engine.expert_stats().since(&after_prompt);
-    done(tokens, stop, timings, experts)
 }
 
 /// The model's vocabulary, with a hint when the GGUF has none.
-pub fn load_tokenizer(engine: &Engine) -> Result<Tokenizer> {
-    tokenizer_of(engine.model(), engine.path())
+pub fn load_tokenizer(engine: &Engine) -> Result<&Tokenizer> {
+    engine
+        .tokenizer()
+        .map_err(|e| tokenizer_error(e, engine.path()))
 }
 
 /// The tokenizer of `model` (read from `path`), with a hint when the model has no vocabulary.
 pub fn tokenizer_of(model: &gguf::Model, path: &std::path::Path) -> Result<Tokenizer> {
+    Tokenizer::from_gguf(model).map_err(|e| tokenizer_error(e, path))
+}
+
+/// `e` with the file it is about, and a hint when the model has no vocabulary.
+fn tokenizer_error(e: TokenizerError, path: &std::path::Path) -> anyhow::Error {
     let path = path.display().to_string();
-    Tokenizer::from_gguf(model).map_err(|e| match e {
+    match e {
         TokenizerError::NoVocabulary { .. } => Hinted::new(
             format!("{path}: {e}"),
             "use a GGUF converted with its tokenizer, or `-m demo`; `ferrite logits --tokens` runs this model from ids",
         )
         .into(),
         _ => anyhow::Error::new(e).context(format!("cannot read the vocabulary of {path}")),
-    })
+    }
 }
 
 /// `[1, 2, 3]`

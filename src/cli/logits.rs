@@ -135,7 +135,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         cfg,
         &CacheSizes::new(cfg, n_ctx, n_ubatch, engine.options().cache_type),
     );
-    let mut session = engine.session(n_ctx, n_ubatch)?;
+    let mut session = engine.session_sized(n_ctx, n_ubatch)?;
 
     eprintln!(
         "model:   {} ({} layers, vocabulary {n_vocab}, trained context {})",

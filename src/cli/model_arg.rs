@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
-use ferrite::engine::{resolve_ctx, Engine, EngineOptions, PagingOptions};
+use ferrite::engine::{Engine, EngineOptions, PagingOptions, SessionOptions};
 use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use ferrite::plan::{
@@ -102,11 +102,11 @@ impl ModelArgs {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
-    /// The context size for `engine`: `-c`, 0 meaning the model's trained context, by default at most 4096.
-    /// Warns on stderr when it exceeds the trained context.
+    /// The context size `engine` was planned for: `-c`, 0 meaning the model's trained context, by default at most
+    /// 4096. Warns on stderr when it exceeds the trained context.
     pub fn n_ctx(&self, engine: &Engine) -> usize {
         let trained = engine.config().n_ctx_train;
-        let n_ctx = resolve_ctx(engine.config(), self.ctx_size);
+        let n_ctx = engine.n_ctx();
         if trained > 0 && n_ctx > trained {
             eprintln!(
                 "ferrite: warning: -c {n_ctx} is beyond the {trained} tokens the model was trained on; quality may suffer"
@@ -136,6 +136,17 @@ impl ModelArgs {
             .into());
         }
         Ok(path.clone())
+    }
+}
+
+/// The diagnostic switches of new sessions from the environment: `FERRITE_GRAPH_REUSE=0` builds a fresh graph for
+/// every micro-batch, `FERRITE_GROUPED_EXPERTS=0` multiplies a prompt's experts with `mul_mat_id` (see
+/// [`SessionOptions`]).
+fn session_options_from_env() -> SessionOptions {
+    let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
+    SessionOptions {
+        graph_reuse: on("FERRITE_GRAPH_REUSE"),
+        grouped_experts: on("FERRITE_GROUPED_EXPERTS"),
     }
 }
 
@@ -169,6 +180,7 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             n_ubatch: Some(args.ubatch),
         },
         repack: !memory.no_repack,
+        session: session_options_from_env(),
     };
     let engine = Engine::open(&path, opts)?;
     for warning in &engine.config().warnings {

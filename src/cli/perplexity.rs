@@ -164,7 +164,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         if bos.is_some() { ", BOS first in each chunk" } else { "" }
     );
 
-    let mut session = engine.session(n_ctx, n_ubatch)?;
+    let mut session = engine.session_sized(n_ctx, n_ubatch)?;
     let n_vocab = engine.n_vocab();
     let mut sums = NllSums::default();
     let mut running = Vec::with_capacity(n_chunks);

@@ -55,6 +55,12 @@ pub struct RepackType {
     dev: sys::ggml_backend_dev_t,
 }
 
+// SAFETY: both pointers name objects of ggml's CPU backend registry, created once and never freed or changed for the
+// life of the process; ggml's own threads use them from any thread. Copying the pointers between threads is sound.
+unsafe impl Send for RepackType {}
+// SAFETY: as for `Send`: shared references only read the pointers, and the objects they name are immutable.
+unsafe impl Sync for RepackType {}
+
 impl RepackType {
     /// The CPU backend's `CPU_REPACK` buffer type, found the way llama.cpp finds it (the CPU registry's
     /// `ggml_backend_dev_get_extra_bufts`); `None` when ggml was built without it (`GGML_CPU_REPACK=OFF`).

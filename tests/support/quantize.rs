@@ -52,7 +52,7 @@ pub fn ferrite_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         ..Default::default()
     };
     let e = Engine::open(path, options).unwrap();
-    let mut s = e.session(512, 512).unwrap();
+    let mut s = e.session_sized(512, 512).unwrap();
     let flat = s.feed(tokens, Logits::All).unwrap();
     flat.chunks(e.n_vocab()).map(<[f32]>::to_vec).collect()
 }

@@ -270,6 +270,7 @@ fn load_reference(
     tokens: &Tokens,
 ) -> Result<LlamaModel> {
     let path = model_args.resolve_path()?;
+    ferrite::bench_llama::show_log(std::env::var("FERRITE_LLAMA_LOG").as_deref() == Ok("1"));
     let model = LlamaModel::load(&path, args.llama_repack)
         .context("--vs-llama: llama.cpp (the reference) cannot run this model")?;
     if model.n_vocab() != facts.n_vocab {

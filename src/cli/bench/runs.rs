@@ -77,7 +77,7 @@ impl<'e, 't> FerriteRuns<'e, 't> {
     ) -> Result<FerriteRuns<'e, 't>> {
         Ok(FerriteRuns {
             engine,
-            session: engine.session(test.n, args.ubatch.min(test.n))?,
+            session: engine.session_sized(test.n, args.ubatch.min(test.n))?,
             toks: tokens.of(test),
             kind: test.kind,
             before: None,
