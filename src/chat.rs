@@ -201,12 +201,21 @@ pub enum ChatError {
 
 impl From<minijinja::Error> for ChatError {
     fn from(e: minijinja::Error) -> Self {
-        // `{:#}` carries minijinja's template name, line and source excerpt.
-        ChatError::Template {
-            detail: format!("{e:#}"),
-        }
+        let detail = match e.kind() {
+            ErrorKind::OutOfFuel => format!(
+                "it ran past {TEMPLATE_FUEL} steps without finishing (a template of the model file: loops that \
+                 never end, or nested far beyond what a prompt needs)"
+            ),
+            // `{:#}` carries minijinja's template name, line and source excerpt.
+            _ => format!("{e:#}"),
+        };
+        ChatError::Template { detail }
     }
 }
+
+/// Steps (minijinja's fuel: about one per instruction) a chat template may take for one rendering. The DeepSeek V4
+/// templates take a few thousand on a short conversation; a hostile one stops here instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
 
 /// Renders `messages` as DeepSeek's `encode_messages(messages, thinking_mode, drop_thinking, reasoning_effort)` does.
 ///
@@ -353,6 +362,7 @@ fn template_environment() -> Result<Environment<'static>, ChatError> {
         .lstrip_blocks(true)
         .build()?;
     env.set_syntax(syntax);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_unknown_method_callback(python_method);
     env.add_filter("from_json", from_json);
     env.add_function(

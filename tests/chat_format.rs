@@ -681,3 +681,35 @@ fn prompt_format_accepts_llama_cpp_templates_and_sets_aside_others() {
         render(&messages, &thinking(), true)
     );
 }
+
+/// A hostile chat template (issue 15): nested loops that would take 10^15 steps end at the step limit with a clear
+/// error, quickly, instead of hanging before generation starts; a real template stays far below the limit.
+#[test]
+fn a_template_that_runs_away_stops_at_the_step_limit() {
+    let messages = [Message::user("hi")];
+    let runaway =
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}\
+                   {{ '' }}{% endfor %}{% endfor %}{% endfor %}";
+    let start = std::time::Instant::now();
+    let err = render_with_template(runaway, &messages, &thinking()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, ChatError::Template { .. }) && text.contains("steps without finishing"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&ferrite::chat::TEMPLATE_FUEL.to_string()),
+        "{text}"
+    );
+    eprintln!("stopped after {:?}", start.elapsed());
+    // llama.cpp's DeepSeek V4 template on a long conversation renders well within the limit.
+    let long: Vec<Message> = (0..200)
+        .flat_map(|i| {
+            [
+                Message::user(format!("question {i}")),
+                Message::assistant(format!("answer {i}")),
+            ]
+        })
+        .collect();
+    render_with_template(LLAMA_CPP_DEEPSEEK_V4_JINJA, &long, &thinking()).unwrap();
+}
