@@ -9,6 +9,7 @@ pub mod ggml;
 pub mod membw;
 pub mod model;
 pub mod npy;
+pub mod os;
 pub mod placement;
 pub mod plan;
 pub mod sampler;
