@@ -20,7 +20,8 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use ferrite::experts::{ExpertKey, ExpertReader, ReadJob, ReadOptions, SlotBuffers};
-use ferrite::plan::{format_bytes, parse_size};
+use ferrite::plan::parse_size;
+use ferrite::units::format_bytes;
 use serde_json::json;
 
 /// Measure the disk bandwidth of random expert reads from a GGUF (run on a cold page cache).

@@ -29,9 +29,10 @@ use crate::model::step::{
 use crate::model::weights::Weights;
 use crate::placement::{experts_fit, lock_weights, place_weights, product_weights};
 use crate::plan::{
-    format_bytes, plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs,
-    PlanReason, PlanRequest,
+    plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs, PlanReason,
+    PlanRequest,
 };
+use crate::units::format_bytes;
 
 /// Micro-batch graphs a session keeps for reuse: decode cycles through up to three shapes (a ratio-4 row, a
 /// ratio-128 row, or none completes), plus the last prompt's.

@@ -15,3 +15,4 @@ pub mod plan;
 pub mod sampler;
 pub mod session_file;
 pub mod tokenizer;
+pub mod units;

@@ -10,11 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::model::sizes::{LayerExperts, WeightSizes};
-
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
-const TIB: u64 = 1 << 40;
+use crate::units::{format_bytes, GIB, KIB, MIB, TIB};
 
 /// "50G", "4000M", "1.5G", "512MiB", "1000000": decimal units like llama.cpp's tools and gguf-split (K = 1000),
 /// binary ones with "iB" (KiB = 1024). Used by `--mem`, `--expert-cache` and `quantize --split-max-size`.
@@ -48,18 +44,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is not a positive size"));
     }
     Ok(bytes as u64)
-}
-
-/// Bytes for people: "512 B", "1.50 KiB", "6.75 MiB", "72.56 GiB", "1.20 TiB".
-pub fn format_bytes(b: u64) -> String {
-    let f = b as f64;
-    match b {
-        _ if b < KIB => format!("{b} B"),
-        _ if b < MIB => format!("{:.2} KiB", f / KIB as f64),
-        _ if b < GIB => format!("{:.2} MiB", f / MIB as f64),
-        _ if b < TIB => format!("{:.2} GiB", f / GIB as f64),
-        _ => format!("{:.2} TiB", f / TIB as f64),
-    }
 }
 
 /// `--expert-cache`: a plain number is a slot count, a number with a unit a byte size, `auto` the planner's choice.

@@ -20,8 +20,8 @@ use quantize::imatrix::ImatrixData;
 use quantize::recipe::{Recipe, RECIPES};
 
 use super::bench::peak_rss;
-use super::info::human_bytes as human;
 use super::Hinted;
+use ferrite::units::format_bytes as human;
 
 #[derive(Args, Debug)]
 #[command(after_help = recipes_help())]

@@ -41,15 +41,6 @@ fn expert_cache_args() {
 }
 
 #[test]
-fn bytes_for_people() {
-    assert_eq!(format_bytes(512), "512 B");
-    assert_eq!(format_bytes(1536), "1.50 KiB");
-    assert_eq!(format_bytes(6_750 * 1024 + 768), "6.59 MiB");
-    assert_eq!(format_bytes(3 << 29), "1.50 GiB");
-    assert_eq!(format_bytes(u64::MAX), "16777216.00 TiB");
-}
-
-#[test]
 fn meminfo() {
     let s = "MemTotal:       32768000 kB\nMemFree:         1000 kB\nMemAvailable:   24025232 kB\nBuffers: 1 kB\n";
     assert_eq!(parse_mem_available(s), Some(24025232 * 1024));
