@@ -10,41 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::model::sizes::{LayerExperts, WeightSizes};
-use crate::units::{format_bytes, GIB, KIB, MIB, TIB};
-
-/// "50G", "4000M", "1.5G", "512MiB", "1000000": decimal units like llama.cpp's tools and gguf-split (K = 1000),
-/// binary ones with "iB" (KiB = 1024). Used by `--mem`, `--expert-cache` and `quantize --split-max-size`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 50G, 4000M, 512MiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "K" | "KB" => 1e3,
-        "M" | "MB" => 1e6,
-        "G" | "GB" => 1e9,
-        "T" | "TB" => 1e12,
-        "KIB" => KIB as f64,
-        "MIB" => MIB as f64,
-        "GIB" => GIB as f64,
-        "TIB" => TIB as f64,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (K, M, G, T or KiB, MiB, GiB, TiB)"
-            ))
-        }
-    };
-    let bytes = value * mult;
-    if !(1.0..1.8e19).contains(&bytes) {
-        return Err(format!("{s:?} is not a positive size"));
-    }
-    Ok(bytes as u64)
-}
+use crate::units::{format_bytes, KIB, MIB};
 
 /// `--expert-cache`: a plain number is a slot count, a number with a unit a byte size, `auto` the planner's choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,25 +18,6 @@ pub enum ExpertCacheArg {
     Auto,
     Slots(u64),
     Bytes(u64),
-}
-
-/// Parses `--expert-cache`: "64" (slots), "64M" / "24GiB" (bytes, as [`parse_size`]), "auto".
-pub fn parse_expert_cache(s: &str) -> Result<ExpertCacheArg, String> {
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("auto") {
-        return Ok(ExpertCacheArg::Auto);
-    }
-    if !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit()) {
-        return t
-            .parse()
-            .map(ExpertCacheArg::Slots)
-            .map_err(|_| format!("{s:?} is too many expert slots"));
-    }
-    parse_size(t).map(ExpertCacheArg::Bytes).map_err(|e| {
-        format!(
-            "{e}; --expert-cache takes a slot count (64), a size with a unit (24G, 512MiB) or auto"
-        )
-    })
 }
 
 // ---------------------------------------------------------------------------------------------------------------

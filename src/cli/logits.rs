@@ -9,9 +9,9 @@ use clap::{ArgGroup, Args};
 use ferrite::cache::{cache_bytes, CacheSizes};
 use ferrite::engine::Logits;
 use ferrite::npy;
+use ferrite::units::format_bytes;
 
 use super::model_arg::{open_engine, ModelArgs, PlanReport};
-use ferrite::units::format_bytes;
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("input").required(true).args(["tokens", "tokens_file"])))]

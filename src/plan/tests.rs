@@ -2,45 +2,6 @@ use super::*;
 use std::collections::HashMap;
 
 #[test]
-fn sizes() {
-    assert_eq!(parse_size("50G"), Ok(50_000_000_000));
-    assert_eq!(parse_size("4000M"), Ok(4_000_000_000));
-    assert_eq!(parse_size("1.5G"), Ok(1_500_000_000));
-    assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-    assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-    assert_eq!(parse_size("24g"), Ok(24_000_000_000));
-    assert_eq!(parse_size(" 512 M "), Ok(512_000_000));
-    assert_eq!(parse_size("1000"), Ok(1000));
-    assert!(parse_size("G").is_err());
-    assert!(parse_size("5X").is_err());
-    assert!(parse_size("0").is_err());
-    assert!(parse_size("-1G").is_err());
-    assert!(parse_size("1.2.3G").is_err());
-    assert!(parse_size("99999999T").is_err());
-    assert!(parse_size("").is_err());
-}
-
-#[test]
-fn expert_cache_args() {
-    assert_eq!(parse_expert_cache("64"), Ok(ExpertCacheArg::Slots(64)));
-    assert_eq!(
-        parse_expert_cache("64M"),
-        Ok(ExpertCacheArg::Bytes(64_000_000))
-    );
-    assert_eq!(
-        parse_expert_cache("2GiB"),
-        Ok(ExpertCacheArg::Bytes(2 << 30))
-    );
-    assert_eq!(parse_expert_cache("AUTO"), Ok(ExpertCacheArg::Auto));
-    assert_eq!(parse_expert_cache("0"), Ok(ExpertCacheArg::Slots(0)));
-    assert!(parse_expert_cache("99999999999999999999999").is_err());
-    assert!(parse_expert_cache("lots")
-        .unwrap_err()
-        .contains("slot count"));
-    assert!(parse_expert_cache("").is_err());
-}
-
-#[test]
 fn meminfo() {
     let s = "MemTotal:       32768000 kB\nMemFree:         1000 kB\nMemAvailable:   24025232 kB\nBuffers: 1 kB\n";
     assert_eq!(parse_mem_available(s), Some(24025232 * 1024));
