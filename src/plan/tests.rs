@@ -1,5 +1,7 @@
+use super::budget::*;
 use super::*;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 #[test]
 fn meminfo() {
