@@ -20,8 +20,14 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use ferrite::experts::{ExpertKey, ExpertReader, ReadJob, ReadOptions, SlotBuffers};
-use ferrite::plan::{format_bytes, parse_size};
+use ferrite::units::format_bytes;
 use serde_json::json;
+
+// The binary's size parser (`--split 4M` reads as `--mem` does): the library keeps typed values only.
+#[allow(dead_code)]
+#[path = "../src/cli/size_arg.rs"]
+mod size_arg;
+use size_arg::parse_size;
 
 /// Measure the disk bandwidth of random expert reads from a GGUF (run on a cold page cache).
 #[derive(Parser, Debug)]

@@ -23,10 +23,11 @@ use crate::model::sizes::weight_sizes;
 use crate::model::weights::Weights;
 use crate::placement::{experts_fit, lock_weights, place_weights, product_weights};
 use crate::plan::{
-    format_bytes, plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs,
-    PlanReason, PlanRequest,
+    plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs, PlanReason,
+    PlanRequest,
 };
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::units::format_bytes;
 
 /// `-c` when not given, capped by the model's trained context.
 pub const DEFAULT_CTX: usize = 4096;

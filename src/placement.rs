@@ -6,12 +6,11 @@ use std::collections::HashSet;
 use anyhow::{Context as _, Result};
 use gguf::{Model, ModelTensor};
 
-use crate::ggml::{
-    lock_memory, Context, RegionId, RepackType, RepackWeight, RepackedStats, WeightOp,
-};
+use crate::ggml::{Context, RegionId, RepackType, RepackWeight, RepackedStats, WeightOp};
 use crate::model::paged::PagedExperts;
 use crate::model::sizes::expert_tensor_layer;
 use crate::model::weights::Weights;
+use crate::os::lock_memory;
 use crate::plan::{ExpertPlacement, MemoryPlan};
 
 /// The weights that are only ever the first operand of a matrix product, with that product: the ones a repacked

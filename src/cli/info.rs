@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use ferrite::model::sizes::{blocks_with_tensors, weight_sizes, WeightSizes, ARCH};
+use ferrite::units::{format_bytes, format_params};
 use gguf::{Array, Metadata, Model, Value};
 use serde_json::{json, Value as Json};
 
@@ -53,33 +54,6 @@ pub fn run(args: &InfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Bytes as `1.23 GiB` (binary units).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
-
-/// A count of parameters as `284.3 B` / `13.1 M`.
-fn human_params(n: u64) -> String {
-    let v = n as f64;
-    match n {
-        0..=9_999 => n.to_string(),
-        10_000..=999_999 => format!("{:.1} K", v / 1e3),
-        1_000_000..=999_999_999 => format!("{:.1} M", v / 1e6),
-        _ => format!("{:.1} B", v / 1e9),
-    }
-}
-
 fn shape(dims: &[u64]) -> String {
     let parts: Vec<String> = dims.iter().map(u64::to_string).collect();
     format!("{{{}}}", parts.join(", "))
@@ -123,14 +97,14 @@ fn write_text(
                 out,
                 "           {} ({})",
                 s.path().display(),
-                human_bytes(s.header().file_len)
+                format_bytes(s.header().file_len)
             )?;
         }
     }
     writeln!(
         out,
         "size:      {} ({} bytes)",
-        human_bytes(model.file_bytes()),
+        format_bytes(model.file_bytes()),
         model.file_bytes()
     )?;
     writeln!(
@@ -207,8 +181,8 @@ fn write_text(
             "  {:7}  {:>6} tensors  {:>10} params  {:>12}",
             ty.name(),
             total.tensors,
-            human_params(total.params),
-            human_bytes(total.bytes)
+            format_params(total.params),
+            format_bytes(total.bytes)
         )?;
     }
 
@@ -340,22 +314,22 @@ fn write_sizes(out: &mut impl Write, s: &WeightSizes, f: &Deepseek4Facts) -> Res
     writeln!(
         out,
         "  parameters:  {} total = {} routed experts + {} other",
-        human_params(s.params_total),
-        human_params(s.params_routed),
-        human_params(s.params_other())
+        format_params(s.params_total),
+        format_params(s.params_routed),
+        format_params(s.params_other())
     )?;
     writeln!(
         out,
         "  bytes:       {} routed experts ({:.1} %), {} other (resident)",
-        human_bytes(s.bytes_routed),
+        format_bytes(s.bytes_routed),
         pct(s.bytes_routed),
-        human_bytes(s.bytes_other())
+        format_bytes(s.bytes_other())
     )?;
     if let Some(per) = s.layers.iter().map(|l| l.bytes_per_expert).max() {
         writeln!(
             out,
             "  per expert:  {} (gate + up + down of one expert in one layer; {} expert layers)",
-            human_bytes(per),
+            format_bytes(per),
             s.layers.len()
         )?;
     }
@@ -363,7 +337,7 @@ fn write_sizes(out: &mut impl Write, s: &WeightSizes, f: &Deepseek4Facts) -> Res
         writeln!(
             out,
             "  per token:   {} of weights read ({} experts per layer)",
-            human_bytes(s.active_bytes_per_token(used, rows)),
+            format_bytes(s.active_bytes_per_token(used, rows)),
             used
         )?;
     }

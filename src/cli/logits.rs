@@ -9,8 +9,8 @@ use clap::{ArgGroup, Args};
 use ferrite::cache::{cache_bytes, CacheSizes};
 use ferrite::engine::Logits;
 use ferrite::npy;
+use ferrite::units::format_bytes;
 
-use super::info::human_bytes;
 use super::model_arg::{open_engine, ModelArgs, PlanReport};
 
 #[derive(Args, Debug)]
@@ -154,10 +154,10 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     );
     eprintln!(
         "cache:   {} per token + {} fixed = {} for {n_ctx} tokens ({} allocated)",
-        human_bytes(per_token.round() as u64),
-        human_bytes(fixed),
-        human_bytes(fixed + (per_token * n_ctx as f64).round() as u64),
-        human_bytes(session.cache_bytes() as u64)
+        format_bytes(per_token.round() as u64),
+        format_bytes(fixed),
+        format_bytes(fixed + (per_token * n_ctx as f64).round() as u64),
+        format_bytes(session.cache_bytes() as u64)
     );
 
     let start = Instant::now();
@@ -177,7 +177,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     eprintln!(
         "wrote:   {} float32 [{n_tokens}, {n_vocab}] ({})",
         args.out.display(),
-        human_bytes((logits.len() * 4) as u64)
+        format_bytes((logits.len() * 4) as u64)
     );
     if engine.is_paged() {
         eprintln!("{}", engine.expert_stats());

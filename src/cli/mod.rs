@@ -9,6 +9,7 @@ mod logits;
 mod model_arg;
 mod perplexity;
 mod quantize;
+mod size_arg;
 mod tokenize;
 
 use std::io::Write;

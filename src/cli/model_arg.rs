@@ -12,12 +12,10 @@ use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, PagingOptions, SessionOptions};
 use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
-use ferrite::plan::{
-    parse_expert_cache, parse_size, BudgetSource, ExpertCacheArg, ExpertPlacement, MemoryPlan,
-    PlanReason,
-};
+use ferrite::plan::{BudgetSource, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanReason};
 use serde_json::{json, Value as Json};
 
+use super::size_arg::{parse_expert_cache, parse_size};
 use super::Hinted;
 
 /// The word that selects the generated demo model instead of a file.

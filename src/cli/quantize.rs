@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use ferrite::ggml::GgmlCodec;
-use ferrite::plan::parse_size;
+use ferrite::units::format_bytes as human;
 use gguf::{GgmlType, Writer};
 use indicatif::{ProgressBar, ProgressStyle};
 use quantize::convert::{self, ConvertError, Input, Item, Options, Overrides, Plan, Progress};
@@ -20,7 +20,7 @@ use quantize::imatrix::ImatrixData;
 use quantize::recipe::{Recipe, RECIPES};
 
 use super::bench::peak_rss;
-use super::info::human_bytes as human;
+use super::size_arg::parse_size;
 use super::Hinted;
 
 #[derive(Args, Debug)]

@@ -174,8 +174,8 @@ impl fmt::Display for StatsSnapshot {
             self.hit_rate() * 100.0,
             self.hits,
             self.misses,
-            crate::plan::format_bytes(self.bytes_read),
-            crate::plan::format_bytes(p.bytes_read as u64),
+            crate::units::format_bytes(self.bytes_read),
+            crate::units::format_bytes(p.bytes_read as u64),
             self.read_bandwidth() / 1e9,
             p.io_wait_ms,
         )?;

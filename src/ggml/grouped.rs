@@ -398,6 +398,32 @@ struct CustomOpParams {
     userdata: *mut c_void,
 }
 
+// The mirror must match ggml's struct or `is_grouped_op` reads garbage. The struct lives in ggml-impl.h, which
+// bindgen does not see, so its C layout (as of llama-cpp-sys-2 0.1.161: function pointer, int, pointer) is written
+// out here; the build fails if the mirror stops matching that layout, if bindgen's `ggml_custom_op_t` changes size,
+// or if a tensor's `op_params` no longer has room for it. On a ggml upgrade, compare ggml-impl.h with this.
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    let ptr = size_of::<*mut c_void>();
+    assert!(size_of::<sys::ggml_custom_op_t>() == ptr);
+    assert!(offset_of!(CustomOpParams, fun) == 0);
+    assert!(offset_of!(CustomOpParams, n_tasks) == ptr);
+    assert!(
+        offset_of!(CustomOpParams, userdata) == (ptr + size_of::<c_int>()).next_multiple_of(ptr)
+    );
+    assert!(size_of::<CustomOpParams>() == offset_of!(CustomOpParams, userdata) + ptr);
+    assert!(align_of::<CustomOpParams>() == align_of::<*mut c_void>());
+    #[cfg(target_pointer_width = "64")]
+    assert!(size_of::<CustomOpParams>() == 24);
+    let tensor = std::mem::MaybeUninit::<sys::ggml_tensor>::uninit();
+    // SAFETY: only the field's address is taken (no read, no reference), to learn its type's size.
+    let op_params = unsafe { &raw const (*tensor.as_ptr()).op_params };
+    const fn pointee_size<T>(_: *const T) -> usize {
+        size_of::<T>()
+    }
+    assert!(size_of::<CustomOpParams>() <= pointee_size(op_params));
+};
+
 /// Whether `t` is one of this module's operators (the backend's support check does not know them: they read
 /// repacked weights, which ggml's check only allows to its own matrix products).
 pub(super) fn is_grouped_op(t: Tensor<'_>) -> bool {

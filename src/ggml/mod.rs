@@ -41,7 +41,7 @@ pub use grouped::{GroupedKernel, GroupedRows};
 pub use isa::{cpu_features, dot_lane_rows, repack_layout, CpuFeatures, RepackLayout};
 pub use ops::SortOrder;
 pub use owned::{BuildScope, OwnedGraph};
-pub use pool::{advise_file, lock_memory, FileAdvice, SlotPool};
+pub use pool::SlotPool;
 pub use quant::{can_quantize_to, dequantize_rows, quantize_rows, requires_imatrix, GgmlCodec};
 pub use region::{RegionId, BIND_ALIGNMENT, REGION_ALIGNMENT};
 pub use repack::{RepackType, RepackWeight, RepackedStats, WeightOp};

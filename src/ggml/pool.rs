@@ -98,53 +98,6 @@ impl SlotPool {
     }
 }
 
-/// Locks `bytes` (e.g. a range of the model's map) in RAM with `mlock`: their pages are read in now and never paged
-/// out. Fails where `ulimit -l` is too small or off Linux-like systems.
-pub fn lock_memory(bytes: &[u8]) -> std::io::Result<()> {
-    extern "C" {
-        fn mlock(addr: *const std::ffi::c_void, len: usize) -> i32;
-    }
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: mlock only changes how the pages of a valid mapped range are kept; it reads no Rust-visible state
-    // (Linux rounds the start down to a page boundary).
-    let rc = unsafe { mlock(bytes.as_ptr().cast(), bytes.len()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// What a program tells the OS about how it reads a file (`posix_fadvise`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileAdvice {
-    /// Reads come in no order: read exactly what is asked, nothing ahead (`POSIX_FADV_RANDOM`).
-    Random,
-    /// The range will not be read again soon: its page cache can go now (`POSIX_FADV_DONTNEED`).
-    DontNeed,
-}
-
-/// Gives the OS `advice` about `len` bytes of `file` at `offset` (0 and 0: the whole file). A hint: failures are
-/// ignored. The expert reader uses it when memory is tight, so reads leave no page cache behind (readahead past a
-/// slab, or the slab itself, would push out the pool or the resident weights under a cgroup limit).
-pub fn advise_file(file: &std::fs::File, offset: u64, len: u64, advice: FileAdvice) {
-    use std::os::fd::AsRawFd;
-    extern "C" {
-        fn posix_fadvise(fd: i32, offset: i64, len: i64, advice: i32) -> i32;
-    }
-    let code = match advice {
-        FileAdvice::Random => 1,
-        FileAdvice::DontNeed => 4,
-    };
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
-    // SAFETY: a plain system call on an open descriptor; it changes only how the kernel caches the file.
-    unsafe { posix_fadvise(file.as_raw_fd(), offset, len, code) };
-}
-
 impl Context<'_> {
     /// A new tensor of type `ty` and shape `{ne0, ne1, n_slots}` over `pool`: matrix `s` starts `offset` bytes into
     /// slot `s` (rows of `ne0` values back to back). The matrix must fit its slot after `offset`. The context keeps

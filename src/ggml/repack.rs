@@ -181,7 +181,8 @@ fn alloc_weights(
     };
     // SAFETY: a live buffer; its base and size delimit the memory ggml allocated for it.
     let base = unsafe { sys::ggml_backend_buffer_get_base(buf.as_ptr()) };
-    hints::huge_pages(base.cast(), buf.size());
+    // Transparent huge pages while the buffer fills (a hint; a no-op off Linux).
+    crate::os::advise_huge_pages(base.cast(), buf.size());
     Ok(buf)
 }
 
@@ -249,7 +250,8 @@ impl Context<'_> {
         let size = buf.size();
         self.buffers.borrow_mut().push(buf);
         for (i, w) in weights.iter().enumerate() {
-            hints::populate(w.bytes);
+            // The source's pages mapped in one call before it is read (a hint; a no-op off Linux).
+            crate::os::populate_read(w.bytes);
             // SAFETY: the tensor is allocated in a live buffer of this context (with a layout chosen, for a repack
             // buffer); the whole tensor is written from offset 0 with exactly its byte count (checked by the
             // callers), as the repack set_tensor asserts; `bytes` is readable for the call. ggml writes only the
@@ -309,7 +311,7 @@ impl Context<'_> {
                 let base = sys::ggml_backend_buffer_get_base(buf.as_ptr()) as *const u8;
                 std::slice::from_raw_parts(base, buf.size())
             };
-            super::pool::lock_memory(bytes)?;
+            crate::os::lock_memory(bytes)?;
             locked += bytes.len() as u64;
         }
         Ok(locked)
@@ -376,61 +378,6 @@ impl Context<'_> {
         }
         stats
     }
-}
-
-/// Memory hints for the copy (Linux; no-ops elsewhere, and errors are ignored): the repack buffer in transparent huge
-/// pages (a fault per 2 MiB instead of per 4 KiB while it fills, fewer TLB misses in the kernels), and each source's
-/// pages mapped in one call before it is read (a file map would otherwise take a fault per page).
-mod hints {
-    #[cfg(target_os = "linux")]
-    mod linux {
-        use std::ffi::c_void;
-
-        extern "C" {
-            fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32;
-            fn sysconf(name: i32) -> i64;
-        }
-        const MADV_HUGEPAGE: i32 = 14;
-        const MADV_POPULATE_READ: i32 = 22;
-        const SC_PAGESIZE: i32 = 30;
-
-        /// `madvise(advice)` over the whole pages inside (`inner`) or around `ptr..ptr + len`.
-        pub fn advise(ptr: *const u8, len: usize, advice: i32, inner: bool) {
-            // SAFETY: a plain query of a constant.
-            let page = unsafe { sysconf(SC_PAGESIZE) };
-            let Ok(page) = usize::try_from(page) else {
-                return;
-            };
-            if len == 0 || !page.is_power_of_two() {
-                return;
-            }
-            let (start, end) = (ptr as usize, ptr as usize + len);
-            let (start, end) = match inner {
-                true => ((start + page - 1) & !(page - 1), end & !(page - 1)),
-                false => (start & !(page - 1), (end + page - 1) & !(page - 1)),
-            };
-            if end > start {
-                // SAFETY: both advices only change how pages are backed or mapped (huge pages, page-table entries
-                // for a read), never their contents; ranges outside a mapping fail with an error that is ignored.
-                unsafe { madvise(start as *mut c_void, end - start, advice) };
-            }
-        }
-
-        pub fn huge_pages(ptr: *mut u8, len: usize) {
-            advise(ptr, len, MADV_HUGEPAGE, true);
-        }
-
-        pub fn populate(bytes: &[u8]) {
-            advise(bytes.as_ptr(), bytes.len(), MADV_POPULATE_READ, false);
-        }
-    }
-    #[cfg(target_os = "linux")]
-    pub use linux::{huge_pages, populate};
-
-    #[cfg(not(target_os = "linux"))]
-    pub fn huge_pages(_ptr: *mut u8, _len: usize) {}
-    #[cfg(not(target_os = "linux"))]
-    pub fn populate(_bytes: &[u8]) {}
 }
 
 #[cfg(test)]

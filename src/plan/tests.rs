@@ -1,53 +1,7 @@
+use super::budget::*;
 use super::*;
 use std::collections::HashMap;
-
-#[test]
-fn sizes() {
-    assert_eq!(parse_size("50G"), Ok(50_000_000_000));
-    assert_eq!(parse_size("4000M"), Ok(4_000_000_000));
-    assert_eq!(parse_size("1.5G"), Ok(1_500_000_000));
-    assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-    assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-    assert_eq!(parse_size("24g"), Ok(24_000_000_000));
-    assert_eq!(parse_size(" 512 M "), Ok(512_000_000));
-    assert_eq!(parse_size("1000"), Ok(1000));
-    assert!(parse_size("G").is_err());
-    assert!(parse_size("5X").is_err());
-    assert!(parse_size("0").is_err());
-    assert!(parse_size("-1G").is_err());
-    assert!(parse_size("1.2.3G").is_err());
-    assert!(parse_size("99999999T").is_err());
-    assert!(parse_size("").is_err());
-}
-
-#[test]
-fn expert_cache_args() {
-    assert_eq!(parse_expert_cache("64"), Ok(ExpertCacheArg::Slots(64)));
-    assert_eq!(
-        parse_expert_cache("64M"),
-        Ok(ExpertCacheArg::Bytes(64_000_000))
-    );
-    assert_eq!(
-        parse_expert_cache("2GiB"),
-        Ok(ExpertCacheArg::Bytes(2 << 30))
-    );
-    assert_eq!(parse_expert_cache("AUTO"), Ok(ExpertCacheArg::Auto));
-    assert_eq!(parse_expert_cache("0"), Ok(ExpertCacheArg::Slots(0)));
-    assert!(parse_expert_cache("99999999999999999999999").is_err());
-    assert!(parse_expert_cache("lots")
-        .unwrap_err()
-        .contains("slot count"));
-    assert!(parse_expert_cache("").is_err());
-}
-
-#[test]
-fn bytes_for_people() {
-    assert_eq!(format_bytes(512), "512 B");
-    assert_eq!(format_bytes(1536), "1.50 KiB");
-    assert_eq!(format_bytes(6_750 * 1024 + 768), "6.59 MiB");
-    assert_eq!(format_bytes(3 << 29), "1.50 GiB");
-    assert_eq!(format_bytes(u64::MAX), "16777216.00 TiB");
-}
+use std::path::{Path, PathBuf};
 
 #[test]
 fn meminfo() {

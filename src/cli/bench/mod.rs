@@ -39,13 +39,13 @@ use ferrite::engine::Engine;
 use ferrite::experts::StatsSnapshot;
 use ferrite::membw::{read_bandwidth, DEFAULT_BYTES};
 use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
+use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
-use super::info::human_bytes;
 use super::model_arg::{open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport};
 use super::Hinted;
 use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
-use table::{expert_line, human_params, table};
+use table::{expert_line, table};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -360,8 +360,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     eprintln!(
         "ferrite: bench {} ({}, {} params): {}; threads {}; micro-batch {}; {} repetitions{}",
         facts.name,
-        human_bytes(facts.bytes),
-        human_params(facts.params),
+        format_bytes(facts.bytes),
+        format_params(facts.params),
         tests.iter().map(Test::name).collect::<Vec<_>>().join(", "),
         threads
             .iter()
@@ -508,7 +508,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match rss {
         Some(b) => eprintln!(
             "ferrite: peak RSS {} (VmHWM{}; touched pages of the memory-mapped weights count)",
-            human_bytes(b),
+            format_bytes(b),
             if hwm_reset {
                 " of ferrite's runs"
             } else {
@@ -520,7 +520,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some((b, reset)) = llama_rss {
         eprintln!(
             "llama.cpp: peak RSS {} (VmHWM{})",
-            human_bytes(b),
+            format_bytes(b),
             if reset {
                 " of llama.cpp's runs"
             } else {
@@ -531,7 +531,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     eprintln!(
         "ferrite: weights read per generated token: {} (estimate for decode: non-expert weights, one embedding row, \
          {} of {} experts per layer)",
-        human_bytes(facts.bytes_per_token),
+        format_bytes(facts.bytes_per_token),
         facts.n_expert_used,
         facts.n_expert
     );

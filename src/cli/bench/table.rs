@@ -1,5 +1,7 @@
 //! The table `ferrite bench` prints, and the expert cache's line under it.
 
+use ferrite::units::{format_bytes, format_params};
+
 use super::{ModelFacts, Row};
 
 /// The line under the table when the experts are paged: each test's hit rate, MB read and I/O wait per token.
@@ -35,17 +37,13 @@ pub(super) fn table(facts: &ModelFacts, rows: &[Row], vs_llama: bool) -> String 
         header.extend(["llama.cpp t/s", "ferrite / llama.cpp"]);
     }
     let right = |i: usize| i != 0 && i != 3;
-    let size = if facts.bytes >= 1 << 30 {
-        format!("{:.2} GiB", facts.bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.2} MiB", facts.bytes as f64 / (1u64 << 20) as f64)
-    };
+    let size = format_bytes(facts.bytes);
     let mut cells: Vec<Vec<String>> = Vec::new();
     for r in rows {
         let mut line = vec![
             facts.name.clone(),
             size.clone(),
-            human_params(facts.params),
+            format_params(facts.params),
             "CPU".to_string(),
             r.threads.to_string(),
             r.test.name(),
@@ -102,18 +100,4 @@ pub(super) fn table(facts: &ModelFacts, rows: &[Row], vs_llama: bool) -> String 
         out += &line(l.iter().enumerate().map(|(i, c)| pad(c, i)).collect());
     }
     out
-}
-
-/// Parameters as llama-bench writes them: `6.74 B`, `13.11 M`, `512.00 K`.
-pub(super) fn human_params(n: u64) -> String {
-    let v = n as f64;
-    if v >= 1e9 {
-        format!("{:.2} B", v / 1e9)
-    } else if v >= 1e6 {
-        format!("{:.2} M", v / 1e6)
-    } else if v >= 1e3 {
-        format!("{:.2} K", v / 1e3)
-    } else {
-        n.to_string()
-    }
 }

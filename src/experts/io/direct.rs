@@ -1,4 +1,5 @@
-//! `O_DIRECT` reads: alignment, the room a slot needs for them, and the reads themselves.
+//! `O_DIRECT` reads: alignment, the room a slot needs for them, and the reads themselves (files are opened by
+//! [`crate::os::open_direct`]).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -31,24 +32,6 @@ pub(super) fn direct_span(
     let start = at.checked_sub(lead)?;
     let end = at.checked_add(need)?.next_multiple_of(DIRECT_ALIGN);
     (end <= len).then_some((start..end, lead))
-}
-
-/// Opens `path` for reading with `O_DIRECT`; None where the system or the file system does not allow it.
-pub(super) fn open_direct(path: &std::path::Path) -> Option<File> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok()
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = path;
-        None
-    }
 }
 
 /// Fills `buf` (aligned, whole pages) from `offset` of a file opened with `O_DIRECT`; the read may stop at the end

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use gguf::Model;
 
 use super::policy::{ExpertKey, Load, SlotId};
-use crate::ggml::{advise_file, FileAdvice};
+use crate::os::{advise_file, is_invalid_argument, open_direct, FileAdvice};
 
 mod direct;
 mod layout;
 
 pub use direct::{direct_room, DIRECT_ALIGN};
-use direct::{direct_span, open_direct, read_direct};
+use direct::{direct_span, read_direct};
 pub use layout::{mapped_slabs, verify_slot, ExpertLayout, LayerSlabs, SlabRange, SlabTensor};
 
 /// The parts of an expert, in slot order.
@@ -518,7 +518,7 @@ impl ExpertReader {
         let read = match direct {
             Some((must, direct)) => match read_direct(direct, c.buf, c.offset, must) {
                 // A file system that takes O_DIRECT opens but refuses the read: the same bytes, buffered.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Err(e) if is_invalid_argument(&e) => {
                     file.read_exact_at(&mut c.buf[..must], c.offset)
                 }
                 r => r,
