@@ -1,5 +1,8 @@
 //! Test support of the ferrite workspace: code that only tests use, so it stays out of the `ferrite` library.
 //!
+//! - [`ggml_gguf`]: ggml's own GGUF reader (`gguf_init_from_file`), to check that files ferrite writes read the same
+//!   in ggml.
 //! - [`tiny_hf`]: tiny DeepSeek V4 checkpoints in the official Hugging Face layout (`ferrite quantize`'s input).
 
+pub mod ggml_gguf;
 pub mod tiny_hf;
