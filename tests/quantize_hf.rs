@@ -15,9 +15,9 @@ use std::process::{Command, Output, Stdio};
 
 use ferrite::ggml::dequantize_rows;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, Vocabulary};
+use ferrite::reference::llama::argmax;
 use gguf::{GgmlType, Model, Value};
 use support::compare::{prompt, relative_errors};
-use support::llama_ref::argmax;
 use support::quantize::{assert_same_model, ferrite_logits, llama_logits, quantize, quantize_ok};
 use testkit::tiny_hf::{write_tiny_checkpoint, write_tiny_model_official, CheckpointOptions, Fill};
 
