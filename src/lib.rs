@@ -1,6 +1,5 @@
 //! ferrite: DeepSeek V4 on ggml. The library behind the `ferrite` binary, so integration tests and examples can use it.
 
-pub mod bench_llama;
 pub mod cache;
 pub mod chat;
 pub mod engine;
@@ -13,6 +12,7 @@ pub mod npy;
 pub mod os;
 pub mod placement;
 pub mod plan;
+pub mod reference;
 pub mod sampler;
 pub mod session_file;
 pub mod tokenizer;

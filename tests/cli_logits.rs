@@ -12,9 +12,9 @@ use std::process::{Command, Output};
 
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use ferrite::npy;
+use ferrite::reference::llama::{LlamaContext, LlamaParams};
 use gguf::{Value, Writer};
 use support::compare::prompt;
-use support::llama_ref::{LlamaParams, LlamaRef};
 
 /// Past two ratio-128 blocks, so every compressor completes blocks and carries a partial one.
 const PROMPT_LEN: usize = 260;
@@ -71,7 +71,7 @@ fn logits_match_llama_cpp_for_any_micro_batch() {
         n_ctx: N_CTX as u32,
         ..LlamaParams::default()
     };
-    let reference = LlamaRef::load(&model, params)
+    let reference = LlamaContext::load(&model, params)
         .unwrap()
         .logits(&ids, 512)
         .unwrap();

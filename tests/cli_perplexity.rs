@@ -11,7 +11,7 @@ use std::process::Output;
 use support::cli::{ok, run as ferrite, text};
 
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
-use support::llama_ref::{LlamaParams, LlamaRef};
+use ferrite::reference::llama::{LlamaContext, LlamaModel, LlamaParams};
 
 /// Chunk size of the comparison: past one ratio-128 compressor block, so every layer kind takes part.
 const N_CTX: usize = 160;
@@ -109,7 +109,7 @@ fn models(dir: &Path) -> (PathBuf, PathBuf) {
 fn llama_add_bos(path: &Path) -> bool {
     use llama_cpp_sys_2 as sys;
     // Initialises the backend and silences llama.cpp's log.
-    drop(LlamaRef::load_vocab_only(path).unwrap());
+    drop(LlamaModel::load_vocab_only(path).unwrap());
     let c_path = std::ffi::CString::new(path_str(path)).unwrap();
     // SAFETY: default parameters with vocab_only; the path is NUL-terminated and outlives the call; the model is
     // freed once, after its vocabulary was read.
@@ -145,7 +145,7 @@ fn reference(
 ) -> Reference {
     let text = text.strip_suffix('\n').unwrap_or(text);
     let add_bos = llama_add_bos(model);
-    let mut llama = LlamaRef::load(
+    let mut llama = LlamaContext::load(
         model,
         LlamaParams {
             n_ctx: n_ctx as u32,
@@ -156,12 +156,12 @@ fn reference(
         },
     )
     .unwrap();
-    let (bos, _) = llama.bos_eos();
+    let (bos, _) = llama.model().bos_eos();
     let mut tokens = Vec::new();
     if add_bos {
         tokens.push(bos);
     }
-    tokens.extend(llama.tokenize(text, false).unwrap());
+    tokens.extend(llama.model().tokenize(text, false).unwrap());
     let n_chunks = (tokens.len() / n_ctx).min(max_chunks);
     assert!(n_chunks > 0);
     let first = n_ctx / 2;

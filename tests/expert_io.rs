@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use ferrite::experts::{
-    direct_room, mapped_slabs, slot_jobs, verify_slot, ExpertKey, ExpertLayout, ExpertReader,
-    ExpertStats, PolicyConfig, ReadJob, ReadOptions, SlotBuffers, SlotPolicy, StatsSnapshot,
-    DIRECT_ALIGN,
+    direct_room, ExpertKey, ExpertLayout, ExpertReader, ExpertStats, PolicyConfig, ReadJob,
+    ReadOptions, SlotBuffers, SlotPolicy, StatsSnapshot, DIRECT_ALIGN,
 };
 use ferrite::model::sizes::weight_sizes;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
 use ferrite::plan::{plan_memory, Budget, ExpertPlacement, PlanInputs, PlanRequest};
 use gguf::{GgmlType, Model, Writer};
+use testkit::expert_io::{mapped_slabs, slot_jobs, verify_slot};
 
 fn tiny(dir: &Path, types: WeightTypes) -> (PathBuf, TinyConfig) {
     let cfg = TinyConfig::small().with_types(types);
@@ -387,10 +387,11 @@ mod handcrafted {
     use std::path::{Path, PathBuf};
 
     use ferrite::experts::{
-        mapped_slabs, packed_slot_jobs, slot_jobs, verify_slot, ExpertIoError, ExpertKey,
-        ExpertLayout, ExpertReader, Load, ReadJob, ReadOptions, SlabRange, SlotBuffers,
+        ExpertIoError, ExpertKey, ExpertLayout, ExpertReader, Load, ReadJob, ReadOptions,
+        SlabRange, SlotBuffers,
     };
     use gguf::{GgmlType, Model, Writer};
+    use testkit::expert_io::{mapped_slabs, packed_slot_jobs, read_one, slot_jobs, verify_slot};
 
     /// Writes a model with a non-expert tensor first (so offsets are not 0) and the given expert tensors of layer
     /// 0, every byte a function of its position and tensor.
@@ -517,9 +518,7 @@ mod handcrafted {
             let key = ExpertKey::new(0, e);
             // Buffers larger than the slabs: the prefix is filled.
             let (mut g, mut u, mut d) = (vec![0u8; 64], vec![0u8; 60], vec![0u8; 61]);
-            let report = reader
-                .read_one(key, SlotBuffers::new(&mut g, &mut u, &mut d))
-                .unwrap();
+            let report = read_one(&reader, key, SlotBuffers::new(&mut g, &mut u, &mut d)).unwrap();
             assert_eq!((report.bytes, report.reads), (180, 3));
             verify_slot(&model, layout, key, [&g, &u, &d]).unwrap();
             let mapped = mapped_slabs(&model, layout, key).unwrap();
@@ -536,18 +535,17 @@ mod handcrafted {
         let mut b = slot(reader.layout());
         let parts = reader.layout().max_slab_bytes();
         for key in [ExpertKey::new(0, 3), ExpertKey::new(1, 0)] {
-            let err = reader
-                .read_one(key, SlotBuffers::packed(&mut b, parts).unwrap())
-                .unwrap_err();
+            let err =
+                read_one(&reader, key, SlotBuffers::packed(&mut b, parts).unwrap()).unwrap_err();
             assert!(matches!(err, ExpertIoError::NoSuchExpert { .. }), "{err}");
         }
         let (mut g, mut u, mut d) = (vec![0u8; 2176], vec![0u8; 2175], vec![0u8; 2176]);
-        let err = reader
-            .read_one(
-                ExpertKey::new(0, 0),
-                SlotBuffers::new(&mut g, &mut u, &mut d),
-            )
-            .unwrap_err();
+        let err = read_one(
+            &reader,
+            ExpertKey::new(0, 0),
+            SlotBuffers::new(&mut g, &mut u, &mut d),
+        )
+        .unwrap_err();
         assert_eq!(err.to_string(), "layer 0 expert 0: the up buffer holds 2175 bytes, its slab of blk.0.ffn_up_exps.weight needs 2176");
         assert!(SlotBuffers::packed(&mut b[1..], parts).is_none());
         assert!(SlotBuffers::packed(&mut b, [u64::MAX, 1, 1]).is_none());

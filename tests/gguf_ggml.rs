@@ -1,8 +1,8 @@
 //! Files written by ferrite's GGUF writer are read identically by ggml's own reader (`gguf_init_from_file`), and
 //! ferrite's reader agrees with ggml on files ggml accepts.
 
-use ferrite::ggml::{read_gguf_with_ggml, GgufValue};
 use gguf::{Array, GgmlType, GgufFile, Value, Writer};
+use testkit::ggml_gguf::{read_gguf_with_ggml, GgufValue};
 
 /// ferrite's value as ggml's reader reports it (ggml has no nested arrays).
 fn as_ggml(v: &Value) -> GgufValue {

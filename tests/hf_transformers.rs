@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
+use ferrite::reference::llama::argmax;
 use support::compare::relative_errors;
-use support::llama_ref::argmax;
 
 /// Per-position relative error allowed at [`MIN_WITHIN`] of the positions.
 const REL_TOL: f32 = 1e-4;

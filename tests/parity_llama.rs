@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
+use ferrite::reference::llama::{argmax, LlamaContext, LlamaParams};
 use gguf::GgmlType;
 use support::compare::{prompt, relative_errors};
-use support::llama_ref::{argmax, LlamaParams, LlamaRef};
 
 const PROMPT_LEN: usize = 640;
 const N_CTX: usize = 1024;
@@ -27,7 +27,7 @@ fn reference(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         n_ctx: N_CTX as u32,
         ..LlamaParams::default()
     };
-    let mut r = LlamaRef::load(path, params).unwrap();
+    let mut r = LlamaContext::load(path, params).unwrap();
     let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
     r.logits(&ids, 512).unwrap()
 }
@@ -203,7 +203,7 @@ fn greedy_generation_matches_llama() {
         n_ctx: N_CTX as u32,
         ..LlamaParams::default()
     };
-    let mut r = LlamaRef::load(&path, params).unwrap();
+    let mut r = LlamaContext::load(&path, params).unwrap();
     let ids: Vec<i32> = start.iter().map(|&t| t as i32).collect();
     let want: Vec<u32> = r
         .greedy(&ids, n)
@@ -289,7 +289,7 @@ fn f16_cache_matches_llama_with_its_f16_cache() {
         ..LlamaParams::default()
     };
     let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    let want = LlamaRef::load(&path, params)
+    let want = LlamaContext::load(&path, params)
         .unwrap()
         .logits(&ids, 512)
         .unwrap();

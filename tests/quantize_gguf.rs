@@ -9,9 +9,9 @@ use std::process::{Command, Output};
 
 use ferrite::ggml::{dequantize_rows, quantize_rows};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
+use ferrite::reference::llama::llama_quantize;
 use gguf::{GgmlType, GgufFile, Model};
 use support::compare::{prompt, relative_errors};
-use support::llama_ref::llama_quantize;
 use support::quantize::{assert_same_model, ferrite_logits, llama_logits, quantize, quantize_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrite");

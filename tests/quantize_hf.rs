@@ -1,6 +1,6 @@
 //! `ferrite quantize` on Hugging Face checkpoints: a tiny DeepSeek V4 checkpoint in the official format (FP8 weights
 //! with 128x128 E8M0 scales, FP4 experts with one scale per 32 inputs, BF16/F32 tensors, I64 tid2eid, the demo
-//! tokenizer; src/model/tiny_hf.rs) converted by ferrite:
+//! tokenizer; testkit/src/tiny_hf/) converted by ferrite:
 //! - to F32 is tensor for tensor the GGUF a correct converter makes (written independently from the same values),
 //!   loads in llama.cpp and runs there like in ferrite; the tokenizer equals ferrite's demo vocabulary;
 //! - to Q8_0 stays within a stated tolerance of the F32 conversion; to MXFP4 keeps the experts bit-exact;
@@ -15,13 +15,11 @@ use std::process::{Command, Output, Stdio};
 
 use ferrite::ggml::dequantize_rows;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, Vocabulary};
-use ferrite::model::tiny_hf::{
-    write_tiny_checkpoint, write_tiny_model_official, CheckpointOptions, Fill,
-};
+use ferrite::reference::llama::argmax;
 use gguf::{GgmlType, Model, Value};
 use support::compare::{prompt, relative_errors};
-use support::llama_ref::argmax;
 use support::quantize::{assert_same_model, ferrite_logits, llama_logits, quantize, quantize_ok};
+use testkit::tiny_hf::{write_tiny_checkpoint, write_tiny_model_official, CheckpointOptions, Fill};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrite");
 /// `ferrite quantize ARGS` with this file's thread count.

@@ -14,9 +14,9 @@ use ferrite::engine::{Engine, EngineOptions, Logits, PagingOptions};
 use ferrite::ggml::{Context, RepackType, WeightOp};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
 use ferrite::plan::ExpertCacheArg;
+use ferrite::reference::llama::{LlamaContext, LlamaParams};
 use gguf::GgmlType;
 use support::compare::{prompt, relative_errors};
-use support::llama_ref::{LlamaParams, LlamaRef};
 
 const N_CTX: usize = 512;
 const N_UBATCH: usize = 512;
@@ -87,7 +87,7 @@ fn reference(path: &Path, tokens: &[u32], call: usize, repack: bool) -> Vec<Vec<
         ..LlamaParams::default()
     };
     let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    LlamaRef::load(path, params)
+    LlamaContext::load(path, params)
         .unwrap()
         .logits(&ids, call)
         .unwrap()

@@ -46,7 +46,7 @@ fn llama_quantize_child() {
         return;
     };
     let start = Instant::now();
-    support::llama_ref::llama_quantize(
+    ferrite::reference::llama::llama_quantize(
         Path::new(&input),
         Path::new(&output),
         15,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
-use support::llama_ref::{LlamaParams, LlamaRef};
+use ferrite::reference::llama::{LlamaContext, LlamaParams};
 
 const PREFILL: usize = 512;
 const DECODE: usize = 128;
@@ -60,14 +60,14 @@ fn tiny_model_speed_next_to_llama() {
         cache_f16: true,
         ..LlamaParams::default()
     };
-    let mut r = LlamaRef::load(&path, params).unwrap();
+    let mut r = LlamaContext::load(&path, params).unwrap();
     let (mut ref_pp, mut ref_tg) = (Vec::new(), Vec::new());
     for _ in 0..reps {
-        r.reset();
+        r.clear();
         let t = Instant::now();
         r.logits(&ids[..PREFILL], PREFILL).unwrap();
         ref_pp.push(PREFILL as f64 / t.elapsed().as_secs_f64());
-        r.reset();
+        r.clear();
         r.logits(&ids[..PREFILL], PREFILL).unwrap();
         let t = Instant::now();
         r.decode_one_by_one(&ids[PREFILL..], PREFILL).unwrap();

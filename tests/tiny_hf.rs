@@ -1,4 +1,4 @@
-//! Tiny Hugging Face DeepSeek V4 checkpoints (`ferrite::model::tiny_hf`): they read back with the checkpoint reader
+//! Tiny Hugging Face DeepSeek V4 checkpoints (`testkit::tiny_hf`): they read back with the checkpoint reader
 //! with every official tensor name, dtype and shape (DSV4.md 2.1-2.5, listed here independently); the FP8/FP4/BF16
 //! data dequantizes to exactly the values of the official-rounding GGUF (`write_tiny_model_official`), which a
 //! correct converter must reproduce; config.json has every official key; the fast fill writes gigabytes in
@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ferrite::model::tiny::{
-    write_tiny_model, write_tiny_model_official, TinyConfig, Vocabulary, WeightTypes,
-};
-use ferrite::model::tiny_hf::{write_tiny_checkpoint, CheckpointError, CheckpointOptions, Fill};
+use ferrite::model::tiny::{write_tiny_model, TinyConfig, Vocabulary, WeightTypes};
 use ferrite::tokenizer::Tokenizer;
 use quantize::dequant::{fp4_blocks, fp8_blocks};
 use quantize::safetensors::{Checkpoint, Dtype, INDEX_FILE};
 use serde_json::Value as Json;
+use testkit::tiny_hf::{
+    write_tiny_checkpoint, write_tiny_model_official, CheckpointError, CheckpointOptions, Fill,
+};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))

@@ -7,9 +7,9 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use ferrite::model::tiny::{write_tiny_model, DemoVocab, TinyConfig, WeightTypes};
+use ferrite::reference::llama::{LlamaContext, LlamaParams};
 use gguf::GgmlType;
 use support::compare::prompt;
-use support::llama_ref::{LlamaParams, LlamaRef};
 
 /// Long enough for a ratio-128 row, an indexer that must choose, and a sliding raw window (DSV4.md section 7).
 const PROMPT_LEN: usize = 211;
@@ -75,7 +75,7 @@ fn compare_feeding(
     feeding: Feeding,
     peak: f32,
 ) -> String {
-    use support::llama_ref::argmax;
+    use ferrite::reference::llama::argmax;
     let per = per_position(whole, other);
     let max = per.iter().fold(0.0f32, |m, &d| m.max(d));
     let mut sorted = per.clone();
@@ -107,7 +107,7 @@ fn check_model(name: &str, cfg: &TinyConfig, feeding: Feeding) {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), &format!("{name}.gguf"), cfg, SEED);
     let t = std::time::Instant::now();
-    let mut llama = LlamaRef::load(&path, params()).unwrap();
+    let mut llama = LlamaContext::load(&path, params()).unwrap();
     assert_eq!(llama.n_vocab(), cfg.n_vocab as usize);
     let tokens: Vec<i32> = prompt(PROMPT_LEN, cfg.n_vocab as usize, SEED ^ 1)
         .into_iter()
@@ -224,15 +224,18 @@ fn demo_vocabulary_round_trips_through_llama_cpp() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = TinyConfig::demo();
     let path = write(dir.path(), "demo.gguf", &cfg, SEED);
-    let mut llama = LlamaRef::load(&path, params()).unwrap();
+    let mut llama = LlamaContext::load(&path, params()).unwrap();
     let vocab = DemoVocab::new(cfg.n_vocab);
     assert_eq!(llama.n_vocab(), vocab.tokens.len());
-    assert_eq!(llama.bos_eos(), (vocab.bos as i32, vocab.eos as i32));
+    assert_eq!(
+        llama.model().bos_eos(),
+        (vocab.bos as i32, vocab.eos as i32)
+    );
 
     let text = "Hello world, the quick brown fox is in the garden.\n  Ünïcödé: 日本語 — 🦀 12345 <think>hmm</think>";
-    let ids = llama.tokenize(text, false).unwrap();
+    let ids = llama.model().tokenize(text, false).unwrap();
     assert_eq!(
-        llama.detokenize(&ids, false).unwrap(),
+        llama.model().detokenize(&ids, false).unwrap(),
         text.as_bytes(),
         "round trip of {ids:?}"
     );
@@ -251,7 +254,7 @@ fn demo_vocabulary_round_trips_through_llama_cpp() {
 
     // CONTROL tokens only with parse_special, and rendered only with special = true.
     let chat = "<｜begin▁of▁sentence｜>You are terse.<｜User｜>Hi<｜Assistant｜></think>Hello<｜end▁of▁sentence｜>";
-    let ids = llama.tokenize(chat, true).unwrap();
+    let ids = llama.model().tokenize(chat, true).unwrap();
     for id in [
         vocab.bos,
         vocab.user,
@@ -261,21 +264,24 @@ fn demo_vocabulary_round_trips_through_llama_cpp() {
     ] {
         assert!(ids.contains(&(id as i32)), "{id} missing from {ids:?}");
     }
-    assert_eq!(llama.detokenize(&ids, true).unwrap(), chat.as_bytes());
     assert_eq!(
-        llama.detokenize(&ids, false).unwrap(),
+        llama.model().detokenize(&ids, true).unwrap(),
+        chat.as_bytes()
+    );
+    assert_eq!(
+        llama.model().detokenize(&ids, false).unwrap(),
         b"You are terse.Hi</think>Hello"
     );
-    let plain = llama.tokenize(chat, false).unwrap();
+    let plain = llama.model().tokenize(chat, false).unwrap();
     assert!(!plain.contains(&(vocab.user as i32)));
 
     // Text in, text out: greedy generation gives valid ids whose pieces can be printed.
     let out = llama
-        .greedy(&llama.tokenize("The cat", false).unwrap(), 8)
+        .greedy(&llama.model().tokenize("The cat", false).unwrap(), 8)
         .unwrap();
     assert_eq!(out.len(), 8);
     assert!(out
         .iter()
         .all(|&t| t >= 0 && (t as usize) < vocab.tokens.len()));
-    let _ = llama.detokenize(&out, true).unwrap();
+    let _ = llama.model().detokenize(&out, true).unwrap();
 }

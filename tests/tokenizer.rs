@@ -13,9 +13,9 @@ use std::sync::OnceLock;
 
 use ferrite::model::names::key;
 use ferrite::model::tiny::{gpt2_byte_chars, write_tiny_model, TinyConfig, Vocabulary};
+use ferrite::reference::llama::LlamaModel;
 use ferrite::tokenizer::{Tokenizer, TokenizerError};
 use gguf::Value;
-use support::llama_ref::LlamaRef;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Fixtures.
@@ -242,7 +242,7 @@ fn special_strings(tok: &Tokenizer) -> Vec<String> {
 fn v4_vocabulary_matches_llama_cpp_and_tokenizer_json() {
     let vocab = v4_vocab();
     let ours = ferrite_tokenizer(&vocab.gguf);
-    let llama = LlamaRef::load_vocab_only(&vocab.gguf).unwrap();
+    let llama = LlamaModel::load_vocab_only(&vocab.gguf).unwrap();
     let hf = tokenizers::Tokenizer::from_file(&vocab.tokenizer_json).unwrap();
     let mut hf_plain = hf.clone();
     hf_plain.set_encode_special_tokens(true);
@@ -332,7 +332,7 @@ fn v4_vocabulary_matches_llama_cpp_and_tokenizer_json() {
 fn v4_token_pieces_match_llama_cpp() {
     let vocab = v4_vocab();
     let ours = ferrite_tokenizer(&vocab.gguf);
-    let llama = LlamaRef::load_vocab_only(&vocab.gguf).unwrap();
+    let llama = LlamaModel::load_vocab_only(&vocab.gguf).unwrap();
     for id in 0..ours.n_vocab() as u32 {
         assert_eq!(
             ours.token_piece(id),
@@ -347,7 +347,7 @@ fn v4_token_pieces_match_llama_cpp() {
 fn long_inputs_tokenize_like_llama_cpp() {
     let vocab = v4_vocab();
     let ours = ferrite_tokenizer(&vocab.gguf);
-    let llama = LlamaRef::load_vocab_only(&vocab.gguf).unwrap();
+    let llama = LlamaModel::load_vocab_only(&vocab.gguf).unwrap();
     let hf = tokenizers::Tokenizer::from_file(&vocab.tokenizer_json).unwrap();
     let long = hard_strings().join("<｜User｜>").repeat(20);
     assert_eq!(
@@ -399,7 +399,7 @@ fn demo_vocabulary_matches_llama_cpp() {
     let dir = tempfile::tempdir().unwrap();
     let path = demo_gguf(dir.path());
     let ours = ferrite_tokenizer(&path);
-    let llama = LlamaRef::load_vocab_only(&path).unwrap();
+    let llama = LlamaModel::load_vocab_only(&path).unwrap();
     assert_eq!(ours.n_vocab(), llama.n_vocab());
     assert_eq!(ours.n_vocab(), TinyConfig::demo().n_vocab as usize);
     let (bos, eos) = llama.bos_eos();
@@ -780,7 +780,7 @@ fn cli_reports_bad_input_clearly() {
 #[test]
 fn cli_matches_llama_cpp_on_the_v4_vocabulary() {
     let vocab = v4_vocab();
-    let llama = LlamaRef::load_vocab_only(&vocab.gguf).unwrap();
+    let llama = LlamaModel::load_vocab_only(&vocab.gguf).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let prompt =
         "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>1234567 你好 😶‍🌫️<｜Assistant｜><think>";

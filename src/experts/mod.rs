@@ -7,7 +7,7 @@
 //!    hash-routed layers' experts (known from the token ids, weight 1).
 //! 2. Attention and the router of layer L give the union of the micro-batch's experts; [`SlotPolicy::request`]
 //!    returns waves of hits and misses with their slots.
-//! 3. For each wave in order: read its misses with [`ExpertReader::read`] (jobs from [`slot_jobs`] over the slot
+//! 3. For each wave in order: read its misses with [`ExpertReader::read`] (jobs of [`SlotBuffers`] cut from the slot
 //!    tensors; a background thread may read while the hits are computed), compute the wave's experts over the slot tensors with expert
 //!    ids remapped to slots, accumulate. A wave's slots may be reused by the next wave only after it is computed.
 //! 4. Optionally run layer L+1's router on layer L's input and prefetch its guesses (weight below 1).
@@ -21,9 +21,8 @@ pub mod policy;
 pub mod stats;
 
 pub use io::{
-    direct_room, mapped_slabs, packed_slot_jobs, slot_jobs, verify_slot, ExpertIoError,
-    ExpertLayout, ExpertReader, LayerSlabs, ReadJob, ReadOptions, ReadReport, SlabRange,
-    SlabTensor, SlotBuffers, DIRECT_ALIGN,
+    direct_room, ExpertIoError, ExpertLayout, ExpertReader, LayerSlabs, ReadJob, ReadOptions,
+    ReadReport, SlabRange, SlabTensor, SlotBuffers, DIRECT_ALIGN,
 };
 pub use policy::{
     ExpertKey, Hit, Load, PolicyConfig, PolicyError, PrefetchPlan, RequestPlan, SlotId, SlotPolicy,

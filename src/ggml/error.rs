@@ -52,9 +52,6 @@ pub enum GgmlError {
     /// A tensor name is too long or contains NUL.
     #[error("ggml tensor name '{name}': {detail}")]
     Name { name: String, detail: &'static str },
-    /// ggml's own GGUF reader rejected a file.
-    #[error("ggml rejected GGUF file {path}: {detail}")]
-    Gguf { path: String, detail: String },
 }
 
 /// Result with [`GgmlError`].

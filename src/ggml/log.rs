@@ -51,7 +51,7 @@ unsafe extern "C" fn capture_callback(
 
 /// Runs `f` with ggml's log output on this thread captured; returns `f`'s result and the captured text (trimmed).
 /// Other threads' messages go to the previous logger meanwhile.
-pub(super) fn capture<T>(f: impl FnOnce() -> T) -> (T, String) {
+pub fn capture<T>(f: impl FnOnce() -> T) -> (T, String) {
     let _guard = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
     let mut prev_cb: sys::ggml_log_callback = None;
     let mut prev_ud: *mut c_void = std::ptr::null_mut();

@@ -1,5 +1,5 @@
 //! ggml binding: the only module with FFI `unsafe`. Contexts, tensors, operators, graphs, the CPU backend,
-//! zero-copy mapped weights, quantization, ggml's GGUF reader and the device list, behind a safe API whose errors
+//! zero-copy mapped weights, quantization and the device list, behind a safe API whose errors
 //! replace ggml's aborts.
 //!
 //! Ownership: a [`Context`] holds tensor metadata and owns the buffers (and mapped regions) its tensors' data live
@@ -12,7 +12,6 @@ mod devices;
 mod dsv4;
 mod error;
 mod gallocr;
-mod gguf_read;
 mod graph;
 mod grouped;
 mod isa;
@@ -35,10 +34,10 @@ pub use devices::{backend_names, devices, DeviceInfo, DeviceKind};
 pub use dsv4::{RopeMode, RopeParams};
 pub use error::{GgmlError, Result};
 pub use gallocr::GraphAllocator;
-pub use gguf_read::{read_gguf_with_ggml, GgufKv, GgufSummary, GgufTensorInfo, GgufValue};
 pub use graph::{Graph, DEFAULT_GRAPH_SIZE};
 pub use grouped::{GroupedKernel, GroupedRows};
 pub use isa::{cpu_features, dot_lane_rows, repack_layout, CpuFeatures, RepackLayout};
+pub use log::capture as capture_log;
 pub use ops::SortOrder;
 pub use owned::{BuildScope, OwnedGraph};
 pub use pool::SlotPool;

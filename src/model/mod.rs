@@ -12,5 +12,4 @@ pub mod paged;
 pub mod sizes;
 pub mod step;
 pub mod tiny;
-pub mod tiny_hf;
 pub mod weights;

@@ -8,7 +8,7 @@ use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits};
 
 use super::compare::relative_errors;
-use super::llama_ref::{argmax, LlamaParams, LlamaRef};
+use ferrite::reference::llama::{argmax, LlamaContext, LlamaParams};
 
 /// `ferrite quantize ARGS -t THREADS`.
 pub fn quantize(args: &[&str], threads: usize) -> Output {
@@ -63,7 +63,7 @@ pub fn llama_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         n_ctx: 512,
         ..LlamaParams::default()
     };
-    let mut r = LlamaRef::load(path, params).unwrap();
+    let mut r = LlamaContext::load(path, params).unwrap();
     let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
     r.logits(&ids, 512).unwrap()
 }

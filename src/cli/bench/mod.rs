@@ -19,7 +19,7 @@
 //!   experts (`--mem`, `--expert-cache`) a line under the table gives the hit rate, MB read and I/O wait per token.
 //!
 //! `--vs-llama` runs the same tests on the same random tokens through llama.cpp in-process (the benchmark reference
-//! in `ferrite::bench_llama`), after ferrite's and with ferrite's engine closed, and adds a ratio column
+//! in `ferrite::reference::llama`), after ferrite's and with ferrite's engine closed, and adds a ratio column
 //! (ferrite / llama.cpp). With `--interleave` both engines are loaded at once and their repetitions alternate
 //! (ferrite, llama.cpp, ferrite, ...), so a machine whose speed drifts (shared hosts, thermal limits) slows both
 //! alike; the ratio is then the median of each pair's ratio, and llama.cpp's peak memory is not measured apart. The
@@ -33,12 +33,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use ferrite::bench_llama::LlamaModel;
 use ferrite::cache::CacheType;
 use ferrite::engine::Engine;
 use ferrite::experts::StatsSnapshot;
 use ferrite::membw::{read_bandwidth, DEFAULT_BYTES};
 use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
+use ferrite::reference::llama::LlamaModel;
 use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
@@ -270,7 +270,7 @@ fn load_reference(
     tokens: &Tokens,
 ) -> Result<LlamaModel> {
     let path = model_args.resolve_path()?;
-    ferrite::bench_llama::show_log(std::env::var("FERRITE_LLAMA_LOG").as_deref() == Ok("1"));
+    ferrite::reference::llama::show_log(std::env::var("FERRITE_LLAMA_LOG").as_deref() == Ok("1"));
     let model = LlamaModel::load(&path, args.llama_repack)
         .context("--vs-llama: llama.cpp (the reference) cannot run this model")?;
     if model.n_vocab() != facts.n_vocab {

@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use ferrite::bench_llama::{LlamaContext, LlamaContextParams, LlamaModel};
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, Logits, Session};
 use ferrite::experts::StatsSnapshot;
+use ferrite::reference::llama::{LlamaContext, LlamaModel, LlamaParams};
 
 use super::{BenchArgs, Kind, Test};
 
@@ -128,26 +128,27 @@ impl<'e, 't> FerriteRuns<'e, 't> {
 }
 
 /// llama.cpp's runs of one test, in a context of its own with the same tokens and settings.
-pub(super) struct LlamaRuns<'m> {
-    ctx: LlamaContext<'m>,
+pub(super) struct LlamaRuns {
+    ctx: LlamaContext,
     toks: Vec<i32>,
     kind: Kind,
 }
 
-impl<'m> LlamaRuns<'m> {
+impl LlamaRuns {
     pub(super) fn new(
-        model: &'m LlamaModel,
+        model: &LlamaModel,
         threads: usize,
         test: Test,
         tokens: &Tokens,
         args: &BenchArgs,
-    ) -> Result<LlamaRuns<'m>> {
-        let ctx = model.context(LlamaContextParams {
+    ) -> Result<LlamaRuns> {
+        let ctx = model.context(LlamaParams {
             n_ctx: test.n as u32,
             n_batch: test.n as u32,
             n_ubatch: args.ubatch.min(test.n) as u32,
             n_threads: threads as i32,
             cache_f16: args.cache_type == CacheType::F16,
+            ..LlamaParams::default()
         })?;
         Ok(LlamaRuns {
             ctx,
@@ -156,7 +157,7 @@ impl<'m> LlamaRuns<'m> {
         })
     }
 
-    fn run(ctx: &mut LlamaContext<'m>, kind: Kind, toks: &[i32]) -> Result<()> {
+    fn run(ctx: &mut LlamaContext, kind: Kind, toks: &[i32]) -> Result<()> {
         match kind {
             Kind::Prompt => ctx.decode(toks),
             Kind::Generation => toks.iter().try_for_each(|&t| ctx.decode(&[t])),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use gguf::{GgmlType, Model};
 
-use super::{ExpertIoError, PARTS};
+use super::ExpertIoError;
 use crate::experts::policy::ExpertKey;
 use crate::model::sizes::{expert_tensor_layer, EXPERT_TENSORS};
 
@@ -262,63 +262,4 @@ fn slab_tensor(
         file_offset,
         slab_bytes,
     })
-}
-
-/// `key`'s gate, up and down slabs as the memory map of `model` holds them (`layout` must come from `model`).
-pub fn mapped_slabs<'m>(
-    model: &'m Model,
-    layout: &ExpertLayout,
-    key: ExpertKey,
-) -> Result<[&'m [u8]; 3], ExpertIoError> {
-    let l = layout.slabs(key)?;
-    let mut out: [&[u8]; 3] = [&[]; 3];
-    for (i, t) in l.parts.iter().enumerate() {
-        let missing = || ExpertIoError::Layout {
-            tensor: t.name.clone(),
-            why: "is not in this model (the layout was made from another one)".into(),
-        };
-        let mt = model.tensor(&t.name).ok_or_else(missing)?;
-        let data = model.tensor_data(mt);
-        let start = u64::from(key.expert) * t.slab_bytes;
-        let slab = usize::try_from(start)
-            .ok()
-            .zip(usize::try_from(t.slab_bytes).ok())
-            .and_then(|(s, n)| data.get(s..s.checked_add(n)?))
-            .ok_or_else(missing)?;
-        out[i] = slab;
-    }
-    Ok(out)
-}
-
-/// Checks that a loaded slot (`parts`: gate, up, down buffers, each at least its slab) holds exactly `key`'s bytes
-/// as mapped from `model`.
-pub fn verify_slot(
-    model: &Model,
-    layout: &ExpertLayout,
-    key: ExpertKey,
-    parts: [&[u8]; 3],
-) -> Result<(), ExpertIoError> {
-    let l = layout.slabs(key)?;
-    let mapped = mapped_slabs(model, layout, key)?;
-    for (i, (want, got)) in mapped.iter().zip(parts).enumerate() {
-        let tensor = || l.parts[i].name.clone();
-        let got = got
-            .get(..want.len())
-            .ok_or_else(|| ExpertIoError::Destination {
-                key,
-                part: PARTS[i],
-                tensor: tensor(),
-                needed: want.len() as u64,
-                got: got.len(),
-            })?;
-        if let Some(byte) = want.iter().zip(got).position(|(a, b)| a != b) {
-            return Err(ExpertIoError::Mismatch {
-                key,
-                part: PARTS[i],
-                tensor: tensor(),
-                byte,
-            });
-        }
-    }
-    Ok(())
 }

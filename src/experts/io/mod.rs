@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use gguf::Model;
 
-use super::policy::{ExpertKey, Load, SlotId};
+use super::policy::{ExpertKey, SlotId};
 use crate::os::{advise_file, is_invalid_argument, open_direct, FileAdvice};
 
 mod direct;
@@ -31,7 +31,7 @@ mod layout;
 
 pub use direct::{direct_room, DIRECT_ALIGN};
 use direct::{direct_span, read_direct};
-pub use layout::{mapped_slabs, verify_slot, ExpertLayout, LayerSlabs, SlabRange, SlabTensor};
+pub use layout::{ExpertLayout, LayerSlabs, SlabRange, SlabTensor};
 
 /// The parts of an expert, in slot order.
 pub const PARTS: [&str; 3] = ["gate", "up", "down"];
@@ -137,86 +137,6 @@ impl<'a> SlotBuffers<'a> {
 pub struct ReadJob<'a> {
     pub key: ExpertKey,
     pub dest: SlotBuffers<'a>,
-}
-
-/// Read jobs for `loads` (a wave's misses) into slot tensors that hold their slots back to back, one tensor per
-/// part: slot `s`'s part `i` is `tensors[i][s * part_bytes[i]..(s + 1) * part_bytes[i]]` (e.g. the slot tensors
-/// `{n_in, n_out, n_slots}` that the expert matmuls run over, with `part_bytes` their `nb[2]`).
-pub fn slot_jobs<'a>(
-    loads: &[Load],
-    tensors: [&'a mut [u8]; 3],
-    part_bytes: [u64; 3],
-) -> Result<Vec<ReadJob<'a>>, ExpertIoError> {
-    let [g, u, d] = tensors;
-    let mut gate = split_slots(g, part_bytes[0], loads)?;
-    let mut up = split_slots(u, part_bytes[1], loads)?;
-    let mut down = split_slots(d, part_bytes[2], loads)?;
-    loads
-        .iter()
-        .map(|l| {
-            let i = l.slot as usize;
-            match (gate[i].take(), up[i].take(), down[i].take()) {
-                (Some(g), Some(u), Some(d)) => Ok(ReadJob {
-                    key: l.key,
-                    dest: SlotBuffers::new(g, u, d),
-                }),
-                _ => Err(slot_error(l, "the slot appears twice among the loads")),
-            }
-        })
-        .collect()
-}
-
-/// As [`slot_jobs`] for a pool of packed slots (gate | up | down back to back, `part_bytes` each).
-pub fn packed_slot_jobs<'a>(
-    loads: &[Load],
-    pool: &'a mut [u8],
-    part_bytes: [u64; 3],
-) -> Result<Vec<ReadJob<'a>>, ExpertIoError> {
-    let stride = part_bytes
-        .iter()
-        .try_fold(0u64, |s, &b| s.checked_add(b))
-        .unwrap_or(u64::MAX);
-    let mut slots = split_slots(pool, stride, loads)?;
-    loads
-        .iter()
-        .map(|l| {
-            let buf = slots[l.slot as usize]
-                .take()
-                .ok_or_else(|| slot_error(l, "the slot appears twice among the loads"))?;
-            let dest = SlotBuffers::packed(buf, part_bytes)
-                .ok_or_else(|| slot_error(l, "the slot is smaller than its parts"))?;
-            Ok(ReadJob { key: l.key, dest })
-        })
-        .collect()
-}
-
-/// `buf` cut into slots of `stride` bytes, each once; checks that every load's slot is one of them.
-fn split_slots<'a>(
-    buf: &'a mut [u8],
-    stride: u64,
-    loads: &[Load],
-) -> Result<Vec<Option<&'a mut [u8]>>, ExpertIoError> {
-    let stride = usize::try_from(stride).ok().filter(|&s| s > 0);
-    let n_slots = stride.map_or(0, |s| buf.len() / s);
-    if let Some(l) = loads.iter().find(|l| l.slot as usize >= n_slots) {
-        let why = match stride {
-            Some(s) => format!("the buffer holds {n_slots} slots of {s} bytes"),
-            None => "the slot size is 0 or too large".to_string(),
-        };
-        return Err(slot_error(l, &why));
-    }
-    Ok(match stride {
-        Some(s) => buf.chunks_exact_mut(s).map(Some).collect(),
-        None => Vec::new(),
-    })
-}
-
-fn slot_error(l: &Load, why: &str) -> ExpertIoError {
-    ExpertIoError::Slot {
-        key: l.key,
-        slot: l.slot,
-        why: why.to_string(),
-    }
 }
 
 /// What a batch of reads did.
@@ -331,19 +251,6 @@ impl ExpertReader {
 
     pub fn options(&self) -> ReadOptions {
         self.opts
-    }
-
-    /// Reads one expert into `dest` on the calling thread.
-    pub fn read_one(
-        &self,
-        key: ExpertKey,
-        dest: SlotBuffers<'_>,
-    ) -> Result<ReadReport, ExpertIoError> {
-        let opts = ReadOptions {
-            threads: 1,
-            ..self.opts
-        };
-        self.read_with(vec![ReadJob { key, dest }], opts)
     }
 
     /// Reads every job's expert into its buffers, up to [`ReadOptions::threads`] reads at a time. Checks every key

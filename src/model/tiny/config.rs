@@ -143,9 +143,8 @@ impl TinyConfig {
 
     /// Big experts for size tests of checkpoint conversion: [`TinyConfig::small`]'s layout with hidden 1024, 256 experts
     /// (top 8) of width 1024. As an official checkpoint (FP4 experts) that is about 2.6 GB, almost all routed
-    /// experts; meant for [`super::tiny_hf::Fill::Fast`] checkpoints or quantized GGUFs (as F32 it is ~20 GB).
-    ///
-    /// [`super::tiny_hf::Fill::Fast`]: crate::model::tiny_hf::Fill::Fast
+    /// experts; meant for random-fill checkpoints (`testkit::tiny_hf::Fill::Fast`) or quantized GGUFs (as F32 it is
+    /// ~20 GB).
     pub fn big_experts() -> TinyConfig {
         TinyConfig {
             n_embd: 1024,

@@ -20,8 +20,10 @@ mod values;
 mod vocab;
 
 pub use config::TinyConfig;
-pub(crate) use tensors::{tensor_specs, Init, TensorSpec};
-pub(crate) use values::{encode_values, tensor_values, Values};
+// The building blocks of the writer, public for writers of other layouts of the same model (the official Hugging
+// Face checkpoint of the workspace's `testkit`): the tensor table, the seeded values, their encoding, the file.
+pub use tensors::{tensor_specs, Init, TensorSpec};
+pub use values::{encode_values, tensor_values, Values};
 use values::{spec_bytes, write_tensor};
 pub use vocab::{
     gpt2_byte_chars, DemoVocab, ASSISTANT_TEXT, BOS_TEXT, EOS_TEXT, THINK_END_TEXT, THINK_TEXT,
@@ -274,13 +276,9 @@ pub fn tiny_tensors(cfg: &TinyConfig) -> Vec<TinyTensor> {
         .collect()
 }
 
-/// The GGUF the checkpoint of [`super::tiny_hf::write_tiny_checkpoint`] converts to: the same tensors with their
-/// values rounded to the official checkpoint dtypes (see [`super::tiny_hf::write_tiny_model_official`]).
-pub use super::tiny_hf::write_tiny_model_official;
-
 /// Writes the metadata of `cfg` and the tensors `specs` to `path` (replacing it atomically), each tensor's bytes
 /// made by `bytes` one at a time.
-pub(crate) fn write_specs(
+pub fn write_specs(
     path: &Path,
     cfg: &TinyConfig,
     specs: &[TensorSpec],

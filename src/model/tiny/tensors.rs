@@ -7,7 +7,7 @@ use crate::model::names::{self, blk, global};
 
 /// How a tensor's values are drawn.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Init {
+pub enum Init {
     /// N(0, std²).
     Normal(f32),
     /// 1 + N(0, 0.1²): RMSNorm weights.
@@ -20,11 +20,11 @@ pub(crate) enum Init {
 
 /// One GGUF tensor: name, shape (ggml order), type and how its values are drawn.
 #[derive(Clone, Debug)]
-pub(crate) struct TensorSpec {
-    pub(crate) name: String,
-    pub(crate) dims: Vec<u64>,
-    pub(crate) ty: GgmlType,
-    pub(crate) init: Init,
+pub struct TensorSpec {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    pub init: Init,
 }
 
 /// Pre-activation std of the expert gate/up projections on RMS-normalised inputs: |x| > 10 for ~21 % of them,
@@ -33,7 +33,7 @@ const EXPERT_PREACT_STD: f32 = 8.0;
 /// Expert down projections are scaled so a clamped SwiGLU (rms ~ 40) gives O(1) outputs.
 const EXPERT_DOWN_GAIN: f32 = 1.0 / 32.0;
 
-pub(crate) fn tensor_specs(cfg: &TinyConfig) -> Vec<TensorSpec> {
+pub fn tensor_specs(cfg: &TinyConfig) -> Vec<TensorSpec> {
     let mut v = Vec::new();
     let d = u64::from(cfg.n_embd);
     let n_vocab = u64::from(cfg.n_vocab);

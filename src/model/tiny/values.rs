@@ -89,15 +89,15 @@ pub(super) fn write_tensor(
 
 /// A tensor's values before they are stored in its type, in ggml order (`dims[0]` fastest).
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Values {
+pub enum Values {
     F32(Vec<f32>),
     /// `tid2eid` rows of expert ids.
     Ids(Vec<i32>),
 }
 
 /// The values of one tensor, drawn from its own random stream (seed and name), or from per-block streams for a
-/// tensor of at least 2^30 values ([`Streams::DEFAULT`]).
-pub(crate) fn tensor_values(spec: &TensorSpec, seed: u64) -> Values {
+/// tensor of at least 2^30 values.
+pub fn tensor_values(spec: &TensorSpec, seed: u64) -> Values {
     tensor_values_with(spec, seed, &Streams::DEFAULT)
 }
 
@@ -156,7 +156,7 @@ fn block_values(
 }
 
 /// A tensor's f32 values as the bytes of its type.
-pub(crate) fn encode_values(spec: &TensorSpec, values: &[f32]) -> Result<Vec<u8>, TinyError> {
+pub fn encode_values(spec: &TensorSpec, values: &[f32]) -> Result<Vec<u8>, TinyError> {
     encode(&spec.name, spec.ty, values, spec.dims[0] as usize)
 }
 

@@ -7,7 +7,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde_json::{json, Value as Json};
 
 use super::{CheckpointError, FP8_BLOCK};
-use crate::model::tiny::{
+use ferrite::model::tiny::{
     DemoVocab, TinyConfig, ASSISTANT_TEXT, BOS_TEXT, EOS_TEXT, HC_MULT, THINK_END_TEXT, THINK_TEXT,
     USER_TEXT,
 };

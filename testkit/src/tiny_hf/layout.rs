@@ -4,8 +4,8 @@ use quantize::safetensors::Dtype;
 use quantize::safetensors_write::TensorEntry;
 
 use super::{CheckpointError, FP4_BLOCK, FP8_BLOCK};
-use crate::model::names::{blk, global, layer};
-use crate::model::tiny::{tensor_specs, Init, TensorSpec, TinyConfig, TinyError, HC_MULT};
+use ferrite::model::names::{blk, global, layer};
+use ferrite::model::tiny::{tensor_specs, Init, TensorSpec, TinyConfig, TinyError, HC_MULT};
 
 /// The official dtype family of a tensor (DSV4.md 2.6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

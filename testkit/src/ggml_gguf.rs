@@ -5,11 +5,27 @@ use std::ffi::CString;
 use std::path::Path;
 use std::ptr::NonNull;
 
+use ferrite::ggml::capture_log;
 use llama_cpp_sys_2 as sys;
 
-use super::error::{GgmlError, Result};
-use super::log::capture;
-use super::types::cstr_lossy;
+/// ggml's own GGUF reader rejected a file.
+#[derive(Debug, thiserror::Error)]
+#[error("ggml rejected GGUF file {path}: {detail}")]
+pub struct GgufRejected {
+    pub path: String,
+    pub detail: String,
+}
+
+/// A C string ggml owns as an owned Rust string (lossy), empty for NULL.
+fn cstr_lossy(ptr: *const std::os::raw::c_char) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    // SAFETY: callers pass pointers ggml documents as NUL-terminated strings that outlive this call.
+    unsafe { std::ffi::CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
 
 /// A metadata value as ggml read it.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,22 +88,21 @@ impl Drop for GgufCtx {
 }
 
 /// Reads `path` with ggml's GGUF parser (metadata only, no tensor data) or returns the rejection as an error.
-pub fn read_gguf_with_ggml(path: &Path) -> Result<GgufSummary> {
+pub fn read_gguf_with_ggml(path: &Path) -> Result<GgufSummary, GgufRejected> {
     let shown = path.display().to_string();
-    let c_path =
-        CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| GgmlError::Gguf {
-            path: shown.clone(),
-            detail: "path contains NUL".into(),
-        })?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| GgufRejected {
+        path: shown.clone(),
+        detail: "path contains NUL".into(),
+    })?;
     let params = sys::gguf_init_params {
         no_alloc: true,
         ctx: std::ptr::null_mut(),
     };
-    let (raw, log) = capture(|| {
+    let (raw, log) = capture_log(|| {
         // SAFETY: a NUL-terminated path; with ctx = NULL ggml builds no tensor context; returns NULL on any failure.
         unsafe { sys::gguf_init_from_file(c_path.as_ptr(), params) }
     });
-    let ctx = GgufCtx(NonNull::new(raw).ok_or_else(|| GgmlError::Gguf {
+    let ctx = GgufCtx(NonNull::new(raw).ok_or_else(|| GgufRejected {
         path: shown,
         detail: if log.is_empty() {
             "gguf_init_from_file failed".into()

@@ -10,8 +10,8 @@ use super::layout::{
     matrix_of, official_of, official_specs, HfTensor, Official, Part, Plan, Slice,
 };
 use super::{CheckpointError, FP8_BLOCK};
-use crate::model::names::blk;
-use crate::model::tiny::{
+use ferrite::model::names::blk;
+use ferrite::model::tiny::{
     tensor_values, write_specs, TensorSpec, TinyConfig, TinyError, TinyModel, Values,
 };
 
@@ -129,7 +129,7 @@ fn official_values(spec: &TensorSpec, n_layer: u32, seed: u64) -> Result<Values,
 }
 
 /// Writes the GGUF a correct converter makes of [`write_tiny_checkpoint`]`(dir, cfg, seed, {mtp, Fill::Model})`: the
-/// tensors of [`super::tiny::write_tiny_model`] (names, shapes, and types from `cfg.types`; per-expert tensors
+/// tensors of [`write_tiny_model`] (names, shapes, and types from `cfg.types`; per-expert tensors
 /// stacked `{in, out, E}`) holding exactly the dequantized checkpoint values. With `cfg.types` all F32 (`tid2eid`
 /// I32) that is the exact F32 GGUF of the checkpoint. With `mtp`, block `n_layer` (ratio 0) and its `nextn.eh_proj`
 /// / `enorm` / `hnorm` / `shared_head_norm` are there too (block_count `n_layer + 1`), and `nextn_predict_layers`
@@ -137,7 +137,7 @@ fn official_values(spec: &TensorSpec, n_layer: u32, seed: u64) -> Result<Values,
 /// FP8 tiles and FP4 blocks follow the checkpoint tensors: `n_embd` and `expert_ffn` must be multiples of 32.
 ///
 /// [`write_tiny_checkpoint`]: super::write_tiny_checkpoint
-/// [`super::tiny::write_tiny_model`]: crate::model::tiny::write_tiny_model
+/// [`write_tiny_model`]: ferrite::model::tiny::write_tiny_model
 pub fn write_tiny_model_official(
     path: &Path,
     cfg: &TinyConfig,
@@ -149,7 +149,7 @@ pub fn write_tiny_model_official(
     write_specs(path, &meta, specs, |spec| {
         match official_values(spec, cfg.n_layer, seed)? {
             Values::Ids(ids) => Ok(ids.into_iter().flat_map(i32::to_le_bytes).collect()),
-            Values::F32(values) => crate::model::tiny::encode_values(spec, &values),
+            Values::F32(values) => ferrite::model::tiny::encode_values(spec, &values),
         }
     })
 }

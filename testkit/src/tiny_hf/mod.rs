@@ -6,7 +6,7 @@
 //! tensor per expert; BF16 for embeddings, head, norms, compressors, indexer weights and the router; F32 for the
 //! hyper-connection tensors, sinks, APEs and the router bias; I64 for `tid2eid`.
 //!
-//! [`Fill::Model`] stores the values of [`super::tiny`]'s seeded model rounded to those dtypes, and
+//! [`Fill::Model`] stores the values of [`ferrite::model::tiny`]'s seeded model rounded to those dtypes, and
 //! [`write_tiny_model_official`] writes the GGUF holding exactly the dequantized checkpoint values, i.e. what a
 //! correct converter makes of the checkpoint. [`Fill::Fast`] stores random bytes of the right kinds instead, streamed,
 //! so multi-GB checkpoints (e.g. [`TinyConfig::big_experts`]) take seconds.
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use quantize::safetensors_write::{self, TensorEntry, WriteError};
 
-use super::tiny::{DemoVocab, TinyConfig, TinyError, Vocabulary};
+use ferrite::model::tiny::{DemoVocab, TinyConfig, TinyError, Vocabulary};
 
 mod fast;
 mod json;
@@ -60,7 +60,7 @@ impl Default for CheckpointOptions {
 /// Where the tensor data comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fill {
-    /// The tiny model's seeded values ([`super::tiny`]) rounded to the official dtypes; matches
+    /// The tiny model's seeded values ([`ferrite::model::tiny`]) rounded to the official dtypes; matches
     /// [`write_tiny_model_official`] with the same configuration and seed. Holds one tensor (a stacked expert
     /// tensor for the routed experts) in memory at a time: meant for small configurations.
     Model,

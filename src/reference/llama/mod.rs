@@ -1,0 +1,245 @@
+//! llama.cpp, run in-process through the `llama_*` C API of the linked `llama-cpp-sys-2` crate: the **reference**
+//! of `ferrite bench --vs-llama` and of the parity tests (logits, greedy tokens, tokenizer, quantizer). Nothing else
+//! in ferrite may call `llama_*` (the rule: llama.cpp is the reference for tests and benchmarks only); ferrite's own
+//! engine never goes through here.
+//!
+//! The settings mirror `llama-bench` on the CPU: no GPU layers, weights memory-mapped, the requested thread count
+//! for prompt and generation, F16 or F32 K/V cache, flash attention off, and llama.cpp's CPU weight repacking
+//! ("extra buffer types") only when asked for, so by default both engines run ggml's plain CPU kernels on the same
+//! bytes.
+
+use std::ffi::{c_char, c_void, CString};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+use anyhow::{ensure, Context as _, Result};
+use llama_cpp_sys_2 as sys;
+
+mod context;
+mod quantize;
+
+pub use context::LlamaContext;
+pub use quantize::llama_quantize;
+
+static INIT: Once = Once::new();
+/// Whether llama.cpp's log is shown (see [`show_log`]).
+static SHOW_LOG: AtomicBool = AtomicBool::new(false);
+
+/// Shows llama.cpp's log (silenced by default) from the first model loaded on; `ferrite bench` sets it from
+/// `FERRITE_LLAMA_LOG=1`.
+pub fn show_log(on: bool) {
+    SHOW_LOG.store(on, Ordering::Relaxed);
+}
+
+unsafe extern "C" fn quiet_log(
+    _level: sys::ggml_log_level,
+    _text: *const c_char,
+    _user: *mut c_void,
+) {
+}
+
+/// `llama_backend_init` once per process; llama.cpp's log is silenced unless [`show_log`] asked for it.
+fn init() {
+    INIT.call_once(|| {
+        if !SHOW_LOG.load(Ordering::Relaxed) {
+            // SAFETY: the callback ignores its arguments and is a plain function that lives for the whole process.
+            unsafe { sys::llama_log_set(Some(quiet_log), std::ptr::null_mut()) };
+        }
+        // SAFETY: called once per process, before any model is loaded.
+        unsafe { sys::llama_backend_init() };
+    });
+}
+
+/// Context settings.
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaParams {
+    pub n_ctx: u32,
+    /// Most tokens one `llama_decode` call takes.
+    pub n_batch: u32,
+    /// Micro-batch size llama.cpp splits a decode call into.
+    pub n_ubatch: u32,
+    /// Threads for prompt and generation.
+    pub n_threads: i32,
+    /// Keep the whole context in the raw window cache (llama.cpp's C default) instead of the window only.
+    pub swa_full: bool,
+    /// Let llama.cpp repack weights into its CPU "extra buffer types" (interleaved Q4_0/Q4_K/Q8_0/... kernels): a
+    /// setting of the model, read by [`LlamaContext::load`] ([`LlamaModel::context`] keeps the model's).
+    pub repack: bool,
+    /// Store the K/V cache in F16 (llama.cpp's default) instead of F32.
+    pub cache_f16: bool,
+}
+
+impl Default for LlamaParams {
+    /// The parity tests' settings: 1024 tokens, one thread (tests run in parallel and ggml's threads spin while they
+    /// wait), no repacking, F32 cache.
+    fn default() -> Self {
+        LlamaParams {
+            n_ctx: 1024,
+            n_batch: 512,
+            n_ubatch: 512,
+            n_threads: 1,
+            swa_full: false,
+            repack: false,
+            cache_f16: false,
+        }
+    }
+}
+
+/// A `llama_model` freed on drop, shared by the model handle and its contexts.
+struct RawModel(*mut sys::llama_model);
+
+impl Drop for RawModel {
+    fn drop(&mut self) {
+        // SAFETY: created by llama_model_load_from_file and freed once, after every context (each holds a reference).
+        unsafe { sys::llama_model_free(self.0) };
+    }
+}
+
+/// A model loaded by llama.cpp (CPU, memory-mapped), or only its vocabulary. Not `Send`: use it on the thread that
+/// loaded it.
+pub struct LlamaModel {
+    raw: Rc<RawModel>,
+    vocab: *const sys::llama_vocab,
+}
+
+impl LlamaModel {
+    /// Loads `path` for the CPU with memory mapping; `repack` lets llama.cpp repack weights for its interleaved
+    /// CPU kernels (llama-bench's default), which ferrite does not do.
+    pub fn load(path: &Path, repack: bool) -> Result<LlamaModel> {
+        // SAFETY: returns a plain struct of defaults.
+        let mut mp = unsafe { sys::llama_model_default_params() };
+        mp.n_gpu_layers = 0;
+        mp.load_mode = sys::LLAMA_LOAD_MODE_MMAP;
+        mp.use_extra_bufts = repack;
+        LlamaModel::load_with(path, mp, "")
+    }
+
+    /// Loads only the vocabulary of `path` (`llama_model_params.vocab_only`, as llama-tokenize does): no weights,
+    /// so no context; the vocabulary calls work.
+    pub fn load_vocab_only(path: &Path) -> Result<LlamaModel> {
+        // SAFETY: returns a plain struct of defaults.
+        let mut mp = unsafe { sys::llama_model_default_params() };
+        mp.vocab_only = true;
+        mp.n_gpu_layers = 0;
+        LlamaModel::load_with(path, mp, "the vocabulary of ")
+    }
+
+    fn load_with(path: &Path, mp: sys::llama_model_params, what: &str) -> Result<LlamaModel> {
+        init();
+        let c_path = CString::new(
+            path.to_str()
+                .context("the model path is not UTF-8 (llama.cpp needs a UTF-8 path)")?,
+        )?;
+        // SAFETY: c_path is NUL-terminated and outlives the call; mp is fully initialised.
+        let model = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        ensure!(
+            !model.is_null(),
+            "llama.cpp could not load {what}{} (FERRITE_LLAMA_LOG=1 shows why)",
+            path.display()
+        );
+        // SAFETY: model is valid; its vocabulary lives as long as the model.
+        let vocab = unsafe { sys::llama_model_get_vocab(model) };
+        Ok(LlamaModel {
+            raw: Rc::new(RawModel(model)),
+            vocab,
+        })
+    }
+
+    /// Another handle on the same model (for a context, which keeps the model alive).
+    fn share(&self) -> LlamaModel {
+        LlamaModel {
+            raw: Rc::clone(&self.raw),
+            vocab: self.vocab,
+        }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: the vocabulary is valid while the model is.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab) }.max(0) as usize
+    }
+
+    /// Whether llama.cpp starts a prompt with BOS for this vocabulary, and the BOS id.
+    pub fn bos(&self) -> Option<i32> {
+        // SAFETY: the vocabulary is valid while the model is.
+        let add = unsafe { sys::llama_vocab_get_add_bos(self.vocab) };
+        let (bos, _) = self.bos_eos();
+        (add && bos >= 0).then_some(bos)
+    }
+
+    /// BOS and EOS ids of the vocabulary (-1 when absent).
+    pub fn bos_eos(&self) -> (i32, i32) {
+        // SAFETY: the vocabulary is valid while the model is.
+        unsafe {
+            (
+                sys::llama_vocab_bos(self.vocab),
+                sys::llama_vocab_eos(self.vocab),
+            )
+        }
+    }
+
+    /// `llama_tokenize` without adding BOS; `parse_special` lets control tokens be matched in the text.
+    pub fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<i32>> {
+        let mut buf = vec![0i32; text.len() + 8];
+        // SAFETY: text points to text.len() bytes; buf has room for buf.len() tokens.
+        let n = unsafe {
+            sys::llama_tokenize(
+                self.vocab,
+                text.as_ptr().cast(),
+                text.len() as i32,
+                buf.as_mut_ptr(),
+                buf.len() as i32,
+                false,
+                parse_special,
+            )
+        };
+        ensure!(n >= 0, "llama_tokenize needs {} token slots", -n);
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    /// The bytes of one token (`special`: render control tokens too).
+    pub fn token_to_piece(&self, token: i32, special: bool) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; 256];
+        // SAFETY: buf has room for buf.len() bytes; the vocabulary is valid.
+        let n = unsafe {
+            sys::llama_token_to_piece(
+                self.vocab,
+                token,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                0,
+                special,
+            )
+        };
+        ensure!(n >= 0, "token {token} needs a piece buffer of {} bytes", -n);
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    /// The concatenated pieces of `tokens`.
+    pub fn detokenize(&self, tokens: &[i32], special: bool) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for &t in tokens {
+            out.extend(self.token_to_piece(t, special)?);
+        }
+        Ok(out)
+    }
+
+    /// A context (one sequence) on this model; `p.repack` is ignored (the model's setting stays).
+    pub fn context(&self, p: LlamaParams) -> Result<LlamaContext> {
+        LlamaContext::new(self.share(), p)
+    }
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
