@@ -53,65 +53,29 @@ type MatFn = unsafe extern "C" fn(
 type QuantizeMatFn = unsafe extern "C" fn(x: *const f32, vy: *mut c_void, k: i64);
 
 // ggml-cpu's repack kernels (ggml/src/ggml-cpu/repack.h, `extern "C"`): the functions its repacked `mul_mat`
-// calls for these layouts, linked from the same static library.
+// calls for these layouts, linked from the same static library. The GEMM and GEMV kernels share one signature
+// ([`MatFn`]).
 extern "C" {
     fn ggml_quantize_mat_q8_K_4x8(x: *const f32, vy: *mut c_void, k: i64);
     fn ggml_quantize_mat_q8_0_4x8(x: *const f32, vy: *mut c_void, k: i64);
-    fn ggml_gemm_q4_K_8x8_q8_K(
-        n: c_int,
-        s: *mut f32,
-        bs: usize,
-        vx: *const c_void,
-        vy: *const c_void,
-        nr: c_int,
-        nc: c_int,
-    );
-    fn ggml_gemv_q4_K_8x8_q8_K(
-        n: c_int,
-        s: *mut f32,
-        bs: usize,
-        vx: *const c_void,
-        vy: *const c_void,
-        nr: c_int,
-        nc: c_int,
-    );
-    fn ggml_gemm_q2_K_8x8_q8_K(
-        n: c_int,
-        s: *mut f32,
-        bs: usize,
-        vx: *const c_void,
-        vy: *const c_void,
-        nr: c_int,
-        nc: c_int,
-    );
-    fn ggml_gemv_q2_K_8x8_q8_K(
-        n: c_int,
-        s: *mut f32,
-        bs: usize,
-        vx: *const c_void,
-        vy: *const c_void,
-        nr: c_int,
-        nc: c_int,
-    );
-    fn ggml_gemm_mxfp4_8x8_q8_0(
-        n: c_int,
-        s: *mut f32,
-        bs: usize,
-        vx: *const c_void,
-        vy: *const c_void,
-        nr: c_int,
-        nc: c_int,
-    );
-    fn ggml_gemv_mxfp4_8x8_q8_0(
-        n: c_int,
-        s: *mut f32,
-        bs: usize,
-        vx: *const c_void,
-        vy: *const c_void,
-        nr: c_int,
-        nc: c_int,
-    );
 }
+
+macro_rules! mat_kernels {
+    ($($name:ident),* $(,)?) => {
+        extern "C" {
+            $(fn $name(n: c_int, s: *mut f32, bs: usize, vx: *const c_void, vy: *const c_void, nr: c_int, nc: c_int);)*
+        }
+    };
+}
+
+mat_kernels!(
+    ggml_gemm_q4_K_8x8_q8_K,
+    ggml_gemv_q4_K_8x8_q8_K,
+    ggml_gemm_q2_K_8x8_q8_K,
+    ggml_gemv_q2_K_8x8_q8_K,
+    ggml_gemm_mxfp4_8x8_q8_0,
+    ggml_gemv_mxfp4_8x8_q8_0,
+);
 
 /// Columns interleaved by the layouts taken here: threads split columns on multiples of it.
 const COLS: i64 = 8;
