@@ -582,3 +582,62 @@ fn hostile_tensors_are_refused_by_name() {
         }
     }
 }
+
+/// Outputs of an earlier run with another split (issue 15): the new files are written, and the old single file or
+/// shards of another count, which a loader could still be given, are named in a note; none is deleted.
+#[test]
+fn stale_files_of_an_earlier_split_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = f32_model(dir.path());
+    let out = dir.path().join("q.gguf");
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let stderr = quantize_ok(&src, &out, "Q8_0", &[], THREADS);
+    assert!(!stderr.contains("earlier output"), "{stderr}");
+    // Now split: q.gguf is stale.
+    let stderr = quantize_ok(
+        &src,
+        &out,
+        "Q8_0",
+        &["--split-max-size", "1M", "--overwrite"],
+        THREADS,
+    );
+    let shards: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| name(p).starts_with("q-00"))
+        .collect();
+    assert!(shards.len() >= 2, "{shards:?}");
+    assert!(
+        stderr.contains("earlier output") && stderr.contains(&name(&out)),
+        "{stderr}"
+    );
+    assert!(out.exists());
+    // Split again into fewer, larger shards: every old shard is named, the new ones are not.
+    let stderr = quantize_ok(
+        &src,
+        &out,
+        "Q8_0",
+        &["--split-max-size", "4M", "--overwrite"],
+        THREADS,
+    );
+    for old in &shards {
+        assert!(
+            stderr.contains(&name(old)),
+            "{} not named: {stderr}",
+            name(old)
+        );
+    }
+    let note = stderr
+        .lines()
+        .find(|l| l.contains("earlier output"))
+        .unwrap();
+    let fresh = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| name(p).starts_with("q-00") && !shards.contains(p))
+        .collect::<Vec<_>>();
+    assert!(!fresh.is_empty());
+    for new in &fresh {
+        assert!(!note.contains(&name(new)), "{} named: {note}", name(new));
+    }
+}

@@ -400,6 +400,47 @@ impl Writer {
         }
     }
 
+    /// Files beside `path` that belong to an output of the same name with another split (the single file, or
+    /// `PREFIX-NNNNN-of-MMMMM.gguf` shards of another count), none of `written`: what an earlier `--split-max-size`
+    /// left behind. A loader given one of them reads the old model, so the caller names them.
+    pub fn stale_outputs(path: &Path, written: &[PathBuf]) -> Vec<PathBuf> {
+        let (Ok(shards), Some(dir)) = (Writer::shard_paths(path, 2), path.parent()) else {
+            return Vec::new();
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        // The single output of this name: `path`, or `PREFIX.gguf` when `path` is named like a shard.
+        let single = match split_prefix(path) {
+            Some(prefix) => {
+                let mut name = prefix.into_os_string();
+                name.push(".gguf");
+                PathBuf::from(name)
+            }
+            None => path.to_path_buf(),
+        };
+        let prefix_name =
+            |p: &Path| split_prefix(p).and_then(|q| q.file_name().map(|n| n.to_owned()));
+        let Some(ours) = prefix_name(&shards[0]) else {
+            return Vec::new();
+        };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut stale: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| dir.join(e.file_name())))
+            .filter(|p| {
+                let is_single = p.file_name() == single.file_name();
+                let is_shard = prefix_name(p).as_ref() == Some(&ours);
+                (is_single || is_shard) && !written.iter().any(|w| w.file_name() == p.file_name())
+            })
+            .collect();
+        stale.sort();
+        stale
+    }
+
     /// The size of all shards together, as they would be written (for a dry run).
     pub fn planned_total_bytes(shards: &[Writer]) -> Result<u64> {
         shards.iter().try_fold(0u64, |sum, w| {

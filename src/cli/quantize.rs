@@ -198,6 +198,17 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     let secs = start.elapsed().as_secs_f64();
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let stale = Writer::stale_outputs(&args.output, &paths);
+    if !stale.is_empty() {
+        let names: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
+        eprintln!(
+            "ferrite quantize: note: {} file(s) of an earlier output of this name with another split are still there: \
+             {} (a loader given one of them reads the old model; remove them)",
+            stale.len(),
+            names.join(", ")
+        );
+    }
     let written: u64 = files.iter().map(|(_, l)| l.total_bytes).sum();
     let params: u64 = plan
         .items
