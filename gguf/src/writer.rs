@@ -453,7 +453,8 @@ impl Writer {
     /// Writes `shards` (from [`Writer::split_by_size`]) to the paths of [`Writer::shard_paths`]: every shard
     /// through a temporary file in the same folder, all renamed into place only after ALL were written and
     /// synced. On any error every temporary file is removed and no output appears (should a rename itself fail,
-    /// the shards already renamed are removed again, so no mix of old and new shards is left). Existing outputs
+    /// the shards already renamed are removed again and the outputs they replaced, kept aside until every rename
+    /// succeeded, are put back, so no mix of old and new shards is left and no old output is lost). Existing outputs
     /// are refused unless `overwrite`. `fill(i, tensor, sink)` gets the tensor's index over all shards together
     /// (its index in the writer that was split) and must write exactly its bytes. Returns each shard's path and
     /// layout.
@@ -490,16 +491,44 @@ impl Writer {
             }
             first_index += shard.tensors.len();
         }
-        for (i, (tmp, p)) in temps.iter().zip(&paths).enumerate() {
-            if let Err(e) = fs::rename(tmp, p) {
-                for done in &paths[..i] {
-                    let _ = fs::remove_file(done);
+        // Existing outputs (with `overwrite`) are moved aside first and put back if any rename fails, so an old
+        // output is never lost before the whole new one is in place.
+        let mut backups: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut renamed = 0usize;
+        let mut failure = None;
+        for p in paths.iter().filter(|p| p.exists()) {
+            let aside = backup_path(p);
+            match fs::rename(p, &aside) {
+                Ok(()) => backups.push((p.clone(), aside)),
+                Err(e) => {
+                    failure = Some(GgufError::io(p, e));
+                    break;
                 }
-                for t in &temps[i..] {
-                    let _ = fs::remove_file(t);
-                }
-                return Err(GgufError::io(p, e));
             }
+        }
+        if failure.is_none() {
+            for (tmp, p) in temps.iter().zip(&paths) {
+                if let Err(e) = fs::rename(tmp, p) {
+                    failure = Some(GgufError::io(p, e));
+                    break;
+                }
+                renamed += 1;
+            }
+        }
+        if let Some(e) = failure {
+            for done in &paths[..renamed] {
+                let _ = fs::remove_file(done);
+            }
+            for t in &temps[renamed..] {
+                let _ = fs::remove_file(t);
+            }
+            for (p, aside) in &backups {
+                let _ = fs::rename(aside, p);
+            }
+            return Err(e);
+        }
+        for (_, aside) in &backups {
+            let _ = fs::remove_file(aside);
         }
         // Make the renames durable too (best effort: not every platform can sync a folder).
         let dir = match path.parent() {
@@ -586,6 +615,15 @@ fn check_shard_keys(shards: &[Writer]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where [`Writer::write_files`] keeps an existing output while the new one is renamed into place.
+fn backup_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.old-{}", std::process::id()))
 }
 
 fn temp_path(path: &Path) -> PathBuf {

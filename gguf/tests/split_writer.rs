@@ -485,3 +485,41 @@ fn shards_read_by_the_reference_reader() {
     let expected: Vec<String> = w.tensors().iter().map(|t| t.name.clone()).collect();
     assert_eq!(names, expected);
 }
+
+/// `--overwrite` over an earlier split: when moving the old outputs aside fails midway (here the last one's place
+/// aside, `.NAME.old-PID`, is taken by a folder), the ones already moved come back unchanged, no new shard appears
+/// and nothing else is left.
+#[test]
+fn a_failed_rename_puts_the_old_outputs_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = writer(&[2, 2, 2, 2, 2, 2], None);
+    let shards = w.split_by_size(1500).unwrap();
+    assert!(shards.len() >= 3);
+    let out = dir.path().join("m.gguf");
+    let paths = Writer::shard_paths(&out, shards.len()).unwrap();
+    for (i, p) in paths.iter().enumerate() {
+        std::fs::write(p, format!("old shard {i}")).unwrap();
+    }
+    let last = paths.last().unwrap();
+    let name = last.file_name().unwrap().to_string_lossy().into_owned();
+    let taken = last.with_file_name(format!(".{name}.old-{}", std::process::id()));
+    std::fs::create_dir(&taken).unwrap();
+    std::fs::write(taken.join("keep"), b"x").unwrap();
+    let before = dir_entries(dir.path());
+    let err = Writer::write_files(&shards, &out, true, fill_ok).unwrap_err();
+    assert!(err.to_string().contains(&name), "{err}");
+    assert_eq!(dir_entries(dir.path()), before);
+    for (i, p) in paths.iter().enumerate() {
+        assert_eq!(
+            std::fs::read_to_string(p).unwrap(),
+            format!("old shard {i}")
+        );
+    }
+    // Without the obstacle the new shards replace the old ones and no old one is left aside.
+    std::fs::remove_dir_all(&taken).unwrap();
+    Writer::write_files(&shards, &out, true, fill_ok).unwrap();
+    assert_eq!(dir_entries(dir.path()).len(), paths.len());
+    for p in &paths {
+        assert!(std::fs::read(p).unwrap().starts_with(b"GGUF"));
+    }
+}
