@@ -1,5 +1,5 @@
 //! `Engine` (an opened model: config, weights mapped into ggml, a backend) and `Session` (one sequence: tokens,
-//! cache, logits, in [`session`]). The only API the commands use.
+//! cache, logits, in `engine/session.rs`). The only API the commands use.
 
 mod session;
 
