@@ -214,7 +214,8 @@ impl<'o, 'c> KeyRows<'o, 'c> {
     /// The key rows `rows` (I32 `{m}`) as `{Dh, 1, m}` and their values `{m, Dh}` (a transposed copy: `vt` holds
     /// columns, which cannot be gathered), both in the cache's type: attention then runs the same ggml products as
     /// over views of the cache, which convert queries and scores to that type as they do there (ggml's `get_rows`
-    /// gives F32; converting the rows back to F16 is exact).
+    /// gives F32; converting the rows back to F16 is exact). Caches are F16 or F32 today; a quantized cache would
+    /// need its own rule here, since converting its rows back requantizes them.
     fn gather(&self, rows: Tensor<'c>) -> Result<(Tensor<'c>, Tensor<'c>)> {
         let ctx = self.o.ctx;
         let [dh, ..] = self.kv.ne();
