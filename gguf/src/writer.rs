@@ -377,22 +377,7 @@ impl Writer {
                 "{n} shards; at most {MAX_SPLITS} are allowed"
             ))),
             n => {
-                let prefix = match split_prefix(path) {
-                    Some(prefix) => prefix,
-                    None => {
-                        let name = path.file_name().ok_or_else(|| {
-                            GgufError::Write(format!(
-                                "{} is not a file name to write shards next to",
-                                path.display()
-                            ))
-                        })?;
-                        let name = name.to_string_lossy();
-                        match name.strip_suffix(".gguf").filter(|s| !s.is_empty()) {
-                            Some(stem) => path.with_file_name(stem),
-                            None => path.to_path_buf(),
-                        }
-                    }
-                };
+                let prefix = shard_prefix(path)?;
                 Ok((1..=n as u64)
                     .map(|no| split_path(&prefix, no, n as u64))
                     .collect())
@@ -404,7 +389,7 @@ impl Writer {
     /// `PREFIX-NNNNN-of-MMMMM.gguf` shards of another count), none of `written`: what an earlier `--split-max-size`
     /// left behind. A loader given one of them reads the old model, so the caller names them.
     pub fn stale_outputs(path: &Path, written: &[PathBuf]) -> Vec<PathBuf> {
-        let (Ok(shards), Some(dir)) = (Writer::shard_paths(path, 2), path.parent()) else {
+        let (Ok(prefix), Some(dir)) = (shard_prefix(path), path.parent()) else {
             return Vec::new();
         };
         let dir = if dir.as_os_str().is_empty() {
@@ -414,8 +399,8 @@ impl Writer {
         };
         // The single output of this name: `path`, or `PREFIX.gguf` when `path` is named like a shard.
         let single = match split_prefix(path) {
-            Some(prefix) => {
-                let mut name = prefix.into_os_string();
+            Some(_) => {
+                let mut name = prefix.clone().into_os_string();
                 name.push(".gguf");
                 PathBuf::from(name)
             }
@@ -423,7 +408,7 @@ impl Writer {
         };
         let prefix_name =
             |p: &Path| split_prefix(p).and_then(|q| q.file_name().map(|n| n.to_owned()));
-        let Some(ours) = prefix_name(&shards[0]) else {
+        let Some(ours) = prefix.file_name().map(|n| n.to_owned()) else {
             return Vec::new();
         };
         let Ok(entries) = fs::read_dir(dir) else {
@@ -617,21 +602,42 @@ fn check_shard_keys(shards: &[Writer]) -> Result<()> {
     Ok(())
 }
 
-/// Where [`Writer::write_files`] keeps an existing output while the new one is renamed into place.
-fn backup_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.old-{}", std::process::id()))
+/// The prefix of the shards written for the output `path` (see [`Writer::shard_paths`]): `path` without its
+/// split suffix when it is named like a shard, else without a trailing `.gguf`.
+fn shard_prefix(path: &Path) -> Result<PathBuf> {
+    if let Some(prefix) = split_prefix(path) {
+        return Ok(prefix);
+    }
+    let name = path.file_name().ok_or_else(|| {
+        GgufError::Write(format!(
+            "{} is not a file name to write shards next to",
+            path.display()
+        ))
+    })?;
+    let name = name.to_string_lossy();
+    Ok(match name.strip_suffix(".gguf").filter(|s| !s.is_empty()) {
+        Some(stem) => path.with_file_name(stem),
+        None => path.to_path_buf(),
+    })
 }
 
-fn temp_path(path: &Path) -> PathBuf {
+/// A hidden file beside `path` for this process: `.NAME.TAG-PID`.
+fn beside(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
+
+/// Where a file is written before it is renamed into place.
+fn temp_path(path: &Path) -> PathBuf {
+    beside(path, "tmp")
+}
+
+/// Where [`Writer::write_files`] keeps an existing output while the new one is renamed into place.
+fn backup_path(path: &Path) -> PathBuf {
+    beside(path, "old")
 }
 
 fn write_str(out: &mut dyn Write, s: &str) -> io::Result<()> {
