@@ -81,7 +81,7 @@ impl Buffer {
 /// baselines of x86-64 and arm64) elsewhere. Not left to the compiler: with `target-cpu=native` on an AVX-512 host it
 /// vectorized a plain loop over chunks with gathers (`vpgatherdq`, 16 words apart), which made the probe read at a
 /// quarter of the memory's speed.
-pub fn sum(words: &[u64]) -> u64 {
+fn sum(words: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {

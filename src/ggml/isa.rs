@@ -133,13 +133,11 @@ pub enum RepackLayout {
     Mxfp4x8x8,
     /// `block_mxfp4x4` (`mxfp4_4x4_q8_0`, Arm dot product).
     Mxfp4x4x4,
-    /// Another layout ggml has for the type (Q4_0, Q2_K, IQ4_NL, Q8_0, ...): repacked, but no grouped kernel here.
-    Other,
 }
 
 /// The layout ggml repacks a `ty` matrix of `rows` rows into on this build, following
-/// `ggml_repack_get_optimal_repack_type` for the types ferrite takes (None: ggml leaves it unpacked). For other
-/// types it answers [`RepackLayout::Other`] when ggml may repack them, without naming the layout.
+/// `ggml_repack_get_optimal_repack_type` for Q4_K, Q2_K and MXFP4 on x86 and Arm. None where ggml leaves it
+/// unpacked, and for what is not mirrored here (other types, RISC-V's layouts): no grouped kernel takes those.
 pub fn repack_layout(ty: GgmlType, rows: i64) -> Option<RepackLayout> {
     cpu_features().repack_layout(ty, rows)
 }
@@ -156,8 +154,7 @@ impl CpuFeatures {
             GgmlType::Mxfp4 if self.avx2 && rows % 8 == 0 => Some(RepackLayout::Mxfp4x8x8),
             GgmlType::Mxfp4 if arm_dot && rows % 4 == 0 => Some(RepackLayout::Mxfp4x4x4),
             GgmlType::Q2K if self.avx512 && rows % 8 == 0 => Some(RepackLayout::Q2K8x8),
-            GgmlType::Q4K | GgmlType::Mxfp4 | GgmlType::Q2K if !self.riscv_v => None,
-            _ => Some(RepackLayout::Other),
+            _ => None,
         }
     }
 }
