@@ -125,9 +125,7 @@ pub fn plan<'a>(
     for (name, dims, data) in sources {
         check_dims(&name, &dims)?;
         let item = plan_item(name, dims, data, opts, codec, &mut imatrix_missing)?;
-        if item.method == Method::Copy || item.method == Method::Ids {
-            check_expert_ids(&item, n_expert)?;
-        }
+        check_expert_ids(&item, n_expert)?;
         items.push(item);
     }
     if !imatrix_missing.is_empty() {
@@ -324,7 +322,8 @@ fn check_dims(name: &str, dims: &[u64]) -> Result<(), ConvertError> {
     Ok(())
 }
 
-/// An expert-id table (`ffn_gate_tid2eid`, copied as it is) must name experts that exist: every id in `0..n_expert`
+/// An expert-id table (`ffn_gate_tid2eid`: the only I32 data a DeepSeek V4 file has, copied as it is) must name
+/// experts that exist: every id in `0..n_expert`
 /// (`deepseek4.expert_count`). An id beyond them would make an engine read or write past its expert tensors.
 fn check_expert_ids(item: &Item, n_expert: Option<u64>) -> Result<(), ConvertError> {
     let (bytes, width) = match &item.data {
