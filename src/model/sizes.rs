@@ -56,10 +56,17 @@ impl WeightSizes {
 
 /// The layer index of a routed-expert tensor name (`blk.N.ffn_gate_exps.weight`), if it is one.
 pub fn expert_tensor_layer(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, kind) = rest.split_once('.')?;
+    let (layer, kind) = block_of(name)?;
     let kind = kind.strip_suffix(".weight")?;
-    EXPERT_TENSORS.contains(&kind).then(|| layer.parse().ok())?
+    EXPERT_TENSORS
+        .contains(&kind)
+        .then(|| u32::try_from(layer).ok())?
+}
+
+/// The block `N` of a `blk.N.REST` tensor name and its `REST`.
+pub fn block_of(name: &str) -> Option<(u64, &str)> {
+    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    Some((layer.parse().ok()?, rest))
 }
 
 /// Blocks the file has tensors for: one past the highest `N` of a `blk.N.*` tensor (0 when there are none). A
@@ -68,10 +75,7 @@ pub fn blocks_with_tensors(model: &Model) -> u64 {
     model
         .tensors()
         .iter()
-        .filter_map(|t| {
-            let (layer, _) = t.info.name.strip_prefix("blk.")?.split_once('.')?;
-            layer.parse::<u64>().ok()?.checked_add(1)
-        })
+        .filter_map(|t| block_of(&t.info.name)?.0.checked_add(1))
         .max()
         .unwrap_or(0)
 }

@@ -37,7 +37,7 @@ use ferrite::cache::CacheType;
 use ferrite::engine::Engine;
 use ferrite::experts::StatsSnapshot;
 use ferrite::membw::{read_bandwidth, DEFAULT_BYTES};
-use ferrite::model::sizes::{expert_tensor_layer, weight_sizes};
+use ferrite::model::sizes::{block_of, expert_tensor_layer, weight_sizes};
 use ferrite::reference::llama::LlamaModel;
 use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
@@ -570,11 +570,8 @@ fn model_facts(engine: &Engine) -> ModelFacts {
     let mut mtp = 0u64;
     for t in model.tensors() {
         let name = &t.info.name;
-        let layer = name
-            .strip_prefix("blk.")
-            .and_then(|r| r.split_once('.'))
-            .and_then(|(l, _)| l.parse::<usize>().ok());
-        if layer.is_some_and(|l| l >= cfg.n_layer) && expert_tensor_layer(name).is_none() {
+        let layer = block_of(name).map(|(l, _)| l);
+        if layer.is_some_and(|l| l >= cfg.n_layer as u64) && expert_tensor_layer(name).is_none() {
             mtp += t.info.n_bytes;
         }
     }
