@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo run --release --example flash_model -- /tmp/flash2.gguf --layers 2
 //! cargo run --release --example flash_model -- OUT.gguf --layers 4 --experts Q2_K --dense Q8_0 --seed 7
+//! cargo run --release --example flash_model -- /tmp/flash43.gguf --full --sparse-experts
+//! cargo run --release --example flash_model -- /tmp/flash-attn.gguf --layers 4 --n-expert 8 --expert-ffn 256
 //! ```
 //!
 //! Two layers at Q4_K experts and Q8_0 elsewhere are 8.69 GB (`--dry-run` prints the size of any choice). Tensors are
@@ -31,8 +33,23 @@ struct Args {
     /// Output file (.gguf).
     out: PathBuf,
     /// Layers: layer 0 raw, then ratio 4, 128, 4, ... (one layer: ratio 4); hash routing in the first min(3, N).
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = 2, conflicts_with = "full")]
     layers: u32,
+    /// The published Flash shape: 43 layers with its layer schedule (layers 0-1 raw, then 4 and 128 alternating).
+    #[arg(long)]
+    full: bool,
+    /// Routed experts per layer [default: Flash's 256]; fewer, with --expert-ffn, make a benchmark model whose
+    /// attention, compressor, indexer and cache are Flash's and whose experts are small (speed at depth).
+    #[arg(long, value_name = "N")]
+    n_expert: Option<u32>,
+    /// Width of the routed and shared experts [default: Flash's 2048].
+    #[arg(long, value_name = "N")]
+    expert_ffn: Option<u32>,
+    /// Routed experts written as zeros, left as holes of a sparse file: the real layout and file size with only
+    /// the other weights on disk (43 layers: about 166 GB apparent, 8 GB on disk). For benchmarks of start-up,
+    /// planning, paging and context; the model's answers are meaningless.
+    #[arg(long)]
+    sparse_experts: bool,
     /// Type of the routed experts (ffn_{gate,up,down}_exps).
     #[arg(long, value_name = "TYPE", default_value = "Q4_K", value_parser = parse_type)]
     experts: GgmlType,
@@ -111,7 +128,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
-    if !(1..=512).contains(&args.layers) {
+    if !args.full && !(1..=512).contains(&args.layers) {
         return Err(Failure::Usage(format!(
             "--layers {}: expected 1 to 512 (Flash has 43)",
             args.layers
@@ -123,17 +140,32 @@ fn run(args: &Args) -> Result<(), Failure> {
         shared: args.shared,
         embed: args.embed,
     };
-    let cfg = TinyConfig::flash(args.layers).with_types(types);
+    let mut cfg = match args.full {
+        true => TinyConfig::flash_published(),
+        false => TinyConfig::flash(args.layers),
+    }
+    .with_types(types);
+    if let Some(n) = args.n_expert {
+        cfg.n_expert = n;
+        cfg.n_expert_used = cfg.n_expert_used.min(n);
+    }
+    if let Some(n) = args.expert_ffn {
+        cfg.expert_ffn = n;
+    }
     let planned = match tiny_model_bytes(&cfg) {
         // A weight type ggml cannot store is a bad option.
         Err(TinyError::Config(msg)) => return Err(Failure::Usage(msg)),
         other => other?,
     };
     eprintln!(
-        "Flash-width deepseek4, layers: {} (compress ratios {:?}), experts {}, dense {}, shared {}, embeddings {}, seed {}: {}",
+        "Flash-width deepseek4, layers: {} (compress ratios {:?}), {} experts of width {} top-{}, experts {}{}, dense {}, shared {}, embeddings {}, seed {}: {}",
         cfg.n_layer,
         cfg.compress_ratios,
+        cfg.n_expert,
+        cfg.expert_ffn,
+        cfg.n_expert_used,
         args.experts,
+        if args.sparse_experts { " (zeros, sparse)" } else { "" },
         args.dense,
         args.shared,
         args.embed,
@@ -166,6 +198,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
     let generation = Generation {
         threads: args.threads,
+        zero_experts: args.sparse_experts,
         ..Generation::default()
     };
     let start = Instant::now();
@@ -196,5 +229,15 @@ fn run(args: &Args) -> Result<(), Failure> {
         secs,
         model.file_bytes as f64 / 1e6 / secs.max(1e-9)
     );
+    if args.sparse_experts {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&args.out) {
+            Ok(m) => println!(
+                "on disk: {} (the routed experts are holes)",
+                gb(m.blocks() * 512)
+            ),
+            Err(e) => eprintln!("flash_model: {}: {e}", args.out.display()),
+        }
+    }
     Ok(())
 }

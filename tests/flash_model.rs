@@ -206,12 +206,14 @@ fn chunked_generation_writes_the_same_bytes_as_one_piece() {
         threads: 1,
         chunk_values: usize::MAX,
         streams: Streams::DEFAULT,
+        zero_experts: false,
     };
     // Chunks of 3 rows of 256 (the expert stacks have 8192 rows) on more threads than chunks in flight need.
     let chunked = Generation {
         threads: 3,
         chunk_values: 1000,
         streams: Streams::DEFAULT,
+        zero_experts: false,
     };
     let one_stream = write_with(&dir.path().join("a.gguf"), &cfg, one_piece);
     let b = write_with(&dir.path().join("b.gguf"), &cfg, chunked);
@@ -238,6 +240,7 @@ fn chunked_generation_writes_the_same_bytes_as_one_piece() {
             threads: 4,
             chunk_values,
             streams,
+            zero_experts: false,
         };
         let b = write_with(&dir.path().join("e.gguf"), &cfg, generation);
         assert!(
@@ -267,4 +270,71 @@ fn cancelling_leaves_no_file() {
     .unwrap_err();
     assert!(matches!(err, TinyError::Cancelled), "{err}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// `--sparse-experts`: the same file as a normal one except that the routed experts' data are zeros, left as holes;
+/// every other tensor has the bytes of the normal file.
+#[test]
+fn zero_experts_write_holes_and_keep_every_other_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mid_config();
+    let normal = write_with(&dir.path().join("a.gguf"), &cfg, Generation::default());
+    let sparse_path = dir.path().join("b.gguf");
+    let zeros = Generation {
+        zero_experts: true,
+        ..Generation::default()
+    };
+    let sparse = write_with(&sparse_path, &cfg, zeros);
+    assert_eq!(normal.len(), sparse.len());
+    let (a_model, b_model) = (
+        gguf::Model::open(dir.path().join("a.gguf")).unwrap(),
+        gguf::Model::open(&sparse_path).unwrap(),
+    );
+    let mut expert_bytes = 0u64;
+    for (ta, tb) in a_model.tensors().iter().zip(b_model.tensors()) {
+        let name = &tb.info.name;
+        assert_eq!(ta.info, tb.info);
+        let data = b_model.tensor_data(tb);
+        if ferrite::model::sizes::expert_tensor_layer(name).is_some() {
+            expert_bytes += tb.info.n_bytes;
+            assert!(data.iter().all(|&b| b == 0), "{name} is not zeros");
+        } else {
+            assert!(data == a_model.tensor_data(ta), "{name} changed");
+        }
+    }
+    assert!(
+        expert_bytes > (1 << 20),
+        "the test config has too few expert bytes: {expert_bytes}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let (a, b) = (
+        allocated(&dir.path().join("a.gguf")),
+        allocated(&sparse_path),
+    );
+    eprintln!("allocated: normal {a} bytes, sparse {b} bytes, expert data {expert_bytes} bytes");
+    // Where the filesystem has holes, most of the expert bytes are not on disk.
+    if a >= normal.len() as u64 {
+        assert!(
+            b + expert_bytes / 2 <= a,
+            "the expert zeros were written: {a} vs {b}"
+        );
+    }
+}
+
+/// The published Flash schedule (DSV4.md 1.1).
+#[test]
+fn published_flash_schedule() {
+    let cfg = TinyConfig::flash_published();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.n_layer, 43);
+    assert_eq!(cfg.compress_ratios.len(), 43);
+    assert_eq!(&cfg.compress_ratios[..5], &[0, 0, 4, 128, 4]);
+    assert_eq!(cfg.compress_ratios[41..], [128, 4]);
+    assert_eq!(cfg.compress_ratios.iter().filter(|&&r| r == 4).count(), 21);
+    assert_eq!(
+        cfg.compress_ratios.iter().filter(|&&r| r == 128).count(),
+        20
+    );
+    assert_eq!(cfg.hash_layer_count, 3);
 }

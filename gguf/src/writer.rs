@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{GgufError, Result};
@@ -211,6 +211,28 @@ impl Writer {
         overwrite: bool,
         fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>,
     ) -> Result<Layout> {
+        self.write_file_as(path, overwrite, false, fill)
+    }
+
+    /// [`Writer::write_file`] where every aligned block of [`HOLE_BLOCK`] zero bytes is skipped with a
+    /// seek instead of written: on filesystems with sparse files those ranges are holes
+    /// that take no disk space and read back as zeros. For benchmark files whose large tensors are all zeros.
+    pub fn write_file_sparse(
+        &self,
+        path: &Path,
+        overwrite: bool,
+        fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>,
+    ) -> Result<Layout> {
+        self.write_file_as(path, overwrite, true, fill)
+    }
+
+    fn write_file_as(
+        &self,
+        path: &Path,
+        overwrite: bool,
+        sparse: bool,
+        fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>,
+    ) -> Result<Layout> {
         if !overwrite && path.exists() {
             return Err(GgufError::Write(format!(
                 "{} already exists (pass --overwrite to replace it)",
@@ -218,7 +240,7 @@ impl Writer {
             )));
         }
         let tmp = temp_path(path);
-        let result = self.write_temp(&tmp, fill);
+        let result = self.write_temp(&tmp, sparse, fill);
         match result {
             Ok(layout) => {
                 fs::rename(&tmp, path).map_err(|e| {
@@ -237,6 +259,7 @@ impl Writer {
     fn write_temp(
         &self,
         tmp: &Path,
+        sparse: bool,
         fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>,
     ) -> Result<Layout> {
         let file = OpenOptions::new()
@@ -244,7 +267,7 @@ impl Writer {
             .create_new(true)
             .open(tmp)
             .map_err(|e| GgufError::io(tmp, e))?;
-        let mut out = BufWriter::with_capacity(8 << 20, file);
+        let mut out = BufWriter::with_capacity(8 << 20, HoleWriter::new(file, sparse));
         let layout = self.write(&mut out, fill).map_err(|e| match e {
             GgufError::Write(msg) => GgufError::Write(format!("{}: {msg}", tmp.display())),
             GgufError::Io { err, .. } => GgufError::io(tmp, err),
@@ -252,7 +275,9 @@ impl Writer {
         })?;
         let file = out
             .into_inner()
-            .map_err(|e| GgufError::io(tmp, e.into_error()))?;
+            .map_err(|e| GgufError::io(tmp, e.into_error()))?
+            .finish()
+            .map_err(|e| GgufError::io(tmp, e))?;
         file.sync_all().map_err(|e| GgufError::io(tmp, e))?;
         Ok(layout)
     }
@@ -464,7 +489,7 @@ impl Writer {
         let mut first_index = 0usize;
         for (shard, tmp) in shards.iter().zip(&temps) {
             let base = first_index;
-            match shard.write_temp(tmp, |i, t, sink| fill(base + i, t, sink)) {
+            match shard.write_temp(tmp, false, |i, t, sink| fill(base + i, t, sink)) {
                 Ok(layout) => layouts.push(layout),
                 Err(e) => {
                     // This one and every one before it (the later ones were never created).
@@ -631,6 +656,81 @@ fn beside(path: &Path, tag: &str) -> PathBuf {
 }
 
 /// Where a file is written before it is renamed into place.
+/// The unit of [`Writer::write_file_sparse`]'s holes: every aligned block of this many bytes that is all zeros
+/// is skipped (a hole where the filesystem has them); other blocks are written.
+pub const HOLE_BLOCK: usize = 1 << 16;
+
+/// The output file of [`Writer::write_temp`]: with `sparse`, each [`HOLE_BLOCK`]-aligned block of zeros is skipped
+/// (the skipped bytes become a seek before the next real write, or the file's length at the end).
+struct HoleWriter {
+    file: fs::File,
+    sparse: bool,
+    /// Bytes written or skipped so far: the logical position.
+    pos: u64,
+    /// Zero bytes skipped since the last real write.
+    pending_hole: u64,
+}
+
+impl HoleWriter {
+    fn new(file: fs::File, sparse: bool) -> HoleWriter {
+        HoleWriter {
+            file,
+            sparse,
+            pos: 0,
+            pending_hole: 0,
+        }
+    }
+
+    fn settle_hole(&mut self) -> io::Result<()> {
+        if self.pending_hole > 0 {
+            self.file.seek(SeekFrom::Start(self.pos))?;
+            self.pending_hole = 0;
+        }
+        Ok(())
+    }
+
+    /// The file, with any trailing hole made part of it.
+    fn finish(mut self) -> io::Result<fs::File> {
+        if self.pending_hole > 0 {
+            self.file.set_len(self.pos)?;
+            self.settle_hole()?;
+        }
+        Ok(self.file)
+    }
+}
+
+impl Write for HoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.sparse {
+            let n = self.file.write(buf)?;
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let mut rest = buf;
+        while !rest.is_empty() {
+            // Up to the next block boundary of the file.
+            let into_block = (self.pos % HOLE_BLOCK as u64) as usize;
+            let len = (HOLE_BLOCK - into_block).min(rest.len());
+            let (piece, tail) = rest.split_at(len);
+            // Only whole blocks become holes: a partly written block is allocated anyway.
+            if len == HOLE_BLOCK && piece.iter().all(|&b| b == 0) {
+                self.pending_hole += len as u64;
+            } else {
+                // `pos` already counts a pending hole: the piece goes right after it.
+                self.settle_hole()?;
+                self.file.write_all(piece)?;
+            }
+            self.pos += len as u64;
+            rest = tail;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     beside(path, "tmp")
 }

@@ -237,3 +237,54 @@ fn split_model_errors() {
         "{err}"
     );
 }
+
+/// A sparse write gives the same bytes as a plain one, and leaves the long zero runs (in the middle and at the
+/// end of the file) as holes where the filesystem has them.
+#[test]
+fn sparse_write_gives_the_same_bytes_with_holes() {
+    let mut w = Writer::new();
+    w.set("general.architecture", Value::String("deepseek4".into()));
+    let zeros_mid = 4u64 << 20;
+    let zeros_end = 3u64 << 20;
+    w.add_tensor("a", &[1000], GgmlType::F32).unwrap();
+    w.add_tensor("zeros_mid", &[zeros_mid / 4], GgmlType::F32)
+        .unwrap();
+    w.add_tensor("b", &[3000], GgmlType::F32).unwrap();
+    w.add_tensor("zeros_end", &[zeros_end / 4], GgmlType::F32)
+        .unwrap();
+    let fill = |i: usize, t: &gguf::PlannedTensor, sink: &mut dyn std::io::Write| match i {
+        1 | 3 => {
+            // In pieces, as a generator writes a large tensor.
+            let piece = vec![0u8; 1 << 20];
+            for _ in 0..t.n_bytes / piece.len() as u64 {
+                sink.write_all(&piece)?;
+            }
+            Ok(())
+        }
+        _ => sink.write_all(&data(i, t.n_bytes)),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, sparse) = (
+        dir.path().join("plain.gguf"),
+        dir.path().join("sparse.gguf"),
+    );
+    w.write_file(&plain, false, fill).unwrap();
+    let layout = w.write_file_sparse(&sparse, false, fill).unwrap();
+    let bytes = std::fs::read(&sparse).unwrap();
+    assert_eq!(bytes.len() as u64, layout.total_bytes);
+    assert!(
+        bytes == std::fs::read(&plain).unwrap(),
+        "sparse and plain files differ"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let (a_plain, a_sparse) = (allocated(&plain), allocated(&sparse));
+    eprintln!("allocated: plain {a_plain} bytes, sparse {a_sparse} bytes");
+    // A filesystem without holes allocates both alike; with holes, the 7 MiB of zeros are not on disk.
+    if a_plain >= zeros_mid + zeros_end {
+        assert!(
+            a_sparse + (6 << 20) <= a_plain,
+            "the zero runs were written: plain {a_plain} bytes allocated, sparse {a_sparse}"
+        );
+    }
+}

@@ -220,6 +220,24 @@ impl TinyConfig {
         }
     }
 
+    /// The published DeepSeek V4 Flash: [`TinyConfig::flash`] with its 43 layers and its layer schedule (DSV4.md
+    /// 1.1): layers 0 and 1 raw, then 4 on even and 128 on odd layers up to 42; hash routing in layers 0-2. The
+    /// MTP block is not written. About 166 GB at Q4_K experts (`TinyConfig::flash(43)` has the same tensors with
+    /// the shorter benchmark schedule).
+    pub fn flash_published() -> TinyConfig {
+        let compress_ratios = (0..43)
+            .map(|il| match il {
+                0 | 1 => 0,
+                il if il % 2 == 0 => 4,
+                _ => 128,
+            })
+            .collect();
+        TinyConfig {
+            compress_ratios,
+            ..TinyConfig::flash(43)
+        }
+    }
+
     /// The same configuration with other weight types.
     pub fn with_types(self, types: WeightTypes) -> TinyConfig {
         TinyConfig { types, ..self }

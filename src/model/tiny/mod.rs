@@ -142,6 +142,10 @@ pub struct Generation {
     pub chunk_values: usize,
     /// Which tensors draw their values from per-block streams.
     pub streams: Streams,
+    /// Write the routed experts (`ffn_{gate,up,down}_exps`) as zeros, left as holes in a sparse file: a file with
+    /// the real layout and size whose expert data take no disk space. For benchmarks of everything but the
+    /// experts (start-up, planning, paging); the model's answers are meaningless.
+    pub zero_experts: bool,
 }
 
 impl Default for Generation {
@@ -151,6 +155,7 @@ impl Default for Generation {
             threads: 0,
             chunk_values: 1 << 23,
             streams: Streams::DEFAULT,
+            zero_experts: false,
         }
     }
 }
@@ -230,7 +235,7 @@ pub fn write_tiny_model_with(
     let specs = tensor_specs(cfg);
     let bytes_total = specs.iter().map(spec_bytes).sum();
     let (mut done, mut bytes_done) = (0, 0);
-    write_specs_streaming(path, cfg, &specs, |spec, out| {
+    write_specs_streaming(path, cfg, &specs, generation.zero_experts, |spec, out| {
         let mut report = |bytes: u64, finished: bool| {
             bytes_done += bytes;
             done += usize::from(finished);
@@ -284,7 +289,7 @@ pub fn write_specs(
     specs: &[TensorSpec],
     mut bytes: impl FnMut(&TensorSpec) -> Result<Vec<u8>, TinyError>,
 ) -> Result<TinyModel, TinyError> {
-    write_specs_streaming(path, cfg, specs, |spec, out| {
+    write_specs_streaming(path, cfg, specs, false, |spec, out| {
         let bytes = bytes(spec)?;
         out.write_all(&bytes).map_err(Fill::Io)
     })
@@ -323,25 +328,32 @@ fn plan_writer(cfg: &TinyConfig, specs: &[TensorSpec]) -> Result<Writer, TinyErr
     Ok(w)
 }
 
-/// [`write_specs`] where `fill` writes each tensor's bytes to the file itself, in as many pieces as it likes.
+/// [`write_specs`] where `fill` writes each tensor's bytes to the file itself, in as many pieces as it likes;
+/// with `sparse`, blocks of zeros are left as holes ([`gguf::Writer::write_file_sparse`]).
 pub(crate) fn write_specs_streaming(
     path: &Path,
     cfg: &TinyConfig,
     specs: &[TensorSpec],
+    sparse: bool,
     mut fill: impl FnMut(&TensorSpec, &mut dyn io::Write) -> Result<(), Fill>,
 ) -> Result<TinyModel, TinyError> {
     let w = plan_writer(cfg, specs)?;
     // Tensor data is generated inside the writer's callback, one tensor at a time; a failure is parked here
     // because the callback can only return io::Error.
     let mut failure: Option<TinyError> = None;
-    let result = w.write_file(path, true, |i, _, out| match fill(&specs[i], out) {
-        Ok(()) => Ok(()),
-        Err(Fill::Io(e)) => Err(e),
-        Err(Fill::Tiny(e)) => {
-            failure = Some(e);
-            Err(io::Error::other("tensor generation failed"))
-        }
-    });
+    let fill_one =
+        |i: usize, _: &gguf::PlannedTensor, out: &mut dyn io::Write| match fill(&specs[i], out) {
+            Ok(()) => Ok(()),
+            Err(Fill::Io(e)) => Err(e),
+            Err(Fill::Tiny(e)) => {
+                failure = Some(e);
+                Err(io::Error::other("tensor generation failed"))
+            }
+        };
+    let result = match sparse {
+        true => w.write_file_sparse(path, true, fill_one),
+        false => w.write_file(path, true, fill_one),
+    };
     if let Some(e) = failure {
         return Err(e);
     }

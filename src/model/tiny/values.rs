@@ -7,6 +7,7 @@ use gguf::GgmlType;
 use super::rng::Rng;
 use super::tensors::{Init, TensorSpec};
 use super::{Fill, Generation, Streams, TinyError};
+use crate::model::sizes::expert_tensor_layer;
 
 /// The bytes of one tensor in its type, made in one piece. Every tensor has its own random stream (seed and name),
 /// so a tensor's values do not depend on which other tensors the configuration has.
@@ -22,6 +23,24 @@ pub(super) fn spec_bytes(spec: &TensorSpec) -> u64 {
     spec.ty.tensor_bytes(&spec.dims).unwrap_or(0)
 }
 
+/// The tensor's bytes as zeros, in pieces of 8 MiB (each all-zero block becomes a hole in a sparse file).
+fn write_zeros(
+    spec: &TensorSpec,
+    out: &mut dyn io::Write,
+    report: &mut dyn FnMut(u64, bool) -> Result<(), Fill>,
+) -> Result<(), Fill> {
+    let n_bytes = spec_bytes(spec);
+    let piece = vec![0u8; (8usize << 20).min(n_bytes as usize)];
+    let mut left = n_bytes;
+    while left > 0 {
+        let n = left.min(piece.len() as u64);
+        out.write_all(&piece[..n as usize])?;
+        left -= n;
+        report(n, left == 0)?;
+    }
+    Ok(())
+}
+
 /// Writes one tensor's bytes to `out`: in one piece when it fits in a chunk (or holds ids), otherwise in chunks of
 /// whole rows (whole blocks for block streams) on `generation.threads` threads, written in order. A one-stream
 /// tensor's chunks are drawn in order from its stream on this thread, each handed to a thread to encode, so the
@@ -34,6 +53,9 @@ pub(super) fn write_tensor(
     out: &mut dyn io::Write,
     report: &mut dyn FnMut(u64, bool) -> Result<(), Fill>,
 ) -> Result<(), Fill> {
+    if generation.zero_experts && expert_tensor_layer(&spec.name).is_some() {
+        return write_zeros(spec, out, report);
+    }
     let streams = &generation.streams;
     let n_per_row = spec.dims[0].max(1) as usize;
     let n_rows = (spec.dims.iter().product::<u64>() as usize) / n_per_row;
