@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run --release --example flash_model -- /tmp/flash2.gguf --layers 2
 //! cargo run --release --example flash_model -- OUT.gguf --layers 4 --experts Q2_K --dense Q8_0 --seed 7
-//! cargo run --release --example flash_model -- /tmp/flash43.gguf --full --sparse-experts
+//! cargo run --release --example flash_model -- /tmp/flash43.gguf --full --sparse-experts --demo-vocab
 //! cargo run --release --example flash_model -- /tmp/flash-attn.gguf --layers 4 --n-expert 8 --expert-ffn 256
 //! ```
 //!
@@ -22,7 +22,7 @@ use std::time::Instant;
 use clap::Parser;
 use ferrite::model::tiny::{
     tiny_model_bytes, write_tiny_model_with, Generation, Progress, TinyConfig, TinyError,
-    WeightTypes,
+    Vocabulary, WeightTypes,
 };
 use gguf::GgmlType;
 
@@ -50,6 +50,10 @@ struct Args {
     /// planning, paging and context; the model's answers are meaningless.
     #[arg(long)]
     sparse_experts: bool,
+    /// Carry ferrite's demo vocabulary (padded to Flash's 129280 tokens), so `complete` and `chat` take text;
+    /// without it the file has no tokenizer (`bench` and `logits` take token ids).
+    #[arg(long)]
+    demo_vocab: bool,
     /// Type of the routed experts (ffn_{gate,up,down}_exps).
     #[arg(long, value_name = "TYPE", default_value = "Q4_K", value_parser = parse_type)]
     experts: GgmlType,
@@ -145,6 +149,9 @@ fn run(args: &Args) -> Result<(), Failure> {
         false => TinyConfig::flash(args.layers),
     }
     .with_types(types);
+    if args.demo_vocab {
+        cfg.vocab = Vocabulary::Demo;
+    }
     if let Some(n) = args.n_expert {
         cfg.n_expert = n;
         cfg.n_expert_used = cfg.n_expert_used.min(n);
