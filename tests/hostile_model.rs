@@ -330,3 +330,19 @@ fn counts_that_size_tables_are_capped() {
     );
     assert_has(&load_error(&heads), &["attn_q_b.weight", "has shape"]);
 }
+
+// Found by the mutation tests (tests/mutants.rs).
+
+/// `rope.dimension_count = 0` passed the rope checks (0 is even and fits) and failed only when the first graph was
+/// built, with ggml's view of it ("rope_ext: n_dims = 0"); it is refused at load, naming the key.
+#[test]
+fn zero_rope_dimensions_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "deepseek4.rope.dimension_count";
+    let model = with_key(&demo(dir.path()), dir.path(), key, Value::U32(0));
+    let msg = load_error(&model);
+    assert_has(
+        &msg,
+        &[key, "is 0", "expected an even number in 2..=128", "hint:"],
+    );
+}

@@ -21,21 +21,19 @@
 //! Arguments (as libtest takes them): a filter selects the suites whose name contains it (`model`, `session`,
 //! `quantize`, `imatrix`, `supervisor`); `--list` lists them.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ferrite::chat::{ChatOptions, Message};
-use ferrite::engine::{Engine, EngineOptions, Logits};
-use ferrite::generate::{generate, GenerateOptions};
+use ferrite::engine::{Engine, Logits};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
-use ferrite::sampler::{Sampler, SamplerConfig};
 use gguf::GgufFile;
 use testkit::mutants::{
-    self, mutate_bytes, spawn, stderr_tail, wait_any, Child, Choices, Described, FastWriter,
-    Limits, Outcome, Parts, SplitMix,
+    self, engine_options, mutate_bytes, open_and_run, spawn, stderr_tail, wait_any, Child, Choices,
+    Described, FastWriter, Limits, Outcome, Parts, SplitMix,
 };
+use testkit::tiny_hf::{write_tiny_checkpoint, CheckpointOptions, Fill};
 
 const DEFAULT_MODEL_MUTANTS: u64 = 10_000;
 const DEFAULT_SEED: u64 = 0x15_0005;
@@ -50,6 +48,8 @@ struct Suite<'a> {
     describe: Box<dyn Fn(u64) -> String + 'a>,
     /// Writes mutant `seed` to `path` for a replay (when the suite's mutants are files).
     keep: Box<dyn Fn(u64, &Path) + 'a>,
+    /// Percent of the mutants that may be skipped (not writable) before the generator counts as broken.
+    skips: u64,
 }
 
 struct Failure {
@@ -116,9 +116,10 @@ fn run_suite(suite: &Suite<'_>, base: u64, dir: &Path, limits: &Limits) -> Vec<F
         if verbose() {
             let err = stderr_tail(&dir.join(format!("{}-{slot}.stderr", suite.name)), 300);
             eprintln!(
-                "{} {:#x}: {outcome}: {} => {}",
+                "{} {:#x}: {outcome} in {} ms: {} => {}",
                 suite.name,
                 child.tag,
+                child.started.elapsed().as_millis(),
                 (suite.describe)(child.tag),
                 err.lines().last().unwrap_or("").trim()
             );
@@ -156,7 +157,7 @@ fn run_suite(suite: &Suite<'_>, base: u64, dir: &Path, limits: &Limits) -> Vec<F
     );
     let skipped = counts.get("skipped").copied().unwrap_or(0);
     assert!(
-        skipped * 10 <= suite.count,
+        skipped * 100 <= suite.count * suite.skips,
         "{skipped} of {} mutants of {} could not be written: the generator is broken",
         suite.count,
         suite.name
@@ -200,16 +201,6 @@ fn scratch_dir() -> tempfile::TempDir {
 // ---------------------------------------------------------------------------------------------------------------
 // What a child runs.
 
-fn engine_options(seed: u64) -> EngineOptions {
-    // Most mutants run as `complete` does (repacked weights, fused operators); some from the map, some unfused.
-    EngineOptions {
-        n_threads: 1,
-        repack: seed % 4 != 0,
-        fused_ops: seed % 8 != 1,
-        ..Default::default()
-    }
-}
-
 /// Exit code of a child: 0 when `f` succeeded, 1 with the message on stderr when it failed.
 fn exit_code(result: Result<()>) -> i32 {
     match result {
@@ -219,44 +210,6 @@ fn exit_code(result: Result<()>) -> i32 {
             1
         }
     }
-}
-
-/// One token of `ferrite complete -p hi` on the opened engine: the prompt rendered with the model's template,
-/// tokenized, processed, one token sampled and fed.
-fn one_token(engine: &Engine, seed: u64) -> Result<()> {
-    let tokenizer = engine.tokenizer()?;
-    let text = engine
-        .prompt_format()
-        .render(&[Message::user("hi")], &ChatOptions::default(), true);
-    let prompt = tokenizer.encode(&text, true);
-    if prompt.is_empty() {
-        bail!("the prompt is empty after tokenization");
-    }
-    if prompt.len() >= engine.n_ctx() {
-        bail!("the prompt does not fit the context");
-    }
-    let mut session = engine.session()?;
-    // Greedy, or `complete`'s default sampling (temperature 1, every token), which NaN logits reach differently.
-    let mut sampler = Sampler::new(match seed % 2 {
-        0 => SamplerConfig::greedy(),
-        _ => SamplerConfig {
-            seed,
-            ..SamplerConfig::default()
-        },
-    });
-    let opts = GenerateOptions {
-        max_tokens: Some(1),
-        interrupt: None,
-    };
-    generate(&mut session, &mut sampler, &prompt, &opts, |_| {
-        ControlFlow::Continue(())
-    })?;
-    Ok(())
-}
-
-fn open_and_run(path: &Path, seed: u64) -> Result<()> {
-    let engine = Engine::open(path, engine_options(seed))?;
-    one_token(&engine, seed)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -289,6 +242,32 @@ fn model_suite<'a>(parts: &'a Parts<'a>, fast: &'a FastWriter<'a>, count: u64) -
         keep: Box::new(move |seed, path| {
             let _ = mutant(seed).1.write(&path.with_extension("gguf"));
         }),
+        skips: 5,
+    }
+}
+
+/// Models of other configurations, tensors shaped to match ([`mutants::config_mutant`]).
+fn config_suite<'a>(count: u64) -> Suite<'a> {
+    let mutant = |seed: u64| mutants::config_mutant(&mut SplitMix(seed));
+    Suite {
+        name: "config",
+        count,
+        run: Box::new(move |seed, file| {
+            let file = file.with_extension("gguf");
+            let (cfg, _) = mutant(seed);
+            let written =
+                std::panic::catch_unwind(|| mutants::write_config_model(&file, &cfg, seed));
+            match written {
+                Ok(Some(())) => exit_code(open_and_run(&file, seed)),
+                _ => mutants::SKIPPED,
+            }
+        }),
+        describe: Box::new(move |seed| mutant(seed).1),
+        keep: Box::new(move |seed, path| {
+            let _ =
+                mutants::write_config_model(&path.with_extension("gguf"), &mutant(seed).0, seed);
+        }),
+        skips: 30,
     }
 }
 
@@ -389,6 +368,257 @@ fn session_suite(s: &Sessions, count: u64) -> Suite<'_> {
         keep: Box::new(move |seed, path| {
             let _ = std::fs::write(path, mutant(seed).0);
         }),
+        skips: 5,
+    }
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferrite");
+
+/// Replaces the child with `ferrite ARGS` (exit code and signals are then the command's own).
+fn exec_ferrite(args: &[&str]) -> i32 {
+    use std::os::unix::process::CommandExt as _;
+    let err = std::process::Command::new(BIN).args(args).exec();
+    eprintln!("cannot run {BIN}: {err}");
+    99
+}
+
+/// A folder `slot` holding hard links to every file of `base` (a fresh copy of the folder, for the price of the
+/// links), except `replaced`, written with `bytes`.
+fn linked_copy(base: &Path, slot: &Path, replaced: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let _ = std::fs::remove_dir_all(slot);
+    std::fs::create_dir_all(slot)?;
+    for entry in std::fs::read_dir(base)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_str() != Some(replaced) {
+            std::fs::hard_link(entry.path(), slot.join(&name))?;
+        }
+    }
+    std::fs::write(slot.join(replaced), bytes)
+}
+
+/// A tiny Hugging Face checkpoint of the demo configuration (2 shards and an index), as `ferrite quantize` reads.
+struct Checkpoint {
+    dir: PathBuf,
+    /// The files a mutant may change, with their bytes.
+    files: Vec<(String, Vec<u8>)>,
+}
+
+fn checkpoint(dir: &Path) -> Checkpoint {
+    let ckpt = dir.join("hf");
+    let opts = CheckpointOptions {
+        shards: 2,
+        mtp: false,
+        fill: Fill::Model,
+    };
+    write_tiny_checkpoint(&ckpt, &TinyConfig::demo(), 1, &opts).unwrap();
+    let mut files = Vec::new();
+    for name in [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        files.push((name.to_string(), std::fs::read(ckpt.join(name)).unwrap()));
+    }
+    Checkpoint { dir: ckpt, files }
+}
+
+fn quantize_suite(ck: &Checkpoint, count: u64) -> Suite<'_> {
+    let mutant = move |seed: u64| -> (usize, Vec<u8>, String) {
+        let mut c = SplitMix(seed);
+        let which = match c.below(10) {
+            0..=4 => 0,
+            5..=6 => 1,
+            7..=8 => 2,
+            _ => 3,
+        };
+        let (name, base) = &ck.files[which];
+        let (bytes, what) = if name.ends_with(".safetensors") {
+            mutants::mutate_safetensors(base, &mut c)
+        } else if c.chance(1, 6) {
+            mutate_bytes(base, &mut c)
+        } else {
+            let mut json: serde_json::Value = serde_json::from_slice(base).unwrap();
+            let what = mutants::mutate_json(&mut json, &mut c);
+            (serde_json::to_vec_pretty(&json).unwrap(), what)
+        };
+        (which, bytes, format!("{name}: {what}"))
+    };
+    let recipe = |seed: u64| ["Q8_0", "Q8_0", "MXFP4", "Q4_K_M"][(seed % 4) as usize];
+    Suite {
+        name: "quantize",
+        count,
+        run: Box::new(move |seed, slot| {
+            let (which, bytes, _) = mutant(seed);
+            let input = slot.join("hf");
+            if linked_copy(&ck.dir, &input, &ck.files[which].0, &bytes).is_err() {
+                return mutants::SKIPPED;
+            }
+            let out = slot.join("out.gguf");
+            let (input, out) = (input.to_str().unwrap(), out.to_str().unwrap());
+            exec_ferrite(&[
+                "quantize",
+                input,
+                out,
+                "--type",
+                recipe(seed),
+                "-t",
+                "1",
+                "--overwrite",
+            ])
+        }),
+        describe: Box::new(move |seed| format!("{} (recipe {})", mutant(seed).2, recipe(seed))),
+        keep: Box::new(move |seed, path| {
+            let (which, bytes, _) = mutant(seed);
+            let _ = linked_copy(&ck.dir, path, &ck.files[which].0, &bytes);
+        }),
+        skips: 5,
+    }
+}
+
+/// Importance matrices of the demo model in llama.cpp's two formats: GGUF (`NAME.in_sum2`, `NAME.counts`) and the
+/// legacy `.dat`.
+struct Imatrix {
+    gguf: PathBuf,
+    dat: Vec<u8>,
+}
+
+fn imatrix(dir: &Path, demo: &Path) -> Imatrix {
+    let model = gguf::Model::open(demo).unwrap();
+    let mut w = gguf::Writer::new();
+    w.set("general.type", gguf::Value::String("imatrix".into()));
+    w.set(
+        "imatrix.datasets",
+        gguf::Value::string_array(["calibration.txt"]),
+    );
+    w.set("imatrix.chunk_count", gguf::Value::U32(4));
+    w.set("imatrix.chunk_size", gguf::Value::U32(512));
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    let mut dat = Vec::new();
+    let mut n_entries = 0i32;
+    let mut entries = Vec::new();
+    for t in model.tensors() {
+        let dims = &t.info.dims;
+        if dims.len() < 2 || t.info.ty != gguf::GgmlType::F32 {
+            continue;
+        }
+        let (n, n_mat) = (dims[0] as usize, dims.get(2).copied().unwrap_or(1) as usize);
+        let sum2: Vec<f32> = (0..n * n_mat)
+            .map(|i| 0.5 + ((i * 7919) % 97) as f32)
+            .collect();
+        w.add_tensor(
+            &format!("{}.in_sum2", t.info.name),
+            &[n as u64, n_mat as u64],
+            gguf::GgmlType::F32,
+        )
+        .unwrap();
+        w.add_tensor(
+            &format!("{}.counts", t.info.name),
+            &[1, n_mat as u64],
+            gguf::GgmlType::F32,
+        )
+        .unwrap();
+        data.push(sum2.iter().flat_map(|v| v.to_le_bytes()).collect());
+        data.push(
+            [4.0f32]
+                .repeat(n_mat)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        );
+        // Legacy: name, ncall, nval, values (mean * ncall).
+        n_entries += 1;
+        let name = t.info.name.as_bytes();
+        entries.extend_from_slice(&(name.len() as i32).to_le_bytes());
+        entries.extend_from_slice(name);
+        entries.extend_from_slice(&4i32.to_le_bytes());
+        entries.extend_from_slice(&(sum2.len() as i32).to_le_bytes());
+        entries.extend(sum2.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    dat.extend_from_slice(&n_entries.to_le_bytes());
+    dat.extend_from_slice(&entries);
+    dat.extend_from_slice(&4i32.to_le_bytes());
+    let dataset = b"calibration.txt";
+    dat.extend_from_slice(&(dataset.len() as i32).to_le_bytes());
+    dat.extend_from_slice(dataset);
+    let path = dir.join("imatrix.gguf");
+    w.write_file(&path, true, |i, _, out| out.write_all(&data[i]))
+        .unwrap();
+    Imatrix { gguf: path, dat }
+}
+
+fn imatrix_suite<'a>(
+    im: &'a Imatrix,
+    parts: &'a Parts<'a>,
+    demo: &'a Path,
+    count: u64,
+) -> Suite<'a> {
+    // (bytes, extension, what)
+    let mutant = move |seed: u64| -> (Vec<u8>, &'static str, String) {
+        let mut c = SplitMix(seed);
+        match c.below(4) {
+            0 | 1 => {
+                let ms = mutants::mutations(parts, &mut c);
+                let p = mutants::apply(parts, &ms);
+                let tmp =
+                    tempfile::NamedTempFile::new_in(Path::new(&im.gguf).parent().unwrap()).unwrap();
+                let bytes = match p.write(tmp.path()) {
+                    Ok(()) => std::fs::read(tmp.path()).unwrap(),
+                    Err(_) => Vec::new(),
+                };
+                (bytes, "gguf", format!("gguf: {}", Described(&ms)))
+            }
+            2 => {
+                let base = std::fs::read(&im.gguf).unwrap();
+                let (b, what) = mutate_bytes(&base, &mut c);
+                (b, "gguf", format!("gguf bytes: {what}"))
+            }
+            _ => {
+                let (b, what) = mutate_bytes(&im.dat, &mut c);
+                (b, "dat", format!("dat bytes: {what}"))
+            }
+        }
+    };
+    // The K-quants weigh their rounding with the matrix; IQ2_XXS (which wants one) starts with seconds of grid
+    // set-up, so only one mutant in 32 uses it here (longer runs reach more).
+    let recipe = |seed: u64| match seed % 32 {
+        0 => "IQ2_XXS",
+        s if s % 2 == 0 => "Q4_K_M",
+        _ => "Q2_K",
+    };
+    Suite {
+        name: "imatrix",
+        count,
+        run: Box::new(move |seed, slot| {
+            let (bytes, ext, _) = mutant(seed);
+            if bytes.is_empty() {
+                return mutants::SKIPPED;
+            }
+            let file = slot.with_extension(ext);
+            if std::fs::write(&file, bytes).is_err() {
+                return mutants::SKIPPED;
+            }
+            let out = slot.with_extension("out.gguf");
+            exec_ferrite(&[
+                "quantize",
+                demo.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--type",
+                recipe(seed),
+                "--imatrix",
+                file.to_str().unwrap(),
+                "-t",
+                "1",
+                "--overwrite",
+            ])
+        }),
+        describe: Box::new(move |seed| format!("{} (recipe {})", mutant(seed).2, recipe(seed))),
+        keep: Box::new(move |seed, path| {
+            let (bytes, ext, _) = mutant(seed);
+            let _ = std::fs::write(path.with_extension(ext), bytes);
+        }),
+        skips: 5,
     }
 }
 
@@ -443,6 +673,48 @@ fn supervisor_check(dir: &Path) {
     eprintln!("mutants supervisor: every way a child can fail is caught");
 }
 
+/// The fast writer writes what each mutant says: for the first 300 model mutants, the file it leaves (in one slot
+/// file reused from mutant to mutant, or whole) reads back as the mutant's metadata and tensors.
+fn writer_check(parts: &Parts<'_>, fast: &FastWriter<'_>, base: u64, dir: &Path) {
+    let (slot, whole) = (dir.join("check.gguf"), dir.join("check-whole.gguf"));
+    fast.prepare(&slot).unwrap();
+    let mut in_place = 0;
+    for i in 0..300 {
+        let ms = mutants::mutations(parts, &mut SplitMix(base + i));
+        let p = mutants::apply(parts, &ms);
+        let Ok(path) = fast.write(&p, &slot, &whole) else {
+            continue;
+        };
+        in_place += usize::from(path == slot);
+        let f = GgufFile::open(path).unwrap();
+        let what = Described(&ms);
+        let meta: Vec<_> = f
+            .metadata()
+            .iter()
+            .filter(|(k, _)| *k != mutants::PAD_KEY)
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let mut expected = p.metadata.clone();
+        expected.retain(|(k, _)| k != mutants::PAD_KEY);
+        // Compared as printed: NaN values equal themselves there.
+        assert_eq!(format!("{meta:?}"), format!("{expected:?}"), "{what}");
+        assert_eq!(f.header().tensors.len(), p.tensors.len(), "{what}");
+        for (t, e) in f.header().tensors.iter().zip(&p.tensors) {
+            assert_eq!((&t.name, t.ty, &t.dims), (&e.name, e.ty, &e.dims), "{what}");
+            assert!(
+                f.tensor_data(t) == &e.data[..],
+                "{what}: data of {}",
+                t.name
+            );
+        }
+    }
+    assert!(
+        in_place > 150,
+        "only {in_place} of 300 mutants written in place"
+    );
+    eprintln!("mutants writer: 300 mutants read back as generated ({in_place} written in place)");
+}
+
 /// Where a child's time goes, for the unmutated model (`--profile`, in this process).
 fn profile(parts: &Parts<'_>, dir: &Path) {
     let file = dir.join("profile.gguf");
@@ -476,7 +748,14 @@ fn profile(parts: &Parts<'_>, dir: &Path) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let suites = ["supervisor", "model", "session"];
+    let suites = [
+        "supervisor",
+        "model",
+        "config",
+        "session",
+        "quantize",
+        "imatrix",
+    ];
     if args.iter().any(|a| a == "--list") {
         for s in suites {
             println!("{s}: test");
@@ -505,12 +784,23 @@ fn main() {
             Some(h) => u64::from_str_radix(h, 16).unwrap(),
             None => seed.parse().unwrap(),
         };
-        let sessions;
+        let (sessions, ck, im, im_file, im_parts);
         let s = match suite {
             "model" => model_suite(&parts, &fast, 1),
             "session" => {
                 sessions = sessions_of();
                 session_suite(&sessions, 1)
+            }
+            "config" => config_suite(1),
+            "quantize" => {
+                ck = checkpoint(dir.path());
+                quantize_suite(&ck, 1)
+            }
+            "imatrix" => {
+                im = imatrix(dir.path(), &demo);
+                im_file = GgufFile::open(&im.gguf).unwrap();
+                im_parts = Parts::of(&im_file);
+                imatrix_suite(&im, &im_parts, &demo, 1)
             }
             other => panic!("no suite {other}"),
         };
@@ -529,6 +819,7 @@ fn main() {
     let mut failures = Vec::new();
     if selected("supervisor") {
         supervisor_check(dir.path());
+        writer_check(&parts, &fast, base, dir.path());
     }
     if selected("model") {
         failures.extend(run_suite(
@@ -538,9 +829,25 @@ fn main() {
             &limits,
         ));
     }
+    if selected("config") {
+        let s = config_suite((n_model / 40).max(1));
+        failures.extend(run_suite(&s, base, dir.path(), &limits));
+    }
     if selected("session") {
         let sessions = sessions_of();
-        let s = session_suite(&sessions, (n_model / 10).max(1));
+        let s = session_suite(&sessions, (n_model / 20).max(1));
+        failures.extend(run_suite(&s, base, dir.path(), &limits));
+    }
+    if selected("quantize") {
+        let ck = checkpoint(dir.path());
+        let s = quantize_suite(&ck, (n_model / 20).max(1));
+        failures.extend(run_suite(&s, base, dir.path(), &limits));
+    }
+    if selected("imatrix") {
+        let im = imatrix(dir.path(), &demo);
+        let file = GgufFile::open(&im.gguf).unwrap();
+        let parts = Parts::of(&file);
+        let s = imatrix_suite(&im, &parts, &demo, (n_model / 100).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if failures.is_empty() {

@@ -144,10 +144,18 @@ impl<'a> Parts<'a> {
                 format!("the mutant would take {} bytes", layout.total_bytes),
             ));
         }
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+        // Written over the file's old pages without truncating it first: freeing and allocating tmpfs pages costs
+        // more than the copy.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
         w.write(&mut out, |i, _, sink| sink.write_all(&self.tensors[i].data))
             .map_err(invalid)?;
-        out.flush()
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.set_len(layout.total_bytes)
     }
 
     fn value(&self, key: &str) -> Option<&Value> {
@@ -1018,6 +1026,8 @@ pub struct Limits {
     pub address_space: u64,
     /// Peak resident memory (`ru_maxrss`) above which an outcome is a failure.
     pub rss: u64,
+    /// Largest file the child may write (`RLIMIT_FSIZE`).
+    pub file_size: u64,
 }
 
 impl Default for Limits {
@@ -1026,6 +1036,7 @@ impl Default for Limits {
             time: Duration::from_secs(20),
             address_space: 3 << 30,
             rss: 2 << 30,
+            file_size: 256 << 20,
         }
     }
 }
@@ -1038,7 +1049,7 @@ pub struct Child {
     pub tag: u64,
 }
 
-/// Forks a child that runs `f` and exits with its code (101 after a panic). The child's stderr goes to `stderr`
+/// Forks a child that runs `f` and exits with its code (101 after a panic). The child's stdout and stderr go to `stderr`
 /// (truncated first) so the parent can show it for a failure. Call only from a single-threaded process: the child
 /// has only the calling thread, and locks other threads held would stay locked in it.
 pub fn spawn(
@@ -1058,6 +1069,15 @@ pub fn spawn(
         // SAFETY: plain system calls on the child's own descriptors and limits.
         unsafe {
             libc::dup2(err.as_raw_fd(), 2);
+            libc::dup2(err.as_raw_fd(), 1);
+            // Files past the limit fail to write (EFBIG) instead of filling the disk; the signal is ignored so the
+            // write fails with an error the product reports (the disposition survives an exec).
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let fsize = libc::rlimit {
+                rlim_cur: limits.file_size,
+                rlim_max: limits.file_size,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &fsize);
             let rl = libc::rlimit {
                 rlim_cur: limits.address_space,
                 rlim_max: limits.address_space,
@@ -1146,4 +1166,483 @@ pub fn stderr_tail(path: &Path, max: u64) -> String {
     let mut s = String::new();
     let _ = f.read_to_string(&mut s);
     s
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// JSON mutations (Hugging Face `config.json`, safetensors headers, the shard index).
+
+use serde_json::Value as Json;
+
+/// Paths (object keys and array indices) of every value in `v`, containers included.
+fn json_paths(v: &Json, prefix: &mut Vec<Json>, out: &mut Vec<Vec<Json>>) {
+    match v {
+        Json::Object(m) => {
+            for (k, x) in m {
+                prefix.push(Json::String(k.clone()));
+                out.push(prefix.clone());
+                json_paths(x, prefix, out);
+                prefix.pop();
+            }
+        }
+        Json::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                prefix.push(Json::from(i));
+                out.push(prefix.clone());
+                json_paths(x, prefix, out);
+                prefix.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+fn json_at<'j>(v: &'j mut Json, path: &[Json]) -> Option<&'j mut Json> {
+    path.iter().try_fold(v, |v, step| match step {
+        Json::String(k) => v.get_mut(k.as_str()),
+        Json::Number(i) => v.get_mut(i.as_u64()? as usize),
+        _ => None,
+    })
+}
+
+/// A new JSON value for one that holds `old`.
+fn new_json(old: &Json, c: &mut impl Choices) -> Json {
+    if c.chance(1, 8) {
+        return match c.below(5) {
+            0 => Json::Null,
+            1 => Json::from(c.pick(STRINGS).to_string()),
+            2 => Json::Bool(c.chance(1, 2)),
+            3 => serde_json::json!([]),
+            _ => serde_json::json!({}),
+        };
+    }
+    match old {
+        Json::Number(n) => {
+            if c.chance(1, 4) {
+                // Floats JSON can spell (NaN and inf cannot be written).
+                return Json::from(*c.pick(&[-1.0, 0.0, 1e-45, 1e30, 1e300, -1e300, 0.5, 3.7]));
+            }
+            let base = n.as_i64().map(i128::from).unwrap_or(0);
+            let v = match c.below(3) {
+                0 => base + [-2, -1, 1, 2, 8][c.below(5)],
+                1 => base * [2, 3, 16, 1 << 20][c.below(4)],
+                _ => *c.pick(INTS),
+            };
+            match (u64::try_from(v), i64::try_from(v)) {
+                (Ok(u), _) => Json::from(u),
+                (_, Ok(i)) => Json::from(i),
+                _ => Json::from(u64::MAX),
+            }
+        }
+        Json::String(s) => match c.below(3) {
+            0 => Json::from(c.pick(STRINGS).to_string()),
+            1 => Json::from(s.repeat(2)),
+            _ => Json::from(String::new()),
+        },
+        Json::Bool(b) => Json::Bool(!b),
+        Json::Array(a) => {
+            let mut a = a.clone();
+            match c.below(4) {
+                0 => a.clear(),
+                1 => {
+                    a.pop();
+                }
+                2 => {
+                    if let Some(x) = a.last().cloned() {
+                        a.push(x);
+                    }
+                }
+                _ => a.push(Json::from(*c.pick(INTS) as i64)),
+            }
+            Json::Array(a)
+        }
+        _ => Json::from(*c.pick(INTS) as i64),
+    }
+}
+
+/// Up to 3 changes to `v` (values replaced, keys removed); returns what was done.
+pub fn mutate_json(v: &mut Json, c: &mut impl Choices) -> String {
+    let mut what = Vec::new();
+    for _ in 0..1 + c.below(3) {
+        let mut paths = Vec::new();
+        json_paths(v, &mut Vec::new(), &mut paths);
+        if paths.is_empty() {
+            break;
+        }
+        let path = c.pick(&paths).clone();
+        let shown: Vec<String> = path
+            .iter()
+            .map(|p| match p {
+                Json::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        let shown = shown.join(".");
+        if c.chance(1, 8) {
+            // Remove the key (or array element).
+            let (last, parent) = path.split_last().unwrap();
+            if let Some(p) = json_at(v, parent) {
+                match (p, last) {
+                    (Json::Object(m), Json::String(k)) => {
+                        m.remove(k);
+                    }
+                    (Json::Array(a), Json::Number(i)) => {
+                        a.remove(i.as_u64().unwrap_or(0) as usize);
+                    }
+                    _ => {}
+                }
+            }
+            what.push(format!("remove {shown}"));
+            continue;
+        }
+        if let Some(slot) = json_at(v, &path) {
+            let new = new_json(slot, c);
+            what.push(format!("{shown} = {new}"));
+            *slot = new;
+        }
+    }
+    what.join("; ")
+}
+
+/// Dtype names a safetensors header can hold (every one the format defines, and nonsense).
+const DTYPES: &[&str] = &[
+    "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "BF16", "F16", "F32", "F64", "I64", "I32", "I16", "I8",
+    "U8", "BOOL", "U64", "X", "",
+];
+
+/// A mutant of a safetensors file: its JSON header changed (an entry's dtype, shape or offsets, an entry removed or
+/// renamed, `__metadata__`), or the header's bytes mutated; the data kept. Returns the bytes and what was done.
+pub fn mutate_safetensors(file: &[u8], c: &mut impl Choices) -> (Vec<u8>, String) {
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let (header, data) = (&file[8..8 + n], &file[8 + n..]);
+    if c.chance(1, 5) {
+        // Bytes of the length and header.
+        let (mut h, what) = mutate_bytes(&file[..8 + n], c);
+        h.extend_from_slice(data);
+        return (h, format!("header bytes: {what}"));
+    }
+    let mut json: Json = serde_json::from_slice(header).unwrap();
+    let names: Vec<String> = json.as_object().unwrap().keys().cloned().collect();
+    let name = c.pick(&names).clone();
+    let entry = json.get_mut(&name).unwrap();
+    let what = match (name.as_str(), c.below(6)) {
+        ("__metadata__", _) => format!("__metadata__: {}", mutate_json(entry, c)),
+        (_, 0) => {
+            let d = *c.pick(DTYPES);
+            entry["dtype"] = Json::from(d);
+            format!("{name}.dtype = {d}")
+        }
+        (_, 1) => {
+            let shape = entry["shape"].clone();
+            let mut dims: Vec<i128> = shape
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d.as_i64().map(i128::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            match c.below(5) {
+                0 if !dims.is_empty() => {
+                    let i = c.below(dims.len());
+                    dims[i] = *c.pick(INTS);
+                }
+                1 => dims.push(*c.pick(&[1, 2, 0])),
+                2 => {
+                    dims.pop();
+                }
+                3 if dims.len() >= 2 => dims.swap(0, 1),
+                _ => dims.iter_mut().for_each(|d| *d = 0),
+            }
+            let json_dims: Vec<Json> = dims
+                .iter()
+                .map(|&d| match u64::try_from(d) {
+                    Ok(u) => Json::from(u),
+                    Err(_) => Json::from(d as i64),
+                })
+                .collect();
+            entry["shape"] = Json::Array(json_dims);
+            format!("{name}.shape = {}", entry["shape"])
+        }
+        (_, 2) => {
+            let offsets = &mut entry["data_offsets"];
+            let what = mutate_json(offsets, c);
+            format!("{name}.data_offsets: {what}")
+        }
+        (_, 3) => {
+            json.as_object_mut().unwrap().remove(&name);
+            format!("remove {name}")
+        }
+        (_, 4) => {
+            let v = json.as_object_mut().unwrap().remove(&name).unwrap();
+            let new = match c.below(3) {
+                0 => format!("{name}.x"),
+                1 => name.replace("layers.0.", "layers.7."),
+                _ => name.replace("weight", "scale"),
+            };
+            json.as_object_mut().unwrap().insert(new.clone(), v);
+            format!("rename {name} to {new}")
+        }
+        _ => format!("{name}: {}", mutate_json(entry, c)),
+    };
+    let mut text = serde_json::to_vec(&json).unwrap();
+    // Headers are padded with spaces to 8 bytes, as the format's writers do.
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(data);
+    (out, what)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// What a mutant runs: one token of `ferrite complete`.
+
+use std::ops::ControlFlow;
+
+use ferrite::chat::{ChatOptions, Message};
+use ferrite::engine::{Engine, EngineOptions};
+use ferrite::generate::{generate, GenerateOptions};
+use ferrite::sampler::{Sampler, SamplerConfig};
+
+/// How mutant `seed` opens its engine: mostly as `complete` does (repacked weights, fused operators), one in four
+/// from the map, one in eight unfused; one thread.
+pub fn engine_options(seed: u64) -> EngineOptions {
+    EngineOptions {
+        n_threads: 1,
+        repack: seed % 4 != 0,
+        fused_ops: seed % 8 != 1,
+        ..Default::default()
+    }
+}
+
+/// One token of `ferrite complete -p hi` on the opened engine: the prompt rendered with the model's template,
+/// tokenized, processed, one token sampled (greedy, or `complete`'s default sampling for odd seeds, which NaN
+/// logits reach differently) and fed.
+///
+/// A model without a vocabulary (which `complete` refuses) runs from token ids instead, as `ferrite logits
+/// --tokens` does, so the mutant still reaches the graph.
+pub fn one_token(engine: &Engine, seed: u64) -> anyhow::Result<()> {
+    let prompt = match engine.tokenizer() {
+        Ok(tokenizer) => {
+            let text = engine.prompt_format().render(
+                &[Message::user("hi")],
+                &ChatOptions::default(),
+                true,
+            );
+            tokenizer.encode(&text, true)
+        }
+        Err(_) => {
+            let last = engine.n_vocab().saturating_sub(1) as u32;
+            let prompt = vec![0, 1.min(last), 5.min(last)];
+            let mut session = engine.session()?;
+            session.feed(&prompt, ferrite::engine::Logits::Last)?;
+            return Ok(());
+        }
+    };
+    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty after tokenization");
+    anyhow::ensure!(
+        prompt.len() < engine.n_ctx(),
+        "the prompt does not fit the context"
+    );
+    let mut session = engine.session()?;
+    let mut sampler = Sampler::new(match seed % 2 {
+        0 => SamplerConfig::greedy(),
+        _ => SamplerConfig {
+            seed,
+            ..SamplerConfig::default()
+        },
+    });
+    let opts = GenerateOptions {
+        max_tokens: Some(1),
+        interrupt: None,
+    };
+    generate(&mut session, &mut sampler, &prompt, &opts, |_| {
+        ControlFlow::Continue(())
+    })?;
+    Ok(())
+}
+
+/// `Engine::open` of `path` with [`engine_options`], then [`one_token`].
+pub fn open_and_run(path: &Path, seed: u64) -> anyhow::Result<()> {
+    let engine = Engine::open(path, engine_options(seed))?;
+    one_token(&engine, seed)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Consistent mutants: another configuration, its tensors shaped to match (what metadata and tensor mutations one at a
+// time rarely reach: a file that passes every shape check with numbers the checks did not foresee).
+
+use ferrite::model::tiny::{
+    encode_values, tensor_specs, tensor_values, write_specs, TinyConfig, Values, Vocabulary,
+    WeightTypes,
+};
+
+/// Largest model a configuration mutant may be (its values are generated for every mutant).
+const MAX_CONFIG_BYTES: u64 = 24 << 20;
+
+/// The demo configuration with 1 to 3 fields set to boundary values (not checked by `TinyConfig::validate`: the
+/// product must refuse what it cannot run). Returns the configuration and what changed.
+pub fn config_mutant(c: &mut impl Choices) -> (TinyConfig, String) {
+    let mut cfg = TinyConfig::demo();
+    let mut what = Vec::new();
+    for _ in 0..1 + c.below(3) {
+        let small = |c: &mut dyn FnMut(usize) -> usize, options: &[u32]| options[c(options.len())];
+        let mut b = |n: usize| c.below(n);
+        let field = b(26);
+        let change = match field {
+            0 => {
+                cfg.n_layer = small(&mut b, &[1, 2, 3, 5, 6]);
+                let n = cfg.n_layer as usize;
+                cfg.compress_ratios.resize(n, 4);
+                cfg.hash_layer_count = cfg.hash_layer_count.min(cfg.n_layer);
+                format!("n_layer {}", cfg.n_layer)
+            }
+            1 => {
+                cfg.n_embd = small(&mut b, &[4, 8, 32, 64, 100, 128, 260, 512]);
+                format!("n_embd {}", cfg.n_embd)
+            }
+            2 => {
+                cfg.n_vocab = small(&mut b, &[1, 2, 300, 511, 513, 1024, 4096]);
+                if cfg.n_vocab < 512 {
+                    cfg.vocab = Vocabulary::None;
+                }
+                format!("n_vocab {}", cfg.n_vocab)
+            }
+            3 => {
+                cfg.n_head = small(&mut b, &[1, 2, 3, 8, 16]);
+                format!("n_head {}", cfg.n_head)
+            }
+            4 => {
+                cfg.head_dim = small(&mut b, &[2, 32, 34, 64, 96, 130, 192, 256, 512]);
+                format!("head_dim {}", cfg.head_dim)
+            }
+            5 => {
+                cfg.n_rot = small(&mut b, &[0, 1, 2, 4, 30, 33, 64, 128]);
+                format!("n_rot {}", cfg.n_rot)
+            }
+            6 => {
+                cfg.q_lora_rank = small(&mut b, &[1, 3, 8, 256]);
+                format!("q_lora_rank {}", cfg.q_lora_rank)
+            }
+            7 => {
+                cfg.o_lora_rank = small(&mut b, &[1, 3, 8, 256]);
+                format!("o_lora_rank {}", cfg.o_lora_rank)
+            }
+            8 => {
+                cfg.o_groups = small(&mut b, &[1, 3, 4, 8]);
+                format!("o_groups {}", cfg.o_groups)
+            }
+            9 => {
+                cfg.sliding_window = small(&mut b, &[1, 2, 3, 7, 128, 4096]);
+                format!("sliding_window {}", cfg.sliding_window)
+            }
+            10 => {
+                let n = cfg.compress_ratios.len();
+                let i = b(n);
+                cfg.compress_ratios[i] = small(&mut b, &[0, 4, 128]);
+                format!("compress_ratios {:?}", cfg.compress_ratios)
+            }
+            11 => {
+                cfg.indexer_n_head = small(&mut b, &[1, 2, 3, 64]);
+                format!("indexer_n_head {}", cfg.indexer_n_head)
+            }
+            12 => {
+                cfg.indexer_head_dim = small(&mut b, &[32, 64, 96, 128, 256]);
+                format!("indexer_head_dim {}", cfg.indexer_head_dim)
+            }
+            13 => {
+                cfg.indexer_top_k = small(&mut b, &[1, 2, 3, 64, 512, 4096]);
+                format!("indexer_top_k {}", cfg.indexer_top_k)
+            }
+            14 => {
+                cfg.n_expert = small(&mut b, &[1, 2, 3, 16, 64]);
+                cfg.n_expert_used = cfg.n_expert_used.min(cfg.n_expert);
+                format!("n_expert {}", cfg.n_expert)
+            }
+            15 => {
+                cfg.n_expert_used = small(&mut b, &[1, 3, 7, 8]).min(cfg.n_expert);
+                format!("n_expert_used {}", cfg.n_expert_used)
+            }
+            16 => {
+                cfg.expert_ffn = small(&mut b, &[1, 3, 32, 33, 256]);
+                format!("expert_ffn {}", cfg.expert_ffn)
+            }
+            17 => {
+                cfg.n_expert_shared = small(&mut b, &[0, 1, 2]);
+                format!("n_expert_shared {}", cfg.n_expert_shared)
+            }
+            18 => {
+                cfg.hash_layer_count = small(&mut b, &[0, 1, 3, 4]).min(cfg.n_layer);
+                format!("hash_layer_count {}", cfg.hash_layer_count)
+            }
+            19 => {
+                cfg.yarn_factor = [1.0, 0.5, 40.0, 1e6][b(4)];
+                format!("yarn_factor {}", cfg.yarn_factor)
+            }
+            20 => {
+                cfg.yarn_orig_ctx = small(&mut b, &[1, 16, 4096, 1 << 20]);
+                format!("yarn_orig_ctx {}", cfg.yarn_orig_ctx)
+            }
+            21 => {
+                cfg.context_length = small(&mut b, &[1, 2, 8, 16, 17, 100, 1 << 20]);
+                format!("context_length {}", cfg.context_length)
+            }
+            22 => {
+                cfg.hc_sinkhorn_iters = small(&mut b, &[1, 2, 100]);
+                format!("hc_sinkhorn_iters {}", cfg.hc_sinkhorn_iters)
+            }
+            23 => {
+                let ty = [
+                    GgmlType::F16,
+                    GgmlType::Bf16,
+                    GgmlType::Q8_0,
+                    GgmlType::Q4_0,
+                    GgmlType::Q4K,
+                    GgmlType::Q2K,
+                    GgmlType::Mxfp4,
+                    GgmlType::Iq4Nl,
+                ][b(8)];
+                match b(4) {
+                    0 => cfg.types.dense = ty,
+                    1 => cfg.types.experts = ty,
+                    2 => cfg.types.shared = ty,
+                    _ => cfg.types.embed = ty,
+                }
+                format!("types {:?}", cfg.types)
+            }
+            24 => {
+                cfg.types = WeightTypes::all(GgmlType::Q8_0);
+                "all Q8_0".to_string()
+            }
+            _ => {
+                cfg.nextn_predict_layers = small(&mut b, &[1, 2]);
+                format!("nextn_predict_layers {}", cfg.nextn_predict_layers)
+            }
+        };
+        what.push(change);
+    }
+    (cfg, what.join(", "))
+}
+
+/// Writes the model of `cfg` (values of `seed`) without `TinyConfig::validate`. `None` when the configuration has
+/// no such model (a type whose blocks do not divide a row, a size past the cap, ids the generator cannot draw).
+pub fn write_config_model(path: &Path, cfg: &TinyConfig, seed: u64) -> Option<()> {
+    let specs = tensor_specs(cfg);
+    let total = specs
+        .iter()
+        .try_fold(0u64, |acc, s| Some(acc + s.ty.tensor_bytes(&s.dims)?))?;
+    let ids_ok = specs.iter().all(|s| match s.init {
+        ferrite::model::tiny::Init::ExpertIds { n_expert } => s.dims[0] <= n_expert as u64,
+        _ => true,
+    });
+    if total > MAX_CONFIG_BYTES || !ids_ok {
+        return None;
+    }
+    write_specs(path, cfg, &specs, |spec| match tensor_values(spec, seed) {
+        Values::Ids(ids) => Ok(ids.into_iter().flat_map(i32::to_le_bytes).collect()),
+        Values::F32(v) => encode_values(spec, &v),
+    })
+    .ok()
+    .map(|_| ())
 }
