@@ -127,7 +127,8 @@ fn run_suite(suite: &Suite<'_>, base: u64, dir: &Path, limits: &Limits) -> Vec<F
         if outcome.is_failure() {
             let seed = child.tag;
             let stderr = stderr_tail(&dir.join(format!("{}-{slot}.stderr", suite.name)), 2000);
-            let kept = keep_dir().map(|d| {
+            // The first few failing mutants of a run are kept (a broken build fails thousands; model files are 12 MB).
+            let kept = keep_dir().filter(|_| failures.len() < 20).map(|d| {
                 let path = d.join(format!("{}-{seed:#x}", suite.name));
                 (suite.keep)(seed, &path);
                 path
@@ -360,7 +361,17 @@ fn session_suite(s: &Sessions, count: u64) -> Suite<'_> {
                 let engine = Engine::open(&s.demo_model, engine_options(seed))?;
                 let mut session = engine.session()?;
                 session.load(file)?;
-                session.feed(&[7], Logits::Last)?;
+                // Continue as `chat` does after /load: a token, one sampled with the repetition penalty over the
+                // loaded tokens, and a rewind into them (which processes the file's tokens again).
+                let logits = session.feed(&[7], Logits::Last)?;
+                let mut sampler = ferrite::sampler::Sampler::new(ferrite::sampler::SamplerConfig {
+                    repeat_penalty: 1.3,
+                    seed,
+                    ..Default::default()
+                });
+                let next = sampler.sample(&logits, session.tokens());
+                session.feed(&[next], Logits::Last)?;
+                session.rewind(session.n_past() / 2)?;
                 Ok(())
             })())
         }),
@@ -673,6 +684,57 @@ fn supervisor_check(dir: &Path) {
     eprintln!("mutants supervisor: every way a child can fail is caught");
 }
 
+/// A suite run reports a crash the way ferrite crashed before issue 15's fixes: a child standing in for the product
+/// aborts on the mutants that write expert ids past the expert count into a `tid2eid` table (ferrite then wrote out
+/// of bounds in `mul_mat_id`), and the run must name exactly those seeds.
+fn injected_check(parts: &Parts<'_>, base: u64, dir: &Path, limits: &Limits) {
+    let crashes = |seed: u64| {
+        mutants::mutations(parts, &mut SplitMix(seed))
+            .iter()
+            .any(|m| {
+                matches!(m, mutants::Mutation::SetInts(t, _, n, v)
+                if t.ends_with("tid2eid.weight") && *n > 0 && !(0..8).contains(v))
+            })
+    };
+    let count = 600;
+    let expected: Vec<u64> = (0..count)
+        .map(|i| base + i)
+        .filter(|&s| crashes(s))
+        .collect();
+    assert!(!expected.is_empty(), "no tid2eid mutant among {count}");
+    let suite = Suite {
+        name: "injected",
+        count,
+        run: Box::new(move |seed, _| match crashes(seed) {
+            true => std::process::abort(),
+            false => (seed % 2) as i32,
+        }),
+        describe: Box::new(|seed| {
+            Described(&mutants::mutations(parts, &mut SplitMix(seed))).to_string()
+        }),
+        keep: Box::new(|_, _| {}),
+        skips: 0,
+    };
+    eprintln!(
+        "mutants injected: {count} stand-in runs, {} of them crash on purpose (reported below):",
+        expected.len()
+    );
+    let failures = run_suite(&suite, base, dir, limits);
+    let mut found: Vec<u64> = failures.iter().map(|f| f.seed).collect();
+    found.sort_unstable();
+    assert_eq!(
+        found, expected,
+        "the injected crashes were not all reported"
+    );
+    assert!(failures
+        .iter()
+        .all(|f| f.outcome == Outcome::Signal(libc::SIGABRT)));
+    eprintln!(
+        "mutants injected: the {} injected crashes were reported",
+        expected.len()
+    );
+}
+
 /// The fast writer writes what each mutant says: for the first 300 model mutants, the file it leaves (in one slot
 /// file reused from mutant to mutant, or whole) reads back as the mutant's metadata and tensors.
 fn writer_check(parts: &Parts<'_>, fast: &FastWriter<'_>, base: u64, dir: &Path) {
@@ -819,6 +881,7 @@ fn main() {
     let mut failures = Vec::new();
     if selected("supervisor") {
         supervisor_check(dir.path());
+        injected_check(&parts, base, dir.path(), &limits);
         writer_check(&parts, &fast, base, dir.path());
     }
     if selected("model") {
@@ -830,7 +893,7 @@ fn main() {
         ));
     }
     if selected("config") {
-        let s = config_suite((n_model / 40).max(1));
+        let s = config_suite((n_model / 50).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if selected("session") {
