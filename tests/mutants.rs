@@ -393,6 +393,27 @@ fn exec_ferrite(args: &[&str]) -> i32 {
     99
 }
 
+/// Runs `ferrite ARGS` and returns its exit code; a signal that ended it ends this process too (so the supervisor
+/// sees it as it would have seen it from the command itself).
+fn run_ferrite(args: &[&str]) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = match std::process::Command::new(BIN).args(args).status() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot run {BIN}: {e}");
+            return 99;
+        }
+    };
+    if let Some(sig) = status.signal() {
+        // SAFETY: restores the default action of the signal and sends it to this child process.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+    status.code().unwrap_or(99)
+}
+
 /// A folder `slot` holding hard links to every file of `base` (a fresh copy of the folder, for the price of the
 /// links), except `replaced`, written with `bytes`.
 fn linked_copy(base: &Path, slot: &Path, replaced: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -483,6 +504,67 @@ fn quantize_suite(ck: &Checkpoint, count: u64) -> Suite<'_> {
         keep: Box::new(move |seed, path| {
             let (which, bytes, _) = mutant(seed);
             let _ = linked_copy(&ck.dir, path, &ck.files[which].0, &bytes);
+        }),
+        skips: 5,
+    }
+}
+
+/// `ferrite quantize` of model mutants (a GGUF input): the planner, `--dry-run` and the conversion see the same
+/// hostile metadata and tensors as `Engine::open`.
+fn requantize_suite<'a>(parts: &'a Parts<'a>, fast: &'a FastWriter<'a>, count: u64) -> Suite<'a> {
+    let mutant = move |seed: u64| {
+        let ms = mutants::mutations(parts, &mut SplitMix(seed));
+        let p = mutants::apply(parts, &ms);
+        (ms, p)
+    };
+    let recipe = |seed: u64| ["Q8_0", "Q4_K_M", "MXFP4", "F16", "Q8_0"][(seed % 5) as usize];
+    let dry = |seed: u64| seed % 7 == 3;
+    Suite {
+        name: "requantize",
+        count,
+        run: Box::new(move |seed, file| {
+            let (_, p) = mutant(seed);
+            let (slot, whole) = (
+                file.with_extension("gguf"),
+                file.with_extension("whole.gguf"),
+            );
+            if !slot.exists() && fast.prepare(&slot).is_err() {
+                return mutants::SKIPPED;
+            }
+            let Ok(input) = fast.write(&p, &slot, &whole) else {
+                return mutants::SKIPPED;
+            };
+            let out = file.with_extension("out.gguf");
+            let (input, out) = (input.to_str().unwrap(), out.to_str().unwrap());
+            let mut args = vec![
+                "quantize",
+                input,
+                out,
+                "--type",
+                recipe(seed),
+                "-t",
+                "1",
+                "--overwrite",
+            ];
+            if dry(seed) {
+                args.push("--dry-run");
+            }
+            // What quantize writes is then run for a token (its types and the mutant's values together).
+            match run_ferrite(&args) {
+                0 if !dry(seed) => exit_code(open_and_run(Path::new(out), seed)),
+                code => code,
+            }
+        }),
+        describe: Box::new(move |seed| {
+            let dry = if dry(seed) { ", --dry-run" } else { "" };
+            format!(
+                "{} (recipe {}{dry})",
+                Described(&mutant(seed).0),
+                recipe(seed)
+            )
+        }),
+        keep: Box::new(move |seed, path| {
+            let _ = mutant(seed).1.write(&path.with_extension("gguf"));
         }),
         skips: 5,
     }
@@ -854,6 +936,7 @@ fn main() {
                 session_suite(&sessions, 1)
             }
             "config" => config_suite(1),
+            "requantize" => requantize_suite(&parts, &fast, 1),
             "quantize" => {
                 ck = checkpoint(dir.path());
                 quantize_suite(&ck, 1)
@@ -904,6 +987,10 @@ fn main() {
     if selected("quantize") {
         let ck = checkpoint(dir.path());
         let s = quantize_suite(&ck, (n_model / 20).max(1));
+        failures.extend(run_suite(&s, base, dir.path(), &limits));
+    }
+    if selected("requantize") {
+        let s = requantize_suite(&parts, &fast, (n_model / 50).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if selected("imatrix") {

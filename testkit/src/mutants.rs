@@ -1406,12 +1406,20 @@ use ferrite::generate::{generate, GenerateOptions};
 use ferrite::sampler::{Sampler, SamplerConfig};
 
 /// How mutant `seed` opens its engine: mostly as `complete` does (repacked weights, fused operators), one in four
-/// from the map, one in eight unfused; one thread.
+/// from the map, one in eight unfused, one in five with the routed experts paged through a cache of a few slots,
+/// one in seven with a context of 8 to 64 tokens; one thread.
 pub fn engine_options(seed: u64) -> EngineOptions {
+    use ferrite::engine::PagingOptions;
+    use ferrite::plan::ExpertCacheArg;
     EngineOptions {
         n_threads: 1,
         repack: seed % 4 != 0,
         fused_ops: seed % 8 != 1,
+        paging: PagingOptions {
+            expert_cache: (seed % 5 == 3).then_some(ExpertCacheArg::Slots(2 + seed % 4)),
+            ctx_size: (seed % 7 == 5).then_some(8 << (seed % 4)),
+            ..PagingOptions::default()
+        },
         ..Default::default()
     }
 }
