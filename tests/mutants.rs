@@ -31,7 +31,7 @@ use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use gguf::GgufFile;
 use testkit::mutants::{
     self, engine_options, mutate_bytes, open_and_run, spawn, stderr_tail, wait_any, Child, Choices,
-    Described, FastWriter, Limits, Outcome, Parts, SplitMix,
+    Described, FastWriter, Limits, Mutation, Outcome, Parts, SplitMix,
 };
 use testkit::tiny_hf::{write_tiny_checkpoint, CheckpointOptions, Fill};
 
@@ -242,6 +242,38 @@ fn model_suite<'a>(parts: &'a Parts<'a>, fast: &'a FastWriter<'a>, count: u64) -
         describe: Box::new(move |seed| Described(&mutant(seed).0).to_string()),
         keep: Box::new(move |seed, path| {
             let _ = mutant(seed).1.write(&path.with_extension("gguf"));
+        }),
+        skips: 5,
+    }
+}
+
+/// Every single retype of a tensor role and every interesting value of every metadata key ([`mutants::sweep`]):
+/// mutant `i` is entry `i` (the seed only picks the engine options).
+fn sweep_suite<'a>(
+    parts: &'a Parts<'a>,
+    fast: &'a FastWriter<'a>,
+    list: &'a [Vec<Mutation>],
+) -> Suite<'a> {
+    Suite {
+        name: "sweep",
+        count: list.len() as u64,
+        run: Box::new(move |i, file| {
+            let p = mutants::apply(parts, &list[i as usize]);
+            let (slot, whole) = (
+                file.with_extension("gguf"),
+                file.with_extension("whole.gguf"),
+            );
+            if !slot.exists() && fast.prepare(&slot).is_err() {
+                return mutants::SKIPPED;
+            }
+            match fast.write(&p, &slot, &whole) {
+                Ok(path) => exit_code(open_and_run(path, i)),
+                Err(_) => mutants::SKIPPED,
+            }
+        }),
+        describe: Box::new(move |i| Described(&list[i as usize]).to_string()),
+        keep: Box::new(move |i, path| {
+            let _ = mutants::apply(parts, &list[i as usize]).write(&path.with_extension("gguf"));
         }),
         skips: 5,
     }
@@ -895,6 +927,7 @@ fn main() {
     let suites = [
         "supervisor",
         "model",
+        "sweep",
         "config",
         "session",
         "quantize",
@@ -928,8 +961,12 @@ fn main() {
             Some(h) => u64::from_str_radix(h, 16).unwrap(),
             None => seed.parse().unwrap(),
         };
-        let (sessions, ck, im, im_file, im_parts);
+        let (sessions, ck, im, im_file, im_parts, list);
         let s = match suite {
+            "sweep" => {
+                list = mutants::sweep(&parts);
+                sweep_suite(&parts, &fast, &list)
+            }
             "model" => model_suite(&parts, &fast, 1),
             "session" => {
                 sessions = sessions_of();
@@ -975,29 +1012,38 @@ fn main() {
             &limits,
         ));
     }
+    if selected("sweep") {
+        let list = mutants::sweep(&parts);
+        failures.extend(run_suite(
+            &sweep_suite(&parts, &fast, &list),
+            0,
+            dir.path(),
+            &limits,
+        ));
+    }
     if selected("config") {
-        let s = config_suite((n_model / 50).max(1));
+        let s = config_suite((n_model / 100).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if selected("session") {
         let sessions = sessions_of();
-        let s = session_suite(&sessions, (n_model / 20).max(1));
+        let s = session_suite(&sessions, (n_model / 30).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if selected("quantize") {
         let ck = checkpoint(dir.path());
-        let s = quantize_suite(&ck, (n_model / 20).max(1));
+        let s = quantize_suite(&ck, (n_model / 30).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if selected("requantize") {
-        let s = requantize_suite(&parts, &fast, (n_model / 50).max(1));
+        let s = requantize_suite(&parts, &fast, (n_model / 100).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if selected("imatrix") {
         let im = imatrix(dir.path(), &demo);
         let file = GgufFile::open(&im.gguf).unwrap();
         let parts = Parts::of(&file);
-        let s = imatrix_suite(&im, &parts, &demo, (n_model / 100).max(1));
+        let s = imatrix_suite(&im, &parts, &demo, (n_model / 150).max(1));
         failures.extend(run_suite(&s, base, dir.path(), &limits));
     }
     if failures.is_empty() {

@@ -1654,3 +1654,51 @@ pub fn write_config_model(path: &Path, cfg: &TinyConfig, seed: u64) -> Option<()
     .ok()
     .map(|_| ())
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sweeps: every single change of a kind, enumerated (random mutants reach a given tensor-and-type pair rarely).
+
+/// Every tensor role (the first tensor of each name once `blk.N.` is dropped) retyped to every type its rows can be
+/// stored in, and every metadata key set to each interesting value of its kind (and removed).
+pub fn sweep(parts: &Parts<'_>) -> Vec<Vec<Mutation>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for t in &parts.tensors {
+        let role = match t.name.strip_prefix("blk.") {
+            Some(rest) => rest.split_once('.').map_or(rest, |(_, r)| r).to_string(),
+            None => t.name.clone(),
+        };
+        if !seen.insert(role) {
+            continue;
+        }
+        for ty in types_for(t.dims.first().copied().unwrap_or(1)) {
+            if ty != t.ty && bytes_of(ty, &t.dims).is_some() {
+                out.push(vec![Mutation::Retype(t.name.clone(), ty)]);
+            }
+        }
+    }
+    for (key, old) in &parts.metadata {
+        out.push(vec![Mutation::RemoveKey(key.clone())]);
+        let values: Vec<Value> = match old {
+            Value::F32(_) | Value::F64(_) => FLOATS.iter().map(|&f| float_value(old, f)).collect(),
+            Value::Array(_) | Value::String(_) | Value::Bool(_) => continue,
+            _ => INTS
+                .iter()
+                .map(|&v| match old {
+                    Value::U32(_) => Value::U32(v as u32),
+                    Value::I32(_) => Value::I32(v as i32),
+                    Value::U64(_) => Value::U64(v as u64),
+                    Value::I64(_) => Value::I64(v as i64),
+                    Value::U8(_) => Value::U8(v as u8),
+                    _ => Value::U32(v as u32),
+                })
+                .collect(),
+        };
+        for v in values {
+            if v != *old {
+                out.push(vec![Mutation::SetKey(key.clone(), v)]);
+            }
+        }
+    }
+    out
+}
