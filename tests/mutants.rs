@@ -38,16 +38,21 @@ use testkit::tiny_hf::{write_tiny_checkpoint, CheckpointOptions, Fill};
 const DEFAULT_MODEL_MUTANTS: u64 = 10_000;
 const DEFAULT_SEED: u64 = 0x15_0005;
 
+/// What a child runs for mutant `seed` with its scratch path: the exit code.
+type RunFn<'a> = Box<dyn Fn(u64, &Path) -> i32 + 'a>;
+/// Writes mutant `seed` to a path, for a replay.
+type KeepFn<'a> = Box<dyn Fn(u64, &Path) + 'a>;
+
 /// One suite: a name, how many mutants, and what a child runs for mutant `seed` (its exit code).
 struct Suite<'a> {
     name: &'static str,
     count: u64,
     /// Runs mutant `seed` in the child, with `file` as its scratch file; returns the exit code.
-    run: Box<dyn Fn(u64, &Path) -> i32 + 'a>,
+    run: RunFn<'a>,
     /// What mutant `seed` is, for the report (computed in the parent).
     describe: Box<dyn Fn(u64) -> String + 'a>,
     /// Writes mutant `seed` to `path` for a replay (when the suite's mutants are files).
-    keep: Box<dyn Fn(u64, &Path) + 'a>,
+    keep: KeepFn<'a>,
     /// Percent of the mutants that may be skipped (not writable) before the generator counts as broken.
     skips: u64,
 }
@@ -931,6 +936,7 @@ fn main() {
         "config",
         "session",
         "quantize",
+        "requantize",
         "imatrix",
     ];
     if args.iter().any(|a| a == "--list") {
@@ -939,7 +945,22 @@ fn main() {
         }
         return;
     }
-    let filter = args.iter().find(|a| !a.starts_with('-')).cloned();
+    // libtest's flags that take a value (`--test-threads 2`): the value is not a filter.
+    let with_value = [
+        "--test-threads",
+        "--color",
+        "--format",
+        "--logfile",
+        "--skip",
+        "-Z",
+    ];
+    let filter = args
+        .iter()
+        .enumerate()
+        .find(|(i, a)| {
+            !a.starts_with('-') && (*i == 0 || !with_value.contains(&args[i - 1].as_str()))
+        })
+        .map(|(_, a)| a.clone());
     let selected = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let n_model = env_u64("FERRITE_MUTANTS").unwrap_or(DEFAULT_MODEL_MUTANTS);
     let base = env_u64("FERRITE_MUTANTS_SEED").unwrap_or(DEFAULT_SEED);

@@ -1090,10 +1090,7 @@ pub fn spawn(
             };
             libc::setrlimit(libc::RLIMIT_CORE, &core);
         }
-        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-            Ok(code) => code,
-            Err(_) => 101,
-        };
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
         let _ = io::stderr().flush();
         // SAFETY: ends the child without running the parent's exit handlers.
         unsafe { libc::_exit(code) };
