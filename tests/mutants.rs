@@ -1012,7 +1012,11 @@ fn main() {
         let out = mutants::run_one(&limits, &stderr, || (s.run)(seed, &file)).unwrap();
         println!("{suite} {seed:#x}: {}", (s.describe)(seed));
         println!("{out}\n{}", stderr_tail(&stderr, 8000));
-        std::process::exit(i32::from(out.is_failure()));
+        let code = i32::from(out.is_failure());
+        drop(s);
+        // The scratch folder (on a tmpfs) is removed before exiting.
+        let _ = dir.close();
+        std::process::exit(code);
     }
 
     if args.iter().any(|a| a == "--profile") {
@@ -1087,5 +1091,8 @@ fn main() {
             f.stderr.lines().last().unwrap_or("")
         );
     }
+    drop(parts);
+    drop(file);
+    let _ = dir.close();
     std::process::exit(1);
 }
