@@ -203,28 +203,35 @@ fn matrices_without_a_cpu_dot_product_are_refused() {
     }
 }
 
+/// Q8_1 was accepted as an embedding ("it has rows to read") and crashed at the first token: ggml's `get_rows`
+/// dequantizes a block type's rows with its `to_float`, which Q8_1 lacks (a call through NULL, exit 139; found by
+/// tests/mutants.rs, seed 0xa00296b of the model suite: "retype token_embd.weight to q8_1").
 #[test]
 fn embeddings_without_get_rows_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let src = demo(dir.path());
-    for ty in [GgmlType::Q8K, GgmlType::F64] {
-        let name = "token_embd.weight";
+    let name = "token_embd.weight";
+    for ty in [GgmlType::Q8K, GgmlType::F64, GgmlType::Q8_1] {
         let msg = load_error(&with_type(&src, dir.path(), name, ty));
         assert_has(
             &msg,
             &[name, &format!("has type {ty}"), "reads rows of", "hint:"],
         );
     }
-    // Q8_1 has rows to read: accepted as an embedding.
-    let q8_1 = with_type(&src, dir.path(), "token_embd.weight", GgmlType::Q8_1);
-    let opened = Engine::open(
-        &q8_1,
-        EngineOptions {
-            n_threads: 1,
-            ..Default::default()
-        },
+    let q8_1 = with_type(&src, dir.path(), name, GgmlType::Q8_1);
+    refused(
+        &complete(&q8_1, dir.path(), &[]),
+        &[name, "has type q8_1", "reads rows of"],
     );
-    assert!(opened.is_ok(), "{:#}", opened.err().unwrap());
+    // A block type with a dequantizer is read: the model runs.
+    let q8_0 = with_type(&src, dir.path(), name, GgmlType::Q8_0);
+    let out = complete(&q8_0, dir.path(), &[]);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -329,4 +336,20 @@ fn counts_that_size_tables_are_capped() {
         Value::U32(1 << 30),
     );
     assert_has(&load_error(&heads), &["attn_q_b.weight", "has shape"]);
+}
+
+// Found by the mutation tests (tests/mutants.rs).
+
+/// `rope.dimension_count = 0` passed the rope checks (0 is even and fits) and failed only when the first graph was
+/// built, with ggml's view of it ("rope_ext: n_dims = 0"); it is refused at load, naming the key.
+#[test]
+fn zero_rope_dimensions_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "deepseek4.rope.dimension_count";
+    let model = with_key(&demo(dir.path()), dir.path(), key, Value::U32(0));
+    let msg = load_error(&model);
+    assert_has(
+        &msg,
+        &[key, "is 0", "expected an even number in 2..=128", "hint:"],
+    );
 }

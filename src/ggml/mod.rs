@@ -46,5 +46,6 @@ pub use region::{RegionId, BIND_ALIGNMENT, REGION_ALIGNMENT};
 pub use repack::{RepackType, RepackWeight, RepackedStats, WeightOp};
 pub use tensor::{Tensor, MAX_NAME_LEN};
 pub use types::{
-    block_size, cpu_vec_dot_type, from_ggml, row_size, to_ggml, type_name, type_size, TYPE_COUNT,
+    block_size, cpu_vec_dot_type, from_ggml, has_to_float, row_size, to_ggml, type_name, type_size,
+    TYPE_COUNT,
 };

@@ -73,6 +73,12 @@ pub fn cpu_vec_dot_type(ty: GgmlType) -> Result<GgmlType> {
     from_ggml(id)
 }
 
+/// Whether ggml converts rows of `ty` to f32 (`to_float` in its type traits): what the CPU's `get_rows` calls for a
+/// block type. Q8_1 has none (it exists only as the other side of a dot product): `get_rows` would call NULL.
+pub fn has_to_float(ty: GgmlType) -> bool {
+    to_float_fn(ty).is_some()
+}
+
 /// ggml's row converter from `ty` to f32 (`to_float` in its type traits), if it has one.
 pub(crate) fn to_float_fn(ty: GgmlType) -> sys::ggml_to_float_t {
     // SAFETY: a valid id; ggml_get_type_traits returns a pointer into a static table.

@@ -574,12 +574,15 @@ impl Config {
             ),
         );
         check(
-            self.n_rot % 2 == 0
+            self.n_rot > 0
+                && self.n_rot % 2 == 0
                 && self.n_rot <= self.head_dim
                 && (self.head_dim - self.n_rot) % 2 == 0,
             format!(
-                "rope.dimension_count {} must be even and fit key_length {} with an even rest",
-                self.n_rot, self.head_dim
+                "{} is {}, expected an even number in 2..={} (key_length) with an even rest (hint: the last rope dims of each head are rotated; DeepSeek V4 uses 64)",
+                key::ROPE_DIMENSION_COUNT,
+                self.n_rot,
+                self.head_dim
             ),
         );
         check(

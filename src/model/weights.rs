@@ -102,7 +102,11 @@ impl Want {
         let not_computed = matches!(ty, T::I8 | T::I16 | T::I32 | T::I64 | T::F64 | T::Q8K);
         match self {
             Want::Matrix => !not_computed && ty != T::Q8_1,
-            Want::Embedding => !not_computed,
+            // `get_rows` of a block type dequantizes rows with ggml's `to_float`, which Q8_1 lacks (found by
+            // tests/mutants.rs: a Q8_1 embedding crashed at the first token).
+            Want::Embedding => {
+                !not_computed && (!ty.is_quantized() || crate::ggml::has_to_float(ty))
+            }
             Want::F32 => ty == T::F32,
             Want::I32 => ty == T::I32,
         }
@@ -111,7 +115,7 @@ impl Want {
     fn expected(self) -> &'static str {
         match self {
             Want::Matrix => "a float or quantized type the CPU multiplies (not q8_1, q8_k, f64 or an integer type)",
-            Want::Embedding => "a float or quantized type the CPU reads rows of (not q8_k, f64 or an integer type)",
+            Want::Embedding => "a float or quantized type the CPU reads rows of (not q8_1, q8_k, f64 or an integer type)",
             Want::F32 => "f32",
             Want::I32 => "i32",
         }
