@@ -141,20 +141,12 @@ impl Engine {
     /// the weights into ggml without copying them.
     pub fn open(path: &Path, opts: EngineOptions) -> Result<Engine> {
         let model = Arc::new(Model::open(path)?);
-        let cfg = Config::from_model(&model)
-            .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
-        // Planned first: whether the routed experts are repacked depends on where they live.
-        let (n_ctx, n_ubatch) = planned_sizes(&cfg, &opts.paging);
-        let plan = memory_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
-        let prompt_format = PromptFormat::new(model.metadata().str(CHAT_TEMPLATE).ok());
+        // The weights are bound once, with the configuration: a ggml tensor for each weight the model uses;
+        // `sources[i]` is the file's tensor of tensor `i`.
         let weights_ctx = Context::with_capacity(model.tensors().len() + 1, 0)?;
-        let regions = (0..model.shards().len())
-            .map(|s| weights_ctx.map_shared(model.clone(), move |m: &Model| m.shards()[s].bytes()))
-            .collect::<Result<Vec<_>, _>>()?;
-        // Create a ggml tensor for each weight the model uses; `sources[i]` is the file's tensor of tensor `i`.
         let mut sources = Vec::new();
         let mut make_error = None;
-        let weights = Weights::bind(&model, &cfg, |name| {
+        let (cfg, weights) = Config::bound(&model, |name| {
             let Some(t) = model.tensor(name) else {
                 return usize::MAX;
             };
@@ -169,6 +161,13 @@ impl Engine {
             sources.len() - 1
         })
         .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
+        // Planned first: whether the routed experts are repacked depends on where they live.
+        let (n_ctx, n_ubatch) = planned_sizes(&cfg, &opts.paging);
+        let plan = memory_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
+        let prompt_format = PromptFormat::new(model.metadata().str(CHAT_TEMPLATE).ok());
+        let regions = (0..model.shards().len())
+            .map(|s| weights_ctx.map_shared(model.clone(), move |m: &Model| m.shards()[s].bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(e) = make_error {
             return Err(e).context("cannot map the weights into ggml");
         }
