@@ -540,14 +540,8 @@ impl Writer {
         for (_, aside) in &backups {
             let _ = fs::remove_file(aside);
         }
-        // Make the renames durable too (best effort: not every platform can sync a folder).
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        // Make the renames durable too.
+        crate::atomic::sync_parent(path);
         Ok(paths.into_iter().zip(layouts).collect())
     }
 
