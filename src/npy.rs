@@ -230,7 +230,7 @@ mod tests {
             Err(NpyError::Io { .. })
         ));
         assert_eq!(read_f32(&path).unwrap().data, data);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
     }
 

@@ -84,7 +84,7 @@ mod tests {
             64,
             |_, out| {
                 out.write_all(b"partial")?;
-                Err(io::Error::other("boom"))
+                Err::<(), _>(io::Error::other("boom"))
             },
             |_, e| e,
         )
