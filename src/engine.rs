@@ -408,9 +408,9 @@ fn compute_bytes(cfg: &Config, n_ubatch: usize) -> u64 {
     n_ubatch.saturating_mul(per_token).saturating_mul(4)
 }
 
-/// The largest `-c` (and `--ubatch`) a run may ask for: 2^32 tokens, thousands of times any trained context; sizes
-/// computed from it stay far from overflowing.
-pub const MAX_CTX: usize = 1 << 32;
+/// The largest `-c` (and so `--ubatch`) a run may ask for: 2^32 - 1 tokens, thousands of times any trained context;
+/// sizes computed from it stay far from overflowing.
+pub const MAX_CTX: usize = u32::MAX as usize;
 
 /// The context size and micro-batch of a run: `-c` resolved by [`resolve_ctx`], `--ubatch` (by default
 /// [`DEFAULT_UBATCH`]) at most the context.

@@ -422,7 +422,7 @@ fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
     // A context no machine holds: refused before any size is computed from it.
     assert_eq!(
         refusal(&complete(&["-c", "10000000000000"], dir.path())),
-        "ferrite: error: -c 10000000000000 is more than ferrite supports (4294967296 tokens; the model was trained \
+        "ferrite: error: -c 10000000000000 is more than ferrite supports (4294967295 tokens; the model was trained \
          on 4096) (hint: use -c 4096 or less)"
     );
 }
