@@ -419,6 +419,19 @@ fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
         &["--expert-cache", "6", "--mem", "40M", "-c", "1000"],
         dir.path(),
     ));
+    // The machine's own budget (no --mem): a context of 611 GiB is refused with the numbers, not left to the OOM
+    // killer.
+    for flags in [&["--no-paging"][..], &["--expert-cache", "4"]] {
+        let mut args = flags.to_vec();
+        args.extend(["-c", "4000000000"]);
+        let err = refusal(&complete(&args, dir.path()));
+        assert!(
+            err.starts_with("ferrite: error: the run needs 610.98 GiB = non-routed weights 5.65 MiB + context 610.95 GiB (-c 4000000000)")
+                && err.contains("but the budget is ")
+                && err.contains("more (hint: lower -c, raise --mem"),
+            "{err}"
+        );
+    }
     // A context no machine holds: refused before any size is computed from it.
     assert_eq!(
         refusal(&complete(&["-c", "10000000000000"], dir.path())),
