@@ -1,4 +1,4 @@
-//! Loading a session reads the file into the cache in place: the process's peak memory grows by far less than one
+//! Saving a session streams the cache to the file, and loading reads the file into the cache in place: the process's peak memory grows by far less than one
 //! cache (it grew by two caches and more when the whole file was read into buffers first). Linux only (the peak is
 //! read from /proc/self/status and reset through /proc/self/clear_refs); alone in its test binary, so no other
 //! test's allocations move the peak.
@@ -42,7 +42,16 @@ fn a_session_loads_in_place() {
     {
         let mut s = e.session().unwrap();
         s.feed(&[1, 2, 3, 4, 5], Logits::Last).unwrap();
+        // Saving streams too.
+        let cache = s.cache_bytes() as u64;
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+        let before = status_bytes("VmRSS:").unwrap();
         s.save(&file).unwrap();
+        let grew = status_bytes("VmHWM:").unwrap().saturating_sub(before);
+        assert!(
+            grew < cache / 4,
+            "saving a session of a {cache}-byte cache raised the peak by {grew} bytes"
+        );
     }
     let mut r = e.session().unwrap();
     let cache = r.cache_bytes() as u64;
