@@ -41,6 +41,25 @@ pub fn write_atomically<T, E>(
     fill: impl FnOnce(&Path, &mut BufWriter<File>) -> Result<T, E>,
     io_err: impl Fn(&Path, io::Error) -> E,
 ) -> Result<T, E> {
+    write_file_atomically(
+        path,
+        |tmp, file| {
+            let mut out = BufWriter::with_capacity(capacity, file);
+            let value = fill(tmp, &mut out)?;
+            let file = out.into_inner().map_err(|e| io_err(tmp, e.into_error()))?;
+            Ok((value, file))
+        },
+        &io_err,
+    )
+}
+
+/// [`write_atomically`] for a caller that writes the temporary file its own way: `fill(tmp, file)` gets the new
+/// file and gives it back, written, for the sync and the rename.
+pub fn write_file_atomically<T, E>(
+    path: &Path,
+    fill: impl FnOnce(&Path, File) -> Result<(T, File), E>,
+    io_err: impl Fn(&Path, io::Error) -> E,
+) -> Result<T, E> {
     let tmp = temp_path(path);
     let result = (|| {
         let file = OpenOptions::new()
@@ -48,9 +67,7 @@ pub fn write_atomically<T, E>(
             .create_new(true)
             .open(&tmp)
             .map_err(|e| io_err(&tmp, e))?;
-        let mut out = BufWriter::with_capacity(capacity, file);
-        let value = fill(&tmp, &mut out)?;
-        let file = out.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
+        let (value, file) = fill(&tmp, file)?;
         file.sync_all().map_err(|e| io_err(&tmp, e))?;
         drop(file);
         fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
