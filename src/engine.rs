@@ -8,7 +8,7 @@ pub use session::{GraphStats, Logits, Session, SessionOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::{GgmlType, Model};
 
 use crate::cache::{cache_bytes, CacheSizes, CacheType};
@@ -61,6 +61,8 @@ pub struct PagingOptions {
     /// `-c` as given and `--ubatch`, for the context and compute bytes the plan reserves.
     pub ctx_size: Option<usize>,
     pub n_ubatch: Option<usize>,
+    /// Rows of logits (`n_vocab` floats each) the run keeps beyond the compute buffers: `ferrite logits`' token count.
+    pub output_rows: usize,
 }
 
 /// How an engine runs.
@@ -141,20 +143,12 @@ impl Engine {
     /// the weights into ggml without copying them.
     pub fn open(path: &Path, opts: EngineOptions) -> Result<Engine> {
         let model = Arc::new(Model::open(path)?);
-        let cfg = Config::from_model(&model)
-            .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
-        // Planned first: whether the routed experts are repacked depends on where they live.
-        let (n_ctx, n_ubatch) = planned_sizes(&cfg, &opts.paging);
-        let plan = memory_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
-        let prompt_format = PromptFormat::new(model.metadata().str(CHAT_TEMPLATE).ok());
+        // The weights are bound once, with the configuration: a ggml tensor for each weight the model uses;
+        // `sources[i]` is the file's tensor of tensor `i`.
         let weights_ctx = Context::with_capacity(model.tensors().len() + 1, 0)?;
-        let regions = (0..model.shards().len())
-            .map(|s| weights_ctx.map_shared(model.clone(), move |m: &Model| m.shards()[s].bytes()))
-            .collect::<Result<Vec<_>, _>>()?;
-        // Create a ggml tensor for each weight the model uses; `sources[i]` is the file's tensor of tensor `i`.
         let mut sources = Vec::new();
         let mut make_error = None;
-        let weights = Weights::bind(&model, &cfg, |name| {
+        let (cfg, weights) = Config::bound(&model, |name| {
             let Some(t) = model.tensor(name) else {
                 return usize::MAX;
             };
@@ -169,6 +163,13 @@ impl Engine {
             sources.len() - 1
         })
         .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
+        // Planned first: whether the routed experts are repacked depends on where they live.
+        let (n_ctx, n_ubatch) = planned_sizes(&cfg, &opts.paging);
+        let plan = memory_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
+        let prompt_format = PromptFormat::new(model.metadata().str(CHAT_TEMPLATE).ok());
+        let regions = (0..model.shards().len())
+            .map(|s| weights_ctx.map_shared(model.clone(), move |m: &Model| m.shards()[s].bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(e) = make_error {
             return Err(e).context("cannot map the weights into ggml");
         }
@@ -393,14 +394,23 @@ fn _engine_is_send() {
 /// Bytes of compute buffers the plan reserves: activations of a micro-batch (streams, attention, the experts'
 /// intermediates, scores over the window) and the logits of every row (perplexity asks for them all). An estimate.
 fn compute_bytes(cfg: &Config, n_ubatch: usize) -> u64 {
-    let width = cfg.expert_width.iter().copied().max().unwrap_or(0);
-    let per_token = 8 * cfg.hc * cfg.n_embd
-        + 4 * cfg.n_head * cfg.head_dim
-        + 3 * cfg.n_expert_used * width
-        + cfg.n_head * (cfg.window + n_ubatch)
-        + cfg.n_vocab;
-    (n_ubatch * per_token * 4) as u64
+    let width = cfg.expert_width.iter().copied().max().unwrap_or(0) as u64;
+    let n_ubatch = n_ubatch as u64;
+    let per_token = [
+        8 * (cfg.hc * cfg.n_embd) as u64,
+        4 * (cfg.n_head * cfg.head_dim) as u64,
+        3 * cfg.n_expert_used as u64 * width,
+        (cfg.n_head as u64).saturating_mul((cfg.window as u64).saturating_add(n_ubatch)),
+        cfg.n_vocab as u64,
+    ]
+    .into_iter()
+    .fold(0u64, u64::saturating_add);
+    n_ubatch.saturating_mul(per_token).saturating_mul(4)
 }
+
+/// The largest `-c` (and so `--ubatch`) a run may ask for: 2^32 - 1 tokens, thousands of times any trained context;
+/// sizes computed from it stay far from overflowing.
+pub const MAX_CTX: usize = u32::MAX as usize;
 
 /// The context size and micro-batch of a run: `-c` resolved by [`resolve_ctx`], `--ubatch` (by default
 /// [`DEFAULT_UBATCH`]) at most the context.
@@ -419,15 +429,21 @@ fn memory_plan(
     n_ubatch: usize,
 ) -> Result<MemoryPlan> {
     let p = &opts.paging;
+    if n_ctx > MAX_CTX {
+        bail!("-c {n_ctx} is more than ferrite supports ({MAX_CTX} tokens; the model was trained on {}) (hint: use -c {} or less)", cfg.n_ctx_train, cfg.n_ctx_train.max(1));
+    }
     let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch, opts.cache_type);
     let (per_token, fixed) = cache_bytes(cfg, &sizes);
-    let inputs = PlanInputs::from_sizes(
+    let mut inputs = PlanInputs::from_sizes(
         &weight_sizes(model),
         cfg.n_expert_used as u64,
         n_ctx as u64,
-        fixed + (per_token * n_ctx as f64) as u64,
+        fixed.saturating_add((per_token * n_ctx as f64) as u64),
         compute_bytes(cfg, n_ubatch),
     );
+    inputs.output_bytes = (p.output_rows as u64)
+        .saturating_mul(cfg.n_vocab as u64)
+        .saturating_mul(4);
     let budget = p.mem.map_or_else(Budget::from_machine, Budget::from_flag);
     let req = PlanRequest {
         expert_cache: p.expert_cache,

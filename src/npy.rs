@@ -1,10 +1,9 @@
 //! NumPy `.npy` files of little-endian float32 (format 1.0, C order): the writer behind `ferrite logits`, which
 //! replaces its output atomically, and a strict reader for tests and tools.
 
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 /// Magic, two version bytes and the header length: the bytes before the header dictionary in format 1.0.
@@ -87,36 +86,22 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyEr
             got: data.len(),
         });
     }
-    let tmp = temp_path(path);
-    let result = write_file(&tmp, shape, data).and_then(|()| fs::rename(&tmp, path));
-    result.map_err(|err| {
-        let _ = fs::remove_file(&tmp);
-        NpyError::io(path, err)
-    })
+    gguf::atomic::write_atomically(
+        path,
+        1 << 20,
+        |_, out| write_data(out, shape, data),
+        |_, e| e,
+    )
+    .map_err(|err| NpyError::io(path, err))
 }
 
-fn write_file(tmp: &Path, shape: &[usize], data: &[f32]) -> io::Result<()> {
-    let file = File::create(tmp)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+fn write_data(out: &mut impl Write, shape: &[usize], data: &[f32]) -> io::Result<()> {
     out.write_all(&header(shape))?;
     for chunk in data.chunks(1 << 16) {
         let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
         out.write_all(&bytes)?;
     }
-    let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-    // Flush to disk before the rename so a crash cannot leave a complete-looking name over missing data.
-    file.sync_all()
-}
-
-/// `.NAME.tmp-PID-N` next to `path`: unique per process and call, so concurrent writers never share one.
-fn temp_path(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+    Ok(())
 }
 
 /// Reads a little-endian float32 C-order `.npy` file (format 1.x, 2.x or 3.x); anything else is an error.
@@ -245,7 +230,7 @@ mod tests {
             Err(NpyError::Io { .. })
         ));
         assert_eq!(read_f32(&path).unwrap().data, data);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
     }
 

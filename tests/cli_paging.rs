@@ -364,3 +364,123 @@ fn chat_stats_show_the_expert_cache() {
     assert!(misses(all[1]) > misses(turn[1]), "{err}");
     assert_eq!(misses(all[1]), misses(turn[0]) + misses(turn[1]), "{err}");
 }
+
+/// The one line of stderr a refused run prints.
+fn refusal(out: &Output) -> String {
+    let err = fails(out, 1, &["ferrite: error: "]);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("ferrite: generating the demo model"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    lines[0].to_string()
+}
+
+#[test]
+fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // --no-paging: the routed experts may stay in the map, but a context of 100000 tokens cannot.
+    assert_eq!(
+        refusal(&complete(
+            &["--no-paging", "--mem", "20M", "-c", "100000"],
+            dir.path()
+        )),
+        "ferrite: error: the run needs 50.82 MiB = non-routed weights 5.65 MiB + context 19.29 MiB (-c 100000) \
+         + compute 25.88 MiB, but the budget is 19.07 MiB (--mem): 31.75 MiB more \
+         (hint: lower -c, raise --mem, use a smaller quantization)"
+    );
+    // --expert-cache N over the budget.
+    assert_eq!(
+        refusal(&complete(
+            &["--expert-cache", "6", "--mem", "20M", "-c", "1000"],
+            dir.path()
+        )),
+        "ferrite: error: the run needs 36.46 MiB = non-routed weights 5.65 MiB + context 3.81 MiB (-c 1000) \
+         + compute 25.88 MiB + expert cache 1.12 MiB, but the budget is 19.07 MiB (--mem): 17.39 MiB more \
+         (hint: lower -c, raise --mem)"
+    );
+    // ... with a hint of the slots that fit when some do.
+    let err = refusal(&complete(
+        &[
+            "--expert-cache",
+            "8",
+            "--mem",
+            "11M",
+            "-c",
+            "64",
+            "--ubatch",
+            "64",
+        ],
+        dir.path(),
+    ));
+    assert!(err.contains("(hint: give --expert-cache"), "{err}");
+    // The same sizes run when the budget holds them.
+    ok(&complete(
+        &["--expert-cache", "6", "--mem", "40M", "-c", "1000"],
+        dir.path(),
+    ));
+    // The machine's own budget (no --mem): a context of 611 GiB is refused with the numbers, not left to the OOM
+    // killer.
+    for flags in [&["--no-paging"][..], &["--expert-cache", "4"]] {
+        let mut args = flags.to_vec();
+        args.extend(["-c", "4000000000"]);
+        let err = refusal(&complete(&args, dir.path()));
+        assert!(
+            err.starts_with("ferrite: error: the run needs 610.98 GiB = non-routed weights 5.65 MiB + context 610.95 GiB (-c 4000000000)")
+                && err.contains("but the budget is ")
+                && err.contains("more (hint: lower -c, raise --mem"),
+            "{err}"
+        );
+    }
+    // A context no machine holds: refused before any size is computed from it.
+    assert_eq!(
+        refusal(&complete(&["-c", "10000000000000"], dir.path())),
+        "ferrite: error: -c 10000000000000 is more than ferrite supports (4294967295 tokens; the model was trained \
+         on 4096) (hint: use -c 4096 or less)"
+    );
+}
+
+#[test]
+fn the_logits_output_is_in_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.npy");
+    let logits = |n: usize, extra: &[&str]| {
+        let tokens = vec!["5"; n].join(",");
+        let mut args = vec![
+            "logits",
+            "-m",
+            "demo",
+            "-t",
+            "1",
+            "-c",
+            "4000",
+            "--tokens",
+            &tokens,
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ferrite(&args, dir.path(), None)
+    };
+    // 3000 x 512 floats (5.86 MiB) do not fit beside the rest of the run.
+    assert_eq!(
+        refusal(&logits(3000, &["--no-paging", "--mem", "40M"])),
+        "ferrite: error: the run needs 41.66 MiB = non-routed weights 5.65 MiB + context 4.28 MiB (-c 4000) \
+         + compute 25.88 MiB + logits output 5.86 MiB, but the budget is 38.15 MiB (--mem): 3.52 MiB more \
+         (hint: ask for the logits of fewer tokens per run, lower -c, raise --mem, use a smaller quantization)"
+    );
+    // Paged, the cache gets what the output leaves: none here.
+    let err = refusal(&logits(3000, &["--mem", "40M"]));
+    assert!(
+        err.contains("+ logits output 5.86 MiB + 2 expert slots 384.00 KiB, 3.89 MiB more"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Three tokens fit, and the plan shows the output's row.
+    let (_, err) = ok(&logits(3, &["--mem", "40M"]));
+    assert!(
+        err.contains("\n  logits output                         6.00 KiB\n"),
+        "{err}"
+    );
+    assert!(out.is_file());
+}

@@ -278,9 +278,9 @@ fn check_logits(name: &str, path: &Path, tokens: &[u32], plain: &Engine, packed:
     );
 }
 
-/// Routed experts are not repacked over the budget (`--no-paging` with a tiny `--mem`: they stay in the map) nor
-/// when paged (the paged store reads them from the file into slots); the rest is, and the paged engine's logits are
-/// the resident one's with the same weights repacked, bit for bit.
+/// Routed experts are not repacked over the budget (`--no-paging` with a `--mem` that holds everything but them:
+/// they stay in the map) nor when paged (the paged store reads them from the file into slots); the rest is, and the
+/// paged engine's logits are the resident one's with the same weights repacked, bit for bit.
 fn check_routed_experts(
     name: &str,
     path: &Path,
@@ -288,8 +288,9 @@ fn check_routed_experts(
     tokens: &[u32],
     packed: &Engine,
 ) {
+    let plan = &packed.memory_plan().inputs;
     let over = PagingOptions {
-        mem: Some(1 << 20),
+        mem: Some(plan.fixed_bytes() + plan.routed_bytes() / 2),
         no_paging: true,
         ..PagingOptions::default()
     };

@@ -3,6 +3,7 @@
 //!
 //! No ggml dependency: this crate only knows the file format.
 
+pub mod atomic;
 pub mod deepseek4;
 mod error;
 mod file;

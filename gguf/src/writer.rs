@@ -239,23 +239,14 @@ impl Writer {
                 path.display()
             )));
         }
-        let tmp = temp_path(path);
-        let result = self.write_temp(&tmp, sparse, fill);
-        match result {
-            Ok(layout) => {
-                fs::rename(&tmp, path).map_err(|e| {
-                    let _ = fs::remove_file(&tmp);
-                    GgufError::io(path, e)
-                })?;
-                Ok(layout)
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                Err(e)
-            }
-        }
+        crate::atomic::write_file_atomically(
+            path,
+            |tmp, file| self.write_into(tmp, file, sparse, fill),
+            |p, e| GgufError::io(p, e),
+        )
     }
 
+    /// Writes the file into `tmp` (created new) and syncs it (for [`Writer::write_files`]).
     fn write_temp(
         &self,
         tmp: &Path,
@@ -267,6 +258,19 @@ impl Writer {
             .create_new(true)
             .open(tmp)
             .map_err(|e| GgufError::io(tmp, e))?;
+        let (layout, file) = self.write_into(tmp, file, sparse, fill)?;
+        file.sync_all().map_err(|e| GgufError::io(tmp, e))?;
+        Ok(layout)
+    }
+
+    /// Writes the file into `file` (named `tmp` in errors), with holes where `sparse` allows; gives the file back.
+    fn write_into(
+        &self,
+        tmp: &Path,
+        file: fs::File,
+        sparse: bool,
+        fill: impl FnMut(usize, &PlannedTensor, &mut dyn Write) -> io::Result<()>,
+    ) -> Result<(Layout, fs::File)> {
         let mut out = BufWriter::with_capacity(8 << 20, HoleWriter::new(file, sparse));
         let layout = self.write(&mut out, fill).map_err(|e| match e {
             GgufError::Write(msg) => GgufError::Write(format!("{}: {msg}", tmp.display())),
@@ -278,8 +282,7 @@ impl Writer {
             .map_err(|e| GgufError::io(tmp, e.into_error()))?
             .finish()
             .map_err(|e| GgufError::io(tmp, e))?;
-        file.sync_all().map_err(|e| GgufError::io(tmp, e))?;
-        Ok(layout)
+        Ok((layout, file))
     }
 
     /// Splits this file's tensors into shards of at most `max_bytes` each, in llama.cpp's split layout (as
@@ -540,14 +543,8 @@ impl Writer {
         for (_, aside) in &backups {
             let _ = fs::remove_file(aside);
         }
-        // Make the renames durable too (best effort: not every platform can sync a folder).
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        // Make the renames durable too.
+        crate::atomic::sync_parent(path);
         Ok(paths.into_iter().zip(layouts).collect())
     }
 

@@ -303,7 +303,7 @@ impl KvCache {
     }
 
     /// The tensors a session file holds, in order.
-    fn saved(&self) -> Vec<Tensor<'_>> {
+    pub fn saved(&self) -> Vec<Tensor<'_>> {
         self.layers().iter().flat_map(LayerCache::saved).collect()
     }
 
@@ -317,6 +317,12 @@ impl KvCache {
         for (t, bytes) in self.saved().into_iter().zip(data) {
             t.set_bytes(bytes)?;
         }
+        self.restore_transposed()
+    }
+
+    /// Rebuilds the transposed keys from the key rows, once the [`KvCache::saved`] tensors were written (one
+    /// layer's keys at a time).
+    pub fn restore_transposed(&self) -> Result<()> {
         for layer in self.layers() {
             let kv = layer.kv.get_bytes()?;
             layer

@@ -8,6 +8,13 @@
 //! appends the tokens of `<｜User｜>text<｜Assistant｜><think>`; only the tokens the session does not already hold
 //! are processed. This is the encoder's rendering with `drop_thinking = false` (earlier reasoning stays in the
 //! history): dropping it would change the history after every turn and cost a re-prefill of the whole conversation.
+//!
+//! Nothing is lost on the user's side: an error inside a turn (a context overflow, an I/O error of the expert store)
+//! ends that turn with a message, the session is rolled back to the conversation before it, and the chat goes on;
+//! a piped chat then exits with code 1 at the end of its input (after answering every other line), an interactive
+//! one with 0. `/save FILE` writes the session and FILE.json atomically (temporary file, fsync, rename), refuses to
+//! replace a file that is not a ferrite session (or chat transcript) unless given as `/save! FILE`, and Ctrl-C
+//! cannot cut it short (it says "saving, please wait").
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -16,16 +23,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use ferrite::chat::{ChatOptions, Message, Role, BOS, THINK_END};
-use ferrite::engine::Session;
+use ferrite::engine::{Logits, Session};
 use ferrite::experts::StatsSnapshot;
 use ferrite::sampler::Sampler;
+use ferrite::session_file::is_session_file;
 use ferrite::tokenizer::Tokenizer;
 use rustyline::error::ReadlineError;
 
 use ferrite::generate::{GenerateOptions, StopReason, Timings};
 
-use super::generate::{self, SamplingArgs};
+use super::generate::{self, SamplingArgs, Uninterruptible};
 use super::model_arg::{cache_dir, open_engine, ModelArgs, PlanReport};
+use super::Hinted;
 
 const HELP: &str = "\
 commands:
@@ -34,7 +43,8 @@ commands:
   /nothink       thinking mode off
   /reset         forget the conversation (the system prompt stays)
   /stats         tokens in the context, cache size, the last turn's prompt tokens and speeds, expert-cache numbers
-  /save FILE     save the session to FILE and the conversation to FILE.json
+  /save FILE     save the session to FILE and the conversation to FILE.json (/save! FILE replaces files that are
+                 not ferrite sessions)
   /load FILE     restore a session saved with /save
   /quit          leave (also Ctrl-D, or Ctrl-C on an empty line)
 input: end a line with \\ to continue it on the next; or enclose several lines in \"\"\" ... \"\"\"
@@ -111,6 +121,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         max_tokens: usize::try_from(args.n_predict).ok(),
         verbose: args.verbose,
         interrupt: generate::interrupt_flag()?,
+        computing: false,
     };
     chat.clear();
     let mut input: Box<dyn LineSource> = if interactive {
@@ -118,6 +129,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     } else {
         Box::new(Piped(std::io::stdin().lock()))
     };
+    let (mut turns, mut failed) = (0usize, 0usize);
     while let Some(text) = read_turn(input.as_mut())? {
         let trimmed = text.trim();
         if trimmed.is_empty() {
@@ -129,9 +141,20 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             }
             continue;
         }
-        chat.turn(&text)?;
+        turns += 1;
+        if let Err(e) = chat.turn(&text) {
+            failed += 1;
+            eprintln!(
+                "ferrite: error: {}; this turn was dropped, the conversation before it is kept",
+                chain(&e)
+            );
+            chat.roll_back();
+        }
     }
     input.close();
+    if failed > 0 && !interactive {
+        bail!("{failed} of {turns} turns failed (see the errors above); the others were answered");
+    }
     Ok(())
 }
 
@@ -162,6 +185,9 @@ struct Chat<'e, 't> {
     max_tokens: Option<usize>,
     verbose: bool,
     interrupt: std::sync::Arc<AtomicBool>,
+    /// Set while a turn computes: the session may then hold state the conversation does not (see
+    /// [`Chat::roll_back`]).
+    computing: bool,
 }
 
 impl Chat<'_, '_> {
@@ -187,17 +213,55 @@ impl Chat<'_, '_> {
         whole.strip_prefix(BOS).unwrap_or(&whole).to_string()
     }
 
-    /// One user turn: process what the cache lacks, stream the answer to stdout, keep it in the conversation.
+    /// After a failed turn (nothing of it joined the conversation): the answer's line is closed, and the session,
+    /// which may hold part of the turn (and a computation that failed half-way may have written cache rows and
+    /// compressor state past what its tokens say), is rolled back to the conversation's prefix it held, recomputed
+    /// as a rewind does. Should that fail too, the session is emptied and the next turn processes the whole
+    /// conversation.
+    fn roll_back(&mut self) {
+        self.interrupt.store(false, Ordering::Relaxed);
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout).and_then(|()| stdout.flush());
+        drop(stdout);
+        if !std::mem::take(&mut self.computing) {
+            // Failed before it computed anything (a context overflow): the session is as it was.
+            return;
+        }
+        let held = self.session.tokens();
+        let keep = held
+            .iter()
+            .zip(&self.conversation)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let prefix = self.conversation[..keep].to_vec();
+        let redone = self.session.reset().and_then(|()| match prefix.is_empty() {
+            true => Ok(()),
+            false => self.session.feed(&prefix, Logits::Last).map(drop),
+        });
+        if let Err(e) = redone {
+            eprintln!(
+                "ferrite: warning: the cache could not be restored ({}); the next turn processes the whole conversation",
+                chain(&e)
+            );
+            let _ = self.session.reset();
+        }
+    }
+
+    /// One user turn: process what the cache lacks, stream the answer to stdout, keep it in the conversation. On an
+    /// error nothing joins the conversation; the caller then calls [`Chat::roll_back`].
     fn turn(&mut self, text: &str) -> Result<()> {
         let mut target = self.conversation.clone();
         target.extend(self.tokenizer.encode(&self.turn_text(text), true));
         let n_ctx = self.session.n_ctx();
         if target.len() >= n_ctx {
-            eprintln!(
-                "ferrite: the conversation would have {} tokens but the context holds {n_ctx}: /reset, or restart with a larger -c",
-                target.len()
-            );
-            return Ok(());
+            return Err(Hinted::new(
+                format!(
+                    "the conversation would have {} tokens but the context holds {n_ctx}",
+                    target.len()
+                ),
+                "/reset, a shorter message, or restart with a larger -c",
+            )
+            .into());
         }
         let engine = self.session.engine();
         let experts_before = engine.expert_stats();
@@ -206,6 +270,7 @@ impl Chat<'_, '_> {
         let mut reuse = held.iter().zip(&target).take_while(|(a, b)| a == b).count();
         reuse = reuse.min(target.len() - 1);
         let mut timings_rewind = Timings::default();
+        self.computing = true;
         if reuse < self.session.n_past() {
             let start = std::time::Instant::now();
             self.session.rewind(reuse)?;
@@ -232,6 +297,7 @@ impl Chat<'_, '_> {
         stdout.flush()?;
         drop(stdout);
         self.interrupt.store(false, Ordering::Relaxed);
+        self.computing = false;
 
         let mut timings = gen.timings;
         // A rewind recomputes the kept prefix: it is prompt processing this turn paid for.
@@ -310,8 +376,10 @@ impl Chat<'_, '_> {
                 eprintln!("ferrite: conversation cleared");
             }
             "/stats" => eprintln!("{}", self.stats()),
-            "/save" | "/load" if arg.is_empty() => eprintln!("ferrite: {name} needs a file name"),
-            "/save" => match self.save(Path::new(arg)) {
+            "/save" | "/save!" | "/load" if arg.is_empty() => {
+                eprintln!("ferrite: {name} needs a file name")
+            }
+            "/save" | "/save!" => match self.save(Path::new(arg), name == "/save!") {
                 Ok(()) => eprintln!(
                     "ferrite: saved the session to {arg} and the conversation to {}",
                     json_path(Path::new(arg)).display()
@@ -362,8 +430,51 @@ impl Chat<'_, '_> {
         s
     }
 
-    fn save(&self, path: &Path) -> Result<()> {
+    /// Saves the session to `path` and the conversation to `path.json`, each atomically, refusing to replace files
+    /// that are not a ferrite session and chat transcript unless `replace` (`/save!`). Ctrl-C waits for it.
+    fn save(&self, path: &Path, replace: bool) -> Result<()> {
+        let json = json_path(path);
+        if !replace {
+            if path.exists() && !is_session_file(path) {
+                return Err(Hinted::new(
+                    format!("{} exists and is not a ferrite session", path.display()),
+                    format!(
+                        "choose another name, or /save! {} to replace it",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+            let is_chat =
+                |p: &Path| std::fs::read_to_string(p).is_ok_and(|text| parse_saved(&text).is_ok());
+            if json.exists() && !is_chat(&json) {
+                return Err(Hinted::new(
+                    format!("{} exists and is not a saved ferrite chat", json.display()),
+                    format!(
+                        "choose another name, or /save! {} to replace it",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+        }
+        if path.is_dir() || json.is_dir() {
+            bail!(
+                "cannot save to {}: it or {} is a folder",
+                path.display(),
+                json.display()
+            );
+        }
+        let _guard = Uninterruptible::new();
+        eprintln!("ferrite: saving the session to {}", path.display());
         self.session.save(path)?;
+        // A test hook: widens the window in which Ctrl-C must not stop the save.
+        if let Some(ms) = std::env::var("FERRITE_DEBUG_SAVE_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let messages: Vec<serde_json::Value> = self
             .messages
             .iter()
@@ -380,9 +491,14 @@ impl Chat<'_, '_> {
             "messages": messages,
             "tokens": self.conversation,
         });
-        let json = json_path(path);
         let text = serde_json::to_string_pretty(&doc)?;
-        std::fs::write(&json, text).with_context(|| format!("cannot write {}", json.display()))
+        gguf::atomic::write_atomically(
+            &json,
+            1 << 16,
+            |_, out| out.write_all(text.as_bytes()),
+            |_, e| e,
+        )
+        .with_context(|| format!("cannot write {}", json.display()))
     }
 
     /// Restores the conversation (FILE.json) and the session (FILE). A session that does not load (another
@@ -431,11 +547,17 @@ fn turn_line(t: &TurnStats) -> String {
     )
 }
 
+/// The error and its causes on one line, with the hint of a [`Hinted`] among them.
 fn chain(e: &anyhow::Error) -> String {
-    e.chain()
+    let mut line = e
+        .chain()
         .map(|e| e.to_string())
         .collect::<Vec<_>>()
-        .join(": ")
+        .join(": ");
+    if let Some(h) = e.chain().find_map(|e| e.downcast_ref::<Hinted>()) {
+        line.push_str(&format!(" (hint: {})", h.hint()));
+    }
+    line
 }
 
 /// Where /save writes the messages: FILE.json next to the session FILE.

@@ -3,7 +3,7 @@
 
 use std::io::Write as _;
 use std::ops::ControlFlow;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
@@ -73,17 +73,46 @@ fn random_seed() -> u64 {
     (z ^ (z >> 31)) & 0xffff_ffff
 }
 
+/// Set while a file is being written that Ctrl-C must not cut short (see [`Uninterruptible`]).
+static SAVING: AtomicBool = AtomicBool::new(false);
+
 /// Ctrl-C as a flag: the first SIGINT sets it (the loop stops at the next token), a second one while it is still
-/// set exits with code 130 at once (for a prompt that takes long to process).
+/// set exits with code 130 at once (for a prompt that takes long to process). While an [`Uninterruptible`] guard
+/// lives (a save), Ctrl-C only says "saving, please wait": the save finishes whatever the user presses.
 pub fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
-    let sigint = signal_hook::consts::SIGINT;
-    // Registered first, so it sees the flag as it was before this signal.
-    signal_hook::flag::register_conditional_shutdown(sigint, 130, Arc::clone(&flag))
-        .context("cannot install the Ctrl-C handler")?;
-    signal_hook::flag::register(sigint, Arc::clone(&flag))
+    let set = Arc::clone(&flag);
+    let handler = move || {
+        if SAVING.load(Ordering::SeqCst) {
+            let msg = b"\nferrite: saving, please wait\n";
+            // SAFETY: write(2) is async-signal-safe; the buffer is static.
+            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+            return;
+        }
+        if set.swap(true, Ordering::SeqCst) {
+            signal_hook::low_level::exit(130);
+        }
+    };
+    // SAFETY: the handler only touches atomics, write(2) and _exit (via low_level::exit): all async-signal-safe.
+    unsafe { signal_hook::low_level::register(signal_hook::consts::SIGINT, handler) }
         .context("cannot install the Ctrl-C handler")?;
     Ok(flag)
+}
+
+/// While it lives, Ctrl-C cannot stop the process (see [`interrupt_flag`]): around writes that must finish.
+pub struct Uninterruptible(());
+
+impl Uninterruptible {
+    pub fn new() -> Uninterruptible {
+        SAVING.store(true, Ordering::SeqCst);
+        Uninterruptible(())
+    }
+}
+
+impl Drop for Uninterruptible {
+    fn drop(&mut self) {
+        SAVING.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Why generation stopped, as the CLI says it.

@@ -111,7 +111,12 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     };
     check_out_folder(&args.out)?;
 
-    let engine = open_engine(&args.model, PlanReport::WhenNotable)?;
+    // The plan reserves the n_tokens x n_vocab logits this command returns (and refuses what cannot fit).
+    let model_args = ModelArgs {
+        output_rows: prompt.ids.len(),
+        ..args.model.clone()
+    };
+    let engine = open_engine(&model_args, PlanReport::WhenNotable)?;
     let cfg = engine.config();
     let n_vocab = engine.n_vocab();
     if let Some(i) = prompt.ids.iter().position(|&t| t as usize >= n_vocab) {

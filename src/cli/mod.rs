@@ -78,6 +78,10 @@ impl Hinted {
             hint: hint.into(),
         }
     }
+
+    pub fn hint(&self) -> &str {
+        &self.hint
+    }
 }
 
 impl std::fmt::Display for Hinted {

@@ -47,6 +47,9 @@ pub struct ModelArgs {
     pub cache_type: CacheType,
     #[command(flatten)]
     pub memory: MemoryArgs,
+    /// Not a flag: rows of logits the command keeps (`logits`' token count), for the memory plan.
+    #[arg(skip)]
+    pub output_rows: usize,
 }
 
 /// Where the weights live and how much memory a run may take (DESIGN.md 1, "Memory and devices"); `bench`
@@ -176,6 +179,7 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             no_paging: memory.no_paging,
             ctx_size: args.ctx_size,
             n_ubatch: Some(args.ubatch),
+            output_rows: args.output_rows,
         },
         repack: !memory.no_repack,
         session: session_options_from_env(),
@@ -223,6 +227,7 @@ pub fn plan_json(plan: &MemoryPlan) -> Json {
         BudgetSource::Cgroup { version, file } => {
             json!({ "kind": "cgroup", "version": version, "file": file })
         }
+        BudgetSource::Physical => json!({ "kind": "physical" }),
         BudgetSource::Unknown => json!({ "kind": "unknown" }),
     };
     let i = &plan.inputs;

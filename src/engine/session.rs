@@ -451,15 +451,25 @@ impl<'e> Session<'e> {
         Ok(())
     }
 
-    /// Saves the sequence (tokens and cache) to `path`, through a temporary file renamed into place.
+    /// Saves the sequence (tokens and cache) to `path` atomically: a temporary file beside it, synced and renamed
+    /// into place.
     pub fn save(&self, path: &Path) -> Result<()> {
         crate::session_file::save(path, self.fingerprint(), &self.cache, &self.tokens)
     }
 
-    /// Restores a sequence saved by [`Session::save`] from the same model with the same sizes.
+    /// Restores a sequence saved by [`Session::save`] from the same model with the same sizes, read into the cache
+    /// in place. On failure the session is empty (as after [`Session::reset`]): a file can fail half-way.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        self.tokens = crate::session_file::load(path, self.fingerprint(), &self.cache)?;
-        Ok(())
+        match crate::session_file::load(path, self.fingerprint(), &self.cache) {
+            Ok(tokens) => {
+                self.tokens = tokens;
+                Ok(())
+            }
+            Err(e) => {
+                self.reset()?;
+                Err(e)
+            }
+        }
     }
 
     /// What a saved session must match: the model file and the cache sizes.

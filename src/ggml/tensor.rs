@@ -225,6 +225,17 @@ impl<'ctx> Tensor<'ctx> {
 
     /// Checks a transfer of `bytes` bytes of `want` (if given) into or out of this tensor.
     fn check_io(self, bytes: usize, want: Option<GgmlType>, write: bool) -> Result<()> {
+        self.check_io_at(None, bytes, want, write)
+    }
+
+    /// [`Self::check_io`] of the whole tensor (`offset` `None`) or of `bytes` bytes from `offset`.
+    fn check_io_at(
+        self,
+        offset: Option<usize>,
+        bytes: usize,
+        want: Option<GgmlType>,
+        write: bool,
+    ) -> Result<()> {
         let data_err = |detail: String| GgmlError::Data {
             tensor: self.label(),
             detail,
@@ -256,11 +267,20 @@ impl<'ctx> Tensor<'ctx> {
                 )));
             }
         }
-        if bytes != self.n_bytes() {
-            return Err(data_err(format!(
-                "holds {} bytes, the slice has {bytes}",
-                self.n_bytes()
-            )));
+        match offset {
+            None if bytes != self.n_bytes() => {
+                return Err(data_err(format!(
+                    "holds {} bytes, the slice has {bytes}",
+                    self.n_bytes()
+                )));
+            }
+            Some(at) if at.checked_add(bytes).is_none_or(|end| end > self.n_bytes()) => {
+                return Err(data_err(format!(
+                    "holds {} bytes, the slice of {bytes} from byte {at} goes beyond",
+                    self.n_bytes()
+                )));
+            }
+            _ => {}
         }
         if write && is_read_only(self.buffer()) {
             return Err(GgmlError::ReadOnly {
@@ -287,6 +307,26 @@ impl<'ctx> Tensor<'ctx> {
         self.check_io(bytes, want, false)?;
         // SAFETY: the tensor is allocated, contiguous and exactly `bytes` long; `dst` points to `bytes` writable bytes.
         unsafe { sys::ggml_backend_tensor_get(self.as_ptr(), dst.cast(), 0, bytes) };
+        Ok(())
+    }
+
+    /// Copies raw bytes into the tensor from byte `offset` on (a part of [`Self::set_bytes`], for streaming).
+    pub fn set_bytes_at(self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check_io_at(Some(offset), data.len(), None, true)?;
+        // SAFETY: allocated in a live, writable buffer and contiguous (checked); `offset + len` within the tensor.
+        unsafe {
+            sys::ggml_backend_tensor_set(self.as_ptr(), data.as_ptr().cast(), offset, data.len())
+        };
+        Ok(())
+    }
+
+    /// Copies the tensor's bytes from byte `offset` on into `out` (a part of [`Self::get_bytes`], for streaming).
+    pub fn get_bytes_at(self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.check_io_at(Some(offset), out.len(), None, false)?;
+        // SAFETY: allocated and contiguous (checked); `offset + len` within the tensor; `out` is writable.
+        unsafe {
+            sys::ggml_backend_tensor_get(self.as_ptr(), out.as_mut_ptr().cast(), offset, out.len())
+        };
         Ok(())
     }
 

@@ -275,6 +275,15 @@ impl Config {
     /// Reads and validates the configuration of a DeepSeek V4 model: every key in range, then every tensor bound
     /// to it (name, shape, type, routing ids), so no size computed from the config exceeds what the file holds.
     pub fn from_model(model: &Model) -> Result<Config, ConfigError> {
+        Config::bound(model, |_| ()).map(|(config, _)| config)
+    }
+
+    /// [`Config::from_model`] and the weights it binds, each tensor turned into the caller's handle by `make(name)`
+    /// (see [`Weights::bind`]): one pass over the tensors for a caller that needs both (`Engine::open`).
+    pub fn bound<T>(
+        model: &Model,
+        make: impl FnMut(&str) -> T,
+    ) -> Result<(Config, Weights<T>), ConfigError> {
         let md = model.metadata();
         match md.str(key::ARCHITECTURE) {
             Ok(ARCH) => {}
@@ -534,21 +543,18 @@ impl Config {
         if r.problems.is_empty() {
             config.check_ranges(&mut r.problems);
         }
-        // The shapes bound here cap every size the planner and the caches compute from the config.
-        if r.problems.is_empty() {
-            if let Err(e) = Weights::bind(model, &config, |_| ()) {
-                r.problems.extend(e.problems);
-            }
-        }
         if !r.problems.is_empty() {
             return Err(ConfigError {
                 problems: r.problems,
             });
         }
-        Ok(Config {
+        // The shapes bound here cap every size the planner and the caches compute from the config.
+        let weights = Weights::bind(model, &config, make)?;
+        let config = Config {
             warnings: r.warnings,
             ..config
-        })
+        };
+        Ok((config, weights))
     }
 
     /// The constraints the maths relies on (DSV4.md section 7), each a problem when broken.

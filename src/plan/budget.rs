@@ -16,6 +16,9 @@ pub enum BudgetSource {
     MemAvailable,
     /// A cgroup memory limit: `version` 1 (`memory.limit_in_bytes`) or 2 (`memory.max`), and its file.
     Cgroup { version: u8, file: PathBuf },
+    /// The machine's physical memory (`sysconf`), where neither `MemAvailable` nor a cgroup limit is readable
+    /// (not Linux): an upper bound, so a plan over it is known not to fit.
+    Physical,
     /// Nothing readable limits memory (not Linux, or `/proc` unreadable).
     Unknown,
 }
@@ -50,14 +53,17 @@ impl Budget {
             (Some(avail), Some(cg)) if cg.bytes < avail => (cg.bytes, cgroup_source(cg)),
             (Some(avail), _) => (avail, BudgetSource::MemAvailable),
             (None, Some(cg)) => (cg.bytes, cgroup_source(cg)),
-            (None, None) => {
-                return Budget {
-                    bytes: None,
-                    limit: None,
-                    margin: 0,
-                    source: BudgetSource::Unknown,
+            (None, None) => match sys.physical {
+                Some(bytes) => (bytes, BudgetSource::Physical),
+                None => {
+                    return Budget {
+                        bytes: None,
+                        limit: None,
+                        margin: 0,
+                        source: BudgetSource::Unknown,
+                    }
                 }
-            }
+            },
         };
         let margin = safety_margin(limit);
         Budget {
@@ -94,6 +100,7 @@ impl fmt::Display for Budget {
             BudgetSource::Cgroup { version, file } => {
                 format!("cgroup v{version} limit {}", file.display())
             }
+            BudgetSource::Physical => "physical memory".to_string(),
             BudgetSource::Unknown => {
                 return f.write_str("not limited (no readable MemAvailable or cgroup limit)")
             }
@@ -126,12 +133,18 @@ pub struct SystemMemory {
     pub mem_available: Option<u64>,
     /// The smallest cgroup limit over this process's cgroup and its ancestors, v1 and v2; `None` when unlimited.
     pub cgroup: Option<CgroupLimit>,
+    /// The machine's physical memory, the budget when neither of the above is readable.
+    pub physical: Option<u64>,
 }
 
 impl SystemMemory {
-    /// Reads `/proc/meminfo`, `/proc/self/cgroup`, `/proc/self/mountinfo` and the cgroup limit files.
+    /// Reads `/proc/meminfo`, `/proc/self/cgroup`, `/proc/self/mountinfo` and the cgroup limit files, and the
+    /// physical memory size.
     pub fn read() -> SystemMemory {
-        SystemMemory::read_with(&|p: &Path| std::fs::read_to_string(p).ok())
+        SystemMemory {
+            physical: physical_memory(),
+            ..SystemMemory::read_with(&|p: &Path| std::fs::read_to_string(p).ok())
+        }
     }
 
     /// As [`Self::read`], with `read` giving a file's contents (tests pass fixtures).
@@ -144,8 +157,22 @@ impl SystemMemory {
         SystemMemory {
             mem_available,
             cgroup,
+            physical: None,
         }
     }
+}
+
+/// Physical memory: `_SC_PHYS_PAGES` pages of `_SC_PAGESIZE` bytes.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let (pages, page) = (u64::try_from(pages).ok()?, u64::try_from(page).ok()?);
+    pages.checked_mul(page).filter(|&b| b > 0)
 }
 
 /// `MemAvailable:   24025232 kB` of `/proc/meminfo`, in bytes.

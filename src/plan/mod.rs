@@ -37,6 +37,8 @@ pub struct PlanInputs {
     pub context_bytes: u64,
     /// Compute buffers (activations, graph scratch) estimate.
     pub compute_bytes: u64,
+    /// Output the run keeps in memory beyond the compute buffers (`ferrite logits`: every position's logits).
+    pub output_bytes: u64,
 }
 
 impl PlanInputs {
@@ -55,6 +57,7 @@ impl PlanInputs {
             n_ctx,
             context_bytes,
             compute_bytes,
+            output_bytes: 0,
         }
     }
 
@@ -89,11 +92,12 @@ impl PlanInputs {
         self.n_expert_used.max(1)
     }
 
-    /// Weights, context and compute: what the plan needs whatever the experts do.
+    /// Weights, context, compute and output: what the plan needs whatever the experts do.
     pub fn fixed_bytes(&self) -> u64 {
         self.resident_bytes
             .saturating_add(self.context_bytes)
             .saturating_add(self.compute_bytes)
+            .saturating_add(self.output_bytes)
     }
 }
 
@@ -165,6 +169,15 @@ impl MemoryPlan {
             .fixed_bytes()
             .saturating_add(self.expert_bytes())
     }
+
+    /// Bytes the run allocates and cannot give back to the file: everything but routed experts left in the map
+    /// (the OS pages those in and out). What the budget must hold.
+    pub fn allocated_bytes(&self) -> u64 {
+        match self.placement {
+            ExpertPlacement::Resident => self.inputs.fixed_bytes(),
+            ExpertPlacement::Paged { .. } => self.total_bytes(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -172,6 +185,10 @@ pub enum PlanError {
     /// The cache would hold fewer experts than one token uses.
     #[error("{0}")]
     TooSmall(Box<Refusal>),
+    /// What the run must allocate exceeds the budget (with `--no-paging`, `--expert-cache N`, or no routed experts
+    /// to page).
+    #[error("{0}")]
+    OverBudget(Box<OverBudget>),
 }
 
 /// The numbers behind a refused plan.
@@ -209,12 +226,9 @@ fn too_small_message(r: &Refusal) -> String {
             let budget_bytes = budget.bytes.unwrap_or(0);
             let needed = inputs.fixed_bytes().saturating_add(min_cache);
             format!(
-                "{head}: the budget is {budget}; it needs at least {} = non-routed weights {} + context {} (-c {}) + compute {} + {need} expert slots {}, {} more (hint: raise --mem, lower -c, use a smaller quantization, or pass --no-paging to let the OS page the file, slowly)",
+                "{head}: the budget is {budget}; it needs at least {} = {} + {need} expert slots {}, {} more (hint: raise --mem, lower -c, use a smaller quantization, or pass --no-paging to let the OS page the file, slowly)",
                 format_bytes(needed),
-                format_bytes(inputs.resident_bytes),
-                format_bytes(inputs.context_bytes),
-                inputs.n_ctx,
-                format_bytes(inputs.compute_bytes),
+                fixed_parts(inputs),
                 format_bytes(min_cache),
                 format_bytes(needed.saturating_sub(budget_bytes)),
             )
@@ -223,9 +237,11 @@ fn too_small_message(r: &Refusal) -> String {
 }
 
 /// Plans where the routed experts live. Resident when they fit the budget (or there is no budget, no experts, or
-/// `--no-paging`); else paged with as many slots as the budget leaves, or as `--expert-cache` says (honoured even
-/// over the budget, with a warning: a larger manual cache can beat the automatic one, ANCHORS.md (c) item 2).
-/// Refuses a cache smaller than the experts one token uses.
+/// `--no-paging`); else paged with as many slots as the budget leaves, or as `--expert-cache` says (a larger manual
+/// cache can beat the automatic one, ANCHORS.md (c) item 2, as long as it fits the budget). Refuses a cache smaller
+/// than the experts one token uses, and any plan whose allocations (resident weights, context, compute, output,
+/// expert cache: [`MemoryPlan::allocated_bytes`]) exceed a known budget. Routed experts left in the map may exceed
+/// it, with a warning: the OS pages them.
 pub fn plan_memory(
     inputs: &PlanInputs,
     budget: &Budget,
@@ -279,6 +295,9 @@ pub fn plan_memory(
     } else {
         plan.reason = PlanReason::NoBudget;
     }
+    if over(plan.allocated_bytes()).is_some() {
+        return Err(PlanError::OverBudget(Box::new(OverBudget(plan))));
+    }
     if let Some(by) = over(plan.total_bytes()) {
         let what = match plan.placement {
             ExpertPlacement::Resident => {
@@ -292,6 +311,69 @@ pub fn plan_memory(
         ));
     }
     Ok(plan)
+}
+
+/// [`PlanInputs::fixed_bytes`] part by part: "non-routed weights X + context Y (-c N) + compute Z" and the
+/// logits output when there is one.
+fn fixed_parts(i: &PlanInputs) -> String {
+    let mut parts = format!(
+        "non-routed weights {} + context {} (-c {}) + compute {}",
+        format_bytes(i.resident_bytes),
+        format_bytes(i.context_bytes),
+        i.n_ctx,
+        format_bytes(i.compute_bytes),
+    );
+    if i.output_bytes > 0 {
+        parts.push_str(&format!(
+            " + logits output {}",
+            format_bytes(i.output_bytes)
+        ));
+    }
+    parts
+}
+
+/// Why an over-budget plan was refused: the allocations part by part against the budget, and what would fit.
+fn over_budget_message(plan: &MemoryPlan) -> String {
+    let i = &plan.inputs;
+    let budget_bytes = plan.budget.bytes.unwrap_or(0);
+    let needed = plan.allocated_bytes();
+    let mut parts = fixed_parts(i);
+    let mut hints = Vec::new();
+    if let ExpertPlacement::Paged { slots, slot_bytes } = plan.placement {
+        parts.push_str(&format!(
+            " + expert cache {}",
+            format_bytes(slots.saturating_mul(slot_bytes))
+        ));
+        let room = budget_bytes.saturating_sub(i.fixed_bytes()) / slot_bytes.max(1);
+        if room >= i.min_slots() {
+            hints.push(format!("give --expert-cache {room} or fewer slots"));
+        }
+    }
+    if i.output_bytes > 0 {
+        hints.push("ask for the logits of fewer tokens per run".to_string());
+    }
+    hints.push("lower -c".to_string());
+    hints.push("raise --mem".to_string());
+    if plan.reason == PlanReason::NoPaging && i.routed_bytes() > 0 {
+        hints.push("use a smaller quantization".to_string());
+    }
+    format!(
+        "the run needs {} = {parts}, but the budget is {}: {} more (hint: {})",
+        format_bytes(needed),
+        plan.budget,
+        format_bytes(needed.saturating_sub(budget_bytes)),
+        hints.join(", ")
+    )
+}
+
+/// The plan refused as [`PlanError::OverBudget`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct OverBudget(pub MemoryPlan);
+
+impl fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&over_budget_message(&self.0))
+    }
 }
 
 fn too_small(inputs: &PlanInputs, budget: &Budget, slots: u64, cause: ExpertCacheArg) -> PlanError {
@@ -360,27 +442,35 @@ impl fmt::Display for MemoryPlan {
                 .map_or(String::new(), |(_, r)| format!("({r}")),
         };
         writeln!(f, "memory plan: {head}")?;
-        let rows = [
+        let output = (i.output_bytes > 0).then(|| {
             (
+                "logits output".to_string(),
+                format_bytes(i.output_bytes),
+                String::new(),
+            )
+        });
+        let rows = [
+            Some((
                 "non-routed weights (resident)".to_string(),
                 format_bytes(i.resident_bytes),
                 String::new(),
-            ),
-            (context, format_bytes(i.context_bytes), String::new()),
-            (
+            )),
+            Some((context, format_bytes(i.context_bytes), String::new())),
+            Some((
                 "compute buffers".to_string(),
                 format_bytes(i.compute_bytes),
                 String::new(),
-            ),
-            (expert_row, format_bytes(self.expert_bytes()), expert_note),
-            (
+            )),
+            output,
+            Some((expert_row, format_bytes(self.expert_bytes()), expert_note)),
+            Some((
                 "total".to_string(),
                 format_bytes(self.total_bytes()),
                 String::new(),
-            ),
-            ("budget".to_string(), budget, budget_note),
+            )),
+            Some(("budget".to_string(), budget, budget_note)),
         ];
-        for (name, bytes, note) in rows {
+        for (name, bytes, note) in rows.into_iter().flatten() {
             let line = format!("  {name:<34} {bytes:>11}  {note}");
             writeln!(f, "{}", line.trim_end())?;
         }

@@ -233,6 +233,7 @@ fn flash_like() -> PlanInputs {
         n_ctx: 4096,
         context_bytes: 512 << 20,
         compute_bytes: 512 << 20,
+        output_bytes: 0,
     }
 }
 
@@ -365,14 +366,21 @@ fn overrides() {
     )
     .unwrap();
     assert_eq!(p.slots(), Some(100));
-    // Over the budget: honoured, with a warning.
-    let p = plan_memory(&i, &budget, &req(ExpertCacheArg::Slots(1000))).unwrap();
-    assert_eq!(p.slots(), Some(1000));
+    // Over the budget: refused, with the numbers and the slots that would fit (10 GiB - 5 GiB fixed = 640).
+    let err = plan_memory(&i, &budget, &req(ExpertCacheArg::Slots(1000))).unwrap_err();
+    assert!(matches!(&err, PlanError::OverBudget(p) if p.0.slots() == Some(1000)));
     assert_eq!(
-        p.warnings,
-        ["the plan exceeds the budget by 2.81 GiB: the expert cache may push other memory out"]
+        err.to_string(),
+        "the run needs 12.81 GiB = non-routed weights 4.00 GiB + context 512.00 MiB (-c 4096) + compute 512.00 MiB \
+         + expert cache 7.81 GiB, but the budget is 10.00 GiB (--mem): 2.81 GiB more \
+         (hint: give --expert-cache 640 or fewer slots, lower -c, raise --mem)"
     );
-    assert!(p.to_string().ends_with("  warning: the plan exceeds the budget by 2.81 GiB: the expert cache may push other memory out\n"));
+    assert_eq!(
+        plan_memory(&i, &budget, &req(ExpertCacheArg::Slots(640)))
+            .unwrap()
+            .slots(),
+        Some(640)
+    );
     // More slots than experts: capped.
     let p = plan_memory(
         &i,
@@ -422,6 +430,22 @@ fn overrides() {
     );
     assert_eq!(p.warnings.len(), 1);
     assert!(p.warnings[0].contains("by 15.00 GiB: the OS will page"));
+    // ... but not what it must allocate: the weights, context and compute over the budget are refused.
+    let big_context = PlanInputs {
+        n_ctx: 1 << 20,
+        context_bytes: 8 << 30,
+        ..i.clone()
+    };
+    let no_paging = PlanRequest {
+        expert_cache: None,
+        no_paging: true,
+    };
+    let err = plan_memory(&big_context, &budget, &no_paging).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the run needs 12.50 GiB = non-routed weights 4.00 GiB + context 8.00 GiB (-c 1048576) + compute 512.00 MiB, \
+         but the budget is 10.00 GiB (--mem): 2.50 GiB more (hint: lower -c, raise --mem, use a smaller quantization)"
+    );
     // No routed experts: resident, the override ignored.
     let dense = PlanInputs {
         experts: Vec::new(),
@@ -436,4 +460,103 @@ fn overrides() {
         p.warnings,
         ["--expert-cache is ignored: the model has no routed experts"]
     );
+    // Nothing to page: over the budget is refused.
+    let err =
+        plan_memory(&dense, &Budget::from_flag(4 << 30), &PlanRequest::default()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("the run needs 5.00 GiB = ")
+            && err.to_string().contains("1.00 GiB more"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_logits_output_is_planned() {
+    // 4 GiB + 512 MiB + 512 MiB + 1 GiB of logits: 6 GiB fixed.
+    let i = PlanInputs {
+        output_bytes: 1 << 30,
+        ..flash_like()
+    };
+    assert_eq!(i.fixed_bytes(), 6 << 30);
+    // The cache gets what the output leaves: 10 - 6 = 4 GiB = 512 slots.
+    let p = plan_memory(&i, &Budget::from_flag(10 << 30), &PlanRequest::default()).unwrap();
+    assert_eq!(p.slots(), Some(512));
+    let table = p.to_string();
+    assert!(
+        table.contains("\n  logits output                         1.00 GiB\n"),
+        "{table}"
+    );
+    // Without output, no such row.
+    let p = plan_memory(
+        &flash_like(),
+        &Budget::from_flag(10 << 30),
+        &PlanRequest::default(),
+    )
+    .unwrap();
+    assert!(!p.to_string().contains("logits output"));
+    // Too much output with --no-paging: refused, naming it.
+    let no_paging = PlanRequest {
+        expert_cache: None,
+        no_paging: true,
+    };
+    let err = plan_memory(&i, &Budget::from_flag(5 << 30), &no_paging)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("+ logits output 1.00 GiB, but the budget is 5.00 GiB (--mem): 1.00 GiB more (hint: ask for the logits of fewer tokens per run,"),
+        "{err}"
+    );
+    // Paged: the automatic refusal names it too.
+    let err = plan_memory(&i, &Budget::from_flag(5 << 30), &PlanRequest::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("compute 512.00 MiB + logits output 1.00 GiB + 6 expert slots"),
+        "{err}"
+    );
+}
+
+#[test]
+fn physical_memory_is_the_budget_when_nothing_else_is_readable() {
+    let sys = SystemMemory {
+        physical: Some(8 << 30),
+        ..SystemMemory::default()
+    };
+    let b = Budget::from_system(&sys);
+    assert_eq!(b.source, BudgetSource::Physical);
+    assert_eq!(b.limit, Some(8 << 30));
+    assert_eq!(b.bytes, Some((8 << 30) - safety_margin(8 << 30)));
+    assert!(
+        b.to_string().contains("(physical memory 8.00 GiB minus"),
+        "{b}"
+    );
+    // MemAvailable, when there, wins.
+    let sys = SystemMemory {
+        mem_available: Some(4 << 30),
+        physical: Some(8 << 30),
+        ..SystemMemory::default()
+    };
+    assert_eq!(Budget::from_system(&sys).source, BudgetSource::MemAvailable);
+    // A plan over physical memory is refused rather than left to the OOM killer.
+    let i = PlanInputs {
+        n_ctx: 1 << 20,
+        context_bytes: 64 << 30,
+        ..flash_like()
+    };
+    let no_paging = PlanRequest {
+        expert_cache: None,
+        no_paging: true,
+    };
+    let err = plan_memory(
+        &i,
+        &Budget::from_system(&SystemMemory {
+            physical: Some(8 << 30),
+            ..SystemMemory::default()
+        }),
+        &no_paging,
+    )
+    .unwrap_err();
+    assert!(matches!(err, PlanError::OverBudget(_)), "{err}");
+    // The machine's own reading has a physical size on every platform ferrite builds for.
+    assert!(SystemMemory::read().physical.is_some_and(|b| b > 0));
 }

@@ -329,6 +329,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         no_fused_ops: args.no_fused_ops,
         cache_type: args.cache_type,
         memory: args.memory.clone(),
+        output_rows: 0,
     };
     let mut tests = Vec::new();
     if args.n_prompt > 0 {
