@@ -420,14 +420,15 @@ fn memory_plan(
 ) -> Result<MemoryPlan> {
     let p = &opts.paging;
     let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch, opts.cache_type);
-    let (per_token, fixed) = cache_bytes(cfg, &sizes);
-    let inputs = PlanInputs::from_sizes(
+    let cache = cache_bytes(cfg, &sizes);
+    let mut inputs = PlanInputs::from_sizes(
         &weight_sizes(model),
         cfg.n_expert_used as u64,
         n_ctx as u64,
-        fixed + (per_token * n_ctx as f64) as u64,
+        cache.total,
         compute_bytes(cfg, n_ubatch),
     );
+    inputs.context_per_token = cache.per_token;
     let budget = p.mem.map_or_else(Budget::from_machine, Budget::from_flag);
     let req = PlanRequest {
         expert_cache: p.expert_cache,

@@ -236,6 +236,7 @@ pub fn plan_json(plan: &MemoryPlan) -> Json {
         "resident_bytes": i.resident_bytes,
         "n_ctx": i.n_ctx,
         "context_bytes": i.context_bytes,
+        "context_bytes_per_token": i.context_per_token,
         "compute_bytes": i.compute_bytes,
         "total_bytes": plan.total_bytes(),
         "budget": {
