@@ -131,6 +131,14 @@ pub struct GraphStats {
     pub grouped: u64,
 }
 
+/// A session's tokens and cache contents, held in memory (see [`Session::state`]).
+#[derive(Clone)]
+pub struct SessionState {
+    fingerprint: crate::session_file::Fingerprint,
+    tokens: Vec<u32>,
+    cache: Vec<Vec<u8>>,
+}
+
 impl<'e> Session<'e> {
     /// A new empty sequence of `engine` with room for `n_ctx` tokens, processing prompts `n_ubatch` tokens at a time.
     pub(super) fn new(engine: &'e Engine, n_ctx: usize, n_ubatch: usize) -> Result<Session<'e>> {
@@ -459,6 +467,29 @@ impl<'e> Session<'e> {
     /// Restores a sequence saved by [`Session::save`] from the same model with the same sizes.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         self.tokens = crate::session_file::load(path, self.fingerprint(), &self.cache)?;
+        Ok(())
+    }
+
+    /// The sequence (tokens and cache) in memory: [`Session::save`] without the file.
+    pub fn state(&self) -> Result<SessionState> {
+        Ok(SessionState {
+            fingerprint: self.fingerprint(),
+            tokens: self.tokens.clone(),
+            cache: self.cache.snapshot()?,
+        })
+    }
+
+    /// Restores what [`Session::state`] returned from a session of the same engine with the same sizes.
+    pub fn set_state(&mut self, state: &SessionState) -> Result<()> {
+        if state.fingerprint != self.fingerprint() {
+            bail!(
+                "the state comes from a session of another model or other sizes ({:?}, this one {:?})",
+                state.fingerprint,
+                self.fingerprint()
+            );
+        }
+        self.cache.restore(&state.cache)?;
+        self.tokens.clone_from(&state.tokens);
         Ok(())
     }
 
