@@ -3,7 +3,7 @@
 
 mod session;
 
-pub use session::{GraphStats, Logits, Session, SessionOptions, SessionState};
+pub use session::{GraphStats, Logits, Rewind, Session, SessionOptions, SessionState};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};

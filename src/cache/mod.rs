@@ -179,6 +179,39 @@ pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> CacheBytes {
     CacheBytes { per_token, total }
 }
 
+/// Whether a cache that holds positions `0..end` still holds everything the positions from `n` on need (`n < end`),
+/// so a sequence can go back to its first `n` tokens without recomputing them:
+/// - the raw ring still holds the keys query `n` sees (positions `n + 1 - window .. n`): position `t` lives in ring
+///   row `t % ring` until position `t + ring` overwrites it;
+/// - each compressor's ring (per position, see [`plan::compressor_ring_rows`]) still holds the positions the next
+///   blocks pool: the partial block of `n` and, for ratio 4, the block before it.
+///
+/// Rows of positions from `n` on (raw keys, compressed and indexer rows of blocks completed after `n`) stay where
+/// they are: masks never show them (visibility follows the positions processed) and they are written again when
+/// their positions come again.
+pub fn can_roll_back(cfg: &Config, sizes: &CacheSizes, n: usize, end: usize) -> bool {
+    // Every position from `first` to `n` is still in a ring of `rows` rows.
+    let held = |first: usize, rows: usize| first >= n || first + rows >= end;
+    if n == 0 || n >= end {
+        return true;
+    }
+    let raw = held((n + 1).saturating_sub(cfg.window), sizes.raw_ring);
+    let kinds = [LayerKind::Csa, LayerKind::Hca];
+    let comp = kinds
+        .into_iter()
+        .filter(|k| cfg.kinds.contains(k))
+        .all(|k| {
+            let ratio = k.ratio();
+            let block = n / ratio;
+            let first = match ratio {
+                4 => block.saturating_sub(1) * ratio,
+                _ => block * ratio,
+            };
+            held(first, compressor_ring_rows(ratio))
+        });
+    raw && comp
+}
+
 /// The cache tensors of one sequence, allocated in one backend buffer.
 pub struct KvCache {
     ctx: Context<'static>,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use ferrite::chat::{ChatOptions, Message, Role, BOS, THINK_END};
-use ferrite::engine::Session;
+use ferrite::engine::{Rewind, Session};
 use ferrite::experts::StatsSnapshot;
 use ferrite::sampler::Sampler;
 use ferrite::tokenizer::Tokenizer;
@@ -208,11 +208,12 @@ impl Chat<'_, '_> {
         let mut timings_rewind = Timings::default();
         if reuse < self.session.n_past() {
             let start = std::time::Instant::now();
-            self.session.rewind(reuse)?;
-            timings_rewind.n_prompt = reuse;
-            timings_rewind.prompt_time = start.elapsed();
-            if reuse > 0 && self.verbose {
-                eprintln!("ferrite: the cache diverged: recomputed its first {reuse} tokens");
+            if self.session.rewind(reuse)? == Rewind::Recomputed {
+                timings_rewind.n_prompt = reuse;
+                timings_rewind.prompt_time = start.elapsed();
+                if self.verbose {
+                    eprintln!("ferrite: the cache diverged: recomputed its first {reuse} tokens");
+                }
             }
         }
 

@@ -131,6 +131,17 @@ pub struct GraphStats {
     pub grouped: u64,
 }
 
+/// What [`Session::rewind`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewind {
+    /// The session held no more than the tokens to keep.
+    Nothing,
+    /// The cache was rolled back as it is (no computation).
+    RolledBack,
+    /// The kept prefix was processed again from an empty cache.
+    Recomputed,
+}
+
 /// A session's tokens and cache contents, held in memory (see [`Session::state`]).
 #[derive(Clone)]
 pub struct SessionState {
@@ -438,18 +449,24 @@ impl<'e> Session<'e> {
         Ok(())
     }
 
-    /// Forgets everything after the first `n` tokens. The compressor rings cannot be rolled back, so the prefix
-    /// is processed again (correct for any `n`; costs a prefill of `n` tokens).
-    pub fn rewind(&mut self, n: usize) -> Result<()> {
+    /// Forgets everything after the first `n` tokens. Where the cache still holds all that position `n` needs
+    /// (see [`crate::cache::can_roll_back`]: `n` in the compression blocks the rings still hold, and within the raw
+    /// ring), the state is rolled back as it is: rows of later positions stay masked until they are written again.
+    /// Otherwise the prefix is processed again (correct for any `n`; costs a prefill of `n` tokens).
+    pub fn rewind(&mut self, n: usize) -> Result<Rewind> {
         if n >= self.n_past() {
-            return Ok(());
+            return Ok(Rewind::Nothing);
+        }
+        if crate::cache::can_roll_back(&self.engine.cfg, &self.cache.sizes, n, self.n_past()) {
+            self.tokens.truncate(n);
+            return Ok(Rewind::RolledBack);
         }
         let keep = self.tokens[..n].to_vec();
         self.reset()?;
         if !keep.is_empty() {
             self.feed(&keep, Logits::Last)?;
         }
-        Ok(())
+        Ok(Rewind::Recomputed)
     }
 
     /// Back to an empty sequence.
