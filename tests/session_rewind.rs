@@ -94,6 +94,14 @@ fn rewind_inside_a_compression_block_rolls_back_and_equals_recomputing() {
         }
         // Nothing to forget.
         assert_eq!(s.rewind(1000).unwrap(), Rewind::Nothing);
+        // Back to the start: rolled back, then the same as a new session.
+        assert_eq!(s.rewind(0).unwrap(), Rewind::RolledBack, "{what}");
+        let mut new = e.session_sized(N_CTX, N_UBATCH).unwrap();
+        assert_eq!(
+            continue_with(&mut s, &other),
+            continue_with(&mut new, &other),
+            "{what}"
+        );
     }
 }
 

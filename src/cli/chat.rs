@@ -221,6 +221,7 @@ impl Chat<'_, '_> {
         let opts = GenerateOptions {
             max_tokens: self.max_tokens,
             interrupt: Some(&self.interrupt),
+            ..GenerateOptions::default()
         };
         let gen = generate::generate_to_stdout(
             &mut self.session,
