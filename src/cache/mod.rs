@@ -87,6 +87,9 @@ pub enum CacheType {
     F16,
     /// Exact; what the parity tests use.
     F32,
+    /// 8-bit blocks of 32 values with an F16 scale (34 bytes per 32 values: about half of F16), as llama.cpp's
+    /// `--cache-type-k q8_0`; keys are rotated by a Hadamard matrix before they are quantized, as llama.cpp does.
+    Q8_0,
 }
 
 impl CacheType {
@@ -94,12 +97,39 @@ impl CacheType {
         match self {
             CacheType::F16 => GgmlType::F16,
             CacheType::F32 => GgmlType::F32,
+            CacheType::Q8_0 => GgmlType::Q8_0,
         }
     }
 
-    /// Bytes of one stored value.
-    pub fn bytes(self) -> u64 {
-        self.ggml().type_size()
+    /// llama.cpp's name (`f16`, `f32`, `q8_0`).
+    pub fn name(self) -> &'static str {
+        self.ggml().name()
+    }
+
+    /// Parses llama.cpp's names (any case).
+    pub fn parse(s: &str) -> Option<CacheType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Some(CacheType::F16),
+            "f32" => Some(CacheType::F32),
+            "q8_0" => Some(CacheType::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self == CacheType::Q8_0
+    }
+
+    /// Bytes of a row of `width` values (a multiple of the type's block; see [`CacheType::fits`]).
+    pub fn row_bytes(self, width: usize) -> u64 {
+        let ty = self.ggml();
+        width as u64 / ty.block_size() * ty.type_size()
+    }
+
+    /// Whether rows of the model's widths (the head, the indexer head) can be stored in this type.
+    pub fn fits(self, cfg: &Config) -> bool {
+        let block = self.ggml().block_size() as usize;
+        cfg.head_dim % block == 0 && cfg.indexer_dim % block == 0
     }
 }
 
@@ -147,7 +177,7 @@ const TENSOR_ALIGN: u64 = 32;
 
 /// The bytes of the cache for `sizes` (see [`CacheBytes`]); mirrors [`KvCache::new`] tensor by tensor.
 pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> CacheBytes {
-    let f = sizes.cache_type.bytes();
+    let row = |width: usize| sizes.cache_type.row_bytes(width);
     let tensor = |bytes: u64| bytes.next_multiple_of(TENSOR_ALIGN);
     // Values and scores, F32, for the ring, the staging rows and the padding row.
     let sources = |width: usize, coff: usize, ratio: usize| {
@@ -162,16 +192,16 @@ pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> CacheBytes {
             kind => sizes.comp_rows(kind.ratio()),
         };
         // `kv`: the raw ring, then the compressed rows.
-        total += tensor((cfg.head_dim * (sizes.raw_ring + comp_rows)) as u64 * f);
+        total += tensor((sizes.raw_ring + comp_rows) as u64 * row(cfg.head_dim));
         match kind {
             LayerKind::Raw => {}
             LayerKind::Csa => {
-                per_token += ((cfg.head_dim + cfg.indexer_dim) as u64 * f) as f64 / 4.0;
-                total += tensor((cfg.indexer_dim * comp_rows) as u64 * f);
+                per_token += (row(cfg.head_dim) + row(cfg.indexer_dim)) as f64 / 4.0;
+                total += tensor(comp_rows as u64 * row(cfg.indexer_dim));
                 total += sources(cfg.head_dim, 2, 4) + sources(cfg.indexer_dim, 2, 4);
             }
             LayerKind::Hca => {
-                per_token += (cfg.head_dim as u64 * f) as f64 / 128.0;
+                per_token += row(cfg.head_dim) as f64 / 128.0;
                 total += sources(cfg.head_dim, 1, 128);
             }
         }

@@ -157,7 +157,17 @@ impl<'e> Session<'e> {
             bail!("the context size and the micro-batch size must be at least 1 (got -c {n_ctx}, --ubatch {n_ubatch})");
         }
         let cfg = &engine.cfg;
-        let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch.min(n_ctx), engine.opts.cache_type);
+        let cache_type = engine.opts.cache_type;
+        if !cache_type.fits(cfg) {
+            bail!(
+                "a {} cache stores rows in blocks of {} values, but this model's key rows have {} values and its indexer rows {} (use --cache-type f16)",
+                cache_type.name(),
+                cache_type.ggml().block_size(),
+                cfg.head_dim,
+                cfg.indexer_dim
+            );
+        }
+        let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch.min(n_ctx), cache_type);
         let cache = KvCache::new(cfg, sizes, &engine.backend)
             .context("cannot allocate the context cache")?;
         let alloc =
@@ -328,12 +338,12 @@ impl<'e> Session<'e> {
                     fused,
                     grouped,
                     weights: &weights,
-                    rotation: engine.indexer_rotation(),
+                    rotation: engine.rotations(),
                 };
                 build_graph(&parts, &self.cache, &plan, want)
             },
         )?;
-        let logits = fill_inputs(graph, plan, want, fused, engine.indexer_rotation())?;
+        let logits = fill_inputs(graph, plan, want, fused, engine.rotations())?;
         engine.backend.compute(graph.graph())?;
         if !want.is_empty() {
             let start = out.len();
@@ -360,7 +370,7 @@ impl<'e> Session<'e> {
         // Paged experts live in the slots, not repacked: the grouped products never apply.
         let key = GraphKey::of(&plan, want.len(), false);
         let weights = engine.weight_tensors();
-        let rotation = engine.indexer_rotation();
+        let rotation = engine.rotations();
         let parts = GraphParts {
             cfg,
             fused,

@@ -41,11 +41,18 @@ pub fn attention<'c>(
     let q = ctx.reshape_3d(ctx.mul_mat(w.q_b, qr)?, [dh, h, n])?;
     let q = ctx.rms_norm(q, o.eps)?;
     let q = o.rope_tail(ctx.rope_ext(q, inp.pos, None, rope)?, s.head_dim, rope)?;
+    // With a quantized cache, queries and keys are rotated (scores unchanged in exact arithmetic) so each key's
+    // outliers spread over its block before it is quantized; the output is rotated back (llama.cpp's attn_rot_k).
+    let rotate = |x: Tensor<'c>| match inp.attn_rotation {
+        Some(rot) => ctx.mul_mat_hadamard(rot, x),
+        None => Ok(x),
+    };
+    let q = rotate(q)?;
 
     let kv = ctx.mul(ctx.rms_norm(ctx.mul_mat(w.kv, c)?, o.eps)?, w.kv_norm)?;
     let kv = ctx.reshape_3d(kv, [dh, 1, n])?;
     let kv = o.rope_tail(ctx.rope_ext(kv, inp.pos, None, rope)?, s.head_dim, rope)?;
-    let kv = ctx.reshape_2d(kv, [dh, n])?;
+    let kv = ctx.reshape_2d(rotate(kv)?, [dh, n])?;
     // New keys go to their raw ring rows of `kv`.
     let mut keys = KeyRows::new(o, cache);
     keys.write(kv, inp.raw_slots)?;
@@ -84,7 +91,7 @@ pub fn attention<'c>(
     } else {
         attend_chunks(o, &keys, q, w.kind, comp_mask, inp, w.sinks, scale)?
     };
-    let out = ctx.reshape_3d(out, [dh, h, n])?;
+    let out = rotate(ctx.reshape_3d(out, [dh, h, n])?)?;
     let out = o.rope_tail(
         ctx.rope_ext_back(out, inp.pos, None, rope)?,
         s.head_dim,
@@ -117,7 +124,7 @@ fn compressed_rows<'c>(
     let spec = RowSpec {
         width: s.head_dim,
         rope,
-        rotation: None,
+        rotation: inp.attn_rotation,
     };
     let rows = compress(o, c, comp_w, comp_cache, comp_inp, &spec)?;
     if let (Some(rows), Some(b)) = (rows, &comp_inp.blocks) {
@@ -188,13 +195,22 @@ impl<'o, 'c> KeyRows<'o, 'c> {
     }
 
     /// Keys `k {Dh, 1, n}` (in the cache's type) and, as attention multiplies them, their values `{n, Dh}`: the
-    /// same values transposed into a contiguous copy of the same type (exact).
+    /// same values transposed into a contiguous copy of the same type (exact); for a quantized cache, dequantized to
+    /// F32 (blocks cannot be transposed), which is how llama.cpp's flash attention reads quantized values.
     fn with_values(&self, k: Tensor<'c>) -> Result<(Tensor<'c>, Tensor<'c>)> {
         let ctx = self.o.ctx;
         let [dh, _, n, _] = k.ne();
         let rows = ctx.reshape_2d(k, [dh, n])?; // views of `kv` and joined copies are contiguous
+        let rows = match self.quantized() {
+            true => ctx.cast(rows, GgmlType::F32)?,
+            false => rows,
+        };
         let v = ctx.cont(ctx.transpose(rows)?)?;
         Ok((k, v))
+    }
+
+    fn quantized(&self) -> bool {
+        self.kv.ty().is_some_and(|t| t.block_size() > 1)
     }
 
     /// The first `n` key rows and their values (see [`KeyRows::with_values`]).
@@ -211,12 +227,18 @@ impl<'o, 'c> KeyRows<'o, 'c> {
         let ctx = self.o.ctx;
         let [dh, ..] = self.kv.ne();
         let m = rows.ne()[0];
-        let k = ctx.get_rows(self.kv, rows)?; // F32 {Dh, m}
+        let rows_f32 = ctx.get_rows(self.kv, rows)?; // F32 {Dh, m}
+                                                     // Back in the cache's type: exact for F16, and for Q8_0 the same blocks again (its dequantized values
+                                                     // quantize to the same scale and integers).
         let k = match self.kv.ty() {
-            Some(GgmlType::F32) | None => k,
-            Some(ty) => ctx.cast(k, ty)?,
+            Some(GgmlType::F32) | None => rows_f32,
+            Some(ty) => ctx.cast(rows_f32, ty)?,
         };
-        let v = ctx.cont(ctx.transpose(k)?)?;
+        let values = match self.quantized() {
+            true => rows_f32,
+            false => k,
+        };
+        let v = ctx.cont(ctx.transpose(values)?)?;
         Ok((ctx.reshape_3d(k, [dh, 1, m])?, v))
     }
 
@@ -227,11 +249,20 @@ impl<'o, 'c> KeyRows<'o, 'c> {
         if n_raw as usize == ring {
             return self.read(n_raw + n_comp);
         }
-        let k = self
-            .o
-            .ctx
-            .concat(self.view(0, n_raw)?, self.view(ring, n_comp)?, 2)?;
-        self.with_values(k)
+        let ctx = self.o.ctx;
+        let (raw, comp) = (self.view(0, n_raw)?, self.view(ring, n_comp)?);
+        let Some(ty) = self.kv.ty().filter(|_| self.quantized()) else {
+            return self.with_values(ctx.concat(raw, comp, 2)?);
+        };
+        // Blocks cannot be joined by ggml: join the values, then quantize them back (the same blocks again).
+        let values = ctx.concat(
+            ctx.cast(raw, GgmlType::F32)?,
+            ctx.cast(comp, GgmlType::F32)?,
+            2,
+        )?;
+        let [dh, _, n, _] = values.ne();
+        let v = ctx.cont(ctx.transpose(ctx.reshape_2d(values, [dh, n])?)?)?;
+        Ok((ctx.cast(values, ty)?, v))
     }
 }
 

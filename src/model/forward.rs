@@ -139,6 +139,19 @@ pub struct BatchInputs<'c> {
     pub out_ids: Tensor<'c>,
     /// F32 `{r, r}`: the Walsh-Hadamard matrix indexer queries and keys are rotated by (see [`indexer_rotation_size`]).
     pub indexer_rotation: Option<Tensor<'c>>,
+    /// F32 `{r, r}`: with a quantized cache, the Hadamard matrix attention queries, keys (raw and compressed, before
+    /// they are stored) and outputs are rotated by, as llama.cpp does (its `attn_rot_k`; see [`Rotations`]).
+    pub attn_rotation: Option<Tensor<'c>>,
+}
+
+/// The engine's constant rotation matrices a graph reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rotations<'c> {
+    /// The indexer's (see [`indexer_rotation_size`]).
+    pub indexer: Option<Tensor<'c>>,
+    /// Attention's, with a quantized cache: spreading each head's outliers over a block of its values before the
+    /// keys are quantized (the size as [`indexer_rotation_size`] of the head).
+    pub attention: Option<Tensor<'c>>,
 }
 
 /// Size of the Hadamard rotation of indexer queries and keys, as llama.cpp picks it: 64, doubled while it still

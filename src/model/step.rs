@@ -10,7 +10,9 @@ use crate::cache::{CompPlan, KvCache, QueryChunk, UbatchPlan};
 use crate::ggml::{GgmlError, OwnedGraph, RepackType, Result, Tensor};
 
 use super::config::Config;
-use super::forward::{forward, BatchInputs, BlockInputs, ChunkInputs, CompInputs, Ops, Uploads};
+use super::forward::{
+    forward, BatchInputs, BlockInputs, ChunkInputs, CompInputs, Ops, Rotations, Uploads,
+};
 use super::weights::Weights;
 
 /// Everything that fixes the structure of a micro-batch's graph: two micro-batches with the same key differ only
@@ -84,7 +86,7 @@ pub fn batch_inputs<'c>(
     plan: UbatchPlan,
     want: &[usize],
     fused: bool,
-    rotation: Option<Tensor<'c>>,
+    rotation: Rotations<'c>,
 ) -> Result<BatchInputs<'c>> {
     let n = plan.tokens.len();
     let p0 = plan.p0;
@@ -134,7 +136,8 @@ pub fn batch_inputs<'c>(
             .transpose()?,
         chunks,
         out_ids: up.i32(format_args!("inp_out_ids"), out_ids(n, want))?,
-        indexer_rotation: rotation.filter(|_| has_csa),
+        indexer_rotation: rotation.indexer.filter(|_| has_csa),
+        attn_rotation: rotation.attention,
     })
 }
 
@@ -245,7 +248,7 @@ pub struct GraphParts<'a, 'e> {
     pub grouped: Option<RepackType>,
     pub weights: &'a Weights<Tensor<'e>>,
     /// The indexer's Hadamard matrix (an engine constant), when the model has one.
-    pub rotation: Option<Tensor<'e>>,
+    pub rotation: Rotations<'e>,
 }
 
 /// Graph nodes (and context tensors) a micro-batch graph may need.
@@ -292,7 +295,7 @@ pub fn fill_inputs<'g>(
     plan: UbatchPlan,
     want: &[usize],
     fused: bool,
-    rotation: Option<Tensor<'g>>,
+    rotation: Rotations<'g>,
 ) -> Result<Tensor<'g>> {
     let tensors = graph.tensors();
     let Some((&logits, inputs)) = tensors.split_first() else {

@@ -47,7 +47,9 @@ use ferrite::reference::llama::LlamaModel;
 use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
-use super::model_arg::{open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport};
+use super::model_arg::{
+    open_engine, parse_cache_type, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport,
+};
 use super::Hinted;
 use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
 use table::{expert_line, table};
@@ -81,8 +83,9 @@ pub struct BenchArgs {
     /// Tokens per micro-batch (one graph computation) while processing the prompt.
     #[arg(long = "ubatch", visible_alias = "ubatch-size", value_name = "N", default_value_t = 512, value_parser = parse_positive)]
     pub ubatch: usize,
-    /// How the context cache stores key rows: f16 (llama.cpp's default) or f32; llama.cpp's K/V cache follows.
-    #[arg(long = "cache-type", visible_alias = "ctk", value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
+    /// How the context cache stores key rows: f16 (llama.cpp's default), f32 or q8_0; llama.cpp's K/V cache follows
+    /// (with flash attention for q8_0, which llama.cpp requires).
+    #[arg(long = "cache-type", visible_aliases = ["ctk", "cache-type-k"], value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type: CacheType,
     /// Diagnostic: ferrite computes with primitive ggml operators instead of the DeepSeek V4 ones.
     #[arg(long)]
@@ -141,14 +144,6 @@ fn parse_threads(s: &str) -> Result<ThreadList, String> {
         .map(parse_positive)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ThreadList(list))
-}
-
-fn parse_cache_type(s: &str) -> Result<CacheType, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "f16" => Ok(CacheType::F16),
-        "f32" => Ok(CacheType::F32),
-        other => Err(format!("{other:?} is not a cache type; use f16 or f32")),
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -521,7 +516,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "repetitions": args.repetitions,
             "warmup": !args.no_warmup,
             "n_ubatch": args.ubatch,
-            "cache_type": match args.cache_type { CacheType::F16 => "f16", CacheType::F32 => "f32" },
+            "cache_type": args.cache_type.name(),
             "fused_ops": !args.no_fused_ops,
             "llama_repack": args.llama_repack,
             "interleaved": args.interleave,

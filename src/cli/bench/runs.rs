@@ -198,6 +198,7 @@ impl LlamaRuns {
             n_ubatch: args.ubatch.min(test.n.max(test.depth)) as u32,
             n_threads: threads as i32,
             cache_f16: args.cache_type == CacheType::F16,
+            cache_q8_0: args.cache_type == CacheType::Q8_0,
             ..LlamaParams::default()
         })?;
         Ok(LlamaRuns {

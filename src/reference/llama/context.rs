@@ -21,7 +21,7 @@ impl LlamaContext {
         LlamaModel::load(path, params.repack)?.context(params)
     }
 
-    /// A context on `model` with F32 or F16 K/V cache and flash attention off.
+    /// A context on `model` with F32 or F16 K/V cache and flash attention off, or a Q8_0 cache with it on.
     pub(super) fn new(model: LlamaModel, p: LlamaParams) -> Result<LlamaContext> {
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
@@ -31,14 +31,20 @@ impl LlamaContext {
         cp.n_seq_max = 1;
         cp.n_threads = p.n_threads;
         cp.n_threads_batch = p.n_threads;
-        let ty = if p.cache_f16 {
+        let ty = if p.cache_q8_0 {
+            sys::GGML_TYPE_Q8_0
+        } else if p.cache_f16 {
             sys::GGML_TYPE_F16
         } else {
             sys::GGML_TYPE_F32
         };
         cp.type_k = ty;
         cp.type_v = ty;
-        cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        cp.flash_attn_type = if p.cache_q8_0 {
+            sys::LLAMA_FLASH_ATTN_TYPE_ENABLED
+        } else {
+            sys::LLAMA_FLASH_ATTN_TYPE_DISABLED
+        };
         cp.swa_full = p.swa_full;
         cp.no_perf = true;
         // SAFETY: the model is valid (held by `model`); cp is fully initialised.
