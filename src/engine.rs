@@ -3,7 +3,7 @@
 
 mod session;
 
-pub use session::{GraphStats, Logits, Session, SessionOptions};
+pub use session::{GraphStats, Logits, Rewind, Session, SessionOptions, SessionState};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,7 +16,7 @@ use crate::chat::PromptFormat;
 use crate::experts::{ExpertStats, StatsSnapshot};
 use crate::ggml::{Context, CpuBackend, GroupedKernel, RepackType, RepackedStats, Tensor};
 use crate::model::config::{Config, LayerKind};
-use crate::model::forward::{hadamard_matrix, indexer_rotation_size};
+use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Rotations};
 use crate::model::names::key::CHAT_TEMPLATE;
 use crate::model::paged::PagedExperts;
 use crate::model::sizes::weight_sizes;
@@ -115,6 +115,8 @@ pub struct Engine {
     weights: Weights<usize>,
     /// Constant tensors the graphs read (the indexer's Hadamard matrix), in their own buffer.
     consts_ctx: Context<'static>,
+    /// Which of `consts_ctx`'s tensors is which rotation.
+    consts: ConstIndices,
     backend: CpuBackend,
     opts: EngineOptions,
     plan: MemoryPlan,
@@ -179,8 +181,8 @@ impl Engine {
         };
         let placed = place_weights(&model, &weights_ctx, &regions, &sources, &products)?;
         let backend = CpuBackend::new(opts.n_threads.max(1))?;
-        let consts_ctx =
-            constants(&cfg, &backend).context("cannot allocate the model's constants")?;
+        let (consts_ctx, consts) = constants(&cfg, opts.cache_type, &backend)
+            .context("cannot allocate the model's constants")?;
         let mut engine = Engine {
             path: path.to_path_buf(),
             model,
@@ -188,6 +190,7 @@ impl Engine {
             weights_ctx,
             weights,
             consts_ctx,
+            consts,
             backend,
             opts,
             plan,
@@ -343,9 +346,14 @@ impl Engine {
         self.weights.map(|i| all[i])
     }
 
-    /// The indexer's Hadamard matrix, when the model has ratio-4 layers and the indexer head allows one.
-    fn indexer_rotation(&self) -> Option<Tensor<'_>> {
-        self.consts_ctx.tensors().first().copied()
+    /// The Hadamard matrices graphs rotate by: the indexer's, when the model has ratio-4 layers and the indexer
+    /// head allows one; attention's, with a quantized cache.
+    fn rotations(&self) -> Rotations<'_> {
+        let all = self.consts_ctx.tensors();
+        Rotations {
+            indexer: self.consts.indexer.map(|i| all[i]),
+            attention: self.consts.attention.map(|i| all[i]),
+        }
     }
 
     /// The model's vocabulary, read from the GGUF on first use; an error when it has none or one ferrite cannot
@@ -433,14 +441,15 @@ fn memory_plan(
         bail!("-c {n_ctx} is more than ferrite supports ({MAX_CTX} tokens; the model was trained on {}) (hint: use -c {} or less)", cfg.n_ctx_train, cfg.n_ctx_train.max(1));
     }
     let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch, opts.cache_type);
-    let (per_token, fixed) = cache_bytes(cfg, &sizes);
+    let cache = cache_bytes(cfg, &sizes);
     let mut inputs = PlanInputs::from_sizes(
         &weight_sizes(model),
         cfg.n_expert_used as u64,
         n_ctx as u64,
-        fixed.saturating_add((per_token * n_ctx as f64) as u64),
+        cache.total,
         compute_bytes(cfg, n_ubatch),
     );
+    inputs.context_per_token = cache.per_token;
     inputs.output_bytes = (p.output_rows as u64)
         .saturating_mul(cfg.n_vocab as u64)
         .saturating_mul(4);
@@ -452,16 +461,42 @@ fn memory_plan(
     plan_memory(&inputs, &budget, &req).map_err(|e| anyhow!("{e}"))
 }
 
-/// The constant tensors of a model's graphs: the indexer's Hadamard matrix (if any), in a buffer of `backend`.
-fn constants(cfg: &Config, backend: &CpuBackend) -> Result<Context<'static>> {
-    let ctx = Context::with_capacity(1, 0)?;
-    let size =
+/// Positions of the rotation matrices in the constants' context.
+#[derive(Clone, Copy, Debug, Default)]
+struct ConstIndices {
+    indexer: Option<usize>,
+    attention: Option<usize>,
+}
+
+/// The constant tensors of a model's graphs, in a buffer of `backend`: the indexer's Hadamard matrix (if any), and
+/// with a quantized cache attention's (when the head is a multiple of 64, as llama.cpp's `attn_rot_k`).
+fn constants(
+    cfg: &Config,
+    cache_type: CacheType,
+    backend: &CpuBackend,
+) -> Result<(Context<'static>, ConstIndices)> {
+    let ctx = Context::with_capacity(2, 0)?;
+    let indexer =
         indexer_rotation_size(cfg.indexer_dim).filter(|_| cfg.kinds.contains(&LayerKind::Csa));
-    if let Some(r) = size {
-        let t = ctx.new_tensor_2d(GgmlType::F32, r as i64, r as i64)?;
-        t.set_name("indexer_rotation")?;
-        ctx.alloc_tensors(backend)?;
-        t.set_f32(&hadamard_matrix(r))?;
+    let attention = indexer_rotation_size(cfg.head_dim).filter(|_| cache_type.is_quantized());
+    let mut idx = ConstIndices::default();
+    let mut made = Vec::new();
+    for (size, name, slot) in [
+        (indexer, "indexer_rotation", &mut idx.indexer),
+        (attention, "attn_rotation", &mut idx.attention),
+    ] {
+        if let Some(r) = size {
+            let t = ctx.new_tensor_2d(GgmlType::F32, r as i64, r as i64)?;
+            t.set_name(name)?;
+            *slot = Some(made.len());
+            made.push(r);
+        }
     }
-    Ok(ctx)
+    if !made.is_empty() {
+        ctx.alloc_tensors(backend)?;
+        for (t, r) in ctx.tensors().into_iter().zip(made) {
+            t.set_f32(&hadamard_matrix(r))?;
+        }
+    }
+    Ok((ctx, idx))
 }

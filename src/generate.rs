@@ -13,13 +13,26 @@ use crate::experts::StatsSnapshot;
 use crate::sampler::Sampler;
 
 /// How one answer is generated.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Default)]
 pub struct GenerateOptions<'a> {
     /// Most tokens to generate; `None`: until an end-of-generation token or a full context.
     pub max_tokens: Option<usize>,
     /// Polled between the prompt's micro-batches and between tokens: once set, generation stops with
     /// [`StopReason::Interrupted`] (a Ctrl-C handler, a server's cancel).
     pub interrupt: Option<&'a AtomicBool>,
+    /// Called once the whole prompt is processed, before the first token is sampled (`complete --prompt-cache`
+    /// saves the session there).
+    pub after_prompt: Option<&'a dyn Fn(&Session<'_>)>,
+}
+
+impl std::fmt::Debug for GenerateOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateOptions")
+            .field("max_tokens", &self.max_tokens)
+            .field("interrupt", &self.interrupt)
+            .field("after_prompt", &self.after_prompt.is_some())
+            .finish()
+    }
 }
 
 /// Why generation stopped.
@@ -144,6 +157,9 @@ pub fn generate(
     result.timings.prompt_time = start.elapsed();
     let after_prompt = engine.expert_stats();
     result.experts.prompt = after_prompt.since(&before);
+    if let Some(hook) = opts.after_prompt {
+        hook(session);
+    }
 
     let start = Instant::now();
     let mut decoder = tokenizer.stream_decoder();

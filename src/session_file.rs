@@ -161,7 +161,6 @@ pub fn load(path: &Path, fp: Fingerprint, cache: &KvCache) -> Result<Vec<u32>> {
                 at += n;
             }
         }
-        cache.restore_transposed()?;
         Ok(tokens)
     };
     load().with_context(|| format!("cannot restore the session from {}", path.display()))

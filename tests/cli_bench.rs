@@ -283,6 +283,55 @@ fn vs_llama_measures_llama_cpp_too() {
     positive(&v["results"][1]["bandwidth_bytes_per_second"]["llama"]);
 }
 
+/// `-d 0,300` (llama-bench's depth): every test runs at each depth, named as llama-bench names it
+/// (`pp16 @ d300`), on both engines; the runs check that the cache holds the depth's tokens when the timed part
+/// starts (restored from the state kept after the first run), and the JSON gives each result's depth.
+#[test]
+fn depth_runs_every_test_after_n_tokens_in_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "-m",
+        "demo",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-d",
+        "0,300",
+        "-r",
+        "2",
+        "-t",
+        "1",
+        "--vs-llama",
+    ];
+    let (out, err) = ok(&bench(&args, dir.path()));
+    let (_, rows) = table(&out, 4);
+    let names: Vec<&str> = rows.iter().map(|r| r[5].as_str()).collect();
+    assert_eq!(names, ["pp16", "tg4", "pp16 @ d300", "tg4 @ d300"]);
+    for r in &rows {
+        speed(&r[6]);
+        speed(&r[7]);
+    }
+    assert!(err.contains("llama.cpp: tg4 @ d300"), "{err}");
+    assert!(!err.contains("could not restore"), "{err}");
+
+    let json = [
+        "-m", "demo", "-p", "16", "-n", "4", "-d", "300", "-r", "1", "-t", "1", "--json",
+    ];
+    let (out, _) = ok(&bench(&json, dir.path()));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["n_depth"], serde_json::json!([300]));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, test) in results.iter().zip(["pp16 @ d300", "tg4 @ d300"]) {
+        assert_eq!(r["test"], test);
+        assert_eq!(r["n_depth"], 300);
+        positive(&r["ferrite"]["median"]);
+    }
+    // The plan reserves the longest test's context: the depth and the prompt (300 + 16).
+    assert_eq!(v["memory_plan"]["n_ctx"], 316);
+}
+
 /// `--interleave`: both engines' repetitions alternate; the ratio is the median of the pairs' ratios (one pair per
 /// repetition, so with three it is the middle one), llama.cpp's peak memory is not measured apart, and the flag
 /// needs `--vs-llama`.
@@ -350,6 +399,9 @@ fn bad_flags_exit_2_and_bad_input_exits_1() {
         &["-m", "demo", "-n", "many"],
         &["-m", "demo", "--ubatch", "0"],
         &["-m", "demo", "--cache-type", "q8"],
+        &["-m", "demo", "-d", "x"],
+        &["-m", "demo", "-d", "1,,2"],
+        &["-m", "demo", "-d", "-5"],
         &["-m", "demo", "--llama-repack"],
         &["-m", "demo", "--bogus"],
     ] {

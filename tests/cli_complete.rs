@@ -333,3 +333,64 @@ fn a_chat_template_that_differs_is_set_aside_by_complete_and_chat() {
     let (_, err) = ok(&run(&["--raw"]));
     assert!(err.contains("prompt text: \"hi\""), "{err}");
 }
+
+/// `--prompt-cache FILE`: the first run writes the session after its prompt, later runs start from the prefix they
+/// share with it and answer with the tokens of a cold run (greedy); a file from other sizes or a corrupt one is
+/// ignored with a note; `--prompt-cache-ro` leaves the file as it was.
+#[test]
+fn prompt_cache_reuse_gives_the_tokens_of_a_cold_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("prompt.cache");
+    let f = file.to_str().unwrap();
+    let answer = |prompt: &str, extra: &[&str]| -> (Vec<u32>, String) {
+        let args = [
+            &["--temp", "0", "-n", "24", "--verbose", "-p", prompt][..],
+            extra,
+        ]
+        .concat();
+        let (_, err) = ok(&complete(&args, d, None));
+        (ids_after(&err, "answer ids"), err)
+    };
+    let first = "Tell me about the sea.";
+    let longer = "Tell me about the sea and the sky above it.";
+    let other = "Something else entirely, please.";
+    let cold: Vec<Vec<u32>> = [first, longer, other]
+        .iter()
+        .map(|p| answer(p, &[]).0)
+        .collect();
+    assert!(cold[0].len() > 3 && cold[0] != cold[2], "{cold:?}");
+
+    let (ids, err) = answer(first, &["--prompt-cache", f]);
+    assert_eq!(ids, cold[0]);
+    assert!(err.contains("does not exist yet"), "{err}");
+    assert!(file.exists());
+    // The same prompt: everything but its last token comes from the file.
+    let (ids, err) = answer(first, &["--prompt-cache", f]);
+    assert_eq!(ids, cold[0]);
+    assert!(err.contains("reused from"), "{err}");
+    assert!(err.contains("prompt: 1 tokens"), "{err}");
+    // A longer prompt with the same beginning, then an unrelated one.
+    for (prompt, want) in [(longer, &cold[1]), (other, &cold[2]), (first, &cold[0])] {
+        let (ids, err) = answer(prompt, &["--prompt-cache", f]);
+        assert_eq!(&ids, want, "{prompt}: {err}");
+    }
+    // Read-only: the file stays as it is.
+    let before = std::fs::read(&file).unwrap();
+    let (ids, _) = answer(longer, &["--prompt-cache", f, "--prompt-cache-ro"]);
+    assert_eq!(ids, cold[1]);
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    // Another context size: ignored with a note, the answer of a cold run with that size.
+    let (want, _) = answer(first, &["-c", "1024"]);
+    let (ids, err) = answer(first, &["-c", "1024", "--prompt-cache", f]);
+    assert_eq!(ids, want);
+    assert!(err.contains("another model or other sizes"), "{err}");
+    // A corrupt file: ignored with a note.
+    std::fs::write(&file, b"not a session at all").unwrap();
+    let (ids, err) = answer(first, &["--prompt-cache", f]);
+    assert_eq!(ids, cold[0]);
+    assert!(err.contains("not a ferrite session file"), "{err}");
+    // -ro needs the file.
+    let out = complete(&["-p", "x", "--prompt-cache-ro"], d, None);
+    assert_eq!(out.status.code(), Some(2));
+}

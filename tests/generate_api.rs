@@ -69,6 +69,7 @@ fn generate_streams_its_tokens_and_stops_where_asked() {
     let opts = GenerateOptions {
         max_tokens: None,
         interrupt: Some(&flag),
+        ..GenerateOptions::default()
     };
     let r = generate(&mut fresh, &mut greedy(), &prompt, &opts, |_| {
         ControlFlow::Continue(())

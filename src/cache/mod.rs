@@ -3,8 +3,9 @@
 //! carry partial blocks between calls. Tensors live in one backend buffer; `plan` does the host bookkeeping.
 //!
 //! The raw ring and the compressed rows of a layer are one tensor (`kv`, ring rows first), so attention reads both
-//! as one view, in the order it needs them; `vt` holds the same rows transposed, kept in step with every write, so
-//! attention reads its values as a view too instead of concatenating and transposing all key rows each token.
+//! as one view, in the order it needs them. Keys are stored once: attention transposes the rows it reads into its
+//! values (decode at depth gathers the rows it reads anyway, see [`plan::RawPlan::read_slots`]), so the cache grows
+//! by the DSV4.md figure per token (about 6.7 KiB on Flash in F16; [`cache_bytes`]).
 
 pub mod plan;
 
@@ -39,8 +40,6 @@ pub struct CompCache<T> {
 pub struct LayerCache<T> {
     /// `{head_dim, raw ring + compressed rows}`: the keys (= values) attention reads, raw ring rows first.
     pub kv: T,
-    /// `{raw ring + compressed rows, head_dim}`: `kv` transposed (the values as attention multiplies them).
-    pub vt: T,
     /// `{head_dim, raw ring}`: the keys of the most recent tokens (a view of the first rows of `kv`).
     pub raw_k: T,
     pub comp: Option<CompCache<T>>,
@@ -63,7 +62,6 @@ impl<T: Copy> LayerCache<T> {
     pub fn map<U>(&self, f: &impl Fn(T) -> U) -> LayerCache<U> {
         LayerCache {
             kv: f(self.kv),
-            vt: f(self.vt),
             raw_k: f(self.raw_k),
             comp: self.comp.as_ref().map(|c| c.map(f)),
             indexer: self.indexer.as_ref().map(|c| c.map(f)),
@@ -71,7 +69,7 @@ impl<T: Copy> LayerCache<T> {
     }
 
     /// The tensors a saved session holds, in file order: the raw ring, then the compressor's and the indexer's
-    /// rows and rings (`kv` as its two views; `vt` is rebuilt from them).
+    /// rows and rings (`kv` as its two views).
     fn saved(&self) -> Vec<T> {
         let mut out = vec![self.raw_k];
         for c in [&self.comp, &self.indexer].into_iter().flatten() {
@@ -89,6 +87,9 @@ pub enum CacheType {
     F16,
     /// Exact; what the parity tests use.
     F32,
+    /// 8-bit blocks of 32 values with an F16 scale (34 bytes per 32 values: about half of F16), as llama.cpp's
+    /// `--cache-type-k q8_0`; keys are rotated by a Hadamard matrix before they are quantized, as llama.cpp does.
+    Q8_0,
 }
 
 impl CacheType {
@@ -96,12 +97,39 @@ impl CacheType {
         match self {
             CacheType::F16 => GgmlType::F16,
             CacheType::F32 => GgmlType::F32,
+            CacheType::Q8_0 => GgmlType::Q8_0,
         }
     }
 
-    /// Bytes of one stored value.
-    pub fn bytes(self) -> u64 {
-        self.ggml().type_size()
+    /// llama.cpp's name (`f16`, `f32`, `q8_0`).
+    pub fn name(self) -> &'static str {
+        self.ggml().name()
+    }
+
+    /// Parses llama.cpp's names (any case).
+    pub fn parse(s: &str) -> Option<CacheType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Some(CacheType::F16),
+            "f32" => Some(CacheType::F32),
+            "q8_0" => Some(CacheType::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self == CacheType::Q8_0
+    }
+
+    /// Bytes of a row of `width` values (a multiple of the type's block; see [`CacheType::fits`]).
+    pub fn row_bytes(self, width: usize) -> u64 {
+        let ty = self.ggml();
+        width as u64 / ty.block_size() * ty.type_size()
+    }
+
+    /// Whether rows of the model's widths (the head, the indexer head) can be stored in this type.
+    pub fn fits(self, cfg: &Config) -> bool {
+        let block = self.ggml().block_size() as usize;
+        cfg.head_dim % block == 0 && cfg.indexer_dim % block == 0
     }
 }
 
@@ -133,31 +161,85 @@ impl CacheSizes {
     }
 }
 
-/// Bytes of cache per token of context and the constant part (key rows in the cache type, rings in F32).
-pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> (f64, u64) {
-    let f = sizes.cache_type.bytes();
+/// What the cache of one sequence takes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CacheBytes {
+    /// Growth per token of context (DSV4.md section 4): the compressed rows of the ratio-4 and ratio-128 layers and
+    /// the indexer rows, one row per block of `ratio` tokens, in the cache type (6880 B on Flash in F16).
+    pub per_token: f64,
+    /// Bytes the cache buffer holds for the sizes: every tensor [`KvCache::new`] allocates, rows padded as it
+    /// pads them, each tensor aligned as ggml's CPU buffers align them. [`KvCache::bytes`] equals it.
+    pub total: u64,
+}
+
+/// Alignment of each tensor in a ggml CPU buffer (ggml's `TENSOR_ALIGNMENT`).
+const TENSOR_ALIGN: u64 = 32;
+
+/// The bytes of the cache for `sizes` (see [`CacheBytes`]); mirrors [`KvCache::new`] tensor by tensor.
+pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> CacheBytes {
+    let row = |width: usize| sizes.cache_type.row_bytes(width);
+    let tensor = |bytes: u64| bytes.next_multiple_of(TENSOR_ALIGN);
+    // Values and scores, F32, for the ring, the staging rows and the padding row.
+    let sources = |width: usize, coff: usize, ratio: usize| {
+        let rows = compressor_ring_rows(ratio) + sizes.n_ubatch + 1;
+        2 * tensor((coff * width * rows) as u64 * 4)
+    };
     let mut per_token = 0.0;
-    let mut fixed = 0u64;
+    let mut total = 0u64;
     for kind in &cfg.kinds {
-        // Key rows twice: `kv` and its transpose `vt`.
-        fixed += 2 * (cfg.head_dim * sizes.raw_ring) as u64 * f;
-        // Values and scores, F32, for the ring, the staging rows and the padding row.
-        let ring_width = |width: usize, coff: usize, ratio: usize| {
-            (2 * coff * width * (compressor_ring_rows(ratio) + sizes.n_ubatch + 1)) as u64 * 4
+        let comp_rows = match kind {
+            LayerKind::Raw => 0,
+            kind => sizes.comp_rows(kind.ratio()),
         };
+        // `kv`: the raw ring, then the compressed rows.
+        total += tensor((sizes.raw_ring + comp_rows) as u64 * row(cfg.head_dim));
         match kind {
             LayerKind::Raw => {}
             LayerKind::Csa => {
-                per_token += ((2 * cfg.head_dim + cfg.indexer_dim) as u64 * f) as f64 / 4.0;
-                fixed += ring_width(cfg.head_dim, 2, 4) + ring_width(cfg.indexer_dim, 2, 4);
+                per_token += (row(cfg.head_dim) + row(cfg.indexer_dim)) as f64 / 4.0;
+                total += tensor(comp_rows as u64 * row(cfg.indexer_dim));
+                total += sources(cfg.head_dim, 2, 4) + sources(cfg.indexer_dim, 2, 4);
             }
             LayerKind::Hca => {
-                per_token += (2 * cfg.head_dim as u64 * f) as f64 / 128.0;
-                fixed += ring_width(cfg.head_dim, 1, 128);
+                per_token += row(cfg.head_dim) as f64 / 128.0;
+                total += sources(cfg.head_dim, 1, 128);
             }
         }
     }
-    (per_token, fixed)
+    CacheBytes { per_token, total }
+}
+
+/// Whether a cache that holds positions `0..end` still holds everything the positions from `n` on need (`n < end`),
+/// so a sequence can go back to its first `n` tokens without recomputing them:
+/// - the raw ring still holds the keys query `n` sees (positions `n + 1 - window .. n`): position `t` lives in ring
+///   row `t % ring` until position `t + ring` overwrites it;
+/// - each compressor's ring (per position, see [`plan::compressor_ring_rows`]) still holds the positions the next
+///   blocks pool: the partial block of `n` and, for ratio 4, the block before it.
+///
+/// Rows of positions from `n` on (raw keys, compressed and indexer rows of blocks completed after `n`) stay where
+/// they are: masks never show them (visibility follows the positions processed) and they are written again when
+/// their positions come again.
+pub fn can_roll_back(cfg: &Config, sizes: &CacheSizes, n: usize, end: usize) -> bool {
+    // Every position from `first` to `n` is still in a ring of `rows` rows.
+    let held = |first: usize, rows: usize| first >= n || first + rows >= end;
+    if n == 0 || n >= end {
+        return true;
+    }
+    let raw = held((n + 1).saturating_sub(cfg.window), sizes.raw_ring);
+    let kinds = [LayerKind::Csa, LayerKind::Hca];
+    let comp = kinds
+        .into_iter()
+        .filter(|k| cfg.kinds.contains(k))
+        .all(|k| {
+            let ratio = k.ratio();
+            let block = n / ratio;
+            let first = match ratio {
+                4 => block.saturating_sub(1) * ratio,
+                _ => block * ratio,
+            };
+            held(first, compressor_ring_rows(ratio))
+        });
+    raw && comp
 }
 
 /// The cache tensors of one sequence, allocated in one backend buffer.
@@ -165,7 +247,6 @@ pub struct KvCache {
     ctx: Context<'static>,
     layers: Vec<LayerCache<usize>>,
     pub sizes: CacheSizes,
-    head_dim: usize,
 }
 
 impl KvCache {
@@ -199,10 +280,6 @@ impl KvCache {
                 }
                 let kv_t = ctx.new_tensor_2d(rows_ty, dh as i64, total as i64)?;
                 let kv = made(kv_t, format!("cache.{il}.kv"))?;
-                let vt = made(
-                    ctx.new_tensor_2d(rows_ty, total as i64, dh as i64)?,
-                    format!("cache.{il}.vt"),
-                )?;
                 let row = kv_t.nb()[1];
                 let raw_k = made(
                     ctx.view_2d(kv_t, [dh as i64, sizes.raw_ring as i64], row, 0)?,
@@ -251,7 +328,6 @@ impl KvCache {
                 };
                 layers.push(LayerCache {
                     kv,
-                    vt,
                     raw_k,
                     comp,
                     indexer,
@@ -259,12 +335,7 @@ impl KvCache {
             }
         }
         ctx.alloc_tensors(backend)?;
-        let cache = KvCache {
-            ctx,
-            layers,
-            sizes,
-            head_dim: dh,
-        };
+        let cache = KvCache { ctx, layers, sizes };
         cache.clear()?;
         Ok(cache)
     }
@@ -312,22 +383,10 @@ impl KvCache {
         self.saved().into_iter().map(|t| t.get_bytes()).collect()
     }
 
-    /// Restores what [`KvCache::snapshot`] returned (same model and sizes), and the transposed keys from them.
+    /// Restores what [`KvCache::snapshot`] returned (same model and sizes).
     pub fn restore(&self, data: &[Vec<u8>]) -> Result<()> {
         for (t, bytes) in self.saved().into_iter().zip(data) {
             t.set_bytes(bytes)?;
-        }
-        self.restore_transposed()
-    }
-
-    /// Rebuilds the transposed keys from the key rows, once the [`KvCache::saved`] tensors were written (one
-    /// layer's keys at a time).
-    pub fn restore_transposed(&self) -> Result<()> {
-        for layer in self.layers() {
-            let kv = layer.kv.get_bytes()?;
-            layer
-                .vt
-                .set_bytes(&transpose_rows(&kv, self.head_dim, layer.kv.nb()[0]))?;
         }
         Ok(())
     }
@@ -336,20 +395,6 @@ impl KvCache {
     pub fn n_tensors(&self) -> usize {
         self.layers.iter().map(|l| l.saved().len()).sum()
     }
-}
-
-/// `{width, rows}` elements of `elem` bytes -> `{rows, width}`.
-fn transpose_rows(data: &[u8], width: usize, elem: usize) -> Vec<u8> {
-    let rows = data.len() / (width * elem);
-    let mut out = vec![0u8; data.len()];
-    for r in 0..rows {
-        for d in 0..width {
-            let src = (r * width + d) * elem;
-            let dst = (d * rows + r) * elem;
-            out[dst..dst + elem].copy_from_slice(&data[src..src + elem]);
-        }
-    }
-    out
 }
 
 /// Up to this many query rows (tokens × heads), layers with compressed rows attend to the whole raw ring even
@@ -397,8 +442,6 @@ pub struct UbatchPlan {
     pub chunks: Vec<QueryChunk>,
     /// Some layers attend to the raw window only.
     pub raw_layers: bool,
-    /// Values per key row.
-    pub head_dim: usize,
 }
 
 /// Compressor bookkeeping and visibility for one ratio.
@@ -474,7 +517,6 @@ impl UbatchPlan {
             raw_ring: ring.cap,
             raw_ring_mask,
             raw_layers: cfg.kinds.contains(&LayerKind::Raw),
-            head_dim: cfg.head_dim,
         }
     }
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use ferrite::chat::{ChatOptions, Message, Role, BOS, THINK_END};
-use ferrite::engine::{Logits, Session};
+use ferrite::engine::{Logits, Rewind, Session};
 use ferrite::experts::StatsSnapshot;
 use ferrite::sampler::Sampler;
 use ferrite::session_file::is_session_file;
@@ -273,11 +273,12 @@ impl Chat<'_, '_> {
         self.computing = true;
         if reuse < self.session.n_past() {
             let start = std::time::Instant::now();
-            self.session.rewind(reuse)?;
-            timings_rewind.n_prompt = reuse;
-            timings_rewind.prompt_time = start.elapsed();
-            if reuse > 0 && self.verbose {
-                eprintln!("ferrite: the cache diverged: recomputed its first {reuse} tokens");
+            if self.session.rewind(reuse)? == Rewind::Recomputed {
+                timings_rewind.n_prompt = reuse;
+                timings_rewind.prompt_time = start.elapsed();
+                if self.verbose {
+                    eprintln!("ferrite: the cache diverged: recomputed its first {reuse} tokens");
+                }
             }
         }
 
@@ -285,6 +286,7 @@ impl Chat<'_, '_> {
         let opts = GenerateOptions {
             max_tokens: self.max_tokens,
             interrupt: Some(&self.interrupt),
+            ..GenerateOptions::default()
         };
         let gen = generate::generate_to_stdout(
             &mut self.session,

@@ -2,13 +2,20 @@
 //! nothing else there; start-up lines (the memory plan when the experts are paged, always with `--verbose`), the
 //! seed, why it stopped, the speeds and (`--verbose`) the expert store's numbers on stderr. Ctrl-C stops the answer
 //! (what was generated is already out) and exits with 130.
+//!
+//! `--prompt-cache FILE` (llama.cpp's flag): the session is saved to FILE once the prompt is processed, and the next
+//! run with the same FILE starts from it, processing only what follows the longest prefix its tokens share with the
+//! new prompt (at least the last prompt token, whose logits the answer starts from). A file made by another model
+//! or with other sizes (`-c`, `--ubatch`, `--cache-type`), or one that cannot be read, is ignored with a note and
+//! replaced; `--prompt-cache-ro` reads it without updating it.
 
 use std::io::{IsTerminal as _, Read as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::chat::{ChatOptions, Message};
+use ferrite::engine::{Rewind, Session};
 use ferrite::sampler::Sampler;
 
 use ferrite::generate::{GenerateOptions, StopReason};
@@ -58,6 +65,13 @@ pub struct CompleteArgs {
     pub n_predict: i64,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Keep the session after the prompt in FILE and start from it next time: only what follows the prefix the new
+    /// prompt shares with it is processed (llama.cpp's flag).
+    #[arg(long = "prompt-cache", value_name = "FILE")]
+    pub prompt_cache: Option<PathBuf>,
+    /// With --prompt-cache: use the file but do not update it.
+    #[arg(long = "prompt-cache-ro", requires = "prompt_cache")]
+    pub prompt_cache_ro: bool,
     /// Print the memory plan, the rendered prompt, the prompt's and the answer's token ids, and the expert store's
     /// hits, misses, bytes read and I/O wait on stderr.
     #[arg(long)]
@@ -134,12 +148,26 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
         eprintln!("ferrite: prompt ids: {}", generate::id_list(&prompt));
     }
 
+    let reused = match &args.prompt_cache {
+        Some(path) => start_from_prompt_cache(&mut session, path, &prompt)?,
+        None => 0,
+    };
+    let save = |s: &Session<'_>| {
+        if let Some(path) = &args.prompt_cache {
+            if let Err(e) = s.save(path) {
+                eprintln!("ferrite: warning: --prompt-cache: {e:#}");
+            }
+        }
+    };
+
     let interrupt = generate::interrupt_flag()?;
     let opts = GenerateOptions {
         max_tokens: usize::try_from(args.n_predict).ok(),
         interrupt: Some(&interrupt),
+        after_prompt: (args.prompt_cache.is_some() && !args.prompt_cache_ro)
+            .then_some(&save as &dyn Fn(&Session<'_>)),
     };
-    let gen = generate::generate_to_stdout(&mut session, &mut sampler, &prompt, &opts)?;
+    let gen = generate::generate_to_stdout(&mut session, &mut sampler, &prompt[reused..], &opts)?;
 
     // The answer has no final line break of its own: keep the next line off it when both go to one terminal.
     if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
@@ -158,6 +186,48 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
         std::process::exit(EXIT_INTERRUPTED);
     }
     Ok(())
+}
+
+/// Restores the session saved in `path` (`--prompt-cache`) and goes back to the longest prefix it shares with
+/// `prompt`, leaving at least the prompt's last token to process; returns how many prompt tokens it holds. A missing
+/// file, or one that cannot be used, leaves the session empty, with a note.
+fn start_from_prompt_cache(
+    session: &mut Session<'_>,
+    path: &Path,
+    prompt: &[u32],
+) -> Result<usize> {
+    let shown = path.display();
+    if !path.exists() {
+        eprintln!(
+            "ferrite: --prompt-cache: {shown} does not exist yet; it is written after the prompt"
+        );
+        return Ok(0);
+    }
+    if let Err(e) = session.load(path) {
+        eprintln!(
+            "ferrite: note: --prompt-cache: {e:#}; the prompt is processed from an empty cache"
+        );
+        session.reset()?;
+        return Ok(0);
+    }
+    let saved = session.n_past();
+    let common = session
+        .tokens()
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let reused = common.min(prompt.len() - 1);
+    let how = session.rewind(reused)?;
+    let note = match how {
+        Rewind::Recomputed => " (recomputed: the cache could not be rolled back that far)",
+        Rewind::Nothing | Rewind::RolledBack => "",
+    };
+    eprintln!(
+        "ferrite: --prompt-cache: {reused} of the prompt's {} tokens reused from {shown} ({saved} saved){note}",
+        prompt.len()
+    );
+    Ok(reused)
 }
 
 /// The prompt from -p, -f or standard input. A file's or standard input's one trailing line break is dropped

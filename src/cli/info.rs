@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use ferrite::cache::{cache_bytes, CacheSizes, CacheType};
+use ferrite::engine::{resolve_ctx, DEFAULT_UBATCH};
+use ferrite::model::config::Config;
 use ferrite::model::sizes::{blocks_with_tensors, weight_sizes, WeightSizes, ARCH};
 use ferrite::units::{format_bytes, format_params};
 use gguf::{Array, Metadata, Model, Value};
@@ -300,7 +303,67 @@ fn write_model_summary(out: &mut impl Write, model: &Model) -> Result<()> {
         opt(f.n_shared),
         opt(f.hash_layers)
     )?;
-    write_sizes(out, &sizes, &f)
+    write_sizes(out, &sizes, &f)?;
+    if let Some(c) = context_cache(model) {
+        c.write(out)?;
+    }
+    Ok(())
+}
+
+/// The context cache a session of this model allocates (F16 rows, the default micro-batch), at the default and
+/// the trained context sizes; None when the metadata does not give a model ferrite runs.
+struct ContextCache {
+    per_token: f64,
+    /// (tokens, bytes): the default `-c` and the trained context (`-c 0`).
+    sizes: Vec<(usize, u64)>,
+}
+
+fn context_cache(model: &Model) -> Option<ContextCache> {
+    let cfg = Config::from_model(model).ok()?;
+    let mut ctxs = vec![resolve_ctx(&cfg, None), resolve_ctx(&cfg, Some(0))];
+    ctxs.dedup();
+    let bytes = |n_ctx: usize| {
+        let sizes = CacheSizes::new(&cfg, n_ctx, DEFAULT_UBATCH.min(n_ctx), CacheType::F16);
+        cache_bytes(&cfg, &sizes)
+    };
+    Some(ContextCache {
+        per_token: bytes(1).per_token,
+        sizes: ctxs.into_iter().map(|n| (n, bytes(n).total)).collect(),
+    })
+}
+
+impl ContextCache {
+    fn write(&self, out: &mut impl Write) -> Result<()> {
+        let at: Vec<String> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, b))| {
+                let which = if i == 0 {
+                    "-c default"
+                } else {
+                    "-c 0, trained"
+                };
+                format!("{} at {n} tokens ({which})", format_bytes(b))
+            })
+            .collect();
+        writeln!(
+            out,
+            "  cache:       {} per token of context (F16 rows), {}",
+            format_bytes(self.per_token.round() as u64),
+            at.join(", ")
+        )?;
+        Ok(())
+    }
+
+    fn json(&self) -> Json {
+        let at: Vec<Json> = self
+            .sizes
+            .iter()
+            .map(|&(n, b)| json!({"n_ctx": n, "bytes": b}))
+            .collect();
+        json!({"cache_type": "f16", "bytes_per_token": self.per_token, "sizes": at})
+    }
 }
 
 fn write_sizes(out: &mut impl Write, s: &WeightSizes, f: &Deepseek4Facts) -> Result<()> {
@@ -430,6 +493,7 @@ fn json_report(path: &std::path::Path, model: &Model, preview: usize, with_tenso
             "params_total": s.params_total, "params_routed": s.params_routed, "params_other": s.params_other(),
             "bytes_routed": s.bytes_routed, "bytes_other": s.bytes_other(),
             "expert_layers": s.layers, "active_bytes_per_token": per_token,
+            "cache": context_cache(model).map(|c| c.json()),
         });
     }
     report

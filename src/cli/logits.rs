@@ -136,7 +136,7 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         );
     }
     let n_ubatch = args.model.ubatch.min(n_ctx);
-    let (per_token, fixed) = cache_bytes(
+    let planned = cache_bytes(
         cfg,
         &CacheSizes::new(cfg, n_ctx, n_ubatch, engine.options().cache_type),
     );
@@ -158,10 +158,9 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         }
     );
     eprintln!(
-        "cache:   {} per token + {} fixed = {} for {n_ctx} tokens ({} allocated)",
-        format_bytes(per_token.round() as u64),
-        format_bytes(fixed),
-        format_bytes(fixed + (per_token * n_ctx as f64).round() as u64),
+        "cache:   {} per token; {} for {n_ctx} tokens ({} allocated)",
+        format_bytes(planned.per_token.round() as u64),
+        format_bytes(planned.total),
         format_bytes(session.cache_bytes() as u64)
     );
 

@@ -42,8 +42,9 @@ pub struct ModelArgs {
     /// Diagnostic: compute with primitive ggml operators instead of the DeepSeek V4 ones (same maths, slower).
     #[arg(long)]
     pub no_fused_ops: bool,
-    /// How the context cache stores key rows: f16 (half the memory, llama.cpp's default) or f32.
-    #[arg(long = "cache-type", visible_alias = "ctk", value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
+    /// How the context cache stores key rows: f16 (half the memory, llama.cpp's default), f32, or q8_0 (about a
+    /// quarter, as llama.cpp's `-ctk q8_0`).
+    #[arg(long = "cache-type", visible_aliases = ["ctk", "cache-type-k"], value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type: CacheType,
     #[command(flatten)]
     pub memory: MemoryArgs,
@@ -77,12 +78,8 @@ pub struct MemoryArgs {
     pub no_repack: bool,
 }
 
-fn parse_cache_type(s: &str) -> Result<CacheType, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "f16" => Ok(CacheType::F16),
-        "f32" => Ok(CacheType::F32),
-        other => Err(format!("{other:?} is not a cache type; use f16 or f32")),
-    }
+pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
+    CacheType::parse(s).ok_or_else(|| format!("{s:?} is not a cache type; use f16, f32 or q8_0"))
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -241,6 +238,7 @@ pub fn plan_json(plan: &MemoryPlan) -> Json {
         "resident_bytes": i.resident_bytes,
         "n_ctx": i.n_ctx,
         "context_bytes": i.context_bytes,
+        "context_bytes_per_token": i.context_per_token,
         "compute_bytes": i.compute_bytes,
         "total_bytes": plan.total_bytes(),
         "budget": {

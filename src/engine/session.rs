@@ -131,6 +131,25 @@ pub struct GraphStats {
     pub grouped: u64,
 }
 
+/// What [`Session::rewind`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewind {
+    /// The session held no more than the tokens to keep.
+    Nothing,
+    /// The cache was rolled back as it is (no computation).
+    RolledBack,
+    /// The kept prefix was processed again from an empty cache.
+    Recomputed,
+}
+
+/// A session's tokens and cache contents, held in memory (see [`Session::state`]).
+#[derive(Clone)]
+pub struct SessionState {
+    fingerprint: crate::session_file::Fingerprint,
+    tokens: Vec<u32>,
+    cache: Vec<Vec<u8>>,
+}
+
 impl<'e> Session<'e> {
     /// A new empty sequence of `engine` with room for `n_ctx` tokens, processing prompts `n_ubatch` tokens at a time.
     pub(super) fn new(engine: &'e Engine, n_ctx: usize, n_ubatch: usize) -> Result<Session<'e>> {
@@ -138,7 +157,17 @@ impl<'e> Session<'e> {
             bail!("the context size and the micro-batch size must be at least 1 (got -c {n_ctx}, --ubatch {n_ubatch})");
         }
         let cfg = &engine.cfg;
-        let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch.min(n_ctx), engine.opts.cache_type);
+        let cache_type = engine.opts.cache_type;
+        if !cache_type.fits(cfg) {
+            bail!(
+                "a {} cache stores rows in blocks of {} values, but this model's key rows have {} values and its indexer rows {} (use --cache-type f16)",
+                cache_type.name(),
+                cache_type.ggml().block_size(),
+                cfg.head_dim,
+                cfg.indexer_dim
+            );
+        }
+        let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch.min(n_ctx), cache_type);
         let cache = KvCache::new(cfg, sizes, &engine.backend)
             .context("cannot allocate the context cache")?;
         let alloc =
@@ -309,12 +338,12 @@ impl<'e> Session<'e> {
                     fused,
                     grouped,
                     weights: &weights,
-                    rotation: engine.indexer_rotation(),
+                    rotation: engine.rotations(),
                 };
                 build_graph(&parts, &self.cache, &plan, want)
             },
         )?;
-        let logits = fill_inputs(graph, plan, want, fused, engine.indexer_rotation())?;
+        let logits = fill_inputs(graph, plan, want, fused, engine.rotations())?;
         engine.backend.compute(graph.graph())?;
         if !want.is_empty() {
             let start = out.len();
@@ -341,7 +370,7 @@ impl<'e> Session<'e> {
         // Paged experts live in the slots, not repacked: the grouped products never apply.
         let key = GraphKey::of(&plan, want.len(), false);
         let weights = engine.weight_tensors();
-        let rotation = engine.indexer_rotation();
+        let rotation = engine.rotations();
         let parts = GraphParts {
             cfg,
             fused,
@@ -430,18 +459,24 @@ impl<'e> Session<'e> {
         Ok(())
     }
 
-    /// Forgets everything after the first `n` tokens. The compressor rings cannot be rolled back, so the prefix
-    /// is processed again (correct for any `n`; costs a prefill of `n` tokens).
-    pub fn rewind(&mut self, n: usize) -> Result<()> {
+    /// Forgets everything after the first `n` tokens. Where the cache still holds all that position `n` needs
+    /// (see [`crate::cache::can_roll_back`]: `n` in the compression blocks the rings still hold, and within the raw
+    /// ring), the state is rolled back as it is: rows of later positions stay masked until they are written again.
+    /// Otherwise the prefix is processed again (correct for any `n`; costs a prefill of `n` tokens).
+    pub fn rewind(&mut self, n: usize) -> Result<Rewind> {
         if n >= self.n_past() {
-            return Ok(());
+            return Ok(Rewind::Nothing);
+        }
+        if crate::cache::can_roll_back(&self.engine.cfg, &self.cache.sizes, n, self.n_past()) {
+            self.tokens.truncate(n);
+            return Ok(Rewind::RolledBack);
         }
         let keep = self.tokens[..n].to_vec();
         self.reset()?;
         if !keep.is_empty() {
             self.feed(&keep, Logits::Last)?;
         }
-        Ok(())
+        Ok(Rewind::Recomputed)
     }
 
     /// Back to an empty sequence.
@@ -470,6 +505,29 @@ impl<'e> Session<'e> {
                 Err(e)
             }
         }
+    }
+
+    /// The sequence (tokens and cache) in memory: [`Session::save`] without the file.
+    pub fn state(&self) -> Result<SessionState> {
+        Ok(SessionState {
+            fingerprint: self.fingerprint(),
+            tokens: self.tokens.clone(),
+            cache: self.cache.snapshot()?,
+        })
+    }
+
+    /// Restores what [`Session::state`] returned from a session of the same engine with the same sizes.
+    pub fn set_state(&mut self, state: &SessionState) -> Result<()> {
+        if state.fingerprint != self.fingerprint() {
+            bail!(
+                "the state comes from a session of another model or other sizes ({:?}, this one {:?})",
+                state.fingerprint,
+                self.fingerprint()
+            );
+        }
+        self.cache.restore(&state.cache)?;
+        self.tokens.clone_from(&state.tokens);
+        Ok(())
     }
 
     /// What a saved session must match: the model file and the cache sizes.

@@ -41,21 +41,21 @@ pub fn attention<'c>(
     let q = ctx.reshape_3d(ctx.mul_mat(w.q_b, qr)?, [dh, h, n])?;
     let q = ctx.rms_norm(q, o.eps)?;
     let q = o.rope_tail(ctx.rope_ext(q, inp.pos, None, rope)?, s.head_dim, rope)?;
+    // With a quantized cache, queries and keys are rotated (scores unchanged in exact arithmetic) so each key's
+    // outliers spread over its block before it is quantized; the output is rotated back (llama.cpp's attn_rot_k).
+    let rotate = |x: Tensor<'c>| match inp.attn_rotation {
+        Some(rot) => ctx.mul_mat_hadamard(rot, x),
+        None => Ok(x),
+    };
+    let q = rotate(q)?;
 
     let kv = ctx.mul(ctx.rms_norm(ctx.mul_mat(w.kv, c)?, o.eps)?, w.kv_norm)?;
     let kv = ctx.reshape_3d(kv, [dh, 1, n])?;
     let kv = o.rope_tail(ctx.rope_ext(kv, inp.pos, None, rope)?, s.head_dim, rope)?;
-    let kv = ctx.reshape_2d(kv, [dh, n])?;
-    // New keys go to their raw ring rows of `kv` and, value by value, to the same columns of `vt`.
-    let mut keys = KeyRows::new(o, cache)?;
-    let raw_vt = match w.kind {
-        LayerKind::Raw => inp.raw_vt,
-        kind => inp.compressed(kind).map(|c| c.raw_vt),
-    };
-    let Some(raw_vt) = raw_vt else {
-        return Err(missing("the raw key inputs"));
-    };
-    keys.write(kv, inp.raw_slots, raw_vt)?;
+    let kv = ctx.reshape_2d(rotate(kv)?, [dh, n])?;
+    // New keys go to their raw ring rows of `kv`.
+    let mut keys = KeyRows::new(o, cache);
+    keys.write(kv, inp.raw_slots)?;
 
     let comp_mask = match w.kind {
         LayerKind::Raw => None,
@@ -91,7 +91,7 @@ pub fn attention<'c>(
     } else {
         attend_chunks(o, &keys, q, w.kind, comp_mask, inp, w.sinks, scale)?
     };
-    let out = ctx.reshape_3d(out, [dh, h, n])?;
+    let out = rotate(ctx.reshape_3d(out, [dh, h, n])?)?;
     let out = o.rope_tail(
         ctx.rope_ext_back(out, inp.pos, None, rope)?,
         s.head_dim,
@@ -124,11 +124,11 @@ fn compressed_rows<'c>(
     let spec = RowSpec {
         width: s.head_dim,
         rope,
-        rotation: None,
+        rotation: inp.attn_rotation,
     };
     let rows = compress(o, c, comp_w, comp_cache, comp_inp, &spec)?;
     if let (Some(rows), Some(b)) = (rows, &comp_inp.blocks) {
-        keys.write(rows, b.write_kv, b.write_vt)?;
+        keys.write(rows, b.write_kv)?;
     }
     let mask = match (kind, &w.indexer, &cache.indexer) {
         (LayerKind::Csa, Some(idx_w), Some(idx_cache)) => {
@@ -158,61 +158,68 @@ fn missing(what: &str) -> crate::ggml::GgmlError {
     }
 }
 
-/// A layer's key rows as this micro-batch leaves them: `kv {Dh, rows}` and its transpose `vt {rows, Dh}` after the
-/// writes so far (readers must use these nodes, not the cache tensors, to run after the writes).
+/// A layer's key rows as this micro-batch leaves them: `kv {Dh, rows}` after the writes so far (readers must use
+/// this node, not the cache tensor, to run after the writes). Keys are stored once, as rows; the values attention
+/// multiplies by are the rows it reads, transposed (`{n, Dh}`, contiguous: ggml's products need rows).
 struct KeyRows<'o, 'c> {
     o: &'o Ops<'c>,
     kv: Tensor<'c>,
-    /// `vt` seen as `{1, rows·Dh}`: one value per row, so a key is written into a column with `set_rows`.
-    vt: Tensor<'c>,
-    rows: usize,
     /// Rows of the raw ring (the first rows; compressed rows follow).
     raw_ring: usize,
 }
 
 impl<'o, 'c> KeyRows<'o, 'c> {
-    fn new(o: &'o Ops<'c>, cache: &LayerCache<Tensor<'c>>) -> Result<Self> {
-        let rows = cache.kv.ne()[1];
-        let values = cache.vt.n_elements();
-        Ok(KeyRows {
+    fn new(o: &'o Ops<'c>, cache: &LayerCache<Tensor<'c>>) -> Self {
+        KeyRows {
             o,
             kv: cache.kv,
-            vt: o.ctx.reshape_2d(cache.vt, [1, values])?,
-            rows: rows as usize,
             raw_ring: cache.raw_k.ne()[1] as usize,
-        })
+        }
     }
 
-    /// Stores keys `new {Dh, k}` (F32) at rows `rows` I32 `{k}` of `kv` and at the matching columns of `vt`
-    /// (`vt_rows` I32 `{Dh·k}`: row `rows[j]` of column `d` is one-value row `d·rows + rows[j]`).
-    fn write(&mut self, new: Tensor<'c>, rows: Tensor<'c>, vt_rows: Tensor<'c>) -> Result<()> {
-        let ctx = self.o.ctx;
-        self.kv = ctx.set_rows(self.kv, new, rows)?;
-        let values = ctx.reshape_2d(new, [1, new.n_elements()])?;
-        self.vt = ctx.set_rows(self.vt, values, vt_rows)?;
-        // The transposed copy must be written even where this graph does not read it.
-        self.o.effect(self.vt);
+    /// Stores keys `new {Dh, k}` (F32) at rows `rows` I32 `{k}` of `kv`.
+    fn write(&mut self, new: Tensor<'c>, rows: Tensor<'c>) -> Result<()> {
+        self.kv = self.o.ctx.set_rows(self.kv, new, rows)?;
+        // The rows must be written even where this graph does not read them.
+        self.o.effect(self.kv);
         Ok(())
     }
 
-    /// `n` key rows from row `first`, `{Dh, 1, n}`, and, as attention multiplies them, their values `{n, Dh}`.
-    fn view(&self, first: usize, n: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
-        let ctx = self.o.ctx;
+    /// `n` key rows from row `first`, `{Dh, 1, n}`.
+    fn view(&self, first: usize, n: i64) -> Result<Tensor<'c>> {
         let [dh, ..] = self.kv.ne();
         let row = self.kv.nb()[1];
-        let k = ctx.view_3d(self.kv, [dh, 1, n], [row, row], first * row)?;
-        let elem = self.kv.nb()[0];
-        let v = ctx.view_2d(self.vt, [n, dh], self.rows * elem, first * elem)?;
+        self.o
+            .ctx
+            .view_3d(self.kv, [dh, 1, n], [row, row], first * row)
+    }
+
+    /// Keys `k {Dh, 1, n}` (in the cache's type) and, as attention multiplies them, their values `{n, Dh}`: the
+    /// same values transposed into a contiguous copy of the same type (exact); for a quantized cache, dequantized to
+    /// F32 (blocks cannot be transposed), which is how llama.cpp's flash attention reads quantized values.
+    fn with_values(&self, k: Tensor<'c>) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        let ctx = self.o.ctx;
+        let [dh, _, n, _] = k.ne();
+        let rows = ctx.reshape_2d(k, [dh, n])?; // views of `kv` and joined copies are contiguous
+        let rows = match self.quantized() {
+            true => ctx.cast(rows, GgmlType::F32)?,
+            false => rows,
+        };
+        let v = ctx.cont(ctx.transpose(rows)?)?;
         Ok((k, v))
     }
 
-    /// The first `n` key rows and their values (see [`KeyRows::view`]).
-    fn read(&self, n: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
-        self.view(0, n)
+    fn quantized(&self) -> bool {
+        self.kv.ty().is_some_and(|t| t.block_size() > 1)
     }
 
-    /// The key rows `rows` (I32 `{m}`) as `{Dh, 1, m}` and their values `{m, Dh}` (a transposed copy: `vt` holds
-    /// columns, which cannot be gathered), both in the cache's type: attention then runs the same ggml products as
+    /// The first `n` key rows and their values (see [`KeyRows::with_values`]).
+    fn read(&self, n: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        self.with_values(self.view(0, n)?)
+    }
+
+    /// The key rows `rows` (I32 `{m}`) as `{Dh, 1, m}` and their values `{m, Dh}` (a transposed copy), both in the
+    /// cache's type: attention then runs the same ggml products as
     /// over views of the cache, which convert queries and scores to that type as they do there (ggml's `get_rows`
     /// gives F32; converting the rows back to F16 is exact). Caches are F16 or F32 today; a quantized cache would
     /// need its own rule here, since converting its rows back requantizes them.
@@ -220,26 +227,42 @@ impl<'o, 'c> KeyRows<'o, 'c> {
         let ctx = self.o.ctx;
         let [dh, ..] = self.kv.ne();
         let m = rows.ne()[0];
-        let k = ctx.get_rows(self.kv, rows)?; // F32 {Dh, m}
+        let rows_f32 = ctx.get_rows(self.kv, rows)?; // F32 {Dh, m}
+                                                     // Back in the cache's type: exact for F16, and for Q8_0 the same blocks again (its dequantized values
+                                                     // quantize to the same scale and integers).
         let k = match self.kv.ty() {
-            Some(GgmlType::F32) | None => k,
-            Some(ty) => ctx.cast(k, ty)?,
+            Some(GgmlType::F32) | None => rows_f32,
+            Some(ty) => ctx.cast(rows_f32, ty)?,
         };
-        let v = ctx.cont(ctx.transpose(k)?)?;
+        let values = match self.quantized() {
+            true => rows_f32,
+            false => k,
+        };
+        let v = ctx.cont(ctx.transpose(values)?)?;
         Ok((ctx.reshape_3d(k, [dh, 1, m])?, v))
     }
 
-    /// The first `n_raw` raw ring rows followed by the first `n_comp` compressed rows: views when `n_raw` is the
-    /// whole ring, else joined copies.
+    /// The first `n_raw` raw ring rows followed by the first `n_comp` compressed rows: a view when `n_raw` is the
+    /// whole ring, else a joined copy.
     fn read_with_compressed(&self, n_raw: i64, n_comp: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
         let ring = self.raw_ring;
         if n_raw as usize == ring {
             return self.read(n_raw + n_comp);
         }
         let ctx = self.o.ctx;
-        let (raw_k, raw_v) = self.view(0, n_raw)?;
-        let (comp_k, comp_v) = self.view(ring, n_comp)?;
-        Ok((ctx.concat(raw_k, comp_k, 2)?, ctx.concat(raw_v, comp_v, 0)?))
+        let (raw, comp) = (self.view(0, n_raw)?, self.view(ring, n_comp)?);
+        let Some(ty) = self.kv.ty().filter(|_| self.quantized()) else {
+            return self.with_values(ctx.concat(raw, comp, 2)?);
+        };
+        // Blocks cannot be joined by ggml: join the values, then quantize them back (the same blocks again).
+        let values = ctx.concat(
+            ctx.cast(raw, GgmlType::F32)?,
+            ctx.cast(comp, GgmlType::F32)?,
+            2,
+        )?;
+        let [dh, _, n, _] = values.ne();
+        let v = ctx.cont(ctx.transpose(ctx.reshape_2d(values, [dh, n])?)?)?;
+        Ok((ctx.cast(values, ty)?, v))
     }
 }
 

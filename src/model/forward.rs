@@ -81,8 +81,6 @@ pub struct BlockInputs<'c> {
     pub write_rows: Option<Tensor<'c>>,
     /// I32 `{n_blocks}`: the same rows in the layer's `kv` (after the raw ring).
     pub write_kv: Tensor<'c>,
-    /// I32 `{head_dim·n_blocks}`: where each value of each block goes in `vt` seen as one-value rows.
-    pub write_vt: Tensor<'c>,
 }
 
 /// Inputs of the compressed layers of one ratio (shared by all layers of that ratio).
@@ -92,9 +90,6 @@ pub struct CompInputs<'c> {
     pub ape_pos: Tensor<'c>,
     /// I32 `{min(n, ring)}`: the ring rows of the newest positions (the last rows of the micro-batch).
     pub ring_slots: Tensor<'c>,
-    /// I32 `{head_dim·n}`: where each value of each new raw key goes in `vt` (seen as one-value rows) of the
-    /// layers of this ratio.
-    pub raw_vt: Tensor<'c>,
     /// I32: the `kv` rows attention gathers (the gathered raw rows, then the first compressed rows), when gathered.
     pub attn_rows: Option<Tensor<'c>>,
     pub blocks: Option<BlockInputs<'c>>,
@@ -134,8 +129,6 @@ pub struct BatchInputs<'c> {
     /// F32 `{ring, n}`: visibility of every raw ring row, for layers with compressed rows, when `raw_mask` does not
     /// cover the whole ring.
     pub raw_ring_mask: Option<Tensor<'c>>,
-    /// I32 `{head_dim·n}`: where each value of each new raw key goes in `vt` of the raw-window-only layers.
-    pub raw_vt: Option<Tensor<'c>>,
     /// I32 `{n_kv}`: the ring rows the raw-window-only layers gather, when gathered (see `raw_mask`).
     pub raw_read: Option<Tensor<'c>>,
     pub csa: Option<CompInputs<'c>>,
@@ -146,6 +139,19 @@ pub struct BatchInputs<'c> {
     pub out_ids: Tensor<'c>,
     /// F32 `{r, r}`: the Walsh-Hadamard matrix indexer queries and keys are rotated by (see [`indexer_rotation_size`]).
     pub indexer_rotation: Option<Tensor<'c>>,
+    /// F32 `{r, r}`: with a quantized cache, the Hadamard matrix attention queries, keys (raw and compressed, before
+    /// they are stored) and outputs are rotated by, as llama.cpp does (its `attn_rot_k`; see [`Rotations`]).
+    pub attn_rotation: Option<Tensor<'c>>,
+}
+
+/// The engine's constant rotation matrices a graph reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rotations<'c> {
+    /// The indexer's (see [`indexer_rotation_size`]).
+    pub indexer: Option<Tensor<'c>>,
+    /// Attention's, with a quantized cache: spreading each head's outliers over a block of its values before the
+    /// keys are quantized (the size as [`indexer_rotation_size`] of the head).
+    pub attention: Option<Tensor<'c>>,
 }
 
 /// Size of the Hadamard rotation of indexer queries and keys, as llama.cpp picks it: 64, doubled while it still

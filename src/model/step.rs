@@ -10,7 +10,9 @@ use crate::cache::{CompPlan, KvCache, QueryChunk, UbatchPlan};
 use crate::ggml::{GgmlError, OwnedGraph, RepackType, Result, Tensor};
 
 use super::config::Config;
-use super::forward::{forward, BatchInputs, BlockInputs, ChunkInputs, CompInputs, Ops, Uploads};
+use super::forward::{
+    forward, BatchInputs, BlockInputs, ChunkInputs, CompInputs, Ops, Rotations, Uploads,
+};
 use super::weights::Weights;
 
 /// Everything that fixes the structure of a micro-batch's graph: two micro-batches with the same key differ only
@@ -77,13 +79,6 @@ pub fn out_ids(n: usize, want: &[usize]) -> Vec<i32> {
     }
 }
 
-/// Where the values of `rows` (one key row of `head_dim` values each, to rows `rows[k]` of a `kv` of `total` rows)
-/// go in its transpose `vt` seen as one-value rows: value `d` of key `k` to `d·total + rows[k]`.
-fn vt_rows(rows: impl Iterator<Item = usize>, head_dim: usize, total: usize) -> Vec<i32> {
-    rows.flat_map(|r| (0..head_dim).map(move |d| (d * total + r) as i32))
-        .collect()
-}
-
 /// Lists a micro-batch's inputs with their values, in a fixed order (new tensors when building, a kept graph's
 /// tensors when reusing it). `rotation` is the indexer's Hadamard matrix, a constant of the engine.
 pub fn batch_inputs<'c>(
@@ -91,21 +86,14 @@ pub fn batch_inputs<'c>(
     plan: UbatchPlan,
     want: &[usize],
     fused: bool,
-    rotation: Option<Tensor<'c>>,
+    rotation: Rotations<'c>,
 ) -> Result<BatchInputs<'c>> {
     let n = plan.tokens.len();
     let p0 = plan.p0;
     let positions: Vec<i32> = (p0..p0 + n).map(|p| p as i32).collect();
     let n_kv = plan.raw.n_kv;
     let ring = plan.raw_ring;
-    let slots = || plan.raw.write_slots.iter().map(|&s| s as usize);
-    let raw_slots = slots().map(|s| s as i32).collect();
-    let raw_vt = plan
-        .raw_layers
-        .then(|| vt_rows(slots(), plan.head_dim, ring));
-    let vt = |p: &CompPlan| vt_rows(slots(), plan.head_dim, ring + p.cap);
-    let csa_vt = plan.csa.as_ref().map(vt);
-    let hca_vt = plan.hca.as_ref().map(vt);
+    let raw_slots = plan.raw.write_slots.iter().map(|&s| s as i32).collect();
     let read = plan.raw.read_slots.as_deref();
     // Gathered layers with compressed rows read the raw rows, then their first `n_kv` compressed rows.
     let attn_rows = |p: &CompPlan| read.map(|raw| kv_rows(raw, ring, p.n_kv));
@@ -120,7 +108,6 @@ pub fn batch_inputs<'c>(
         .map(|(i, c)| chunk_inputs(up, i, c, ring, raw_layers))
         .collect::<Result<Vec<_>>>()?;
     let has_csa = plan.csa.is_some();
-    let head_dim = plan.head_dim;
     Ok(BatchInputs {
         tokens: up.i32(format_args!("inp_tokens"), plan.tokens)?,
         pos: up.i32(format_args!("inp_pos"), positions)?,
@@ -133,27 +120,24 @@ pub fn batch_inputs<'c>(
             Some(m) => Some(up.mask(format_args!("inp_raw_ring_mask"), ring, m, false)?),
             None => None,
         },
-        raw_vt: match raw_vt {
-            Some(v) => Some(up.i32(format_args!("inp_raw_vt"), v)?),
-            None => None,
-        },
         raw_read: match raw_read {
             Some(rows) => Some(up.i32(format_args!("inp_raw_read"), rows)?),
             None => None,
         },
         csa: plan
             .csa
-            .zip(csa_vt.zip(csa_rows))
-            .map(|(p, (v, r))| comp_inputs(up, p, v, r, p0, n, ring, head_dim, true, fused))
+            .zip(csa_rows)
+            .map(|(p, r)| comp_inputs(up, p, r, p0, n, ring, true, fused))
             .transpose()?,
         hca: plan
             .hca
-            .zip(hca_vt.zip(hca_rows))
-            .map(|(p, (v, r))| comp_inputs(up, p, v, r, p0, n, ring, head_dim, false, false))
+            .zip(hca_rows)
+            .map(|(p, r)| comp_inputs(up, p, r, p0, n, ring, false, false))
             .transpose()?,
         chunks,
         out_ids: up.i32(format_args!("inp_out_ids"), out_ids(n, want))?,
-        indexer_rotation: rotation.filter(|_| has_csa),
+        indexer_rotation: rotation.indexer.filter(|_| has_csa),
+        attn_rotation: rotation.attention,
     })
 }
 
@@ -202,12 +186,10 @@ fn chunk_inputs<'c>(
 fn comp_inputs<'c>(
     up: &mut Uploads<'c>,
     p: CompPlan,
-    raw_vt: Vec<i32>,
     attn_rows: Option<Vec<i32>>,
     p0: usize,
     n: usize,
     raw_ring: usize,
-    head_dim: usize,
     indexer: bool,
     half_mask: bool,
 ) -> Result<CompInputs<'c>> {
@@ -219,8 +201,7 @@ fn comp_inputs<'c>(
     } else {
         let rows = c.first_block..c.first_block + c.n_blocks;
         let write: Vec<i32> = rows.clone().map(|j| j as i32).collect();
-        let write_kv: Vec<i32> = rows.clone().map(|j| (raw_ring + j) as i32).collect();
-        let write_vt = vt_rows(rows.map(|j| raw_ring + j), head_dim, raw_ring + p.cap);
+        let write_kv: Vec<i32> = rows.map(|j| (raw_ring + j) as i32).collect();
         Some(BlockInputs {
             n_blocks: c.n_blocks,
             stage_rows: up.i32(
@@ -234,7 +215,6 @@ fn comp_inputs<'c>(
                 false => None,
             },
             write_kv: up.i32(format_args!("inp_r{r}_write_kv"), write_kv)?,
-            write_vt: up.i32(format_args!("inp_r{r}_write_vt"), write_vt)?,
         })
     };
     let mask_f16 = half_mask.then(|| p.mask.clone());
@@ -250,7 +230,6 @@ fn comp_inputs<'c>(
             (p0..p0 + n).map(|t| (t % r) as i32).collect(),
         )?,
         ring_slots: up.i32(format_args!("inp_r{r}_ring_slots"), c.ring_slots)?,
-        raw_vt: up.i32(format_args!("inp_r{r}_raw_vt"), raw_vt)?,
         attn_rows: match attn_rows {
             Some(rows) => Some(up.i32(format_args!("inp_r{r}_attn_rows"), rows)?),
             None => None,
@@ -269,7 +248,7 @@ pub struct GraphParts<'a, 'e> {
     pub grouped: Option<RepackType>,
     pub weights: &'a Weights<Tensor<'e>>,
     /// The indexer's Hadamard matrix (an engine constant), when the model has one.
-    pub rotation: Option<Tensor<'e>>,
+    pub rotation: Rotations<'e>,
 }
 
 /// Graph nodes (and context tensors) a micro-batch graph may need.
@@ -316,7 +295,7 @@ pub fn fill_inputs<'g>(
     plan: UbatchPlan,
     want: &[usize],
     fused: bool,
-    rotation: Option<Tensor<'g>>,
+    rotation: Rotations<'g>,
 ) -> Result<Tensor<'g>> {
     let tensors = graph.tensors();
     let Some((&logits, inputs)) = tensors.split_first() else {

@@ -35,6 +35,8 @@ pub struct PlanInputs {
     /// The context (`-c`) and its cache bytes.
     pub n_ctx: u64,
     pub context_bytes: u64,
+    /// How the cache grows per token of context (0: not known; see [`crate::cache::CacheBytes::per_token`]).
+    pub context_per_token: f64,
     /// Compute buffers (activations, graph scratch) estimate.
     pub compute_bytes: u64,
     /// Output the run keeps in memory beyond the compute buffers (`ferrite logits`: every position's logits).
@@ -56,6 +58,7 @@ impl PlanInputs {
             n_expert_used,
             n_ctx,
             context_bytes,
+            context_per_token: 0.0,
             compute_bytes,
             output_bytes: 0,
         }
@@ -429,6 +432,10 @@ impl fmt::Display for MemoryPlan {
         } else {
             "context".to_string()
         };
+        let context_note = match i.context_per_token {
+            t if t > 0.0 => format!("{} per token", format_bytes(t.round() as u64)),
+            _ => String::new(),
+        };
         let budget = match self.budget.bytes {
             Some(b) => format_bytes(b),
             None => "-".to_string(),
@@ -455,7 +462,7 @@ impl fmt::Display for MemoryPlan {
                 format_bytes(i.resident_bytes),
                 String::new(),
             )),
-            Some((context, format_bytes(i.context_bytes), String::new())),
+            Some((context, format_bytes(i.context_bytes), context_note)),
             Some((
                 "compute buffers".to_string(),
                 format_bytes(i.compute_bytes),

@@ -232,6 +232,7 @@ fn flash_like() -> PlanInputs {
         n_expert_used: 6,
         n_ctx: 4096,
         context_bytes: 512 << 20,
+        context_per_token: 0.0,
         compute_bytes: 512 << 20,
         output_bytes: 0,
     }

@@ -1,10 +1,15 @@
-//! `ferrite bench -m MODEL [-p 512] [-n 128] [-r 5] [-t N[,N...]] [--vs-llama] [--json]`: prompt processing and
-//! generation speed measured as llama.cpp's `llama-bench` measures them, optionally next to llama.cpp itself.
+//! `ferrite bench -m MODEL [-p 512] [-n 128] [-d 0[,N...]] [-r 5] [-t N[,N...]] [--vs-llama] [--json]`: prompt
+//! processing and generation speed measured as llama.cpp's `llama-bench` measures them, optionally next to llama.cpp
+//! itself.
 //!
 //! - `ppN`: one prompt of N seeded random tokens (BOS first when the vocabulary adds one), processed from an empty
 //!   cache in micro-batches of `--ubatch`; tokens/s = N / time.
 //! - `tgN`: N tokens fed one at a time from an empty cache (the first BOS or random, the rest random), each
 //!   computing its logits as generation does; tokens/s = N / time.
+//! - `-d D` (llama-bench's `--n-depth`): each test runs after D tokens already in the cache (`pp512 @ d4096`). The
+//!   D seeded random tokens (BOS first) are processed untimed before the first run, the sequence's state is kept
+//!   in memory, and every later run restores it instead of processing them again (llama-bench keeps llama.cpp's
+//!   state the same way); a list runs every test at each depth.
 //! - A warm-up run of each test comes first and is not counted (for `tg`, one token, as llama-bench does); then
 //!   `-r` timed repetitions, reported as median ± sample standard deviation (min, max and every sample in --json).
 //! - Peak resident memory of ferrite's runs from `/proc/self/status` (VmHWM; Linux only). Memory-mapped weight
@@ -42,7 +47,9 @@ use ferrite::reference::llama::LlamaModel;
 use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
-use super::model_arg::{open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport};
+use super::model_arg::{
+    open_engine, parse_cache_type, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport,
+};
 use super::Hinted;
 use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
 use table::{expert_line, table};
@@ -63,6 +70,10 @@ pub struct BenchArgs {
     /// Tokens of the generation test; 0 = skip it.
     #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
     pub n_gen: usize,
+    /// Tokens already in the cache when each test starts (llama-bench's depth); a comma-separated list runs every
+    /// test at each.
+    #[arg(short = 'd', long = "n-depth", value_name = "N[,N...]", default_value = "0", value_parser = parse_depths)]
+    pub n_depth: DepthList,
     /// Timed repetitions of each test.
     #[arg(short = 'r', long = "repetitions", value_name = "N", default_value_t = 5, value_parser = parse_positive)]
     pub repetitions: usize,
@@ -72,8 +83,9 @@ pub struct BenchArgs {
     /// Tokens per micro-batch (one graph computation) while processing the prompt.
     #[arg(long = "ubatch", visible_alias = "ubatch-size", value_name = "N", default_value_t = 512, value_parser = parse_positive)]
     pub ubatch: usize,
-    /// How the context cache stores key rows: f16 (llama.cpp's default) or f32; llama.cpp's K/V cache follows.
-    #[arg(long = "cache-type", visible_alias = "ctk", value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
+    /// How the context cache stores key rows: f16 (llama.cpp's default), f32 or q8_0; llama.cpp's K/V cache follows
+    /// (with flash attention for q8_0, which llama.cpp requires).
+    #[arg(long = "cache-type", visible_aliases = ["ctk", "cache-type-k"], value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type: CacheType,
     /// Diagnostic: ferrite computes with primitive ggml operators instead of the DeepSeek V4 ones.
     #[arg(long)]
@@ -114,20 +126,24 @@ fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `-d 0,4096`
+#[derive(Clone, Debug)]
+pub struct DepthList(pub Vec<usize>);
+
+fn parse_depths(s: &str) -> Result<DepthList, String> {
+    let list = s
+        .split(',')
+        .map(|d| d.trim().parse::<usize>().map_err(|e| format!("{d:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DepthList(list))
+}
+
 fn parse_threads(s: &str) -> Result<ThreadList, String> {
     let list = s
         .split(',')
         .map(parse_positive)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ThreadList(list))
-}
-
-fn parse_cache_type(s: &str) -> Result<CacheType, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "f16" => Ok(CacheType::F16),
-        "f32" => Ok(CacheType::F32),
-        other => Err(format!("{other:?} is not a cache type; use f16 or f32")),
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,14 +156,26 @@ enum Kind {
 struct Test {
     kind: Kind,
     n: usize,
+    /// Tokens in the cache before the test's (`-d`).
+    depth: usize,
 }
 
 impl Test {
+    /// llama-bench's name: `pp512`, `tg128 @ d4096`.
     fn name(&self) -> String {
-        match self.kind {
+        let test = match self.kind {
             Kind::Prompt => format!("pp{}", self.n),
             Kind::Generation => format!("tg{}", self.n),
+        };
+        match self.depth {
+            0 => test,
+            d => format!("{test} @ d{d}"),
         }
+    }
+
+    /// The context the test's session needs.
+    fn n_ctx(&self) -> usize {
+        self.depth + self.n
     }
 }
 
@@ -320,37 +348,41 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .collect(),
     };
     let membw_of = |t: usize| membw.iter().find(|m| m.0 == t).map(|m| m.1);
+    let mut tests = Vec::new();
+    for &depth in &args.n_depth.0 {
+        if args.n_prompt > 0 {
+            tests.push(Test {
+                kind: Kind::Prompt,
+                n: args.n_prompt,
+                depth,
+            });
+        }
+        if args.n_gen > 0 {
+            tests.push(Test {
+                kind: Kind::Generation,
+                n: args.n_gen,
+                depth,
+            });
+        }
+    }
+    let longest = tests.iter().map(Test::n_ctx).max().unwrap_or(1);
     // The plan reserves a context as long as the longest test (each test's session holds just its tokens).
     let model_args = |t: usize| ModelArgs {
         model: args.model.clone(),
         threads: Some(t),
-        ctx_size: Some(args.n_prompt.max(args.n_gen)),
+        ctx_size: Some(longest),
         ubatch: args.ubatch,
         no_fused_ops: args.no_fused_ops,
         cache_type: args.cache_type,
         memory: args.memory.clone(),
         output_rows: 0,
     };
-    let mut tests = Vec::new();
-    if args.n_prompt > 0 {
-        tests.push(Test {
-            kind: Kind::Prompt,
-            n: args.n_prompt,
-        });
-    }
-    if args.n_gen > 0 {
-        tests.push(Test {
-            kind: Kind::Generation,
-            n: args.n_gen,
-        });
-    }
 
     let mut engine = open_engine(&model_args(threads[0]), PlanReport::WhenNotable)?;
     let facts = model_facts(&engine);
     let plan = engine.memory_plan().clone();
     let paged = engine.is_paged();
     let cfg = engine.config();
-    let longest = args.n_prompt.max(args.n_gen);
     if cfg.n_ctx_train > 0 && longest > cfg.n_ctx_train {
         eprintln!(
             "ferrite: warning: {longest} tokens is beyond the {} the model was trained on (the speed is still measured)",
@@ -458,6 +490,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "test": r.test.name(),
                     "kind": if tg { "tg" } else { "pp" },
                     "n_tokens": r.test.n,
+                    "n_depth": r.test.depth,
                     "ferrite": r.ferrite.json(),
                     "ferrite_expert_stats": stats_json(&r.experts)?,
                     "llama": r.llama.as_ref().map(Stats::json),
@@ -480,10 +513,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "cpu_simd": ferrite::ggml::cpu_features().simd_name(),
             "n_prompt": args.n_prompt,
             "n_gen": args.n_gen,
+            "n_depth": args.n_depth.0,
             "repetitions": args.repetitions,
             "warmup": !args.no_warmup,
             "n_ubatch": args.ubatch,
-            "cache_type": match args.cache_type { CacheType::F16 => "f16", CacheType::F32 => "f32" },
+            "cache_type": args.cache_type.name(),
             "fused_ops": !args.no_fused_ops,
             "llama_repack": args.llama_repack,
             "interleaved": args.interleave,

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, Logits, Session};
+use ferrite::engine::{Engine, Logits, Session, SessionState};
 use ferrite::experts::StatsSnapshot;
 use ferrite::reference::llama::{LlamaContext, LlamaModel, LlamaParams};
 
@@ -16,6 +16,8 @@ pub(super) struct Tokens {
     pub(super) bos: Option<u32>,
     prompt: Vec<u32>,
     gen: Vec<u32>,
+    /// The tokens before a test at depth (`-d`): the first `depth` of these.
+    depth: Vec<u32>,
 }
 
 impl Tokens {
@@ -39,7 +41,13 @@ impl Tokens {
         };
         let prompt = random(args.n_prompt);
         let gen = random(args.n_gen);
-        Tokens { bos, prompt, gen }
+        let depth = random(args.n_depth.0.iter().copied().max().unwrap_or(0));
+        Tokens {
+            bos,
+            prompt,
+            gen,
+            depth,
+        }
     }
 
     fn of(&self, test: Test) -> &[u32] {
@@ -47,6 +55,10 @@ impl Tokens {
             Kind::Prompt => &self.prompt,
             Kind::Generation => &self.gen,
         }
+    }
+
+    fn depth_of(&self, test: Test) -> &[u32] {
+        &self.depth[..test.depth]
     }
 }
 
@@ -63,6 +75,9 @@ pub(super) struct FerriteRuns<'e, 't> {
     engine: &'e Engine,
     session: Session<'e>,
     toks: &'t [u32],
+    /// The tokens in the cache before each run, and the sequence's state once they were processed.
+    depth: &'t [u32],
+    depth_state: Option<SessionState>,
     kind: Kind,
     /// The expert store's counters before the first timed repetition.
     before: Option<StatsSnapshot>,
@@ -77,8 +92,10 @@ impl<'e, 't> FerriteRuns<'e, 't> {
     ) -> Result<FerriteRuns<'e, 't>> {
         Ok(FerriteRuns {
             engine,
-            session: engine.session_sized(test.n, args.ubatch.min(test.n))?,
+            session: engine.session_sized(test.n_ctx(), args.ubatch.min(test.n_ctx()))?,
             toks: tokens.of(test),
+            depth: tokens.depth_of(test),
+            depth_state: None,
             kind: test.kind,
             before: None,
         })
@@ -98,17 +115,40 @@ impl<'e, 't> FerriteRuns<'e, 't> {
         Ok(())
     }
 
+    /// Untimed: an empty cache, then the depth's tokens (processed the first time, restored later).
+    fn prefill(&mut self) -> Result<()> {
+        self.session.reset()?;
+        if self.depth.is_empty() {
+            return Ok(());
+        }
+        match &self.depth_state {
+            Some(state) => self.session.set_state(state)?,
+            None => {
+                self.session.feed(self.depth, Logits::Last)?;
+                self.depth_state = Some(self.session.state()?);
+            }
+        }
+        anyhow::ensure!(
+            self.session.n_past() == self.depth.len(),
+            "ferrite holds {} tokens after the depth's {}",
+            self.session.n_past(),
+            self.depth.len()
+        );
+        Ok(())
+    }
+
     /// The untimed run (for generation, one token, as llama-bench does).
     pub(super) fn warm_up(&mut self) -> Result<()> {
+        self.prefill()?;
         self.run(warm_part(self.kind, self.toks))
     }
 
-    /// One timed repetition from an empty cache, in seconds.
+    /// One timed repetition after the depth's tokens, in seconds.
     pub(super) fn timed(&mut self) -> Result<f64> {
+        self.prefill()?;
         if self.before.is_none() {
             self.before = Some(self.engine.expert_stats());
         }
-        self.session.reset()?;
         let start = Instant::now();
         self.run(self.toks)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -131,7 +171,17 @@ impl<'e, 't> FerriteRuns<'e, 't> {
 pub(super) struct LlamaRuns {
     ctx: LlamaContext,
     toks: Vec<i32>,
+    depth: Vec<i32>,
+    depth_state: DepthState,
     kind: Kind,
+}
+
+/// llama.cpp's state after the depth's tokens (llama-bench's cached state).
+enum DepthState {
+    NotYet,
+    Saved(Vec<u8>),
+    /// llama.cpp could not save or restore it: each run processes the depth's tokens again.
+    Unrestorable,
 }
 
 impl LlamaRuns {
@@ -143,18 +193,54 @@ impl LlamaRuns {
         args: &BenchArgs,
     ) -> Result<LlamaRuns> {
         let ctx = model.context(LlamaParams {
-            n_ctx: test.n as u32,
-            n_batch: test.n as u32,
-            n_ubatch: args.ubatch.min(test.n) as u32,
+            n_ctx: test.n_ctx() as u32,
+            n_batch: test.n.max(test.depth) as u32,
+            n_ubatch: args.ubatch.min(test.n.max(test.depth)) as u32,
             n_threads: threads as i32,
             cache_f16: args.cache_type == CacheType::F16,
+            cache_q8_0: args.cache_type == CacheType::Q8_0,
             ..LlamaParams::default()
         })?;
         Ok(LlamaRuns {
             ctx,
             toks: tokens.of(test).iter().map(|&t| t as i32).collect(),
+            depth: tokens.depth_of(test).iter().map(|&t| t as i32).collect(),
+            depth_state: DepthState::NotYet,
             kind: test.kind,
         })
+    }
+
+    /// Untimed: an empty cache, then the depth's tokens (processed the first time, restored later).
+    fn prefill(&mut self) -> Result<()> {
+        self.ctx.clear();
+        if self.depth.is_empty() {
+            return Ok(());
+        }
+        if let DepthState::Saved(state) = &self.depth_state {
+            if self.ctx.set_state(state).is_ok() && self.ctx.n_past() == self.depth.len() {
+                return Ok(());
+            }
+            eprintln!(
+                "ferrite: note: llama.cpp could not restore its state after the depth's {} tokens; it processes them again before each run",
+                self.depth.len()
+            );
+            self.depth_state = DepthState::Unrestorable;
+            self.ctx.clear();
+        }
+        self.ctx.decode(&self.depth)?;
+        anyhow::ensure!(
+            self.ctx.n_past() == self.depth.len(),
+            "llama.cpp holds {} tokens after the depth's {}",
+            self.ctx.n_past(),
+            self.depth.len()
+        );
+        if matches!(self.depth_state, DepthState::NotYet) {
+            self.depth_state = match self.ctx.state() {
+                Ok(state) => DepthState::Saved(state),
+                Err(_) => DepthState::Unrestorable,
+            };
+        }
+        Ok(())
     }
 
     fn run(ctx: &mut LlamaContext, kind: Kind, toks: &[i32]) -> Result<()> {
@@ -165,11 +251,12 @@ impl LlamaRuns {
     }
 
     pub(super) fn warm_up(&mut self) -> Result<()> {
+        self.prefill()?;
         Self::run(&mut self.ctx, self.kind, warm_part(self.kind, &self.toks))
     }
 
     pub(super) fn timed(&mut self) -> Result<f64> {
-        self.ctx.clear();
+        self.prefill()?;
         let start = Instant::now();
         Self::run(&mut self.ctx, self.kind, &self.toks)?;
         Ok(start.elapsed().as_secs_f64())

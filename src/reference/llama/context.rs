@@ -21,7 +21,7 @@ impl LlamaContext {
         LlamaModel::load(path, params.repack)?.context(params)
     }
 
-    /// A context on `model` with F32 or F16 K/V cache and flash attention off.
+    /// A context on `model` with F32 or F16 K/V cache and flash attention off, or a Q8_0 cache with it on.
     pub(super) fn new(model: LlamaModel, p: LlamaParams) -> Result<LlamaContext> {
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
@@ -31,14 +31,20 @@ impl LlamaContext {
         cp.n_seq_max = 1;
         cp.n_threads = p.n_threads;
         cp.n_threads_batch = p.n_threads;
-        let ty = if p.cache_f16 {
+        let ty = if p.cache_q8_0 {
+            sys::GGML_TYPE_Q8_0
+        } else if p.cache_f16 {
             sys::GGML_TYPE_F16
         } else {
             sys::GGML_TYPE_F32
         };
         cp.type_k = ty;
         cp.type_v = ty;
-        cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        cp.flash_attn_type = if p.cache_q8_0 {
+            sys::LLAMA_FLASH_ATTN_TYPE_ENABLED
+        } else {
+            sys::LLAMA_FLASH_ATTN_TYPE_DISABLED
+        };
         cp.swa_full = p.swa_full;
         cp.no_perf = true;
         // SAFETY: the model is valid (held by `model`); cp is fully initialised.
@@ -75,6 +81,41 @@ impl LlamaContext {
     pub fn clear(&mut self) {
         // SAFETY: ctx is valid; the memory handle belongs to it.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx), true) };
+    }
+
+    /// Tokens in the sequence's memory (the next decode's first position).
+    pub fn n_past(&self) -> usize {
+        // SAFETY: ctx is valid; the memory handle belongs to it; -1 means empty.
+        let max = unsafe { sys::llama_memory_seq_pos_max(sys::llama_get_memory(self.ctx), 0) };
+        (max + 1).max(0) as usize
+    }
+
+    /// The sequence's state (its cache) as llama.cpp serialises it (`llama_state_seq_get_data`).
+    pub fn state(&self) -> Result<Vec<u8>> {
+        // SAFETY: ctx is valid; sequence 0 is the only one.
+        let size = unsafe { sys::llama_state_seq_get_size(self.ctx, 0) };
+        ensure!(size > 0, "llama.cpp reports an empty sequence state");
+        let mut buf = vec![0u8; size];
+        // SAFETY: buf has room for `size` bytes, the size llama.cpp just reported.
+        let written = unsafe { sys::llama_state_seq_get_data(self.ctx, buf.as_mut_ptr(), size, 0) };
+        ensure!(
+            written == size,
+            "llama.cpp wrote {written} bytes of sequence state, expected {size}"
+        );
+        Ok(buf)
+    }
+
+    /// Restores a state [`LlamaContext::state`] returned (on a context with the same parameters).
+    pub fn set_state(&mut self, state: &[u8]) -> Result<()> {
+        // SAFETY: ctx is valid; llama.cpp reads at most `state.len()` bytes from the slice.
+        let read =
+            unsafe { sys::llama_state_seq_set_data(self.ctx, state.as_ptr(), state.len(), 0) };
+        ensure!(read > 0, "llama.cpp could not restore the sequence state");
+        ensure!(
+            self.n_past() > 0,
+            "llama.cpp restored a sequence state without its tokens"
+        );
+        Ok(())
     }
 
     /// Processes `tokens` after the ones already decoded, `n_batch` per call, computing the last position's

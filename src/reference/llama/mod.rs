@@ -69,6 +69,9 @@ pub struct LlamaParams {
     pub repack: bool,
     /// Store the K/V cache in F16 (llama.cpp's default) instead of F32.
     pub cache_f16: bool,
+    /// Store the K/V cache in Q8_0 (overrides `cache_f16`) with flash attention on, which llama.cpp requires for
+    /// a quantized cache.
+    pub cache_q8_0: bool,
 }
 
 impl Default for LlamaParams {
@@ -83,6 +86,7 @@ impl Default for LlamaParams {
             swa_full: false,
             repack: false,
             cache_f16: false,
+            cache_q8_0: false,
         }
     }
 }
