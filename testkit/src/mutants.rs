@@ -1461,6 +1461,7 @@ pub fn one_token(engine: &Engine, seed: u64) -> anyhow::Result<()> {
     let opts = GenerateOptions {
         max_tokens: Some(1),
         interrupt: None,
+        after_prompt: None,
     };
     generate(&mut session, &mut sampler, &prompt, &opts, |_| {
         ControlFlow::Continue(())
