@@ -135,26 +135,31 @@ impl CacheSizes {
 
 /// Bytes of cache per token of context and the constant part (key rows in the cache type, rings in F32).
 pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> (f64, u64) {
+    cfg.kinds
+        .iter()
+        .map(|&kind| layer_cache_bytes(cfg, kind, sizes))
+        .fold((0.0, 0), |(p, f), (lp, lf)| (p + lp, f + lf))
+}
+
+/// [`cache_bytes`] of one layer of `kind`: what the placement puts on the layer's device.
+pub fn layer_cache_bytes(cfg: &Config, kind: LayerKind, sizes: &CacheSizes) -> (f64, u64) {
     let f = sizes.cache_type.bytes();
+    // Key rows twice: `kv` and its transpose `vt`.
+    let mut fixed = 2 * (cfg.head_dim * sizes.raw_ring) as u64 * f;
+    // Values and scores, F32, for the ring, the staging rows and the padding row.
+    let ring_width = |width: usize, coff: usize, ratio: usize| {
+        (2 * coff * width * (compressor_ring_rows(ratio) + sizes.n_ubatch + 1)) as u64 * 4
+    };
     let mut per_token = 0.0;
-    let mut fixed = 0u64;
-    for kind in &cfg.kinds {
-        // Key rows twice: `kv` and its transpose `vt`.
-        fixed += 2 * (cfg.head_dim * sizes.raw_ring) as u64 * f;
-        // Values and scores, F32, for the ring, the staging rows and the padding row.
-        let ring_width = |width: usize, coff: usize, ratio: usize| {
-            (2 * coff * width * (compressor_ring_rows(ratio) + sizes.n_ubatch + 1)) as u64 * 4
-        };
-        match kind {
-            LayerKind::Raw => {}
-            LayerKind::Csa => {
-                per_token += ((2 * cfg.head_dim + cfg.indexer_dim) as u64 * f) as f64 / 4.0;
-                fixed += ring_width(cfg.head_dim, 2, 4) + ring_width(cfg.indexer_dim, 2, 4);
-            }
-            LayerKind::Hca => {
-                per_token += (2 * cfg.head_dim as u64 * f) as f64 / 128.0;
-                fixed += ring_width(cfg.head_dim, 1, 128);
-            }
+    match kind {
+        LayerKind::Raw => {}
+        LayerKind::Csa => {
+            per_token += ((2 * cfg.head_dim + cfg.indexer_dim) as u64 * f) as f64 / 4.0;
+            fixed += ring_width(cfg.head_dim, 2, 4) + ring_width(cfg.indexer_dim, 2, 4);
+        }
+        LayerKind::Hca => {
+            per_token += (2 * cfg.head_dim as u64 * f) as f64 / 128.0;
+            fixed += ring_width(cfg.head_dim, 1, 128);
         }
     }
     (per_token, fixed)
