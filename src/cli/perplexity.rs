@@ -40,9 +40,10 @@ pub struct PerplexityArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        allow_hyphen_values = true
+        allow_hyphen_values = true,
+        required_unless_present = "list_devices"
     )]
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
     /// Tokens per decode call (llama.cpp's -b): the micro-batch is the smaller of this and --ubatch.
     #[arg(short = 'b', long = "batch-size", value_name = "N", value_parser = parse_positive)]
     pub batch: Option<usize>,
@@ -271,7 +272,12 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
 
 /// The text of `-f FILE` (or standard input for `-f -`), with one trailing `\n` dropped as llama.cpp's `-f` does.
 fn read_text(args: &PerplexityArgs) -> Result<String> {
-    let stdin = args.file.as_os_str() == "-";
+    let Some(file) = &args.file else {
+        return Err(
+            Hinted::new("no text given", "pass -f FILE, or -f - for standard input").into(),
+        );
+    };
+    let stdin = file.as_os_str() == "-";
     let bytes = if stdin {
         let mut input = std::io::stdin().lock();
         if input.is_terminal() {
@@ -283,7 +289,7 @@ fn read_text(args: &PerplexityArgs) -> Result<String> {
             .context("cannot read the text from standard input")?;
         bytes
     } else {
-        let path = &args.file;
+        let path = file;
         if path.is_dir() {
             return Err(Hinted::new(
                 format!("{} is a folder, not a text file", path.display()),
@@ -301,7 +307,7 @@ fn read_text(args: &PerplexityArgs) -> Result<String> {
     let source = if stdin {
         "standard input".to_string()
     } else {
-        args.file.display().to_string()
+        file.display().to_string()
     };
     let mut text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(

@@ -438,10 +438,17 @@ fn device_and_buffer_errors_name_what_is_there() {
         ..auto()
     };
     let e = plan(&model, &devices, &too_many, GIB).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--gpu-mem gives 3 sizes for the devices CUDA0, CUDA1 (one size per device, in --device order)"
+    );
+    let p = plan(&model, &[cpu()], &too_many, GIB).unwrap();
     assert!(
-        e.to_string()
-            .contains("--gpu-mem gives 3 sizes for 2 devices (CUDA0, CUDA1)"),
-        "{e}"
+        p.warnings
+            .iter()
+            .any(|w| w.contains("--gpu-mem is ignored")),
+        "{:?}",
+        p.warnings
     );
     let silent = [cpu(), gpu("RPC0[x]", 0, 0)];
     let e = plan(&model, &silent, &auto(), GIB).unwrap_err();

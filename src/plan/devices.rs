@@ -365,7 +365,7 @@ pub enum PlacementError {
     },
     #[error("`{rule}` names {device}, which --device leaves out (add it to --device, or change the rule)")]
     DeviceLeftOut { rule: String, device: String },
-    #[error("--gpu-mem gives {given} sizes for {devices} devices ({})", list_or_none(.names))]
+    #[error("--gpu-mem gives {given} sizes for the devices {} (one size per device, in --device order)", .names.join(", "))]
     TooManyGpuMem {
         given: usize,
         devices: usize,
@@ -432,6 +432,9 @@ pub fn plan_devices(
             "-ngl is ignored: there is no device to offload to (`--list-devices` shows what ggml has)"
                 .into(),
         );
+    }
+    if no_device && !req.gpu_mem.is_empty() {
+        warnings.push("--gpu-mem is ignored: there is no device to offload to".into());
     }
     let usage = placed.usage();
     for ((d, bytes), budget) in placed.devices.iter_mut().zip(usage).zip(&placed.budgets) {
@@ -708,7 +711,7 @@ fn budgets(
     gpu_mem: &[u64],
 ) -> Result<Vec<Option<DeviceBudget>>, PlacementError> {
     let offload = &devices[1..];
-    if gpu_mem.len() > offload.len() {
+    if gpu_mem.len() > offload.len() && !offload.is_empty() {
         return Err(PlacementError::TooManyGpuMem {
             given: gpu_mem.len(),
             devices: offload.len(),

@@ -46,9 +46,16 @@ impl PartialEq for TensorRule {
 
 impl TensorRule {
     pub fn new(pattern: &str, buffer: &str, source: RuleSource) -> Result<TensorRule, RuleError> {
+        // The regex crate's message draws the pattern with a caret over several lines; its last line says what.
         let regex = Regex::new(pattern).map_err(|e| RuleError::BadRegex {
             pattern: pattern.to_string(),
-            message: e.to_string(),
+            message: e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim_start_matches("error: ")
+                .to_string(),
         })?;
         Ok(TensorRule {
             pattern: pattern.to_string(),
@@ -82,7 +89,7 @@ pub enum RuleError {
     MissingEquals { item: String },
     #[error("{item:?} names no buffer type after '=' (e.g. CPU, CUDA0; `--list-devices` shows the devices)")]
     EmptyBuffer { item: String },
-    #[error("{pattern:?} is not a valid regular expression (Rust regex syntax: no look-around or back-references): {message}")]
+    #[error("{pattern:?} is not a valid regular expression: {message} (Rust regex syntax: no look-around or back-references)")]
     BadRegex { pattern: String, message: String },
 }
 
@@ -185,9 +192,9 @@ mod tests {
         );
         let bad = parse_override_tensor("blk\\.(1[0-9]=CPU").unwrap_err();
         assert!(matches!(&bad, RuleError::BadRegex { pattern, .. } if pattern == "blk\\.(1[0-9]"));
-        assert!(
-            bad.to_string().contains("not a valid regular expression"),
-            "{bad}"
+        assert_eq!(
+            bad.to_string(),
+            r#""blk\\.(1[0-9]" is not a valid regular expression: unclosed group (Rust regex syntax: no look-around or back-references)"#
         );
         assert!(parse_override_tensor("(?=exps)=CPU").is_err());
         let msg = parse_override_tensor("exps").unwrap_err().to_string();

@@ -50,8 +50,13 @@ use table::{expert_line, table};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// GGUF model file (any shard of a split model), or `demo` for the tiny model ferrite generates.
-    #[arg(short = 'm', long = "model", value_name = "MODEL")]
-    pub model: PathBuf,
+    #[arg(
+        short = 'm',
+        long = "model",
+        value_name = "MODEL",
+        required_unless_present = "list_devices"
+    )]
+    pub model: Option<PathBuf>,
     /// Prompt tokens of the prompt-processing test; 0 = skip it.
     #[arg(
         short = 'p',
