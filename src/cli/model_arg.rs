@@ -328,7 +328,11 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
         PlanReport::WhenNotable => notable,
         PlanReport::Never => false,
     };
-    if show_plan {
+    let devices = engine.device_plan();
+    if !devices.is_cpu_only() && report != PlanReport::Never {
+        // The device table ends with the CPU's memory plan.
+        eprint!("ferrite: {devices}");
+    } else if show_plan {
         eprint!("ferrite: {plan}");
     }
     if show_plan || (memory.mlock && report != PlanReport::Never) {

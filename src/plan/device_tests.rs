@@ -631,6 +631,7 @@ fn flash_whole_layers_are_refused_with_numbers_and_fixes() {
     assert_eq!(over.device, "CUDA0");
     assert_eq!(over.cause, "-ngl all");
     let msg = e.to_string();
+    println!("{msg}");
     for needle in [
         "CUDA0 cannot hold what -ngl all puts on it",
         "(-c 4096)",
