@@ -138,7 +138,7 @@ impl DevicePlan {
             devices.join(" + ")
         };
         format!(
-            "device plan: {devices} + CPU; -ngl {ngl}: {}/{n_units} layers on devices (the output head counts as one), the routed experts of {on_device}/{} layers",
+            "device plan: {devices} + CPU, -ngl {ngl}: {}/{n_units} layers on devices (the output head counts as one), routed experts of {on_device}/{} layers on devices",
             self.n_gpu_layers,
             self.layers.len()
         )
@@ -241,6 +241,12 @@ impl fmt::Display for Overflow {
             format_bytes(over),
         )?;
         let mut hints: Vec<String> = self.fixes.iter().map(|x| format!("`{x}` fits")).collect();
+        if self.cause.contains("-ot ") {
+            hints.push(format!(
+                "-ot rules that send fewer tensors to {}",
+                self.device
+            ));
+        }
         hints.push("a smaller -c".into());
         hints.push(match self.budget.source {
             DeviceBudgetSource::Flag => "a larger --gpu-mem if the device has the room".into(),

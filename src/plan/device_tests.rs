@@ -689,6 +689,10 @@ fn pinned_experts_over_budget_are_refused_under_auto() {
         msg.contains("CUDA0 cannot hold what -ot exps=CUDA0 puts on it"),
         "{msg}"
     );
+    assert!(
+        msg.contains("-ot rules that send fewer tensors to CUDA0"),
+        "{msg}"
+    );
     // --cpu-moe under auto does not give up: the non-routed weights still go to the device.
     let p = plan(
         &model,
