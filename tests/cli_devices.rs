@@ -273,3 +273,53 @@ fn offload_is_refused_until_the_engine_runs_on_devices() {
         assert_eq!(engine.memory_plan(), &engine.device_plan().cpu);
     }
 }
+
+/// `bench --json` carries the device plan: on a CPU run every part on the CPU, the experts resident, no overrides;
+/// `--cpu-moe` changes the reason, not the place.
+#[test]
+fn bench_json_has_the_device_plan() {
+    let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "bench",
+        "-m",
+        "demo",
+        "-t",
+        "1",
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "--no-warmup",
+        "--json",
+        "--device",
+        "none",
+        "-cmoe",
+    ];
+    let (stdout, _) = ok(&ferrite(&args, cache.path(), None));
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let plan = &report["device_plan"];
+    assert_eq!(plan["devices"][0]["name"], "CPU", "{plan}");
+    assert_eq!(plan["devices"].as_array().unwrap().len(), 1, "{plan}");
+    assert_eq!(
+        (&plan["embedding"], &plan["output"]),
+        (&"CPU".into(), &"CPU".into())
+    );
+    let layers = plan["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    for l in layers {
+        assert_eq!(
+            (&l["main"], &l["experts"]),
+            (&"CPU".into(), &"cpu_resident".into()),
+            "{l}"
+        );
+    }
+    assert_eq!(plan["n_gpu_layers"], 0);
+    assert!(plan["overrides"].as_array().unwrap().is_empty());
+    // The CPU's share is the whole memory plan.
+    let cpu = &plan["devices"][0];
+    let mem = &report["memory_plan"];
+    assert_eq!(cpu["cache_bytes"], mem["context_bytes"]);
+    assert_eq!(cpu["compute_bytes"], mem["compute_bytes"]);
+}

@@ -14,11 +14,11 @@ use ferrite::engine::{
 };
 use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
-use ferrite::plan::devices::format_device_list;
+use ferrite::plan::devices::{format_device_list, DeviceBudgetSource, DeviceId, ExpertHome};
 use ferrite::plan::rules::{parse_override_tensor, placement_rules, TensorRule};
 use ferrite::plan::{
-    BudgetSource, DeviceSelection, ExpertCacheArg, ExpertPlacement, GpuLayers, MemoryPlan,
-    PlacementRequest, PlanReason,
+    BudgetSource, DevicePlan, DeviceSelection, ExpertCacheArg, ExpertPlacement, GpuLayers,
+    MemoryPlan, PlacementRequest, PlanReason,
 };
 use serde_json::{json, Value as Json};
 
@@ -398,6 +398,57 @@ pub fn plan_json(plan: &MemoryPlan) -> Json {
             "bytes": budget.bytes, "limit": budget.limit, "margin": budget.margin, "source": source,
             "text": budget.to_string(),
         },
+        "warnings": plan.warnings,
+    })
+}
+
+/// The device placement as JSON: each device's bytes and budget, the head's and each layer's devices (the
+/// experts' as a device name, `cpu_resident` or `cpu_paged`), the tensors rules moved, `-ngl`'s count.
+pub fn device_plan_json(plan: &DevicePlan) -> Json {
+    let name = |d: DeviceId| plan.device(d).name.clone();
+    let devices: Vec<Json> = plan
+        .devices
+        .iter()
+        .map(|d| {
+            let budget = d.budget.map(|b| {
+                let source = match b.source {
+                    DeviceBudgetSource::Reported => "reported",
+                    DeviceBudgetSource::Flag => "gpu_mem",
+                };
+                json!({ "bytes": b.bytes, "free": b.free, "total": b.total, "margin": b.margin, "source": source })
+            });
+            json!({
+                "name": d.name, "backend": d.backend, "buffer_type": d.buffer_type,
+                "weights_bytes": d.bytes.weights, "cache_bytes": d.bytes.cache, "compute_bytes": d.bytes.compute,
+                "budget": budget,
+            })
+        })
+        .collect();
+    let layers: Vec<Json> = plan
+        .layers
+        .iter()
+        .map(|l| {
+            let experts = match l.experts.at {
+                ExpertHome::Device(d) => name(d),
+                ExpertHome::CpuResident => "cpu_resident".into(),
+                ExpertHome::CpuPaged => "cpu_paged".into(),
+            };
+            json!({ "layer": l.layer, "main": name(l.main.at), "experts": experts })
+        })
+        .collect();
+    let overrides: Vec<Json> = plan
+        .overrides
+        .iter()
+        .map(|o| json!({ "tensor": o.name, "device": name(o.device), "bytes": o.bytes, "rule": o.rule }))
+        .collect();
+    json!({
+        "devices": devices,
+        "embedding": name(plan.embedding.at),
+        "output": name(plan.output.at),
+        "layers": layers,
+        "overrides": overrides,
+        "n_gpu_layers": plan.n_gpu_layers,
+        "op_offload": plan.op_offload,
         "warnings": plan.warnings,
     })
 }

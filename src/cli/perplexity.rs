@@ -20,7 +20,9 @@ use clap::Args;
 use ferrite::engine::Logits;
 use serde_json::json;
 
-use super::model_arg::{open_engine, plan_json, stats_json, ModelArgs, PlanReport};
+use super::model_arg::{
+    device_plan_json, open_engine, plan_json, stats_json, ModelArgs, PlanReport,
+};
 use super::Hinted;
 
 /// `-c` when not given (llama-perplexity's default).
@@ -247,6 +249,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
             "seconds": secs,
             "tokens_per_second": (n_chunks * n_ctx) as f64 / secs.max(1e-9),
             "memory_plan": plan_json(engine.memory_plan()),
+            "device_plan": device_plan_json(engine.device_plan()),
             "expert_stats": stats_json(&engine.expert_stats())?,
         });
         writeln!(stdout, "{report}")?;

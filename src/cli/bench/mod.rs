@@ -42,7 +42,9 @@ use ferrite::reference::llama::LlamaModel;
 use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
-use super::model_arg::{open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport};
+use super::model_arg::{
+    device_plan_json, open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport,
+};
 use super::Hinted;
 use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
 use table::{expert_line, table};
@@ -352,6 +354,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut engine = open_engine(&model_args(threads[0]), PlanReport::WhenNotable)?;
     let facts = model_facts(&engine);
     let plan = engine.memory_plan().clone();
+    let device_plan = engine.device_plan().clone();
     let paged = engine.is_paged();
     let cfg = engine.config();
     let longest = args.n_prompt.max(args.n_gen);
@@ -495,6 +498,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "bytes_per_token": facts.bytes_per_token,
             "bytes_per_token_note": "estimate for decode: non-expert weights without the embedding table, one embedding row, n_expert_used experts per layer",
             "memory_plan": plan_json(&plan),
+            "device_plan": device_plan_json(&device_plan),
             "expert_stats": stats_json(&expert_totals)?,
             "expert_stats_note": "ferrite's runs, warm-ups included; ferrite_expert_stats of a result: its timed repetitions",
             "rss_peak_bytes": rss,
