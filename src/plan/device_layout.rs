@@ -271,25 +271,27 @@ impl Parts {
         out
     }
 
-    /// The first device other than the CPU that `layout` overfills, and what it would hold.
+    /// The first device other than the CPU that `layout` overfills, what it would hold, and its budget.
     pub fn overflow(
         &self,
         layout: &Layout,
         budgets: &[Option<DeviceBudget>],
-    ) -> Option<(DeviceId, DeviceBytes)> {
+    ) -> Option<(DeviceId, DeviceBytes, DeviceBudget)> {
         let used = self.usage(layout, budgets.len());
         budgets
             .iter()
             .zip(used)
             .enumerate()
             .skip(1)
-            .find(|(_, (b, u))| b.is_some_and(|b| u.total() > b.bytes))
-            .map(|(i, (_, u))| (DeviceId(i), u))
+            .find_map(|(i, (b, u))| {
+                b.filter(|b| u.total() > b.bytes)
+                    .map(|b| (DeviceId(i), u, b))
+            })
     }
 }
 
 impl Placement {
-    pub fn overflow(&self) -> Option<(DeviceId, DeviceBytes)> {
+    pub fn overflow(&self) -> Option<(DeviceId, DeviceBytes, DeviceBudget)> {
         self.parts.overflow(&self.layout, &self.budgets)
     }
 
@@ -386,12 +388,13 @@ impl Placement {
                     .collect();
                 // All pinned: the layer's experts are where most of their bytes are; else where the layout put
                 // the unpinned ones. Tensors elsewhere are overrides.
-                let all_pinned =
-                    !routed.is_empty() && routed.iter().all(|&i| self.pins[i].is_some());
-                let experts = if all_pinned {
+                let pinned: Vec<(usize, (DeviceId, usize))> = routed
+                    .iter()
+                    .filter_map(|&i| self.pins[i].map(|p| (i, p)))
+                    .collect();
+                let experts = if !pinned.is_empty() && pinned.len() == routed.len() {
                     let mut by_device: Vec<(DeviceId, u64, usize)> = Vec::new();
-                    for &i in &routed {
-                        let (d, r) = self.pins[i].expect("pinned");
+                    for &(i, (d, r)) in &pinned {
                         match by_device.iter_mut().find(|x| x.0 == d) {
                             Some(x) => x.1 += model.tensors[i].bytes,
                             None => by_device.push((d, model.tensors[i].bytes, r)),

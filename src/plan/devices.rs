@@ -413,11 +413,11 @@ pub fn plan_devices(
     cpu_req: &PlanRequest,
 ) -> Result<DevicePlan, PlacementError> {
     let mut placed = place(model, available, req)?;
-    if let Some((d, needed)) = placed.overflow() {
+    if let Some((d, needed, budget)) = placed.overflow() {
         return Err(PlacementError::DoesNotFit(Box::new(Overflow {
             device: placed.devices[d.0].name.clone(),
             needed,
-            budget: placed.budgets[d.0].expect("an offload device has a budget"),
+            budget,
             n_ctx: model.n_ctx,
             cause: cause_of(req, &placed, d),
             fixes: fixes(model, available, req),
