@@ -11,20 +11,21 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::{GgmlType, Model};
 
-use crate::cache::{cache_bytes, CacheSizes, CacheType};
+use crate::cache::{CacheSizes, CacheType};
 use crate::chat::PromptFormat;
 use crate::experts::{ExpertStats, StatsSnapshot};
+use crate::ggml::DeviceInfo;
 use crate::ggml::{Context, CpuBackend, GroupedKernel, RepackType, RepackedStats, Tensor};
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Rotations};
 use crate::model::names::key::CHAT_TEMPLATE;
 use crate::model::paged::PagedExperts;
-use crate::model::sizes::weight_sizes;
+use crate::model::sizes::TensorMeta;
 use crate::model::weights::Weights;
 use crate::placement::{experts_fit, lock_weights, place_weights, product_weights};
 use crate::plan::{
-    plan_memory, Budget, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanInputs, PlanReason,
-    PlanRequest,
+    plan_devices, Budget, DevicePlan, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlacementModel,
+    PlacementRequest, PlanReason, PlanRequest,
 };
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::units::format_bytes;
@@ -83,6 +84,26 @@ pub struct EngineOptions {
     pub repack: bool,
     /// How new sessions run (diagnostic switches; the library reads no environment variables).
     pub session: SessionOptions,
+    /// Where the weights go besides the CPU.
+    pub placement: PlacementOptions,
+}
+
+/// The devices a run may use and how the user asked for them to be used (`--device`, `-ngl`, `-ot`, ...).
+#[derive(Clone, Debug, Default)]
+pub struct PlacementOptions {
+    /// ggml's devices (`crate::ggml::devices()`; tests pass fixtures). Empty: the CPU only.
+    pub devices: Vec<DeviceInfo>,
+    pub request: PlacementRequest,
+}
+
+/// A placement that puts something on a device other than the CPU, which this engine cannot compute on yet.
+#[derive(Debug, thiserror::Error)]
+#[error("offload to {device} is not wired into the engine yet: the placement puts {} on it", format_bytes(.plan.device(*.id).bytes.total()))]
+pub struct OffloadNotWired {
+    pub device: String,
+    id: crate::plan::devices::DeviceId,
+    /// The placement that was refused (its table shows what would have gone where).
+    pub plan: Box<DevicePlan>,
 }
 
 impl Default for EngineOptions {
@@ -94,6 +115,7 @@ impl Default for EngineOptions {
             paging: PagingOptions::default(),
             repack: true,
             session: SessionOptions::default(),
+            placement: PlacementOptions::default(),
         }
     }
 }
@@ -120,6 +142,8 @@ pub struct Engine {
     backend: CpuBackend,
     opts: EngineOptions,
     plan: MemoryPlan,
+    /// Where each part of the model is (today always all on the CPU: see [`OffloadNotWired`]).
+    devices: DevicePlan,
     /// The expert cache, when the plan pages the routed experts.
     paged: Option<PagedExperts>,
     stats: Mutex<ExpertStats>,
@@ -167,7 +191,19 @@ impl Engine {
         .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
         // Planned first: whether the routed experts are repacked depends on where they live.
         let (n_ctx, n_ubatch) = planned_sizes(&cfg, &opts.paging);
-        let plan = memory_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
+        let devices = device_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
+        let offload = (1..devices.devices.len())
+            .map(crate::plan::devices::DeviceId)
+            .find(|&d| devices.device(d).bytes.total() > 0);
+        if let Some(id) = offload {
+            return Err(OffloadNotWired {
+                device: devices.device(id).name.clone(),
+                id,
+                plan: Box::new(devices),
+            }
+            .into());
+        }
+        let plan = devices.cpu.clone();
         let prompt_format = PromptFormat::new(model.metadata().str(CHAT_TEMPLATE).ok());
         let regions = (0..model.shards().len())
             .map(|s| weights_ctx.map_shared(model.clone(), move |m: &Model| m.shards()[s].bytes()))
@@ -194,6 +230,7 @@ impl Engine {
             backend,
             opts,
             plan,
+            devices,
             paged: None,
             stats: Mutex::new(ExpertStats::new()),
             notes: Vec::new(),
@@ -291,6 +328,11 @@ impl Engine {
     /// The memory plan: budget, what each part takes, where the routed experts live.
     pub fn memory_plan(&self) -> &MemoryPlan {
         &self.plan
+    }
+
+    /// The device placement: which device holds each part of the model, and why.
+    pub fn device_plan(&self) -> &DevicePlan {
+        &self.devices
     }
 
     /// True when routed experts go through the expert cache.
@@ -399,23 +441,6 @@ fn _engine_is_send() {
     _assert_send::<Engine>();
 }
 
-/// Bytes of compute buffers the plan reserves: activations of a micro-batch (streams, attention, the experts'
-/// intermediates, scores over the window) and the logits of every row (perplexity asks for them all). An estimate.
-fn compute_bytes(cfg: &Config, n_ubatch: usize) -> u64 {
-    let width = cfg.expert_width.iter().copied().max().unwrap_or(0) as u64;
-    let n_ubatch = n_ubatch as u64;
-    let per_token = [
-        8 * (cfg.hc * cfg.n_embd) as u64,
-        4 * (cfg.n_head * cfg.head_dim) as u64,
-        3 * cfg.n_expert_used as u64 * width,
-        (cfg.n_head as u64).saturating_mul((cfg.window as u64).saturating_add(n_ubatch)),
-        cfg.n_vocab as u64,
-    ]
-    .into_iter()
-    .fold(0u64, u64::saturating_add);
-    n_ubatch.saturating_mul(per_token).saturating_mul(4)
-}
-
 /// The largest `-c` (and so `--ubatch`) a run may ask for: 2^32 - 1 tokens, thousands of times any trained context;
 /// sizes computed from it stay far from overflowing.
 pub const MAX_CTX: usize = u32::MAX as usize;
@@ -428,29 +453,27 @@ fn planned_sizes(cfg: &Config, p: &PagingOptions) -> (usize, usize) {
     (n_ctx, n_ubatch)
 }
 
-/// Plans memory for `model` under the options' budget (refusing what cannot fit).
-fn memory_plan(
+/// Plans where `model` goes over the options' devices, and the CPU's memory under the options' budget (refusing
+/// what cannot fit). With nothing offloaded, the CPU's plan is the memory plan of the whole model.
+fn device_plan(
     model: &Model,
     cfg: &Config,
     opts: &EngineOptions,
     n_ctx: usize,
     n_ubatch: usize,
-) -> Result<MemoryPlan> {
+) -> Result<DevicePlan> {
     let p = &opts.paging;
     if n_ctx > MAX_CTX {
         bail!("-c {n_ctx} is more than ferrite supports ({MAX_CTX} tokens; the model was trained on {}) (hint: use -c {} or less)", cfg.n_ctx_train, cfg.n_ctx_train.max(1));
     }
     let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch, opts.cache_type);
-    let cache = cache_bytes(cfg, &sizes);
-    let mut inputs = PlanInputs::from_sizes(
-        &weight_sizes(model),
-        cfg.n_expert_used as u64,
-        n_ctx as u64,
-        cache.total,
-        compute_bytes(cfg, n_ubatch),
-    );
-    inputs.context_per_token = cache.per_token;
-    inputs.output_bytes = (p.output_rows as u64)
+    let tensors = model.tensors().iter().map(|t| TensorMeta {
+        name: &t.info.name,
+        dims: &t.info.dims,
+        n_bytes: t.info.n_bytes,
+    });
+    let mut placement = PlacementModel::new(tensors, cfg, &sizes);
+    placement.output_bytes = (p.output_rows as u64)
         .saturating_mul(cfg.n_vocab as u64)
         .saturating_mul(4);
     let budget = p.mem.map_or_else(Budget::from_machine, Budget::from_flag);
@@ -458,7 +481,8 @@ fn memory_plan(
         expert_cache: p.expert_cache,
         no_paging: p.no_paging,
     };
-    plan_memory(&inputs, &budget, &req).map_err(|e| anyhow!("{e}"))
+    let pl = &opts.placement;
+    plan_devices(&placement, &pl.devices, &pl.request, &budget, &req).map_err(|e| anyhow!("{e}"))
 }
 
 /// Positions of the rotation matrices in the constants' context.

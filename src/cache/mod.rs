@@ -177,6 +177,23 @@ const TENSOR_ALIGN: u64 = 32;
 
 /// The bytes of the cache for `sizes` (see [`CacheBytes`]); mirrors [`KvCache::new`] tensor by tensor.
 pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> CacheBytes {
+    cfg.kinds.iter().fold(
+        CacheBytes {
+            per_token: 0.0,
+            total: 0,
+        },
+        |sum, &kind| {
+            let layer = layer_cache_bytes(cfg, kind, sizes);
+            CacheBytes {
+                per_token: sum.per_token + layer.per_token,
+                total: sum.total + layer.total,
+            }
+        },
+    )
+}
+
+/// [`cache_bytes`] of one layer of `kind`: what the placement puts on the layer's device.
+pub fn layer_cache_bytes(cfg: &Config, kind: LayerKind, sizes: &CacheSizes) -> CacheBytes {
     let row = |width: usize| sizes.cache_type.row_bytes(width);
     let tensor = |bytes: u64| bytes.next_multiple_of(TENSOR_ALIGN);
     // Values and scores, F32, for the ring, the staging rows and the padding row.
@@ -184,26 +201,23 @@ pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> CacheBytes {
         let rows = compressor_ring_rows(ratio) + sizes.n_ubatch + 1;
         2 * tensor((coff * width * rows) as u64 * 4)
     };
+    let comp_rows = match kind {
+        LayerKind::Raw => 0,
+        kind => sizes.comp_rows(kind.ratio()),
+    };
+    // `kv`: the raw ring, then the compressed rows.
+    let mut total = tensor((sizes.raw_ring + comp_rows) as u64 * row(cfg.head_dim));
     let mut per_token = 0.0;
-    let mut total = 0u64;
-    for kind in &cfg.kinds {
-        let comp_rows = match kind {
-            LayerKind::Raw => 0,
-            kind => sizes.comp_rows(kind.ratio()),
-        };
-        // `kv`: the raw ring, then the compressed rows.
-        total += tensor((sizes.raw_ring + comp_rows) as u64 * row(cfg.head_dim));
-        match kind {
-            LayerKind::Raw => {}
-            LayerKind::Csa => {
-                per_token += (row(cfg.head_dim) + row(cfg.indexer_dim)) as f64 / 4.0;
-                total += tensor(comp_rows as u64 * row(cfg.indexer_dim));
-                total += sources(cfg.head_dim, 2, 4) + sources(cfg.indexer_dim, 2, 4);
-            }
-            LayerKind::Hca => {
-                per_token += row(cfg.head_dim) as f64 / 128.0;
-                total += sources(cfg.head_dim, 1, 128);
-            }
+    match kind {
+        LayerKind::Raw => {}
+        LayerKind::Csa => {
+            per_token += (row(cfg.head_dim) + row(cfg.indexer_dim)) as f64 / 4.0;
+            total += tensor(comp_rows as u64 * row(cfg.indexer_dim));
+            total += sources(cfg.head_dim, 2, 4) + sources(cfg.indexer_dim, 2, 4);
+        }
+        LayerKind::Hca => {
+            per_token += row(cfg.head_dim) as f64 / 128.0;
+            total += sources(cfg.head_dim, 1, 128);
         }
     }
     CacheBytes { per_token, total }

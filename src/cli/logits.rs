@@ -12,21 +12,27 @@ use ferrite::npy;
 use ferrite::units::format_bytes;
 
 use super::model_arg::{open_engine, ModelArgs, PlanReport};
+use super::Hinted;
 
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("input").required(true).args(["tokens", "tokens_file"])))]
+#[command(group(ArgGroup::new("input").args(["tokens", "tokens_file"])))]
 pub struct LogitsArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// Token ids separated by commas: 0,17,42
-    #[arg(long, value_name = "IDS", allow_hyphen_values = true)]
+    #[arg(long, value_name = "IDS", allow_hyphen_values = true, required_unless_present_any = ["tokens_file", "list_devices"])]
     tokens: Option<String>,
     /// A file of token ids, one per line (blank lines and surrounding whitespace are ignored).
     #[arg(long, value_name = "FILE")]
     tokens_file: Option<PathBuf>,
     /// Output NumPy file, float32 [n_tokens, n_vocab]; an existing file is replaced (atomically).
-    #[arg(short = 'o', long, value_name = "FILE.npy")]
-    out: PathBuf,
+    #[arg(
+        short = 'o',
+        long,
+        value_name = "FILE.npy",
+        required_unless_present = "list_devices"
+    )]
+    out: Option<PathBuf>,
 }
 
 /// The prompt's token ids and where each came from, for error messages.
@@ -109,7 +115,10 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         (None, Some(file)) => Prompt::from_file(file)?,
         (None, None) => unreachable!("clap requires --tokens or --tokens-file"),
     };
-    check_out_folder(&args.out)?;
+    let Some(out) = &args.out else {
+        return Err(Hinted::new("no output file given", "pass --out FILE.npy").into());
+    };
+    check_out_folder(out)?;
 
     // The plan reserves the n_tokens x n_vocab logits this command returns (and refuses what cannot fit).
     let model_args = ModelArgs {
@@ -172,15 +181,15 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         "the engine returned {} logits, expected {n_tokens} x {n_vocab}",
         logits.len()
     );
-    npy::write_f32(&args.out, &[n_tokens, n_vocab], &logits)
-        .with_context(|| format!("cannot write the logits to {}", args.out.display()))?;
+    npy::write_f32(out, &[n_tokens, n_vocab], &logits)
+        .with_context(|| format!("cannot write the logits to {}", out.display()))?;
     eprintln!(
         "time:    {secs:.3} s, {:.1} tokens/s",
         n_tokens as f64 / secs.max(1e-9)
     );
     eprintln!(
         "wrote:   {} float32 [{n_tokens}, {n_vocab}] ({})",
-        args.out.display(),
+        out.display(),
         format_bytes((logits.len() * 4) as u64)
     );
     if engine.is_paged() {

@@ -12,9 +12,10 @@ mod quantize;
 mod size_arg;
 mod tokenize;
 
+use std::ffi::OsString;
 use std::io::Write;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Exit codes: 0 success, 1 an error while running (bad file, I/O, ...), 2 bad command-line usage (from clap).
 #[derive(Parser, Debug)]
@@ -44,7 +45,113 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
 }
 
+/// llama.cpp's single-dash long flags and the names ferrite's parser knows them by.
+const LLAMA_FLAGS: [(&str, &str); 5] = [
+    ("-ngl", "--n-gpu-layers"),
+    ("-ot", "--override-tensor"),
+    ("-dev", "--device"),
+    ("-cmoe", "--cpu-moe"),
+    ("-ncmoe", "--n-cpu-moe"),
+];
+
+/// The command line with llama.cpp's single-dash long flags (`-ngl 99`, `-ot exps=CPU`, `-dev CUDA0`, `-cmoe`,
+/// `-ncmoe 4`) spelled as ferrite's long ones, for the subcommands that have them (clap reads `-ngl` as `-n gl`).
+/// A word that is the value of the option before it (`-p -ngl`) and anything after `--` are left alone.
+pub fn llama_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let cmd = Cli::command();
+    let Some((at, sub)) = args.iter().enumerate().skip(1).find_map(|(i, a)| {
+        let a = a.to_str()?;
+        cmd.find_subcommand(a).map(|s| (i, s))
+    }) else {
+        return args;
+    };
+    let takes_value = |word: &str| -> bool {
+        let arg = if let Some(long) = word.strip_prefix("--") {
+            if long.contains('=') {
+                return false;
+            }
+            sub.get_arguments().find(|a| {
+                a.get_long() == Some(long) || a.get_all_aliases().is_some_and(|v| v.contains(&long))
+            })
+        } else if let Some(shorts) = word.strip_prefix('-') {
+            // A cluster (`-t4`, `-vn 5`): the first short that takes a value takes the rest or the next word.
+            let mut found = None;
+            for (i, c) in shorts.char_indices() {
+                match sub.get_arguments().find(|a| a.get_short() == Some(c)) {
+                    Some(a) if a.get_action().takes_values() => {
+                        found = (i + c.len_utf8() == shorts.len()).then_some(a);
+                        break;
+                    }
+                    Some(_) => continue,
+                    None => break,
+                }
+            }
+            found
+        } else {
+            None
+        };
+        arg.is_some_and(|a| a.get_action().takes_values())
+    };
+    let mut out = args[..=at].to_vec();
+    let mut value_next = false;
+    let mut rest = args[at + 1..].iter();
+    for word in rest.by_ref() {
+        let Some(w) = word.to_str() else {
+            out.push(word.clone());
+            value_next = false;
+            continue;
+        };
+        if value_next {
+            out.push(word.clone());
+            value_next = false;
+            continue;
+        }
+        if w == "--" {
+            out.push(word.clone());
+            break;
+        }
+        let long = LLAMA_FLAGS
+            .iter()
+            .find(|(short, _)| *short == w)
+            .map(|&(_, long)| long)
+            .filter(|long| {
+                sub.get_arguments()
+                    .any(|a| a.get_long() == long.strip_prefix("--"))
+            });
+        match long {
+            Some(long) => {
+                out.push(long.into());
+                value_next = takes_value(long);
+            }
+            None => {
+                out.push(word.clone());
+                value_next = w.starts_with('-') && w != "-" && takes_value(w);
+            }
+        }
+    }
+    out.extend(rest.cloned());
+    out
+}
+
+impl Command {
+    /// The device flags of a command that runs the model.
+    fn device_args(&self) -> Option<&model_arg::DeviceArgs> {
+        match self {
+            Command::Complete(a) => Some(&a.model.memory.devices),
+            Command::Chat(a) => Some(&a.model.memory.devices),
+            Command::Logits(a) => Some(&a.model.memory.devices),
+            Command::Perplexity(a) => Some(&a.model.memory.devices),
+            Command::Bench(a) => Some(&a.memory.devices),
+            Command::Info(_) | Command::Tokenize(_) | Command::Quantize(_) => None,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.command.device_args().is_some_and(|d| d.list_devices) {
+        return model_arg::list_devices();
+    }
     match cli.command {
         Command::Complete(args) => complete::run(&args),
         Command::Chat(args) => chat::run(&args),
@@ -104,5 +211,42 @@ pub fn print_error(err: &anyhow::Error) {
     });
     if let Some(hint) = hint {
         let _ = writeln!(stderr, "hint: {hint}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(line: &str) -> String {
+        let words = line.split(' ').map(OsString::from);
+        let out = llama_flags(words);
+        let out: Vec<String> = out.into_iter().map(|w| w.into_string().unwrap()).collect();
+        out.join(" ")
+    }
+
+    #[test]
+    fn llama_single_dash_flags() {
+        assert_eq!(
+            expand("ferrite complete -m demo -ngl 99 -ot exps=CPU -dev CUDA0 -cmoe -ncmoe 4"),
+            "ferrite complete -m demo --n-gpu-layers 99 --override-tensor exps=CPU --device CUDA0 --cpu-moe --n-cpu-moe 4"
+        );
+        // Values of options stay as they are, flags after them are still rewritten.
+        assert_eq!(
+            expand("ferrite complete -p -ngl -ngl 3 --system -ot -t4 -ot a=CPU"),
+            "ferrite complete -p -ngl --n-gpu-layers 3 --system -ot -t4 --override-tensor a=CPU"
+        );
+        // A flag's value given as the next word is its value even when it looks like a flag.
+        assert_eq!(
+            expand("ferrite bench -m demo -ot -ngl"),
+            "ferrite bench -m demo --override-tensor -ngl"
+        );
+        // After `--`, and for commands without the flag, nothing changes.
+        assert_eq!(
+            expand("ferrite complete -- -ngl"),
+            "ferrite complete -- -ngl"
+        );
+        assert_eq!(expand("ferrite info -ngl x"), "ferrite info -ngl x");
+        assert_eq!(expand("ferrite -ngl"), "ferrite -ngl");
     }
 }

@@ -9,10 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, EngineOptions, PagingOptions, SessionOptions};
+use ferrite::engine::{
+    Engine, EngineOptions, OffloadNotWired, PagingOptions, PlacementOptions, SessionOptions,
+};
 use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
-use ferrite::plan::{BudgetSource, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanReason};
+use ferrite::plan::devices::{format_device_list, DeviceBudgetSource, DeviceId, ExpertHome};
+use ferrite::plan::rules::{parse_override_tensor, placement_rules, TensorRule};
+use ferrite::plan::{
+    BudgetSource, DevicePlan, DeviceSelection, ExpertCacheArg, ExpertPlacement, GpuLayers,
+    MemoryPlan, PlacementRequest, PlanReason,
+};
 use serde_json::{json, Value as Json};
 
 use super::size_arg::{parse_expert_cache, parse_size};
@@ -28,8 +35,13 @@ const DEMO_SEED: u64 = 1;
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
     /// GGUF model file (any shard of a split model), or `demo` for a tiny model ferrite generates (use ./demo for a file named demo).
-    #[arg(short = 'm', long = "model", value_name = "MODEL")]
-    pub model: PathBuf,
+    #[arg(
+        short = 'm',
+        long = "model",
+        value_name = "MODEL",
+        required_unless_present = "list_devices"
+    )]
+    pub model: Option<PathBuf>,
     /// CPU threads [default: all available cores].
     #[arg(short = 't', long = "threads", value_name = "N", value_parser = parse_positive)]
     pub threads: Option<usize>,
@@ -76,6 +88,119 @@ pub struct MemoryArgs {
     /// are in huge pages (faster prompts and decode, slower start).
     #[arg(long = "no-repack")]
     pub no_repack: bool,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
+}
+
+/// Which devices hold which weights: llama.cpp's flags and syntax (DESIGN.md 1 "Memory and devices"; `-ngl`, `-ot`,
+/// `-dev`, `-cmoe` and `-ncmoe` are accepted as llama.cpp spells them, see `super::llama_flags`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct DeviceArgs {
+    /// Print the devices ggml has, with their memory, and exit.
+    #[arg(long = "list-devices")]
+    pub list_devices: bool,
+    /// Devices to offload to, comma-separated (CUDA0, Vulkan0,CPU, RPC0[HOST:PORT]), or none for the CPU only
+    /// [default: every GPU and RPC device; --list-devices shows them].
+    #[arg(long = "device", value_name = "LIST", value_parser = parse_device_list)]
+    pub device: Option<DeviceSelection>,
+    /// Layers on the devices: N (the last N, the output head counting as the last one, as in llama.cpp), all, or
+    /// auto (the non-routed weights, cache and compute buffers first, then whole layers' routed experts while they
+    /// fit the devices' free memory) [default: auto; written -ngl too].
+    #[arg(long = "n-gpu-layers", visible_alias = "gpu-layers", value_name = "N|auto|all", value_parser = parse_gpu_layers)]
+    pub n_gpu_layers: Option<GpuLayers>,
+    /// Keep every layer's routed experts on the CPU (-ot's `\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU`).
+    #[arg(long = "cpu-moe")]
+    pub cpu_moe: bool,
+    /// Keep the routed experts of the first N layers on the CPU.
+    #[arg(long = "n-cpu-moe", value_name = "N")]
+    pub n_cpu_moe: Option<u32>,
+    /// Tensors whose name contains a match of REGEX go to the buffer type BUFFER (CPU, CUDA0, ...), e.g.
+    /// `exps=CPU` or `blk\.(1[0-9])\.ffn_.*_exps=CUDA0`; comma-separated, repeatable, the first match wins;
+    /// tried before --n-cpu-moe and --cpu-moe [written -ot too].
+    #[arg(long = "override-tensor", value_name = "REGEX=BUFFER,...", value_parser = parse_override)]
+    pub override_tensor: Vec<RuleList>,
+    /// Memory budget of each offload device, in --device order: SIZE[,SIZE...] (24G, 15.5GiB) [default: what
+    /// the device reports free, less 1 GiB].
+    #[arg(long = "gpu-mem", value_name = "SIZE[,SIZE...]", value_parser = parse_gpu_mem)]
+    pub gpu_mem: Option<SizeList>,
+    /// Never upload CPU-resident weights to a device for a prompt's large products.
+    #[arg(long = "no-op-offload")]
+    pub no_op_offload: bool,
+}
+
+/// The rules of one `-ot` value.
+#[derive(Clone, Debug)]
+pub struct RuleList(pub Vec<TensorRule>);
+
+/// `--gpu-mem 24G,8G`.
+#[derive(Clone, Debug)]
+pub struct SizeList(pub Vec<u64>);
+
+impl DeviceArgs {
+    /// The placement the flags ask for.
+    pub fn request(&self) -> PlacementRequest {
+        let ot: Vec<TensorRule> = self
+            .override_tensor
+            .iter()
+            .flat_map(|r| r.0.clone())
+            .collect();
+        PlacementRequest {
+            devices: self.device.clone().unwrap_or_default(),
+            gpu_layers: self.n_gpu_layers.unwrap_or_default(),
+            rules: placement_rules(&ot, self.n_cpu_moe, self.cpu_moe),
+            gpu_mem: self
+                .gpu_mem
+                .as_ref()
+                .map(|g| g.0.clone())
+                .unwrap_or_default(),
+            op_offload: !self.no_op_offload,
+        }
+    }
+}
+
+/// `--list-devices`: ggml's devices as llama.cpp lists them, on stdout.
+pub fn list_devices() -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(format_device_list(&ferrite::ggml::devices()).as_bytes())?;
+    Ok(())
+}
+
+fn parse_device_list(s: &str) -> Result<DeviceSelection, String> {
+    if s == "none" {
+        return Ok(DeviceSelection::None);
+    }
+    let names: Vec<String> = s.split(',').map(str::to_string).collect();
+    if names.iter().any(|n| n.is_empty()) {
+        return Err(format!(
+            "{s:?} has an empty device name; give names separated by ',' (e.g. CUDA0,CUDA1), or none"
+        ));
+    }
+    Ok(DeviceSelection::Names(names))
+}
+
+fn parse_gpu_layers(s: &str) -> Result<GpuLayers, String> {
+    match s {
+        "auto" => Ok(GpuLayers::Auto),
+        "all" => Ok(GpuLayers::All),
+        n => n.parse().map(GpuLayers::Count).map_err(|_| {
+            format!("{n:?} is not a layer count; use a number of layers, auto or all")
+        }),
+    }
+}
+
+fn parse_override(s: &str) -> Result<RuleList, String> {
+    parse_override_tensor(s)
+        .map(RuleList)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_gpu_mem(s: &str) -> Result<SizeList, String> {
+    s.split(',')
+        .map(parse_size)
+        .collect::<Result<Vec<_>, _>>()
+        .map(SizeList)
+        .map_err(|e| format!("{e}; --gpu-mem takes a size per device, comma-separated (24G,8G)"))
 }
 
 pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
@@ -92,7 +217,7 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 
 impl ModelArgs {
     pub fn is_demo(&self) -> bool {
-        self.model.as_os_str() == DEMO
+        self.model.as_ref().is_some_and(|m| m.as_os_str() == DEMO)
     }
 
     pub fn threads(&self) -> usize {
@@ -118,7 +243,9 @@ impl ModelArgs {
         if self.is_demo() {
             return demo_model();
         }
-        let path = &self.model;
+        let Some(path) = &self.model else {
+            return Err(Hinted::new("no model given", "pass -m MODEL (or -m demo)").into());
+        };
         if !path.exists() {
             return Err(Hinted::new(
                 format!("model file {} does not exist", path.display()),
@@ -180,8 +307,18 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
         },
         repack: !memory.no_repack,
         session: session_options_from_env(),
+        placement: PlacementOptions {
+            devices: ferrite::ggml::devices(),
+            request: memory.devices.request(),
+        },
     };
-    let engine = Engine::open(&path, opts)?;
+    let engine = match Engine::open(&path, opts) {
+        Ok(engine) => engine,
+        Err(e) => return Err(offload_refusal(e)),
+    };
+    for warning in &engine.device_plan().warnings {
+        eprintln!("ferrite: warning: {warning}");
+    }
     for warning in &engine.config().warnings {
         eprintln!("ferrite: warning: {}: {warning}", path.display());
     }
@@ -192,7 +329,11 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
         PlanReport::WhenNotable => notable,
         PlanReport::Never => false,
     };
-    if show_plan {
+    let devices = engine.device_plan();
+    if !devices.is_cpu_only() && report != PlanReport::Never {
+        // The device table ends with the CPU's memory plan.
+        eprint!("ferrite: {devices}");
+    } else if show_plan {
         eprint!("ferrite: {plan}");
     }
     if show_plan || (memory.mlock && report != PlanReport::Never) {
@@ -201,6 +342,21 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
         }
     }
     Ok(engine)
+}
+
+/// A placement the engine cannot run yet: its table on stderr, then the refusal with a hint.
+fn offload_refusal(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast_ref::<OffloadNotWired>() {
+        Some(refused) => {
+            eprint!("ferrite: {}", refused.plan);
+            Hinted::new(
+                refused.to_string(),
+                "pass --device none (or -ngl 0 without -ot rules naming a device) to compute on the CPU",
+            )
+            .into()
+        }
+        None => e,
+    }
 }
 
 /// The memory plan as JSON: where the experts live, the slots, every part's bytes, the budget and its source.
@@ -245,6 +401,57 @@ pub fn plan_json(plan: &MemoryPlan) -> Json {
             "bytes": budget.bytes, "limit": budget.limit, "margin": budget.margin, "source": source,
             "text": budget.to_string(),
         },
+        "warnings": plan.warnings,
+    })
+}
+
+/// The device placement as JSON: each device's bytes and budget, the head's and each layer's devices (the
+/// experts' as a device name, `cpu_resident` or `cpu_paged`), the tensors rules moved, `-ngl`'s count.
+pub fn device_plan_json(plan: &DevicePlan) -> Json {
+    let name = |d: DeviceId| plan.device(d).name.clone();
+    let devices: Vec<Json> = plan
+        .devices
+        .iter()
+        .map(|d| {
+            let budget = d.budget.map(|b| {
+                let source = match b.source {
+                    DeviceBudgetSource::Reported => "reported",
+                    DeviceBudgetSource::Flag => "gpu_mem",
+                };
+                json!({ "bytes": b.bytes, "free": b.free, "total": b.total, "margin": b.margin, "source": source })
+            });
+            json!({
+                "name": d.name, "backend": d.backend, "buffer_type": d.buffer_type,
+                "weights_bytes": d.bytes.weights, "cache_bytes": d.bytes.cache, "compute_bytes": d.bytes.compute,
+                "budget": budget,
+            })
+        })
+        .collect();
+    let layers: Vec<Json> = plan
+        .layers
+        .iter()
+        .map(|l| {
+            let experts = match l.experts.at {
+                ExpertHome::Device(d) => name(d),
+                ExpertHome::CpuResident => "cpu_resident".into(),
+                ExpertHome::CpuPaged => "cpu_paged".into(),
+            };
+            json!({ "layer": l.layer, "main": name(l.main.at), "experts": experts })
+        })
+        .collect();
+    let overrides: Vec<Json> = plan
+        .overrides
+        .iter()
+        .map(|o| json!({ "tensor": o.name, "device": name(o.device), "bytes": o.bytes, "rule": o.rule }))
+        .collect();
+    json!({
+        "devices": devices,
+        "embedding": name(plan.embedding.at),
+        "output": name(plan.output.at),
+        "layers": layers,
+        "overrides": overrides,
+        "n_gpu_layers": plan.n_gpu_layers,
+        "op_offload": plan.op_offload,
         "warnings": plan.warnings,
     })
 }

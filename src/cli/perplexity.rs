@@ -20,7 +20,9 @@ use clap::Args;
 use ferrite::engine::Logits;
 use serde_json::json;
 
-use super::model_arg::{open_engine, plan_json, stats_json, ModelArgs, PlanReport};
+use super::model_arg::{
+    device_plan_json, open_engine, plan_json, stats_json, ModelArgs, PlanReport,
+};
 use super::Hinted;
 
 /// `-c` when not given (llama-perplexity's default).
@@ -40,9 +42,10 @@ pub struct PerplexityArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        allow_hyphen_values = true
+        allow_hyphen_values = true,
+        required_unless_present = "list_devices"
     )]
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
     /// Tokens per decode call (llama.cpp's -b): the micro-batch is the smaller of this and --ubatch.
     #[arg(short = 'b', long = "batch-size", value_name = "N", value_parser = parse_positive)]
     pub batch: Option<usize>,
@@ -246,6 +249,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
             "seconds": secs,
             "tokens_per_second": (n_chunks * n_ctx) as f64 / secs.max(1e-9),
             "memory_plan": plan_json(engine.memory_plan()),
+            "device_plan": device_plan_json(engine.device_plan()),
             "expert_stats": stats_json(&engine.expert_stats())?,
         });
         writeln!(stdout, "{report}")?;
@@ -271,7 +275,12 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
 
 /// The text of `-f FILE` (or standard input for `-f -`), with one trailing `\n` dropped as llama.cpp's `-f` does.
 fn read_text(args: &PerplexityArgs) -> Result<String> {
-    let stdin = args.file.as_os_str() == "-";
+    let Some(file) = &args.file else {
+        return Err(
+            Hinted::new("no text given", "pass -f FILE, or -f - for standard input").into(),
+        );
+    };
+    let stdin = file.as_os_str() == "-";
     let bytes = if stdin {
         let mut input = std::io::stdin().lock();
         if input.is_terminal() {
@@ -283,7 +292,7 @@ fn read_text(args: &PerplexityArgs) -> Result<String> {
             .context("cannot read the text from standard input")?;
         bytes
     } else {
-        let path = &args.file;
+        let path = file;
         if path.is_dir() {
             return Err(Hinted::new(
                 format!("{} is a folder, not a text file", path.display()),
@@ -301,7 +310,7 @@ fn read_text(args: &PerplexityArgs) -> Result<String> {
     let source = if stdin {
         "standard input".to_string()
     } else {
-        args.file.display().to_string()
+        file.display().to_string()
     };
     let mut text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(

@@ -15,11 +15,13 @@ pub enum DeviceKind {
     Other(u32),
 }
 
-/// One ggml device: its backend ("CPU", "CUDA", "CANN", ...), name, description, kind and memory.
+/// One ggml device: its backend ("CPU", "CUDA", "CANN", ...), name, the name of its buffer type (what llama.cpp's
+/// `-ot REGEX=BUFFER` names: "CPU", "CUDA0", "RPC0[127.0.0.1:50052]"), description, kind and memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
     pub backend: String,
     pub name: String,
+    pub buffer_type: String,
     pub description: String,
     pub kind: DeviceKind,
     pub memory_free: usize,
@@ -54,14 +56,21 @@ fn device(i: usize) -> Option<DeviceInfo> {
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: `dev` is a registered device living for the whole program; strings are owned by it; the memory
     // query writes two usize values.
-    let (name, description, kind, reg) = unsafe {
+    let (name, description, kind, reg, buft) = unsafe {
         sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
         (
             cstr_lossy(sys::ggml_backend_dev_name(dev)),
             cstr_lossy(sys::ggml_backend_dev_description(dev)),
             sys::ggml_backend_dev_type(dev),
             sys::ggml_backend_dev_backend_reg(dev),
+            sys::ggml_backend_dev_buffer_type(dev),
         )
+    };
+    let buffer_type = if buft.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the device's default buffer type lives as long as the device; its name is owned by it.
+        cstr_lossy(unsafe { sys::ggml_backend_buft_name(buft) })
     };
     let backend = if reg.is_null() {
         String::new()
@@ -79,6 +88,7 @@ fn device(i: usize) -> Option<DeviceInfo> {
     Some(DeviceInfo {
         backend,
         name,
+        buffer_type,
         description,
         kind,
         memory_free: free,
@@ -101,6 +111,6 @@ mod tests {
         println!("{devs:#?}");
         assert!(devs
             .iter()
-            .any(|d| d.kind == DeviceKind::Cpu && d.backend == "CPU"));
+            .any(|d| d.kind == DeviceKind::Cpu && d.backend == "CPU" && d.buffer_type == "CPU"));
     }
 }

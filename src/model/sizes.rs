@@ -80,8 +80,27 @@ pub fn blocks_with_tensors(model: &Model) -> u64 {
         .unwrap_or(0)
 }
 
+/// One tensor as the sizes are computed from it: a file's tensor table, or a generator's (the tiny and
+/// Flash-shaped models of [`crate::model::tiny`], whose sizes tests plan without writing them).
+#[derive(Clone, Copy, Debug)]
+pub struct TensorMeta<'a> {
+    pub name: &'a str,
+    /// ggml order (`ne0` first).
+    pub dims: &'a [u64],
+    pub n_bytes: u64,
+}
+
 /// Sizes of the weights of `model`, by kind, from its tensor table.
 pub fn weight_sizes(model: &Model) -> WeightSizes {
+    weight_sizes_of(model.tensors().iter().map(|t| TensorMeta {
+        name: &t.info.name,
+        dims: &t.info.dims,
+        n_bytes: t.info.n_bytes,
+    }))
+}
+
+/// [`weight_sizes`] of any list of tensors.
+pub fn weight_sizes_of<'a>(tensors: impl IntoIterator<Item = TensorMeta<'a>>) -> WeightSizes {
     let mut sizes = WeightSizes {
         params_total: 0,
         params_routed: 0,
@@ -90,17 +109,17 @@ pub fn weight_sizes(model: &Model) -> WeightSizes {
         bytes_embedding: 0,
         layers: Vec::new(),
     };
-    for t in model.tensors() {
-        let info = &t.info;
-        sizes.params_total += info.n_elements();
+    for info in tensors {
+        let n_elements = info.dims.iter().product::<u64>();
+        sizes.params_total += n_elements;
         sizes.bytes_total += info.n_bytes;
         if info.name == "token_embd.weight" {
             sizes.bytes_embedding = info.n_bytes;
         }
-        let Some(layer) = expert_tensor_layer(&info.name) else {
+        let Some(layer) = expert_tensor_layer(info.name) else {
             continue;
         };
-        sizes.params_routed += info.n_elements();
+        sizes.params_routed += n_elements;
         sizes.bytes_routed += info.n_bytes;
         let n_expert = info.dims.get(2).copied().unwrap_or(1).max(1);
         let per_expert = info.n_bytes / n_expert;

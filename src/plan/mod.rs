@@ -1,12 +1,17 @@
 //! The memory planner: from the model's sizes (resident weights, routed experts), the context and compute
 //! buffers, and a [`Budget`] (see [`budget`]: `--mem`, or what the machine and its cgroup really allow), decide
 //! whether the routed experts stay resident or are paged through a cache of N slots; print the plan as one table;
-//! refuse clearly when nothing fits. Pure arithmetic.
+//! refuse clearly when nothing fits. Pure arithmetic. [`devices`] places the model on ggml's devices first and hands
+//! the CPU's share to this planner.
 //!
 //! ANCHORS.md (c) item 2: keep the non-routed weights resident, size the cache automatically from what is left,
 //! and leave headroom ("an oversized expert cache can displace those weights and slow decoding").
 
 pub mod budget;
+mod device_layout;
+mod device_table;
+pub mod devices;
+pub mod rules;
 
 use std::fmt;
 
@@ -14,6 +19,10 @@ use crate::model::sizes::{LayerExperts, WeightSizes};
 use crate::units::format_bytes;
 
 pub use budget::{Budget, BudgetSource};
+pub use devices::{
+    plan_devices, DevicePlan, DeviceSelection, GpuLayers, PlacementError, PlacementModel,
+    PlacementRequest,
+};
 
 /// `--expert-cache`: a plain number is a slot count, a number with a unit a byte size, `auto` the planner's choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -490,3 +499,6 @@ impl fmt::Display for MemoryPlan {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod device_tests;

@@ -48,7 +48,8 @@ use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
 use super::model_arg::{
-    open_engine, parse_cache_type, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport,
+    device_plan_json, open_engine, parse_cache_type, plan_json, stats_json, MemoryArgs, ModelArgs,
+    PlanReport,
 };
 use super::Hinted;
 use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
@@ -57,8 +58,13 @@ use table::{expert_line, table};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// GGUF model file (any shard of a split model), or `demo` for the tiny model ferrite generates.
-    #[arg(short = 'm', long = "model", value_name = "MODEL")]
-    pub model: PathBuf,
+    #[arg(
+        short = 'm',
+        long = "model",
+        value_name = "MODEL",
+        required_unless_present = "list_devices"
+    )]
+    pub model: Option<PathBuf>,
     /// Prompt tokens of the prompt-processing test; 0 = skip it.
     #[arg(
         short = 'p',
@@ -381,6 +387,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut engine = open_engine(&model_args(threads[0]), PlanReport::WhenNotable)?;
     let facts = model_facts(&engine);
     let plan = engine.memory_plan().clone();
+    let device_plan = engine.device_plan().clone();
     let paged = engine.is_paged();
     let cfg = engine.config();
     if cfg.n_ctx_train > 0 && longest > cfg.n_ctx_train {
@@ -525,6 +532,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "bytes_per_token": facts.bytes_per_token,
             "bytes_per_token_note": "estimate for decode: non-expert weights without the embedding table, one embedding row, n_expert_used experts per layer",
             "memory_plan": plan_json(&plan),
+            "device_plan": device_plan_json(&device_plan),
             "expert_stats": stats_json(&expert_totals)?,
             "expert_stats_note": "ferrite's runs, warm-ups included; ferrite_expert_stats of a result: its timed repetitions",
             "rss_peak_bytes": rss,
