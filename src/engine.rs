@@ -1,20 +1,24 @@
 //! `Engine` (an opened model: config, weights mapped into ggml, a backend) and `Session` (one sequence: tokens,
 //! cache, logits, in `engine/session.rs`). The only API the commands use.
 
+mod offload;
 mod session;
 
+pub use offload::{LayerPlacement, Placement};
 pub use session::{GraphStats, Logits, Session, SessionOptions};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::{GgmlType, Model};
 
 use crate::cache::{cache_bytes, CacheSizes, CacheType};
 use crate::chat::PromptFormat;
 use crate::experts::{ExpertStats, StatsSnapshot};
-use crate::ggml::{Context, CpuBackend, GroupedKernel, RepackType, RepackedStats, Tensor};
+use crate::ggml::{
+    Context, CpuBackend, Device, DeviceBackend, GroupedKernel, RepackType, RepackedStats, Tensor,
+};
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size};
 use crate::model::names::key::CHAT_TEMPLATE;
@@ -81,6 +85,11 @@ pub struct EngineOptions {
     pub repack: bool,
     /// How new sessions run (diagnostic switches; the library reads no environment variables).
     pub session: SessionOptions,
+    /// Where the weights, the cache and the computation of each part live (default: all on the CPU).
+    pub placement: Placement,
+    /// Devices treated as lacking the fused DeepSeek V4 operators whatever they report: their layers get the
+    /// primitive-op form (a diagnostic; the tests check the per-device choice with it).
+    pub no_fused_on: Vec<Device>,
 }
 
 impl Default for EngineOptions {
@@ -92,6 +101,8 @@ impl Default for EngineOptions {
             paging: PagingOptions::default(),
             repack: true,
             session: SessionOptions::default(),
+            placement: Placement::default(),
+            no_fused_on: Vec::new(),
         }
     }
 }
@@ -130,6 +141,16 @@ pub struct Engine {
     /// The context size and micro-batch the plan reserved room for: [`Engine::session`]'s.
     n_ctx: usize,
     n_ubatch: usize,
+    /// The devices other than the CPU that take part (in the scheduler's priority order), a backend of each, and
+    /// the weights copied into each one's buffer (one context per device, in the same order).
+    devices: Vec<DeviceBackend>,
+    device_weights: Vec<Context<'static>>,
+    /// For each weight (by its index in `weights_ctx`): the device context and position of its copy, if on one.
+    on_device: Vec<Option<(usize, usize)>>,
+    /// Where each part lives (CPU devices written as `None`).
+    placement: Placement,
+    /// Per layer: whether it uses the fused DeepSeek V4 operators (on, and its device has them).
+    layer_fused: Vec<bool>,
     /// The vocabulary, read on first use (commands that run from token ids never need it).
     tokenizer: OnceLock<Tokenizer>,
     /// How prompts are rendered (see [`PromptFormat`]).
@@ -172,14 +193,43 @@ impl Engine {
         if let Some(e) = make_error {
             return Err(e).context("cannot map the weights into ggml");
         }
+        opts.placement.check(cfg.n_layer)?;
+        let placement = opts.placement.normalized();
+        let device_list = placement.devices(cfg.n_layer);
+        if !device_list.is_empty() && matches!(plan.placement, ExpertPlacement::Paged { .. }) {
+            bail!(
+                "the plan pages the routed experts through the expert cache, which does not work with devices yet \
+                 (hint: give more memory with --mem, or --no-paging)"
+            );
+        }
+        // Where each weight goes: a device's buffer, or the CPU (map, repacked or copied into RAM as without devices).
+        let dest: Vec<Option<Device>> = sources
+            .iter()
+            .map(|t| placement.tensor_device(&t.info.name))
+            .collect();
         let products = match opts.repack {
-            true => product_weights(&weights, cfg.n_expert_used, experts_fit(&plan)),
+            true => product_weights(&weights, cfg.n_expert_used, experts_fit(&plan))
+                .into_iter()
+                .filter(|&(i, _)| dest.get(i).is_some_and(|d| d.is_none()))
+                .collect(),
             false => Vec::new(),
         };
         let placed = place_weights(&model, &weights_ctx, &regions, &sources, &products)?;
         let backend = CpuBackend::new(opts.n_threads.max(1))?;
         let consts_ctx =
             constants(&cfg, &backend).context("cannot allocate the model's constants")?;
+        let (device_weights, on_device) = copy_to_devices(&model, &sources, &dest, &device_list)?;
+        let devices = device_list
+            .iter()
+            .map(|d| d.backend())
+            .collect::<Result<Vec<_>, _>>()?;
+        let fused_on = |d: Option<Device>| match d {
+            None => true,
+            Some(d) => !opts.no_fused_on.contains(&d) && d.supports_dsv4_ops(),
+        };
+        let layer_fused = (0..cfg.n_layer)
+            .map(|il| opts.fused_ops && fused_on(placement.layer(il).main))
+            .collect();
         let mut engine = Engine {
             path: path.to_path_buf(),
             model,
@@ -198,6 +248,11 @@ impl Engine {
             copied: RepackedStats::default(),
             n_ctx,
             n_ubatch,
+            devices,
+            device_weights,
+            on_device,
+            placement,
+            layer_fused,
             tokenizer: OnceLock::new(),
             prompt_format,
         };
@@ -337,9 +392,52 @@ impl Engine {
         self.cfg.n_vocab
     }
 
+    /// The weights' tensors: each weight's copy on its device, else the CPU's.
     fn weight_tensors(&self) -> Weights<Tensor<'_>> {
         let all = self.weights_ctx.tensors();
-        self.weights.map(|i| all[i])
+        if self.device_weights.is_empty() {
+            return self.weights.map(|i| all[i]);
+        }
+        let dev: Vec<Vec<Tensor<'_>>> = self.device_weights.iter().map(|c| c.tensors()).collect();
+        self.weights
+            .map(|i| match self.on_device.get(i).copied().flatten() {
+                Some((k, j)) => dev[k][j],
+                None => all[i],
+            })
+    }
+
+    /// A scheduler over the engine's devices and its CPU backend for graphs of up to `graph_size` nodes.
+    fn scheduler(&self, graph_size: usize) -> Result<crate::ggml::Scheduler<'_>> {
+        let devices: Vec<&DeviceBackend> = self.devices.iter().collect();
+        Ok(crate::ggml::Scheduler::new(
+            &devices,
+            &self.backend,
+            graph_size,
+        )?)
+    }
+
+    /// Where each part lives (CPU devices written as `None`).
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The devices other than the CPU that take part, in the scheduler's order (empty: the CPU-only path).
+    pub fn devices(&self) -> Vec<Device> {
+        self.devices.iter().map(|b| b.device()).collect()
+    }
+
+    /// Per layer, whether it is built with the fused DeepSeek V4 operators.
+    pub fn layer_fused(&self) -> &[bool] {
+        &self.layer_fused
+    }
+
+    /// Bytes of weights copied into each device's buffers.
+    pub fn device_weight_bytes(&self) -> Vec<(Device, usize)> {
+        self.devices
+            .iter()
+            .zip(&self.device_weights)
+            .map(|(b, c)| (b.device(), c.allocated_bytes()))
+            .collect()
     }
 
     /// The indexer's Hadamard matrix, when the model has ratio-4 layers and the indexer head allows one.
@@ -434,6 +532,53 @@ fn memory_plan(
         no_paging: p.no_paging,
     };
     plan_memory(&inputs, &budget, &req).map_err(|e| anyhow!("{e}"))
+}
+
+/// Copies the weights placed on devices into one buffer per device (in `devices` order): new tensors of the same
+/// type, shape and name, their bytes read from the map. Returns the contexts and, per weight, where its copy is.
+#[allow(clippy::type_complexity)]
+fn copy_to_devices(
+    model: &Model,
+    sources: &[&gguf::ModelTensor],
+    dest: &[Option<Device>],
+    devices: &[Device],
+) -> Result<(Vec<Context<'static>>, Vec<Option<(usize, usize)>>)> {
+    let mut on_device = vec![None; sources.len()];
+    let mut contexts = Vec::with_capacity(devices.len());
+    for (k, &device) in devices.iter().enumerate() {
+        let mine: Vec<usize> = (0..sources.len())
+            .filter(|&i| dest[i] == Some(device))
+            .collect();
+        let ctx = Context::with_capacity(mine.len() + 1, 0)?;
+        for (j, &i) in mine.iter().enumerate() {
+            let t = sources[i];
+            let dims: Vec<i64> = t.info.dims.iter().map(|&d| d as i64).collect();
+            let tensor = ctx.new_tensor(t.info.ty, &dims)?;
+            tensor.set_name(&t.info.name)?;
+            on_device[i] = Some((k, j));
+        }
+        ctx.alloc_tensors_on(device, true).with_context(|| {
+            format!(
+                "cannot allocate {} weights on device {} ({})",
+                mine.len(),
+                device.name(),
+                device.description()
+            )
+        })?;
+        for (tensor, &i) in ctx.tensors().into_iter().zip(&mine) {
+            tensor
+                .set_bytes(model.tensor_data(sources[i]))
+                .with_context(|| {
+                    format!(
+                        "cannot copy {} to device {}",
+                        sources[i].info.name,
+                        device.name()
+                    )
+                })?;
+        }
+        contexts.push(ctx);
+    }
+    Ok((contexts, on_device))
 }
 
 /// The constant tensors of a model's graphs: the indexer's Hadamard matrix (if any), in a buffer of `backend`.

@@ -9,6 +9,7 @@ mod logits;
 mod model_arg;
 mod perplexity;
 mod quantize;
+mod rpc_server;
 mod size_arg;
 mod tokenize;
 
@@ -40,6 +41,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt-processing and generation speed as llama-bench measures it (--vs-llama: next to llama.cpp).
     Bench(bench::BenchArgs),
+    /// Serve a device of this machine to other ferrite (or llama.cpp) processes over ggml's RPC protocol (`--rpc`).
+    RpcServer(rpc_server::RpcServerArgs),
     /// Convert a Hugging Face DeepSeek V4 checkpoint or requantize a GGUF to a named recipe (Q4_K_M, Q8_0, ...).
     Quantize(quantize::QuantizeArgs),
 }
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(args) => perplexity::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Quantize(args) => quantize::run(&args),
+        Command::RpcServer(args) => rpc_server::run(&args),
     }
 }
 

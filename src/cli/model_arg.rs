@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, EngineOptions, PagingOptions, SessionOptions};
+use ferrite::engine::{Engine, EngineOptions, PagingOptions, Placement, SessionOptions};
 use ferrite::experts::StatsSnapshot;
+use ferrite::ggml::Device;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use ferrite::plan::{BudgetSource, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlanReason};
 use serde_json::{json, Value as Json};
@@ -47,6 +48,52 @@ pub struct ModelArgs {
     pub cache_type: CacheType,
     #[command(flatten)]
     pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
+}
+
+/// Which devices take part: other machines' through ggml's RPC backend, and where the model runs.
+#[derive(Args, Clone, Debug, Default)]
+pub struct DeviceArgs {
+    /// Add the devices of these RPC servers (`ferrite rpc-server`, or llama.cpp's rpc-server), comma-separated
+    /// HOST:PORT; they are named RPC0, RPC1, ... in this order. The protocol has no authentication: use it on
+    /// trusted networks only.
+    #[arg(long = "rpc", value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub rpc: Vec<String>,
+    /// Run the whole model (weights, cache, computation) on this device (e.g. RPC0; CPU is the default). The
+    /// placement planner's flags will place parts of it.
+    #[arg(long = "device", value_name = "NAME")]
+    pub device: Option<String>,
+}
+
+impl DeviceArgs {
+    /// Registers the RPC servers' devices and resolves `--device` into a placement (the CPU's by default).
+    pub fn placement(&self) -> Result<Placement> {
+        for endpoint in &self.rpc {
+            ferrite::ggml::rpc::add_server(endpoint.trim())?;
+        }
+        let Some(name) = &self.device else {
+            return Ok(Placement::default());
+        };
+        match Device::by_name(name) {
+            Some(d) if d.is_cpu() => Ok(Placement::default()),
+            Some(d) => Ok(Placement::all_on(d)),
+            None => {
+                let names: Vec<String> = Device::all()
+                    .iter()
+                    .map(|d| format!("{} ({})", d.name(), d.description()))
+                    .collect();
+                Err(Hinted::new(
+                    format!(
+                        "there is no device named {name}; devices: {}",
+                        names.join(", ")
+                    ),
+                    "RPC devices exist once their servers are added with --rpc HOST:PORT",
+                )
+                .into())
+            }
+        }
+    }
 }
 
 /// Where the weights live and how much memory a run may take (DESIGN.md 1, "Memory and devices"); `bench`
@@ -145,6 +192,7 @@ fn session_options_from_env() -> SessionOptions {
     SessionOptions {
         graph_reuse: on("FERRITE_GRAPH_REUSE"),
         grouped_experts: on("FERRITE_GROUPED_EXPERTS"),
+        log_schedule: false,
     }
 }
 
@@ -164,6 +212,7 @@ pub enum PlanReport {
 /// cannot fit is an error with the numbers and a hint.
 pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
     let path = args.resolve_path()?;
+    let placement = args.devices.placement()?;
     let memory = &args.memory;
     let opts = EngineOptions {
         n_threads: args.threads(),
@@ -178,7 +227,12 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             n_ubatch: Some(args.ubatch),
         },
         repack: !memory.no_repack,
-        session: session_options_from_env(),
+        session: SessionOptions {
+            log_schedule: report == PlanReport::Always,
+            ..session_options_from_env()
+        },
+        placement,
+        ..EngineOptions::default()
     };
     let engine = Engine::open(&path, opts)?;
     for warning in &engine.config().warnings {

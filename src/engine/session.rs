@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use super::Engine;
 use crate::cache::plan::Gather;
 use crate::cache::{CacheSizes, KvCache, UbatchPlan};
-use crate::ggml::{GraphAllocator, OwnedGraph};
+use crate::ggml::{GraphAllocator, OwnedGraph, Scheduler};
 use crate::model::forward::Uploads;
 use crate::model::moe::groups_rows;
 use crate::model::paged::{
@@ -17,7 +17,7 @@ use crate::model::paged::{
     StageKey, StageState,
 };
 use crate::model::step::{
-    batch_inputs, build_graph, fill_inputs, out_ids, GraphCache, GraphKey, GraphParts,
+    batch_inputs, build_graph, fill_inputs, graph_size, out_ids, GraphCache, GraphKey, GraphParts,
 };
 
 /// Micro-batch graphs a session keeps for reuse: decode cycles through up to three shapes (a ratio-4 row, a
@@ -32,6 +32,9 @@ pub struct SessionOptions {
     pub graph_reuse: bool,
     /// See [`Session::set_grouped_experts`].
     pub grouped_experts: bool,
+    /// With devices: print on stderr how the scheduler split the session's first graph (splits, which device runs
+    /// which layers, compute buffers), as `--verbose` asks.
+    pub log_schedule: bool,
 }
 
 impl Default for SessionOptions {
@@ -39,6 +42,7 @@ impl Default for SessionOptions {
         SessionOptions {
             graph_reuse: true,
             grouped_experts: true,
+            log_schedule: false,
         }
     }
 }
@@ -80,9 +84,67 @@ fn kept_graph<'g, 'e, K: PartialEq + Copy>(
         .ok_or_else(|| anyhow!("a graph was neither kept nor built"))
 }
 
+/// A session's runner when devices take part: ggml's scheduler over them and the CPU, and the one graph it has
+/// allocated (the scheduler hands its compute buffers out again for each new graph, so only the last graph can be
+/// computed again: graph reuse keeps one shape instead of [`KEPT_GRAPHS`]).
+struct SchedRun<'e> {
+    graph: Option<(GraphKey, OwnedGraph<'e>)>,
+    sched: Scheduler<'e>,
+    /// Whether the schedule was printed (see [`SessionOptions::log_schedule`]).
+    logged: bool,
+}
+
 /// Stage graphs a paged session keeps per layer: the layer's graph for a few shapes and its experts' graphs for
 /// the entry counts decode sees.
 const PAGED_GRAPHS_PER_LAYER: usize = 12;
+
+/// What `--verbose` prints about a scheduled graph: its splits, which device runs the nodes of each layer (runs of
+/// layers on one device joined), and the compute buffers.
+fn schedule_report(sched: &Scheduler<'_>, g: &OwnedGraph<'_>) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    let nodes = sched.assignments(g.graph());
+    // Per layer (from names like `attn_norm-3`; other nodes under "other"), nodes per device.
+    let mut per_layer: BTreeMap<Option<usize>, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut current: Option<usize> = None;
+    for (name, _, dev) in &nodes {
+        if let Some(il) = name
+            .rsplit_once('-')
+            .and_then(|(_, n)| n.parse::<usize>().ok())
+        {
+            current = Some(il);
+        }
+        let dev = dev.map_or_else(|| "?".to_string(), |d| d.name());
+        *per_layer
+            .entry(current)
+            .or_default()
+            .entry(dev)
+            .or_insert(0) += 1;
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ferrite: scheduler: {} nodes in {} splits",
+        nodes.len(),
+        sched.n_splits()
+    );
+    for (layer, devs) in &per_layer {
+        let what = match layer {
+            None => "embedding".to_string(),
+            Some(il) => format!("layer {il}"),
+        };
+        let devs: Vec<String> = devs.iter().map(|(d, n)| format!("{d} {n}")).collect();
+        let _ = writeln!(s, "ferrite: scheduler:   {what}: {}", devs.join(", "));
+    }
+    for (backend, bytes) in sched.buffer_sizes() {
+        let _ = writeln!(
+            s,
+            "ferrite: scheduler: compute buffer on {backend}: {}",
+            crate::units::format_bytes(bytes as u64)
+        );
+    }
+    s
+}
 
 /// Which logits a call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +177,9 @@ pub struct Session<'e> {
     gather: Gather,
     /// A prompt's repacked experts multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
     grouped: bool,
+    /// The scheduler, when devices other than the CPU take part (else every graph runs on the CPU backend as is).
+    sched: Option<SchedRun<'e>>,
+    log_schedule: bool,
 }
 
 /// How a session's micro-batches got their graphs.
@@ -139,7 +204,10 @@ impl<'e> Session<'e> {
         }
         let cfg = &engine.cfg;
         let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch.min(n_ctx), engine.opts.cache_type);
-        let cache = KvCache::new(cfg, sizes, &engine.backend)
+        let cache_devices: Vec<_> = (0..cfg.n_layer)
+            .map(|il| engine.placement.layer(il).main)
+            .collect();
+        let cache = KvCache::new(cfg, sizes, &engine.backend, &cache_devices)
             .context("cannot allocate the context cache")?;
         let alloc =
             GraphAllocator::new(&engine.backend).context("cannot create the compute buffer")?;
@@ -151,8 +219,18 @@ impl<'e> Session<'e> {
                 graphs: GraphCache::new(PAGED_GRAPHS_PER_LAYER * cfg.n_layer + 8),
             }),
         };
+        let sched = match engine.devices.is_empty() {
+            true => None,
+            false => Some(SchedRun {
+                graph: None,
+                sched: engine.scheduler(graph_size(cfg, engine.opts.fused_ops, 0))?,
+                logged: false,
+            }),
+        };
         Ok(Session {
             engine,
+            sched,
+            log_schedule: opts.log_schedule,
             cache: Rc::new(cache),
             alloc,
             graphs: GraphCache::new(if opts.graph_reuse { KEPT_GRAPHS } else { 0 }),
@@ -279,6 +357,9 @@ impl<'e> Session<'e> {
         if self.paged.is_some() {
             return self.run_ubatch_paged(tokens, want, out);
         }
+        if self.sched.is_some() {
+            return self.run_ubatch_sched(tokens, want, out);
+        }
         let engine = self.engine;
         {
             let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -310,11 +391,12 @@ impl<'e> Session<'e> {
                     grouped,
                     weights: &weights,
                     rotation: engine.indexer_rotation(),
+                    layer_fused: None,
                 };
                 build_graph(&parts, &self.cache, &plan, want)
             },
         )?;
-        let logits = fill_inputs(graph, plan, want, fused, engine.indexer_rotation())?;
+        let logits = fill_inputs(graph, plan, want, fused, engine.indexer_rotation(), false)?;
         engine.backend.compute(graph.graph())?;
         if !want.is_empty() {
             let start = out.len();
@@ -323,6 +405,99 @@ impl<'e> Session<'e> {
         }
         self.tokens.extend_from_slice(tokens);
         Ok(())
+    }
+
+    /// Runs one micro-batch through the scheduler over the engine's devices and the CPU: the same graph as
+    /// [`Session::run_ubatch`] builds, with each layer's nodes on the device of its weights and cache, and the
+    /// primitive-op form for layers whose device lacks the fused operators.
+    fn run_ubatch_sched(
+        &mut self,
+        tokens: &[u32],
+        want: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let engine = self.engine;
+        {
+            let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.record_step(tokens.len() as u64);
+            for _ in 0..engine.cfg.n_layer {
+                stats.record_resident((tokens.len() * engine.cfg.n_expert_used) as u64);
+            }
+        }
+        let cfg = &engine.cfg;
+        let fused = engine.opts.fused_ops;
+        let plan = self.plan(tokens);
+        // Only experts repacked in the CPU's layout (so on the CPU) take the grouped products.
+        let grouped = engine.grouped.filter(|_| self.grouped);
+        if grouped.is_some() && groups_rows(tokens.len(), cfg.n_expert_used, cfg.n_expert) {
+            self.stats.grouped += 1;
+        }
+        let key = GraphKey::of(&plan, want.len(), grouped.is_some());
+        let reuse = self.graphs.capacity() > 0;
+        let run = self.sched.as_mut().expect("a scheduled session");
+        if reuse && matches!(&run.graph, Some((k, _)) if *k == key) {
+            self.stats.reused += 1;
+        } else {
+            self.stats.built += 1;
+            run.graph = None;
+            let weights = engine.weight_tensors();
+            let parts = GraphParts {
+                cfg,
+                fused,
+                grouped,
+                weights: &weights,
+                rotation: engine.indexer_rotation(),
+                layer_fused: Some(Rc::new(engine.layer_fused.clone())),
+            };
+            let g = build_graph(&parts, &self.cache, &plan, want)?;
+            let size = g.graph().size();
+            if !run.sched.fits(size) {
+                run.sched = engine.scheduler(size)?;
+            }
+            run.sched.alloc(g.graph())?;
+            if self.log_schedule && !run.logged {
+                run.logged = true;
+                eprint!("{}", schedule_report(&run.sched, &g));
+            }
+            run.graph = Some((key, g));
+        }
+        let (_, g) = run.graph.as_ref().expect("a graph was just kept");
+        let logits = fill_inputs(g, plan, want, fused, engine.indexer_rotation(), true)?;
+        run.sched.compute(g.graph())?;
+        if !want.is_empty() {
+            let start = out.len();
+            out.resize(start + logits.n_elements() as usize, 0.0);
+            logits.read_f32(&mut out[start..])?;
+        }
+        self.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    /// How many nodes of each operator the graph of the last micro-batch computed through the scheduler has (`None`
+    /// on the CPU-only path, or before the first micro-batch). Used by tests to see which form each device got.
+    pub fn scheduled_op_counts(&self) -> Option<std::collections::BTreeMap<String, usize>> {
+        let (_, g) = self.sched.as_ref()?.graph.as_ref()?;
+        Some(g.graph().op_counts())
+    }
+
+    /// For each node of the last scheduled graph: its name, operator and the device that runs it (None: the CPU or
+    /// unassigned). `None` on the CPU-only path or before the first micro-batch.
+    pub fn scheduled_nodes(&self) -> Option<Vec<(String, String, Option<String>)>> {
+        let run = self.sched.as_ref()?;
+        let (_, g) = run.graph.as_ref()?;
+        Some(
+            run.sched
+                .assignments(g.graph())
+                .into_iter()
+                .map(|(name, op, dev)| (name, op, dev.map(|d| d.name())))
+                .collect(),
+        )
+    }
+
+    /// Splits of the last scheduled graph (`None` on the CPU-only path).
+    pub fn scheduled_splits(&self) -> Option<usize> {
+        let run = self.sched.as_ref()?;
+        run.graph.as_ref().map(|_| run.sched.n_splits())
     }
 
     /// Runs one micro-batch through the paged store: a graph per layer up to its router, the experts over the slots
@@ -348,6 +523,7 @@ impl<'e> Session<'e> {
             grouped: None,
             weights: &weights,
             rotation,
+            layer_fused: None,
         };
         let Session {
             cache,

@@ -42,7 +42,9 @@ use ferrite::reference::llama::LlamaModel;
 use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
-use super::model_arg::{open_engine, plan_json, stats_json, MemoryArgs, ModelArgs, PlanReport};
+use super::model_arg::{
+    open_engine, plan_json, stats_json, DeviceArgs, MemoryArgs, ModelArgs, PlanReport,
+};
 use super::Hinted;
 use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
 use table::{expert_line, table};
@@ -80,6 +82,8 @@ pub struct BenchArgs {
     pub no_fused_ops: bool,
     #[command(flatten)]
     pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     /// Run the same tests through llama.cpp (in-process, the reference) and add a ratio column.
     #[arg(long)]
     pub vs_llama: bool,
@@ -329,6 +333,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         no_fused_ops: args.no_fused_ops,
         cache_type: args.cache_type,
         memory: args.memory.clone(),
+        devices: args.devices.clone(),
     };
     let mut tests = Vec::new();
     if args.n_prompt > 0 {
