@@ -130,3 +130,35 @@ impl Placement {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_go_where_their_part_is_placed() {
+        let cpu = Device::cpu().unwrap();
+        let d = Some(cpu);
+        let mut p = Placement::default().with_layers(1..3, d);
+        p.layers[2].experts = None;
+        p.output = d;
+        assert_eq!(p.layers.len(), 3);
+        assert_eq!(p.tensor_device("blk.0.attn_q_a.weight"), None);
+        assert_eq!(p.tensor_device("blk.1.attn_q_a.weight"), d);
+        assert_eq!(p.tensor_device("blk.1.ffn_gate_exps.weight"), d);
+        assert_eq!(p.tensor_device("blk.2.ffn_up_shexp.weight"), d);
+        assert_eq!(p.tensor_device("blk.2.ffn_down_exps.weight"), None);
+        // Past `layers`: `rest` (the CPU here).
+        assert_eq!(p.tensor_device("blk.7.attn_kv.weight"), None);
+        assert_eq!(p.tensor_device("token_embd.weight"), None);
+        assert_eq!(p.tensor_device("output.weight"), d);
+        assert_eq!(p.tensor_device("output_hc_base.weight"), d);
+        // The CPU device is the CPU: nothing to schedule.
+        assert!(p.devices(4).is_empty());
+        assert!(p.is_cpu_only(4));
+        assert_eq!(p.normalized().tensor_device("output.weight"), None);
+        assert_eq!(Placement::all_on(cpu).normalized(), Placement::default());
+        assert!(p.check(3).is_ok());
+        assert!(p.check(2).is_err());
+    }
+}

@@ -176,12 +176,23 @@ extern "C" fn on_abort(message: *const c_char) {
     };
     let rpc_related = message.contains("RPC") || message.contains("rpc");
     let line = if rpc_related && !endpoints.is_empty() {
-        let dead: Vec<&String> = endpoints
-            .iter()
-            .filter(|e| check_reachable(e).is_err())
-            .collect();
-        let which = match dead.as_slice() {
-            [] => format!("an RPC server ({})", endpoints.join(", ")),
+        let dead = || -> Vec<&String> {
+            endpoints
+                .iter()
+                .filter(|e| check_reachable(e).is_err())
+                .collect()
+        };
+        let mut down = dead();
+        if down.is_empty() {
+            // A server being killed may close our connection a moment before its listening socket.
+            std::thread::sleep(Duration::from_millis(300));
+            down = dead();
+        }
+        if down.is_empty() && endpoints.len() == 1 {
+            down = endpoints.iter().collect();
+        }
+        let which = match down.as_slice() {
+            [] => format!("one of the RPC servers ({})", endpoints.join(", ")),
             [one] => format!("the RPC server at {one}"),
             many => format!(
                 "the RPC servers at {}",
