@@ -202,6 +202,29 @@ fn every_layer_on_an_rpc_device_matches_the_cpu() {
         "nodes not on {rpc_name}: {elsewhere:?}"
     );
     assert_eq!(s.scheduled_splits(), Some(1));
+
+    // Decode reuses the graphs of the shapes it cycles through (each kept with its own scheduler), and gives the
+    // same logits bit for bit as building every graph anew.
+    let p = prompt(20, offloaded.n_vocab(), 4);
+    let mut fresh = offloaded.session_sized(512, 64).unwrap();
+    fresh.set_graph_reuse(false);
+    let mut kept = offloaded.session_sized(512, 64).unwrap();
+    let (mut a, mut b) = (
+        fresh.feed(&p, Logits::Last).unwrap(),
+        kept.feed(&p, Logits::Last).unwrap(),
+    );
+    for _ in 0..32 {
+        assert_eq!(a, b, "logits with and without graph reuse");
+        let t = argmax(&a);
+        a = fresh.feed(&[t], Logits::Last).unwrap();
+        b = kept.feed(&[t], Logits::Last).unwrap();
+    }
+    let (st_fresh, st_kept) = (fresh.graph_stats(), kept.graph_stats());
+    assert_eq!((st_fresh.built, st_fresh.reused), (33, 0));
+    assert!(
+        st_kept.built <= 5 && st_kept.reused + st_kept.built == 33,
+        "decode cycles through a few shapes: {st_kept:?}"
+    );
 }
 
 #[test]
@@ -515,4 +538,49 @@ fn rpc_server_warns_when_bound_beyond_loopback() {
     let _ = child.wait();
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("no authentication"), "{text}");
+}
+
+#[test]
+fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), &TinyConfig::demo(), 1);
+    let server = RpcServer::start();
+    let model = path.to_str().unwrap();
+    let args = [
+        "complete",
+        "-m",
+        model,
+        "-p",
+        "hello",
+        "-n",
+        "24",
+        "--temp",
+        "0",
+        "-t",
+        "1",
+        "--verbose",
+    ];
+    let answer = |extra: &[&str]| {
+        let out = ferrite(&[&args[..], extra].concat(), dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let ids = stderr
+            .lines()
+            .find(|l| l.contains("answer ids"))
+            .unwrap_or_else(|| panic!("no answer ids in {stderr}"))
+            .to_string();
+        (ids, stderr)
+    };
+    let (cpu_ids, cpu_err) = answer(&[]);
+    assert!(
+        !cpu_err.contains("scheduler"),
+        "the CPU-only path has no scheduler: {cpu_err}"
+    );
+    let (rpc_ids, rpc_err) = answer(&["--rpc", &server.endpoint, "--device", "RPC0"]);
+    assert_eq!(rpc_ids, cpu_ids);
+    assert!(rpc_err.contains("ferrite: scheduler: "), "{rpc_err}");
+    assert!(rpc_err.contains(" splits"), "{rpc_err}");
+    assert!(rpc_err.contains("layer 0: RPC0"), "{rpc_err}");
 }

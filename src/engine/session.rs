@@ -17,7 +17,7 @@ use crate::model::paged::{
     StageKey, StageState,
 };
 use crate::model::step::{
-    batch_inputs, build_graph, fill_inputs, graph_size, out_ids, GraphCache, GraphKey, GraphParts,
+    batch_inputs, build_graph, fill_inputs, out_ids, GraphCache, GraphKey, GraphParts,
 };
 
 /// Micro-batch graphs a session keeps for reuse: decode cycles through up to three shapes (a ratio-4 row, a
@@ -84,12 +84,13 @@ fn kept_graph<'g, 'e, K: PartialEq + Copy>(
         .ok_or_else(|| anyhow!("a graph was neither kept nor built"))
 }
 
-/// A session's runner when devices take part: ggml's scheduler over them and the CPU, and the one graph it has
-/// allocated (the scheduler hands its compute buffers out again for each new graph, so only the last graph can be
-/// computed again: graph reuse keeps one shape instead of [`KEPT_GRAPHS`]).
+/// A session's runner when devices take part: the graphs of recent micro-batch shapes, each with the scheduler
+/// (ggml's, over the engine's devices and the CPU) that allocated it. A scheduler hands its compute buffers out
+/// again for each graph it allocates, so each kept graph has its own; up to [`KEPT_GRAPHS`] are kept, as on the
+/// CPU-only path, and the least recently used one's scheduler is taken for a new shape.
 struct SchedRun<'e> {
-    graph: Option<(GraphKey, OwnedGraph<'e>)>,
-    sched: Scheduler<'e>,
+    /// Least recently used first. In each tuple the graph is dropped before the scheduler whose buffers it uses.
+    kept: Vec<(GraphKey, OwnedGraph<'e>, Scheduler<'e>)>,
     /// Whether the schedule was printed (see [`SessionOptions::log_schedule`]).
     logged: bool,
 }
@@ -222,8 +223,7 @@ impl<'e> Session<'e> {
         let sched = match engine.devices.is_empty() {
             true => None,
             false => Some(SchedRun {
-                graph: None,
-                sched: engine.scheduler(graph_size(cfg, engine.opts.fused_ops, 0))?,
+                kept: Vec::new(),
                 logged: false,
             }),
         };
@@ -433,13 +433,18 @@ impl<'e> Session<'e> {
             self.stats.grouped += 1;
         }
         let key = GraphKey::of(&plan, want.len(), grouped.is_some());
-        let reuse = self.graphs.capacity() > 0;
+        let capacity = self.graphs.capacity();
         let run = self.sched.as_mut().expect("a scheduled session");
-        if reuse && matches!(&run.graph, Some((k, _)) if *k == key) {
+        let found = match capacity > 0 {
+            true => run.kept.iter().position(|(k, _, _)| *k == key),
+            false => None,
+        };
+        if let Some(i) = found {
             self.stats.reused += 1;
+            let entry = run.kept.remove(i);
+            run.kept.push(entry);
         } else {
             self.stats.built += 1;
-            run.graph = None;
             let weights = engine.weight_tensors();
             let parts = GraphParts {
                 cfg,
@@ -451,19 +456,25 @@ impl<'e> Session<'e> {
             };
             let g = build_graph(&parts, &self.cache, &plan, want)?;
             let size = g.graph().size();
-            if !run.sched.fits(size) {
-                run.sched = engine.scheduler(size)?;
-            }
-            run.sched.alloc(g.graph())?;
+            // The least recently used graph's scheduler when as many graphs as kept are there, else a new one.
+            let old = match run.kept.len() >= capacity.max(1) {
+                true => Some(run.kept.remove(0).2),
+                false => None,
+            };
+            let mut sched = match old {
+                Some(s) if s.fits(size) => s,
+                _ => engine.scheduler(size)?,
+            };
+            sched.alloc(g.graph())?;
             if self.log_schedule && !run.logged {
                 run.logged = true;
-                eprint!("{}", schedule_report(&run.sched, &g));
+                eprint!("{}", schedule_report(&sched, &g));
             }
-            run.graph = Some((key, g));
+            run.kept.push((key, g, sched));
         }
-        let (_, g) = run.graph.as_ref().expect("a graph was just kept");
+        let (_, g, sched) = run.kept.last_mut().expect("a graph was just kept");
         let logits = fill_inputs(g, plan, want, fused, engine.indexer_rotation(), true)?;
-        run.sched.compute(g.graph())?;
+        sched.compute(g.graph())?;
         if !want.is_empty() {
             let start = out.len();
             out.resize(start + logits.n_elements() as usize, 0.0);
@@ -476,17 +487,16 @@ impl<'e> Session<'e> {
     /// How many nodes of each operator the graph of the last micro-batch computed through the scheduler has (`None`
     /// on the CPU-only path, or before the first micro-batch). Used by tests to see which form each device got.
     pub fn scheduled_op_counts(&self) -> Option<std::collections::BTreeMap<String, usize>> {
-        let (_, g) = self.sched.as_ref()?.graph.as_ref()?;
+        let (_, g, _) = self.sched.as_ref()?.kept.last()?;
         Some(g.graph().op_counts())
     }
 
     /// For each node of the last scheduled graph: its name, operator and the device that runs it (None: the CPU or
     /// unassigned). `None` on the CPU-only path or before the first micro-batch.
     pub fn scheduled_nodes(&self) -> Option<Vec<(String, String, Option<String>)>> {
-        let run = self.sched.as_ref()?;
-        let (_, g) = run.graph.as_ref()?;
+        let (_, g, sched) = self.sched.as_ref()?.kept.last()?;
         Some(
-            run.sched
+            sched
                 .assignments(g.graph())
                 .into_iter()
                 .map(|(name, op, dev)| (name, op, dev.map(|d| d.name())))
@@ -496,8 +506,8 @@ impl<'e> Session<'e> {
 
     /// Splits of the last scheduled graph (`None` on the CPU-only path).
     pub fn scheduled_splits(&self) -> Option<usize> {
-        let run = self.sched.as_ref()?;
-        run.graph.as_ref().map(|_| run.sched.n_splits())
+        let (_, _, sched) = self.sched.as_ref()?.kept.last()?;
+        Some(sched.n_splits())
     }
 
     /// Runs one micro-batch through the paged store: a graph per layer up to its router, the experts over the slots
