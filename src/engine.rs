@@ -196,10 +196,11 @@ impl Engine {
         opts.placement.check(cfg.n_layer)?;
         let placement = opts.placement.normalized();
         let device_list = placement.devices(cfg.n_layer);
-        if !device_list.is_empty() && matches!(plan.placement, ExpertPlacement::Paged { .. }) {
+        let experts_on_device = (0..cfg.n_layer).any(|il| placement.layer(il).experts.is_some());
+        if experts_on_device && matches!(plan.placement, ExpertPlacement::Paged { .. }) {
             bail!(
-                "the plan pages the routed experts through the expert cache, which does not work with devices yet \
-                 (hint: give more memory with --mem, or --no-paging)"
+                "the plan pages the routed experts through the expert cache in RAM, but the placement puts routed \
+                 experts on a device (hint: keep the routed experts on the CPU, or give more memory with --mem)"
             );
         }
         // Where each weight goes: a device's buffer, or the CPU (map, repacked or copied into RAM as without devices).

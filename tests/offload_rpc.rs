@@ -374,26 +374,46 @@ fn a_device_without_the_fused_ops_gets_the_primitive_form() {
 }
 
 #[test]
-fn paged_experts_with_devices_are_refused_clearly() {
+fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let path = tiny(dir.path(), &TinyConfig::small(), 24);
+    let cfg = TinyConfig::small();
+    let path = tiny(dir.path(), &cfg, 24);
     let server = RpcServer::start();
-    let err = Engine::open(
-        &path,
-        EngineOptions {
-            n_threads: 1,
-            paging: PagingOptions {
-                expert_cache: Some(ferrite::plan::ExpertCacheArg::Slots(4)),
-                ..PagingOptions::default()
-            },
-            placement: Placement::all_on(server.device()),
-            ..EngineOptions::default()
+    let rpc0 = server.device();
+    let paged_opts = |placement: Placement| EngineOptions {
+        n_threads: 1,
+        cache_type: CacheType::F32,
+        paging: PagingOptions {
+            ctx_size: Some(512),
+            n_ubatch: Some(64),
+            // Fewer slots than experts: misses, evictions and waves happen.
+            expert_cache: Some(ferrite::plan::ExpertCacheArg::Slots(
+                u64::from(cfg.n_expert_used) + 1,
+            )),
+            ..PagingOptions::default()
         },
-    )
-    .err()
-    .expect("refused");
+        placement,
+        ..EngineOptions::default()
+    };
+    // Everything but the routed experts on the device; the experts paged through the slots in RAM.
+    let mut rest_on_rpc = Placement::all_on(rpc0);
+    rest_on_rpc.rest.experts = None;
+    let paged = Engine::open(&path, paged_opts(rest_on_rpc)).unwrap();
+    assert!(paged.is_paged());
+    assert_eq!(paged.devices(), vec![rpc0]);
+    let cpu = open(&path, Placement::default(), vec![]);
+    assert!(!cpu.is_paged());
+    paged.reset_expert_stats();
+    assert_matches("paged experts, the rest on RPC", &paged, &cpu, 8);
+    let st = paged.expert_stats();
+    assert!(st.misses > 0 && st.evictions > 0, "the slots page: {st:?}");
+
+    // Routed experts placed on a device cannot also be paged through the slots in RAM: refused, before loading.
+    let err = Engine::open(&path, paged_opts(Placement::all_on(rpc0)))
+        .err()
+        .expect("refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("does not work with devices yet"), "{msg}");
+    assert!(msg.contains("puts routed experts on a device"), "{msg}");
 }
 
 fn ferrite(args: &[&str], cache: &Path) -> Command {

@@ -51,6 +51,33 @@ impl Default for SessionOptions {
 struct PagedSession<'e> {
     state: Rc<StageState>,
     graphs: GraphCache<'e, StageKey>,
+    /// When devices take part: the scheduler the layer and head stages run through (built anew each time; the
+    /// experts stages run on the CPU, where the slots are).
+    sched: Option<Scheduler<'e>>,
+}
+
+/// Builds a stage graph anew, allocates it through the scheduler (made or grown as needed), lets `fill` write its
+/// inputs, computes it and returns what `read` takes from it. Nothing is kept: the scheduler hands its memory out
+/// again for the next graph.
+fn run_scheduled<'e, T>(
+    engine: &'e Engine,
+    sched: &mut Option<Scheduler<'e>>,
+    stats: &mut GraphStats,
+    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
+    fill: impl FnOnce(&OwnedGraph<'e>) -> Result<()>,
+    read: impl FnOnce(&OwnedGraph<'e>) -> Result<T>,
+) -> Result<T> {
+    stats.built += 1;
+    let g = build()?;
+    let size = g.graph().size();
+    if !sched.as_ref().is_some_and(|s| s.fits(size)) {
+        *sched = Some(engine.scheduler(size)?);
+    }
+    let sched = sched.as_mut().expect("made above");
+    sched.alloc(g.graph())?;
+    fill(&g)?;
+    sched.compute(g.graph())?;
+    read(&g)
 }
 
 /// The graph kept under `key`, built by `build` and allocated when there is none (kept graphs are dropped when the
@@ -218,6 +245,7 @@ impl<'e> Session<'e> {
             Some(_) => Some(PagedSession {
                 state: Rc::new(StageState::new(cfg, cache.sizes.n_ubatch, &engine.backend)?),
                 graphs: GraphCache::new(PAGED_GRAPHS_PER_LAYER * cfg.n_layer + 8),
+                sched: None,
             }),
         };
         let sched = match engine.devices.is_empty() {
@@ -533,8 +561,9 @@ impl<'e> Session<'e> {
             grouped: None,
             weights: &weights,
             rotation,
-            layer_fused: None,
+            layer_fused: Some(Rc::new(engine.layer_fused.clone())),
         };
+        let scheduled = !engine.devices.is_empty();
         let Session {
             cache,
             alloc,
@@ -545,9 +574,24 @@ impl<'e> Session<'e> {
         let ps = paged.as_mut().expect("a paged session");
         let state = ps.state.clone();
         let graphs = &mut ps.graphs;
+        let sched = &mut ps.sched;
         let backend = &engine.backend;
         let mut compute = |call: StageCall<'_>| -> Result<()> {
             match call {
+                StageCall::Layer(il) if scheduled => {
+                    let deps = StageDeps {
+                        cache: cache.clone(),
+                        state: state.clone(),
+                    };
+                    let fill = |g: &OwnedGraph<'_>| -> Result<()> {
+                        let mut up = Uploads::kept(g.tensors());
+                        batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
+                        up.upload_used()?;
+                        Ok(())
+                    };
+                    let build = || build_layer_graph(&parts, deps, &plan, il);
+                    run_scheduled(engine, sched, stats, build, fill, |_| Ok(()))?;
+                }
                 StageCall::Layer(il) => {
                     let sk = StageKey::Layer { key, layer: il };
                     let mut spare = None;
@@ -600,17 +644,28 @@ impl<'e> Session<'e> {
             n_tokens: tokens.len(),
             n_out,
         };
-        let mut spare = None;
-        let g = kept_graph(graphs, alloc, stats, sk, &mut spare, || {
-            build_head_graph(cfg, fused, &weights, state.clone(), tokens.len(), n_out)
-        })?;
-        let t = g.tensors();
-        t[1].set_i32(&out_ids(tokens.len(), want))?;
-        backend.compute(g.graph())?;
-        if !want.is_empty() {
-            let start = out.len();
-            out.resize(start + t[0].n_elements() as usize, 0.0);
-            t[0].read_f32(&mut out[start..])?;
+        let build = || build_head_graph(cfg, fused, &weights, state.clone(), tokens.len(), n_out);
+        let fill = |g: &OwnedGraph<'_>| -> Result<()> {
+            g.tensors()[1].set_i32(&out_ids(tokens.len(), want))?;
+            Ok(())
+        };
+        let mut read = |g: &OwnedGraph<'_>| -> Result<()> {
+            let t = g.tensors();
+            if !want.is_empty() {
+                let start = out.len();
+                out.resize(start + t[0].n_elements() as usize, 0.0);
+                t[0].read_f32(&mut out[start..])?;
+            }
+            Ok(())
+        };
+        if scheduled {
+            run_scheduled(engine, sched, stats, build, fill, read)?;
+        } else {
+            let mut spare = None;
+            let g = kept_graph(graphs, alloc, stats, sk, &mut spare, build)?;
+            fill(g)?;
+            backend.compute(g.graph())?;
+            read(g)?;
         }
         self.tokens.extend_from_slice(tokens);
         Ok(())
