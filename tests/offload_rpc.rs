@@ -278,6 +278,65 @@ fn layers_split_over_two_rpc_servers_and_the_cpu_match_the_cpu() {
     assert_eq!(device_of("result_output"), Some(rpc_b.name()));
 }
 
+/// llama.cpp's `-ngl 99 --cpu-moe` layout: everything on the device but the routed experts, which stay on the CPU
+/// (repacked for its kernels where it has them, with the grouped GEMM products for a prompt's experts: custom
+/// operators only the CPU runs).
+#[test]
+fn routed_experts_on_the_cpu_and_the_rest_on_rpc_match_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TinyConfig::small().with_types(WeightTypes {
+        experts: GgmlType::Mxfp4,
+        ..WeightTypes::F32
+    });
+    let path = tiny(dir.path(), &cfg, 25);
+    let server = RpcServer::start();
+    let rpc0 = server.device();
+    let mut cpu_moe = Placement::all_on(rpc0);
+    cpu_moe.rest.experts = None;
+    let offloaded = open(&path, cpu_moe, vec![]);
+    let cpu = open(&path, Placement::default(), vec![]);
+    assert_eq!(
+        offloaded.grouped_experts().is_some(),
+        cpu.grouped_experts().is_some()
+    );
+    assert_matches(
+        "routed experts on the CPU, the rest on RPC",
+        &offloaded,
+        &cpu,
+        9,
+    );
+    let mut s = offloaded.session_sized(512, 64).unwrap();
+    s.feed(&prompt(64, offloaded.n_vocab(), 5), Logits::All)
+        .unwrap();
+    if offloaded.grouped_experts().is_some() {
+        assert!(
+            s.graph_stats().grouped > 0,
+            "a prompt's experts use the grouped products"
+        );
+        let counts = s.scheduled_op_counts().unwrap();
+        assert!(counts.get("CUSTOM").copied().unwrap_or(0) > 0, "{counts:?}");
+    }
+    // Each layer's expert products run on the CPU, the rest on the device.
+    let nodes = s.scheduled_nodes().unwrap();
+    let cpu_name = Device::cpu().unwrap().name();
+    let expert_ops = nodes
+        .iter()
+        .filter(|(_, op, _)| op == "MUL_MAT_ID" || op == "CUSTOM")
+        .collect::<Vec<_>>();
+    assert!(!expert_ops.is_empty());
+    assert!(
+        expert_ops.iter().all(|n| n.2.as_deref() == Some(&cpu_name)),
+        "{expert_ops:?}"
+    );
+    assert_eq!(
+        nodes
+            .iter()
+            .find(|n| n.0 == "attn_norm-0")
+            .and_then(|n| n.2.clone()),
+        Some(rpc0.name())
+    );
+}
+
 /// Nodes of the fused DeepSeek V4 operators in a session's last scheduled graph: the hc ones, the lightning
 /// indexers, and each one's operator and device.
 #[allow(clippy::type_complexity)]

@@ -24,6 +24,8 @@ pub struct Scheduler<'b> {
     ptr: NonNull<sys::ggml_backend_sched>,
     /// The most nodes plus leafs a graph may have (the size the scheduler was made for).
     capacity: usize,
+    /// The CPU backend (the last one), where custom operators are pinned.
+    cpu: sys::ggml_backend_t,
     _backends: PhantomData<&'b ()>,
 }
 
@@ -60,6 +62,7 @@ impl<'b> Scheduler<'b> {
         Ok(Scheduler {
             ptr,
             capacity,
+            cpu: cpu.as_ptr(),
             _backends: PhantomData,
         })
     }
@@ -81,6 +84,10 @@ impl<'b> Scheduler<'b> {
 
     /// Assigns every node of `graph` to a backend, splits it, and gives the intermediates memory (growing the
     /// compute buffers when needed). Resets first. Inputs get their values after this (their memory is fresh).
+    ///
+    /// Custom operators (ferrite's grouped expert products, whose code runs in this process) are pinned to the
+    /// CPU: ggml's CPU device does not claim them when a source is in a repacked buffer, and left alone the
+    /// scheduler would hand them to another device, copying repacked weights it cannot read.
     pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
         if graph.size() * 2 > self.capacity {
             return Err(GgmlError::GraphFull {
@@ -90,6 +97,14 @@ impl<'b> Scheduler<'b> {
         }
         graph.set_verified_by(None);
         self.reset();
+        for t in (0..graph.n_nodes()).filter_map(|i| graph.node(i)) {
+            if is_custom_op(t.op()) {
+                // SAFETY: a live scheduler, a node of the graph about to be allocated, and its CPU backend.
+                unsafe {
+                    sys::ggml_backend_sched_set_tensor_backend(self.as_ptr(), t.as_ptr(), self.cpu)
+                };
+            }
+        }
         // SAFETY: a live scheduler and graph whose tensors are alive (borrowed by `graph`); the graph fits the
         // scheduler's hash set (checked above). ggml returns false when a buffer cannot be allocated.
         let ok = unsafe { sys::ggml_backend_sched_alloc_graph(self.as_ptr(), graph.as_ptr()) };
@@ -175,6 +190,17 @@ impl Drop for Scheduler<'_> {
         // them before it).
         unsafe { sys::ggml_backend_sched_free(self.as_ptr()) }
     }
+}
+
+/// Operators whose code is a callback of this process (CPU only).
+fn is_custom_op(op: sys::ggml_op) -> bool {
+    matches!(
+        op,
+        sys::GGML_OP_CUSTOM
+            | sys::GGML_OP_MAP_CUSTOM1
+            | sys::GGML_OP_MAP_CUSTOM2
+            | sys::GGML_OP_MAP_CUSTOM3
+    )
 }
 
 fn is_view_op(op: sys::ggml_op) -> bool {
