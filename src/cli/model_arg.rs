@@ -248,12 +248,58 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
     if show_plan {
         eprint!("ferrite: {plan}");
     }
+    if report != PlanReport::Never {
+        offload_note(&engine);
+    }
     if show_plan || (memory.mlock && report != PlanReport::Never) {
         for note in engine.notes() {
             eprintln!("ferrite: note: {note}");
         }
     }
     Ok(engine)
+}
+
+/// One line per device other than the CPU: which layers it runs, the weight bytes copied there, and whether its
+/// layers use the fused DeepSeek V4 operators.
+fn offload_note(engine: &Engine) {
+    let n_layer = engine.config().n_layer;
+    let p = engine.placement();
+    for (device, bytes) in engine.device_weight_bytes() {
+        let layers: Vec<usize> = (0..n_layer)
+            .filter(|&il| p.layer(il).main == Some(device))
+            .collect();
+        let experts = (0..n_layer)
+            .filter(|&il| p.layer(il).experts == Some(device))
+            .count();
+        let fused = layers.iter().all(|&il| engine.layer_fused()[il]);
+        let span = match (layers.first(), layers.last()) {
+            (Some(a), Some(b)) if b - a + 1 == layers.len() => format!("layers {a}-{b}"),
+            (Some(_), Some(_)) => format!("layers {layers:?}"),
+            _ => "no layer".to_string(),
+        };
+        eprintln!(
+            "ferrite: offload: {} ({}): {span} ({} with their routed experts){}{}, {} of weights{}",
+            device.name(),
+            device.description(),
+            experts,
+            if p.input == Some(device) {
+                ", the embedding"
+            } else {
+                ""
+            },
+            if p.output == Some(device) {
+                ", the head"
+            } else {
+                ""
+            },
+            ferrite::units::format_bytes(bytes as u64),
+            if layers.is_empty() || fused {
+                ""
+            } else {
+                "; primitive ops (the device lacks the fused ones)"
+            },
+        );
+    }
 }
 
 /// The memory plan as JSON: where the experts live, the slots, every part's bytes, the budget and its source.
