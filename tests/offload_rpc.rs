@@ -24,6 +24,24 @@ use support::compare::{prompt, relative_errors};
 const N_GEN: usize = 128;
 const TOLERANCE: f32 = 1e-4;
 
+/// A command whose child inherits no file descriptor but stdin, stdout and stderr. ggml-rpc's client sockets are
+/// not close-on-exec: a child spawned while another test's connection is open would keep that connection alive
+/// after the test closes it, and the server (one client at a time) would never serve the next one.
+fn command(program: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(program);
+    // SAFETY: runs in the child between fork and exec, calling only close(2), which is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            for fd in 3..1024 {
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
 /// A `ferrite rpc-server` child process on 127.0.0.1, killed when dropped.
 struct RpcServer {
     child: Child,
@@ -33,7 +51,7 @@ struct RpcServer {
 impl RpcServer {
     fn start() -> RpcServer {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        let child = command(env!("CARGO_BIN_EXE_ferrite"))
             .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -476,7 +494,7 @@ fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
 }
 
 fn ferrite(args: &[&str], cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferrite"));
+    let mut c = command(env!("CARGO_BIN_EXE_ferrite"));
     c.args(args).env("FERRITE_CACHE_DIR", cache);
     c
 }
@@ -589,7 +607,7 @@ fn an_rpc_server_killed_mid_generation_ends_the_run_with_exit_1() {
 #[test]
 fn rpc_server_warns_when_bound_beyond_loopback() {
     let port = free_port().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+    let mut child = command(env!("CARGO_BIN_EXE_ferrite"))
         .args([
             "rpc-server",
             "--host",
@@ -661,5 +679,6 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
     assert_eq!(rpc_ids, cpu_ids);
     assert!(rpc_err.contains("ferrite: scheduler: "), "{rpc_err}");
     assert!(rpc_err.contains(" splits"), "{rpc_err}");
-    assert!(rpc_err.contains("layer 0: RPC0"), "{rpc_err}");
+    assert!(rpc_err.contains("embedding and layer 0: RPC0"), "{rpc_err}");
+    assert!(rpc_err.contains("head: RPC0"), "{rpc_err}");
 }

@@ -132,23 +132,22 @@ fn schedule_report(sched: &Scheduler<'_>, g: &OwnedGraph<'_>) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
     let nodes = sched.assignments(g.graph());
-    // Per layer (from names like `attn_norm-3`; other nodes under "other"), nodes per device.
-    let mut per_layer: BTreeMap<Option<usize>, BTreeMap<String, usize>> = BTreeMap::new();
-    let mut current: Option<usize> = None;
+    // Nodes per device between layer outputs (named `l_out-N`, as llama.cpp's cb() names them): group k holds layer
+    // k's nodes (the embedding's with layer 0), the group after the last layer the head's.
+    let mut per_layer: BTreeMap<usize, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut current = 0usize;
     for (name, _, dev) in &nodes {
-        if let Some(il) = name
-            .rsplit_once('-')
-            .and_then(|(_, n)| n.parse::<usize>().ok())
-        {
-            current = Some(il);
-        }
         let dev = dev.map_or_else(|| "?".to_string(), |d| d.name());
         *per_layer
             .entry(current)
             .or_default()
             .entry(dev)
             .or_insert(0) += 1;
+        if name.starts_with("l_out-") {
+            current += 1;
+        }
     }
+    let n_layers = current;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -157,9 +156,10 @@ fn schedule_report(sched: &Scheduler<'_>, g: &OwnedGraph<'_>) -> String {
         sched.n_splits()
     );
     for (layer, devs) in &per_layer {
-        let what = match layer {
-            None => "embedding".to_string(),
-            Some(il) => format!("layer {il}"),
+        let what = match *layer {
+            0 => "embedding and layer 0".to_string(),
+            il if il == n_layers => "head".to_string(),
+            il => format!("layer {il}"),
         };
         let devs: Vec<String> = devs.iter().map(|(d, n)| format!("{d} {n}")).collect();
         let _ = writeln!(s, "ferrite: scheduler:   {what}: {}", devs.join(", "));
