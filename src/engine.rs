@@ -1,8 +1,10 @@
 //! `Engine` (an opened model: config, weights mapped into ggml, a backend) and `Session` (one sequence: tokens,
 //! cache, logits, in `engine/session.rs`). The only API the commands use.
 
+mod offload;
 mod session;
 
+pub use offload::{DeviceMissing, LayerPlacement, Placement};
 pub use session::{GraphStats, Logits, Rewind, Session, SessionOptions, SessionState};
 
 use std::path::{Path, PathBuf};
@@ -14,8 +16,10 @@ use gguf::{GgmlType, Model};
 use crate::cache::{CacheSizes, CacheType};
 use crate::chat::PromptFormat;
 use crate::experts::{ExpertStats, StatsSnapshot};
-use crate::ggml::DeviceInfo;
-use crate::ggml::{Context, CpuBackend, GroupedKernel, RepackType, RepackedStats, Tensor};
+use crate::ggml::{
+    Context, CpuBackend, Device, DeviceBackend, DeviceInfo, GroupedKernel, RepackType,
+    RepackedStats, Tensor,
+};
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Rotations};
 use crate::model::names::key::CHAT_TEMPLATE;
@@ -84,8 +88,15 @@ pub struct EngineOptions {
     pub repack: bool,
     /// How new sessions run (diagnostic switches; the library reads no environment variables).
     pub session: SessionOptions,
-    /// Where the weights go besides the CPU.
+    /// Where the weights go besides the CPU: the devices and what the user asked for (`--device`, `-ngl`, `-ot`,
+    /// ...); the planner decides.
     pub placement: PlacementOptions,
+    /// An explicit placement instead of the planner's (library users and tests); the memory plan then counts
+    /// every weight as the CPU's.
+    pub layout: Option<Placement>,
+    /// Devices treated as lacking the fused DeepSeek V4 operators whatever they report: their layers get the
+    /// primitive-op form (a diagnostic; the tests check the per-device choice with it).
+    pub no_fused_on: Vec<Device>,
 }
 
 /// The devices a run may use and how the user asked for them to be used (`--device`, `-ngl`, `-ot`, ...).
@@ -94,16 +105,6 @@ pub struct PlacementOptions {
     /// ggml's devices (`crate::ggml::devices()`; tests pass fixtures). Empty: the CPU only.
     pub devices: Vec<DeviceInfo>,
     pub request: PlacementRequest,
-}
-
-/// A placement that puts something on a device other than the CPU, which this engine cannot compute on yet.
-#[derive(Debug, thiserror::Error)]
-#[error("offload to {device} is not wired into the engine yet: the placement puts {} on it", format_bytes(.plan.device(*.id).bytes.total()))]
-pub struct OffloadNotWired {
-    pub device: String,
-    id: crate::plan::devices::DeviceId,
-    /// The placement that was refused (its table shows what would have gone where).
-    pub plan: Box<DevicePlan>,
 }
 
 impl Default for EngineOptions {
@@ -116,6 +117,8 @@ impl Default for EngineOptions {
             repack: true,
             session: SessionOptions::default(),
             placement: PlacementOptions::default(),
+            layout: None,
+            no_fused_on: Vec::new(),
         }
     }
 }
@@ -142,8 +145,8 @@ pub struct Engine {
     backend: CpuBackend,
     opts: EngineOptions,
     plan: MemoryPlan,
-    /// Where each part of the model is (today always all on the CPU: see [`OffloadNotWired`]).
-    devices: DevicePlan,
+    /// The planner's placement (what goes where and why; with [`EngineOptions::layout`] it is the CPU-only plan).
+    device_plan: DevicePlan,
     /// The expert cache, when the plan pages the routed experts.
     paged: Option<PagedExperts>,
     stats: Mutex<ExpertStats>,
@@ -158,6 +161,16 @@ pub struct Engine {
     /// The context size and micro-batch the plan reserved room for: [`Engine::session`]'s.
     n_ctx: usize,
     n_ubatch: usize,
+    /// The devices other than the CPU that take part (in the scheduler's priority order), a backend of each, and
+    /// the weights copied into each one's buffer (one context per device, in the same order).
+    devices: Vec<DeviceBackend>,
+    device_weights: Vec<Context<'static>>,
+    /// For each weight (by its index in `weights_ctx`): the device context and position of its copy, if on one.
+    on_device: Vec<Option<(usize, usize)>>,
+    /// Where each part lives (CPU devices written as `None`).
+    placement: Placement,
+    /// Per layer: whether it uses the fused DeepSeek V4 operators (on, and its device has them).
+    layer_fused: Vec<bool>,
     /// The vocabulary, read on first use (commands that run from token ids never need it).
     tokenizer: OnceLock<Tokenizer>,
     /// How prompts are rendered (see [`PromptFormat`]).
@@ -191,19 +204,8 @@ impl Engine {
         .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
         // Planned first: whether the routed experts are repacked depends on where they live.
         let (n_ctx, n_ubatch) = planned_sizes(&cfg, &opts.paging);
-        let devices = device_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
-        let offload = (1..devices.devices.len())
-            .map(crate::plan::devices::DeviceId)
-            .find(|&d| devices.device(d).bytes.total() > 0);
-        if let Some(id) = offload {
-            return Err(OffloadNotWired {
-                device: devices.device(id).name.clone(),
-                id,
-                plan: Box::new(devices),
-            }
-            .into());
-        }
-        let plan = devices.cpu.clone();
+        let device_plan = device_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
+        let plan = device_plan.cpu.clone();
         let prompt_format = PromptFormat::new(model.metadata().str(CHAT_TEMPLATE).ok());
         let regions = (0..model.shards().len())
             .map(|s| weights_ctx.map_shared(model.clone(), move |m: &Model| m.shards()[s].bytes()))
@@ -211,14 +213,48 @@ impl Engine {
         if let Some(e) = make_error {
             return Err(e).context("cannot map the weights into ggml");
         }
+        let placement = match &opts.layout {
+            Some(layout) => layout.clone(),
+            None => Placement::of_plan(&device_plan)?,
+        };
+        placement.check(cfg.n_layer)?;
+        let placement = placement.normalized();
+        let device_list = placement.devices(cfg.n_layer);
+        let experts_on_device = (0..cfg.n_layer).any(|il| placement.layer(il).experts.is_some());
+        if experts_on_device && matches!(plan.placement, ExpertPlacement::Paged { .. }) {
+            bail!(
+                "the plan pages the routed experts through the expert cache in RAM, but the placement puts routed \
+                 experts on a device (hint: keep the routed experts on the CPU, or give more memory with --mem)"
+            );
+        }
+        // Where each weight goes: a device's buffer, or the CPU (map, repacked or copied into RAM as without devices).
+        let dest: Vec<Option<Device>> = sources
+            .iter()
+            .map(|t| placement.tensor_device(&t.info.name))
+            .collect();
         let products = match opts.repack {
-            true => product_weights(&weights, cfg.n_expert_used, experts_fit(&plan)),
+            true => product_weights(&weights, cfg.n_expert_used, experts_fit(&plan))
+                .into_iter()
+                .filter(|&(i, _)| dest.get(i).is_some_and(|d| d.is_none()))
+                .collect(),
             false => Vec::new(),
         };
         let placed = place_weights(&model, &weights_ctx, &regions, &sources, &products)?;
         let backend = CpuBackend::new(opts.n_threads.max(1))?;
         let (consts_ctx, consts) = constants(&cfg, opts.cache_type, &backend)
             .context("cannot allocate the model's constants")?;
+        let (device_weights, on_device) = copy_to_devices(&model, &sources, &dest, &device_list)?;
+        let devices = device_list
+            .iter()
+            .map(|d| d.backend())
+            .collect::<Result<Vec<_>, _>>()?;
+        let fused_on = |d: Option<Device>| match d {
+            None => true,
+            Some(d) => !opts.no_fused_on.contains(&d) && d.supports_dsv4_ops(),
+        };
+        let layer_fused = (0..cfg.n_layer)
+            .map(|il| opts.fused_ops && fused_on(placement.layer(il).main))
+            .collect();
         let mut engine = Engine {
             path: path.to_path_buf(),
             model,
@@ -230,7 +266,7 @@ impl Engine {
             backend,
             opts,
             plan,
-            devices,
+            device_plan,
             paged: None,
             stats: Mutex::new(ExpertStats::new()),
             notes: Vec::new(),
@@ -239,6 +275,11 @@ impl Engine {
             copied: RepackedStats::default(),
             n_ctx,
             n_ubatch,
+            devices,
+            device_weights,
+            on_device,
+            placement,
+            layer_fused,
             tokenizer: OnceLock::new(),
             prompt_format,
         };
@@ -332,7 +373,7 @@ impl Engine {
 
     /// The device placement: which device holds each part of the model, and why.
     pub fn device_plan(&self) -> &DevicePlan {
-        &self.devices
+        &self.device_plan
     }
 
     /// True when routed experts go through the expert cache.
@@ -383,9 +424,52 @@ impl Engine {
         self.cfg.n_vocab
     }
 
+    /// The weights' tensors: each weight's copy on its device, else the CPU's.
     fn weight_tensors(&self) -> Weights<Tensor<'_>> {
         let all = self.weights_ctx.tensors();
-        self.weights.map(|i| all[i])
+        if self.device_weights.is_empty() {
+            return self.weights.map(|i| all[i]);
+        }
+        let dev: Vec<Vec<Tensor<'_>>> = self.device_weights.iter().map(|c| c.tensors()).collect();
+        self.weights
+            .map(|i| match self.on_device.get(i).copied().flatten() {
+                Some((k, j)) => dev[k][j],
+                None => all[i],
+            })
+    }
+
+    /// A scheduler over the engine's devices and its CPU backend for graphs of up to `graph_size` nodes.
+    fn scheduler(&self, graph_size: usize) -> Result<crate::ggml::Scheduler<'_>> {
+        let devices: Vec<&DeviceBackend> = self.devices.iter().collect();
+        Ok(crate::ggml::Scheduler::new(
+            &devices,
+            &self.backend,
+            graph_size,
+        )?)
+    }
+
+    /// Where each part lives (CPU devices written as `None`).
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The devices other than the CPU that take part, in the scheduler's order (empty: the CPU-only path).
+    pub fn devices(&self) -> Vec<Device> {
+        self.devices.iter().map(|b| b.device()).collect()
+    }
+
+    /// Per layer, whether it is built with the fused DeepSeek V4 operators.
+    pub fn layer_fused(&self) -> &[bool] {
+        &self.layer_fused
+    }
+
+    /// Bytes of weights copied into each device's buffers.
+    pub fn device_weight_bytes(&self) -> Vec<(Device, usize)> {
+        self.devices
+            .iter()
+            .zip(&self.device_weights)
+            .map(|(b, c)| (b.device(), c.allocated_bytes()))
+            .collect()
     }
 
     /// The Hadamard matrices graphs rotate by: the indexer's, when the model has ratio-4 layers and the indexer
@@ -523,4 +607,51 @@ fn constants(
         }
     }
     Ok((ctx, idx))
+}
+
+/// Copies the weights placed on devices into one buffer per device (in `devices` order): new tensors of the same
+/// type, shape and name, their bytes read from the map. Returns the contexts and, per weight, where its copy is.
+#[allow(clippy::type_complexity)]
+fn copy_to_devices(
+    model: &Model,
+    sources: &[&gguf::ModelTensor],
+    dest: &[Option<Device>],
+    devices: &[Device],
+) -> Result<(Vec<Context<'static>>, Vec<Option<(usize, usize)>>)> {
+    let mut on_device = vec![None; sources.len()];
+    let mut contexts = Vec::with_capacity(devices.len());
+    for (k, &device) in devices.iter().enumerate() {
+        let mine: Vec<usize> = (0..sources.len())
+            .filter(|&i| dest[i] == Some(device))
+            .collect();
+        let ctx = Context::with_capacity(mine.len() + 1, 0)?;
+        for (j, &i) in mine.iter().enumerate() {
+            let t = sources[i];
+            let dims: Vec<i64> = t.info.dims.iter().map(|&d| d as i64).collect();
+            let tensor = ctx.new_tensor(t.info.ty, &dims)?;
+            tensor.set_name(&t.info.name)?;
+            on_device[i] = Some((k, j));
+        }
+        ctx.alloc_tensors_on(device, true).with_context(|| {
+            format!(
+                "cannot allocate {} weights on device {} ({})",
+                mine.len(),
+                device.name(),
+                device.description()
+            )
+        })?;
+        for (tensor, &i) in ctx.tensors().into_iter().zip(&mine) {
+            tensor
+                .set_bytes(model.tensor_data(sources[i]))
+                .with_context(|| {
+                    format!(
+                        "cannot copy {} to device {}",
+                        sources[i].info.name,
+                        device.name()
+                    )
+                })?;
+        }
+        contexts.push(ctx);
+    }
+    Ok((contexts, on_device))
 }

@@ -7,7 +7,7 @@ mod support;
 
 use std::process::Output;
 
-use ferrite::engine::{Engine, EngineOptions, OffloadNotWired, PlacementOptions};
+use ferrite::engine::{DeviceMissing, Engine, EngineOptions, PlacementOptions};
 use ferrite::ggml::{devices, DeviceInfo, DeviceKind};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
 use ferrite::plan::devices::format_device_list;
@@ -222,10 +222,10 @@ fn fixture_gpu() -> DeviceInfo {
     }
 }
 
-/// A placement on a device other than the CPU must not silently compute on the CPU: until the engine runs on
-/// several devices, `Engine::open` refuses it with the plan; with the device left out it opens.
+/// A placement on a device this build's ggml does not have (a fixture GPU here) must not silently compute on the
+/// CPU: `Engine::open` refuses it with the plan; with the device left out it opens.
 #[test]
-fn offload_is_refused_until_the_engine_runs_on_devices() {
+fn a_placement_on_a_device_this_ggml_lacks_is_refused_with_its_plan() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("demo.gguf");
     write_tiny_model(&path, &TinyConfig::demo(), 1).unwrap();
@@ -243,13 +243,13 @@ fn offload_is_refused_until_the_engine_runs_on_devices() {
         Engine::open(&path, opts)
     };
     let err = open(PlacementRequest::default()).err().expect("refused");
-    let refused = err
-        .downcast_ref::<OffloadNotWired>()
-        .expect("OffloadNotWired");
+    let refused = err.downcast_ref::<DeviceMissing>().expect("DeviceMissing");
     assert_eq!(refused.device, "Fixture0");
     assert!(
-        err.to_string()
-            .starts_with("offload to Fixture0 is not wired into the engine yet"),
+        err.to_string().starts_with("the placement puts ")
+            && err
+                .to_string()
+                .contains(" on Fixture0, which is not one of the devices of this build's ggml"),
         "{err}"
     );
     let table = refused.plan.to_string();

@@ -11,7 +11,7 @@ pub mod plan;
 
 use gguf::GgmlType;
 
-use crate::ggml::{Context, CpuBackend, GgmlError, Result, Tensor};
+use crate::ggml::{Context, CpuBackend, Device, GgmlError, Result, Tensor};
 use crate::model::config::{Config, LayerKind};
 
 use plan::{
@@ -264,12 +264,27 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &Config, sizes: CacheSizes, backend: &CpuBackend) -> Result<KvCache> {
+    /// The cache of a sequence: layer `il`'s tensors in a buffer of `devices[il]` (the CPU's, `backend`, for `None`
+    /// or past the end of `devices`).
+    pub fn new(
+        cfg: &Config,
+        sizes: CacheSizes,
+        backend: &CpuBackend,
+        devices: &[Option<Device>],
+    ) -> Result<KvCache> {
+        let device_of = |il: usize| devices.get(il).copied().flatten();
+        // The CPU's layers first, then each device's, each group allocated in one buffer of its device.
+        let mut groups: Vec<Option<Device>> = vec![None];
+        for d in devices.iter().flatten() {
+            if !groups.contains(&Some(*d)) {
+                groups.push(Some(*d));
+            }
+        }
+        let mut slots: Vec<Option<LayerCache<usize>>> = vec![None; cfg.n_layer];
         let per_layer = 14;
         let ctx = Context::with_capacity(cfg.n_layer * per_layer + 8, 0)?;
         let rows_ty = sizes.cache_type.ggml();
         let dh = cfg.head_dim;
-        let mut layers = Vec::with_capacity(cfg.n_layer);
         {
             // Tensors are identified by their position in the context (views count too).
             let mut count = 0usize;
@@ -278,77 +293,95 @@ impl KvCache {
                 count += 1;
                 Ok(count - 1)
             };
-            for (il, kind) in cfg.kinds.iter().enumerate() {
-                let cap = match kind {
-                    LayerKind::Raw => 0,
-                    kind => sizes.comp_rows(kind.ratio()),
-                };
-                let total = sizes.raw_ring + cap;
-                if total.checked_mul(dh).is_none_or(|n| n > i32::MAX as usize) {
-                    return Err(GgmlError::Op {
-                        op: "cache",
-                        detail: format!(
-                            "{total} key rows of {dh} values do not fit 32-bit indices"
+            for group in &groups {
+                for (il, kind) in cfg.kinds.iter().enumerate() {
+                    if device_of(il) != *group {
+                        continue;
+                    }
+                    let cap = match kind {
+                        LayerKind::Raw => 0,
+                        kind => sizes.comp_rows(kind.ratio()),
+                    };
+                    let total = sizes.raw_ring + cap;
+                    if total.checked_mul(dh).is_none_or(|n| n > i32::MAX as usize) {
+                        return Err(GgmlError::Op {
+                            op: "cache",
+                            detail: format!(
+                                "{total} key rows of {dh} values do not fit 32-bit indices"
+                            ),
+                        });
+                    }
+                    let kv_t = ctx.new_tensor_2d(rows_ty, dh as i64, total as i64)?;
+                    let kv = made(kv_t, format!("cache.{il}.kv"))?;
+                    let row = kv_t.nb()[1];
+                    let raw_k = made(
+                        ctx.view_2d(kv_t, [dh as i64, sizes.raw_ring as i64], row, 0)?,
+                        format!("cache.{il}.raw_k"),
+                    )?;
+                    // `what` is "comp" (attention rows, which live in `kv` after the ring) or "idx" (indexer rows).
+                    let mut comp_cache = |width: usize,
+                                          coff: usize,
+                                          ratio: usize,
+                                          what: &str|
+                     -> Result<CompCache<usize>> {
+                        let ring = compressor_ring_rows(ratio) as i64;
+                        let n_rows = sizes.comp_rows(ratio) as i64;
+                        let in_kv = what == "comp";
+                        let rows = if in_kv {
+                            ctx.view_2d(kv_t, [width as i64, n_rows], row, sizes.raw_ring * row)?
+                        } else {
+                            ctx.new_tensor_2d(rows_ty, width as i64, n_rows)?
+                        };
+                        let rows = made(rows, format!("cache.{il}.{what}_rows"))?;
+                        let features = (coff * width) as i64;
+                        let src_rows = ring + sizes.n_ubatch as i64 + 1;
+                        let src_kv_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
+                        let src_kv = made(src_kv_t, format!("cache.{il}.{what}_src_kv"))?;
+                        let src_score_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
+                        let src_score = made(src_score_t, format!("cache.{il}.{what}_src_score"))?;
+                        let ring_of = |t| ctx.view_2d(t, [features, ring], Tensor::nb(t)[1], 0);
+                        Ok(CompCache {
+                            rows,
+                            ring_kv: made(
+                                ring_of(src_kv_t)?,
+                                format!("cache.{il}.{what}_ring_kv"),
+                            )?,
+                            ring_score: made(
+                                ring_of(src_score_t)?,
+                                format!("cache.{il}.{what}_ring_score"),
+                            )?,
+                            src_kv,
+                            src_score,
+                        })
+                    };
+                    let (comp, indexer) = match kind {
+                        LayerKind::Raw => (None, None),
+                        LayerKind::Csa => (
+                            Some(comp_cache(dh, 2, 4, "comp")?),
+                            Some(comp_cache(cfg.indexer_dim, 2, 4, "idx")?),
                         ),
+                        LayerKind::Hca => (Some(comp_cache(dh, 1, 128, "comp")?), None),
+                    };
+                    slots[il] = Some(LayerCache {
+                        kv,
+                        raw_k,
+                        comp,
+                        indexer,
                     });
                 }
-                let kv_t = ctx.new_tensor_2d(rows_ty, dh as i64, total as i64)?;
-                let kv = made(kv_t, format!("cache.{il}.kv"))?;
-                let row = kv_t.nb()[1];
-                let raw_k = made(
-                    ctx.view_2d(kv_t, [dh as i64, sizes.raw_ring as i64], row, 0)?,
-                    format!("cache.{il}.raw_k"),
-                )?;
-                // `what` is "comp" (attention rows, which live in `kv` after the ring) or "idx" (indexer rows).
-                let mut comp_cache = |width: usize,
-                                      coff: usize,
-                                      ratio: usize,
-                                      what: &str|
-                 -> Result<CompCache<usize>> {
-                    let ring = compressor_ring_rows(ratio) as i64;
-                    let n_rows = sizes.comp_rows(ratio) as i64;
-                    let in_kv = what == "comp";
-                    let rows = if in_kv {
-                        ctx.view_2d(kv_t, [width as i64, n_rows], row, sizes.raw_ring * row)?
-                    } else {
-                        ctx.new_tensor_2d(rows_ty, width as i64, n_rows)?
-                    };
-                    let rows = made(rows, format!("cache.{il}.{what}_rows"))?;
-                    let features = (coff * width) as i64;
-                    let src_rows = ring + sizes.n_ubatch as i64 + 1;
-                    let src_kv_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
-                    let src_kv = made(src_kv_t, format!("cache.{il}.{what}_src_kv"))?;
-                    let src_score_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
-                    let src_score = made(src_score_t, format!("cache.{il}.{what}_src_score"))?;
-                    let ring_of = |t| ctx.view_2d(t, [features, ring], Tensor::nb(t)[1], 0);
-                    Ok(CompCache {
-                        rows,
-                        ring_kv: made(ring_of(src_kv_t)?, format!("cache.{il}.{what}_ring_kv"))?,
-                        ring_score: made(
-                            ring_of(src_score_t)?,
-                            format!("cache.{il}.{what}_ring_score"),
-                        )?,
-                        src_kv,
-                        src_score,
-                    })
-                };
-                let (comp, indexer) = match kind {
-                    LayerKind::Raw => (None, None),
-                    LayerKind::Csa => (
-                        Some(comp_cache(dh, 2, 4, "comp")?),
-                        Some(comp_cache(cfg.indexer_dim, 2, 4, "idx")?),
-                    ),
-                    LayerKind::Hca => (Some(comp_cache(dh, 1, 128, "comp")?), None),
-                };
-                layers.push(LayerCache {
-                    kv,
-                    raw_k,
-                    comp,
-                    indexer,
-                });
+                match group {
+                    None => ctx.alloc_tensors(backend)?,
+                    Some(d) => ctx.alloc_tensors_on(*d, false)?,
+                }
             }
         }
-        ctx.alloc_tensors(backend)?;
+        let layers = slots
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| GgmlError::Op {
+                op: "cache",
+                detail: "a layer has no cache tensors (layer kinds and count disagree)".into(),
+            })?;
         let cache = KvCache { ctx, layers, sizes };
         cache.clear()?;
         Ok(cache)

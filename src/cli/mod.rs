@@ -9,6 +9,7 @@ mod logits;
 mod model_arg;
 mod perplexity;
 mod quantize;
+mod rpc_server;
 mod size_arg;
 mod tokenize;
 
@@ -41,6 +42,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt-processing and generation speed as llama-bench measures it (--vs-llama: next to llama.cpp).
     Bench(bench::BenchArgs),
+    /// Serve a device of this machine to other ferrite (or llama.cpp) processes over ggml's RPC protocol (`--rpc`).
+    RpcServer(rpc_server::RpcServerArgs),
     /// Convert a Hugging Face DeepSeek V4 checkpoint or requantize a GGUF to a named recipe (Q4_K_M, Q8_0, ...).
     Quantize(quantize::QuantizeArgs),
 }
@@ -143,14 +146,17 @@ impl Command {
             Command::Logits(a) => Some(&a.model.memory.devices),
             Command::Perplexity(a) => Some(&a.model.memory.devices),
             Command::Bench(a) => Some(&a.memory.devices),
-            Command::Info(_) | Command::Tokenize(_) | Command::Quantize(_) => None,
+            Command::Info(_)
+            | Command::Tokenize(_)
+            | Command::Quantize(_)
+            | Command::RpcServer(_) => None,
         }
     }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.command.device_args().is_some_and(|d| d.list_devices) {
-        return model_arg::list_devices();
+    if let Some(d) = cli.command.device_args().filter(|d| d.list_devices) {
+        return model_arg::list_devices(d);
     }
     match cli.command {
         Command::Complete(args) => complete::run(&args),
@@ -161,6 +167,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(args) => perplexity::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Quantize(args) => quantize::run(&args),
+        Command::RpcServer(args) => rpc_server::run(&args),
     }
 }
 

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use ferrite::cache::CacheType;
 use ferrite::engine::{
-    Engine, EngineOptions, OffloadNotWired, PagingOptions, PlacementOptions, SessionOptions,
+    DeviceMissing, Engine, EngineOptions, PagingOptions, PlacementOptions, SessionOptions,
 };
 use ferrite::experts::StatsSnapshot;
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
@@ -99,6 +99,11 @@ pub struct DeviceArgs {
     /// Print the devices ggml has, with their memory, and exit.
     #[arg(long = "list-devices")]
     pub list_devices: bool,
+    /// Add the devices of these RPC servers (`ferrite rpc-server`, or llama.cpp's rpc-server), comma-separated
+    /// HOST:PORT; they are named RPC0, RPC1, ... in this order and take part in the placement like GPUs. The
+    /// protocol has no authentication: use it on trusted networks only.
+    #[arg(long = "rpc", value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub rpc: Vec<String>,
     /// Devices to offload to, comma-separated (CUDA0, Vulkan0,CPU, RPC0[HOST:PORT]), or none for the CPU only
     /// [default: every GPU and RPC device; --list-devices shows them].
     #[arg(long = "device", value_name = "LIST", value_parser = parse_device_list)]
@@ -138,6 +143,14 @@ pub struct SizeList(pub Vec<u64>);
 
 impl DeviceArgs {
     /// The placement the flags ask for.
+    /// Registers the `--rpc` servers' devices with ggml (before anything lists or plans devices).
+    pub fn add_rpc_servers(&self) -> Result<()> {
+        for endpoint in &self.rpc {
+            ferrite::ggml::rpc::add_server(endpoint.trim())?;
+        }
+        Ok(())
+    }
+
     pub fn request(&self) -> PlacementRequest {
         let ot: Vec<TensorRule> = self
             .override_tensor
@@ -159,8 +172,9 @@ impl DeviceArgs {
 }
 
 /// `--list-devices`: ggml's devices as llama.cpp lists them, on stdout.
-pub fn list_devices() -> Result<()> {
+pub fn list_devices(args: &DeviceArgs) -> Result<()> {
     use std::io::Write as _;
+    args.add_rpc_servers()?;
     let mut out = std::io::stdout().lock();
     out.write_all(format_device_list(&ferrite::ggml::devices()).as_bytes())?;
     Ok(())
@@ -272,6 +286,7 @@ fn session_options_from_env() -> SessionOptions {
     SessionOptions {
         graph_reuse: on("FERRITE_GRAPH_REUSE"),
         grouped_experts: on("FERRITE_GROUPED_EXPERTS"),
+        log_schedule: false,
     }
 }
 
@@ -292,6 +307,7 @@ pub enum PlanReport {
 pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
     let path = args.resolve_path()?;
     let memory = &args.memory;
+    memory.devices.add_rpc_servers()?;
     let opts = EngineOptions {
         n_threads: args.threads(),
         fused_ops: !args.no_fused_ops,
@@ -306,11 +322,15 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             output_rows: args.output_rows,
         },
         repack: !memory.no_repack,
-        session: session_options_from_env(),
+        session: SessionOptions {
+            log_schedule: report == PlanReport::Always,
+            ..session_options_from_env()
+        },
         placement: PlacementOptions {
             devices: ferrite::ggml::devices(),
             request: memory.devices.request(),
         },
+        ..EngineOptions::default()
     };
     let engine = match Engine::open(&path, opts) {
         Ok(engine) => engine,
@@ -336,6 +356,9 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
     } else if show_plan {
         eprint!("ferrite: {plan}");
     }
+    if report != PlanReport::Never {
+        offload_note(&engine);
+    }
     if show_plan || (memory.mlock && report != PlanReport::Never) {
         for note in engine.notes() {
             eprintln!("ferrite: note: {note}");
@@ -344,18 +367,61 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
     Ok(engine)
 }
 
-/// A placement the engine cannot run yet: its table on stderr, then the refusal with a hint.
+/// A placement on a device this build does not have: its table on stderr, then the refusal with a hint.
 fn offload_refusal(e: anyhow::Error) -> anyhow::Error {
-    match e.downcast_ref::<OffloadNotWired>() {
+    match e.downcast_ref::<DeviceMissing>() {
         Some(refused) => {
             eprint!("ferrite: {}", refused.plan);
             Hinted::new(
                 refused.to_string(),
-                "pass --device none (or -ngl 0 without -ot rules naming a device) to compute on the CPU",
+                "pass --device none (or -ngl 0 without -ot rules naming a device) to compute on the CPU; RPC devices exist once their servers are added with --rpc HOST:PORT",
             )
             .into()
         }
         None => e,
+    }
+}
+
+/// One line per device other than the CPU: which layers it runs, the weight bytes copied there, and whether its
+/// layers use the fused DeepSeek V4 operators.
+fn offload_note(engine: &Engine) {
+    let n_layer = engine.config().n_layer;
+    let p = engine.placement();
+    for (device, bytes) in engine.device_weight_bytes() {
+        let layers: Vec<usize> = (0..n_layer)
+            .filter(|&il| p.layer(il).main == Some(device))
+            .collect();
+        let experts = (0..n_layer)
+            .filter(|&il| p.layer(il).experts == Some(device))
+            .count();
+        let fused = layers.iter().all(|&il| engine.layer_fused()[il]);
+        let span = match (layers.first(), layers.last()) {
+            (Some(a), Some(b)) if b - a + 1 == layers.len() => format!("layers {a}-{b}"),
+            (Some(_), Some(_)) => format!("layers {layers:?}"),
+            _ => "no layer".to_string(),
+        };
+        eprintln!(
+            "ferrite: offload: {} ({}): {span} ({} with their routed experts){}{}, {} of weights{}",
+            device.name(),
+            device.description(),
+            experts,
+            if p.input == Some(device) {
+                ", the embedding"
+            } else {
+                ""
+            },
+            if p.output == Some(device) {
+                ", the head"
+            } else {
+                ""
+            },
+            ferrite::units::format_bytes(bytes as u64),
+            if layers.is_empty() || fused {
+                ""
+            } else {
+                "; primitive ops (the device lacks the fused ones)"
+            },
+        );
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use super::Engine;
 use crate::cache::plan::Gather;
 use crate::cache::{CacheSizes, KvCache, UbatchPlan};
-use crate::ggml::{GraphAllocator, OwnedGraph};
+use crate::ggml::{GraphAllocator, OwnedGraph, Scheduler};
 use crate::model::forward::Uploads;
 use crate::model::moe::groups_rows;
 use crate::model::paged::{
@@ -32,6 +32,9 @@ pub struct SessionOptions {
     pub graph_reuse: bool,
     /// See [`Session::set_grouped_experts`].
     pub grouped_experts: bool,
+    /// With devices: print on stderr how the scheduler split the session's first graph (splits, which device runs
+    /// which layers, compute buffers), as `--verbose` asks.
+    pub log_schedule: bool,
 }
 
 impl Default for SessionOptions {
@@ -39,6 +42,7 @@ impl Default for SessionOptions {
         SessionOptions {
             graph_reuse: true,
             grouped_experts: true,
+            log_schedule: false,
         }
     }
 }
@@ -47,6 +51,33 @@ impl Default for SessionOptions {
 struct PagedSession<'e> {
     state: Rc<StageState>,
     graphs: GraphCache<'e, StageKey>,
+    /// When devices take part: the scheduler the layer and head stages run through (built anew each time; the
+    /// experts stages run on the CPU, where the slots are).
+    sched: Option<Scheduler<'e>>,
+}
+
+/// Builds a stage graph anew, allocates it through the scheduler (made or grown as needed), lets `fill` write its
+/// inputs, computes it and returns what `read` takes from it. Nothing is kept: the scheduler hands its memory out
+/// again for the next graph.
+fn run_scheduled<'e, T>(
+    engine: &'e Engine,
+    sched: &mut Option<Scheduler<'e>>,
+    stats: &mut GraphStats,
+    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
+    fill: impl FnOnce(&OwnedGraph<'e>) -> Result<()>,
+    read: impl FnOnce(&OwnedGraph<'e>) -> Result<T>,
+) -> Result<T> {
+    stats.built += 1;
+    let g = build()?;
+    let size = g.graph().size();
+    if !sched.as_ref().is_some_and(|s| s.fits(size)) {
+        *sched = Some(engine.scheduler(size)?);
+    }
+    let sched = sched.as_mut().expect("made above");
+    sched.alloc(g.graph())?;
+    fill(&g)?;
+    sched.compute(g.graph())?;
+    read(&g)
 }
 
 /// The graph kept under `key`, built by `build` and allocated when there is none (kept graphs are dropped when the
@@ -80,9 +111,68 @@ fn kept_graph<'g, 'e, K: PartialEq + Copy>(
         .ok_or_else(|| anyhow!("a graph was neither kept nor built"))
 }
 
+/// A session's runner when devices take part: the graphs of recent micro-batch shapes, each with the scheduler
+/// (ggml's, over the engine's devices and the CPU) that allocated it. A scheduler hands its compute buffers out
+/// again for each graph it allocates, so each kept graph has its own; up to [`KEPT_GRAPHS`] are kept, as on the
+/// CPU-only path, and the least recently used one's scheduler is taken for a new shape.
+struct SchedRun<'e> {
+    /// Least recently used first. In each tuple the graph is dropped before the scheduler whose buffers it uses.
+    kept: Vec<(GraphKey, OwnedGraph<'e>, Scheduler<'e>)>,
+    /// Whether the schedule was printed (see [`SessionOptions::log_schedule`]).
+    logged: bool,
+}
+
 /// Stage graphs a paged session keeps per layer: the layer's graph for a few shapes and its experts' graphs for
 /// the entry counts decode sees.
 const PAGED_GRAPHS_PER_LAYER: usize = 12;
+
+/// What `--verbose` prints about a scheduled graph: its splits, which device runs the nodes of each layer (runs of
+/// layers on one device joined), and the compute buffers.
+fn schedule_report(sched: &Scheduler<'_>, g: &OwnedGraph<'_>) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    let nodes = sched.assignments(g.graph());
+    // Nodes per device between layer outputs (named `l_out-N`, as llama.cpp's cb() names them): group k holds layer
+    // k's nodes (the embedding's with layer 0), the group after the last layer the head's.
+    let mut per_layer: BTreeMap<usize, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut current = 0usize;
+    for (name, _, dev) in &nodes {
+        let dev = dev.map_or_else(|| "?".to_string(), |d| d.name());
+        *per_layer
+            .entry(current)
+            .or_default()
+            .entry(dev)
+            .or_insert(0) += 1;
+        if name.starts_with("l_out-") {
+            current += 1;
+        }
+    }
+    let n_layers = current;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ferrite: scheduler: {} nodes in {} splits",
+        nodes.len(),
+        sched.n_splits()
+    );
+    for (layer, devs) in &per_layer {
+        let what = match *layer {
+            0 => "embedding and layer 0".to_string(),
+            il if il == n_layers => "head".to_string(),
+            il => format!("layer {il}"),
+        };
+        let devs: Vec<String> = devs.iter().map(|(d, n)| format!("{d} {n}")).collect();
+        let _ = writeln!(s, "ferrite: scheduler:   {what}: {}", devs.join(", "));
+    }
+    for (backend, bytes) in sched.buffer_sizes() {
+        let _ = writeln!(
+            s,
+            "ferrite: scheduler: compute buffer on {backend}: {}",
+            crate::units::format_bytes(bytes as u64)
+        );
+    }
+    s
+}
 
 /// Which logits a call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +205,9 @@ pub struct Session<'e> {
     gather: Gather,
     /// A prompt's repacked experts multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
     grouped: bool,
+    /// The scheduler, when devices other than the CPU take part (else every graph runs on the CPU backend as is).
+    sched: Option<SchedRun<'e>>,
+    log_schedule: bool,
 }
 
 /// How a session's micro-batches got their graphs.
@@ -168,7 +261,10 @@ impl<'e> Session<'e> {
             );
         }
         let sizes = CacheSizes::new(cfg, n_ctx, n_ubatch.min(n_ctx), cache_type);
-        let cache = KvCache::new(cfg, sizes, &engine.backend)
+        let cache_devices: Vec<_> = (0..cfg.n_layer)
+            .map(|il| engine.placement.layer(il).main)
+            .collect();
+        let cache = KvCache::new(cfg, sizes, &engine.backend, &cache_devices)
             .context("cannot allocate the context cache")?;
         let alloc =
             GraphAllocator::new(&engine.backend).context("cannot create the compute buffer")?;
@@ -178,10 +274,20 @@ impl<'e> Session<'e> {
             Some(_) => Some(PagedSession {
                 state: Rc::new(StageState::new(cfg, cache.sizes.n_ubatch, &engine.backend)?),
                 graphs: GraphCache::new(PAGED_GRAPHS_PER_LAYER * cfg.n_layer + 8),
+                sched: None,
+            }),
+        };
+        let sched = match engine.devices.is_empty() {
+            true => None,
+            false => Some(SchedRun {
+                kept: Vec::new(),
+                logged: false,
             }),
         };
         Ok(Session {
             engine,
+            sched,
+            log_schedule: opts.log_schedule,
             cache: Rc::new(cache),
             alloc,
             graphs: GraphCache::new(if opts.graph_reuse { KEPT_GRAPHS } else { 0 }),
@@ -308,6 +414,9 @@ impl<'e> Session<'e> {
         if self.paged.is_some() {
             return self.run_ubatch_paged(tokens, want, out);
         }
+        if self.sched.is_some() {
+            return self.run_ubatch_sched(tokens, want, out);
+        }
         let engine = self.engine;
         {
             let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -339,11 +448,12 @@ impl<'e> Session<'e> {
                     grouped,
                     weights: &weights,
                     rotation: engine.rotations(),
+                    layer_fused: None,
                 };
                 build_graph(&parts, &self.cache, &plan, want)
             },
         )?;
-        let logits = fill_inputs(graph, plan, want, fused, engine.rotations())?;
+        let logits = fill_inputs(graph, plan, want, fused, engine.rotations(), false)?;
         engine.backend.compute(graph.graph())?;
         if !want.is_empty() {
             let start = out.len();
@@ -352,6 +462,109 @@ impl<'e> Session<'e> {
         }
         self.tokens.extend_from_slice(tokens);
         Ok(())
+    }
+
+    /// Runs one micro-batch through the scheduler over the engine's devices and the CPU: the same graph as
+    /// [`Session::run_ubatch`] builds, with each layer's nodes on the device of its weights and cache, and the
+    /// primitive-op form for layers whose device lacks the fused operators.
+    fn run_ubatch_sched(
+        &mut self,
+        tokens: &[u32],
+        want: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let engine = self.engine;
+        {
+            let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.record_step(tokens.len() as u64);
+            for _ in 0..engine.cfg.n_layer {
+                stats.record_resident((tokens.len() * engine.cfg.n_expert_used) as u64);
+            }
+        }
+        let cfg = &engine.cfg;
+        let fused = engine.opts.fused_ops;
+        let plan = self.plan(tokens);
+        // Only experts repacked in the CPU's layout (so on the CPU) take the grouped products.
+        let grouped = engine.grouped.filter(|_| self.grouped);
+        if grouped.is_some() && groups_rows(tokens.len(), cfg.n_expert_used, cfg.n_expert) {
+            self.stats.grouped += 1;
+        }
+        let key = GraphKey::of(&plan, want.len(), grouped.is_some());
+        let capacity = self.graphs.capacity();
+        let run = self.sched.as_mut().expect("a scheduled session");
+        let found = match capacity > 0 {
+            true => run.kept.iter().position(|(k, _, _)| *k == key),
+            false => None,
+        };
+        if let Some(i) = found {
+            self.stats.reused += 1;
+            let entry = run.kept.remove(i);
+            run.kept.push(entry);
+        } else {
+            self.stats.built += 1;
+            let weights = engine.weight_tensors();
+            let parts = GraphParts {
+                cfg,
+                fused,
+                grouped,
+                weights: &weights,
+                rotation: engine.rotations(),
+                layer_fused: Some(Rc::new(engine.layer_fused.clone())),
+            };
+            let g = build_graph(&parts, &self.cache, &plan, want)?;
+            let size = g.graph().size();
+            // The least recently used graph's scheduler when as many graphs as kept are there, else a new one.
+            let old = match run.kept.len() >= capacity.max(1) {
+                true => Some(run.kept.remove(0).2),
+                false => None,
+            };
+            let mut sched = match old {
+                Some(s) if s.fits(size) => s,
+                _ => engine.scheduler(size)?,
+            };
+            sched.alloc(g.graph())?;
+            if self.log_schedule && !run.logged {
+                run.logged = true;
+                eprint!("{}", schedule_report(&sched, &g));
+            }
+            run.kept.push((key, g, sched));
+        }
+        let (_, g, sched) = run.kept.last_mut().expect("a graph was just kept");
+        let logits = fill_inputs(g, plan, want, fused, engine.rotations(), true)?;
+        sched.compute(g.graph())?;
+        if !want.is_empty() {
+            let start = out.len();
+            out.resize(start + logits.n_elements() as usize, 0.0);
+            logits.read_f32(&mut out[start..])?;
+        }
+        self.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    /// How many nodes of each operator the graph of the last micro-batch computed through the scheduler has (`None`
+    /// on the CPU-only path, or before the first micro-batch). Used by tests to see which form each device got.
+    pub fn scheduled_op_counts(&self) -> Option<std::collections::BTreeMap<String, usize>> {
+        let (_, g, _) = self.sched.as_ref()?.kept.last()?;
+        Some(g.graph().op_counts())
+    }
+
+    /// For each node of the last scheduled graph: its name, operator and the device that runs it (None: the CPU or
+    /// unassigned). `None` on the CPU-only path or before the first micro-batch.
+    pub fn scheduled_nodes(&self) -> Option<Vec<(String, String, Option<String>)>> {
+        let (_, g, sched) = self.sched.as_ref()?.kept.last()?;
+        Some(
+            sched
+                .assignments(g.graph())
+                .into_iter()
+                .map(|(name, op, dev)| (name, op, dev.map(|d| d.name())))
+                .collect(),
+        )
+    }
+
+    /// Splits of the last scheduled graph (`None` on the CPU-only path).
+    pub fn scheduled_splits(&self) -> Option<usize> {
+        let (_, _, sched) = self.sched.as_ref()?.kept.last()?;
+        Some(sched.n_splits())
     }
 
     /// Runs one micro-batch through the paged store: a graph per layer up to its router, the experts over the slots
@@ -377,7 +590,9 @@ impl<'e> Session<'e> {
             grouped: None,
             weights: &weights,
             rotation,
+            layer_fused: Some(Rc::new(engine.layer_fused.clone())),
         };
+        let scheduled = !engine.devices.is_empty();
         let Session {
             cache,
             alloc,
@@ -388,9 +603,24 @@ impl<'e> Session<'e> {
         let ps = paged.as_mut().expect("a paged session");
         let state = ps.state.clone();
         let graphs = &mut ps.graphs;
+        let sched = &mut ps.sched;
         let backend = &engine.backend;
         let mut compute = |call: StageCall<'_>| -> Result<()> {
             match call {
+                StageCall::Layer(il) if scheduled => {
+                    let deps = StageDeps {
+                        cache: cache.clone(),
+                        state: state.clone(),
+                    };
+                    let fill = |g: &OwnedGraph<'_>| -> Result<()> {
+                        let mut up = Uploads::kept(g.tensors());
+                        batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
+                        up.upload_used()?;
+                        Ok(())
+                    };
+                    let build = || build_layer_graph(&parts, deps, &plan, il);
+                    run_scheduled(engine, sched, stats, build, fill, |_| Ok(()))?;
+                }
                 StageCall::Layer(il) => {
                     let sk = StageKey::Layer { key, layer: il };
                     let mut spare = None;
@@ -443,17 +673,28 @@ impl<'e> Session<'e> {
             n_tokens: tokens.len(),
             n_out,
         };
-        let mut spare = None;
-        let g = kept_graph(graphs, alloc, stats, sk, &mut spare, || {
-            build_head_graph(cfg, fused, &weights, state.clone(), tokens.len(), n_out)
-        })?;
-        let t = g.tensors();
-        t[1].set_i32(&out_ids(tokens.len(), want))?;
-        backend.compute(g.graph())?;
-        if !want.is_empty() {
-            let start = out.len();
-            out.resize(start + t[0].n_elements() as usize, 0.0);
-            t[0].read_f32(&mut out[start..])?;
+        let build = || build_head_graph(cfg, fused, &weights, state.clone(), tokens.len(), n_out);
+        let fill = |g: &OwnedGraph<'_>| -> Result<()> {
+            g.tensors()[1].set_i32(&out_ids(tokens.len(), want))?;
+            Ok(())
+        };
+        let mut read = |g: &OwnedGraph<'_>| -> Result<()> {
+            let t = g.tensors();
+            if !want.is_empty() {
+                let start = out.len();
+                out.resize(start + t[0].n_elements() as usize, 0.0);
+                t[0].read_f32(&mut out[start..])?;
+            }
+            Ok(())
+        };
+        if scheduled {
+            run_scheduled(engine, sched, stats, build, fill, read)?;
+        } else {
+            let mut spare = None;
+            let g = kept_graph(graphs, alloc, stats, sk, &mut spare, build)?;
+            fill(g)?;
+            backend.compute(g.graph())?;
+            read(g)?;
         }
         self.tokens.extend_from_slice(tokens);
         Ok(())

@@ -201,6 +201,25 @@ impl<'m> Context<'m> {
         self.alloc_tensors_in(buft)
     }
 
+    /// As [`Context::alloc_tensors`], in one buffer of `device`'s default type; `weights` marks the buffer as
+    /// holding weights, so that a [`super::Scheduler`] runs the operators reading them on that device.
+    pub fn alloc_tensors_on(&self, device: super::Device, weights: bool) -> Result<()> {
+        let before = self.buffers.borrow().len();
+        self.alloc_tensors_in(device.buffer_type())?;
+        if weights {
+            if let Some(buf) = self.buffers.borrow().get(before) {
+                // SAFETY: a live buffer this context owns; the call only sets its usage flag.
+                unsafe {
+                    sys::ggml_backend_buffer_set_usage(
+                        buf.as_ptr(),
+                        sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
+                    )
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// As [`Context::alloc_tensors`], in host memory of the CPU backend without needing a backend instance.
     pub fn alloc_tensors_host(&self) -> Result<()> {
         // SAFETY: returns ggml's static CPU buffer type.

@@ -1,8 +1,11 @@
 //! The backends and devices compiled into this binary's ggml (CPU always; CUDA, Vulkan, Metal, CANN by feature),
 //! for `ferrite info` and the planner.
 
+use std::ptr::NonNull;
+
 use llama_cpp_sys_2 as sys;
 
+use super::error::{GgmlError, Result};
 use super::types::cstr_lossy;
 
 /// What kind of device ggml reports.
@@ -94,6 +97,171 @@ fn device(i: usize) -> Option<DeviceInfo> {
         memory_free: free,
         memory_total: total,
     })
+}
+
+/// A device registered in ggml's registry (the CPU, a GPU, an RPC server's device, ...): a handle that lives for the
+/// whole program (ggml never unregisters devices). Compare handles with `==`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Device(NonNull<sys::ggml_backend_device>);
+
+// SAFETY: a registered device is an immutable descriptor owned by ggml's registry for the whole program; its
+// functions (name, memory, buffer type, support queries) may be called from any thread.
+unsafe impl Send for Device {}
+// SAFETY: as above.
+unsafe impl Sync for Device {}
+
+impl Device {
+    /// Every registered device, in registry order (the CPU among them).
+    pub fn all() -> Vec<Device> {
+        // SAFETY: the registry is initialized on first use; indices below the count give registered devices.
+        let n = unsafe { sys::ggml_backend_dev_count() };
+        (0..n)
+            // SAFETY: `i` < count.
+            .filter_map(|i| NonNull::new(unsafe { sys::ggml_backend_dev_get(i) }).map(Device))
+            .collect()
+    }
+
+    /// The device named `name` (`CPU`, `RPC0`, `CUDA0`, ...; ggml compares case-insensitively), if registered.
+    pub fn by_name(name: &str) -> Option<Device> {
+        let c = std::ffi::CString::new(name).ok()?;
+        // SAFETY: a NUL-terminated name; ggml returns a registered device or NULL.
+        NonNull::new(unsafe { sys::ggml_backend_dev_by_name(c.as_ptr()) }).map(Device)
+    }
+
+    /// The CPU device.
+    pub fn cpu() -> Option<Device> {
+        Device::all().into_iter().find(|d| d.is_cpu())
+    }
+
+    pub(super) fn as_ptr(self) -> sys::ggml_backend_dev_t {
+        self.0.as_ptr()
+    }
+
+    /// # Safety
+    /// `ptr` must be NULL or a registered device.
+    pub(super) unsafe fn from_raw(ptr: sys::ggml_backend_dev_t) -> Option<Device> {
+        NonNull::new(ptr).map(Device)
+    }
+
+    /// ggml's name of the device (`CPU`, `RPC0`, ...).
+    pub fn name(self) -> String {
+        // SAFETY: a registered device; the name is owned by it.
+        cstr_lossy(unsafe { sys::ggml_backend_dev_name(self.as_ptr()) })
+    }
+
+    /// The device's description (for an RPC device: its server's `HOST:PORT`).
+    pub fn description(self) -> String {
+        // SAFETY: as in `name`.
+        cstr_lossy(unsafe { sys::ggml_backend_dev_description(self.as_ptr()) })
+    }
+
+    /// True for the CPU device (computes in host memory with ferrite's CPU backend).
+    pub fn is_cpu(self) -> bool {
+        // SAFETY: a registered device.
+        unsafe { sys::ggml_backend_dev_type(self.as_ptr()) == sys::GGML_BACKEND_DEVICE_TYPE_CPU }
+    }
+
+    /// True for a device of ggml's RPC backend (one served by `ferrite rpc-server` or llama.cpp's `rpc-server`).
+    pub fn is_rpc(self) -> bool {
+        // SAFETY: a registered device; its backend registration (if any) has a static name.
+        let reg = unsafe { sys::ggml_backend_dev_backend_reg(self.as_ptr()) };
+        // SAFETY: a registered backend with a static name.
+        !reg.is_null() && cstr_lossy(unsafe { sys::ggml_backend_reg_name(reg) }).starts_with("RPC")
+    }
+
+    /// Free and total bytes of the device's memory, as it reports them.
+    pub fn memory(self) -> (usize, usize) {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: a registered device; the call writes two usize values.
+        unsafe { sys::ggml_backend_dev_memory(self.as_ptr(), &mut free, &mut total) };
+        (free, total)
+    }
+
+    /// The device's default buffer type (where its tensors live).
+    pub(super) fn buffer_type(self) -> sys::ggml_backend_buffer_type_t {
+        // SAFETY: a registered device; the buffer type lives as long as the device.
+        unsafe { sys::ggml_backend_dev_buffer_type(self.as_ptr()) }
+    }
+
+    /// True when the device computes `t`'s operator with `t`'s types and shapes (`ggml_backend_dev_supports_op`).
+    pub fn supports_op(self, t: super::Tensor<'_>) -> bool {
+        // SAFETY: a registered device and a live tensor; the call only inspects them.
+        unsafe { sys::ggml_backend_dev_supports_op(self.as_ptr(), t.as_ptr()) }
+    }
+
+    /// True when the device has every DeepSeek V4 operator ferrite's fused form uses (`ggml_dsv4_hc_comb`,
+    /// `_pre`, `_post`, `ggml_lightning_indexer`), asked with small probe nodes of each; layers on a device without
+    /// them are built with the primitive-op form.
+    pub fn supports_dsv4_ops(self) -> bool {
+        probe_dsv4(&|t| self.supports_op(t)).unwrap_or(false)
+    }
+
+    /// A new backend instance of this device (the CPU has its own type, [`super::CpuBackend`]).
+    pub fn backend(self) -> Result<DeviceBackend> {
+        // SAFETY: a registered device; NULL params; returns a new backend or NULL.
+        let ptr = unsafe { sys::ggml_backend_dev_init(self.as_ptr(), std::ptr::null()) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| GgmlError::Op {
+            op: "device backend",
+            detail: format!("ggml could not start a backend on device {}", self.name()),
+        })?;
+        Ok(DeviceBackend { ptr, device: self })
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({})", self.name())
+    }
+}
+
+/// Builds one small node of each fused DeepSeek V4 operator and asks `supports` about each.
+pub(crate) fn probe_dsv4(supports: &dyn Fn(super::Tensor<'_>) -> bool) -> Result<bool> {
+    use gguf::GgmlType::{F16, F32};
+    let ctx = super::Context::with_capacity(24, 0)?;
+    let hc = 4i64;
+    let mixes = ctx.new_tensor_2d(F32, (2 + hc) * hc, 1)?;
+    let scale = ctx.new_tensor_1d(F32, 3)?;
+    let base = ctx.new_tensor_1d(F32, (2 + hc) * hc)?;
+    let comb = ctx.dsv4_hc_comb(mixes, scale, base, 1e-6, 2)?;
+    let x = ctx.new_tensor_3d(F32, 8, hc, 1)?;
+    let w = ctx.new_tensor_2d(F32, hc, 1)?;
+    let pre = ctx.dsv4_hc_pre(x, w)?;
+    let out = ctx.new_tensor_2d(F32, 8, 1)?;
+    let post = ctx.dsv4_hc_post(out, x, w, Some(comb))?;
+    let q = ctx.new_tensor_4d(F32, [8, 2, 1, 1])?;
+    let k = ctx.new_tensor_4d(F32, [8, 1, 4, 1])?;
+    let weights = ctx.new_tensor_4d(F32, [2, 1, 1, 1])?;
+    let mask = ctx.new_tensor_4d(F16, [4, 1, 1, 1])?;
+    let idx = ctx.lightning_indexer(q, k, weights, mask)?;
+    let ok = [comb, pre, post, idx].into_iter().all(supports);
+    Ok(ok)
+}
+
+/// A backend instance of a non-CPU device (a GPU, an RPC server's device), freed on drop. Graphs run on it only
+/// through a [`super::Scheduler`].
+pub struct DeviceBackend {
+    ptr: NonNull<sys::ggml_backend>,
+    device: Device,
+}
+
+// SAFETY: a backend instance has no thread affinity; it is used by one thread at a time (`!Sync`).
+unsafe impl Send for DeviceBackend {}
+
+impl DeviceBackend {
+    pub(super) fn as_ptr(&self) -> sys::ggml_backend_t {
+        self.ptr.as_ptr()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+}
+
+impl Drop for DeviceBackend {
+    fn drop(&mut self) {
+        // SAFETY: made by ggml_backend_dev_init and freed once; buffers are independent of the instance.
+        unsafe { sys::ggml_backend_free(self.as_ptr()) }
+    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,15 @@ impl<'c> Graph<'c> {
         unsafe { Tensor::from_raw(sys::ggml_graph_node(self.as_ptr(), i as i32)) }
     }
 
+    /// How many computed nodes run each operator (by [`Tensor::op_name`]).
+    pub fn op_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for t in (0..self.n_nodes()).filter_map(|i| self.node(i)) {
+            *out.entry(t.op_name()).or_insert(0) += 1;
+        }
+        out
+    }
+
     /// The graph's capacity.
     pub fn size(&self) -> usize {
         self.size

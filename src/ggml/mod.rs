@@ -22,6 +22,8 @@ mod pool;
 mod quant;
 mod region;
 mod repack;
+pub mod rpc;
+mod sched;
 mod shape;
 mod tensor;
 #[cfg(test)]
@@ -30,7 +32,7 @@ mod types;
 
 pub use backend::CpuBackend;
 pub use context::{context_mem_size, Context};
-pub use devices::{backend_names, devices, DeviceInfo, DeviceKind};
+pub use devices::{backend_names, devices, Device, DeviceBackend, DeviceInfo, DeviceKind};
 pub use dsv4::{RopeMode, RopeParams};
 pub use error::{GgmlError, Result};
 pub use gallocr::GraphAllocator;
@@ -44,6 +46,7 @@ pub use pool::SlotPool;
 pub use quant::{can_quantize_to, dequantize_rows, quantize_rows, requires_imatrix, GgmlCodec};
 pub use region::{RegionId, BIND_ALIGNMENT, REGION_ALIGNMENT};
 pub use repack::{RepackType, RepackWeight, RepackedStats, WeightOp};
+pub use sched::Scheduler;
 pub use tensor::{Tensor, MAX_NAME_LEN};
 pub use types::{
     block_size, cpu_vec_dot_type, from_ggml, has_to_float, row_size, to_ggml, type_name, type_size,

@@ -82,6 +82,12 @@ impl<'ctx> Tensor<'ctx> {
         self.raw().op
     }
 
+    /// The operator's name as ggml prints it (`MUL_MAT`, `DSV4_HC_PRE`, `SILU` for unary ops, `NONE` for leafs).
+    pub fn op_name(self) -> String {
+        // SAFETY: a live tensor; returns a static string naming its op (or unary/glu op).
+        cstr_lossy(unsafe { sys::ggml_op_desc(self.as_ptr()) })
+    }
+
     pub(super) fn op_params(self) -> [i32; 16] {
         self.raw().op_params
     }

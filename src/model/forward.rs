@@ -3,6 +3,7 @@
 //! inside the graph.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use gguf::GgmlType;
 
@@ -15,7 +16,9 @@ use super::hc::{self, HcMix, HcParams};
 use super::moe::{moe, MoeShape};
 use super::weights::{LayerWeights, Weights};
 
-/// The graph builder's state: the context, numerical settings, and side effects (cache writes) to run.
+/// The graph builder's state: the context, numerical settings, and side effects (cache writes) to run. Clones
+/// share the side effects ([`Ops::for_layer`]).
+#[derive(Clone)]
 pub struct Ops<'c> {
     pub ctx: &'c Context<'c>,
     /// Use ggml's DeepSeek operators (hc_pre/post/comb, lightning indexer); else the same maths in primitive ops.
@@ -26,7 +29,10 @@ pub struct Ops<'c> {
     /// Repacked routed experts of a prompt multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`])
     /// when set: the buffer type they are repacked in.
     pub grouped: Option<RepackType>,
-    effects: RefCell<Vec<Tensor<'c>>>,
+    /// Per layer, whether its device has the fused operators (see [`Ops::for_layer`]); `None`: every layer as
+    /// `fused` says (the CPU-only engine).
+    pub layer_fused: Option<Rc<Vec<bool>>>,
+    effects: Rc<RefCell<Vec<Tensor<'c>>>>,
 }
 
 impl<'c> Ops<'c> {
@@ -38,8 +44,26 @@ impl<'c> Ops<'c> {
             hc_eps: cfg.hc_eps,
             sinkhorn_iters: cfg.sinkhorn_iters,
             grouped: None,
-            effects: RefCell::new(Vec::new()),
+            layer_fused: None,
+            effects: Rc::new(RefCell::new(Vec::new())),
         }
+    }
+
+    /// Sets which layers may use the fused operators (their device has them); see [`Ops::for_layer`].
+    pub fn with_layer_fused(self, layer_fused: Option<Rc<Vec<bool>>>) -> Ops<'c> {
+        Ops {
+            layer_fused,
+            ..self
+        }
+    }
+
+    /// The builder for layer `il`: fused operators only where `fused` is on and the layer's device has them.
+    pub fn for_layer(&self, il: usize) -> Ops<'c> {
+        let mut o = self.clone();
+        if let Some(v) = &self.layer_fused {
+            o.fused = self.fused && v.get(il).copied().unwrap_or(true);
+        }
+        o
     }
 
     /// Lets repacked routed experts use the grouped GEMM products (see [`Ops::grouped`]).
@@ -221,13 +245,21 @@ pub fn forward<'c>(
     inp: &BatchInputs<'c>,
 ) -> Result<Tensor<'c>> {
     let mut x = embed(o, cfg, w, inp.tokens)?;
+    x.set_name("inp_embd")?;
     for (il, lw) in w.layers.iter().enumerate() {
+        let o = &o.for_layer(il);
         let x_mid = attention_block(o, cfg, lw, &cache[il], x, inp, il)?;
+        x_mid.set_name(&format!("ffn_inp-{il}"))?;
         let (c, mix) = ffn_input(o, lw, x_mid)?;
+        c.set_name(&format!("ffn_norm-{il}"))?;
         let f = moe(o, lw, c, inp.tokens, &moe_shape(cfg, il))?;
+        f.set_name(&format!("ffn_out-{il}"))?;
         x = hc::post(o, f, x_mid, &mix)?;
+        x.set_name(&format!("l_out-{il}"))?;
     }
-    head(o, cfg, w, x, inp.out_ids)
+    let logits = head(o, cfg, w, x, inp.out_ids)?;
+    logits.set_name("result_output")?;
+    Ok(logits)
 }
 
 /// The token embeddings copied into the hc streams: `{D, hc, n}`.
@@ -277,7 +309,9 @@ pub fn attention_block<'c>(
     };
     let (y, mix) = hc::pre(o, x, &attn_hc)?;
     let c = o.ctx.mul(o.ctx.rms_norm(y, o.eps)?, lw.attn_norm)?;
+    c.set_name(&format!("attn_norm-{il}"))?;
     let a = attention(o, lw, cache, c, inp, &attn_shape, &rope)?;
+    a.set_name(&format!("attn_out-{il}"))?;
     hc::post(o, a, x, &mix)
 }
 

@@ -316,7 +316,9 @@ pub fn build_layer_graph<'e>(
             let st = &*deps.state;
             let mut up = Uploads::new_tensors(ctx);
             let inp = batch_inputs(&mut up, plan.clone(), &[], fused, parts.rotation)?;
-            let o = Ops::new(ctx, cfg, fused);
+            let o = Ops::new(ctx, cfg, fused)
+                .with_layer_fused(parts.layer_fused.clone())
+                .for_layer(il);
             let n = plan.tokens.len() as i64;
             let x = match il {
                 0 => embed(&o, cfg, w, inp.tokens)?,

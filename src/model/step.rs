@@ -249,6 +249,9 @@ pub struct GraphParts<'a, 'e> {
     pub weights: &'a Weights<Tensor<'e>>,
     /// The indexer's Hadamard matrix (an engine constant), when the model has one.
     pub rotation: Rotations<'e>,
+    /// Per layer, whether its device has the fused operators (see [`super::forward::Ops::for_layer`]); `None`: all
+    /// as `fused` says.
+    pub layer_fused: Option<Rc<Vec<bool>>>,
 }
 
 /// Graph nodes (and context tensors) a micro-batch graph may need.
@@ -272,10 +275,13 @@ pub fn build_graph<'e>(
     let size = graph_size(parts.cfg, parts.fused, plan.chunks.len());
     let (cfg, fused, weights, rotation) = (parts.cfg, parts.fused, parts.weights, parts.rotation);
     let grouped = parts.grouped;
+    let layer_fused = parts.layer_fused.clone();
     OwnedGraph::<'e>::build(size, size, cache.clone(), |ctx, cache: &KvCache, _scope| {
         let mut up = Uploads::new_tensors(ctx);
         let inp = batch_inputs(&mut up, plan.clone(), want, fused, rotation)?;
-        let o = Ops::new(ctx, cfg, fused).with_grouped(grouped);
+        let o = Ops::new(ctx, cfg, fused)
+            .with_grouped(grouped)
+            .with_layer_fused(layer_fused.clone());
         let logits = forward(&o, cfg, weights, &cache.layers(), &inp)?;
         let mut graph = ctx.new_graph(size)?;
         graph.expand(logits)?;
@@ -289,13 +295,15 @@ pub fn build_graph<'e>(
 }
 
 /// Writes the inputs of `plan` into `graph` (built by [`build_graph`] for the same [`GraphKey`]); returns the
-/// logits tensor.
+/// logits tensor. With `used_only`, inputs the graph does not reach (left without memory) are skipped: a graph
+/// whose layers do not all use the fused operators may leave their F16 mask unused.
 pub fn fill_inputs<'g>(
     graph: &'g OwnedGraph<'_>,
     plan: UbatchPlan,
     want: &[usize],
     fused: bool,
     rotation: Rotations<'g>,
+    used_only: bool,
 ) -> Result<Tensor<'g>> {
     let tensors = graph.tensors();
     let Some((&logits, inputs)) = tensors.split_first() else {
@@ -306,7 +314,10 @@ pub fn fill_inputs<'g>(
     };
     let mut up = Uploads::kept(inputs);
     batch_inputs(&mut up, plan, want, fused, rotation)?;
-    up.upload()?;
+    match used_only {
+        true => up.upload_used()?,
+        false => up.upload()?,
+    }
     Ok(logits)
 }
 

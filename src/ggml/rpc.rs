@@ -1,0 +1,215 @@
+//! ggml's RPC backend: devices of other machines (or other processes) reached over TCP, and the server that offers
+//! a device of this machine. Its functions are reached through the "RPC" registry entry's proc addresses
+//! (`ggml_backend_rpc_add_server`, `ggml_backend_rpc_start_server`), as llama.cpp does.
+//!
+//! ggml-rpc aborts the process (`GGML_ABORT`) when a server cannot be reached or closes the connection mid-run;
+//! [`install_abort_handler`] turns that into a message naming the server and exit status 1, and [`add_server`]
+//! checks the server answers before ggml tries.
+
+use std::ffi::{c_char, c_void, CString};
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use llama_cpp_sys_2 as sys;
+
+use super::devices::Device;
+use super::error::{GgmlError, Result};
+use super::types::cstr_lossy;
+
+/// How long connecting to a server may take before it counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The endpoints added so far (for the abort message).
+static ENDPOINTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+type AddServerFn = unsafe extern "C" fn(endpoint: *const c_char) -> sys::ggml_backend_reg_t;
+type StartServerFn = unsafe extern "C" fn(
+    endpoint: *const c_char,
+    cache_dir: *const c_char,
+    n_threads: usize,
+    n_devices: usize,
+    devices: *mut sys::ggml_backend_dev_t,
+);
+
+fn rpc_error(detail: String) -> GgmlError {
+    GgmlError::Op { op: "rpc", detail }
+}
+
+/// The address of one of the RPC registry's functions.
+fn proc_address(name: &str) -> Result<*mut c_void> {
+    let reg_name = CString::new("RPC").expect("no NUL");
+    // SAFETY: a NUL-terminated name; returns the registered backend or NULL.
+    let reg = unsafe { sys::ggml_backend_reg_by_name(reg_name.as_ptr()) };
+    if reg.is_null() {
+        return Err(rpc_error(
+            "this build of ggml has no RPC backend (build with GGML_RPC=ON)".into(),
+        ));
+    }
+    let c = CString::new(name).expect("no NUL");
+    // SAFETY: a registered backend and a NUL-terminated name; returns the function or NULL.
+    let f = unsafe { sys::ggml_backend_reg_get_proc_address(reg, c.as_ptr()) };
+    if f.is_null() {
+        return Err(rpc_error(format!("ggml's RPC backend has no {name}")));
+    }
+    Ok(f)
+}
+
+/// Checks `endpoint` (`HOST:PORT`) is well formed and a server accepts connections there.
+pub fn check_reachable(endpoint: &str) -> Result<()> {
+    let hint = "start it on that machine with `ferrite rpc-server --host ADDRESS --port PORT`";
+    let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| {
+        rpc_error(format!(
+            "RPC server '{endpoint}' is not HOST:PORT (e.g. 127.0.0.1:50052)"
+        ))
+    })?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(rpc_error(format!(
+            "RPC server '{endpoint}' is not HOST:PORT with a port from 1 to 65535"
+        )));
+    }
+    let addrs: Vec<_> = endpoint
+        .to_socket_addrs()
+        .map_err(|e| rpc_error(format!("cannot resolve the RPC server '{endpoint}': {e}")))?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    let why = last.map_or_else(|| "no address".to_string(), |e| e.to_string());
+    Err(rpc_error(format!(
+        "cannot reach the RPC server at {endpoint}: {why} (hint: {hint})"
+    )))
+}
+
+/// Connects to the RPC server at `endpoint` (`HOST:PORT`) and registers its devices with ggml (named `RPC0`,
+/// `RPC1`, ... in the order servers are added; their description is the endpoint). Returns them. Adding the same
+/// endpoint again returns its devices.
+pub fn add_server(endpoint: &str) -> Result<Vec<Device>> {
+    install_abort_handler();
+    check_reachable(endpoint)?;
+    let f = proc_address("ggml_backend_rpc_add_server")?;
+    // SAFETY: the registry documents this symbol as `ggml_backend_reg_t (*)(const char *)`.
+    let add: AddServerFn = unsafe { std::mem::transmute::<*mut c_void, AddServerFn>(f) };
+    let c = CString::new(endpoint)
+        .map_err(|_| rpc_error(format!("RPC server '{endpoint}' contains NUL")))?;
+    {
+        let mut list = ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner());
+        if !list.iter().any(|e| e == endpoint) {
+            list.push(endpoint.to_string());
+        }
+    }
+    // SAFETY: a NUL-terminated endpoint; ggml connects (aborting through our handler on failure) and returns the
+    // server's registration, NULL when it offers no device.
+    let reg = unsafe { add(c.as_ptr()) };
+    if reg.is_null() {
+        return Err(rpc_error(format!(
+            "the RPC server at {endpoint} offers no device"
+        )));
+    }
+    // SAFETY: a live registration; registering twice is harmless for ggml but would list its devices twice, so
+    // only new ones are registered.
+    let n = unsafe { sys::ggml_backend_reg_dev_count(reg) };
+    // SAFETY: indices below the count.
+    let first = unsafe { sys::ggml_backend_reg_dev_get(reg, 0) };
+    // SAFETY: `first` is NULL or a device of the registration.
+    let known = unsafe { Device::from_raw(first) }.is_some_and(|d| Device::all().contains(&d));
+    if !known {
+        // SAFETY: a registration that stays alive for the whole program (ggml keeps it in a static map).
+        unsafe { sys::ggml_backend_register(reg) };
+    }
+    Ok((0..n)
+        // SAFETY: indices below the count give the registration's devices.
+        .filter_map(|i| unsafe { Device::from_raw(sys::ggml_backend_reg_dev_get(reg, i)) })
+        .collect())
+}
+
+/// Serves `device` on `endpoint` (`HOST:PORT`) with `n_threads` compute threads, one client at a time; returns
+/// only when the server cannot start or stops. ggml prints the server's banner on stdout.
+pub fn start_server(endpoint: &str, device: Device, n_threads: usize) -> Result<()> {
+    install_abort_handler();
+    let f = proc_address("ggml_backend_rpc_start_server")?;
+    // SAFETY: the registry documents this symbol with this signature (ggml-rpc.h).
+    let start: StartServerFn = unsafe { std::mem::transmute::<*mut c_void, StartServerFn>(f) };
+    let c = CString::new(endpoint)
+        .map_err(|_| rpc_error(format!("endpoint '{endpoint}' contains NUL")))?;
+    let mut devices = [device.as_ptr()];
+    let _ = std::io::stdout().flush();
+    // SAFETY: a NUL-terminated endpoint, no cache folder, one registered device; blocks while serving.
+    unsafe {
+        start(
+            c.as_ptr(),
+            std::ptr::null(),
+            n_threads.max(1),
+            1,
+            devices.as_mut_ptr(),
+        )
+    };
+    Err(rpc_error(format!(
+        "the RPC server on {endpoint} stopped (is the port already in use, or the address not this machine's?)"
+    )))
+}
+
+/// Makes a ggml abort print one clear line on stderr and exit with status 1 instead of `abort()` (status 134 and a
+/// backtrace). For ggml-rpc's aborts on a broken connection, the message names the servers that no longer accept
+/// connections. Installed once; idempotent.
+pub fn install_abort_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sets a global function pointer; the callback is a plain extern "C" fn that never returns.
+        unsafe {
+            sys::ggml_set_abort_callback(Some(on_abort as unsafe extern "C" fn(*const c_char)))
+        };
+    });
+}
+
+extern "C" fn on_abort(message: *const c_char) {
+    let message = cstr_lossy(message);
+    let message = message.trim();
+    let endpoints = match ENDPOINTS.try_lock() {
+        Ok(list) => list.clone(),
+        Err(_) => Vec::new(),
+    };
+    let rpc_related = message.contains("RPC") || message.contains("rpc");
+    let line = if rpc_related && !endpoints.is_empty() {
+        let dead = || -> Vec<&String> {
+            endpoints
+                .iter()
+                .filter(|e| check_reachable(e).is_err())
+                .collect()
+        };
+        let mut down = dead();
+        if down.is_empty() {
+            // A server being killed may close our connection a moment before its listening socket.
+            std::thread::sleep(Duration::from_millis(300));
+            down = dead();
+        }
+        if down.is_empty() && endpoints.len() == 1 {
+            down = endpoints.iter().collect();
+        }
+        let which = match down.as_slice() {
+            [] => format!("one of the RPC servers ({})", endpoints.join(", ")),
+            [one] => format!("the RPC server at {one}"),
+            many => format!(
+                "the RPC servers at {}",
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        format!(
+            "ferrite: error: {which} closed the connection (ggml: {message})\nhint: restart the server and run again"
+        )
+    } else {
+        format!("ferrite: error: ggml aborted: {message}")
+    };
+    let _ = writeln!(std::io::stderr(), "{line}");
+    // SAFETY: ends the process at once without unwinding into C or running destructors (other threads may be
+    // inside ggml); stderr is unbuffered.
+    unsafe { libc::_exit(1) }
+}

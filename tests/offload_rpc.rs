@@ -1,0 +1,703 @@
+//! The multi-device engine through ggml's RPC backend on loopback: `ferrite rpc-server` processes started by the
+//! tests (127.0.0.1, a free port, killed at the end, also on panic) serve their CPU as a second ggml backend with
+//! its own buffers, so weights are copied over, the cache lives there, and the scheduler splits graphs between it
+//! and this process's CPU. Checked against the CPU-only run (the path without a scheduler, F32 cache): logits of a
+//! whole prompt and token by token within 1e-4 of the logit scale, and 128 greedy tokens identical. Also: a device
+//! without the fused DeepSeek V4 operators gets the primitive form (counted in the built graph), an unreachable
+//! server and one killed mid-generation end in a clear error with exit status 1.
+
+mod support;
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferrite::cache::CacheType;
+use ferrite::engine::{Engine, EngineOptions, Logits, PagingOptions, Placement};
+use ferrite::ggml::{rpc, Device};
+use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
+use gguf::GgmlType;
+use support::compare::{prompt, relative_errors};
+
+const N_GEN: usize = 128;
+const TOLERANCE: f32 = 1e-4;
+
+/// A command whose child inherits no file descriptor but stdin, stdout and stderr. ggml-rpc's client sockets are
+/// not close-on-exec: a child spawned while another test's connection is open would keep that connection alive
+/// after the test closes it, and the server (one client at a time) would never serve the next one.
+fn command(program: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(program);
+    // SAFETY: runs in the child between fork and exec, calling only close(2), which is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            for fd in 3..1024 {
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// A `ferrite rpc-server` child process on 127.0.0.1, killed when dropped.
+struct RpcServer {
+    child: Child,
+    endpoint: String,
+}
+
+impl RpcServer {
+    fn start() -> RpcServer {
+        let port = free_port();
+        let child = command(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start ferrite rpc-server");
+        let server = RpcServer {
+            child,
+            endpoint: format!("127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&server.endpoint).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "rpc-server on {} did not start listening",
+                server.endpoint
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// The server's device, registered with ggml in this process.
+    fn device(&self) -> Device {
+        let devices = rpc::add_server(&self.endpoint).unwrap();
+        assert_eq!(devices.len(), 1, "one device per server");
+        assert_eq!(devices[0].description(), self.endpoint);
+        assert!(devices[0].is_rpc() && !devices[0].is_cpu());
+        devices[0]
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn open(path: &Path, placement: Placement, no_fused_on: Vec<Device>) -> Engine {
+    Engine::open(
+        path,
+        EngineOptions {
+            n_threads: 1,
+            cache_type: CacheType::F32,
+            paging: PagingOptions {
+                ctx_size: Some(512),
+                n_ubatch: Some(64),
+                ..PagingOptions::default()
+            },
+            layout: Some(placement),
+            no_fused_on,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Logit rows (one per position) of `prompt`, whole (`ubatch` 64) or token by token, and of `N_GEN` greedy tokens
+/// after it, and those tokens.
+fn run(engine: &Engine, prompt: &[u32], whole: bool) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let n_vocab = engine.n_vocab();
+    let mut s = engine
+        .session_sized(512, if whole { 64 } else { 1 })
+        .unwrap();
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    if whole {
+        let all = s.feed(prompt, Logits::All).unwrap();
+        rows.extend(all.chunks(n_vocab).map(<[f32]>::to_vec));
+    } else {
+        for &t in prompt {
+            rows.push(s.feed(&[t], Logits::Last).unwrap());
+        }
+    }
+    let mut out = Vec::new();
+    let mut next = argmax(rows.last().unwrap());
+    for _ in 0..N_GEN {
+        out.push(next);
+        let row = s.feed(&[next], Logits::Last).unwrap();
+        next = argmax(&row);
+        rows.push(row);
+    }
+    (rows, out)
+}
+
+/// `engine` against `reference` (the CPU-only run) on one prompt, whole and token by token.
+fn assert_matches(what: &str, engine: &Engine, reference: &Engine, seed: u64) {
+    let p = prompt(100, reference.n_vocab(), seed);
+    for whole in [true, false] {
+        let what = format!(
+            "{what}, prompt {}",
+            if whole { "whole" } else { "token by token" }
+        );
+        let (rows, toks) = run(engine, &p, whole);
+        let (ref_rows, ref_toks) = run(reference, &p, whole);
+        let errs = relative_errors(&rows, &ref_rows);
+        let (worst, at) =
+            errs.iter().enumerate().fold(
+                (0f32, 0),
+                |(m, a), (i, &e)| if e > m { (e, i) } else { (m, a) },
+            );
+        assert!(
+            worst <= TOLERANCE,
+            "{what}: position {at} is {worst:e} of the logit scale away from the CPU-only run (at most {TOLERANCE:e})"
+        );
+        assert_eq!(toks, ref_toks, "{what}: greedy tokens");
+    }
+}
+
+fn tiny(dir: &Path, cfg: &TinyConfig, seed: u64) -> std::path::PathBuf {
+    let path = dir.join("m.gguf");
+    write_tiny_model(&path, cfg, seed).unwrap();
+    path
+}
+
+#[test]
+fn every_layer_on_an_rpc_device_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), &TinyConfig::small(), 21);
+    let server = RpcServer::start();
+    let rpc0 = server.device();
+    let cpu = open(&path, Placement::default(), vec![]);
+    assert!(cpu.devices().is_empty(), "the default is the CPU-only path");
+    let offloaded = open(&path, Placement::all_on(rpc0), vec![]);
+    assert_eq!(offloaded.devices(), vec![rpc0]);
+    // Every weight the model computes with is on the device.
+    let on_device: usize = offloaded.device_weight_bytes().iter().map(|d| d.1).sum();
+    assert!(on_device > 0);
+    assert!(
+        offloaded.layer_fused().iter().all(|&f| f),
+        "the RPC device reports the fused operators"
+    );
+    assert_matches("every layer on RPC", &offloaded, &cpu, 5);
+
+    // Every node of the graph runs on the device: the cache and all weights live there.
+    let mut s = offloaded.session_sized(512, 64).unwrap();
+    s.feed(&prompt(20, offloaded.n_vocab(), 1), Logits::All)
+        .unwrap();
+    let nodes = s.scheduled_nodes().unwrap();
+    let rpc_name = rpc0.name();
+    let elsewhere: Vec<_> = nodes
+        .iter()
+        .filter(|(_, op, dev)| dev.as_deref() != Some(rpc_name.as_str()) && op != "NONE")
+        .filter(|(_, op, _)| !matches!(op.as_str(), "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE"))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "nodes not on {rpc_name}: {elsewhere:?}"
+    );
+    assert_eq!(s.scheduled_splits(), Some(1));
+
+    // Decode reuses the graphs of the shapes it cycles through (each kept with its own scheduler), and gives the
+    // same logits bit for bit as building every graph anew.
+    let p = prompt(20, offloaded.n_vocab(), 4);
+    let mut fresh = offloaded.session_sized(512, 64).unwrap();
+    fresh.set_graph_reuse(false);
+    let mut kept = offloaded.session_sized(512, 64).unwrap();
+    let (mut a, mut b) = (
+        fresh.feed(&p, Logits::Last).unwrap(),
+        kept.feed(&p, Logits::Last).unwrap(),
+    );
+    for _ in 0..32 {
+        assert_eq!(a, b, "logits with and without graph reuse");
+        let t = argmax(&a);
+        a = fresh.feed(&[t], Logits::Last).unwrap();
+        b = kept.feed(&[t], Logits::Last).unwrap();
+    }
+    let (st_fresh, st_kept) = (fresh.graph_stats(), kept.graph_stats());
+    assert_eq!((st_fresh.built, st_fresh.reused), (33, 0));
+    assert!(
+        st_kept.built <= 5 && st_kept.reused + st_kept.built == 33,
+        "decode cycles through a few shapes: {st_kept:?}"
+    );
+}
+
+#[test]
+fn layers_split_over_two_rpc_servers_and_the_cpu_match_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    // Quantized experts go over the wire too.
+    let cfg = TinyConfig::alt().with_types(WeightTypes {
+        experts: GgmlType::Q8_0,
+        ..WeightTypes::F32
+    });
+    let path = tiny(dir.path(), &cfg, 22);
+    let (a, b) = (RpcServer::start(), RpcServer::start());
+    let (rpc_a, rpc_b) = (a.device(), b.device());
+    let mut placement = Placement::default()
+        .with_layers(0..2, Some(rpc_a))
+        .with_layers(4..7, Some(rpc_b));
+    // Layer 3 computes on the CPU with its routed experts on server A; the head is on server B.
+    placement.layers[3].experts = Some(rpc_a);
+    placement.output = Some(rpc_b);
+    let split = open(&path, placement, vec![]);
+    assert_eq!(split.devices(), vec![rpc_a, rpc_b]);
+    let cpu = open(&path, Placement::default(), vec![]);
+    assert_matches("layers over RPC A, the CPU and RPC B", &split, &cpu, 6);
+
+    let mut s = split.session_sized(512, 64).unwrap();
+    s.feed(&prompt(20, split.n_vocab(), 2), Logits::All)
+        .unwrap();
+    let splits = s.scheduled_splits().unwrap();
+    assert!(
+        splits >= 4,
+        "A, CPU, A (layer 3's experts), CPU, B at least: {splits} splits"
+    );
+    let nodes = s.scheduled_nodes().unwrap();
+    let on = |dev: &Device| {
+        nodes
+            .iter()
+            .filter(|n| n.2.as_deref() == Some(&dev.name()))
+            .count()
+    };
+    let cpu_name = Device::cpu().unwrap().name();
+    let on_cpu = nodes
+        .iter()
+        .filter(|n| n.2.as_deref() == Some(&cpu_name))
+        .count();
+    assert!(on(&rpc_a) > 0 && on(&rpc_b) > 0 && on_cpu > 0, "{nodes:?}");
+    // Named nodes (as llama.cpp's cb() names them) run where their layer is.
+    let device_of = |name: &str| nodes.iter().find(|n| n.0 == name).and_then(|n| n.2.clone());
+    assert_eq!(device_of("attn_norm-0"), Some(rpc_a.name()));
+    assert_eq!(device_of("attn_norm-2"), Some(cpu_name.clone()));
+    assert_eq!(device_of("attn_norm-5"), Some(rpc_b.name()));
+    assert_eq!(device_of("result_output"), Some(rpc_b.name()));
+}
+
+/// llama.cpp's `-ngl 99 --cpu-moe` layout: everything on the device but the routed experts, which stay on the CPU
+/// (repacked for its kernels where it has them, with the grouped GEMM products for a prompt's experts: custom
+/// operators only the CPU runs).
+#[test]
+fn routed_experts_on_the_cpu_and_the_rest_on_rpc_match_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TinyConfig::small().with_types(WeightTypes {
+        experts: GgmlType::Mxfp4,
+        ..WeightTypes::F32
+    });
+    let path = tiny(dir.path(), &cfg, 25);
+    let server = RpcServer::start();
+    let rpc0 = server.device();
+    let mut cpu_moe = Placement::all_on(rpc0);
+    cpu_moe.rest.experts = None;
+    let offloaded = open(&path, cpu_moe, vec![]);
+    let cpu = open(&path, Placement::default(), vec![]);
+    assert_eq!(
+        offloaded.grouped_experts().is_some(),
+        cpu.grouped_experts().is_some()
+    );
+    assert_matches(
+        "routed experts on the CPU, the rest on RPC",
+        &offloaded,
+        &cpu,
+        9,
+    );
+    let mut s = offloaded.session_sized(512, 64).unwrap();
+    s.feed(&prompt(64, offloaded.n_vocab(), 5), Logits::All)
+        .unwrap();
+    if offloaded.grouped_experts().is_some() {
+        assert!(
+            s.graph_stats().grouped > 0,
+            "a prompt's experts use the grouped products"
+        );
+        let counts = s.scheduled_op_counts().unwrap();
+        assert!(counts.get("CUSTOM").copied().unwrap_or(0) > 0, "{counts:?}");
+    }
+    // Each layer's expert products run on the CPU, the rest on the device.
+    let nodes = s.scheduled_nodes().unwrap();
+    let cpu_name = Device::cpu().unwrap().name();
+    let expert_ops = nodes
+        .iter()
+        .filter(|(_, op, _)| op == "MUL_MAT_ID" || op == "CUSTOM")
+        .collect::<Vec<_>>();
+    assert!(!expert_ops.is_empty());
+    assert!(
+        expert_ops.iter().all(|n| n.2.as_deref() == Some(&cpu_name)),
+        "{expert_ops:?}"
+    );
+    assert_eq!(
+        nodes
+            .iter()
+            .find(|n| n.0 == "attn_norm-0")
+            .and_then(|n| n.2.clone()),
+        Some(rpc0.name())
+    );
+}
+
+/// Nodes of the fused DeepSeek V4 operators in a session's last scheduled graph: the hc ones, the lightning
+/// indexers, and each one's operator and device.
+#[allow(clippy::type_complexity)]
+fn fused_nodes(engine: &Engine) -> (usize, usize, Vec<(String, Option<String>)>) {
+    let mut s = engine.session_sized(512, 64).unwrap();
+    // Long enough for ratio-4 blocks to complete (the indexer runs).
+    s.feed(&prompt(40, engine.n_vocab(), 3), Logits::All)
+        .unwrap();
+    let hc = ["DSV4_HC_COMB", "DSV4_HC_PRE", "DSV4_HC_POST"];
+    let fused = [
+        "DSV4_HC_COMB",
+        "DSV4_HC_PRE",
+        "DSV4_HC_POST",
+        "LIGHTNING_INDEXER",
+    ];
+    let counts = s.scheduled_op_counts().unwrap();
+    let count = |op: &str| counts.get(op).copied().unwrap_or(0);
+    let total_hc = hc.iter().map(|op| count(op)).sum();
+    let indexers = count("LIGHTNING_INDEXER");
+    let nodes = s
+        .scheduled_nodes()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, op, _)| fused.contains(&op.as_str()))
+        .map(|(_, op, dev)| (op, dev))
+        .collect();
+    (total_hc, indexers, nodes)
+}
+
+#[test]
+fn a_device_without_the_fused_ops_gets_the_primitive_form() {
+    assert!(
+        Device::cpu().unwrap().supports_dsv4_ops(),
+        "the CPU has the fused operators"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TinyConfig::small();
+    let path = tiny(dir.path(), &cfg, 23);
+    let server = RpcServer::start();
+    let rpc0 = server.device();
+    let n_layer = cfg.n_layer as usize;
+    // Every layer on the CPU, the head on the device: the scheduler runs, every layer is fused.
+    let head_only = Placement {
+        output: Some(rpc0),
+        ..Placement::default()
+    };
+    let all_fused = open(&path, head_only, vec![rpc0]);
+    let (hc_all, idx_all, _) = fused_nodes(&all_fused);
+    assert!(
+        hc_all > 0 && hc_all % n_layer == 0,
+        "{hc_all} fused hc nodes over {n_layer} layers"
+    );
+    let per_layer = hc_all / n_layer;
+    // One lightning indexer per ratio-4 layer.
+    let csa = |layers: std::ops::Range<usize>| {
+        cfg.compress_ratios[layers]
+            .iter()
+            .filter(|&&r| r == 4)
+            .count()
+    };
+    assert_eq!(idx_all, csa(0..n_layer));
+
+    // Layers 0 and 1 on a device treated as lacking them: built with primitive operators, the rest fused.
+    let placement = Placement::default().with_layers(0..2, Some(rpc0));
+    let mixed = open(&path, placement.clone(), vec![rpc0]);
+    assert_eq!(
+        mixed.layer_fused(),
+        &[false, false, true, true, true, true][..n_layer]
+    );
+    let (hc, idx, nodes) = fused_nodes(&mixed);
+    assert_eq!(hc, per_layer * (n_layer - 2), "{nodes:?}");
+    assert_eq!(idx, csa(2..n_layer), "{nodes:?}");
+    assert!(
+        csa(0..2) > 0,
+        "the test places a ratio-4 layer on the device"
+    );
+    let cpu_name = Device::cpu().unwrap().name();
+    assert!(
+        nodes
+            .iter()
+            .all(|(_, dev)| dev.as_deref() == Some(&cpu_name)),
+        "no fused node runs on the device without them: {nodes:?}"
+    );
+    // The same layers on the device that has them: fused there.
+    let fused_there = open(&path, placement, vec![]);
+    let (hc, idx, nodes) = fused_nodes(&fused_there);
+    assert_eq!((hc, idx), (hc_all, idx_all));
+    assert!(nodes
+        .iter()
+        .any(|(_, dev)| dev.as_deref() == Some(&rpc0.name())));
+    // Both forms compute the same model.
+    let cpu = open(&path, Placement::default(), vec![]);
+    assert_matches("primitive form on the device", &mixed, &cpu, 7);
+}
+
+#[test]
+fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TinyConfig::small();
+    let path = tiny(dir.path(), &cfg, 24);
+    let server = RpcServer::start();
+    let rpc0 = server.device();
+    let paged_opts = |placement: Placement| EngineOptions {
+        n_threads: 1,
+        cache_type: CacheType::F32,
+        paging: PagingOptions {
+            ctx_size: Some(512),
+            n_ubatch: Some(64),
+            // Fewer slots than experts: misses, evictions and waves happen.
+            expert_cache: Some(ferrite::plan::ExpertCacheArg::Slots(
+                u64::from(cfg.n_expert_used) + 1,
+            )),
+            ..PagingOptions::default()
+        },
+        layout: Some(placement),
+        ..EngineOptions::default()
+    };
+    // Everything but the routed experts on the device; the experts paged through the slots in RAM.
+    let mut rest_on_rpc = Placement::all_on(rpc0);
+    rest_on_rpc.rest.experts = None;
+    let paged = Engine::open(&path, paged_opts(rest_on_rpc)).unwrap();
+    assert!(paged.is_paged());
+    assert_eq!(paged.devices(), vec![rpc0]);
+    let cpu = open(&path, Placement::default(), vec![]);
+    assert!(!cpu.is_paged());
+    paged.reset_expert_stats();
+    assert_matches("paged experts, the rest on RPC", &paged, &cpu, 8);
+    let st = paged.expert_stats();
+    assert!(st.misses > 0 && st.evictions > 0, "the slots page: {st:?}");
+
+    // Routed experts placed on a device cannot also be paged through the slots in RAM: refused, before loading.
+    let err = Engine::open(&path, paged_opts(Placement::all_on(rpc0)))
+        .err()
+        .expect("refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("puts routed experts on a device"), "{msg}");
+}
+
+fn ferrite(args: &[&str], cache: &Path) -> Command {
+    let mut c = command(env!("CARGO_BIN_EXE_ferrite"));
+    c.args(args).env("FERRITE_CACHE_DIR", cache);
+    c
+}
+
+#[test]
+fn an_unreachable_server_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let out = ferrite(
+        &[
+            "complete", "-m", "demo", "-p", "hi", "-n", "2", "--rpc", &endpoint, "--device", "RPC0",
+        ],
+        dir.path(),
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach the RPC server at {endpoint}")),
+        "{stderr}"
+    );
+    let out = ferrite(
+        &["complete", "-m", "demo", "-p", "hi", "--device", "NOPE0"],
+        dir.path(),
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unknown device \"NOPE0\" in --device"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_rpc_server_killed_mid_generation_ends_the_run_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), &TinyConfig::demo(), 1);
+    let mut server = RpcServer::start();
+    let endpoint = server.endpoint.clone();
+    let mut child = ferrite(
+        &[
+            "complete",
+            "-m",
+            path.to_str().unwrap(),
+            "-p",
+            "hello",
+            "-n",
+            "4000",
+            "--temp",
+            "0",
+            "-t",
+            "1",
+            "--rpc",
+            &endpoint,
+            "--device",
+            "RPC0",
+        ],
+        dir.path(),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Wait for generated text, then kill the server.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = 0usize;
+    let mut buf = [0u8; 256];
+    while got < 64 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the run ended before the server was killed");
+        got += n;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still generating");
+    server.kill();
+    let killed = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = stdout.read_to_end(&mut rest);
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("ferrite hangs after its RPC server died");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the RPC server at {endpoint} closed the connection"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn rpc_server_warns_when_bound_beyond_loopback() {
+    let port = free_port().to_string();
+    let mut child = command(env!("CARGO_BIN_EXE_ferrite"))
+        .args([
+            "rpc-server",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            &port,
+            "-t",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&text).contains("authentication") {
+        let n = stderr.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("no authentication"), "{text}");
+}
+
+#[test]
+fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), &TinyConfig::demo(), 1);
+    let server = RpcServer::start();
+    let model = path.to_str().unwrap();
+    let args = [
+        "complete",
+        "-m",
+        model,
+        "-p",
+        "hello",
+        "-n",
+        "24",
+        "--temp",
+        "0",
+        "-t",
+        "1",
+        "--verbose",
+    ];
+    let answer = |extra: &[&str]| {
+        let out = ferrite(&[&args[..], extra].concat(), dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let ids = stderr
+            .lines()
+            .find(|l| l.contains("answer ids"))
+            .unwrap_or_else(|| panic!("no answer ids in {stderr}"))
+            .to_string();
+        (ids, stderr)
+    };
+    let (cpu_ids, cpu_err) = answer(&[]);
+    assert!(
+        !cpu_err.contains("scheduler"),
+        "the CPU-only path has no scheduler: {cpu_err}"
+    );
+    let (rpc_ids, rpc_err) = answer(&["--rpc", &server.endpoint, "--device", "RPC0"]);
+    assert_eq!(rpc_ids, cpu_ids);
+    assert!(rpc_err.contains("ferrite: scheduler: "), "{rpc_err}");
+    assert!(rpc_err.contains(" splits"), "{rpc_err}");
+    // The planner (-ngl auto) keeps the token embedding on the CPU, as llama.cpp does; layer 0 runs on RPC0.
+    assert!(rpc_err.contains("embedding and layer 0: CPU "), "{rpc_err}");
+    assert!(rpc_err.contains("layer 2: RPC0 "), "{rpc_err}");
+    // The planner's flags, as llama.cpp users write them: every routed expert on the CPU; and -ot moving single
+    // tensors (one layer's gate and up experts to the CPU, its down experts staying on RPC0).
+    let rpc = ["--rpc", &server.endpoint];
+    let (moe_ids, moe_err) = answer(&[&rpc[..], &["-ngl", "all", "--cpu-moe"]].concat());
+    assert_eq!(moe_ids, cpu_ids);
+    assert!(
+        moe_err.contains("(0 with their routed experts)"),
+        "{moe_err}"
+    );
+    let ot = r"blk\.1\.ffn_(gate|up)_exps=CPU";
+    let (ot_ids, ot_err) = answer(&[&rpc[..], &["-ngl", "all", "-ot", ot]].concat());
+    assert_eq!(ot_ids, cpu_ids);
+    assert!(
+        ot_err.contains(&format!("CPU              -ot {ot}")),
+        "{ot_err}"
+    );
+    assert!(ot_err.contains("layer 2: CPU "), "{ot_err}");
+    assert!(rpc_err.contains("head: RPC0"), "{rpc_err}");
+}
