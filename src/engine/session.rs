@@ -408,6 +408,32 @@ impl<'e> Session<'e> {
         Ok(out)
     }
 
+    /// What every resident micro-batch does first: counts the step in the expert statistics (every token uses
+    /// `n_expert_used` resident experts per layer), plans the micro-batch, and picks the grouped expert products
+    /// (only experts repacked in the CPU's layout, so on the CPU, take them) and the graph's key.
+    fn prepare_ubatch(
+        &mut self,
+        tokens: &[u32],
+        n_want: usize,
+    ) -> (UbatchPlan, Option<crate::ggml::RepackType>, GraphKey) {
+        let engine = self.engine;
+        let cfg = &engine.cfg;
+        {
+            let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.record_step(tokens.len() as u64);
+            for _ in 0..cfg.n_layer {
+                stats.record_resident((tokens.len() * cfg.n_expert_used) as u64);
+            }
+        }
+        let plan = self.plan(tokens);
+        let grouped = engine.grouped.filter(|_| self.grouped);
+        if grouped.is_some() && groups_rows(tokens.len(), cfg.n_expert_used, cfg.n_expert) {
+            self.stats.grouped += 1;
+        }
+        let key = GraphKey::of(&plan, n_want, grouped.is_some());
+        (plan, grouped, key)
+    }
+
     /// Runs one micro-batch; appends the logits of the positions in `want` (indices within the micro-batch) to
     /// `out`.
     fn run_ubatch(&mut self, tokens: &[u32], want: &[usize], out: &mut Vec<f32>) -> Result<()> {
@@ -418,21 +444,9 @@ impl<'e> Session<'e> {
             return self.run_ubatch_sched(tokens, want, out);
         }
         let engine = self.engine;
-        {
-            let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.record_step(tokens.len() as u64);
-            for _ in 0..engine.cfg.n_layer {
-                stats.record_resident((tokens.len() * engine.cfg.n_expert_used) as u64);
-            }
-        }
         let cfg = &engine.cfg;
         let fused = engine.opts.fused_ops;
-        let plan = self.plan(tokens);
-        let grouped = engine.grouped.filter(|_| self.grouped);
-        if grouped.is_some() && groups_rows(tokens.len(), cfg.n_expert_used, cfg.n_expert) {
-            self.stats.grouped += 1;
-        }
-        let key = GraphKey::of(&plan, want.len(), grouped.is_some());
+        let (plan, grouped, key) = self.prepare_ubatch(tokens, want.len());
         let mut spare = None;
         let graph = kept_graph(
             &mut self.graphs,
@@ -474,22 +488,9 @@ impl<'e> Session<'e> {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let engine = self.engine;
-        {
-            let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.record_step(tokens.len() as u64);
-            for _ in 0..engine.cfg.n_layer {
-                stats.record_resident((tokens.len() * engine.cfg.n_expert_used) as u64);
-            }
-        }
         let cfg = &engine.cfg;
         let fused = engine.opts.fused_ops;
-        let plan = self.plan(tokens);
-        // Only experts repacked in the CPU's layout (so on the CPU) take the grouped products.
-        let grouped = engine.grouped.filter(|_| self.grouped);
-        if grouped.is_some() && groups_rows(tokens.len(), cfg.n_expert_used, cfg.n_expert) {
-            self.stats.grouped += 1;
-        }
-        let key = GraphKey::of(&plan, want.len(), grouped.is_some());
+        let (plan, grouped, key) = self.prepare_ubatch(tokens, want.len());
         let capacity = self.graphs.capacity();
         let run = self.sched.as_mut().expect("a scheduled session");
         let found = match capacity > 0 {
