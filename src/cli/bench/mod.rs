@@ -331,6 +331,8 @@ struct ModelFacts {
     n_expert: usize,
     n_expert_used: usize,
     bytes_per_token: u64,
+    /// The devices the run uses, as llama-bench's backend column: `CPU`, or e.g. `RPC0,CPU`.
+    backend: String,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -516,7 +518,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "n_vocab": facts.n_vocab, "n_layer": facts.n_layer, "n_expert": facts.n_expert,
                 "n_expert_used": facts.n_expert_used,
             },
-            "backend": "CPU",
+            "backend": facts.backend,
             "cpu_simd": ferrite::ggml::cpu_features().simd_name(),
             "n_prompt": args.n_prompt,
             "n_gen": args.n_gen,
@@ -649,6 +651,13 @@ fn model_facts(engine: &Engine) -> ModelFacts {
         n_expert: cfg.n_expert,
         n_expert_used: cfg.n_expert_used,
         bytes_per_token,
+        backend: engine
+            .devices()
+            .iter()
+            .map(|d| d.name())
+            .chain(["CPU".to_string()])
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }
 

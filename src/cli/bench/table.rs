@@ -44,7 +44,7 @@ pub(super) fn table(facts: &ModelFacts, rows: &[Row], vs_llama: bool) -> String 
             facts.name.clone(),
             size.clone(),
             format_params(facts.params),
-            "CPU".to_string(),
+            facts.backend.clone(),
             r.threads.to_string(),
             r.test.name(),
             r.ferrite.cell(),
