@@ -223,8 +223,10 @@ impl Engine {
         let experts_on_device = (0..cfg.n_layer).any(|il| placement.layer(il).experts.is_some());
         if experts_on_device && matches!(plan.placement, ExpertPlacement::Paged { .. }) {
             bail!(
-                "the plan pages the routed experts through the expert cache in RAM, but the placement puts routed \
-                 experts on a device (hint: keep the routed experts on the CPU, or give more memory with --mem)"
+                "the plan pages the CPU's routed experts through the expert cache in RAM, and the placement also \
+                 puts some layers' routed experts on a device: ferrite cannot do both in one run yet (hint: \
+                 --cpu-moe keeps every routed expert on the CPU, paged; or give the CPU more memory with --mem so \
+                 its experts stay resident)"
             );
         }
         // Where each weight goes: a device's buffer, or the CPU (map, repacked or copied into RAM as without devices).

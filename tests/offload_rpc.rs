@@ -490,7 +490,11 @@ fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
         .err()
         .expect("refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("puts routed experts on a device"), "{msg}");
+    assert!(
+        msg.contains("also puts some layers' routed experts on a device")
+            && msg.contains("--cpu-moe"),
+        "{msg}"
+    );
 }
 
 fn ferrite(args: &[&str], cache: &Path) -> Command {
