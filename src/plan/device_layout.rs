@@ -46,6 +46,25 @@ pub(super) struct Layout {
     n_gpu: u32,
 }
 
+impl Layout {
+    /// True when some layer's routed experts are on a device.
+    pub(super) fn experts_on_devices(&self) -> bool {
+        self.experts.iter().any(|e| e.at != CPU)
+    }
+
+    /// Every layer's routed experts on the CPU, those moved saying `why`.
+    pub(super) fn experts_to_cpu(&mut self, why: Why) {
+        for e in &mut self.experts {
+            if e.at != CPU {
+                *e = PlacedAt {
+                    at: CPU,
+                    why: why.clone(),
+                };
+            }
+        }
+    }
+}
+
 /// A laid out request: the devices, their budgets, the rules' pins and the layout.
 pub(super) struct Placement {
     pub devices: Vec<PlannedDevice>,
