@@ -52,10 +52,11 @@ impl Layout {
         self.experts.iter().any(|e| e.at != CPU)
     }
 
-    /// Every layer's routed experts on the CPU, those moved saying `why`.
+    /// Every layer's routed experts on the CPU; those of layers on a device (which auto-fit had placed there or
+    /// found no room for) now say `why`.
     pub(super) fn experts_to_cpu(&mut self, why: Why) {
-        for e in &mut self.experts {
-            if e.at != CPU {
+        for (e, unit) in self.experts.iter_mut().zip(&self.unit) {
+            if e.at != CPU || unit.at != CPU {
                 *e = PlacedAt {
                     at: CPU,
                     why: why.clone(),
