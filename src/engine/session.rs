@@ -80,6 +80,24 @@ fn run_scheduled<'e, T>(
     read(&g)
 }
 
+/// What every resident micro-batch does last: appends the computed logits (when positions were wanted) to `out`
+/// and records `tokens` as processed in `held`.
+fn finish_ubatch(
+    held: &mut Vec<u32>,
+    tokens: &[u32],
+    logits: crate::ggml::Tensor<'_>,
+    want: &[usize],
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    if !want.is_empty() {
+        let start = out.len();
+        out.resize(start + logits.n_elements() as usize, 0.0);
+        logits.read_f32(&mut out[start..])?;
+    }
+    held.extend_from_slice(tokens);
+    Ok(())
+}
+
 /// The graph kept under `key`, built by `build` and allocated when there is none (kept graphs are dropped when the
 /// compute buffer grows, as they point into the old one).
 fn kept_graph<'g, 'e, K: PartialEq + Copy>(
@@ -469,13 +487,7 @@ impl<'e> Session<'e> {
         )?;
         let logits = fill_inputs(graph, plan, want, fused, engine.rotations(), false)?;
         engine.backend.compute(graph.graph())?;
-        if !want.is_empty() {
-            let start = out.len();
-            out.resize(start + logits.n_elements() as usize, 0.0);
-            logits.read_f32(&mut out[start..])?;
-        }
-        self.tokens.extend_from_slice(tokens);
-        Ok(())
+        finish_ubatch(&mut self.tokens, tokens, logits, want, out)
     }
 
     /// Runs one micro-batch through the scheduler over the engine's devices and the CPU: the same graph as
@@ -533,13 +545,7 @@ impl<'e> Session<'e> {
         let (_, g, sched) = run.kept.last_mut().expect("a graph was just kept");
         let logits = fill_inputs(g, plan, want, fused, engine.rotations(), true)?;
         sched.compute(g.graph())?;
-        if !want.is_empty() {
-            let start = out.len();
-            out.resize(start + logits.n_elements() as usize, 0.0);
-            logits.read_f32(&mut out[start..])?;
-        }
-        self.tokens.extend_from_slice(tokens);
-        Ok(())
+        finish_ubatch(&mut self.tokens, tokens, logits, want, out)
     }
 
     /// How many nodes of each operator the graph of the last micro-batch computed through the scheduler has (`None`
