@@ -220,15 +220,6 @@ impl Engine {
         placement.check(cfg.n_layer)?;
         let placement = placement.normalized();
         let device_list = placement.devices(cfg.n_layer);
-        let experts_on_device = (0..cfg.n_layer).any(|il| placement.layer(il).experts.is_some());
-        if experts_on_device && matches!(plan.placement, ExpertPlacement::Paged { .. }) {
-            bail!(
-                "the plan pages the CPU's routed experts through the expert cache in RAM, and the placement also \
-                 puts some layers' routed experts on a device: ferrite cannot do both in one run yet (hint: \
-                 --cpu-moe keeps every routed expert on the CPU, paged; or give the CPU more memory with --mem so \
-                 its experts stay resident)"
-            );
-        }
         // Where each weight goes: a device's buffer, or the CPU (map, repacked or copied into RAM as without devices).
         let dest: Vec<Option<Device>> = sources
             .iter()
@@ -292,15 +283,31 @@ impl Engine {
                 .any(|l| GroupedKernel::of(l.gate_exps, rt).is_some())
         });
         if let ExpertPlacement::Paged { slots, .. } = engine.plan.placement {
+            // The expert store pages the layers whose routed experts are all on the CPU; layers with experts on a
+            // device compute them there, from the device's copy.
+            let on_cpu = |i: usize| dest.get(i).is_some_and(|d| d.is_none());
+            let paged_layers: Vec<bool> = engine
+                .weights
+                .layers
+                .iter()
+                .map(|l| {
+                    [l.gate_exps, l.up_exps, l.down_exps]
+                        .into_iter()
+                        .all(on_cpu)
+                })
+                .collect();
+            // Routed experts all on devices: nothing to page.
+            let any = paged_layers.iter().any(|&p| p);
             let paged = PagedExperts::new(
                 &engine.model,
                 &engine.cfg,
                 &engine.weight_tensors(),
+                &paged_layers,
                 slots as usize,
                 engine.plan.reason == PlanReason::Fitted,
             )
             .context("cannot set up the expert cache")?;
-            engine.paged = Some(paged);
+            engine.paged = Some(paged).filter(|_| any);
         }
         let (repacked, copied) = (placed.repacked, placed.copied);
         if repacked.tensors > 0 {

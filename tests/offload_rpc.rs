@@ -485,16 +485,24 @@ fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
     let st = paged.expert_stats();
     assert!(st.misses > 0 && st.evictions > 0, "the slots page: {st:?}");
 
-    // Routed experts placed on a device cannot also be paged through the slots in RAM: refused, before loading.
-    let err = Engine::open(&path, paged_opts(Placement::all_on(rpc0)))
-        .err()
-        .expect("refused");
-    let msg = format!("{err:#}");
-    assert!(
-        msg.contains("also puts some layers' routed experts on a device")
-            && msg.contains("--cpu-moe"),
-        "{msg}"
-    );
+    // Paging beside device experts: the routed experts of layers 0 (hash-routed), 3 and 5 on the device, computed
+    // there by their layers' graphs; the other layers' experts paged through the slots in RAM, the rest on the device.
+    let mut mixed = Placement::all_on(rpc0);
+    mixed.rest.experts = None;
+    let mixed = mixed.with_layers(0..1, Some(rpc0));
+    let mut mixed = mixed.with_layers(3..4, Some(rpc0));
+    mixed.layers.resize(cfg.n_layer as usize, mixed.rest);
+    mixed.layers[5].experts = Some(rpc0);
+    let both = Engine::open(&path, paged_opts(mixed.clone())).unwrap();
+    assert!(both.is_paged());
+    both.reset_expert_stats();
+    assert_matches("paged experts beside device experts", &both, &cpu, 9);
+    let st = both.expert_stats();
+    assert!(st.misses > 0 && st.evictions > 0, "the slots page: {st:?}");
+    // Every layer's experts on the device: nothing left to page, so no store.
+    let none_paged = Engine::open(&path, paged_opts(Placement::all_on(rpc0))).unwrap();
+    assert!(!none_paged.is_paged());
+    assert_matches("every expert on the device", &none_paged, &cpu, 10);
 }
 
 fn ferrite(args: &[&str], cache: &Path) -> Command {
@@ -703,5 +711,19 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
         "{ot_err}"
     );
     assert!(ot_err.contains("layer 2: CPU "), "{ot_err}");
+    // Paging beside device experts: the first two layers' routed experts on the CPU, paged through 3 slots; the
+    // other layers' on RPC0.
+    let paged = ["-ngl", "all", "--n-cpu-moe", "2", "--expert-cache", "3"];
+    let (paged_ids, paged_err) = answer(&[&rpc[..], &paged[..]].concat());
+    assert_eq!(paged_ids, cpu_ids);
+    assert!(
+        paged_err.contains("layers 0-1: routed experts                     CPU (paged)"),
+        "{paged_err}"
+    );
+    assert!(
+        paged_err.contains("(2 with their routed experts)"),
+        "{paged_err}"
+    );
+    assert!(paged_err.contains(" misses)"), "{paged_err}");
     assert!(rpc_err.contains("head: RPC0"), "{rpc_err}");
 }

@@ -625,7 +625,7 @@ impl<'e> Session<'e> {
                         up.upload_used()?;
                         Ok(())
                     };
-                    let build = || build_layer_graph(&parts, deps, &plan, il);
+                    let build = || build_layer_graph(&parts, deps, &plan, il, px.stage_paging());
                     run_scheduled(engine, sched, stats, build, fill, |_| Ok(()))?;
                 }
                 StageCall::Layer(il) => {
@@ -636,7 +636,7 @@ impl<'e> Session<'e> {
                             cache: cache.clone(),
                             state: state.clone(),
                         };
-                        build_layer_graph(&parts, deps, &plan, il)
+                        build_layer_graph(&parts, deps, &plan, il, px.stage_paging())
                     })?;
                     let mut up = Uploads::kept(g.tensors());
                     batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;

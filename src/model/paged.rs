@@ -54,18 +54,23 @@ pub struct PagedExperts {
     /// Per layer: where each part's slab starts within its room (its offset within a page in the file, so that it
     /// can be read with `O_DIRECT`; 0 when the slabs are not whole pages).
     leads: Vec<[usize; 3]>,
-    /// Per hash-routed layer: the experts of every token id (`n_expert_used` per token), for certain prefetches.
+    /// Per hash-routed paged layer: the experts of every token id (`n_expert_used` per token), for certain
+    /// prefetches.
     hash_experts: Vec<Option<Vec<i32>>>,
+    /// Per layer: whether its routed experts go through the store (else they are on a device, and the layer's graph
+    /// computes them there).
+    paged_layers: Vec<bool>,
     policy: Mutex<SlotPolicy>,
 }
 
 impl PagedExperts {
-    /// A pool of `n_slots` slots for `model`'s routed experts (`weights`: the engine's tensors, for the hash tables).
-    /// `drop_cache`: drop the OS's copy of what is read (memory is tight).
+    /// A pool of `n_slots` slots for the routed experts of `model`'s layers that `paged_layers` marks (`weights`: the
+    /// engine's tensors, for the hash tables). `drop_cache`: drop the OS's copy of what is read (memory is tight).
     pub fn new(
         model: &Model,
         cfg: &Config,
         weights: &Weights<Tensor<'_>>,
+        paged_layers: &[bool],
         n_slots: usize,
         drop_cache: bool,
     ) -> Result<PagedExperts> {
@@ -113,12 +118,20 @@ impl PagedExperts {
             }
             leads.push(lead);
         }
+        if paged_layers.len() != cfg.n_layer {
+            return Err(anyhow!(
+                "the expert store was asked to page {} layers' experts; the model has {} layers",
+                paged_layers.len(),
+                cfg.n_layer
+            ));
+        }
         let hash_experts = weights
             .layers
             .iter()
-            .map(|lw| match lw.routing {
-                Routing::Hash { tid2eid } => tid2eid.get_i32().map(Some),
-                Routing::Score { .. } => Ok(None),
+            .zip(paged_layers)
+            .map(|(lw, &paged)| match lw.routing {
+                Routing::Hash { tid2eid } if paged => tid2eid.get_i32().map(Some),
+                _ => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let policy = SlotPolicy::new(PolicyConfig::new(
@@ -133,8 +146,21 @@ impl PagedExperts {
             part_bytes,
             leads,
             hash_experts,
+            paged_layers: paged_layers.to_vec(),
             policy: Mutex::new(policy),
         })
+    }
+
+    /// Which layers' experts the stage graphs leave to the store.
+    pub fn stage_paging(&self) -> StagePaging<'_> {
+        StagePaging {
+            paged_layers: &self.paged_layers,
+        }
+    }
+
+    /// Whether layer `il`'s routed experts go through the store (else its graph computes them on their device).
+    pub fn pages_layer(&self, il: usize) -> bool {
+        self.paged_layers.get(il).copied().unwrap_or(false)
     }
 
     pub fn n_slots(&self) -> usize {
@@ -298,13 +324,29 @@ fn stage_graph_size(cfg: &Config) -> usize {
     1000 + 64 * cfg.sinkhorn_iters
 }
 
+/// Which layers' routed experts the stage graphs leave to the expert store (the others' graphs compute them from
+/// the layer's own expert tensors, on their device).
+#[derive(Clone, Copy)]
+pub struct StagePaging<'a> {
+    pub paged_layers: &'a [bool],
+}
+
+impl StagePaging<'_> {
+    fn pages(&self, il: usize) -> bool {
+        self.paged_layers.get(il).copied().unwrap_or(false)
+    }
+}
+
 /// Builds the graph of `Layer { layer: il }` for micro-batches shaped like `plan`: its tensors are the batch inputs
-/// in [`batch_inputs`] order.
+/// in [`batch_inputs`] order. When `paging` leaves layer `il`'s experts out of the store, the graph computes every
+/// entry's routed output into the accumulator itself; the next layer's router runs as a guess only when that layer
+/// is paged.
 pub fn build_layer_graph<'e>(
     parts: &GraphParts<'_, 'e>,
     deps: StageDeps,
     plan: &UbatchPlan,
     il: usize,
+    paging: StagePaging<'_>,
 ) -> crate::ggml::Result<OwnedGraph<'e>> {
     let size = stage_graph_size(parts.cfg) + CHUNK_NODES * plan.chunks.len();
     let (cfg, fused, w) = (parts.cfg, parts.fused, parts.weights);
@@ -331,6 +373,7 @@ pub fn build_layer_graph<'e>(
             let shape = moe_shape(cfg, il);
             let (selected, weights) = route(&o, lw, c, inp.tokens, &shape)?;
             let shared = shared_expert(&o, lw, c, &shape)?;
+            let mut out_views = Vec::new();
             let mut out = vec![
                 (x_mid, XMID),
                 (c, C),
@@ -340,7 +383,16 @@ pub fn build_layer_graph<'e>(
                 (weights, WEIGHTS),
                 (shared, SHARED),
             ];
-            if let Some(next) = w.layers.get(il + 1) {
+            if !paging.pages(il) {
+                // Every entry's routed output, row t·k + j of the accumulator, as the experts stages write it.
+                let experts = [lw.gate_exps, lw.up_exps, lw.down_exps];
+                let e = expert_outputs(&o, experts, c, selected, weights, &shape)?; // {D, k, n}
+                let rows = cfg.n_expert_used as i64 * n;
+                let e = ctx.reshape_2d(e, [cfg.n_embd as i64, rows])?;
+                let acc = st.get(ACC);
+                out_views.push((e, ctx.view_2d(acc, [acc.ne()[0], rows], acc.nb()[1], 0)?));
+            }
+            if let Some(next) = w.layers.get(il + 1).filter(|_| paging.pages(il + 1)) {
                 if let Routing::Score { .. } = next.routing {
                     let (guess, _) = route(&o, next, c, inp.tokens, &moe_shape(cfg, il + 1))?;
                     out.push((guess, GUESS));
@@ -349,6 +401,9 @@ pub fn build_layer_graph<'e>(
             let mut graph = ctx.new_graph(size)?;
             for (t, i) in out {
                 graph.expand(ctx.cpy(t, cols(ctx, st, i, n)?)?)?;
+            }
+            for (t, dst) in out_views {
+                graph.expand(ctx.cpy(t, dst)?)?;
             }
             for e in o.effects() {
                 graph.expand(e)?;
@@ -490,6 +545,11 @@ impl PagedStep<'_> {
             for il in 0..self.cfg.n_layer {
                 compute(StageCall::Layer(il))?;
                 self.join(pending.take(), &mut policy)?;
+                if !px.pages_layer(il) {
+                    // Computed by the layer's graph on the device that holds its experts.
+                    self.stats_mut().record_resident((n * k) as u64);
+                    continue;
+                }
                 let sel = read_i32(SEL, k * n)?;
                 let keys: Vec<ExpertKey> = sel
                     .iter()
@@ -521,7 +581,7 @@ impl PagedStep<'_> {
                 }
                 // Guess the next layer's experts and read them while its attention runs.
                 if plan.waves.len() == 1
-                    && il + 1 < self.cfg.n_layer
+                    && px.pages_layer(il + 1)
                     && px.hash_experts[il + 1].is_none()
                 {
                     let guess = read_i32(GUESS, k * n)?;

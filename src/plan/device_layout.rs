@@ -46,26 +46,6 @@ pub(super) struct Layout {
     n_gpu: u32,
 }
 
-impl Layout {
-    /// True when some layer's routed experts are on a device.
-    pub(super) fn experts_on_devices(&self) -> bool {
-        self.experts.iter().any(|e| e.at != CPU)
-    }
-
-    /// Every layer's routed experts on the CPU; those of layers on a device (which auto-fit had placed there or
-    /// found no room for) now say `why`.
-    pub(super) fn experts_to_cpu(&mut self, why: Why) {
-        for (e, unit) in self.experts.iter_mut().zip(&self.unit) {
-            if e.at != CPU || unit.at != CPU {
-                *e = PlacedAt {
-                    at: CPU,
-                    why: why.clone(),
-                };
-            }
-        }
-    }
-}
-
 /// A laid out request: the devices, their budgets, the rules' pins and the layout.
 pub(super) struct Placement {
     pub devices: Vec<PlannedDevice>,

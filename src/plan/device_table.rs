@@ -69,7 +69,6 @@ impl DevicePlan {
             Why::Input => "the input layer stays on the CPU (as in llama.cpp)".into(),
             Why::NoDevice => "no device to offload to".into(),
             Why::LayerOnCpu => "with its layer".into(),
-            Why::PagedOnCpu => "-ngl auto: the CPU's experts are paged, and paging beside device experts is not supported yet".into(),
         }
     }
 

@@ -22,7 +22,7 @@ use crate::units::GIB;
 
 use super::device_layout::{ExpertFill, Parts, Placement};
 use super::rules::{n_cpu_moe_rules, TensorRule, CPU_BUFFER};
-use super::{plan_memory, Budget, ExpertPlacement, MemoryPlan, PlanError, PlanInputs, PlanRequest};
+use super::{plan_memory, Budget, MemoryPlan, PlanError, PlanInputs, PlanRequest};
 
 pub use super::device_table::format_device_list;
 
@@ -268,9 +268,6 @@ pub enum Why {
     NoDevice,
     /// The layer's non-routed weights are on the CPU: its experts stay with them.
     LayerOnCpu,
-    /// `-ngl auto`: the CPU's routed experts are paged, and the engine cannot page some layers' experts while
-    /// others are on a device, so every routed expert stays on the CPU.
-    PagedOnCpu,
 }
 
 /// Where a layer's routed experts live.
@@ -437,17 +434,7 @@ pub fn plan_devices(
         })));
     }
     let cpu_inputs = placed.cpu_inputs(model);
-    let mut cpu = plan_memory(&cpu_inputs, cpu_budget, cpu_req).map_err(PlacementError::Cpu)?;
-    // The engine pages either every layer's routed experts or none: under -ngl auto, a paged CPU share keeps the
-    // experts auto-fit put on devices on the CPU too (paged with the rest) rather than a plan the engine refuses.
-    if req.gpu_layers == GpuLayers::Auto
-        && placed.layout.experts_on_devices()
-        && matches!(cpu.placement, ExpertPlacement::Paged { .. })
-    {
-        placed.layout.experts_to_cpu(Why::PagedOnCpu);
-        let cpu_inputs = placed.cpu_inputs(model);
-        cpu = plan_memory(&cpu_inputs, cpu_budget, cpu_req).map_err(PlacementError::Cpu)?;
-    }
+    let cpu = plan_memory(&cpu_inputs, cpu_budget, cpu_req).map_err(PlacementError::Cpu)?;
     let mut warnings = Vec::new();
     let no_device = placed.devices.len() == 1;
     if no_device && matches!(req.gpu_layers, GpuLayers::All | GpuLayers::Count(1..)) {
