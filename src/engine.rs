@@ -454,6 +454,7 @@ impl Engine {
             &devices,
             &self.backend,
             graph_size,
+            self.opts.placement.request.op_offload,
         )?)
     }
 

@@ -34,12 +34,15 @@ unsafe impl Send for Scheduler<'_> {}
 
 impl<'b> Scheduler<'b> {
     /// A scheduler over `devices` (in priority order) and `cpu`, for graphs of up to `graph_size` nodes and as many
-    /// leafs. Every device's default buffer type holds its compute buffer; ops are never offloaded to a device
-    /// their weights are not on.
+    /// leafs. Every device's default buffer type holds its compute buffer. `op_offload`: a device that asks for it
+    /// (ggml's `offload_op`, e.g. CUDA for products of 32 rows or more) may compute a product whose weight is in
+    /// the CPU's RAM, the weight copied over for it (llama.cpp's default; `--no-op-offload` turns it off); else an
+    /// op with a weight runs where the weight is.
     pub fn new(
         devices: &[&'b DeviceBackend],
         cpu: &'b CpuBackend,
         graph_size: usize,
+        op_offload: bool,
     ) -> Result<Scheduler<'b>> {
         let mut backends: Vec<sys::ggml_backend_t> = devices.iter().map(|d| d.as_ptr()).collect();
         backends.push(cpu.as_ptr());
@@ -53,7 +56,7 @@ impl<'b> Scheduler<'b> {
                 backends.len() as i32,
                 capacity,
                 false,
-                false,
+                op_offload,
             )
         };
         let ptr = NonNull::new(ptr).ok_or(GgmlError::Init {

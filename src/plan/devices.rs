@@ -179,8 +179,9 @@ pub enum GpuLayers {
     Count(u32),
 }
 
-/// How the user asked for the model to be placed.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// How the user asked for the model to be placed. The default is llama.cpp's: every device, `-ngl auto`, no
+/// rules, each device's reported free memory, op offload on.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PlacementRequest {
     pub devices: DeviceSelection,
     pub gpu_layers: GpuLayers,
@@ -190,6 +191,18 @@ pub struct PlacementRequest {
     pub gpu_mem: Vec<u64>,
     /// `--no-op-offload` turns this off: ggml may upload CPU-resident weights for a prompt's large products.
     pub op_offload: bool,
+}
+
+impl Default for PlacementRequest {
+    fn default() -> Self {
+        PlacementRequest {
+            devices: DeviceSelection::default(),
+            gpu_layers: GpuLayers::default(),
+            rules: Vec::new(),
+            gpu_mem: Vec::new(),
+            op_offload: true,
+        }
+    }
 }
 
 /// Where a device's budget came from.
