@@ -1,11 +1,13 @@
 //! `Engine` (an opened model: config, weights mapped into ggml, a backend) and `Session` (one sequence: tokens,
-//! cache, logits, in `engine/session.rs`). The only API the commands use.
+//! cache, logits, in `engine/session.rs`; how its micro-batches run is `crate::exec`'s). The only API the commands
+//! use.
 
 mod offload;
 mod session;
 
+pub use crate::exec::GraphStats;
 pub use offload::{DeviceMissing, LayerPlacement, Placement};
-pub use session::{GraphStats, Logits, Rewind, Session, SessionOptions, SessionState};
+pub use session::{Logits, Rewind, Session, SessionOptions, SessionState};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -15,6 +17,7 @@ use gguf::{GgmlType, Model};
 
 use crate::cache::{CacheSizes, CacheType};
 use crate::chat::PromptFormat;
+use crate::experts::store::PagedExperts;
 use crate::experts::{ExpertStats, StatsSnapshot};
 use crate::ggml::{
     Context, CpuBackend, Device, DeviceBackend, DeviceInfo, GroupedKernel, RepackType,
@@ -23,7 +26,6 @@ use crate::ggml::{
 use crate::model::config::{Config, LayerKind};
 use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Rotations};
 use crate::model::names::key::CHAT_TEMPLATE;
-use crate::model::paged::PagedExperts;
 use crate::model::sizes::TensorMeta;
 use crate::model::weights::Weights;
 use crate::placement::{experts_fit, lock_weights, place_weights, product_weights};
@@ -97,6 +99,9 @@ pub struct EngineOptions {
     /// Devices treated as lacking the fused DeepSeek V4 operators whatever they report: their layers get the
     /// primitive-op form (a diagnostic; the tests check the per-device choice with it).
     pub no_fused_on: Vec<Device>,
+    /// How long a reply from an RPC server may take before the run ends with an error (`--rpc-timeout`; zero: no
+    /// limit). See [`crate::ggml::rpc::limit_replies`].
+    pub rpc_timeout: std::time::Duration,
 }
 
 /// The devices a run may use and how the user asked for them to be used (`--device`, `-ngl`, `-ot`, ...).
@@ -119,6 +124,7 @@ impl Default for EngineOptions {
             placement: PlacementOptions::default(),
             layout: None,
             no_fused_on: Vec::new(),
+            rpc_timeout: crate::ggml::rpc::DEFAULT_REPLY_TIMEOUT,
         }
     }
 }
@@ -134,28 +140,28 @@ impl Default for EngineOptions {
 /// means sending them to that thread (or opening one engine per thread).
 pub struct Engine {
     path: PathBuf,
-    model: Arc<Model>,
-    cfg: Config,
+    pub(crate) model: Arc<Model>,
+    pub(crate) cfg: Config,
     weights_ctx: Context<'static>,
     weights: Weights<usize>,
     /// Constant tensors the graphs read (the indexer's Hadamard matrix), in their own buffer.
     consts_ctx: Context<'static>,
     /// Which of `consts_ctx`'s tensors is which rotation.
     consts: ConstIndices,
-    backend: CpuBackend,
-    opts: EngineOptions,
+    pub(crate) backend: CpuBackend,
+    pub(crate) opts: EngineOptions,
     plan: MemoryPlan,
     /// The planner's placement (what goes where and why; with [`EngineOptions::layout`] it is the CPU-only plan).
     device_plan: DevicePlan,
     /// The expert cache, when the plan pages the routed experts.
-    paged: Option<PagedExperts>,
-    stats: Mutex<ExpertStats>,
+    pub(crate) paged: Option<PagedExperts>,
+    pub(crate) stats: Mutex<ExpertStats>,
     /// What locking memory did (`--mlock`, and the paged store's resident weights).
     notes: Vec<String>,
     /// Bytes locked in RAM at open (see [`Engine::locked_bytes`]).
     locked: u64,
     /// See [`Engine::grouped_experts`].
-    grouped: Option<RepackType>,
+    pub(crate) grouped: Option<RepackType>,
     /// The weights copied into RAM as they are (see [`crate::placement::place_weights`]).
     copied: RepackedStats,
     /// The context size and micro-batch the plan reserved room for: [`Engine::session`]'s.
@@ -163,14 +169,14 @@ pub struct Engine {
     n_ubatch: usize,
     /// The devices other than the CPU that take part (in the scheduler's priority order), a backend of each, and
     /// the weights copied into each one's buffer (one context per device, in the same order).
-    devices: Vec<DeviceBackend>,
+    pub(crate) devices: Vec<DeviceBackend>,
     device_weights: Vec<Context<'static>>,
     /// For each weight (by its index in `weights_ctx`): the device context and position of its copy, if on one.
     on_device: Vec<Option<(usize, usize)>>,
     /// Where each part lives (CPU devices written as `None`).
-    placement: Placement,
+    pub(crate) placement: Placement,
     /// Per layer: whether it uses the fused DeepSeek V4 operators (on, and its device has them).
-    layer_fused: Vec<bool>,
+    pub(crate) layer_fused: Vec<bool>,
     /// The vocabulary, read on first use (commands that run from token ids never need it).
     tokenizer: OnceLock<Tokenizer>,
     /// How prompts are rendered (see [`PromptFormat`]).
@@ -237,6 +243,9 @@ impl Engine {
         let (consts_ctx, consts) = constants(&cfg, opts.cache_type, &backend)
             .context("cannot allocate the model's constants")?;
         let (device_weights, on_device) = copy_to_devices(&model, &sources, &dest, &device_list)?;
+        // The connections to RPC servers are open now (the weights went through them): limit how long a reply
+        // may take, so a server that stops answering ends the run instead of hanging it.
+        crate::ggml::rpc::limit_replies(opts.rpc_timeout);
         let devices = device_list
             .iter()
             .map(|d| d.backend())
@@ -434,7 +443,7 @@ impl Engine {
     }
 
     /// The weights' tensors: each weight's copy on its device, else the CPU's.
-    fn weight_tensors(&self) -> Weights<Tensor<'_>> {
+    pub(crate) fn weight_tensors(&self) -> Weights<Tensor<'_>> {
         let all = self.weights_ctx.tensors();
         if self.device_weights.is_empty() {
             return self.weights.map(|i| all[i]);
@@ -448,7 +457,7 @@ impl Engine {
     }
 
     /// A scheduler over the engine's devices and its CPU backend for graphs of up to `graph_size` nodes.
-    fn scheduler(&self, graph_size: usize) -> Result<crate::ggml::Scheduler<'_>> {
+    pub(crate) fn scheduler(&self, graph_size: usize) -> Result<crate::ggml::Scheduler<'_>> {
         let devices: Vec<&DeviceBackend> = self.devices.iter().collect();
         Ok(crate::ggml::Scheduler::new(
             &devices,
@@ -484,7 +493,7 @@ impl Engine {
 
     /// The Hadamard matrices graphs rotate by: the indexer's, when the model has ratio-4 layers and the indexer
     /// head allows one; attention's, with a quantized cache.
-    fn rotations(&self) -> Rotations<'_> {
+    pub(crate) fn rotations(&self) -> Rotations<'_> {
         let all = self.consts_ctx.tensors();
         Rotations {
             indexer: self.consts.indexer.map(|i| all[i]),

@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod chat;
 pub mod engine;
+pub mod exec;
 pub mod experts;
 pub mod generate;
 pub mod ggml;

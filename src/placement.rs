@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use anyhow::{Context as _, Result};
 use gguf::{Model, ModelTensor};
 
+use crate::experts::store::PagedExperts;
 use crate::ggml::{Context, RegionId, RepackType, RepackWeight, RepackedStats, WeightOp};
-use crate::model::paged::PagedExperts;
 use crate::model::sizes::expert_tensor_layer;
 use crate::model::weights::Weights;
 use crate::os::lock_memory;

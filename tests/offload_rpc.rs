@@ -545,46 +545,82 @@ fn an_unreachable_server_is_a_clear_error() {
 
 #[test]
 fn an_rpc_server_killed_mid_generation_ends_the_run_with_exit_1() {
+    let (status, stderr, endpoint) = server_fails_mid_generation(false, &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the RPC server at {endpoint} closed the connection"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_rpc_server_stopped_mid_generation_ends_the_run_after_the_reply_timeout() {
+    // SIGSTOP keeps the connection open and the kernel keeps accepting data: without a reply timeout ggml-rpc would
+    // wait forever.
+    let (status, stderr, endpoint) = server_fails_mid_generation(true, &["--rpc-timeout", "2"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the RPC server at {endpoint} did not answer within 2 s"
+        )) && stderr.contains("--rpc-timeout"),
+        "{stderr}"
+    );
+}
+
+/// Runs a long generation on an RPC server's device, and once text comes out kills the server (or stops it with
+/// SIGSTOP, `stop`); returns how ferrite ended (within 20 s, else the test fails: a hang), its stderr and the
+/// server's endpoint.
+fn server_fails_mid_generation(
+    stop: bool,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny(dir.path(), &TinyConfig::demo(), 1);
     let mut server = RpcServer::start();
     let endpoint = server.endpoint.clone();
-    let mut child = ferrite(
-        &[
-            "complete",
-            "-m",
-            path.to_str().unwrap(),
-            "-p",
-            "hello",
-            "-n",
-            "4000",
-            "--temp",
-            "0",
-            "-t",
-            "1",
-            "--rpc",
-            &endpoint,
-            "--device",
-            "RPC0",
-        ],
-        dir.path(),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    // Wait for generated text, then kill the server.
+    let args = [
+        "complete",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "hello",
+        "-n",
+        "4000",
+        "--temp",
+        "0",
+        "-t",
+        "1",
+        "--rpc",
+        &endpoint,
+        "--device",
+        "RPC0",
+    ];
+    let mut child = ferrite(&[&args[..], extra].concat(), dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for generated text, then kill or stop the server.
     let mut stdout = child.stdout.take().unwrap();
     let mut got = 0usize;
     let mut buf = [0u8; 256];
     while got < 64 {
         let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "the run ended before the server was killed");
+        assert!(n > 0, "the run ended before the server failed");
         got += n;
     }
     assert!(child.try_wait().unwrap().is_none(), "still generating");
-    server.kill();
-    let killed = Instant::now();
+    match stop {
+        // SAFETY: sends a signal to the server child this test started (still alive: killed only on drop).
+        true => assert_eq!(
+            unsafe { libc::kill(server.child.id() as i32, libc::SIGSTOP) },
+            0
+        ),
+        false => server.kill(),
+    }
+    let failed = Instant::now();
     let reader = std::thread::spawn(move || {
         let mut rest = Vec::new();
         let _ = stdout.read_to_end(&mut rest);
@@ -593,9 +629,9 @@ fn an_rpc_server_killed_mid_generation_ends_the_run_with_exit_1() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if killed.elapsed() > Duration::from_secs(20) {
+        if failed.elapsed() > Duration::from_secs(20) {
             let _ = child.kill();
-            panic!("ferrite hangs after its RPC server died");
+            panic!("ferrite hangs after its RPC server failed");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -607,13 +643,7 @@ fn an_rpc_server_killed_mid_generation_ends_the_run_with_exit_1() {
         .read_to_string(&mut stderr)
         .unwrap();
     reader.join().unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "the RPC server at {endpoint} closed the connection"
-        )),
-        "{stderr}"
-    );
+    (status, stderr, endpoint)
 }
 
 #[test]

@@ -104,6 +104,10 @@ pub struct DeviceArgs {
     /// protocol has no authentication: use it on trusted networks only.
     #[arg(long = "rpc", value_name = "HOST:PORT,...", value_delimiter = ',')]
     pub rpc: Vec<String>,
+    /// Seconds an RPC server may take to answer before the run ends with an error (a stopped or hung server);
+    /// 0: wait forever.
+    #[arg(long = "rpc-timeout", value_name = "SECS", default_value_t = 300)]
+    pub rpc_timeout: u64,
     /// Devices to offload to, comma-separated (CUDA0, Vulkan0,CPU, RPC0[HOST:PORT]), or none for the CPU only
     /// [default: every GPU and RPC device; --list-devices shows them].
     #[arg(long = "device", value_name = "LIST", value_parser = parse_device_list)]
@@ -330,6 +334,7 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             devices: ferrite::ggml::devices(),
             request: memory.devices.request(),
         },
+        rpc_timeout: std::time::Duration::from_secs(memory.devices.rpc_timeout),
         ..EngineOptions::default()
     };
     let engine = match Engine::open(&path, opts) {

@@ -1,28 +1,15 @@
-//! `Session`: one sequence of an [`Engine`] (its tokens, cache and logits), the graphs it keeps for reuse, and
-//! how one micro-batch runs, resident or through the paged expert store.
+//! `Session`: one sequence of an [`Engine`] (its tokens, cache and logits). How its micro-batches run (kept graphs,
+//! the scheduler, the paged store) is [`crate::exec`]'s.
 
 use std::path::Path;
 use std::rc::Rc;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 use super::Engine;
 use crate::cache::plan::Gather;
 use crate::cache::{CacheSizes, KvCache, UbatchPlan};
-use crate::ggml::{GraphAllocator, OwnedGraph, Scheduler};
-use crate::model::forward::Uploads;
-use crate::model::moe::groups_rows;
-use crate::model::paged::{
-    build_experts_graph, build_head_graph, build_layer_graph, PagedStep, StageCall, StageDeps,
-    StageKey, StageState,
-};
-use crate::model::step::{
-    batch_inputs, build_graph, fill_inputs, out_ids, GraphCache, GraphKey, GraphParts,
-};
-
-/// Micro-batch graphs a session keeps for reuse: decode cycles through up to three shapes (a ratio-4 row, a
-/// ratio-128 row, or none completes), plus the last prompt's.
-const KEPT_GRAPHS: usize = 4;
+use crate::exec::{GraphStats, Runner, KEPT_GRAPHS};
 
 /// How new sessions run: diagnostic switches that compare against the release path (both `true`), never change
 /// what it computes. The CLI sets them from `FERRITE_GRAPH_REUSE=0` and `FERRITE_GROUPED_EXPERTS=0`.
@@ -47,151 +34,6 @@ impl Default for SessionOptions {
     }
 }
 
-/// A paged session's own parts: the state carried between its stage graphs, and the kept stage graphs.
-struct PagedSession<'e> {
-    state: Rc<StageState>,
-    graphs: GraphCache<'e, StageKey>,
-    /// When devices take part: the scheduler the layer and head stages run through (built anew each time; the
-    /// experts stages run on the CPU, where the slots are).
-    sched: Option<Scheduler<'e>>,
-}
-
-/// Builds a stage graph anew, allocates it through the scheduler (made or grown as needed), lets `fill` write its
-/// inputs, computes it and returns what `read` takes from it. Nothing is kept: the scheduler hands its memory out
-/// again for the next graph.
-fn run_scheduled<'e, T>(
-    engine: &'e Engine,
-    sched: &mut Option<Scheduler<'e>>,
-    stats: &mut GraphStats,
-    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
-    fill: impl FnOnce(&OwnedGraph<'e>) -> Result<()>,
-    read: impl FnOnce(&OwnedGraph<'e>) -> Result<T>,
-) -> Result<T> {
-    stats.built += 1;
-    let g = build()?;
-    let size = g.graph().size();
-    if !sched.as_ref().is_some_and(|s| s.fits(size)) {
-        *sched = Some(engine.scheduler(size)?);
-    }
-    let sched = sched.as_mut().expect("made above");
-    sched.alloc(g.graph())?;
-    fill(&g)?;
-    sched.compute(g.graph())?;
-    read(&g)
-}
-
-/// What every resident micro-batch does last: appends the computed logits (when positions were wanted) to `out`
-/// and records `tokens` as processed in `held`.
-fn finish_ubatch(
-    held: &mut Vec<u32>,
-    tokens: &[u32],
-    logits: crate::ggml::Tensor<'_>,
-    want: &[usize],
-    out: &mut Vec<f32>,
-) -> Result<()> {
-    if !want.is_empty() {
-        let start = out.len();
-        out.resize(start + logits.n_elements() as usize, 0.0);
-        logits.read_f32(&mut out[start..])?;
-    }
-    held.extend_from_slice(tokens);
-    Ok(())
-}
-
-/// The graph kept under `key`, built by `build` and allocated when there is none (kept graphs are dropped when the
-/// compute buffer grows, as they point into the old one).
-fn kept_graph<'g, 'e, K: PartialEq + Copy>(
-    graphs: &'g mut GraphCache<'e, K>,
-    alloc: &mut GraphAllocator,
-    stats: &mut GraphStats,
-    key: K,
-    spare: &'g mut Option<OwnedGraph<'e>>,
-    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
-) -> Result<&'g OwnedGraph<'e>> {
-    if graphs.get(&key).is_some() {
-        stats.reused += 1;
-    } else {
-        stats.built += 1;
-        let g = build()?;
-        let before = alloc.buffer_size();
-        alloc.alloc(g.graph())?;
-        if alloc.buffer_size() != before {
-            // A bigger compute buffer: kept graphs still point into the old one; let them go.
-            graphs.clear();
-        }
-        if graphs.capacity() == 0 {
-            return Ok(spare.insert(g));
-        }
-        graphs.insert(key, g);
-    }
-    graphs
-        .get(&key)
-        .ok_or_else(|| anyhow!("a graph was neither kept nor built"))
-}
-
-/// A session's runner when devices take part: the graphs of recent micro-batch shapes, each with the scheduler
-/// (ggml's, over the engine's devices and the CPU) that allocated it. A scheduler hands its compute buffers out
-/// again for each graph it allocates, so each kept graph has its own; up to [`KEPT_GRAPHS`] are kept, as on the
-/// CPU-only path, and the least recently used one's scheduler is taken for a new shape.
-struct SchedRun<'e> {
-    /// Least recently used first. In each tuple the graph is dropped before the scheduler whose buffers it uses.
-    kept: Vec<(GraphKey, OwnedGraph<'e>, Scheduler<'e>)>,
-    /// Whether the schedule was printed (see [`SessionOptions::log_schedule`]).
-    logged: bool,
-}
-
-/// Stage graphs a paged session keeps per layer: the layer's graph for a few shapes and its experts' graphs for
-/// the entry counts decode sees.
-const PAGED_GRAPHS_PER_LAYER: usize = 12;
-
-/// What `--verbose` prints about a scheduled graph: its splits, which device runs the nodes of each layer (runs of
-/// layers on one device joined), and the compute buffers.
-fn schedule_report(sched: &Scheduler<'_>, g: &OwnedGraph<'_>) -> String {
-    use std::collections::BTreeMap;
-    use std::fmt::Write as _;
-    let nodes = sched.assignments(g.graph());
-    // Nodes per device between layer outputs (named `l_out-N`, as llama.cpp's cb() names them): group k holds layer
-    // k's nodes (the embedding's with layer 0), the group after the last layer the head's.
-    let mut per_layer: BTreeMap<usize, BTreeMap<String, usize>> = BTreeMap::new();
-    let mut current = 0usize;
-    for (name, _, dev) in &nodes {
-        let dev = dev.map_or_else(|| "?".to_string(), |d| d.name());
-        *per_layer
-            .entry(current)
-            .or_default()
-            .entry(dev)
-            .or_insert(0) += 1;
-        if name.starts_with("l_out-") {
-            current += 1;
-        }
-    }
-    let n_layers = current;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "ferrite: scheduler: {} nodes in {} splits",
-        nodes.len(),
-        sched.n_splits()
-    );
-    for (layer, devs) in &per_layer {
-        let what = match *layer {
-            0 => "embedding and layer 0".to_string(),
-            il if il == n_layers => "head".to_string(),
-            il => format!("layer {il}"),
-        };
-        let devs: Vec<String> = devs.iter().map(|(d, n)| format!("{d} {n}")).collect();
-        let _ = writeln!(s, "ferrite: scheduler:   {what}: {}", devs.join(", "));
-    }
-    for (backend, bytes) in sched.buffer_sizes() {
-        let _ = writeln!(
-            s,
-            "ferrite: scheduler: compute buffer on {backend}: {}",
-            crate::units::format_bytes(bytes as u64)
-        );
-    }
-    s
-}
-
 /// Which logits a call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -211,35 +53,13 @@ pub struct Session<'e> {
     engine: &'e Engine,
     /// Shared with the kept graphs, which read and write it.
     cache: Rc<KvCache>,
-    /// The compute buffer, shared by every micro-batch's graph.
-    alloc: GraphAllocator,
-    /// Graphs of recent micro-batch shapes, allocated in `alloc`'s buffer, reused while the shape repeats.
-    graphs: GraphCache<'e>,
-    /// The paged store's state and graphs, when the engine pages experts.
-    paged: Option<PagedSession<'e>>,
-    stats: GraphStats,
+    /// Runs the micro-batches: the compute buffer, kept graphs, scheduler and paged stages.
+    runner: Runner<'e>,
     tokens: Vec<u32>,
     /// Attention of few queries gathers the key rows they see (see [`crate::cache::plan::RawPlan::read_slots`]).
     gather: Gather,
     /// A prompt's repacked experts multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
     grouped: bool,
-    /// The scheduler, when devices other than the CPU take part (else every graph runs on the CPU backend as is).
-    sched: Option<SchedRun<'e>>,
-    log_schedule: bool,
-}
-
-/// How a session's micro-batches got their graphs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GraphStats {
-    /// Graphs built (and allocated).
-    pub built: u64,
-    /// Micro-batches that reused a kept graph.
-    pub reused: u64,
-    /// Micro-batches whose attention gathered the key rows it reads, whole or in chunks of queries.
-    pub gathered: u64,
-    pub chunked: u64,
-    /// Micro-batches whose repacked experts multiplied with the grouped GEMM products.
-    pub grouped: u64,
 }
 
 /// What [`Session::rewind`] did.
@@ -284,33 +104,13 @@ impl<'e> Session<'e> {
             .collect();
         let cache = KvCache::new(cfg, sizes, &engine.backend, &cache_devices)
             .context("cannot allocate the context cache")?;
-        let alloc =
-            GraphAllocator::new(&engine.backend).context("cannot create the compute buffer")?;
         let opts = engine.opts.session;
-        let paged = match &engine.paged {
-            None => None,
-            Some(_) => Some(PagedSession {
-                state: Rc::new(StageState::new(cfg, cache.sizes.n_ubatch, &engine.backend)?),
-                graphs: GraphCache::new(PAGED_GRAPHS_PER_LAYER * cfg.n_layer + 8),
-                sched: None,
-            }),
-        };
-        let sched = match engine.devices.is_empty() {
-            true => None,
-            false => Some(SchedRun {
-                kept: Vec::new(),
-                logged: false,
-            }),
-        };
+        let kept = if opts.graph_reuse { KEPT_GRAPHS } else { 0 };
+        let runner = Runner::new(engine, cache.sizes.n_ubatch, kept, opts.log_schedule)?;
         Ok(Session {
             engine,
-            sched,
-            log_schedule: opts.log_schedule,
             cache: Rc::new(cache),
-            alloc,
-            graphs: GraphCache::new(if opts.graph_reuse { KEPT_GRAPHS } else { 0 }),
-            paged,
-            stats: GraphStats::default(),
+            runner,
             tokens: Vec::new(),
             gather: Gather::for_this_build(),
             grouped: opts.grouped_experts,
@@ -348,7 +148,7 @@ impl<'e> Session<'e> {
     /// every micro-batch (`false`: a diagnostic; the logits are the same bit for bit). New sessions start as
     /// [`SessionOptions::graph_reuse`] says.
     pub fn set_graph_reuse(&mut self, on: bool) {
-        self.graphs.set_capacity(if on { KEPT_GRAPHS } else { 0 });
+        self.runner.set_kept(if on { KEPT_GRAPHS } else { 0 });
     }
 
     /// Lets attention of few queries gather the key rows they can see (the default, on the ISAs whose dot-product
@@ -374,22 +174,22 @@ impl<'e> Session<'e> {
         let cfg = &self.engine.cfg;
         let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past(), self.gather);
         if plan.raw.read_slots.is_some() {
-            self.stats.gathered += 1;
+            self.runner.stats.gathered += 1;
         }
         if !plan.chunks.is_empty() {
-            self.stats.chunked += 1;
+            self.runner.stats.chunked += 1;
         }
         plan
     }
 
     /// Whether graphs are kept and reused.
     pub fn graph_reuse(&self) -> bool {
-        self.graphs.capacity() > 0
+        self.runner.kept() > 0
     }
 
     /// Graphs built and reused so far.
     pub fn graph_stats(&self) -> GraphStats {
-        self.stats
+        self.runner.stats
     }
 
     /// Processes `tokens` after the ones already seen, in micro-batches, and returns logits (`n_vocab` per row).
@@ -426,139 +226,27 @@ impl<'e> Session<'e> {
         Ok(out)
     }
 
-    /// What every resident micro-batch does first: counts the step in the expert statistics (every token uses
-    /// `n_expert_used` resident experts per layer), plans the micro-batch, and picks the grouped expert products
-    /// (only experts repacked in the CPU's layout, so on the CPU, take them) and the graph's key.
-    fn prepare_ubatch(
-        &mut self,
-        tokens: &[u32],
-        n_want: usize,
-    ) -> (UbatchPlan, Option<crate::ggml::RepackType>, GraphKey) {
-        let engine = self.engine;
-        let cfg = &engine.cfg;
-        {
-            let mut stats = engine.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.record_step(tokens.len() as u64);
-            for _ in 0..cfg.n_layer {
-                stats.record_resident((tokens.len() * cfg.n_expert_used) as u64);
-            }
-        }
-        let plan = self.plan(tokens);
-        let grouped = engine.grouped.filter(|_| self.grouped);
-        if grouped.is_some() && groups_rows(tokens.len(), cfg.n_expert_used, cfg.n_expert) {
-            self.stats.grouped += 1;
-        }
-        let key = GraphKey::of(&plan, n_want, grouped.is_some());
-        (plan, grouped, key)
-    }
-
     /// Runs one micro-batch; appends the logits of the positions in `want` (indices within the micro-batch) to
     /// `out`.
     fn run_ubatch(&mut self, tokens: &[u32], want: &[usize], out: &mut Vec<f32>) -> Result<()> {
-        if self.paged.is_some() {
-            return self.run_ubatch_paged(tokens, want, out);
-        }
-        if self.sched.is_some() {
-            return self.run_ubatch_sched(tokens, want, out);
-        }
-        let engine = self.engine;
-        let cfg = &engine.cfg;
-        let fused = engine.opts.fused_ops;
-        let (plan, grouped, key) = self.prepare_ubatch(tokens, want.len());
-        let mut spare = None;
-        let graph = kept_graph(
-            &mut self.graphs,
-            &mut self.alloc,
-            &mut self.stats,
-            key,
-            &mut spare,
-            || {
-                let weights = engine.weight_tensors();
-                let parts = GraphParts {
-                    cfg,
-                    fused,
-                    grouped,
-                    weights: &weights,
-                    rotation: engine.rotations(),
-                    layer_fused: None,
-                };
-                build_graph(&parts, &self.cache, &plan, want)
-            },
-        )?;
-        let logits = fill_inputs(graph, plan, want, fused, engine.rotations(), false)?;
-        engine.backend.compute(graph.graph())?;
-        finish_ubatch(&mut self.tokens, tokens, logits, want, out)
-    }
-
-    /// Runs one micro-batch through the scheduler over the engine's devices and the CPU: the same graph as
-    /// [`Session::run_ubatch`] builds, with each layer's nodes on the device of its weights and cache, and the
-    /// primitive-op form for layers whose device lacks the fused operators.
-    fn run_ubatch_sched(
-        &mut self,
-        tokens: &[u32],
-        want: &[usize],
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        let engine = self.engine;
-        let cfg = &engine.cfg;
-        let fused = engine.opts.fused_ops;
-        let (plan, grouped, key) = self.prepare_ubatch(tokens, want.len());
-        let capacity = self.graphs.capacity();
-        let run = self.sched.as_mut().expect("a scheduled session");
-        let found = match capacity > 0 {
-            true => run.kept.iter().position(|(k, _, _)| *k == key),
-            false => None,
-        };
-        if let Some(i) = found {
-            self.stats.reused += 1;
-            let entry = run.kept.remove(i);
-            run.kept.push(entry);
-        } else {
-            self.stats.built += 1;
-            let weights = engine.weight_tensors();
-            let parts = GraphParts {
-                cfg,
-                fused,
-                grouped,
-                weights: &weights,
-                rotation: engine.rotations(),
-                layer_fused: Some(Rc::new(engine.layer_fused.clone())),
-            };
-            let g = build_graph(&parts, &self.cache, &plan, want)?;
-            let size = g.graph().size();
-            // The least recently used graph's scheduler when as many graphs as kept are there, else a new one.
-            let old = match run.kept.len() >= capacity.max(1) {
-                true => Some(run.kept.remove(0).2),
-                false => None,
-            };
-            let mut sched = match old {
-                Some(s) if s.fits(size) => s,
-                _ => engine.scheduler(size)?,
-            };
-            sched.alloc(g.graph())?;
-            if self.log_schedule && !run.logged {
-                run.logged = true;
-                eprint!("{}", schedule_report(&sched, &g));
-            }
-            run.kept.push((key, g, sched));
-        }
-        let (_, g, sched) = run.kept.last_mut().expect("a graph was just kept");
-        let logits = fill_inputs(g, plan, want, fused, engine.rotations(), true)?;
-        sched.compute(g.graph())?;
-        finish_ubatch(&mut self.tokens, tokens, logits, want, out)
+        let plan = self.plan(tokens);
+        let grouped = self.grouped;
+        self.runner.run(&self.cache, plan, want, grouped, out)?;
+        self.tokens.extend_from_slice(tokens);
+        Ok(())
     }
 
     /// How many nodes of each operator the graph of the last micro-batch computed through the scheduler has (`None`
     /// on the CPU-only path, or before the first micro-batch). Used by tests to see which form each device got.
     pub fn scheduled_op_counts(&self) -> Option<std::collections::BTreeMap<String, usize>> {
-        let (_, g, _) = self.sched.as_ref()?.kept.last()?;
+        let (g, _) = self.runner.last_scheduled()?;
         Some(g.graph().op_counts())
     }
 
     /// For each node of the last scheduled graph: its name, operator and the device that runs it (None: the CPU or
     /// unassigned). `None` on the CPU-only path or before the first micro-batch.
     pub fn scheduled_nodes(&self) -> Option<Vec<(String, String, Option<String>)>> {
-        let (_, g, sched) = self.sched.as_ref()?.kept.last()?;
+        let (g, sched) = self.runner.last_scheduled()?;
         Some(
             sched
                 .assignments(g.graph())
@@ -570,141 +258,8 @@ impl<'e> Session<'e> {
 
     /// Splits of the last scheduled graph (`None` on the CPU-only path).
     pub fn scheduled_splits(&self) -> Option<usize> {
-        let (_, _, sched) = self.sched.as_ref()?.kept.last()?;
+        let (_, sched) = self.runner.last_scheduled()?;
         Some(sched.n_splits())
-    }
-
-    /// Runs one micro-batch through the paged store: a graph per layer up to its router, the experts over the slots
-    /// (read on demand), and the head (see `crate::model::paged`).
-    fn run_ubatch_paged(
-        &mut self,
-        tokens: &[u32],
-        want: &[usize],
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        let engine = self.engine;
-        let cfg = &engine.cfg;
-        let fused = engine.opts.fused_ops;
-        let px = engine.paged.as_ref().expect("a paged engine");
-        let plan = self.plan(tokens);
-        // Paged experts live in the slots, not repacked: the grouped products never apply.
-        let key = GraphKey::of(&plan, want.len(), false);
-        let weights = engine.weight_tensors();
-        let rotation = engine.rotations();
-        let parts = GraphParts {
-            cfg,
-            fused,
-            grouped: None,
-            weights: &weights,
-            rotation,
-            layer_fused: Some(Rc::new(engine.layer_fused.clone())),
-        };
-        let scheduled = !engine.devices.is_empty();
-        let Session {
-            cache,
-            alloc,
-            paged,
-            stats,
-            ..
-        } = self;
-        let ps = paged.as_mut().expect("a paged session");
-        let state = ps.state.clone();
-        let graphs = &mut ps.graphs;
-        let sched = &mut ps.sched;
-        let backend = &engine.backend;
-        let mut compute = |call: StageCall<'_>| -> Result<()> {
-            match call {
-                StageCall::Layer(il) if scheduled => {
-                    let deps = StageDeps {
-                        cache: cache.clone(),
-                        state: state.clone(),
-                    };
-                    let fill = |g: &OwnedGraph<'_>| -> Result<()> {
-                        let mut up = Uploads::kept(g.tensors());
-                        batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
-                        up.upload_used()?;
-                        Ok(())
-                    };
-                    let build = || build_layer_graph(&parts, deps, &plan, il, px.stage_paging());
-                    run_scheduled(engine, sched, stats, build, fill, |_| Ok(()))?;
-                }
-                StageCall::Layer(il) => {
-                    let sk = StageKey::Layer { key, layer: il };
-                    let mut spare = None;
-                    let g = kept_graph(graphs, alloc, stats, sk, &mut spare, || {
-                        let deps = StageDeps {
-                            cache: cache.clone(),
-                            state: state.clone(),
-                        };
-                        build_layer_graph(&parts, deps, &plan, il, px.stage_paging())
-                    })?;
-                    let mut up = Uploads::kept(g.tensors());
-                    batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
-                    up.upload_used()?;
-                    backend.compute(g.graph())?;
-                }
-                StageCall::Experts(il, e) => {
-                    let sk = StageKey::Experts {
-                        layer: il,
-                        entries: e.row.len(),
-                    };
-                    let mut spare = None;
-                    let g = kept_graph(graphs, alloc, stats, sk, &mut spare, || {
-                        let slots = px.slot_tensors(il);
-                        build_experts_graph(cfg, fused, slots, state.clone(), il, e.row.len())
-                    })?;
-                    let t = g.tensors();
-                    t[0].set_i32(&e.token)?;
-                    t[1].set_i32(&e.row)?;
-                    t[2].set_i32(&e.slot)?;
-                    backend.compute(g.graph())?;
-                }
-            }
-            Ok(())
-        };
-        let step = PagedStep {
-            experts: px,
-            stats: &engine.stats,
-            cfg,
-            tokens,
-        };
-        let read_i32 = |i: usize, len: usize| -> Result<Vec<i32>> {
-            let mut v = state.get_i32(i)?;
-            v.truncate(len);
-            Ok(v)
-        };
-        step.run(&mut compute, &read_i32)?;
-
-        let n_out = want.len().max(1);
-        let sk = StageKey::Head {
-            n_tokens: tokens.len(),
-            n_out,
-        };
-        let build = || build_head_graph(cfg, fused, &weights, state.clone(), tokens.len(), n_out);
-        let fill = |g: &OwnedGraph<'_>| -> Result<()> {
-            g.tensors()[1].set_i32(&out_ids(tokens.len(), want))?;
-            Ok(())
-        };
-        let mut read = |g: &OwnedGraph<'_>| -> Result<()> {
-            let t = g.tensors();
-            if !want.is_empty() {
-                let start = out.len();
-                out.resize(start + t[0].n_elements() as usize, 0.0);
-                t[0].read_f32(&mut out[start..])?;
-            }
-            Ok(())
-        };
-        if scheduled {
-            run_scheduled(engine, sched, stats, build, fill, read)?;
-        } else {
-            let mut spare = None;
-            let g = kept_graph(graphs, alloc, stats, sk, &mut spare, build)?;
-            fill(g)?;
-            backend.compute(g.graph())?;
-            read(g)?;
-        }
-        self.tokens.extend_from_slice(tokens);
-        Ok(())
     }
 
     /// Forgets everything after the first `n` tokens. Where the cache still holds all that position `n` needs

@@ -19,6 +19,7 @@
 pub mod io;
 pub mod policy;
 pub mod stats;
+pub mod store;
 
 pub use io::{
     direct_room, ExpertIoError, ExpertLayout, ExpertReader, LayerSlabs, ReadJob, ReadOptions,

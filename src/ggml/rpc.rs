@@ -4,7 +4,10 @@
 //!
 //! ggml-rpc aborts the process (`GGML_ABORT`) when a server cannot be reached or closes the connection mid-run;
 //! [`install_abort_handler`] turns that into a message naming the server and exit status 1, and [`add_server`]
-//! checks the server answers before ggml tries.
+//! checks the server answers before ggml tries. ggml-rpc waits for replies without a limit, so a server that stops
+//! answering (stopped, hung, its machine gone without closing the connection) would hang the run:
+//! [`limit_replies`] gives the connections to the added servers a reply timeout, after which ggml-rpc's read fails
+//! and the run ends the same way.
 
 use std::ffi::{c_char, c_void, CString};
 use std::io::Write;
@@ -23,6 +26,104 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The endpoints added so far (for the abort message).
 static ENDPOINTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The reply timeout [`limit_replies`] gave the connections (for the abort message); `None`: none given.
+static REPLY_TIMEOUT: Mutex<Option<Duration>> = Mutex::new(None);
+
+/// How long a reply from an RPC server may take by default (`--rpc-timeout`): far beyond one micro-batch of any
+/// layer on a slow machine, short enough that a stopped server ends the run.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Gives every open connection of this process to an added RPC server a reply (and send) timeout of `timeout`:
+/// ggml-rpc's blocking reads then fail after that long without data, and the run ends with exit status 1 and the
+/// server named instead of hanging. ggml-rpc opens its connections lazily and keeps one per server while anything
+/// uses it; call this after the weights are on the devices (and again whenever new connections may exist). Returns
+/// how many connections were limited. Linux only (the connections are found in /proc/self/fd); elsewhere 0.
+pub fn limit_replies(timeout: Duration) -> usize {
+    let endpoints = ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if endpoints.is_empty() || timeout.is_zero() {
+        return 0;
+    }
+    let peers: Vec<std::net::SocketAddr> = endpoints
+        .iter()
+        .filter_map(|e| e.to_socket_addrs().ok())
+        .flatten()
+        .collect();
+    *REPLY_TIMEOUT.lock().unwrap_or_else(|p| p.into_inner()) = Some(timeout);
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    let mut limited = 0;
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Some(peer) = peer_of(fd) else { continue };
+        if !peers.contains(&peer) {
+            continue;
+        }
+        let mut ok = true;
+        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            // SAFETY: `fd` is a socket of this process (getpeername succeeded); the option value is a timeval of the
+            // size given.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            ok &= r == 0;
+        }
+        limited += usize::from(ok);
+    }
+    limited
+}
+
+/// The address of the TCP peer of socket `fd` (`None` for anything else).
+fn peer_of(fd: i32) -> Option<std::net::SocketAddr> {
+    // SAFETY: an all-zero sockaddr_storage is valid; getpeername writes at most `len` bytes into it.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: a pointer to the storage and its length; a descriptor that is not a connected socket gives an error.
+    let r = unsafe {
+        libc::getpeername(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: &libc::sockaddr_in =
+                unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some((ip, u16::from_be(a.sin_port)).into())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: &libc::sockaddr_in6 =
+                unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some((ip, u16::from_be(a.sin6_port)).into())
+        }
+        _ => None,
+    }
+}
 
 type AddServerFn = unsafe extern "C" fn(endpoint: *const c_char) -> sys::ggml_backend_reg_t;
 type StartServerFn = unsafe extern "C" fn(
@@ -168,6 +269,11 @@ pub fn install_abort_handler() {
 }
 
 extern "C" fn on_abort(message: *const c_char) {
+    // First, before anything else can change it: a read that timed out leaves EAGAIN.
+    let timed_out = matches!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EAGAIN) | Some(libc::ETIMEDOUT)
+    );
     let message = cstr_lossy(message);
     let message = message.trim();
     let endpoints = match ENDPOINTS.try_lock() {
@@ -202,9 +308,16 @@ extern "C" fn on_abort(message: *const c_char) {
                     .join(", ")
             ),
         };
-        format!(
-            "ferrite: error: {which} closed the connection (ggml: {message})\nhint: restart the server and run again"
-        )
+        let timeout = REPLY_TIMEOUT.try_lock().ok().and_then(|t| *t);
+        match timeout.filter(|_| timed_out) {
+            Some(t) => format!(
+                "ferrite: error: {which} did not answer within {} s (ggml: {message})\nhint: is the server stopped or overloaded? restart it, or wait longer with --rpc-timeout SECS (0: no limit)",
+                t.as_secs()
+            ),
+            None => format!(
+                "ferrite: error: {which} closed the connection (ggml: {message})\nhint: restart the server and run again"
+            ),
+        }
     } else {
         format!("ferrite: error: ggml aborted: {message}")
     };

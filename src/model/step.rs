@@ -1,5 +1,5 @@
-//! One micro-batch as a graph that is kept: what fixes a graph's shape ([`GraphKey`]), the kept graphs
-//! ([`GraphCache`]), and the inputs a plan gives a graph, written anew for every micro-batch. Decode repeats a
+//! One micro-batch as a graph that is kept: what fixes a graph's shape ([`GraphKey`]), the graph, and the inputs a
+//! plan gives a graph, written anew for every micro-batch (the kept graphs are `crate::exec`'s). Decode repeats a
 //! handful of shapes (a compressed row completes or not), so after the first tokens it builds and allocates nothing
 //! and only writes inputs, as llama.cpp's graph reuse does.
 
@@ -319,86 +319,4 @@ pub fn fill_inputs<'g>(
         false => up.upload()?,
     }
     Ok(logits)
-}
-
-/// Graphs kept for reuse, each under its key (a [`GraphKey`], or a stage of the paged store); the least recently
-/// used goes when a new one needs room.
-pub struct GraphCache<'e, K = GraphKey> {
-    entries: Vec<Entry<'e, K>>,
-    capacity: usize,
-    clock: u64,
-}
-
-struct Entry<'e, K> {
-    key: K,
-    graph: OwnedGraph<'e>,
-    last_use: u64,
-}
-
-impl<'e, K: PartialEq + Copy> GraphCache<'e, K> {
-    /// Keeps up to `capacity` graphs (0: none, every micro-batch builds its own).
-    pub fn new(capacity: usize) -> GraphCache<'e, K> {
-        GraphCache {
-            entries: Vec::new(),
-            capacity,
-            clock: 0,
-        }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Changes how many graphs are kept (dropping the least recently used ones beyond it).
-    pub fn set_capacity(&mut self, capacity: usize) {
-        self.capacity = capacity;
-        while self.entries.len() > capacity {
-            self.evict();
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The graph kept under `key`, marked as just used.
-    pub fn get(&mut self, key: &K) -> Option<&OwnedGraph<'e>> {
-        self.clock += 1;
-        let clock = self.clock;
-        let e = self.entries.iter_mut().find(|e| e.key == *key)?;
-        e.last_use = clock;
-        Some(&e.graph)
-    }
-
-    /// Keeps `graph` under `key` (when the capacity allows), making room by dropping the least recently used.
-    pub fn insert(&mut self, key: K, graph: OwnedGraph<'e>) {
-        if self.capacity == 0 {
-            return;
-        }
-        self.entries.retain(|e| e.key != key);
-        while self.entries.len() >= self.capacity {
-            self.evict();
-        }
-        self.clock += 1;
-        self.entries.push(Entry {
-            key,
-            graph,
-            last_use: self.clock,
-        });
-    }
-
-    /// Drops every kept graph.
-    pub fn clear(&mut self) {
-        self.entries.clear();
-    }
-
-    fn evict(&mut self) {
-        if let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_use) {
-            self.entries.swap_remove(i);
-        }
-    }
 }

@@ -1,0 +1,411 @@
+//! A micro-batch through the paged expert store: per layer the stage graph up to its router, then the layer's
+//! experts over the store's slots (hits computed while misses are read, waves when the needed set is larger than
+//! the pool, the next layer's guesses prefetched), then the head. The graphs are `crate::model::paged`'s.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context as _, Result};
+
+use super::graphs::{kept_graph, GraphCache};
+use super::{append_logits, Runner};
+use crate::cache::{KvCache, UbatchPlan};
+use crate::engine::Engine;
+use crate::experts::store::PagedExperts;
+use crate::experts::{ExpertKey, ExpertStats, Load, ReadReport, SlotId, SlotPolicy};
+use crate::ggml::{GraphAllocator, OwnedGraph, Scheduler};
+use crate::model::config::Config;
+use crate::model::forward::Uploads;
+use crate::model::paged::{
+    build_experts_graph, build_head_graph, build_layer_graph, Entries, StageDeps, StageKey,
+    StageState, GUESS, SEL,
+};
+use crate::model::step::{batch_inputs, out_ids, GraphKey, GraphParts};
+
+/// Experts per read batch when a layer's misses are read while the previous batch is computed: 24 slabs keep the
+/// reader's 8 threads busy, and a decoded token's misses of a layer (at most 6 in Flash) stay one batch.
+const READ_CHUNK: usize = 8;
+
+/// How much a guess from the next layer's router is worth against a known need (the chance it is used).
+const GUESS_WEIGHT: f64 = 0.5;
+
+/// Stage graphs a paged session keeps per layer: the layer's graph for a few shapes and its experts' graphs for
+/// the entry counts decode sees.
+const PAGED_GRAPHS_PER_LAYER: usize = 12;
+
+/// A session's parts for the paged store: the state carried between its stage graphs, and the kept stage graphs.
+pub(super) struct PagedRun<'e> {
+    state: Rc<StageState>,
+    graphs: GraphCache<'e, StageKey>,
+    /// When devices take part: the scheduler the layer and head stages run through (their graphs are built anew
+    /// each time; the experts stages run on the CPU, where the slots are).
+    sched: Option<Scheduler<'e>>,
+}
+
+impl<'e> PagedRun<'e> {
+    pub fn new(engine: &'e Engine, n_ubatch: usize) -> Result<PagedRun<'e>> {
+        let cfg = &engine.cfg;
+        Ok(PagedRun {
+            state: Rc::new(StageState::new(cfg, n_ubatch, &engine.backend)?),
+            graphs: GraphCache::new(PAGED_GRAPHS_PER_LAYER * cfg.n_layer + 8),
+            sched: None,
+        })
+    }
+}
+
+/// Builds a stage graph anew, allocates it through the scheduler (made or grown as needed), lets `fill` write its
+/// inputs, computes it and returns what `read` takes from it. Nothing is kept: the scheduler hands its memory out
+/// again for the next graph.
+fn run_scheduled<'e, T>(
+    engine: &'e Engine,
+    sched: &mut Option<Scheduler<'e>>,
+    stats: &mut super::GraphStats,
+    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
+    fill: impl FnOnce(&OwnedGraph<'e>) -> Result<()>,
+    read: impl FnOnce(&OwnedGraph<'e>) -> Result<T>,
+) -> Result<T> {
+    stats.built += 1;
+    let g = build()?;
+    let size = g.graph().size();
+    if !sched.as_ref().is_some_and(|s| s.fits(size)) {
+        *sched = Some(engine.scheduler(size)?);
+    }
+    let sched = sched.as_mut().expect("made above");
+    sched.alloc(g.graph())?;
+    fill(&g)?;
+    sched.compute(g.graph())?;
+    read(&g)
+}
+
+/// What computing one micro-batch's stages needs: the engine, the session's cache, its paged parts, compute buffer
+/// and counters, and the micro-batch's plan.
+struct Stages<'r, 'e> {
+    engine: &'e Engine,
+    cache: &'r Rc<KvCache>,
+    run: &'r mut PagedRun<'e>,
+    alloc: &'r mut GraphAllocator,
+    stats: &'r mut super::GraphStats,
+    plan: &'r UbatchPlan,
+    /// The micro-batch's shape (paged experts live in the slots, not repacked: no grouped products).
+    key: GraphKey,
+    parts: GraphParts<'r, 'e>,
+    px: &'e PagedExperts,
+}
+
+impl Stages<'_, '_> {
+    /// Computes layer `il`'s stage graph over the batch inputs.
+    fn layer(&mut self, il: usize) -> Result<()> {
+        let engine = self.engine;
+        let (plan, parts, fused) = (self.plan, &self.parts, self.parts.fused);
+        let rotation = parts.rotation;
+        let deps = || StageDeps {
+            cache: self.cache.clone(),
+            state: self.run.state.clone(),
+        };
+        let paging = self.px.stage_paging();
+        let fill = |g: &OwnedGraph<'_>| -> Result<()> {
+            let mut up = Uploads::kept(g.tensors());
+            batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
+            up.upload_used()?;
+            Ok(())
+        };
+        if !engine.devices.is_empty() {
+            let build = || build_layer_graph(parts, deps(), plan, il, paging);
+            return run_scheduled(engine, &mut self.run.sched, self.stats, build, fill, |_| {
+                Ok(())
+            });
+        }
+        let sk = StageKey::Layer {
+            key: self.key,
+            layer: il,
+        };
+        let mut spare = None;
+        let deps = deps();
+        let g = kept_graph(
+            &mut self.run.graphs,
+            self.alloc,
+            self.stats,
+            sk,
+            &mut spare,
+            || build_layer_graph(parts, deps, plan, il, paging),
+        )?;
+        fill(g)?;
+        engine.backend.compute(g.graph())?;
+        Ok(())
+    }
+
+    /// Computes layer `il`'s experts for `e`'s entries over the slots (on the CPU, where the slots are).
+    fn experts(&mut self, il: usize, e: &Entries) -> Result<()> {
+        let engine = self.engine;
+        let (cfg, fused) = (&engine.cfg, self.parts.fused);
+        let sk = StageKey::Experts {
+            layer: il,
+            entries: e.row.len(),
+        };
+        let state = self.run.state.clone();
+        let px = self.px;
+        let mut spare = None;
+        let g = kept_graph(
+            &mut self.run.graphs,
+            self.alloc,
+            self.stats,
+            sk,
+            &mut spare,
+            || build_experts_graph(cfg, fused, px.slot_tensors(il), state, il, e.row.len()),
+        )?;
+        let t = g.tensors();
+        t[0].set_i32(&e.token)?;
+        t[1].set_i32(&e.row)?;
+        t[2].set_i32(&e.slot)?;
+        engine.backend.compute(g.graph())?;
+        Ok(())
+    }
+
+    /// The first `len` values of I32 state tensor `i` (the chosen or guessed experts).
+    fn read_i32(&self, i: usize, len: usize) -> Result<Vec<i32>> {
+        let mut v = self.run.state.get_i32(i)?;
+        v.truncate(len);
+        Ok(v)
+    }
+
+    /// Computes the last layer's output and the head; appends the logits of `want` to `out`.
+    fn head(&mut self, want: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        let engine = self.engine;
+        let (cfg, fused) = (&engine.cfg, self.parts.fused);
+        let n_tokens = self.plan.tokens.len();
+        let n_out = want.len().max(1);
+        let state = self.run.state.clone();
+        let weights = self.parts.weights;
+        let build = || build_head_graph(cfg, fused, weights, state, n_tokens, n_out);
+        let fill = |g: &OwnedGraph<'_>| -> Result<()> {
+            g.tensors()[1].set_i32(&out_ids(n_tokens, want))?;
+            Ok(())
+        };
+        let mut read = |g: &OwnedGraph<'_>| append_logits(g.tensors()[0], want, out);
+        if !engine.devices.is_empty() {
+            return run_scheduled(engine, &mut self.run.sched, self.stats, build, fill, read);
+        }
+        let sk = StageKey::Head { n_tokens, n_out };
+        let mut spare = None;
+        let g = kept_graph(
+            &mut self.run.graphs,
+            self.alloc,
+            self.stats,
+            sk,
+            &mut spare,
+            build,
+        )?;
+        fill(g)?;
+        engine.backend.compute(g.graph())?;
+        read(g)
+    }
+}
+
+impl Runner<'_> {
+    /// Runs one micro-batch through the paged store: a graph per layer up to its router, the experts over the
+    /// slots (read on demand), and the head.
+    pub(super) fn run_paged(
+        &mut self,
+        cache: &Rc<KvCache>,
+        plan: UbatchPlan,
+        want: &[usize],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let engine = self.engine;
+        let px = engine.paged.as_ref().expect("a paged engine");
+        let weights = engine.weight_tensors();
+        let parts = GraphParts {
+            cfg: &engine.cfg,
+            fused: engine.opts.fused_ops,
+            grouped: None,
+            weights: &weights,
+            rotation: engine.rotations(),
+            layer_fused: Some(self.layer_fused.clone()),
+        };
+        let mut stages = Stages {
+            engine,
+            cache,
+            run: self.paged.as_mut().expect("a paged runner"),
+            alloc: &mut self.alloc,
+            stats: &mut self.stats,
+            plan: &plan,
+            key: GraphKey::of(&plan, want.len(), false),
+            parts,
+            px,
+        };
+        let host = HostStep {
+            experts: px,
+            stats: &engine.stats,
+            cfg: &engine.cfg,
+            tokens: &plan.tokens,
+        };
+        host.run(&mut stages)?;
+        stages.head(want, out)
+    }
+}
+
+/// The entries of `sel` (`k` per token) whose expert is in `slots`.
+fn entries_in(sel: &[i32], k: usize, slots: &BTreeMap<u32, SlotId>) -> Entries {
+    let mut e = Entries {
+        token: Vec::new(),
+        row: Vec::new(),
+        slot: Vec::new(),
+    };
+    for (i, &x) in sel.iter().enumerate() {
+        if let Some(&s) = slots.get(&(x as u32)) {
+            e.token.push((i / k) as i32);
+            e.row.push(i as i32);
+            e.slot.push(s as i32);
+        }
+    }
+    e
+}
+
+/// Reads loads on a background thread; `join` waits for them and records the wait.
+struct Pending<'s> {
+    handle: std::thread::ScopedJoinHandle<'s, Result<ReadReport, crate::experts::ExpertIoError>>,
+    loads: Vec<Load>,
+}
+
+/// The host side of one micro-batch through the paged store: plans every layer's experts, reads misses and
+/// prefetches into slots, and computes the stage graphs in order.
+struct HostStep<'a> {
+    experts: &'a PagedExperts,
+    stats: &'a Mutex<ExpertStats>,
+    cfg: &'a Config,
+    tokens: &'a [i32],
+}
+
+impl HostStep<'_> {
+    /// Runs every layer's stages (not the head) through `stages`.
+    fn run(&self, stages: &mut Stages<'_, '_>) -> Result<()> {
+        let k = self.cfg.n_expert_used;
+        let n = self.tokens.len();
+        let px = self.experts;
+        let mut policy = px.policy.lock().unwrap_or_else(|p| p.into_inner());
+        self.stats_mut().record_step(n as u64);
+        policy.begin_step();
+        std::thread::scope(|scope| -> Result<()> {
+            // Hash-routed layers: their experts are known from the token ids; read them while attention runs.
+            let mut certain = Vec::new();
+            for (il, table) in px.hash_experts.iter().enumerate() {
+                if let Some(table) = table {
+                    for &t in self.tokens {
+                        let row = &table[t as usize * k..(t as usize + 1) * k];
+                        certain.extend(row.iter().map(|&e| ExpertKey::new(il as u32, e as u32)));
+                    }
+                }
+            }
+            let mut pending = None;
+            if !certain.is_empty() {
+                let plan = policy.prefetch(&certain, 1.0)?;
+                self.stats_mut().record_prefetch(&plan);
+                pending = self.spawn(scope, plan.loads)?;
+            }
+            for il in 0..self.cfg.n_layer {
+                stages.layer(il)?;
+                self.join(pending.take(), &mut policy)?;
+                if !px.pages_layer(il) {
+                    // Computed by the layer's graph on the device that holds its experts.
+                    self.stats_mut().record_resident((n * k) as u64);
+                    continue;
+                }
+                let sel = stages.read_i32(SEL, k * n)?;
+                let keys: Vec<ExpertKey> = sel
+                    .iter()
+                    .map(|&e| ExpertKey::new(il as u32, e as u32))
+                    .collect();
+                let plan = policy.request(&keys)?;
+                self.stats_mut().record_request(&plan);
+                for wave in &plan.waves {
+                    let hits: BTreeMap<u32, SlotId> =
+                        wave.hits.iter().map(|h| (h.key.expert, h.slot)).collect();
+                    // Misses load in chunks, each while the one before (the hits first) is computed: a wave's
+                    // slots are all different, so reading one chunk never touches what another computes.
+                    let chunks: Vec<&[Load]> = wave.misses.chunks(READ_CHUNK).collect();
+                    let mut reading = match chunks.first() {
+                        Some(c) => self.spawn(scope, c.to_vec())?,
+                        None => None,
+                    };
+                    if !hits.is_empty() {
+                        stages.experts(il, &entries_in(&sel, k, &hits))?;
+                    }
+                    for (i, chunk) in chunks.iter().enumerate() {
+                        self.join(reading.take(), &mut policy)?;
+                        if let Some(next) = chunks.get(i + 1) {
+                            reading = self.spawn(scope, next.to_vec())?;
+                        }
+                        let slots = chunk.iter().map(|m| (m.key.expert, m.slot)).collect();
+                        stages.experts(il, &entries_in(&sel, k, &slots))?;
+                    }
+                }
+                // Guess the next layer's experts and read them while its attention runs.
+                if plan.waves.len() == 1
+                    && px.pages_layer(il + 1)
+                    && px.hash_experts[il + 1].is_none()
+                {
+                    let guess = stages.read_i32(GUESS, k * n)?;
+                    let keys: Vec<ExpertKey> = guess
+                        .iter()
+                        .map(|&e| ExpertKey::new(il as u32 + 1, e as u32))
+                        .collect();
+                    let plan = policy.prefetch(&keys, GUESS_WEIGHT)?;
+                    self.stats_mut().record_prefetch(&plan);
+                    pending = self.spawn(scope, plan.loads)?;
+                }
+            }
+            self.join(pending.take(), &mut policy)
+        })
+    }
+
+    fn stats_mut(&self) -> std::sync::MutexGuard<'_, ExpertStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts reading `loads` on a thread of `scope` (nothing when there are none).
+    fn spawn<'s, 'env>(
+        &'env self,
+        scope: &'s std::thread::Scope<'s, 'env>,
+        loads: Vec<Load>,
+    ) -> Result<Option<Pending<'s>>> {
+        if loads.is_empty() {
+            return Ok(None);
+        }
+        let px = self.experts;
+        // SAFETY: the slots of `loads` were just handed out for loading; no graph reads them until this read is
+        // joined (stages only read slots of hits and of joined loads), and no other read targets them.
+        let jobs = unsafe { px.jobs(&loads)? };
+        let reader = &px.reader;
+        let handle = scope.spawn(move || reader.read(jobs));
+        Ok(Some(Pending { handle, loads }))
+    }
+
+    /// Waits for a background read; on failure forgets what its slots were to hold.
+    fn join(&self, pending: Option<Pending<'_>>, policy: &mut SlotPolicy) -> Result<()> {
+        let Some(p) = pending else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        let result = p.handle.join();
+        let result = match result {
+            Ok(r) => r.map_err(anyhow::Error::from),
+            Err(_) => Err(anyhow!("a thread reading experts stopped unexpectedly")),
+        };
+        let mut stats = self.stats_mut();
+        stats.record_io_wait(start.elapsed());
+        match result {
+            Ok(report) => {
+                stats.record_read(&report);
+                Ok(())
+            }
+            Err(e) => {
+                for l in &p.loads {
+                    policy.invalidate(l.slot)?;
+                }
+                Err(e).context("cannot read routed experts into the expert cache")
+            }
+        }
+    }
+}
