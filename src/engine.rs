@@ -17,6 +17,7 @@ use gguf::{GgmlType, Model};
 
 use crate::cache::{CacheSizes, CacheType};
 use crate::chat::PromptFormat;
+use crate::experts::device::{DeviceExperts, GpuExpertsArg};
 use crate::experts::store::PagedExperts;
 use crate::experts::{ExpertStats, StatsSnapshot};
 use crate::ggml::{
@@ -102,6 +103,8 @@ pub struct EngineOptions {
     /// How long a reply from an RPC server may take before the run ends with an error (`--rpc-timeout`; zero: no
     /// limit). See [`crate::ggml::rpc::limit_replies`].
     pub rpc_timeout: std::time::Duration,
+    /// `--gpu-experts`: a cache of the CPU's routed experts in a device's memory (`None`: no cache).
+    pub gpu_experts: Option<GpuExpertsArg>,
 }
 
 /// The devices a run may use and how the user asked for them to be used (`--device`, `-ngl`, `-ot`, ...).
@@ -125,6 +128,7 @@ impl Default for EngineOptions {
             layout: None,
             no_fused_on: Vec::new(),
             rpc_timeout: crate::ggml::rpc::DEFAULT_REPLY_TIMEOUT,
+            gpu_experts: None,
         }
     }
 }
@@ -155,6 +159,10 @@ pub struct Engine {
     device_plan: DevicePlan,
     /// The expert cache, when the plan pages the routed experts.
     pub(crate) paged: Option<PagedExperts>,
+    /// Per layer: whether its routed experts are all on the CPU (else on a device, computed there).
+    pub(crate) cpu_expert_layers: Vec<bool>,
+    /// The device expert cache (`--gpu-experts`) in front of the CPU's experts.
+    pub(crate) device_experts: Option<DeviceExperts>,
     pub(crate) stats: Mutex<ExpertStats>,
     /// What locking memory did (`--mlock`, and the paged store's resident weights).
     notes: Vec<String>,
@@ -270,6 +278,8 @@ impl Engine {
             plan,
             device_plan,
             paged: None,
+            cpu_expert_layers: Vec::new(),
+            device_experts: None,
             stats: Mutex::new(ExpertStats::new()),
             notes: Vec::new(),
             locked: 0,
@@ -291,32 +301,37 @@ impl Engine {
                 .iter()
                 .any(|l| GroupedKernel::of(l.gate_exps, rt).is_some())
         });
+        // Layers whose routed experts are all on the CPU: the expert store pages them (when the plan pages), the
+        // device expert cache holds some of them; layers with experts on a device compute them there.
+        let on_cpu = |i: usize| dest.get(i).is_some_and(|d| d.is_none());
+        engine.cpu_expert_layers = engine
+            .weights
+            .layers
+            .iter()
+            .map(|l| {
+                [l.gate_exps, l.up_exps, l.down_exps]
+                    .into_iter()
+                    .all(on_cpu)
+            })
+            .collect();
+        let any_cpu = engine.cpu_expert_layers.iter().any(|&p| p);
         if let ExpertPlacement::Paged { slots, .. } = engine.plan.placement {
-            // The expert store pages the layers whose routed experts are all on the CPU; layers with experts on a
-            // device compute them there, from the device's copy.
-            let on_cpu = |i: usize| dest.get(i).is_some_and(|d| d.is_none());
-            let paged_layers: Vec<bool> = engine
-                .weights
-                .layers
-                .iter()
-                .map(|l| {
-                    [l.gate_exps, l.up_exps, l.down_exps]
-                        .into_iter()
-                        .all(on_cpu)
-                })
-                .collect();
             // Routed experts all on devices: nothing to page.
-            let any = paged_layers.iter().any(|&p| p);
-            let paged = PagedExperts::new(
-                &engine.model,
-                &engine.cfg,
-                &engine.weight_tensors(),
-                &paged_layers,
-                slots as usize,
-                engine.plan.reason == PlanReason::Fitted,
-            )
-            .context("cannot set up the expert cache")?;
-            engine.paged = Some(paged).filter(|_| any);
+            if any_cpu {
+                let paged = PagedExperts::new(
+                    &engine.model,
+                    &engine.cfg,
+                    &engine.weight_tensors(),
+                    &engine.cpu_expert_layers,
+                    slots as usize,
+                    engine.plan.reason == PlanReason::Fitted,
+                )
+                .context("cannot set up the expert cache")?;
+                engine.paged = Some(paged);
+            }
+        }
+        if let Some(arg) = engine.opts.gpu_experts.filter(|_| any_cpu) {
+            engine.device_experts = engine.device_expert_cache(arg)?;
         }
         let (repacked, copied) = (placed.repacked, placed.copied);
         if repacked.tensors > 0 {
@@ -336,6 +351,97 @@ impl Engine {
         engine.copied = copied;
         engine.lock_memory();
         Ok(engine)
+    }
+
+    /// Sets up the device expert cache `--gpu-experts` asks for, on the device of the first layer whose experts the
+    /// CPU holds (else the first device): `None` when `auto` finds no room.
+    fn device_expert_cache(&mut self, arg: GpuExpertsArg) -> Result<Option<DeviceExperts>> {
+        let cpu_layers = &self.cpu_expert_layers;
+        let first = cpu_layers.iter().position(|&c| c).unwrap_or(0);
+        let Some(device) = self
+            .placement
+            .layer(first)
+            .main
+            .or_else(|| self.devices.first().map(|d| d.device()))
+        else {
+            bail!("--gpu-experts needs a device to cache experts on, and none takes part (hint: --list-devices shows them; --device, -ngl and --rpc choose them)");
+        };
+        let weights = self.weight_tensors();
+        let stride = DeviceExperts::slot_bytes(&self.model, &weights, cpu_layers)? as u64;
+        let n_cpu = cpu_layers.iter().filter(|&&c| c).count() as u64 * self.cfg.n_expert as u64;
+        let left = || -> u64 {
+            self.device_plan
+                .devices
+                .iter()
+                .find(|d| d.name == device.name())
+                .and_then(|d| {
+                    d.budget
+                        .as_ref()
+                        .map(|b| b.bytes.saturating_sub(d.bytes.total()))
+                })
+                .unwrap_or(0)
+        };
+        let wanted = match arg {
+            GpuExpertsArg::Slots(n) => n,
+            GpuExpertsArg::Bytes(b) => b / stride.max(1),
+            GpuExpertsArg::Auto => left() / stride.max(1),
+        };
+        let n_slots = wanted.min(n_cpu);
+        let room = left();
+        let known = self
+            .device_plan
+            .devices
+            .iter()
+            .any(|d| d.name == device.name());
+        if known && n_slots * stride > room {
+            bail!(
+                "--gpu-experts: {n_slots} experts take {} on {}, which has {} left after the placement (hint: --gpu-experts {} or auto, or fewer layers on it with -ngl)",
+                format_bytes(n_slots * stride),
+                device.name(),
+                format_bytes(room),
+                room / stride.max(1)
+            );
+        }
+        if n_slots == 0 {
+            if arg == GpuExpertsArg::Auto {
+                self.notes.push(format!(
+                    "device expert cache: no room left on {} for an expert ({})",
+                    device.name(),
+                    format_bytes(stride)
+                ));
+                return Ok(None);
+            }
+            bail!(
+                "--gpu-experts holds no expert: one takes {} on {} (hint: give a count, a larger size, or auto)",
+                format_bytes(stride),
+                device.name()
+            );
+        }
+        let cache = DeviceExperts::new(
+            &self.model,
+            &self.cfg,
+            &weights,
+            cpu_layers,
+            device,
+            n_slots as usize,
+        )?;
+        self.notes.push(format!(
+            "device expert cache: {n_slots} of the CPU's {n_cpu} routed experts ({}) on {}",
+            format_bytes(cache.bytes() as u64),
+            device.name()
+        ));
+        Ok(Some(cache))
+    }
+
+    /// Whether micro-batches run as the chain of stage graphs (the paged store or the device expert cache takes
+    /// part) rather than one graph.
+    pub(crate) fn staged(&self) -> bool {
+        self.paged.is_some() || self.device_experts.is_some()
+    }
+
+    /// The device expert cache, when `--gpu-experts` set one up.
+    pub fn device_experts(&self) -> Option<&DeviceExperts> {
+        self.device_experts.as_ref()
     }
 
     /// Weights held repacked in RAM for the CPU's matrix kernels (0 with `repack` off or no such kernels).

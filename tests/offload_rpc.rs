@@ -505,6 +505,72 @@ fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
     assert_matches("every expert on the device", &none_paged, &cpu, 10);
 }
 
+/// The device expert cache (`--gpu-experts`) on an RPC device, with only a few slots so that device hits, host
+/// computation and uploads all happen: in front of resident CPU experts, and in front of the paged store.
+#[test]
+fn device_expert_cache_on_rpc_matches_the_cpu() {
+    use ferrite::experts::device::GpuExpertsArg;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TinyConfig::small();
+    let path = tiny(dir.path(), &cfg, 25);
+    let server = RpcServer::start();
+    let rpc0 = server.device();
+    let cpu = open(&path, Placement::default(), vec![]);
+    let mut experts_on_cpu = Placement::all_on(rpc0);
+    experts_on_cpu.rest.experts = None;
+    let opts = |paged: bool| EngineOptions {
+        n_threads: 1,
+        cache_type: CacheType::F32,
+        paging: PagingOptions {
+            ctx_size: Some(512),
+            n_ubatch: Some(64),
+            expert_cache: paged
+                .then(|| ferrite::plan::ExpertCacheArg::Slots(u64::from(cfg.n_expert_used) + 1)),
+            ..PagingOptions::default()
+        },
+        layout: Some(experts_on_cpu.clone()),
+        gpu_experts: Some(GpuExpertsArg::Slots(4)),
+        ..EngineOptions::default()
+    };
+    for paged in [false, true] {
+        let what = match paged {
+            false => "device expert cache before resident CPU experts",
+            true => "device expert cache before the paged store",
+        };
+        let engine = Engine::open(&path, opts(paged)).unwrap();
+        assert_eq!(engine.is_paged(), paged);
+        let cache = engine.device_experts().expect("a device cache");
+        assert_eq!((cache.n_slots(), cache.device()), (4, rpc0));
+        engine.reset_expert_stats();
+        assert_matches(what, &engine, &cpu, 11);
+        let st = engine.expert_stats();
+        assert!(
+            st.device_hits > 0 && st.device_loads > 4 && st.device_bytes > 0,
+            "{what}: the device cache hits and refills: {st:?}"
+        );
+        assert!(st.hits > 0, "{what}: the host computes the rest: {st:?}");
+        if paged {
+            assert!(st.misses > 0, "{what}: the store pages: {st:?}");
+        }
+        assert!(st.to_string().contains("device cache: "), "{st}");
+    }
+    // Without a device to cache on, the flag is refused with a hint.
+    let err = Engine::open(
+        &path,
+        EngineOptions {
+            layout: Some(Placement::default()),
+            gpu_experts: Some(GpuExpertsArg::Slots(4)),
+            ..opts(false)
+        },
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        format!("{err:#}").contains("--gpu-experts needs a device"),
+        "{err:#}"
+    );
+}
+
 fn ferrite(args: &[&str], cache: &Path) -> Command {
     let mut c = command(env!("CARGO_BIN_EXE_ferrite"));
     c.args(args).env("FERRITE_CACHE_DIR", cache);
@@ -755,5 +821,14 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
         "{paged_err}"
     );
     assert!(paged_err.contains(" misses)"), "{paged_err}");
+    // The device expert cache before the CPU's experts: 3 slots on RPC0.
+    let cached = ["-ngl", "all", "--cpu-moe", "--gpu-experts", "3"];
+    let (cached_ids, cached_err) = answer(&[&rpc[..], &cached[..]].concat());
+    assert_eq!(cached_ids, cpu_ids);
+    assert!(
+        cached_err.contains("a cache of 3 routed experts of the CPU's layers"),
+        "{cached_err}"
+    );
+    assert!(cached_err.contains("; device cache: "), "{cached_err}");
     assert!(rpc_err.contains("head: RPC0"), "{rpc_err}");
 }

@@ -108,6 +108,11 @@ pub struct DeviceArgs {
     /// 0: wait forever.
     #[arg(long = "rpc-timeout", value_name = "SECS", default_value_t = 300)]
     pub rpc_timeout: u64,
+    /// Keep a cache of the CPU's routed experts in a device's memory: N experts, a SIZE (e.g. 12G), or auto (what
+    /// the device has left after the placement). Selected experts found there are computed on the device, the
+    /// others on the CPU; the experts used most are uploaded as the text goes [default: no cache].
+    #[arg(long = "gpu-experts", value_name = "N|SIZE|auto", value_parser = super::size_arg::parse_gpu_experts)]
+    pub gpu_experts: Option<ferrite::experts::device::GpuExpertsArg>,
     /// Devices to offload to, comma-separated (CUDA0, Vulkan0,CPU, RPC0[HOST:PORT]), or none for the CPU only
     /// [default: every GPU and RPC device; --list-devices shows them].
     #[arg(long = "device", value_name = "LIST", value_parser = parse_device_list)]
@@ -335,6 +340,7 @@ pub fn open_engine(args: &ModelArgs, report: PlanReport) -> Result<Engine> {
             request: memory.devices.request(),
         },
         rpc_timeout: std::time::Duration::from_secs(memory.devices.rpc_timeout),
+        gpu_experts: memory.devices.gpu_experts,
         ..EngineOptions::default()
     };
     let engine = match Engine::open(&path, opts) {
@@ -426,6 +432,15 @@ fn offload_note(engine: &Engine) {
             } else {
                 "; primitive ops (the device lacks the fused ones)"
             },
+        );
+    }
+    if let Some(cache) = engine.device_experts() {
+        eprintln!(
+            "ferrite: offload: {} ({}): a cache of {} routed experts of the CPU's layers, {} (--gpu-experts)",
+            cache.device().name(),
+            cache.device().description(),
+            cache.n_slots(),
+            ferrite::units::format_bytes(cache.bytes() as u64),
         );
     }
 }

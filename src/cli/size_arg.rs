@@ -59,6 +59,24 @@ pub fn parse_expert_cache(s: &str) -> Result<ExpertCacheArg, String> {
     })
 }
 
+/// Parses `--gpu-experts`: "64" (experts), "12G" (bytes, as [`parse_size`]), "auto".
+pub fn parse_gpu_experts(s: &str) -> Result<ferrite::experts::device::GpuExpertsArg, String> {
+    use ferrite::experts::device::GpuExpertsArg;
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("auto") {
+        return Ok(GpuExpertsArg::Auto);
+    }
+    if !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit()) {
+        return t
+            .parse()
+            .map(GpuExpertsArg::Slots)
+            .map_err(|_| format!("{s:?} is too many experts"));
+    }
+    parse_size(t).map(GpuExpertsArg::Bytes).map_err(|e| {
+        format!("{e}; --gpu-experts takes a number of experts (64), a size with a unit (12G, 512MiB) or auto")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

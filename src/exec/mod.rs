@@ -59,9 +59,9 @@ impl<'e> Runner<'e> {
     ) -> Result<Runner<'e>> {
         let alloc =
             GraphAllocator::new(&engine.backend).context("cannot create the compute buffer")?;
-        let paged = match &engine.paged {
-            None => None,
-            Some(_) => Some(PagedRun::new(engine, n_ubatch)?),
+        let paged = match engine.staged() {
+            false => None,
+            true => Some(PagedRun::new(engine, n_ubatch)?),
         };
         let sched = match engine.devices.is_empty() {
             true => None,

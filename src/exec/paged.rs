@@ -13,6 +13,7 @@ use super::graphs::{kept_graph, GraphCache};
 use super::{append_logits, Runner};
 use crate::cache::{KvCache, UbatchPlan};
 use crate::engine::Engine;
+use crate::experts::device::DeviceExperts;
 use crate::experts::store::PagedExperts;
 use crate::experts::{ExpertKey, ExpertStats, Load, ReadReport, SlotId, SlotPolicy};
 use crate::ggml::{GraphAllocator, OwnedGraph, Scheduler};
@@ -20,7 +21,7 @@ use crate::model::config::Config;
 use crate::model::forward::Uploads;
 use crate::model::paged::{
     build_experts_graph, build_head_graph, build_layer_graph, Entries, StageDeps, StageKey,
-    StageState, GUESS, SEL,
+    StagePaging, StageState, GUESS, SEL,
 };
 use crate::model::step::{batch_inputs, out_ids, GraphKey, GraphParts};
 
@@ -91,7 +92,6 @@ struct Stages<'r, 'e> {
     /// The micro-batch's shape (paged experts live in the slots, not repacked: no grouped products).
     key: GraphKey,
     parts: GraphParts<'r, 'e>,
-    px: &'e PagedExperts,
 }
 
 impl Stages<'_, '_> {
@@ -104,7 +104,9 @@ impl Stages<'_, '_> {
             cache: self.cache.clone(),
             state: self.run.state.clone(),
         };
-        let paging = self.px.stage_paging();
+        let paging = StagePaging {
+            paged_layers: &engine.cpu_expert_layers,
+        };
         let fill = |g: &OwnedGraph<'_>| -> Result<()> {
             let mut up = Uploads::kept(g.tensors());
             batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
@@ -136,7 +138,8 @@ impl Stages<'_, '_> {
         Ok(())
     }
 
-    /// Computes layer `il`'s experts for `e`'s entries over the slots (on the CPU, where the slots are).
+    /// Computes layer `il`'s experts for `e`'s entries on the CPU: over the expert store's slots (`e.slot` a slot),
+    /// or over the layer's own expert tensors when they are resident (`e.slot` the expert).
     fn experts(&mut self, il: usize, e: &Entries) -> Result<()> {
         let engine = self.engine;
         let (cfg, fused) = (&engine.cfg, self.parts.fused);
@@ -145,7 +148,11 @@ impl Stages<'_, '_> {
             entries: e.row.len(),
         };
         let state = self.run.state.clone();
-        let px = self.px;
+        let lw = &self.parts.weights.layers[il];
+        let slots = match &engine.paged {
+            Some(px) => px.slot_tensors(il),
+            None => [lw.gate_exps, lw.up_exps, lw.down_exps],
+        };
         let mut spare = None;
         let g = kept_graph(
             &mut self.run.graphs,
@@ -153,14 +160,34 @@ impl Stages<'_, '_> {
             self.stats,
             sk,
             &mut spare,
-            || build_experts_graph(cfg, fused, px.slot_tensors(il), state, il, e.row.len()),
+            || build_experts_graph(cfg, fused, slots, state, il, e.row.len()),
         )?;
-        let t = g.tensors();
-        t[0].set_i32(&e.token)?;
-        t[1].set_i32(&e.row)?;
-        t[2].set_i32(&e.slot)?;
+        fill_entries(g, e)?;
         engine.backend.compute(g.graph())?;
         Ok(())
+    }
+
+    /// Computes layer `il`'s experts for `e`'s entries on the device of the device expert cache, over its slots.
+    fn device_experts(&mut self, il: usize, e: &Entries) -> Result<()> {
+        let engine = self.engine;
+        let (cfg, fused) = (&engine.cfg, self.parts.fused);
+        let dev = engine
+            .device_experts
+            .as_ref()
+            .ok_or_else(|| anyhow!("no device expert cache"))?;
+        let slots = dev
+            .slot_tensors(il)
+            .ok_or_else(|| anyhow!("the device expert cache does not hold layer {il}"))?;
+        let state = self.run.state.clone();
+        let build = || build_experts_graph(cfg, fused, slots, state, il, e.row.len());
+        run_scheduled(
+            engine,
+            &mut self.run.sched,
+            self.stats,
+            build,
+            |g| fill_entries(g, e),
+            |_| Ok(()),
+        )
     }
 
     /// The first `len` values of I32 state tensor `i` (the chosen or guessed experts).
@@ -203,6 +230,33 @@ impl Stages<'_, '_> {
     }
 }
 
+/// Splits a layer's selection `sel` (`k` experts per token) between the device cache (`device`: its experts' slots)
+/// and the host: the device's entries, and the selection left to the host, with the device's rows set to -1 (no
+/// expert). Every row is in exactly one of them, so every selected expert is computed once and its weighted output
+/// written to its row once.
+fn split_rows(sel: &[i32], k: usize, device: &BTreeMap<u32, SlotId>) -> (Entries, Vec<i32>) {
+    let on_device = entries_in(sel, k, device);
+    let mut rest = sel.to_vec();
+    for &r in &on_device.row {
+        rest[r as usize] = -1;
+    }
+    (on_device, rest)
+}
+
+/// Locks a slot policy (a poisoned lock still holds consistent bookkeeping: every change is made whole).
+fn lock_policy(m: &Mutex<SlotPolicy>) -> std::sync::MutexGuard<'_, SlotPolicy> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes `e`'s entries into an experts graph's inputs.
+fn fill_entries(g: &OwnedGraph<'_>, e: &Entries) -> Result<()> {
+    let t = g.tensors();
+    t[0].set_i32(&e.token)?;
+    t[1].set_i32(&e.row)?;
+    t[2].set_i32(&e.slot)?;
+    Ok(())
+}
+
 impl Runner<'_> {
     /// Runs one micro-batch through the paged store: a graph per layer up to its router, the experts over the
     /// slots (read on demand), and the head.
@@ -214,7 +268,6 @@ impl Runner<'_> {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let engine = self.engine;
-        let px = engine.paged.as_ref().expect("a paged engine");
         let weights = engine.weight_tensors();
         let parts = GraphParts {
             cfg: &engine.cfg,
@@ -233,10 +286,11 @@ impl Runner<'_> {
             plan: &plan,
             key: GraphKey::of(&plan, want.len(), false),
             parts,
-            px,
         };
         let host = HostStep {
-            experts: px,
+            store: engine.paged.as_ref(),
+            device: engine.device_experts.as_ref(),
+            cpu_layers: &engine.cpu_expert_layers,
             stats: &engine.stats,
             cfg: &engine.cfg,
             tokens: &plan.tokens,
@@ -269,10 +323,15 @@ struct Pending<'s> {
     loads: Vec<Load>,
 }
 
-/// The host side of one micro-batch through the paged store: plans every layer's experts, reads misses and
-/// prefetches into slots, and computes the stage graphs in order.
+/// The host side of one micro-batch through the stages: plans every layer's experts over the device expert cache
+/// and the CPU's (paged: reads misses and prefetches into slots), uploads what the device cache admits, and
+/// computes the stage graphs in order.
 struct HostStep<'a> {
-    experts: &'a PagedExperts,
+    /// The paged store of the CPU's experts (`None`: they are resident).
+    store: Option<&'a PagedExperts>,
+    device: Option<&'a DeviceExperts>,
+    /// Per layer: whether its experts are the CPU's (else its layer graph computes them on their device).
+    cpu_layers: &'a [bool],
     stats: &'a Mutex<ExpertStats>,
     cfg: &'a Config,
     tokens: &'a [i32],
@@ -283,80 +342,148 @@ impl HostStep<'_> {
     fn run(&self, stages: &mut Stages<'_, '_>) -> Result<()> {
         let k = self.cfg.n_expert_used;
         let n = self.tokens.len();
-        let px = self.experts;
-        let mut policy = px.policy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut policy = self.store.map(|px| lock_policy(&px.policy));
+        let mut device = self.device.map(|d| (d, lock_policy(&d.policy)));
         self.stats_mut().record_step(n as u64);
-        policy.begin_step();
+        if let Some(p) = policy.as_mut() {
+            p.begin_step();
+        }
+        if let Some((_, p)) = device.as_mut() {
+            p.begin_step();
+        }
+        let cpu_layer = |il: usize| self.cpu_layers.get(il).copied().unwrap_or(false);
         std::thread::scope(|scope| -> Result<()> {
-            // Hash-routed layers: their experts are known from the token ids; read them while attention runs.
-            let mut certain = Vec::new();
-            for (il, table) in px.hash_experts.iter().enumerate() {
-                if let Some(table) = table {
-                    for &t in self.tokens {
-                        let row = &table[t as usize * k..(t as usize + 1) * k];
-                        certain.extend(row.iter().map(|&e| ExpertKey::new(il as u32, e as u32)));
+            let mut pending = None;
+            if let (Some(px), Some(policy)) = (self.store, policy.as_deref_mut()) {
+                // Hash-routed layers: their experts are known from the token ids; read them while attention runs.
+                let mut certain = Vec::new();
+                for (il, table) in px.hash_experts.iter().enumerate() {
+                    if let Some(table) = table {
+                        for &t in self.tokens {
+                            let row = &table[t as usize * k..(t as usize + 1) * k];
+                            certain
+                                .extend(row.iter().map(|&e| ExpertKey::new(il as u32, e as u32)));
+                        }
                     }
                 }
-            }
-            let mut pending = None;
-            if !certain.is_empty() {
-                let plan = policy.prefetch(&certain, 1.0)?;
-                self.stats_mut().record_prefetch(&plan);
-                pending = self.spawn(scope, plan.loads)?;
+                if !certain.is_empty() {
+                    let plan = policy.prefetch(&certain, 1.0)?;
+                    self.stats_mut().record_prefetch(&plan);
+                    pending = self.spawn(scope, plan.loads)?;
+                }
             }
             for il in 0..self.cfg.n_layer {
                 stages.layer(il)?;
-                self.join(pending.take(), &mut policy)?;
-                if !px.pages_layer(il) {
+                if let Some(policy) = policy.as_deref_mut() {
+                    self.join(pending.take(), policy)?;
+                }
+                if !cpu_layer(il) {
                     // Computed by the layer's graph on the device that holds its experts.
                     self.stats_mut().record_resident((n * k) as u64);
                     continue;
                 }
                 let sel = stages.read_i32(SEL, k * n)?;
-                let keys: Vec<ExpertKey> = sel
+                let key = |e: i32| ExpertKey::new(il as u32, e as u32);
+                // The device cache's hits are computed there; their rows leave the host's selection (-1).
+                let mut host_sel = sel.clone();
+                if let Some((_, dp)) = device.as_mut().filter(|(d, _)| d.caches_layer(il)) {
+                    let hits: BTreeMap<u32, SlotId> = sel
+                        .iter()
+                        .filter_map(|&e| dp.lookup(key(e)).map(|s| (e as u32, s)))
+                        .collect();
+                    let (on_device, rest) = split_rows(&sel, k, &hits);
+                    if !on_device.row.is_empty() {
+                        stages.device_experts(il, &on_device)?;
+                    }
+                    self.stats_mut()
+                        .record_device(on_device.row.len() as u64, 0, 0);
+                    host_sel = rest;
+                }
+                let host_keys: Vec<ExpertKey> = host_sel
                     .iter()
-                    .map(|&e| ExpertKey::new(il as u32, e as u32))
+                    .filter(|&&e| e >= 0)
+                    .map(|&e| key(e))
                     .collect();
-                let plan = policy.request(&keys)?;
-                self.stats_mut().record_request(&plan);
-                for wave in &plan.waves {
-                    let hits: BTreeMap<u32, SlotId> =
-                        wave.hits.iter().map(|h| (h.key.expert, h.slot)).collect();
-                    // Misses load in chunks, each while the one before (the hits first) is computed: a wave's
-                    // slots are all different, so reading one chunk never touches what another computes.
-                    let chunks: Vec<&[Load]> = wave.misses.chunks(READ_CHUNK).collect();
-                    let mut reading = match chunks.first() {
-                        Some(c) => self.spawn(scope, c.to_vec())?,
-                        None => None,
-                    };
-                    if !hits.is_empty() {
-                        stages.experts(il, &entries_in(&sel, k, &hits))?;
-                    }
-                    for (i, chunk) in chunks.iter().enumerate() {
-                        self.join(reading.take(), &mut policy)?;
-                        if let Some(next) = chunks.get(i + 1) {
-                            reading = self.spawn(scope, next.to_vec())?;
+                let mut plan_waves = 1;
+                match (self.store, policy.as_deref_mut()) {
+                    (Some(_), Some(policy)) if !host_keys.is_empty() => {
+                        let plan = policy.request(&host_keys)?;
+                        self.stats_mut().record_request(&plan);
+                        plan_waves = plan.waves.len();
+                        for wave in &plan.waves {
+                            let hits: BTreeMap<u32, SlotId> =
+                                wave.hits.iter().map(|h| (h.key.expert, h.slot)).collect();
+                            // Misses load in chunks, each while the one before (the hits first) is computed: a
+                            // wave's slots are all different, so reading one chunk never touches what another
+                            // computes.
+                            let chunks: Vec<&[Load]> = wave.misses.chunks(READ_CHUNK).collect();
+                            let mut reading = match chunks.first() {
+                                Some(c) => self.spawn(scope, c.to_vec())?,
+                                None => None,
+                            };
+                            if !hits.is_empty() {
+                                stages.experts(il, &entries_in(&host_sel, k, &hits))?;
+                            }
+                            for (i, chunk) in chunks.iter().enumerate() {
+                                self.join(reading.take(), policy)?;
+                                if let Some(next) = chunks.get(i + 1) {
+                                    reading = self.spawn(scope, next.to_vec())?;
+                                }
+                                let slots = chunk.iter().map(|m| (m.key.expert, m.slot)).collect();
+                                stages.experts(il, &entries_in(&host_sel, k, &slots))?;
+                            }
                         }
-                        let slots = chunk.iter().map(|m| (m.key.expert, m.slot)).collect();
-                        stages.experts(il, &entries_in(&sel, k, &slots))?;
                     }
+                    (Some(_), _) => {}
+                    (None, _) if !host_keys.is_empty() => {
+                        // Resident: every expert is its own slot.
+                        let all = host_keys
+                            .iter()
+                            .map(|key| (key.expert, key.expert as SlotId))
+                            .collect();
+                        stages.experts(il, &entries_in(&host_sel, k, &all))?;
+                        self.stats_mut().record_resident(host_keys.len() as u64);
+                    }
+                    (None, _) => {}
+                }
+                // The device cache takes the experts this layer used that are worth a slot, from the map.
+                if let Some((dev, dp)) = device.as_mut().filter(|(d, _)| d.caches_layer(il)) {
+                    let keys: Vec<ExpertKey> = sel.iter().map(|&e| key(e)).collect();
+                    let plan = dp.admit(&keys)?;
+                    let mut bytes = 0;
+                    for load in &plan.loads {
+                        match dev.upload(load) {
+                            Ok(b) => bytes += b,
+                            Err(e) => {
+                                dp.invalidate(load.slot)?;
+                                return Err(e);
+                            }
+                        }
+                    }
+                    self.stats_mut()
+                        .record_device(0, plan.loads.len() as u64, bytes);
                 }
                 // Guess the next layer's experts and read them while its attention runs.
-                if plan.waves.len() == 1
-                    && px.pages_layer(il + 1)
-                    && px.hash_experts[il + 1].is_none()
-                {
-                    let guess = stages.read_i32(GUESS, k * n)?;
-                    let keys: Vec<ExpertKey> = guess
-                        .iter()
-                        .map(|&e| ExpertKey::new(il as u32 + 1, e as u32))
-                        .collect();
-                    let plan = policy.prefetch(&keys, GUESS_WEIGHT)?;
-                    self.stats_mut().record_prefetch(&plan);
-                    pending = self.spawn(scope, plan.loads)?;
+                if let (Some(px), Some(policy)) = (self.store, policy.as_deref_mut()) {
+                    if plan_waves == 1
+                        && px.pages_layer(il + 1)
+                        && px.hash_experts[il + 1].is_none()
+                    {
+                        let guess = stages.read_i32(GUESS, k * n)?;
+                        let keys: Vec<ExpertKey> = guess
+                            .iter()
+                            .map(|&e| ExpertKey::new(il as u32 + 1, e as u32))
+                            .collect();
+                        let plan = policy.prefetch(&keys, GUESS_WEIGHT)?;
+                        self.stats_mut().record_prefetch(&plan);
+                        pending = self.spawn(scope, plan.loads)?;
+                    }
                 }
             }
-            self.join(pending.take(), &mut policy)
+            match policy.as_deref_mut() {
+                Some(policy) => self.join(pending.take(), policy),
+                None => Ok(()),
+            }
         })
     }
 
@@ -373,7 +500,9 @@ impl HostStep<'_> {
         if loads.is_empty() {
             return Ok(None);
         }
-        let px = self.experts;
+        let px = self
+            .store
+            .ok_or_else(|| anyhow!("reads without an expert store"))?;
         // SAFETY: the slots of `loads` were just handed out for loading; no graph reads them until this read is
         // joined (stages only read slots of hits and of joined loads), and no other read targets them.
         let jobs = unsafe { px.jobs(&loads)? };
@@ -407,5 +536,38 @@ impl HostStep<'_> {
                 Err(e).context("cannot read routed experts into the expert cache")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fixture routing: 3 tokens, 2 choices each, expert 5 chosen twice, expert 7 by two tokens.
+    #[test]
+    fn the_split_between_device_and_host_covers_every_row_once() {
+        let sel = [5, 7, 2, 7, 5, 9];
+        let k = 2;
+        let device: BTreeMap<u32, SlotId> = [(7, 0), (9, 3)].into_iter().collect();
+        let (dev, host) = split_rows(&sel, k, &device);
+        assert_eq!(dev.row, vec![1, 3, 5]);
+        assert_eq!(dev.token, vec![0, 1, 2]);
+        assert_eq!(dev.slot, vec![0, 0, 3]);
+        assert_eq!(host, vec![5, -1, 2, -1, 5, -1]);
+        // The host's entries over any slots of its experts: the other rows, each once.
+        let host_slots: BTreeMap<u32, SlotId> = [(5, 1), (2, 2)].into_iter().collect();
+        let h = entries_in(&host, k, &host_slots);
+        assert_eq!(h.row, vec![0, 2, 4]);
+        assert_eq!(h.token, vec![0, 1, 2]);
+        let mut rows: Vec<i32> = dev.row.iter().chain(&h.row).copied().collect();
+        rows.sort_unstable();
+        assert_eq!(rows, (0..sel.len() as i32).collect::<Vec<_>>());
+        // A host slot map that also names a device expert never takes its rows back.
+        let both: BTreeMap<u32, SlotId> = [(5, 1), (2, 2), (7, 4)].into_iter().collect();
+        assert_eq!(entries_in(&host, k, &both).row, vec![0, 2, 4]);
+        // Nothing on the device: the host keeps every row.
+        let (none, all) = split_rows(&sel, k, &BTreeMap::new());
+        assert!(none.row.is_empty());
+        assert_eq!(all, sel);
     }
 }

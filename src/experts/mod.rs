@@ -16,6 +16,7 @@
 //! The number of slots comes from the planner (`crate::plan`), which refuses pools smaller than one token's
 //! experts per layer.
 
+pub mod device;
 pub mod io;
 pub mod policy;
 pub mod stats;

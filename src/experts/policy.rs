@@ -583,6 +583,43 @@ impl SlotPolicy {
         Ok(plan)
     }
 
+    /// The policy of a second tier in front of other memory (a device's cache of experts the host also holds):
+    /// counts one use of every key of `keys` (a layer's needed experts; duplicates allowed), cached or not (the
+    /// keys not cached were computed from the other memory), and places each key not cached where that costs no
+    /// key needed sooner: a free slot, else the key not touched in this step expected last, if it is expected later
+    /// than this one (by its history, this use counted). The loads say which slot to fill with which key; keys that
+    /// found no such slot are `dropped`. Never evicts a key used or placed in this step.
+    pub fn admit(&mut self, keys: &[ExpertKey]) -> Result<PrefetchPlan, PolicyError> {
+        for &key in keys {
+            self.key_index(key)?;
+        }
+        let mut needed = keys.to_vec();
+        needed.sort_unstable();
+        needed.dedup();
+        if let Some(last) = needed.last() {
+            self.cursor = Some(last.layer);
+        }
+        let mut plan = PrefetchPlan::default();
+        for key in needed {
+            if let Some(slot) = self.lookup(key) {
+                self.record_use(slot, key);
+                plan.present += 1;
+                continue;
+            }
+            self.count_use(key);
+            let prio = self.history_prio(key);
+            let Some(slot) = self.prefetch_victim(self.next_use(key.layer, prio)) else {
+                plan.dropped.push(key);
+                continue;
+            };
+            let evicted = self.take_slot(slot);
+            self.place(slot, key);
+            self.record_use(slot, key);
+            plan.loads.push(Load { key, slot, evicted });
+        }
+        Ok(plan)
+    }
+
     /// Keeps `slot` out of every eviction until [`Self::unlock`] (a load into it is in flight, or a device still
     /// reads it). A locked empty slot is not handed out either.
     pub fn lock(&mut self, slot: SlotId) -> Result<(), PolicyError> {
@@ -691,8 +728,8 @@ impl SlotPolicy {
         self.update(slot, |s| s.key = Some(key));
     }
 
-    /// Counts a requested use of `key` (in `slot`) at the current step, once per step.
-    fn record_use(&mut self, slot: SlotId, key: ExpertKey) {
+    /// Counts a use of `key` at the current step in its history, once per step.
+    fn count_use(&mut self, key: ExpertKey) {
         let Ok(i) = self.key_index(key) else {
             return;
         };
@@ -703,6 +740,11 @@ impl SlotPolicy {
             h.crf = 1.0 + h.crf * (-age * self.lambda).exp2();
             h.last_step = self.step;
         }
+    }
+
+    /// Counts a requested use of `key` (in `slot`) at the current step, once per step.
+    fn record_use(&mut self, slot: SlotId, key: ExpertKey) {
+        self.count_use(key);
         let prio = self.history_prio(key);
         self.tick += 1;
         let tick = self.tick;

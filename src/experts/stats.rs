@@ -36,6 +36,11 @@ pub struct StatsSnapshot {
     pub read_time: Duration,
     /// Time the computation stood still waiting for reads (zero when reads were fully hidden).
     pub io_wait: Duration,
+    /// The device expert cache (`--gpu-experts`): needed experts found there (computed on the device; `hits` and
+    /// `misses` count the others, computed on the host), experts uploaded into it, and their bytes.
+    pub device_hits: u64,
+    pub device_loads: u64,
+    pub device_bytes: u64,
 }
 
 /// Averages over the tokens of a snapshot.
@@ -68,6 +73,9 @@ impl StatsSnapshot {
             reads: self.reads.saturating_sub(earlier.reads),
             read_time: self.read_time.saturating_sub(earlier.read_time),
             io_wait: self.io_wait.saturating_sub(earlier.io_wait),
+            device_hits: self.device_hits.saturating_sub(earlier.device_hits),
+            device_loads: self.device_loads.saturating_sub(earlier.device_loads),
+            device_bytes: self.device_bytes.saturating_sub(earlier.device_bytes),
         }
     }
 
@@ -89,6 +97,9 @@ impl StatsSnapshot {
             reads: self.reads.saturating_add(other.reads),
             read_time: self.read_time.saturating_add(other.read_time),
             io_wait: self.io_wait.saturating_add(other.io_wait),
+            device_hits: self.device_hits.saturating_add(other.device_hits),
+            device_loads: self.device_loads.saturating_add(other.device_loads),
+            device_bytes: self.device_bytes.saturating_add(other.device_bytes),
         }
     }
 
@@ -135,7 +146,8 @@ impl StatsSnapshot {
                 "\"prefetch_hits\":{},\"prefetch_loads\":{},\"prefetch_dropped\":{},\"evictions\":{},",
                 "\"bytes_read\":{},\"direct_bytes\":{},\"reads\":{},\"read_time_s\":{},\"io_wait_s\":{},\"hit_rate\":{},",
                 "\"prefetch_accuracy\":{},\"read_bytes_per_s\":{},\"per_token\":{{\"hits\":{},\"misses\":{},",
-                "\"bytes_read\":{},\"io_wait_ms\":{}}}}}"
+                "\"bytes_read\":{},\"io_wait_ms\":{}}},\"device_hits\":{},\"device_loads\":{},",
+                "\"device_bytes_uploaded\":{},\"device_bytes_per_token\":{}}}"
             ),
             self.tokens,
             self.steps,
@@ -159,6 +171,10 @@ impl StatsSnapshot {
             json_f64(p.misses),
             json_f64(p.bytes_read),
             json_f64(p.io_wait_ms),
+            self.device_hits,
+            self.device_loads,
+            self.device_bytes,
+            json_f64(ratio(self.device_bytes, self.tokens)),
         )
     }
 }
@@ -189,6 +205,18 @@ impl fmt::Display for StatsSnapshot {
                 ", prefetch {} loads ({:.0} % used)",
                 self.prefetch_loads,
                 self.prefetch_accuracy() * 100.0
+            )?;
+        }
+        if self.device_hits > 0 || self.device_loads > 0 {
+            let needed = self.device_hits + self.hits + self.misses;
+            write!(
+                f,
+                "; device cache: {:.1} % of needed experts ({} hits), {} uploaded ({}, {}/token)",
+                ratio(self.device_hits, needed) * 100.0,
+                self.device_hits,
+                self.device_loads,
+                crate::units::format_bytes(self.device_bytes),
+                crate::units::format_bytes(ratio(self.device_bytes, self.tokens) as u64),
             )?;
         }
         Ok(())
@@ -265,6 +293,15 @@ impl ExpertStats {
         t.direct_bytes = t.direct_bytes.saturating_add(report.direct_bytes);
         t.reads = t.reads.saturating_add(report.reads);
         t.read_time = t.read_time.saturating_add(report.elapsed);
+    }
+
+    /// A layer's `hits` needed experts computed from the device cache, and `loads` experts of `bytes` uploaded
+    /// into it.
+    pub fn record_device(&mut self, hits: u64, loads: u64, bytes: u64) {
+        let t = &mut self.totals;
+        t.device_hits = t.device_hits.saturating_add(hits);
+        t.device_loads = t.device_loads.saturating_add(loads);
+        t.device_bytes = t.device_bytes.saturating_add(bytes);
     }
 
     /// The computation waited `d` for reads to finish.

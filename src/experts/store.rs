@@ -13,7 +13,6 @@ use crate::experts::{
 };
 use crate::ggml::{Context, SlotPool, Tensor};
 use crate::model::config::Config;
-use crate::model::paged::StagePaging;
 use crate::model::weights::{Routing, Weights};
 
 /// The expert cache of an engine: the slot pool, tensors over it per layer, the reader and the policy.
@@ -122,13 +121,6 @@ impl PagedExperts {
             paged_layers: paged_layers.to_vec(),
             policy: Mutex::new(policy),
         })
-    }
-
-    /// Which layers' experts the stage graphs leave to the store.
-    pub fn stage_paging(&self) -> StagePaging<'_> {
-        StagePaging {
-            paged_layers: &self.paged_layers,
-        }
     }
 
     /// Whether layer `il`'s routed experts go through the store (else its graph computes them on their device).

@@ -42,7 +42,7 @@ pub use isa::{cpu_features, dot_lane_rows, repack_layout, CpuFeatures, RepackLay
 pub use log::capture as capture_log;
 pub use ops::SortOrder;
 pub use owned::{BuildScope, OwnedGraph};
-pub use pool::SlotPool;
+pub use pool::{SlotPart, SlotPool};
 pub use quant::{can_quantize_to, dequantize_rows, quantize_rows, requires_imatrix, GgmlCodec};
 pub use region::{RegionId, BIND_ALIGNMENT, REGION_ALIGNMENT};
 pub use repack::{RepackType, RepackWeight, RepackedStats, WeightOp};

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use gguf::GgmlType;
+use llama_cpp_sys_2 as sys;
 
 use super::context::Context;
 use super::error::{GgmlError, Result};
@@ -133,6 +134,87 @@ impl Context<'_> {
         t.set_strides(2, pool.stride);
         self.bind(t, region, offset)?;
         Ok(t)
+    }
+}
+
+/// One tensor of a device slot pool: type, `{ne0, ne1}` of one expert's matrix, where it starts within a slot,
+/// and its name.
+pub struct SlotPart {
+    pub ty: GgmlType,
+    pub ne0: i64,
+    pub ne1: i64,
+    pub offset: usize,
+    pub name: String,
+}
+
+impl Context<'_> {
+    /// A pool of `n_slots` slots of `stride` bytes in one buffer of `device`'s memory, and tensors over it as
+    /// [`Context::pool_tensor`] makes over host memory: each `{ne0, ne1, n_slots}`, matrix `s` at
+    /// `s * stride + offset`. The context owns the buffer.
+    pub fn device_slot_tensors(
+        &self,
+        device: super::Device,
+        n_slots: usize,
+        stride: usize,
+        parts: &[SlotPart],
+    ) -> Result<Vec<Tensor<'_>>> {
+        let buft = device.buffer_type();
+        let mut tensors = Vec::with_capacity(parts.len());
+        let mut need = n_slots
+            .checked_mul(stride)
+            .ok_or_else(|| GgmlError::Alloc {
+                what: format!("{n_slots} expert slots of {stride} bytes"),
+            })?;
+        for p in parts {
+            let row = row_size(p.ty, p.ne0)?;
+            usize::try_from(p.ne1)
+                .ok()
+                .and_then(|n| n.checked_mul(row))
+                .filter(|&m| p.offset.checked_add(m).is_some_and(|end| end <= stride))
+                .ok_or_else(|| GgmlError::Bind {
+                    tensor: p.name.clone(),
+                    detail: format!(
+                        "{} {{{}, {}}} from byte {} does not fit a slot of {stride} bytes",
+                        p.ty, p.ne0, p.ne1, p.offset
+                    ),
+                })?;
+            let t = self.new_tensor(p.ty, &[p.ne0, p.ne1, n_slots as i64])?;
+            t.set_strides(2, stride);
+            t.set_name(&p.name)?;
+            // SAFETY: a live buffer type and a tensor of this context; the call computes a size.
+            let size = unsafe { sys::ggml_backend_buft_get_alloc_size(buft, t.as_ptr()) };
+            need = need.max(p.offset + size);
+            tensors.push(t);
+        }
+        // SAFETY: a live buffer type; returns NULL on failure or a buffer the caller owns.
+        let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(buft, need) };
+        let buf = super::backend::OwnedBuffer::new(buf).ok_or_else(|| GgmlError::Alloc {
+            what: format!(
+                "an expert cache of {n_slots} slots of {stride} bytes on {}",
+                device.name()
+            ),
+        })?;
+        // SAFETY: a live buffer.
+        let base = unsafe { sys::ggml_backend_buffer_get_base(buf.as_ptr()) } as usize;
+        for (t, p) in tensors.iter().zip(parts) {
+            // SAFETY: the tensor has no data yet and its bytes (offset + alloc size) lie within the buffer, sized
+            // above for them.
+            let status = unsafe {
+                sys::ggml_backend_tensor_alloc(
+                    buf.as_ptr(),
+                    t.as_ptr(),
+                    (base + p.offset) as *mut std::ffi::c_void,
+                )
+            };
+            if status != sys::GGML_STATUS_SUCCESS {
+                return Err(GgmlError::Bind {
+                    tensor: p.name.clone(),
+                    detail: format!("ggml could not place it in the pool (status {status})"),
+                });
+            }
+        }
+        self.buffers.borrow_mut().push(buf);
+        Ok(tensors)
     }
 }
 

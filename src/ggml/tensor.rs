@@ -316,6 +316,39 @@ impl<'ctx> Tensor<'ctx> {
         Ok(())
     }
 
+    /// Copies raw bytes into the bytes `offset..offset + data.len()` of a tensor that need not be contiguous (a
+    /// slot of a strided expert pool: one expert's matrix is contiguous within it).
+    pub fn set_bytes_within(self, offset: usize, data: &[u8]) -> Result<()> {
+        if !self.is_allocated() || self.buffer().is_null() {
+            return Err(GgmlError::Unallocated {
+                tensor: self.label(),
+            });
+        }
+        if offset
+            .checked_add(data.len())
+            .is_none_or(|end| end > self.n_bytes())
+        {
+            return Err(GgmlError::Data {
+                tensor: self.label(),
+                detail: format!(
+                    "spans {} bytes, the slice of {} from byte {offset} goes beyond",
+                    self.n_bytes(),
+                    data.len()
+                ),
+            });
+        }
+        if is_read_only(self.buffer()) {
+            return Err(GgmlError::ReadOnly {
+                tensor: self.label(),
+            });
+        }
+        // SAFETY: allocated in a live, writable buffer; `offset + len` is within the bytes the tensor spans.
+        unsafe {
+            sys::ggml_backend_tensor_set(self.as_ptr(), data.as_ptr().cast(), offset, data.len())
+        };
+        Ok(())
+    }
+
     /// Copies raw bytes into the tensor from byte `offset` on (a part of [`Self::set_bytes`], for streaming).
     pub fn set_bytes_at(self, offset: usize, data: &[u8]) -> Result<()> {
         self.check_io_at(Some(offset), data.len(), None, true)?;

@@ -426,3 +426,42 @@ fn same_calls_give_the_same_plans() {
     let prefetch_hits: usize = ra.iter().map(|(r, _)| r.n_prefetch_hits()).sum();
     assert!(hits > 0 && prefetch_hits > 0);
 }
+
+/// The second tier: every use counts, cached keys stay, misses take free slots, and then only replace a key
+/// expected later (a hot key is not pushed out by a key seen once; a key used often comes in).
+#[test]
+fn admit_fills_free_slots_then_keeps_the_hotter_keys() {
+    let mut p = pool(2);
+    p.begin_step();
+    let plan = p.admit(&[k(0, 1), k(0, 2), k(0, 1)]).unwrap();
+    assert_eq!(plan.loads.len(), 2, "free slots take the misses");
+    assert_eq!(plan.present, 0);
+    assert!(p.lookup(k(0, 1)).is_some() && p.lookup(k(0, 2)).is_some());
+    // Key 1 is used every step, key 2 once; key 3 comes every step from step 2 on.
+    for step in 0..12 {
+        p.begin_step();
+        let mut keys = vec![k(0, 1)];
+        if step >= 1 {
+            keys.push(k(0, 3));
+        }
+        let plan = p.admit(&keys).unwrap();
+        // Used keys of this step are never the victim.
+        for l in &plan.loads {
+            assert_ne!(l.evicted, Some(k(0, 1)));
+        }
+        assert!(p.lookup(k(0, 1)).is_some(), "the hottest key stays");
+    }
+    assert!(
+        p.lookup(k(0, 3)).is_some(),
+        "a key used every step comes in"
+    );
+    assert!(
+        p.lookup(k(0, 2)).is_none(),
+        "and pushes out the key used once"
+    );
+    // Within one step, a key used in it is never evicted by a later admission of the same step.
+    p.begin_step();
+    p.admit(&[k(0, 1), k(0, 3)]).unwrap();
+    let plan = p.admit(&[k(1, 9)]).unwrap();
+    assert!(plan.loads.is_empty() && plan.dropped == vec![k(1, 9)]);
+}

@@ -1,0 +1,243 @@
+//! The device expert cache (`--gpu-experts`): slots in a device's memory holding the routed experts of the CPU's
+//! layers that the policy expects to be used most. A layer's selected experts found there are computed on the
+//! device; the others on the CPU from RAM (or through the paged store). After each layer the experts it used that
+//! are worth a slot more than what holds one are uploaded from the model's map ([`crate::experts::SlotPolicy::admit`]
+//! decides). The stage graphs that use the slots are `crate::model::paged`'s, run by `crate::exec`.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use gguf::Model;
+
+use crate::experts::{Load, PolicyConfig, SlotPolicy};
+use crate::ggml::{Context, Device, SlotPart, Tensor};
+use crate::model::config::Config;
+use crate::model::weights::Weights;
+
+/// Alignment of each part's room in a slot (a multiple of every backend's tensor alignment).
+const PART_ALIGN: usize = 256;
+
+/// `--gpu-experts`: how many slots the device cache has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuExpertsArg {
+    /// What the device has left after the non-routed weights, the cache and the compute buffers.
+    Auto,
+    /// This many experts.
+    Slots(u64),
+    /// As many experts as fit this many bytes.
+    Bytes(u64),
+}
+
+/// Where one layer's experts come from and go: the model's tensor of each part (gate, up, down), the bytes of one
+/// expert in it, and the slot tensors over the device pool.
+struct CachedLayer {
+    sources: [usize; 3],
+    expert_bytes: [usize; 3],
+    tensors: [usize; 3],
+}
+
+/// A device's cache of routed experts.
+pub struct DeviceExperts {
+    device: Device,
+    ctx: Context<'static>,
+    model: Arc<Model>,
+    /// Per layer: its cached parts, `None` for layers whose experts the cache does not hold.
+    layers: Vec<Option<CachedLayer>>,
+    stride: usize,
+    n_slots: usize,
+    pub(crate) policy: Mutex<SlotPolicy>,
+}
+
+impl DeviceExperts {
+    /// The bytes one slot takes for the routed experts of the layers `cached` marks: each part's room is the
+    /// largest of those layers' (aligned).
+    pub fn slot_bytes(
+        model: &Model,
+        weights: &Weights<Tensor<'_>>,
+        cached: &[bool],
+    ) -> Result<usize> {
+        let mut room = [0usize; 3];
+        for (il, lw) in weights.layers.iter().enumerate() {
+            if !cached.get(il).copied().unwrap_or(false) {
+                continue;
+            }
+            for (p, t) in [lw.gate_exps, lw.up_exps, lw.down_exps]
+                .into_iter()
+                .enumerate()
+            {
+                let (_, bytes) = source(model, t)?;
+                room[p] = room[p].max(bytes.next_multiple_of(PART_ALIGN));
+            }
+        }
+        Ok(room.iter().sum())
+    }
+
+    /// A cache of `n_slots` experts on `device` for the layers `cached` marks (`weights`: the engine's tensors, by
+    /// which the model's expert tensors are found).
+    pub fn new(
+        model: &Arc<Model>,
+        cfg: &Config,
+        weights: &Weights<Tensor<'_>>,
+        cached: &[bool],
+        device: Device,
+        n_slots: usize,
+    ) -> Result<DeviceExperts> {
+        if n_slots == 0 {
+            bail!("the device expert cache needs at least one slot");
+        }
+        let mut room = [0usize; 3];
+        let mut found = Vec::with_capacity(weights.layers.len());
+        for (il, lw) in weights.layers.iter().enumerate() {
+            if !cached.get(il).copied().unwrap_or(false) {
+                found.push(None);
+                continue;
+            }
+            let parts = [lw.gate_exps, lw.up_exps, lw.down_exps];
+            let mut layer = [(0usize, 0usize, parts[0]); 3];
+            for (p, t) in parts.into_iter().enumerate() {
+                let (index, bytes) = source(model, t)?;
+                room[p] = room[p].max(bytes.next_multiple_of(PART_ALIGN));
+                layer[p] = (index, bytes, t);
+            }
+            found.push(Some(layer));
+        }
+        let offsets = [0, room[0], room[0] + room[1]];
+        let stride: usize = room.iter().sum();
+        let mut specs = Vec::new();
+        for (il, layer) in found.iter().enumerate() {
+            let Some(layer) = layer else { continue };
+            for (p, &(_, _, t)) in layer.iter().enumerate() {
+                let ne = t.ne();
+                specs.push(SlotPart {
+                    ty: t.ty().ok_or_else(|| {
+                        anyhow!("layer {il}'s experts have a type ggml cannot name")
+                    })?,
+                    ne0: ne[0],
+                    ne1: ne[1],
+                    offset: offsets[p],
+                    name: format!("device_slots.{il}.{}", crate::experts::io::PARTS[p]),
+                });
+            }
+        }
+        let ctx = Context::with_capacity(specs.len() + 1, 0)?;
+        ctx.device_slot_tensors(device, n_slots, stride, &specs)
+            .with_context(|| {
+                format!(
+                    "cannot allocate a cache of {n_slots} experts ({}) on {}",
+                    crate::units::format_bytes((n_slots * stride) as u64),
+                    device.name()
+                )
+            })?;
+        let mut next = 0;
+        let layers = found
+            .into_iter()
+            .map(|layer| {
+                layer.map(|l| {
+                    let tensors = [next, next + 1, next + 2];
+                    next += 3;
+                    CachedLayer {
+                        sources: l.map(|(i, _, _)| i),
+                        expert_bytes: l.map(|(_, b, _)| b),
+                        tensors,
+                    }
+                })
+            })
+            .collect();
+        let policy = SlotPolicy::new(PolicyConfig::new(
+            n_slots,
+            cfg.n_layer as u32,
+            cfg.n_expert as u32,
+        ))?;
+        Ok(DeviceExperts {
+            device,
+            ctx,
+            model: model.clone(),
+            layers,
+            stride,
+            n_slots,
+            policy: Mutex::new(policy),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.n_slots
+    }
+
+    /// Bytes of the device memory the cache takes.
+    pub fn bytes(&self) -> usize {
+        self.n_slots * self.stride
+    }
+
+    /// Whether the cache holds layer `il`'s experts.
+    pub fn caches_layer(&self, il: usize) -> bool {
+        self.layers.get(il).is_some_and(|l| l.is_some())
+    }
+
+    /// Layer `il`'s slot tensors on the device: gate, up, down (`None` for a layer the cache does not hold).
+    pub(crate) fn slot_tensors(&self, il: usize) -> Option<[Tensor<'_>; 3]> {
+        let l = self.layers.get(il)?.as_ref()?;
+        let all = self.ctx.tensors();
+        Some(l.tensors.map(|i| all[i]))
+    }
+
+    /// Copies the expert `load` names from the model's map into its slot. Nothing may compute with that slot
+    /// meanwhile (the caller runs uploads between computations). Returns the bytes copied.
+    pub(crate) fn upload(&self, load: &Load) -> Result<u64> {
+        let il = load.key.layer as usize;
+        let e = load.key.expert as usize;
+        let layer = self
+            .layers
+            .get(il)
+            .and_then(|l| l.as_ref())
+            .ok_or_else(|| anyhow!("the device expert cache does not hold layer {il}"))?;
+        let tensors = self.slot_tensors(il).expect("a cached layer");
+        let mut copied = 0u64;
+        for (p, tensor) in tensors.into_iter().enumerate() {
+            let src = &self.model.tensors()[layer.sources[p]];
+            let data = self.model.tensor_data(src);
+            let n = layer.expert_bytes[p];
+            let bytes = data.get(e * n..(e + 1) * n).ok_or_else(|| {
+                anyhow!(
+                    "expert {e} is outside {} ({} bytes)",
+                    src.info.name,
+                    data.len()
+                )
+            })?;
+            tensor
+                .set_bytes_within(load.slot as usize * self.stride, bytes)
+                .with_context(|| {
+                    format!(
+                        "cannot upload expert {e} of layer {il} to {}",
+                        self.device.name()
+                    )
+                })?;
+            copied += n as u64;
+        }
+        Ok(copied)
+    }
+}
+
+/// The model's tensor behind the engine's weight `t` (by name): its index and the bytes of one expert (its
+/// matrices are the outermost dimension).
+fn source(model: &Model, t: Tensor<'_>) -> Result<(usize, usize)> {
+    let name = t.name();
+    let index = model
+        .tensors()
+        .iter()
+        .position(|m| m.info.name == name)
+        .ok_or_else(|| anyhow!("the model has no tensor {name}"))?;
+    let info = &model.tensors()[index].info;
+    let n_expert = info.dims.get(2).copied().unwrap_or(0) as usize;
+    if n_expert == 0 || info.n_bytes as usize % n_expert != 0 {
+        bail!(
+            "{name} is not a stack of experts ({:?}, {} bytes)",
+            info.dims,
+            info.n_bytes
+        );
+    }
+    Ok((index, info.n_bytes as usize / n_expert))
+}
