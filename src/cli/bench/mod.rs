@@ -390,7 +390,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let facts = model_facts(&engine);
     let plan = engine.memory_plan().clone();
     let device_plan = engine.device_plan().clone();
-    let paged = engine.is_paged();
+    let store = engine.is_paged();
+    let device_cache = engine
+        .device_experts()
+        .map(|c| (c.n_slots(), c.bytes(), c.device().name()));
+    let paged = store || device_cache.is_some();
     let cfg = engine.config();
     if cfg.n_ctx_train > 0 && longest > cfg.n_ctx_train {
         eprintln!(
@@ -545,8 +549,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         print!("{}", table(&facts, &rows, args.vs_llama));
-        if let Some(slots) = plan.slots().filter(|_| paged) {
+        if let Some(slots) = plan.slots().filter(|_| store) {
             println!("{}", expert_line(slots, &rows));
+        }
+        if let Some(cache) = &device_cache {
+            println!("{}", table::device_line(cache, &rows));
         }
     }
 

@@ -23,6 +23,34 @@ pub(super) fn expert_line(slots: u64, rows: &[Row]) -> String {
     format!("expert cache ({slots} slots): {}", tests.join("; "))
 }
 
+/// The line under the table with a device expert cache: each test's share of the needed experts computed on the
+/// device, and the bytes uploaded per token. `cache`: its experts, bytes and device.
+pub(super) fn device_line(cache: &(usize, usize, String), rows: &[Row]) -> String {
+    let tests: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let e = &r.experts;
+            let needed = e.device_hits + e.hits + e.misses;
+            let share = if needed == 0 { 0.0 } else { e.device_hits as f64 / needed as f64 };
+            let per_token = if e.tokens == 0 { 0.0 } else { e.device_bytes as f64 / e.tokens as f64 };
+            format!(
+                "{} ({} threads) {:.1} % on the device, {:.2} MB uploaded/token",
+                r.test.name(),
+                r.threads,
+                share * 100.0,
+                per_token / 1e6
+            )
+        })
+        .collect();
+    format!(
+        "device expert cache ({} experts, {} on {}): {}",
+        cache.0,
+        format_bytes(cache.1 as u64),
+        cache.2,
+        tests.join("; ")
+    )
+}
+
 pub(super) fn table(facts: &ModelFacts, rows: &[Row], vs_llama: bool) -> String {
     let mut header = vec![
         "model",
