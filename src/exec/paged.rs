@@ -123,19 +123,19 @@ impl Stages<'_, '_> {
             key: self.key,
             layer: il,
         };
-        let mut spare = None;
         let deps = deps();
-        let g = kept_graph(
-            &mut self.run.graphs,
+        let build = || build_layer_graph(parts, deps, plan, il, paging);
+        let (graphs, backend) = (&mut self.run.graphs, &engine.backend);
+        kept_on_cpu(
+            graphs,
             self.alloc,
             self.stats,
+            backend,
             sk,
-            &mut spare,
-            || build_layer_graph(parts, deps, plan, il, paging),
-        )?;
-        fill(g)?;
-        engine.backend.compute(g.graph())?;
-        Ok(())
+            build,
+            fill,
+            |_| Ok(()),
+        )
     }
 
     /// Computes layer `il`'s experts for `e`'s entries on the CPU: over the expert store's slots (`e.slot` a slot),
@@ -153,18 +153,18 @@ impl Stages<'_, '_> {
             Some(px) => px.slot_tensors(il),
             None => [lw.gate_exps, lw.up_exps, lw.down_exps],
         };
-        let mut spare = None;
-        let g = kept_graph(
-            &mut self.run.graphs,
+        let build = || build_experts_graph(cfg, fused, slots, state, il, e.row.len());
+        let (graphs, backend) = (&mut self.run.graphs, &engine.backend);
+        kept_on_cpu(
+            graphs,
             self.alloc,
             self.stats,
+            backend,
             sk,
-            &mut spare,
-            || build_experts_graph(cfg, fused, slots, state, il, e.row.len()),
-        )?;
-        fill_entries(g, e)?;
-        engine.backend.compute(g.graph())?;
-        Ok(())
+            build,
+            |g| fill_entries(g, e),
+            |_| Ok(()),
+        )
     }
 
     /// Computes layer `il`'s experts for `e`'s entries on the device of the device expert cache, over its slots.
@@ -210,24 +210,36 @@ impl Stages<'_, '_> {
             g.tensors()[1].set_i32(&out_ids(n_tokens, want))?;
             Ok(())
         };
-        let mut read = |g: &OwnedGraph<'_>| append_logits(g.tensors()[0], want, out);
+        let read = |g: &OwnedGraph<'_>| append_logits(g.tensors()[0], want, out);
         if !engine.devices.is_empty() {
             return run_scheduled(engine, &mut self.run.sched, self.stats, build, fill, read);
         }
+        let (graphs, backend) = (&mut self.run.graphs, &engine.backend);
         let sk = StageKey::Head { n_tokens, n_out };
-        let mut spare = None;
-        let g = kept_graph(
-            &mut self.run.graphs,
-            self.alloc,
-            self.stats,
-            sk,
-            &mut spare,
-            build,
-        )?;
-        fill(g)?;
-        engine.backend.compute(g.graph())?;
-        read(g)
+        kept_on_cpu(
+            graphs, self.alloc, self.stats, backend, sk, build, fill, read,
+        )
     }
+}
+
+/// Computes a stage graph on the CPU backend: the one kept under `key` in `graphs`, or one `build` makes (and keeps,
+/// allocated in `alloc`'s buffer), with inputs written by `fill`; returns what `read` takes from it.
+#[allow(clippy::too_many_arguments)]
+fn kept_on_cpu<'e, K: PartialEq + Copy, T>(
+    graphs: &mut GraphCache<'e, K>,
+    alloc: &mut GraphAllocator,
+    stats: &mut super::GraphStats,
+    backend: &crate::ggml::CpuBackend,
+    key: K,
+    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
+    fill: impl FnOnce(&OwnedGraph<'e>) -> Result<()>,
+    read: impl FnOnce(&OwnedGraph<'e>) -> Result<T>,
+) -> Result<T> {
+    let mut spare = None;
+    let g = kept_graph(graphs, alloc, stats, key, &mut spare, build)?;
+    fill(g)?;
+    backend.compute(g.graph())?;
+    read(g)
 }
 
 /// Splits a layer's selection `sel` (`k` experts per token) between the device cache (`device`: its experts' slots)

@@ -31,8 +31,16 @@ pub(super) fn device_line(cache: &(usize, usize, String), rows: &[Row]) -> Strin
         .map(|r| {
             let e = &r.experts;
             let needed = e.device_hits + e.hits + e.misses;
-            let share = if needed == 0 { 0.0 } else { e.device_hits as f64 / needed as f64 };
-            let per_token = if e.tokens == 0 { 0.0 } else { e.device_bytes as f64 / e.tokens as f64 };
+            let share = if needed == 0 {
+                0.0
+            } else {
+                e.device_hits as f64 / needed as f64
+            };
+            let per_token = if e.tokens == 0 {
+                0.0
+            } else {
+                e.device_bytes as f64 / e.tokens as f64
+            };
             format!(
                 "{} ({} threads) {:.1} % on the device, {:.2} MB uploaded/token",
                 r.test.name(),
