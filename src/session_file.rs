@@ -1,5 +1,5 @@
-//! Saved sessions: a small binary file with the tokens and every cache tensor, tied to the model and cache sizes
-//! it was made with. Written atomically (a temporary file synced and renamed into place); read in place, a chunk at a
+//! Saved sessions: a small binary file with the tokens and the part of every cache tensor they fill (the compressed
+//! rows of the completed blocks, the rings), tied to the model and cache sizes it was made with. Written atomically (a temporary file synced and renamed into place); read in place, a chunk at a
 //! time, after every size the file claims was checked.
 
 use std::fs::File;
@@ -10,7 +10,10 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::cache::KvCache;
 
-const MAGIC: &[u8; 8] = b"FERRSES1";
+const MAGIC: &[u8; 8] = b"FERRSES2";
+
+/// Format 1 stored every tensor whole.
+const MAGIC_V1: &[u8; 8] = b"FERRSES1";
 
 /// What a saved session must match to be restored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,8 +56,7 @@ pub fn save(path: &Path, fp: Fingerprint, cache: &KvCache, tokens: &[u32]) -> Re
                 out.write_all(&t.to_le_bytes())?;
             }
             let mut buf = Vec::new();
-            for t in cache.saved() {
-                let len = t.n_bytes();
+            for (t, len) in cache.saved_extents(tokens.len()) {
                 out.write_all(&(len as u64).to_le_bytes())?;
                 let mut at = 0;
                 while at < len {
@@ -77,7 +79,7 @@ pub fn is_session_file(path: &Path) -> bool {
     let mut magic = [0u8; 8];
     File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == MAGIC)
+        .is_ok_and(|()| &magic == MAGIC || &magic == MAGIC_V1)
 }
 
 fn read_u64(r: &mut impl Read) -> Result<u64> {
@@ -102,6 +104,10 @@ pub fn load(path: &Path, fp: Fingerprint, cache: &KvCache) -> Result<Vec<u32>> {
         r.read_exact(&mut magic)
             .context("the file is shorter than a session file's header")?;
         ensure!(
+            &magic != MAGIC_V1,
+            "it was saved by an earlier ferrite (session format 1), which this one does not read (hint: process the prompt again and save it anew)"
+        );
+        ensure!(
             &magic == MAGIC,
             "not a ferrite session file (magic {magic:02x?})"
         );
@@ -121,8 +127,8 @@ pub fn load(path: &Path, fp: Fingerprint, cache: &KvCache) -> Result<Vec<u32>> {
             "it claims {n_tokens} tokens, more than the context of {} holds",
             fp.n_ctx
         );
-        let tensors = cache.saved();
-        let sizes: Vec<u64> = tensors.iter().map(|t| t.n_bytes() as u64).collect();
+        let extents = cache.saved_extents(n_tokens as usize);
+        let sizes: Vec<u64> = extents.iter().map(|&(_, n)| n as u64).collect();
         let expected = sizes
             .iter()
             .fold(HEADER_BYTES + 4 * n_tokens, |sum, &n| sum + 8 + n);
@@ -150,7 +156,7 @@ pub fn load(path: &Path, fp: Fingerprint, cache: &KvCache) -> Result<Vec<u32>> {
             at += 8 + want;
         }
         let mut buf = Vec::new();
-        for t in tensors {
+        for (t, _) in extents {
             let len = read_u64(&mut r)? as usize;
             let mut at = 0;
             while at < len {

@@ -145,6 +145,35 @@ fn damaged_and_lying_session_files_are_refused_cleanly() {
         &want_first,
         first,
     );
+    // A session of the earlier format (every tensor whole) is named as such.
+    let mut v1 = bytes.clone();
+    v1[..8].copy_from_slice(b"FERRSES1");
+    write(&v1);
+    refused(
+        &e,
+        &bad,
+        &["saved by an earlier ferrite"],
+        &want_first,
+        first,
+    );
+    // The file holds the compressed rows the tokens filled, not the whole context: a shorter session's file is
+    // smaller (and restores as well).
+    let mut short = e.session().unwrap();
+    short.feed(&toks[..12], Logits::Last).unwrap();
+    let short_file = dir.path().join("short.session");
+    short.save(&short_file).unwrap();
+    let short_len = fs::metadata(&short_file).unwrap().len();
+    assert!(
+        short_len + 4 * 78 < bytes.len() as u64,
+        "12 tokens: {short_len} bytes, 90 tokens: {}",
+        bytes.len()
+    );
+    let mut r = e.session().unwrap();
+    r.load(&short_file).unwrap();
+    assert_eq!(
+        r.feed(&toks[12..20], Logits::All).unwrap(),
+        short.feed(&toks[12..20], Logits::All).unwrap()
+    );
     // The intact file still loads after all that.
     let mut r = e.session().unwrap();
     r.load(&saved).unwrap();

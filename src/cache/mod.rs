@@ -22,6 +22,8 @@ use plan::{
 /// The compressed rows of one layer (or of its indexer) and the ring of its compressor.
 #[derive(Clone, Debug)]
 pub struct CompCache<T> {
+    /// Tokens per compressed row.
+    pub ratio: usize,
     /// `{width, rows}`: one row per completed block (for attention rows, a view of the layer's `kv`).
     pub rows: T,
     /// `{coff·width, ring}`: recent tokens' compressor values (the first rows of `src_kv`).
@@ -49,6 +51,7 @@ pub struct LayerCache<T> {
 impl<T: Copy> CompCache<T> {
     fn map<U>(&self, f: &impl Fn(T) -> U) -> CompCache<U> {
         CompCache {
+            ratio: self.ratio,
             rows: f(self.rows),
             ring_kv: f(self.ring_kv),
             ring_score: f(self.ring_score),
@@ -70,10 +73,16 @@ impl<T: Copy> LayerCache<T> {
 
     /// The tensors a saved session holds, in file order: the raw ring, then the compressor's and the indexer's
     /// rows and rings (`kv` as its two views).
-    fn saved(&self) -> Vec<T> {
-        let mut out = vec![self.raw_k];
+    /// The tensors a session file holds, each with the tokens per row of its rows that `n_tokens` tokens fill
+    /// in order (`Some(ratio)` for compressed rows: the first `n_tokens / ratio`; `None`: all of it is state).
+    fn saved(&self) -> Vec<(T, Option<usize>)> {
+        let mut out = vec![(self.raw_k, None)];
         for c in [&self.comp, &self.indexer].into_iter().flatten() {
-            out.extend([c.rows, c.ring_kv, c.ring_score]);
+            out.extend([
+                (c.rows, Some(c.ratio)),
+                (c.ring_kv, None),
+                (c.ring_score, None),
+            ]);
         }
         out
     }
@@ -341,6 +350,7 @@ impl KvCache {
                         let src_score = made(src_score_t, format!("cache.{il}.{what}_src_score"))?;
                         let ring_of = |t| ctx.view_2d(t, [features, ring], Tensor::nb(t)[1], 0);
                         Ok(CompCache {
+                            ratio,
                             rows,
                             ring_kv: made(
                                 ring_of(src_kv_t)?,
@@ -422,7 +432,32 @@ impl KvCache {
 
     /// The tensors a session file holds, in order.
     pub fn saved(&self) -> Vec<Tensor<'_>> {
-        self.layers().iter().flat_map(LayerCache::saved).collect()
+        self.layers()
+            .iter()
+            .flat_map(LayerCache::saved)
+            .map(|(t, _)| t)
+            .collect()
+    }
+
+    /// The tensors a session of `n_tokens` tokens holds, in order, each with the bytes of it in use: the
+    /// compressed rows of the blocks those tokens completed (the rows after them are not read before they are
+    /// written again), the whole tensor for the raw ring and the compressors' rings. A session file stores these
+    /// bytes, so its size follows the tokens, not the context.
+    pub fn saved_extents(&self, n_tokens: usize) -> Vec<(Tensor<'_>, usize)> {
+        self.layers()
+            .iter()
+            .flat_map(LayerCache::saved)
+            .map(|(t, ratio)| {
+                let bytes = match ratio {
+                    None => t.n_bytes(),
+                    Some(r) => {
+                        let rows = (n_tokens / r.max(1)).min(t.ne()[1] as usize);
+                        rows * t.nb()[1]
+                    }
+                };
+                (t, bytes)
+            })
+            .collect()
     }
 
     /// Every saved tensor's bytes, in order (for saving a session).
