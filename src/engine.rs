@@ -330,7 +330,12 @@ impl Engine {
                 engine.paged = Some(paged);
             }
         }
-        if let Some(arg) = engine.opts.gpu_experts.filter(|_| any_cpu) {
+        let no_cache = Some(GpuExpertsArg::Slots(0));
+        if let Some(arg) = engine
+            .opts
+            .gpu_experts
+            .filter(|&a| any_cpu && Some(a) != no_cache)
+        {
             engine.device_experts = engine.device_expert_cache(arg)?;
         }
         let (repacked, copied) = (placed.repacked, placed.copied);

@@ -830,5 +830,31 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
         "{cached_err}"
     );
     assert!(cached_err.contains("; device cache: "), "{cached_err}");
+    // auto takes what the device has left (a --gpu-mem budget here); more than that is refused with the numbers;
+    // 0 is no cache.
+    let budget = ["-ngl", "all", "--cpu-moe", "--gpu-mem", "40M"];
+    let (auto_ids, auto_err) =
+        answer(&[&rpc[..], &budget[..], &["--gpu-experts", "auto"]].concat());
+    assert_eq!(auto_ids, cpu_ids);
+    assert!(
+        auto_err.contains("a cache of 20 routed experts"),
+        "{auto_err}"
+    );
+    let out = ferrite(
+        &[&args[..], &rpc[..], &budget[..], &["--gpu-experts", "32"]].concat(),
+        dir.path(),
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("32 experts take 6.00 MiB on RPC0, which has 3.78 MiB left")
+            && err.contains("--gpu-experts 20 or auto"),
+        "{err}"
+    );
+    let (none_ids, none_err) = answer(&[&rpc[..], &cached[..4], &["0"]].concat());
+    assert_eq!(none_ids, cpu_ids);
+    assert!(!none_err.contains("device cache"), "{none_err}");
     assert!(rpc_err.contains("head: RPC0"), "{rpc_err}");
 }

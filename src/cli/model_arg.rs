@@ -110,7 +110,7 @@ pub struct DeviceArgs {
     pub rpc_timeout: u64,
     /// Keep a cache of the CPU's routed experts in a device's memory: N experts, a SIZE (e.g. 12G), or auto (what
     /// the device has left after the placement). Selected experts found there are computed on the device, the
-    /// others on the CPU; the experts used most are uploaded as the text goes [default: no cache].
+    /// others on the CPU; the experts used most are uploaded as the text goes [default: no cache; 0: none].
     #[arg(long = "gpu-experts", value_name = "N|SIZE|auto", value_parser = super::size_arg::parse_gpu_experts)]
     pub gpu_experts: Option<ferrite::experts::device::GpuExpertsArg>,
     /// Devices to offload to, comma-separated (CUDA0, Vulkan0,CPU, RPC0[HOST:PORT]), or none for the CPU only

@@ -22,7 +22,7 @@ const PART_ALIGN: usize = 256;
 pub enum GpuExpertsArg {
     /// What the device has left after the non-routed weights, the cache and the compute buffers.
     Auto,
-    /// This many experts.
+    /// This many experts (0: no cache).
     Slots(u64),
     /// As many experts as fit this many bytes.
     Bytes(u64),
