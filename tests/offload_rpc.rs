@@ -595,6 +595,16 @@ fn an_unreachable_server_is_a_clear_error() {
         stderr.contains(&format!("cannot reach the RPC server at {endpoint}")),
         "{stderr}"
     );
+    // ggml's RPC client cannot take an IPv6 address: refused before it tries.
+    let out = ferrite(
+        &["complete", "-m", "demo", "-p", "hi", "--rpc", "[::1]:50052"],
+        dir.path(),
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not an IPv6 address"), "{stderr}");
     let out = ferrite(
         &["complete", "-m", "demo", "-p", "hi", "--device", "NOPE0"],
         dir.path(),

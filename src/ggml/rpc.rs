@@ -165,6 +165,11 @@ pub fn check_reachable(endpoint: &str) -> Result<()> {
             "RPC server '{endpoint}' is not HOST:PORT (e.g. 127.0.0.1:50052)"
         ))
     })?;
+    if host.contains(':') {
+        return Err(rpc_error(format!(
+            "RPC server '{endpoint}': ggml's RPC client takes HOST:PORT with an IPv4 address or a host name, not an IPv6 address (hint: use the server's IPv4 address, or a host name that resolves to it)"
+        )));
+    }
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(rpc_error(format!(
             "RPC server '{endpoint}' is not HOST:PORT with a port from 1 to 65535"
