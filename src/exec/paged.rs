@@ -463,11 +463,14 @@ impl HostStep<'_> {
                     let keys: Vec<ExpertKey> = sel.iter().map(|&e| key(e)).collect();
                     let plan = dp.admit(&keys)?;
                     let mut bytes = 0;
-                    for load in &plan.loads {
+                    for (i, load) in plan.loads.iter().enumerate() {
                         match dev.upload(load) {
                             Ok(b) => bytes += b,
                             Err(e) => {
-                                dp.invalidate(load.slot)?;
+                                // This load and those after it hold nothing usable: forget them.
+                                for l in &plan.loads[i..] {
+                                    dp.invalidate(l.slot)?;
+                                }
                                 return Err(e);
                             }
                         }
