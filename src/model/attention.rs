@@ -65,7 +65,7 @@ pub fn attention<'c>(
     };
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let out = match comp {
-        Some(CompRead::Chosen(top)) => {
+        Some(CompRead::Chosen(top)) if inp.chunks.is_empty() => {
             // Gathered: the raw rows this micro-batch's queries see, then each query's chosen rows.
             let rows = inp.compressed(w.kind).and_then(|c| c.attn_rows);
             let (Some(rows), Some(raw_mask)) = (rows, inp.raw_mask) else {
@@ -75,11 +75,8 @@ pub fn attention<'c>(
             let chosen = keys.gather_chosen(top)?;
             attend_chosen(o, q, raw, raw_mask, chosen, w.sinks, scale)?
         }
-        Some(CompRead::Mask(comp_mask)) if !inp.chunks.is_empty() => {
-            attend_chunks(o, &keys, q, w.kind, Some(comp_mask), inp, w.sinks, scale)?
-        }
-        None if !inp.chunks.is_empty() => {
-            attend_chunks(o, &keys, q, w.kind, None, inp, w.sinks, scale)?
+        comp if !inp.chunks.is_empty() => {
+            attend_chunks(o, &keys, q, w.kind, comp, inp, w.sinks, scale)?
         }
         comp => {
             let comp_mask = match comp {
@@ -121,6 +118,7 @@ pub fn attention<'c>(
 }
 
 /// How attention reads a layer's compressed rows.
+#[derive(Clone, Copy)]
 enum CompRead<'c> {
     /// The first rows, under this mask `{n_rows, n}` (ratio 4: 0 at the rows the lightning indexer chose).
     Mask(Tensor<'c>),
@@ -379,15 +377,16 @@ fn attend_chosen<'c>(
 }
 
 /// Attention chunk by chunk over the micro-batch's query chunks (`inp.chunks`), each over the key rows it gathers:
-/// `q {Dh, H, n}` -> `{Dh·H, n}`, as [`attend`] over all rows gives. `comp_mask {n_kv, n}`: the compressed rows'
-/// mask of the layer (None for raw-window layers); a chunk reads its first rows.
+/// `q {Dh, H, n}` -> `{Dh·H, n}`, as [`attend`] over all rows gives. `comp`: how the layer reads its compressed
+/// rows (None for raw-window layers): under a mask `{n_kv, n}`, of which a chunk reads its first rows, or each
+/// query its chosen rows (see [`attend_chosen`]).
 #[allow(clippy::too_many_arguments)]
 fn attend_chunks<'c>(
     o: &Ops<'c>,
     keys: &KeyRows<'_, 'c>,
     q: Tensor<'c>,
     kind: LayerKind,
-    comp_mask: Option<Tensor<'c>>,
+    comp: Option<CompRead<'c>>,
     inp: &BatchInputs<'c>,
     sinks: Tensor<'c>,
     scale: f32,
@@ -404,18 +403,25 @@ fn attend_chunks<'c>(
         let rows = rows.ok_or_else(|| missing("the key rows of a query chunk"))?;
         let (k, v) = keys.gather(rows)?;
         let nc = c.n as i64;
-        let mask = match comp_mask {
-            None => c.raw_mask,
-            Some(m) => {
+        let [_, q1, q2, _] = q.nb();
+        let qc = ctx.view_3d(q, [dh, h, nc], [q1, q2], c.first * q2)?;
+        let oc = match comp {
+            None => attend(o, qc, k, v, c.raw_mask, sinks, scale)?,
+            Some(CompRead::Mask(m)) => {
                 let n_comp = rows.ne()[0] - c.raw_mask.ne()[0];
                 let row = m.nb()[1];
                 let part = ctx.view_2d(m, [n_comp, nc], row, c.first * row)?;
-                ctx.concat(c.raw_mask, part, 0)?
+                let mask = ctx.concat(c.raw_mask, part, 0)?;
+                attend(o, qc, k, v, mask, sinks, scale)?
+            }
+            Some(CompRead::Chosen(top)) => {
+                // This chunk's queries' columns of the choice (whole rows: contiguous).
+                let row = top.nb()[1];
+                let top_c = ctx.view_2d(top, [top.ne()[0], nc], row, c.first * row)?;
+                let chosen = keys.gather_chosen(top_c)?;
+                attend_chosen(o, qc, (k, v), c.raw_mask, chosen, sinks, scale)?
             }
         };
-        let [_, q1, q2, _] = q.nb();
-        let qc = ctx.view_3d(q, [dh, h, nc], [q1, q2], c.first * q2)?;
-        let oc = attend(o, qc, k, v, mask, sinks, scale)?;
         out = ctx.set_rows(out, oc, c.out_rows)?;
     }
     Ok(out)
