@@ -18,6 +18,7 @@
 #   -n N      generated tokens of the tg test            [32]
 #   -m FILE   the model; generated if missing            [/tmp/ferrite-flash-attn4.gguf]
 #   -o DIR    logs and summary.md                        [/tmp/ferrite-depth-bench-DATE]
+#   -L MIN    skip a depth whose estimated wall time exceeds MIN minutes (0: run every depth)   [0]
 #   -x        also run ferrite with FERRITE_CHOSEN_ROWS=0 (decode at depth reads every visible ratio-4 row under a
 #             mask, as llama.cpp does): how much reading only the indexer's chosen rows gives
 #
@@ -40,9 +41,10 @@ n_gen=32
 model="/tmp/ferrite-flash-attn4.gguf"
 out="/tmp/ferrite-depth-bench-$(date -u +%Y%m%d-%H%M%S)"
 masked=0
+limit_min=0
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
-while getopts "d:c:r:t:p:n:m:o:xh" opt; do
+while getopts "d:c:r:t:p:n:m:o:L:xh" opt; do
     case "$opt" in
         d) depths="$OPTARG" ;;
         c) caches="$OPTARG" ;;
@@ -52,13 +54,14 @@ while getopts "d:c:r:t:p:n:m:o:xh" opt; do
         n) n_gen="$OPTARG" ;;
         m) model="$OPTARG" ;;
         o) out="$OPTARG" ;;
+        L) limit_min="$OPTARG" ;;
         x) masked=1 ;;
         *) usage ;;
     esac
 done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || { echo "depth-bench: unexpected argument: $1" >&2; usage; }
-for list in "$depths" "$reps" "$n_prompt" "$n_gen" ${threads:+"$threads"}; do
+for list in "$depths" "$reps" "$n_prompt" "$n_gen" "$limit_min" ${threads:+"$threads"}; do
     [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "depth-bench: not a number or list of numbers: $list" >&2; exit 2; }
 done
 [[ "$caches" =~ ^(f16|f32|q8_0)(,(f16|f32|q8_0))*$ ]] || { echo "depth-bench: cache types are f16, f32, q8_0: got $caches" >&2; exit 2; }
@@ -89,6 +92,23 @@ cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)"
     echo "- ratio: median of the interleaved pairs' ratios (ferrite / llama.cpp); > 1 means ferrite is faster"
     echo
 } > "$summary"
+
+# Estimated seconds of a run at depth $1 from the runs so far of this cache type (depths in `done_d`, wall seconds
+# in `done_s`): the time per depth token grows linearly with the depth (the indexer and the rows each query sees),
+# so the wall time is quadratic; fitted through the last two depths, or quadratic from one. Empty when nothing is
+# known yet.
+estimate() {
+    local d="$1" n=${#done_d[@]}
+    [ "$n" -gt 0 ] || return 0
+    local d2=${done_d[n-1]} s2=${done_s[n-1]}
+    if [ "$n" -ge 2 ]; then
+        awk -v d="$d" -v d1="${done_d[n-2]}" -v s1="${done_s[n-2]}" -v d2="$d2" -v s2="$s2" 'BEGIN {
+            a1 = s1 / d1; a2 = s2 / d2; a = a2 + (a2 - a1) * (d - d2) / (d2 - d1);
+            if (a < a2) a = a2; printf "%d", a * d }'
+    else
+        awk -v d="$d" -v d2="$d2" -v s2="$s2" 'BEGIN { printf "%d", s2 * (d / d2) * (d / d2) }'
+    fi
+}
 
 run() { # cache depth label [env...]
     local cache="$1" depth="$2" label="$3"
@@ -124,8 +144,25 @@ run() { # cache depth label [env...]
 IFS=',' read -r -a cache_list <<< "$caches"
 IFS=',' read -r -a depth_list <<< "$depths"
 for cache in "${cache_list[@]}"; do
+    done_d=()
+    done_s=()
     for depth in "${depth_list[@]}"; do
+        est=""
+        [ "$depth" -eq 0 ] || est="$(estimate "$depth")"
+        if [ -n "$est" ]; then
+            echo "depth-bench: $cache cache, depth $depth: estimated $((est / 60)) min" >&2
+            if [ "$limit_min" -gt 0 ] && [ "$est" -gt $((limit_min * 60)) ]; then
+                printf '### cache %s, depth %s\n\nskipped: estimated %d min, over the %d min limit (-L)\n\n' \
+                    "$cache" "$depth" $((est / 60)) "$limit_min" >> "$summary"
+                continue
+            fi
+        fi
+        start_run=$(date +%s)
         run "$cache" "$depth" ""
+        if [ "$depth" -gt 0 ]; then
+            done_d+=("$depth")
+            done_s+=($(( $(date +%s) - start_run )))
+        fi
         if [ "$masked" -eq 1 ]; then
             run "$cache" "$depth" "-masked" FERRITE_CHOSEN_ROWS=0
         fi
