@@ -19,14 +19,20 @@
 #   -m FILE   the model; generated if missing            [/tmp/ferrite-flash-attn4.gguf]
 #   -o DIR    logs and summary.md                        [/tmp/ferrite-depth-bench-DATE]
 #   -L MIN    skip a depth whose estimated wall time exceeds MIN minutes (0: run every depth)   [0]
-#   -x        also run ferrite with FERRITE_CHOSEN_ROWS=0 (decode at depth reads every visible ratio-4 row under a
-#             mask, as llama.cpp does): how much reading only the indexer's chosen rows gives
+#   -x        also run ferrite with FERRITE_CHOSEN_ROWS=0 (attention past the indexer's top-k reads every visible
+#             ratio-4 row under a mask, as llama.cpp does): what reading only the indexer's chosen rows gives
 #
 # Each (cache type, depth) is one `ferrite bench` run with its own log, so a stopped run keeps what finished.
-# Time: every depth is processed once per test and engine before the timed runs (4 prefills per depth and cache
-# type: pp and tg, ferrite and llama.cpp). Rough wall times per cache type, measured on a loaded 2-core AVX-512 VM
-# (see the commit that added this script; scale by your machine's speed): d0 ~1 min, d4096 ~5 min, d16384
-# ~25 min, d65536 ~4-6 h (the indexer makes a prefill quadratic in depth). Drop 65536 from -d when that is too long.
+#
+# Time: each engine processes a depth's tokens once (untimed; `bench` prints how long), then the warm-ups and timed
+# runs. The prefill grows quadratically with the depth (each token's indexer scores every earlier ratio-4 row). Before
+# each depth the script prints an estimate from the earlier depths of the same cache type; -L skips what would take
+# longer. Measured per cache type on the shared 2-core AVX-512 VM under load average 4-7 (so too slow by 2-3x):
+#   d0 133 s; d2048 1026 s with a bench that still processed each depth 6 times (now twice); d4096 997 s
+#   (prefills: ferrite 409 s, before its chunked prompts read only the chosen rows; llama.cpp 293 s).
+# Extrapolated (quadratic, from d0 and d4096, same load): d16384 about 1.5 h (llama.cpp's prefill alone ~36 min),
+# d65536 12 h or more (llama.cpp's prefill alone ~7 h). On a quiet machine divide by 2-3: 0,4096,16384 fit an
+# afternoon; 65536 does not fit 20 minutes on any 2-core machine (use -L 20 to let the script drop it).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
