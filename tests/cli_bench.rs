@@ -314,6 +314,11 @@ fn depth_runs_every_test_after_n_tokens_in_the_cache() {
     }
     assert!(err.contains("llama.cpp: tg4 @ d300"), "{err}");
     assert!(!err.contains("could not restore"), "{err}");
+    // Each engine processes the depth's tokens once; both tests at the depth restore that state.
+    for engine in ["ferrite", "llama.cpp"] {
+        let line = format!("{engine}: the depth's 300 tokens processed in");
+        assert_eq!(err.matches(&line).count(), 1, "{engine}: {err}");
+    }
 
     let json = [
         "-m", "demo", "-p", "16", "-n", "4", "-d", "300", "-r", "1", "-t", "1", "--json",
@@ -330,6 +335,30 @@ fn depth_runs_every_test_after_n_tokens_in_the_cache() {
     }
     // The plan reserves the longest test's context: the depth and the prompt (300 + 16).
     assert_eq!(v["memory_plan"]["n_ctx"], 316);
+
+    // Interleaved (ferrite's warm-ups run first, alone): still once per engine.
+    let interleaved = [
+        "-m",
+        "demo",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-d",
+        "300",
+        "-r",
+        "1",
+        "-t",
+        "1",
+        "--vs-llama",
+        "--interleave",
+    ];
+    let (_, err) = ok(&bench(&interleaved, dir.path()));
+    for engine in ["ferrite", "llama.cpp"] {
+        let line = format!("{engine}: the depth's 300 tokens processed in");
+        assert_eq!(err.matches(&line).count(), 1, "{engine}: {err}");
+    }
+    assert!(!err.contains("could not restore"), "{err}");
 }
 
 /// `--interleave`: both engines' repetitions alternate; the ratio is the median of the pairs' ratios (one pair per

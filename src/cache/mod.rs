@@ -5,7 +5,8 @@
 //! The raw ring and the compressed rows of a layer are one tensor (`kv`, ring rows first), so attention reads both
 //! as one view, in the order it needs them. Keys are stored once: attention transposes the rows it reads into its
 //! values (decode at depth gathers the rows it reads anyway, see [`plan::RawPlan::read_slots`]), so the cache grows
-//! by the DSV4.md figure per token (about 6.7 KiB on Flash in F16; [`cache_bytes`]).
+//! by the DSV4.md figure per token (about 6.7 KiB on Flash in F16; [`cache_bytes`]). Past the indexer's top-k, a
+//! gathered ratio-4 layer reads only the rows the indexer chose for each query ([`CompPlan::top_k`]).
 
 pub mod plan;
 
@@ -16,7 +17,7 @@ use crate::model::config::{Config, LayerKind};
 
 use plan::{
     compress_plan, compressed_mask, compressor_ring_rows, raw_mask, raw_plan, window_rows,
-    CompressPlan, Gather, RawPlan, Ring,
+    CompressPlan, Gather, RawPlan, Ring, TopKReads,
 };
 
 /// The compressed rows of one layer (or of its indexer) and the ring of its compressor.
@@ -537,17 +538,42 @@ pub struct CompPlan {
     pub mask: Vec<f32>,
     /// Compressed rows the cache holds (after the raw ring in `kv`).
     pub cap: usize,
+    /// Ratio 4, gathered reads (few queries, or query chunks): when every query sees more rows than the indexer
+    /// keeps (`k`), each query attends to its own `k` chosen rows, gathered (see [`sparse_top_k`]), instead of every
+    /// visible row under a mask.
+    pub top_k: Option<usize>,
+}
+
+/// The indexer's `top_k` when the queries from `p0` of a gathered micro-batch (few queries, see
+/// [`plan::RawPlan::read_slots`], or a prompt's attending in query chunks, see [`UbatchPlan::chunks`]) each see more than `top_k` compressed rows of ratio `ratio` (4) and `reads` is
+/// [`TopKReads::Chosen`]: attention then reads only the rows the indexer chose for each query, `top_k` per query,
+/// instead of all visible rows.
+///
+/// Visibility only grows with the position, so the first query decides. The chosen rows are all visible (their
+/// scores are finite, the others' -inf) and distinct, so the result is the masked read's up to the order of the
+/// sums over rows (last bits).
+pub fn sparse_top_k(
+    ratio: usize,
+    top_k: usize,
+    p0: usize,
+    gathered: bool,
+    reads: TopKReads,
+) -> Option<usize> {
+    let chosen = reads == TopKReads::Chosen && gathered;
+    (chosen && ratio == 4 && top_k > 0 && (p0 + 1) / ratio > top_k).then_some(top_k)
 }
 
 impl UbatchPlan {
     /// The plan of `tokens` at positions from `p0`; `gather`: attention of few queries may gather the rows they
-    /// see (see [`plan::RawPlan::read_slots`]; [`Gather::Off`] reads the first rows, a diagnostic).
+    /// see (see [`plan::RawPlan::read_slots`]; [`Gather::Off`] reads the first rows, a diagnostic); `top_k_reads`:
+    /// whether those queries then read only their indexer's choice (see [`CompPlan::top_k`]).
     pub fn new(
         cfg: &Config,
         sizes: &CacheSizes,
         tokens: &[u32],
         p0: usize,
         gather: Gather,
+        top_k_reads: TopKReads,
     ) -> UbatchPlan {
         let n = tokens.len();
         let ring = Ring {
@@ -559,6 +585,10 @@ impl UbatchPlan {
             (true, Gather::Blocks(block)) => block,
             _ => plan::KV_PAD,
         };
+        // Prompts' micro-batches attend in query chunks (see `chunks`), each gathering the rows it sees.
+        let chunked =
+            matches!(gather, Gather::Blocks(_)) && raw.read_slots.is_none() && n >= 2 * QUERY_CHUNK;
+        let gathered = raw.read_slots.is_some() || chunked;
         let comp = |kind: LayerKind| {
             cfg.kinds.contains(&kind).then(|| {
                 let ratio = kind.ratio();
@@ -574,15 +604,14 @@ impl UbatchPlan {
                     n_kv,
                     mask,
                     cap,
+                    top_k: sparse_top_k(ratio, cfg.indexer_top_k, p0, gathered, top_k_reads),
                 }
             })
         };
         let csa = comp(LayerKind::Csa);
         let hca = comp(LayerKind::Hca);
         let chunks = match gather {
-            Gather::Blocks(block) if raw.read_slots.is_none() && n >= 2 * QUERY_CHUNK => {
-                query_chunks(cfg, ring, p0, n, [&csa, &hca], block)
-            }
+            Gather::Blocks(block) if chunked => query_chunks(cfg, ring, p0, n, [&csa, &hca], block),
             _ => Vec::new(),
         };
         let comp_layers = cfg.kinds.iter().any(|k| *k != LayerKind::Raw);
@@ -620,10 +649,14 @@ fn query_chunks(
             let nc = QUERY_CHUNK.min(n - first);
             let (raw_rows, raw_mask) = window_rows(ring, cfg.window, p0 + first, nc, end, block);
             let last = p0 + first + nc - 1;
+            // None of the first compressed rows where each query reads its chosen rows.
             let rows = |c: &Option<CompPlan>| {
-                c.as_ref().map(|c| {
-                    let seen = (last + 1) / c.compress.ratio;
-                    plan::padded_rows(seen, c.n_kv, block)
+                c.as_ref().map(|c| match c.top_k {
+                    Some(_) => 0,
+                    None => {
+                        let seen = (last + 1) / c.compress.ratio;
+                        plan::padded_rows(seen, c.n_kv, block)
+                    }
                 })
             };
             QueryChunk {
@@ -636,4 +669,23 @@ fn query_chunks(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_read_only_the_chosen_rows_once_they_see_more_than_top_k() {
+        let chosen = TopKReads::Chosen;
+        // Ratio 4, top-512: position p sees (p + 1) / 4 rows; more than 512 from p = 2051 on.
+        assert_eq!(sparse_top_k(4, 512, 2050, true, chosen), None);
+        assert_eq!(sparse_top_k(4, 512, 2051, true, chosen), Some(512));
+        assert_eq!(sparse_top_k(4, 512, 65536, true, chosen), Some(512));
+        // Not for reads of the first rows, ratio 128, no indexer, or the diagnostic.
+        assert_eq!(sparse_top_k(4, 512, 65536, false, chosen), None);
+        assert_eq!(sparse_top_k(128, 512, 1 << 20, true, chosen), None);
+        assert_eq!(sparse_top_k(4, 0, 65536, true, chosen), None);
+        assert_eq!(sparse_top_k(4, 512, 65536, true, TopKReads::Masked), None);
+    }
 }

@@ -39,6 +39,17 @@ pub enum Gather {
     Blocks(usize),
 }
 
+/// How gathered attention of a ratio-4 layer reads its compressed rows once its queries see more of them than the
+/// indexer keeps (see [`crate::cache::CompPlan::top_k`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopKReads {
+    /// Each query reads only the rows the indexer chose for it (the release path).
+    Chosen,
+    /// Every visible row, the others masked, as llama.cpp does (a diagnostic: the same terms, summed in another
+    /// order; the last bits differ).
+    Masked,
+}
+
 impl Gather {
     /// Gathering in the blocks this build's kernels need, where they are known.
     pub fn for_this_build() -> Gather {

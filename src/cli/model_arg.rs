@@ -288,13 +288,15 @@ impl ModelArgs {
 }
 
 /// The diagnostic switches of new sessions from the environment: `FERRITE_GRAPH_REUSE=0` builds a fresh graph for
-/// every micro-batch, `FERRITE_GROUPED_EXPERTS=0` multiplies a prompt's experts with `mul_mat_id` (see
+/// every micro-batch, `FERRITE_GROUPED_EXPERTS=0` multiplies a prompt's experts with `mul_mat_id`,
+/// `FERRITE_CHOSEN_ROWS=0` makes decode at depth read every visible ratio-4 row under a mask (see
 /// [`SessionOptions`]).
 fn session_options_from_env() -> SessionOptions {
     let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
     SessionOptions {
         graph_reuse: on("FERRITE_GRAPH_REUSE"),
         grouped_experts: on("FERRITE_GROUPED_EXPERTS"),
+        chosen_rows: on("FERRITE_CHOSEN_ROWS"),
         log_schedule: false,
     }
 }

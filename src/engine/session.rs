@@ -7,18 +7,21 @@ use std::rc::Rc;
 use anyhow::{bail, Context as _, Result};
 
 use super::Engine;
-use crate::cache::plan::Gather;
+use crate::cache::plan::{Gather, TopKReads};
 use crate::cache::{CacheSizes, KvCache, UbatchPlan};
 use crate::exec::{GraphStats, Runner, KEPT_GRAPHS};
 
 /// How new sessions run: diagnostic switches that compare against the release path (both `true`), never change
-/// what it computes. The CLI sets them from `FERRITE_GRAPH_REUSE=0` and `FERRITE_GROUPED_EXPERTS=0`.
+/// what it computes. The CLI sets them from `FERRITE_GRAPH_REUSE=0`, `FERRITE_GROUPED_EXPERTS=0` and
+/// `FERRITE_CHOSEN_ROWS=0`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionOptions {
     /// See [`Session::set_graph_reuse`].
     pub graph_reuse: bool,
     /// See [`Session::set_grouped_experts`].
     pub grouped_experts: bool,
+    /// See [`Session::set_chosen_rows`].
+    pub chosen_rows: bool,
     /// With devices: print on stderr how the scheduler split the session's first graph (splits, which device runs
     /// which layers, compute buffers), as `--verbose` asks.
     pub log_schedule: bool,
@@ -29,6 +32,7 @@ impl Default for SessionOptions {
         SessionOptions {
             graph_reuse: true,
             grouped_experts: true,
+            chosen_rows: true,
             log_schedule: false,
         }
     }
@@ -58,6 +62,8 @@ pub struct Session<'e> {
     tokens: Vec<u32>,
     /// Attention of few queries gathers the key rows they see (see [`crate::cache::plan::RawPlan::read_slots`]).
     gather: Gather,
+    /// How gathered ratio-4 attention reads its compressed rows past the indexer's top-k.
+    top_k_reads: TopKReads,
     /// A prompt's repacked experts multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
     grouped: bool,
 }
@@ -113,6 +119,10 @@ impl<'e> Session<'e> {
             runner,
             tokens: Vec::new(),
             gather: Gather::for_this_build(),
+            top_k_reads: match opts.chosen_rows {
+                true => TopKReads::Chosen,
+                false => TopKReads::Masked,
+            },
             grouped: opts.grouped_experts,
         })
     }
@@ -153,11 +163,24 @@ impl<'e> Session<'e> {
 
     /// Lets attention of few queries gather the key rows they can see (the default, on the ISAs whose dot-product
     /// lanes ferrite knows: see [`crate::ggml::dot_lane_rows`]), or makes every micro-batch read the first rows of
-    /// the cache as llama.cpp does (`false`: a diagnostic; the logits are the same bit for bit).
+    /// the cache as llama.cpp does (`false`: a diagnostic). The logits are the same bit for bit, except where a
+    /// ratio-4 layer's queries see more compressed rows than the indexer keeps: gathered, each query then reads only
+    /// its chosen rows (see [`Session::set_chosen_rows`]), which sums the same terms in another order.
     pub fn set_gathered_reads(&mut self, on: bool) {
         self.gather = match on {
             true => Gather::for_this_build(),
             false => Gather::Off,
+        };
+    }
+
+    /// Lets gathered attention of a ratio-4 layer read only the rows the indexer chose for each query once its
+    /// queries see more rows than the indexer keeps (the default; [`crate::cache::CompPlan::top_k`]), or read every
+    /// visible row with the others masked, as llama.cpp does (`false`: a diagnostic; the same terms summed in another
+    /// order, so logits differ in the last bits). New sessions start as [`SessionOptions::chosen_rows`] says.
+    pub fn set_chosen_rows(&mut self, on: bool) {
+        self.top_k_reads = match on {
+            true => TopKReads::Chosen,
+            false => TopKReads::Masked,
         };
     }
 
@@ -172,12 +195,16 @@ impl<'e> Session<'e> {
     /// The plan of the next micro-batch, `tokens`.
     fn plan(&mut self, tokens: &[u32]) -> UbatchPlan {
         let cfg = &self.engine.cfg;
-        let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past(), self.gather);
+        let (gather, reads) = (self.gather, self.top_k_reads);
+        let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past(), gather, reads);
         if plan.raw.read_slots.is_some() {
             self.runner.stats.gathered += 1;
         }
         if !plan.chunks.is_empty() {
             self.runner.stats.chunked += 1;
+        }
+        if plan.csa.as_ref().is_some_and(|c| c.top_k.is_some()) {
+            self.runner.stats.chosen += 1;
         }
         plan
     }

@@ -16,6 +16,9 @@ pub struct GraphStats {
     /// Micro-batches whose attention gathered the key rows it reads, whole or in chunks of queries.
     pub gathered: u64,
     pub chunked: u64,
+    /// Gathered micro-batches whose ratio-4 layers read only the rows the indexer chose for each query (see
+    /// [`crate::cache::CompPlan::top_k`]).
+    pub chosen: u64,
     /// Micro-batches whose repacked experts multiplied with the grouped GEMM products.
     pub grouped: u64,
 }

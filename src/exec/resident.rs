@@ -63,7 +63,9 @@ impl Runner<'_> {
                 &mut spare,
                 build,
             )?;
-            let logits = fill_inputs(graph, plan, want, fused, engine.rotations(), false)?;
+            // Inputs the graph does not reach have no memory: with the fused indexer, a micro-batch whose queries
+            // read only the indexer's choice (`CompPlan::top_k`) leaves the F32 mask of the compressed rows unused.
+            let logits = fill_inputs(graph, plan, want, fused, engine.rotations(), true)?;
             engine.backend.compute(graph.graph())?;
             return append_logits(logits, want, out);
         };

@@ -57,39 +57,56 @@ pub fn attention<'c>(
     let mut keys = KeyRows::new(o, cache);
     keys.write(kv, inp.raw_slots)?;
 
-    let comp_mask = match w.kind {
+    let comp = match w.kind {
         LayerKind::Raw => None,
         kind => Some(compressed_rows(
             o, w, cache, &mut keys, kind, c, qr, inp, s, rope,
         )?),
     };
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let out = if inp.chunks.is_empty() {
-        // The first n_kv ring rows (the mask's width): the rows that may hold keys, padded.
-        let Some(full_mask) = inp.raw_mask else {
-            return Err(missing("the raw mask"));
-        };
-        let n_raw = full_mask.ne()[0];
-        let (split, mask) = match comp_mask {
-            None => (None, full_mask),
-            Some(comp_mask) => {
-                let raw_mask = inp.raw_ring_mask.unwrap_or(full_mask);
-                let split = (raw_mask.ne()[0], comp_mask.ne()[0]);
-                (Some(split), ctx.concat(raw_mask, comp_mask, 0)?)
-            }
-        };
-        let gather = match w.kind {
-            LayerKind::Raw => inp.raw_read,
-            kind => inp.compressed(kind).and_then(|c| c.attn_rows),
-        };
-        let (k, v) = match (gather, split) {
-            (Some(rows), _) => keys.gather(rows)?,
-            (None, None) => keys.read(n_raw)?,
-            (None, Some((raw, comp))) => keys.read_with_compressed(raw, comp)?,
-        };
-        attend(o, q, k, v, mask, w.sinks, scale)?
-    } else {
-        attend_chunks(o, &keys, q, w.kind, comp_mask, inp, w.sinks, scale)?
+    let out = match comp {
+        Some(CompRead::Chosen(top)) if inp.chunks.is_empty() => {
+            // Gathered: the raw rows this micro-batch's queries see, then each query's chosen rows.
+            let rows = inp.compressed(w.kind).and_then(|c| c.attn_rows);
+            let (Some(rows), Some(raw_mask)) = (rows, inp.raw_mask) else {
+                return Err(missing("the gathered raw rows"));
+            };
+            let raw = keys.gather(rows)?;
+            let chosen = keys.gather_chosen(top)?;
+            attend_chosen(o, q, raw, raw_mask, chosen, w.sinks, scale)?
+        }
+        comp if !inp.chunks.is_empty() => {
+            attend_chunks(o, &keys, q, w.kind, comp, inp, w.sinks, scale)?
+        }
+        comp => {
+            let comp_mask = match comp {
+                Some(CompRead::Mask(m)) => Some(m),
+                _ => None,
+            };
+            // The first n_kv ring rows (the mask's width): the rows that may hold keys, padded.
+            let Some(full_mask) = inp.raw_mask else {
+                return Err(missing("the raw mask"));
+            };
+            let n_raw = full_mask.ne()[0];
+            let (split, mask) = match comp_mask {
+                None => (None, full_mask),
+                Some(comp_mask) => {
+                    let raw_mask = inp.raw_ring_mask.unwrap_or(full_mask);
+                    let split = (raw_mask.ne()[0], comp_mask.ne()[0]);
+                    (Some(split), ctx.concat(raw_mask, comp_mask, 0)?)
+                }
+            };
+            let gather = match w.kind {
+                LayerKind::Raw => inp.raw_read,
+                kind => inp.compressed(kind).and_then(|c| c.attn_rows),
+            };
+            let (k, v) = match (gather, split) {
+                (Some(rows), _) => keys.gather(rows)?,
+                (None, None) => keys.read(n_raw)?,
+                (None, Some((raw, comp))) => keys.read_with_compressed(raw, comp)?,
+            };
+            attend(o, q, k, v, mask, w.sinks, scale)?
+        }
     };
     let out = rotate(ctx.reshape_3d(out, [dh, h, n])?)?;
     let out = o.rope_tail(
@@ -100,8 +117,18 @@ pub fn attention<'c>(
     grouped_output(o, w, out, s)
 }
 
+/// How attention reads a layer's compressed rows.
+#[derive(Clone, Copy)]
+enum CompRead<'c> {
+    /// The first rows, under this mask `{n_rows, n}` (ratio 4: 0 at the rows the lightning indexer chose).
+    Mask(Tensor<'c>),
+    /// I32 `{k, n}`: each query's `k` chosen rows (indices into the compressed rows), all visible
+    /// (see [`crate::cache::CompPlan::top_k`]).
+    Chosen(Tensor<'c>),
+}
+
 /// The compressed rows of a ratio-4 or ratio-128 layer: stores this micro-batch's new rows (`keys`) and returns
-/// how many rows attention reads and their mask `{n_rows, n}` (ratio 4: the lightning indexer's choice).
+/// how attention reads them (ratio 4: the lightning indexer's choice).
 #[allow(clippy::too_many_arguments)]
 fn compressed_rows<'c>(
     o: &Ops<'c>,
@@ -114,7 +141,7 @@ fn compressed_rows<'c>(
     inp: &BatchInputs<'c>,
     s: &AttnShape,
     rope: &RopeParams,
-) -> Result<Tensor<'c>> {
+) -> Result<CompRead<'c>> {
     let ctx = o.ctx;
     let comp_inp = inp.compressed(kind);
     let (comp_w, comp_cache) = (w.compressor.as_ref(), cache.comp.as_ref());
@@ -144,9 +171,13 @@ fn compressed_rows<'c>(
                 (None, _) => idx_cache.rows,
                 (Some(_), None) => return Err(missing("the indexer's row inputs")),
             };
-            indexer_mask(o, idx_w, idx_rows, qr, c, comp_inp, s, rope, inp)?
+            let top = indexer_top_k(o, idx_w, idx_rows, qr, c, comp_inp, s, rope, inp)?;
+            match comp_inp.top_k {
+                Some(_) => CompRead::Chosen(top),
+                None => CompRead::Mask(top_k_mask(o, top, comp_inp.mask)?),
+            }
         }
-        _ => comp_inp.mask,
+        _ => CompRead::Mask(comp_inp.mask),
     };
     Ok(mask)
 }
@@ -242,6 +273,28 @@ impl<'o, 'c> KeyRows<'o, 'c> {
         Ok((ctx.reshape_3d(k, [dh, 1, m])?, v))
     }
 
+    /// Each query's chosen compressed rows, `top` I32 `{k, n}` (indices into the compressed rows, which follow the
+    /// raw ring in `kv`): keys `{Dh, k, n}` and values `{k, Dh, n}`, in the types [`KeyRows::gather`] gives.
+    fn gather_chosen(&self, top: Tensor<'c>) -> Result<(Tensor<'c>, Tensor<'c>)> {
+        let ctx = self.o.ctx;
+        let [dh, total, ..] = self.kv.ne();
+        let [k, n, ..] = top.ne();
+        let row = self.kv.nb()[1];
+        let ring = self.raw_ring;
+        let comp = ctx.view_2d(self.kv, [dh, total - ring as i64], row, ring * row)?;
+        let rows_f32 = ctx.get_rows(comp, ctx.reshape_1d(top, k * n)?)?; // F32 {Dh, k·n}
+        let rows_f32 = ctx.reshape_3d(rows_f32, [dh, k, n])?;
+        let keys = match self.kv.ty() {
+            Some(GgmlType::F32) | None => rows_f32,
+            Some(ty) => ctx.cast(rows_f32, ty)?,
+        };
+        let values = match self.quantized() {
+            true => rows_f32,
+            false => keys,
+        };
+        Ok((keys, ctx.cont(ctx.transpose(values)?)?))
+    }
+
     /// The first `n_raw` raw ring rows followed by the first `n_comp` compressed rows: a view when `n_raw` is the
     /// whole ring, else a joined copy.
     fn read_with_compressed(&self, n_raw: i64, n_comp: i64) -> Result<(Tensor<'c>, Tensor<'c>)> {
@@ -287,16 +340,53 @@ fn attend<'c>(
     ctx.reshape_2d(out, [dh * h, n])
 }
 
+/// Attention where every query reads the raw rows `raw` (keys `{Dh, 1, m}` and values `{m, Dh}`, as
+/// [`KeyRows::gather`] gives them, under `raw_mask {m, n}`) and its own chosen compressed rows `chosen` (keys
+/// `{Dh, k, n}` and values `{k, Dh, n}`, all visible): one softmax over the `m + k` rows with the sink, as [`attend`]
+/// over every row with the other compressed rows masked, summed in another order. `q {Dh, H, n}` -> `{Dh·H, n}`.
+#[allow(clippy::too_many_arguments)]
+fn attend_chosen<'c>(
+    o: &Ops<'c>,
+    q: Tensor<'c>,
+    raw: (Tensor<'c>, Tensor<'c>),
+    raw_mask: Tensor<'c>,
+    chosen: (Tensor<'c>, Tensor<'c>),
+    sinks: Tensor<'c>,
+    scale: f32,
+) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let [dh, h, n, _] = q.ne();
+    let ((k_raw, v_raw), (k_top, v_top)) = (raw, chosen);
+    let m = k_raw.ne()[2];
+    let k = k_top.ne()[1];
+    let qp = ctx.permute(q, [0, 2, 1, 3])?; // {Dh, n, H}
+    let kq_raw = ctx.mul_mat(ctx.permute(k_raw, [0, 2, 1, 3])?, qp)?; // {m, n, H}
+    let kq_top = ctx.mul_mat(k_top, q)?; // {k, H, n}: each query with its own rows
+    let kq_top = ctx.permute(kq_top, [0, 2, 1, 3])?; // {k, n, H}
+    let kq = ctx.concat(kq_raw, kq_top, 0)?; // {m + k, n, H}
+    let zeros = ctx.fill(ctx.new_tensor_2d(GgmlType::F32, k, n)?, 0.0)?;
+    let mask = ctx.concat(raw_mask, zeros, 0)?; // {m + k, n}
+    let p = ctx.soft_max_ext_sinks(kq, Some(mask), scale, 0.0, sinks)?; // {m + k, n, H}
+    let [_, p1, p2, _] = p.nb();
+    let p_raw = ctx.view_3d(p, [m, n, h], [p1, p2], 0)?;
+    let out_raw = ctx.mul_mat(v_raw, p_raw)?; // {Dh, n, H}
+    let p_top = ctx.view_3d(p, [k, n, h], [p1, p2], m as usize * p.nb()[0])?;
+    let out_top = ctx.mul_mat(v_top, ctx.permute(p_top, [0, 2, 1, 3])?)?; // {Dh, H, n}
+    let out_raw = ctx.cont(ctx.permute(out_raw, [0, 2, 1, 3])?)?; // {Dh, H, n}
+    ctx.reshape_2d(ctx.add(out_top, out_raw)?, [dh * h, n])
+}
+
 /// Attention chunk by chunk over the micro-batch's query chunks (`inp.chunks`), each over the key rows it gathers:
-/// `q {Dh, H, n}` -> `{Dh·H, n}`, as [`attend`] over all rows gives. `comp_mask {n_kv, n}`: the compressed rows'
-/// mask of the layer (None for raw-window layers); a chunk reads its first rows.
+/// `q {Dh, H, n}` -> `{Dh·H, n}`, as [`attend`] over all rows gives. `comp`: how the layer reads its compressed
+/// rows (None for raw-window layers): under a mask `{n_kv, n}`, of which a chunk reads its first rows, or each
+/// query its chosen rows (see [`attend_chosen`]).
 #[allow(clippy::too_many_arguments)]
 fn attend_chunks<'c>(
     o: &Ops<'c>,
     keys: &KeyRows<'_, 'c>,
     q: Tensor<'c>,
     kind: LayerKind,
-    comp_mask: Option<Tensor<'c>>,
+    comp: Option<CompRead<'c>>,
     inp: &BatchInputs<'c>,
     sinks: Tensor<'c>,
     scale: f32,
@@ -313,27 +403,34 @@ fn attend_chunks<'c>(
         let rows = rows.ok_or_else(|| missing("the key rows of a query chunk"))?;
         let (k, v) = keys.gather(rows)?;
         let nc = c.n as i64;
-        let mask = match comp_mask {
-            None => c.raw_mask,
-            Some(m) => {
+        let [_, q1, q2, _] = q.nb();
+        let qc = ctx.view_3d(q, [dh, h, nc], [q1, q2], c.first * q2)?;
+        let oc = match comp {
+            None => attend(o, qc, k, v, c.raw_mask, sinks, scale)?,
+            Some(CompRead::Mask(m)) => {
                 let n_comp = rows.ne()[0] - c.raw_mask.ne()[0];
                 let row = m.nb()[1];
                 let part = ctx.view_2d(m, [n_comp, nc], row, c.first * row)?;
-                ctx.concat(c.raw_mask, part, 0)?
+                let mask = ctx.concat(c.raw_mask, part, 0)?;
+                attend(o, qc, k, v, mask, sinks, scale)?
+            }
+            Some(CompRead::Chosen(top)) => {
+                // This chunk's queries' columns of the choice (whole rows: contiguous).
+                let row = top.nb()[1];
+                let top_c = ctx.view_2d(top, [top.ne()[0], nc], row, c.first * row)?;
+                let chosen = keys.gather_chosen(top_c)?;
+                attend_chosen(o, qc, (k, v), c.raw_mask, chosen, sinks, scale)?
             }
         };
-        let [_, q1, q2, _] = q.nb();
-        let qc = ctx.view_3d(q, [dh, h, nc], [q1, q2], c.first * q2)?;
-        let oc = attend(o, qc, k, v, mask, sinks, scale)?;
         out = ctx.set_rows(out, oc, c.out_rows)?;
     }
     Ok(out)
 }
 
 /// The lightning indexer (DSV4.md 3.8): scores every visible compressed row for each query and keeps the
-/// `top_k` best; returns the compressed-row mask `{n_kv, n}` (0 for chosen visible rows, -inf otherwise).
+/// `top_k` best (fewer when fewer rows are read); returns their indices, I32 `{k, n}` (unordered).
 #[allow(clippy::too_many_arguments)]
-fn indexer_mask<'c>(
+fn indexer_top_k<'c>(
     o: &Ops<'c>,
     w: &Indexer<Tensor<'c>>,
     idx_rows: Tensor<'c>,
@@ -380,7 +477,19 @@ fn indexer_mask<'c>(
     };
     let k = s.indexer_top_k.min(n_rows as usize);
     let top = ctx.top_k(ctx.reshape_2d(scores, [n_rows, n])?, k)?; // I32 {k, n}
-                                                                   // -inf everywhere, then 0 at the chosen rows (set_rows over rows of one value), then the visibility mask.
+    match top.is_contiguous() {
+        true => Ok(top),
+        false => ctx.cont(top),
+    }
+}
+
+/// The compressed-row mask `{n_rows, n}` of the rows `top` (I32 `{k, n}`) chose: 0 at chosen visible rows, -inf
+/// elsewhere (`vis`: the visibility mask).
+fn top_k_mask<'c>(o: &Ops<'c>, top: Tensor<'c>, vis: Tensor<'c>) -> Result<Tensor<'c>> {
+    let ctx = o.ctx;
+    let [n_rows, n, ..] = vis.ne();
+    let k = top.ne()[0];
+    // -inf everywhere, then 0 at the chosen rows (set_rows over rows of one value), then the visibility mask.
     let all = ctx.fill(vis, f32::NEG_INFINITY)?;
     let f = 4;
     let as_rows = ctx.view_4d(
@@ -389,8 +498,8 @@ fn indexer_mask<'c>(
         [f, n_rows as usize * f, n_rows as usize * n as usize * f],
         0,
     )?;
-    let zeros = ctx.fill(ctx.new_tensor_4d(GgmlType::F32, [1, k as i64, n, 1])?, 0.0)?;
-    let chosen = ctx.set_rows(as_rows, zeros, ctx.reshape_3d(top, [k as i64, n, 1])?)?;
+    let zeros = ctx.fill(ctx.new_tensor_4d(GgmlType::F32, [1, k, n, 1])?, 0.0)?;
+    let chosen = ctx.set_rows(as_rows, zeros, ctx.reshape_3d(top, [k, n, 1])?)?;
     let chosen = ctx.reshape_2d(chosen, [n_rows, n])?;
     ctx.add(chosen, vis)
 }

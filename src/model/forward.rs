@@ -110,6 +110,9 @@ pub struct BlockInputs<'c> {
 /// Inputs of the compressed layers of one ratio (shared by all layers of that ratio).
 pub struct CompInputs<'c> {
     pub ratio: usize,
+    /// Each query attends to the `k` rows the indexer chose for it, gathered (`attn_rows` then holds only the raw
+    /// rows); see [`crate::cache::CompPlan::top_k`].
+    pub top_k: Option<usize>,
     /// I32 `{n}`: the APE row of each new token (`position % ratio`).
     pub ape_pos: Tensor<'c>,
     /// I32 `{min(n, ring)}`: the ring rows of the newest positions (the last rows of the micro-batch).

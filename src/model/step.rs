@@ -26,9 +26,10 @@ pub struct GraphKey {
     pub raw_n_kv: usize,
     /// Attention gathers the rows it reads (see [`crate::cache::plan::RawPlan::read_slots`]).
     pub gathered: bool,
-    /// Per compressed ratio present in the model: (blocks this micro-batch completes, compressed rows read).
-    pub csa: Option<(usize, usize)>,
-    pub hca: Option<(usize, usize)>,
+    /// Per compressed ratio present in the model: (blocks this micro-batch completes, compressed rows read, rows
+    /// each query reads when it reads only the indexer's choice: see [`CompPlan::top_k`]).
+    pub csa: Option<(usize, usize, Option<usize>)>,
+    pub hca: Option<(usize, usize, Option<usize>)>,
     /// The query chunks' shapes (first query, size, rows read per kind), folded into one number.
     pub chunks: u64,
     /// Repacked experts may use the grouped GEMM products (see [`super::forward::Ops::grouped`]).
@@ -37,7 +38,8 @@ pub struct GraphKey {
 
 impl GraphKey {
     pub fn of(plan: &UbatchPlan, n_out: usize, grouped: bool) -> GraphKey {
-        let comp = |p: &Option<CompPlan>| p.as_ref().map(|c| (c.compress.n_blocks, c.n_kv));
+        let comp =
+            |p: &Option<CompPlan>| p.as_ref().map(|c| (c.compress.n_blocks, c.n_kv, c.top_k));
         GraphKey {
             n_tokens: plan.tokens.len(),
             n_out: n_out.max(1),
@@ -95,8 +97,12 @@ pub fn batch_inputs<'c>(
     let ring = plan.raw_ring;
     let raw_slots = plan.raw.write_slots.iter().map(|&s| s as i32).collect();
     let read = plan.raw.read_slots.as_deref();
-    // Gathered layers with compressed rows read the raw rows, then their first `n_kv` compressed rows.
-    let attn_rows = |p: &CompPlan| read.map(|raw| kv_rows(raw, ring, p.n_kv));
+    // Gathered layers with compressed rows read the raw rows, then their first `n_kv` compressed rows (none here
+    // when each query reads the indexer's choice on its own).
+    let attn_rows = |p: &CompPlan| {
+        let n_comp = if p.top_k.is_some() { 0 } else { p.n_kv };
+        read.map(|raw| kv_rows(raw, ring, n_comp))
+    };
     let csa_rows = plan.csa.as_ref().map(attn_rows);
     let hca_rows = plan.hca.as_ref().map(attn_rows);
     let raw_read = read.filter(|_| plan.raw_layers).map(<[i32]>::to_vec);
@@ -225,6 +231,7 @@ fn comp_inputs<'c>(
     };
     Ok(CompInputs {
         ratio: r,
+        top_k: p.top_k,
         ape_pos: up.i32(
             format_args!("inp_r{r}_ape"),
             (p0..p0 + n).map(|t| (t % r) as i32).collect(),

@@ -52,7 +52,7 @@ use super::model_arg::{
     PlanReport,
 };
 use super::Hinted;
-use runs::{measure_ferrite, measure_interleaved, measure_llama, FerriteRuns, Tokens};
+use runs::{measure_ferrite, measure_interleaved, measure_llama, DepthStates, FerriteRuns, Tokens};
 use table::{expert_line, table};
 
 #[derive(Args, Debug)]
@@ -164,6 +164,9 @@ struct Test {
     n: usize,
     /// Tokens in the cache before the test's (`-d`).
     depth: usize,
+    /// The context of the test's session: at a depth, the same for every test of that depth (the depth plus the
+    /// longest test), so they share the state after the depth's tokens (see [`runs::DepthStates`]).
+    ctx: usize,
 }
 
 impl Test {
@@ -181,7 +184,7 @@ impl Test {
 
     /// The context the test's session needs.
     fn n_ctx(&self) -> usize {
-        self.depth + self.n
+        self.ctx
     }
 }
 
@@ -358,11 +361,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let membw_of = |t: usize| membw.iter().find(|m| m.0 == t).map(|m| m.1);
     let mut tests = Vec::new();
     for &depth in &args.n_depth.0 {
+        let ctx = |n: usize| match depth {
+            0 => n,
+            d => d + args.n_prompt.max(args.n_gen),
+        };
         if args.n_prompt > 0 {
             tests.push(Test {
                 kind: Kind::Prompt,
                 n: args.n_prompt,
                 depth,
+                ctx: ctx(args.n_prompt),
             });
         }
         if args.n_gen > 0 {
@@ -370,6 +378,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 kind: Kind::Generation,
                 n: args.n_gen,
                 depth,
+                ctx: ctx(args.n_gen),
             });
         }
     }
@@ -430,10 +439,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let load_llama = || load_reference(args, &model_args(threads[0]), &facts, &tokens);
     // With --interleave, ferrite's warm-ups come first, alone: its peak memory is read before llama.cpp loads.
     let mut interleaved = None;
+    // Each depth's tokens are processed once per engine; later runs at that depth restore the state.
+    let mut states = DepthStates::default();
     if args.interleave {
         if !args.no_warmup {
             for &test in &tests {
-                FerriteRuns::new(&engine, test, &tokens, args)?.warm_up()?;
+                let mut runs = FerriteRuns::new(&engine, test, &tokens, args, &states)?;
+                runs.warm_up()?;
+                runs.keep_state(&mut states);
             }
         }
         interleaved = Some((peak_rss(), load_llama()?));
@@ -448,11 +461,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let (ours, theirs, experts) = match &interleaved {
                 Some((_, model)) => {
                     let (ours, theirs, experts) =
-                        measure_interleaved(&engine, model, test, &tokens, args)?;
+                        measure_interleaved(&engine, model, test, &tokens, args, &mut states)?;
                     (ours, Some(theirs), experts)
                 }
                 None => {
-                    let (ours, experts) = measure_ferrite(&engine, test, &tokens, args)?;
+                    let (ours, experts) =
+                        measure_ferrite(&engine, test, &tokens, args, &mut states)?;
                     (ours, None, experts)
                 }
             };
@@ -481,7 +495,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 let llama_reset = reset_peak_rss();
                 let model = load_llama()?;
                 for row in &mut rows {
-                    let seconds = measure_llama(&model, row.threads, row.test, &tokens, args)?;
+                    let seconds =
+                        measure_llama(&model, row.threads, row.test, &tokens, args, &mut states)?;
                     row.llama = Some(Stats::new(row.test.n, seconds));
                     report_row(row, false);
                 }

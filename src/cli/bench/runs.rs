@@ -70,6 +70,37 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Each engine's state after a depth's tokens, kept across the tests of that depth (the tests of one depth have the
+/// same context, see `Test::ctx`), so each depth is processed once per engine (llama-bench keeps its state too).
+#[derive(Default)]
+pub(super) struct DepthStates {
+    /// By (depth, context).
+    ferrite: Vec<((usize, usize), SessionState)>,
+    llama: Vec<((usize, usize), Vec<u8>)>,
+}
+
+impl DepthStates {
+    fn key(test: Test) -> (usize, usize) {
+        (test.depth, test.n_ctx())
+    }
+
+    fn ferrite(&self, test: Test) -> Option<SessionState> {
+        let key = Self::key(test);
+        self.ferrite
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, s)| s.clone())
+    }
+
+    fn llama(&self, test: Test) -> Option<Vec<u8>> {
+        let key = Self::key(test);
+        self.llama
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, s)| s.clone())
+    }
+}
+
 /// Ferrite's runs of one test, in a session of its own.
 pub(super) struct FerriteRuns<'e, 't> {
     engine: &'e Engine,
@@ -78,6 +109,8 @@ pub(super) struct FerriteRuns<'e, 't> {
     /// The tokens in the cache before each run, and the sequence's state once they were processed.
     depth: &'t [u32],
     depth_state: Option<SessionState>,
+    /// The key of `depth_state` in [`DepthStates`].
+    test: Test,
     kind: Kind,
     /// The expert store's counters before the first timed repetition.
     before: Option<StatsSnapshot>,
@@ -89,16 +122,29 @@ impl<'e, 't> FerriteRuns<'e, 't> {
         test: Test,
         tokens: &'t Tokens,
         args: &BenchArgs,
+        states: &DepthStates,
     ) -> Result<FerriteRuns<'e, 't>> {
         Ok(FerriteRuns {
             engine,
             session: engine.session_sized(test.n_ctx(), args.ubatch.min(test.n_ctx()))?,
             toks: tokens.of(test),
             depth: tokens.depth_of(test),
-            depth_state: None,
+            depth_state: states.ferrite(test),
+            test,
             kind: test.kind,
             before: None,
         })
+    }
+
+    /// Keeps the state after the depth's tokens for the other tests of the depth.
+    pub(super) fn keep_state(&self, states: &mut DepthStates) {
+        if let Some(s) = &self.depth_state {
+            if states.ferrite(self.test).is_none() {
+                states
+                    .ferrite
+                    .push((DepthStates::key(self.test), s.clone()));
+            }
+        }
     }
 
     fn run(&mut self, toks: &[u32]) -> Result<()> {
@@ -124,7 +170,9 @@ impl<'e, 't> FerriteRuns<'e, 't> {
         match &self.depth_state {
             Some(state) => self.session.set_state(state)?,
             None => {
+                let start = Instant::now();
                 self.session.feed(self.depth, Logits::Last)?;
+                report_depth("ferrite", self.depth.len(), start);
                 self.depth_state = Some(self.session.state()?);
             }
         }
@@ -173,6 +221,7 @@ pub(super) struct LlamaRuns {
     toks: Vec<i32>,
     depth: Vec<i32>,
     depth_state: DepthState,
+    test: Test,
     kind: Kind,
 }
 
@@ -191,11 +240,17 @@ impl LlamaRuns {
         test: Test,
         tokens: &Tokens,
         args: &BenchArgs,
+        states: &DepthStates,
     ) -> Result<LlamaRuns> {
+        // At a depth, every test's context has the same sizes (the state after the depth restores into each).
+        let batch = match test.depth {
+            0 => test.n,
+            _ => test.n_ctx(),
+        };
         let ctx = model.context(LlamaParams {
             n_ctx: test.n_ctx() as u32,
-            n_batch: test.n.max(test.depth) as u32,
-            n_ubatch: args.ubatch.min(test.n.max(test.depth)) as u32,
+            n_batch: batch as u32,
+            n_ubatch: args.ubatch.min(batch) as u32,
             n_threads: threads as i32,
             cache_f16: args.cache_type == CacheType::F16,
             cache_q8_0: args.cache_type == CacheType::Q8_0,
@@ -205,9 +260,22 @@ impl LlamaRuns {
             ctx,
             toks: tokens.of(test).iter().map(|&t| t as i32).collect(),
             depth: tokens.depth_of(test).iter().map(|&t| t as i32).collect(),
-            depth_state: DepthState::NotYet,
+            depth_state: match states.llama(test) {
+                Some(s) => DepthState::Saved(s),
+                None => DepthState::NotYet,
+            },
+            test,
             kind: test.kind,
         })
+    }
+
+    /// Keeps the state after the depth's tokens for the other tests of the depth.
+    pub(super) fn keep_state(&self, states: &mut DepthStates) {
+        if let DepthState::Saved(s) = &self.depth_state {
+            if states.llama(self.test).is_none() {
+                states.llama.push((DepthStates::key(self.test), s.clone()));
+            }
+        }
     }
 
     /// Untimed: an empty cache, then the depth's tokens (processed the first time, restored later).
@@ -227,7 +295,9 @@ impl LlamaRuns {
             self.depth_state = DepthState::Unrestorable;
             self.ctx.clear();
         }
+        let start = Instant::now();
         self.ctx.decode(&self.depth)?;
+        report_depth("llama.cpp", self.depth.len(), start);
         anyhow::ensure!(
             self.ctx.n_past() == self.depth.len(),
             "llama.cpp holds {} tokens after the depth's {}",
@@ -263,6 +333,16 @@ impl LlamaRuns {
     }
 }
 
+/// Prints how long processing a depth's tokens took (once per engine and depth; untimed, but it is most of a run at
+/// a large depth).
+fn report_depth(engine: &str, n: usize, start: Instant) {
+    let s = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{engine}: the depth's {n} tokens processed in {s:.1} s ({:.2} t/s; untimed, kept for the depth's tests)",
+        n as f64 / s.max(1e-9)
+    );
+}
+
 /// What a warm-up processes: the whole prompt, or generation's first token.
 fn warm_part<T>(kind: Kind, toks: &[T]) -> &[T] {
     match kind {
@@ -278,14 +358,16 @@ pub(super) fn measure_ferrite(
     test: Test,
     tokens: &Tokens,
     args: &BenchArgs,
+    states: &mut DepthStates,
 ) -> Result<(Vec<f64>, StatsSnapshot)> {
-    let mut runs = FerriteRuns::new(engine, test, tokens, args)?;
+    let mut runs = FerriteRuns::new(engine, test, tokens, args, states)?;
     if !args.no_warmup {
         runs.warm_up()?;
     }
     let seconds = (0..args.repetitions)
         .map(|_| runs.timed())
         .collect::<Result<Vec<f64>>>()?;
+    runs.keep_state(states);
     Ok((seconds, runs.expert_stats()))
 }
 
@@ -296,12 +378,15 @@ pub(super) fn measure_llama(
     test: Test,
     tokens: &Tokens,
     args: &BenchArgs,
+    states: &mut DepthStates,
 ) -> Result<Vec<f64>> {
-    let mut runs = LlamaRuns::new(model, threads, test, tokens, args)?;
+    let mut runs = LlamaRuns::new(model, threads, test, tokens, args, states)?;
     if !args.no_warmup {
         runs.warm_up()?;
     }
-    (0..args.repetitions).map(|_| runs.timed()).collect()
+    let seconds = (0..args.repetitions).map(|_| runs.timed()).collect();
+    runs.keep_state(states);
+    seconds
 }
 
 /// Both engines' timed repetitions of `test`, alternating (ferrite, llama.cpp, ferrite, ...) after both warm-ups,
@@ -312,9 +397,11 @@ pub(super) fn measure_interleaved(
     test: Test,
     tokens: &Tokens,
     args: &BenchArgs,
+    states: &mut DepthStates,
 ) -> Result<(Vec<f64>, Vec<f64>, StatsSnapshot)> {
-    let mut ours = FerriteRuns::new(engine, test, tokens, args)?;
-    let mut theirs = LlamaRuns::new(model, engine.options().n_threads, test, tokens, args)?;
+    let mut ours = FerriteRuns::new(engine, test, tokens, args, states)?;
+    let threads = engine.options().n_threads;
+    let mut theirs = LlamaRuns::new(model, threads, test, tokens, args, states)?;
     if !args.no_warmup {
         ours.warm_up()?;
         theirs.warm_up()?;
@@ -324,5 +411,7 @@ pub(super) fn measure_interleaved(
         a.push(ours.timed()?);
         b.push(theirs.timed()?);
     }
+    ours.keep_state(states);
+    theirs.keep_state(states);
     Ok((a, b, ours.expert_stats()))
 }

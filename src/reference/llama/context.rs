@@ -146,6 +146,24 @@ impl LlamaContext {
         Ok(rows)
     }
 
+    /// Logits of every position from position 0, feeding `tokens` in `llama_decode` calls of the sizes `calls` (which
+    /// must add up to `tokens.len()`): the same micro-batches as an engine fed the same calls.
+    pub fn logits_in_calls(&mut self, tokens: &[i32], calls: &[usize]) -> Result<Vec<Vec<f32>>> {
+        ensure!(
+            calls.iter().sum::<usize>() == tokens.len(),
+            "calls of {calls:?} tokens do not add up to the {} tokens",
+            tokens.len()
+        );
+        self.clear();
+        let mut rows = Vec::with_capacity(tokens.len());
+        let mut at = 0;
+        for &n in calls {
+            rows.extend(self.decode_at(&tokens[at..at + n], at as i32, true)?);
+            at += n;
+        }
+        Ok(rows)
+    }
+
     /// Feeds `tokens` one at a time after the `pos0` tokens already processed, asking for the last logits only
     /// (how generation runs; for speed measurements).
     pub fn decode_one_by_one(&mut self, tokens: &[i32], pos0: usize) -> Result<()> {

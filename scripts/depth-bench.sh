@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Speed at depth against llama.cpp (issue 18, item 3): prompt processing (pp512) and generation (tg32) after
+# 0, 4K, 16K and 64K tokens already in the cache, with an F16 and a q8_0 cache, on a Flash-attention-width model:
+# Flash's real attention, compressor, indexer (64 x 128, top-512) and cache sizes, 4 layers (raw, ratio 4, ratio 128,
+# ratio 4), 8 small experts (width 256), so that depth and not the experts dominates. Both engines are loaded at once
+# and their repetitions alternate (`--interleave`), so the ratio compares them on the same machine state.
+#
+#   scripts/depth-bench.sh                       # the whole matrix (see the time estimate below)
+#   scripts/depth-bench.sh -d 0,4096,16384       # without 64K
+#   scripts/depth-bench.sh -d 0,2048 -r 1 -c f16 # a quick check that everything runs
+#
+# Options (defaults in brackets):
+#   -d LIST   depths, comma-separated                    [0,4096,16384,65536]
+#   -c LIST   cache types, comma-separated (f16,q8_0,f32) [f16,q8_0]
+#   -r N      timed repetitions per test                 [3]
+#   -t N      threads                                    [all cores]
+#   -p N      prompt tokens of the pp test               [512]
+#   -n N      generated tokens of the tg test            [32]
+#   -m FILE   the model; generated if missing            [/tmp/ferrite-flash-attn4.gguf]
+#   -o DIR    logs and summary.md                        [/tmp/ferrite-depth-bench-DATE]
+#   -L MIN    skip a depth whose estimated wall time exceeds MIN minutes (0: run every depth)   [0]
+#   -x        also run ferrite with FERRITE_CHOSEN_ROWS=0 (attention past the indexer's top-k reads every visible
+#             ratio-4 row under a mask, as llama.cpp does): what reading only the indexer's chosen rows gives
+#
+# Each (cache type, depth) is one `ferrite bench` run with its own log, so a stopped run keeps what finished.
+#
+# Time: each engine processes a depth's tokens once (untimed; `bench` prints how long), then the warm-ups and timed
+# runs. The prefill grows quadratically with the depth (each token's indexer scores every earlier ratio-4 row). Before
+# each depth the script prints an estimate from the earlier depths of the same cache type; -L skips what would take
+# longer. Measured per cache type on the shared 2-core AVX-512 VM under load average 4-7 (so too slow by 2-3x):
+#   d0 133 s; d2048 1026 s with a bench that still processed each depth 6 times (now twice); d4096 997 s
+#   (prefills: ferrite 409 s, before its chunked prompts read only the chosen rows; llama.cpp 293 s).
+# Extrapolated (quadratic, from d0 and d4096, same load): d16384 about 1.5 h (llama.cpp's prefill alone ~36 min),
+# d65536 12 h or more (llama.cpp's prefill alone ~7 h). On a quiet machine divide by 2-3: 0,4096,16384 fit an
+# afternoon; 65536 does not fit 20 minutes on any 2-core machine (use -L 20 to let the script drop it).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+depths="0,4096,16384,65536"
+caches="f16,q8_0"
+reps=3
+threads=""
+n_prompt=512
+n_gen=32
+model="/tmp/ferrite-flash-attn4.gguf"
+out="/tmp/ferrite-depth-bench-$(date -u +%Y%m%d-%H%M%S)"
+masked=0
+limit_min=0
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
+while getopts "d:c:r:t:p:n:m:o:L:xh" opt; do
+    case "$opt" in
+        d) depths="$OPTARG" ;;
+        c) caches="$OPTARG" ;;
+        r) reps="$OPTARG" ;;
+        t) threads="$OPTARG" ;;
+        p) n_prompt="$OPTARG" ;;
+        n) n_gen="$OPTARG" ;;
+        m) model="$OPTARG" ;;
+        o) out="$OPTARG" ;;
+        L) limit_min="$OPTARG" ;;
+        x) masked=1 ;;
+        *) usage ;;
+    esac
+done
+shift $((OPTIND - 1))
+[ $# -eq 0 ] || { echo "depth-bench: unexpected argument: $1" >&2; usage; }
+for list in "$depths" "$reps" "$n_prompt" "$n_gen" "$limit_min" ${threads:+"$threads"}; do
+    [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "depth-bench: not a number or list of numbers: $list" >&2; exit 2; }
+done
+[[ "$caches" =~ ^(f16|f32|q8_0)(,(f16|f32|q8_0))*$ ]] || { echo "depth-bench: cache types are f16, f32, q8_0: got $caches" >&2; exit 2; }
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+echo "depth-bench: building ferrite and the model generator (release)" >&2
+cargo build --release --bin ferrite --example flash_model >&2
+ferrite="$root/target/release/ferrite"
+
+if [ ! -f "$model" ]; then
+    echo "depth-bench: writing the benchmark model $model (1.72 GB, a few minutes)" >&2
+    "$root/target/release/examples/flash_model" "$model" --layers 4 --n-expert 8 --expert-ffn 256 >&2
+fi
+
+mkdir -p "$out"
+summary="$out/summary.md"
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +dirty)"
+cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)"
+{
+    echo "# ferrite bench at depth vs llama.cpp"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), ferrite $commit"
+    echo "- host: ${cpu:-unknown CPU}, $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
+    echo "- model: $model ($(du -h --apparent-size "$model" | cut -f1)): 4 Flash-width layers (raw, ratio 4, ratio 128, ratio 4), 8 experts of width 256"
+    echo "- each run: \`ferrite bench -m MODEL -p $n_prompt -n $n_gen -d DEPTH -r $reps --cache-type TYPE --vs-llama --llama-repack --interleave${threads:+ -t $threads}\`"
+    echo "- ratio: median of the interleaved pairs' ratios (ferrite / llama.cpp); > 1 means ferrite is faster"
+    echo
+} > "$summary"
+
+# Estimated seconds of a run at depth $1 from the runs so far of this cache type (depths in `done_d`, wall seconds
+# in `done_s`): the time per depth token grows linearly with the depth (the indexer and the rows each query sees),
+# so the wall time is quadratic; fitted through the last two depths, or quadratic from one. Empty when nothing is
+# known yet.
+estimate() {
+    local d="$1" n=${#done_d[@]}
+    [ "$n" -gt 0 ] || return 0
+    local d2=${done_d[n-1]} s2=${done_s[n-1]}
+    if [ "$n" -ge 2 ]; then
+        awk -v d="$d" -v d1="${done_d[n-2]}" -v s1="${done_s[n-2]}" -v d2="$d2" -v s2="$s2" 'BEGIN {
+            a1 = s1 / d1; a2 = s2 / d2; a = a2 + (a2 - a1) * (d - d2) / (d2 - d1);
+            if (a < a2) a = a2; printf "%d", a * d }'
+    else
+        awk -v d="$d" -v d2="$d2" -v s2="$s2" 'BEGIN { printf "%d", s2 * (d / d2) * (d / d2) }'
+    fi
+}
+
+run() { # cache depth label [env...]
+    local cache="$1" depth="$2" label="$3"
+    shift 3
+    local log="$out/bench-$cache-d$depth$label.log"
+    local args=(bench -m "$model" -p "$n_prompt" -n "$n_gen" -d "$depth" -r "$reps" --cache-type "$cache"
+        --vs-llama --llama-repack --interleave)
+    [ -z "$threads" ] || args+=(-t "$threads")
+    local load_before start rc=0
+    load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+    start=$(date +%s)
+    echo "depth-bench: $cache cache, depth $depth${label:+ ($label)}: $log" >&2
+    env "$@" "$ferrite" "${args[@]}" > "$log" 2>&1 || rc=$?
+    local secs=$(( $(date +%s) - start ))
+    {
+        echo "### cache $cache, depth $depth${label:+, ${label#-}}"
+        echo
+        if [ "$rc" -eq 0 ]; then
+            grep '^|' "$log" || echo "(no table in $log)"
+        else
+            echo "**failed** (exit $rc), last lines of $log:"
+            echo '```'
+            tail -n 5 "$log"
+            echo '```'
+        fi
+        echo
+        echo "wall ${secs} s, load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+        echo
+    } >> "$summary"
+    return 0
+}
+
+IFS=',' read -r -a cache_list <<< "$caches"
+IFS=',' read -r -a depth_list <<< "$depths"
+for cache in "${cache_list[@]}"; do
+    done_d=()
+    done_s=()
+    for depth in "${depth_list[@]}"; do
+        est=""
+        [ "$depth" -eq 0 ] || est="$(estimate "$depth")"
+        if [ -n "$est" ]; then
+            echo "depth-bench: $cache cache, depth $depth: estimated $((est / 60)) min" >&2
+            if [ "$limit_min" -gt 0 ] && [ "$est" -gt $((limit_min * 60)) ]; then
+                printf '### cache %s, depth %s\n\nskipped: estimated %d min, over the %d min limit (-L)\n\n' \
+                    "$cache" "$depth" $((est / 60)) "$limit_min" >> "$summary"
+                continue
+            fi
+        fi
+        start_run=$(date +%s)
+        run "$cache" "$depth" ""
+        if [ "$depth" -gt 0 ]; then
+            done_d+=("$depth")
+            done_s+=($(( $(date +%s) - start_run )))
+        fi
+        if [ "$masked" -eq 1 ]; then
+            run "$cache" "$depth" "-masked" FERRITE_CHOSEN_ROWS=0
+        fi
+    done
+done
+echo "depth-bench: done; summary: $summary" >&2
+cat "$summary"
