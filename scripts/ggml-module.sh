@@ -66,6 +66,10 @@ cmake -S "$root/scripts/ggml-modules" -B "$build" -DGGML_SOURCE_DIR="$src" \
     -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF \
     -DGGML_"$upper"=ON "$@" > "$build/configure.log" 2>&1 \
     || { tail -30 "$build/configure.log" >&2; die "CMake configure failed (full log: $build/configure.log)"; }
+if [ -n "${FERRITE_GGML_MODULE_CONFIGURE_ONLY:-}" ]; then
+    say "configured in $(( $(date +%s) - start ))s (FERRITE_GGML_MODULE_CONFIGURE_ONLY: not building)"
+    exit 0
+fi
 say "building ggml-$name with $jobs jobs"
 cmake --build "$build" --target "ggml-$name" -j "$jobs" > "$build/build.log" 2>&1 \
     || { grep -m 20 -iE 'error' "$build/build.log" >&2 || tail -30 "$build/build.log" >&2; die "build failed (full log: $build/build.log)"; }
