@@ -56,6 +56,9 @@ if [ -z "$nvcc" ]; then
         nvcc=/usr/local/cuda/bin/nvcc
     fi
 fi
+if [ -z "$nvcc" ] && [ -n "${FERRITE_NO_PIP:-}" ]; then
+    die "no nvcc on PATH, in CUDACXX or in /usr/local/cuda/bin (FERRITE_NO_PIP: not installing one from PyPI)"
+fi
 if [ -z "$nvcc" ]; then
     tk="$root/target/cuda-toolkit"
     venv="$tk/venv"
