@@ -378,7 +378,7 @@ for b in gpu_all cpu_moe gpu_experts; do
     done <<< "$rows"
 done
 
-llama_note="ferrite bench --vs-llama runs llama.cpp in-process through the linked llama-cpp-sys-2 (src/reference/llama), loading the model with n_gpu_layers = 0: its weights stay in RAM whatever ferrite's placement. The CUDA module ferrite loaded is in the same ggml registry, so llama.cpp sees CUDA0 too and may offload a prompt's large products to it (its op offload); its decode is CPU-only. The ratios are ferrite's placement against that llama.cpp, not against llama.cpp's -ngl 99 / -ot exps=CPU / --cpu-moe: the issue's targets compare like with like, so read them as indicative until bench mirrors the placement for llama.cpp."
+llama_note="ferrite bench --vs-llama runs llama.cpp in-process through the linked llama-cpp-sys-2 (src/reference/llama) with ferrite's placement (llama_placement below: the same devices, the same -ngl count and -ot rules for the routed experts ferrite keeps on the CPU, so --cpu-moe there is llama.cpp's -ot exps=CPU / --cpu-moe). llama.cpp loads through the same ggml registry, so it computes with the CUDA module ferrite loaded (the same build of ggml's CUDA kernels). Its op offload is on (llama.cpp's default): with experts on the CPU, its prompt products may be uploaded to the GPU, which ferrite does not do yet. llama.cpp has no device expert cache: against --gpu-experts it runs ferrite's placement without the cache, i.e. llama.cpp --cpu-moe."
 flash_kind="4 layers, Q4_K experts, Q8_0 rest, $([ ${#sparse[@]} -gt 0 ] && echo 'experts written as zeros (sparse file; the same bytes to read and multiply, meaningless outputs)' || echo 'random experts')"
 json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g; s/\t/ /g' | tr '\n' ' ')"; }
 tsv_json() { # FILE -> JSON array of objects (every value a string)
@@ -423,6 +423,11 @@ status=pass
     echo
     echo "| placement | test | ferrite t/s | llama.cpp t/s | ratio | issue 17 target |"; echo "|---|---|---|---|---|---|"
     tail -n +2 "$bench_tsv" | awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }'
+    echo
+    for b in gpu_all cpu_moe gpu_experts; do
+        lp=$(grep -o '"llama_placement":"[^"]*"' "$out/steps/bench-$b.out" 2>/dev/null | head -1 | sed 's/^"llama_placement":"//; s/"$//; s/\\\\/\\/g')
+        [ -n "$lp" ] && echo "- llama.cpp's placement for $b: \`$lp\`"
+    done
     echo
     echo "What the llama.cpp column is: $llama_note"
     echo
