@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
         --configure-only) mode=configure; shift ;;
         --one-object) mode=object; shift ;;
         --bundle-runtime) bundle=1; shift ;;
-        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) out="$1"; shift ;;
     esac

@@ -29,6 +29,10 @@
 # --backend-dir MODULE_DIR) name another device, e.g. RPC0 with "--rpc 127.0.0.1:PORT"; DEVICE_CHECK_PLACEMENTS
 # narrows the placements; DEVICE_CHECK_COMPARE=awk compares without python3.
 #
+# Two shorter calls instead of one (the run tool allows 10 minutes a command): DEVICE_CHECK_PARTS=parity, then
+# DEVICE_CHECK_PARTS=bench on the same warm machine; the second reuses the module (and a Flash model) that the first
+# left in DEVICE_CHECK_WORK.
+#
 # --compare REF.npy OURS.npy prints the largest error of OURS against REF relative to each position's logit scale,
 # the worst position and the positions, and exits 0 when it is within 1e-4, 1 when not, 2 when it cannot compare.
 #
@@ -48,7 +52,7 @@ while [ $# -gt 0 ]; do
         --dry-run) dry=1 ;;
         --compare) [ $# -ge 2 ] || { echo "device-check: error: --compare REF.npy OURS.npy" >&2; exit 2; }
                    compare_ref="$1"; compare_ours="$2"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         -*) echo "device-check: error: unknown option $a (see --help)" >&2; exit 2 ;;
         *) out="$a" ;;
     esac
@@ -165,6 +169,8 @@ done
 
 # ------------------------------------------------------------------------------------------------------------ steps
 rehearsal="${DEVICE_CHECK_REHEARSAL:-0}"
+parts="${DEVICE_CHECK_PARTS:-parity bench}"
+has_part() { case " $parts " in *" $1 "*) return 0 ;; esac; return 1; }
 dev="${DEVICE_CHECK_DEVICE:-CUDA0}"
 [ "$dry" = 1 ] || mkdir -p "$out/steps" 2>/dev/null || { say "cannot create $out"; exit 1; }
 steps_tsv="$out/steps.tsv"
@@ -228,6 +234,10 @@ elif [ "$prebuilt" = 1 ]; then
     mod="$dist/cuda"
     module_status="prebuilt (carried)"
 else
+    if [ "$dry" = 0 ] && [ -f "$mod/libggml-cuda.so" ] && [ -f "$mod/libggml-base.so.0" ]; then
+        module_status="reused: built by an earlier run on this machine in $mod"
+        say "CUDA module: $module_status"
+    else
     [ "$dry" = 1 ] || { rm -rf "$work/ggml"; mkdir -p "$work"; }
     step ggml-source 60 tar -C "$work" -xzf "$dist/ggml-src.tar.gz"
     ms=$(date +%s)
@@ -239,6 +249,7 @@ else
         module_status="build failed"
     fi
     module_seconds=$(( $(date +%s) - ms ))
+    fi
 fi
 bd=(--backend-dir "$mod")
 # shellcheck disable=SC2206
@@ -250,6 +261,7 @@ fi
 [ "$dry" = 1 ] && module_ok=1
 
 # 3. Parity on the demo model.
+if has_part parity; then
 export FERRITE_CACHE_DIR="$work/cache"
 [ "$dry" = 1 ] || mkdir -p "$FERRITE_CACHE_DIR" "$work/logits"
 tokens="$work/tokens.txt"
@@ -309,16 +321,21 @@ for p in cpu "${placements[@]}"; do
     fi
 done
 
+fi
+
 # 4. The Flash-width model and the benchmarks.
-flash="$work/flash4.gguf"
+flash="$work/flash4-sparse.gguf"
 sparse=(--sparse-experts)
-[ "${FLASH_RANDOM_EXPERTS:-0}" = 1 ] && sparse=()
+[ "${FLASH_RANDOM_EXPERTS:-0}" = 1 ] && { sparse=(); flash="$work/flash4-random.gguf"; }
 has_gpu_experts=0
 if [ "$dry" = 0 ] && [ "$rehearsal" = 0 ] && "$ferrite" bench --help 2>/dev/null | grep -q -- '--gpu-experts'; then has_gpu_experts=1; fi
 bench_common=(bench -m "$flash" -p 512 -n 64 -r 3 --vs-llama --json "${bd[@]}")
-if [ "$rehearsal" = 0 ]; then
-[ "$dry" = 1 ] || rm -f "$flash"
+if [ "$rehearsal" = 0 ] && has_part bench; then
+if [ "$dry" = 0 ] && [ -f "$flash" ]; then
+    say "flash model: reusing $flash from an earlier run (flash_model writes it only when complete)"
+else
 step flash-model 300 "$flash_model" "$flash" --layers 4 --experts Q4_K "${sparse[@]}" --overwrite
+fi
 step bench-gpu_all 150 "$ferrite" "${bench_common[@]}" --device "$dev" -ngl all
 step bench-cpu_moe 150 "$ferrite" "${bench_common[@]}" --device "$dev" -ngl all --cpu-moe
 if [ "$has_gpu_experts" = 1 ] || [ "$dry" = 1 ]; then
@@ -362,8 +379,8 @@ target_of() { # PLACEMENT KIND
 bench_tsv="$out/bench.tsv"
 printf 'placement\ttest\tferrite_tps\tllama_tps\tratio\ttarget\n' > "$bench_tsv"
 for b in gpu_all cpu_moe gpu_experts; do
-    if [ "$rehearsal" = 1 ]; then
-        printf '%s\t-\t-\t-\t-\tskipped: rehearsal\n' "$b" >> "$bench_tsv"; continue
+    if [ "$rehearsal" = 1 ] || ! has_part bench; then
+        printf '%s\t-\t-\t-\t-\tskipped: %s\n' "$b" "$([ "$rehearsal" = 1 ] && echo rehearsal || echo "not in DEVICE_CHECK_PARTS")" >> "$bench_tsv"; continue
     fi
     if [ "$b" = gpu_experts ] && [ "$has_gpu_experts" = 0 ]; then
         printf '%s\t-\t-\t-\t-\tskipped: this ferrite has no --gpu-experts\n' "$b" >> "$bench_tsv"; continue
@@ -392,6 +409,7 @@ status=pass
 {
     echo "{"
     echo "\"status\": $(json_str "$status"),"
+    echo "\"parts\": $(json_str "$parts"),"
     echo "\"gpu\": {\"name\": $(json_str "$gpu_name"), \"driver\": $(json_str "$driver"), \"cuda_version\": $(json_str "$cuda_version"), \"compute_capability\": $(json_str "$cc")},"
     echo "\"pack\": $(json_str "$(tr '\n' ';' < "$dist/PACK-INFO")"),"
     echo "\"module\": {\"status\": $(json_str "$module_status"), \"seconds\": $module_seconds, \"arch\": $(json_str "$arch"), \"device_listed\": $([ "$module_ok" = 1 ] && echo true || echo false)},"

@@ -29,7 +29,7 @@ for a in "$@"; do
     case "$a" in
         --native) native=1 ;;
         --with-cuda) with_cuda=1 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown argument $a (see --help)" ;;
     esac
 done

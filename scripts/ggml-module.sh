@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
         --ggml) src="$2"; shift 2 ;;
         --build) build="$2"; shift 2 ;;
         -j) jobs="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) break ;;
     esac
 done

@@ -68,7 +68,7 @@ fn the_dry_run_checks_the_carried_files_and_prints_every_command() {
         "-ot blk",
         "--ubatch 1",
         "--temp 0",
-        "flash4.gguf --layers 4 --experts Q4_K",
+        "flash4-sparse.gguf --layers 4 --experts Q4_K",
         "--vs-llama --json",
         "--gpu-experts 256",
     ] {
