@@ -130,7 +130,8 @@ pub fn load_file(path: &Path) -> Result<LoadedBackend> {
     if let Some(known) = loaded.get(&canonical) {
         return Ok(known.clone());
     }
-    check_same_ggml(path)?;
+    // Kept open until ggml has its own handle, so the library (and the CUDA runtime it pulls in) loads once.
+    let _checked = check_same_ggml(path)?;
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| module_error(path, "the path contains NUL", "rename the file"))?;
     // SAFETY: a NUL-terminated path; ggml opens the library, calls its `ggml_backend_init` and registers the
@@ -326,8 +327,8 @@ fn dl_error() -> String {
 
 /// Checks the module's ggml (its `libggml-base`) is the ggml ferrite was built with: the same version and the same
 /// tensor layout, since tensors and graphs pass between the two copies as plain structs. Also turns a library that
-/// does not load into an error with the loader's reason.
-fn check_same_ggml(path: &Path) -> Result<()> {
+/// does not load into an error with the loader's reason. Returns the open library.
+fn check_same_ggml(path: &Path) -> Result<Library> {
     let Some(lib) = Library::open(path) else {
         let why = dl_error();
         let hint = if why.contains("cannot open shared object file")
@@ -368,7 +369,7 @@ fn check_same_ggml(path: &Path) -> Result<()> {
             hint,
         ));
     }
-    Ok(())
+    Ok(lib)
 }
 
 /// The modules loaded so far, in the order of their paths.
