@@ -94,8 +94,14 @@ fi
 
 # 3. The module.
 build="$root/target/ggml-modules/build-cuda"
+# The toolkit's library folders go into the module's run path: it then finds libcudart/libcublas without
+# LD_LIBRARY_PATH on this machine (elsewhere: the system's, or LD_LIBRARY_PATH, or --bundle-runtime).
+rpath=""
+for d in "$cuda_root/lib64" "$cuda_root/lib" "$cuda_root"/targets/*/lib; do
+    [ -d "$d" ] && ls "$d"/libcudart.so* >/dev/null 2>&1 && rpath="${rpath:+$rpath;}$d"
+done
 cmake_args=(-DCMAKE_CUDA_COMPILER="$nvcc" -DCUDAToolkit_ROOT="$cuda_root" -DCMAKE_CUDA_ARCHITECTURES="$archs"
-            -DGGML_CUDA_NO_VMM="$vmm")
+            -DGGML_CUDA_NO_VMM="$vmm" -DFERRITE_MODULE_RPATH="$rpath")
 case "$mode" in
     configure|object)
         src="${FERRITE_GGML_SRC:-}"
