@@ -101,7 +101,7 @@ for d in "$cuda_root/lib64" "$cuda_root/lib" "$cuda_root"/targets/*/lib; do
     [ -d "$d" ] && ls "$d"/libcudart.so* >/dev/null 2>&1 && rpath="${rpath:+$rpath;}$d"
 done
 cmake_args=(-DCMAKE_CUDA_COMPILER="$nvcc" -DCUDAToolkit_ROOT="$cuda_root" -DCMAKE_CUDA_ARCHITECTURES="$archs"
-            -DGGML_CUDA_NO_VMM="$vmm" -DFERRITE_MODULE_RPATH="$rpath")
+            -DGGML_CUDA_NO_VMM="$vmm" -DFERRITE_MODULE_RPATH="$rpath" -DCMAKE_CUDA_RUNTIME_LIBRARY=Shared)
 case "$mode" in
     configure|object)
         src="${FERRITE_GGML_SRC:-}"
