@@ -6,7 +6,7 @@
 #   scripts/ggml-module.sh [--ggml DIR] [--build DIR] [-j N] NAME OUT [CMAKE_ARGS...]
 #
 # NAME: cuda, rpc, vulkan, ... (ggml's GGML_<NAME>=ON). The ggml source: --ggml DIR, else $FERRITE_GGML_SRC,
-# else dist/ggml (what scripts/device-pack.sh carries), else the crate in the cargo registry. The build folder
+# else the crate's in the cargo registry (scripts/device-check.sh unpacks dist/ggml-src.tar.gz and passes it). The build folder
 # (--build, default target/ggml-modules/build-NAME) is kept, so a second run only relinks what changed.
 # Prints the time it took. CUDA: see scripts/build-cuda.sh, which installs a toolkit where none is present.
 set -euo pipefail
@@ -46,11 +46,7 @@ crate_ggml() {
     return 1
 }
 if [ -z "$src" ]; then
-    if [ -f "$root/dist/ggml/CMakeLists.txt" ]; then
-        src="$root/dist/ggml"
-    else
-        src="$(crate_ggml)" || die "cannot find the ggml source: pass --ggml DIR (llama-cpp-sys-2's llama.cpp/ggml), or build ferrite once (cargo build --release) so the crate is in the cargo registry"
-    fi
+    src="$(crate_ggml)" || die "cannot find the ggml source: pass --ggml DIR (llama-cpp-sys-2's llama.cpp/ggml), or build ferrite once (cargo build --release) so the crate is in the cargo registry"
 fi
 [ -f "$src/CMakeLists.txt" ] && [ -d "$src/src/ggml-$name" ] || die "$src is not a ggml source folder with a $name backend (no src/ggml-$name)"
 command -v cmake >/dev/null 2>&1 || die "cmake not found; install cmake 3.18 or newer"
