@@ -211,6 +211,7 @@ fi
 # 1. The GPU and the machine.
 if [ "$rehearsal" = 0 ]; then
 step nvidia-smi 20 nvidia-smi
+[ "$dry" = 1 ] || cat "$out/steps/nvidia-smi.out" "$out/steps/nvidia-smi.err" >&2
 step gpu-query 20 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader
 fi
 step machine 20 bash -c 'nproc; free -g | head -2; uname -m; grep -m1 "model name" /proc/cpuinfo; cmake --version | head -1; (command -v nvcc >/dev/null && nvcc --version || /usr/local/cuda/bin/nvcc --version) | tail -2; command -v python3 && python3 --version'
@@ -219,6 +220,11 @@ if [ "$dry" = 0 ] && [ "$rehearsal" = 0 ]; then
     IFS=',' read -r gpu_name driver cc _ < <(head -1 "$out/steps/gpu-query.out" 2>/dev/null) || true
     gpu_name="$(echo "$gpu_name" | sed 's/^ *//;s/ *$//')"; driver="$(echo "$driver" | tr -d ' ')"; cc="$(echo "$cc" | tr -d ' ')"
     cuda_version="$(grep -o 'CUDA Version: [0-9.]*' "$out/steps/nvidia-smi.out" 2>/dev/null | awk '{print $3}')"
+fi
+nvcc_version="$(grep -o 'release [0-9.]*' "$out/steps/machine.out" 2>/dev/null | awk '{print $2}')"
+if [ "$dry" = 0 ] && [ -n "$nvcc_version" ] && [ -n "$cuda_version" ] &&
+    awk -v a="$nvcc_version" -v b="$cuda_version" 'BEGIN { split(a, x, "."); split(b, y, "."); exit !(x[1] > y[1] || (x[1] == y[1] && x[2] > y[2])) }'; then
+    say "warning: nvcc is CUDA $nvcc_version but the driver runs CUDA up to $cuda_version: the module may not start"
 fi
 arch="${cc/./}"
 [ "$dry" = 1 ] && arch="<ARCH>"
@@ -410,7 +416,7 @@ status=pass
     echo "{"
     echo "\"status\": $(json_str "$status"),"
     echo "\"parts\": $(json_str "$parts"),"
-    echo "\"gpu\": {\"name\": $(json_str "$gpu_name"), \"driver\": $(json_str "$driver"), \"cuda_version\": $(json_str "$cuda_version"), \"compute_capability\": $(json_str "$cc")},"
+    echo "\"gpu\": {\"name\": $(json_str "$gpu_name"), \"driver\": $(json_str "$driver"), \"cuda_version\": $(json_str "$cuda_version"), \"compute_capability\": $(json_str "$cc"), \"nvcc\": $(json_str "$nvcc_version")},"
     echo "\"pack\": $(json_str "$(tr '\n' ';' < "$dist/PACK-INFO")"),"
     echo "\"module\": {\"status\": $(json_str "$module_status"), \"seconds\": $module_seconds, \"arch\": $(json_str "$arch"), \"device_listed\": $([ "$module_ok" = 1 ] && echo true || echo false)},"
     echo "\"parity\": {\"tolerance\": 1e-4, \"model\": \"demo (F32 weights), F32 cache, 100 tokens\", \"logits\": [$(tsv_json "$parity_tsv")], \"greedy_128\": [$(tsv_json "$greedy_tsv")]},"
@@ -423,7 +429,7 @@ status=pass
 {
     echo "# ferrite device check: $status"
     echo
-    echo "GPU: $gpu_name, driver $driver (CUDA $cuda_version), compute capability $cc. Pack: $(tr '\n' ';' < "$dist/PACK-INFO")"
+    echo "GPU: $gpu_name, driver $driver (CUDA $cuda_version), compute capability $cc; nvcc $nvcc_version. Pack: $(tr '\n' ';' < "$dist/PACK-INFO")"
     echo
     echo "CUDA module: $module_status in ${module_seconds}s for sm_$arch; $dev listed: $([ "$module_ok" = 1 ] && echo yes || echo no)."
     echo
