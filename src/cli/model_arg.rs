@@ -113,6 +113,11 @@ pub struct DeviceArgs {
     /// others on the CPU; the experts used most are uploaded as the text goes [default: no cache; 0: none].
     #[arg(long = "gpu-experts", value_name = "N|SIZE|auto", value_parser = super::size_arg::parse_gpu_experts)]
     pub gpu_experts: Option<ferrite::experts::device::GpuExpertsArg>,
+    /// Load ggml backend modules (libggml-cuda.so, libggml-vulkan.so, ... built with GGML_BACKEND_DL, e.g. by
+    /// scripts/build-cuda.sh) from this folder; repeatable. The folder of the ferrite executable is always searched
+    /// too, as llama.cpp does, and GGML_BACKEND_PATH may name one more module file.
+    #[arg(long = "backend-dir", value_name = "DIR")]
+    pub backend_dir: Vec<PathBuf>,
     /// Devices to offload to, comma-separated (CUDA0, Vulkan0,CPU, RPC0[HOST:PORT]), or none for the CPU only
     /// [default: every GPU and RPC device; --list-devices shows them].
     #[arg(long = "device", value_name = "LIST", value_parser = parse_device_list)]
@@ -151,15 +156,17 @@ pub struct RuleList(pub Vec<TensorRule>);
 pub struct SizeList(pub Vec<u64>);
 
 impl DeviceArgs {
-    /// The placement the flags ask for.
-    /// Registers the `--rpc` servers' devices with ggml (before anything lists or plans devices).
+    /// Registers the devices of the backend modules and of the `--rpc` servers with ggml (before anything lists or
+    /// plans devices).
     pub fn add_rpc_servers(&self) -> Result<()> {
+        load_backend_modules(&self.backend_dir)?;
         for endpoint in &self.rpc {
             ferrite::ggml::rpc::add_server(endpoint.trim())?;
         }
         Ok(())
     }
 
+    /// The placement the flags ask for.
     pub fn request(&self) -> PlacementRequest {
         let ot: Vec<TensorRule> = self
             .override_tensor
@@ -178,6 +185,69 @@ impl DeviceArgs {
             op_offload: !self.no_op_offload,
         }
     }
+}
+
+/// The environment variable ggml reads for one more backend module file (llama.cpp's `ggml_backend_load_all`).
+pub const BACKEND_PATH_VAR: &str = "GGML_BACKEND_PATH";
+
+/// Loads ggml backend modules, once per process: those beside the executable (a module there that fails to load is
+/// a warning), then every folder of `dirs` and the file `GGML_BACKEND_PATH` names (asked for explicitly: a failure
+/// is an error, and so is a folder without any module). One line on stderr per module loaded.
+pub fn load_backend_modules(dirs: &[PathBuf]) -> Result<()> {
+    use ferrite::ggml::modules;
+    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|p| p.into_inner());
+    if *done {
+        return Ok(());
+    }
+    let report = |b: &modules::LoadedBackend| {
+        let names: Vec<String> = b.devices.iter().map(|d| d.name()).collect();
+        eprintln!(
+            "ferrite: loaded ggml backend {} from {} ({} device{}{}{})",
+            b.name,
+            b.path.display(),
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            if names.is_empty() { "" } else { ": " },
+            names.join(", ")
+        );
+    };
+    if let Some(exe_dir) = modules::executable_dir() {
+        // Beside the executable: only what is there; a broken module is worth a warning, not a refusal.
+        if let Ok(found) = modules::load_dir(&exe_dir) {
+            found.loaded.iter().for_each(report);
+            for e in &found.failed {
+                eprintln!("ferrite: warning: {e}");
+            }
+        }
+    }
+    for dir in dirs {
+        let found = modules::load_dir(dir)?;
+        if let Some(e) = found.failed.into_iter().next() {
+            return Err(e.into());
+        }
+        for (file, why) in &found.skipped {
+            eprintln!("ferrite: note: not loading {}: {why}", file.display());
+        }
+        if found.loaded.is_empty() && found.skipped.is_empty() {
+            return Err(Hinted::new(
+                format!(
+                    "--backend-dir {}: no ggml backend module (libggml-NAME.so) in that folder",
+                    dir.display()
+                ),
+                "build one with scripts/build-cuda.sh (it writes libggml-cuda.so and libggml-base.so.0 into one folder) and pass that folder",
+            )
+            .into());
+        }
+        found.loaded.iter().for_each(report);
+    }
+    if let Some(file) = std::env::var_os(BACKEND_PATH_VAR).filter(|v| !v.is_empty()) {
+        let b = modules::load_file(Path::new(&file))
+            .with_context(|| format!("{BACKEND_PATH_VAR} names a module that cannot be loaded"))?;
+        report(&b);
+    }
+    *done = true;
+    Ok(())
 }
 
 /// `--list-devices`: ggml's devices as llama.cpp lists them, on stdout.

@@ -21,12 +21,17 @@ pub struct RpcServerArgs {
     /// Compute threads of the served device [default: all available cores].
     #[arg(short = 't', long = "threads", value_name = "N")]
     pub threads: Option<usize>,
-    /// The device to serve (`CPU`, `CUDA0`, ...; see `ferrite info --devices`) [default: CPU].
+    /// The device to serve (`CPU`, `CUDA0`, ...; see `ferrite complete --list-devices`) [default: CPU].
     #[arg(long, value_name = "NAME")]
     pub device: Option<String>,
+    /// Load ggml backend modules (libggml-cuda.so, ...) from this folder, to serve their devices; repeatable (the
+    /// executable's folder is searched too).
+    #[arg(long = "backend-dir", value_name = "DIR")]
+    pub backend_dir: Vec<std::path::PathBuf>,
 }
 
 pub fn run(args: &RpcServerArgs) -> Result<()> {
+    super::model_arg::load_backend_modules(&args.backend_dir)?;
     let device = match &args.device {
         None => Device::cpu(),
         Some(name) => Device::by_name(name),

@@ -49,6 +49,13 @@ pub enum GgmlError {
     /// A ggml type id has no `gguf::GgmlType`.
     #[error("ggml type id {id} is unknown to ferrite")]
     UnknownType { id: u32 },
+    /// A backend module (`libggml-NAME.so`) could not be loaded.
+    #[error("cannot load the ggml backend module {path}: {detail}; hint: {hint}")]
+    Module {
+        path: String,
+        detail: String,
+        hint: String,
+    },
     /// A tensor name is too long or contains NUL.
     #[error("ggml tensor name '{name}': {detail}")]
     Name { name: String, detail: &'static str },

@@ -16,6 +16,7 @@ mod graph;
 mod grouped;
 mod isa;
 mod log;
+pub mod modules;
 mod ops;
 mod owned;
 mod pool;

@@ -19,6 +19,7 @@ use llama_cpp_sys_2 as sys;
 
 use super::devices::Device;
 use super::error::{GgmlError, Result};
+use super::modules::LoadedBackend;
 use super::types::cstr_lossy;
 
 /// How long connecting to a server may take before it counts as unreachable.
@@ -138,8 +139,8 @@ fn rpc_error(detail: String) -> GgmlError {
     GgmlError::Op { op: "rpc", detail }
 }
 
-/// The address of one of the RPC registry's functions.
-fn proc_address(name: &str) -> Result<*mut c_void> {
+/// The RPC backend's registration (the built-in one: the first registered).
+fn rpc_reg() -> Result<sys::ggml_backend_reg_t> {
     let reg_name = CString::new("RPC").expect("no NUL");
     // SAFETY: a NUL-terminated name; returns the registered backend or NULL.
     let reg = unsafe { sys::ggml_backend_reg_by_name(reg_name.as_ptr()) };
@@ -148,6 +149,11 @@ fn proc_address(name: &str) -> Result<*mut c_void> {
             "this build of ggml has no RPC backend (build with GGML_RPC=ON)".into(),
         ));
     }
+    Ok(reg)
+}
+
+/// The address of one of the functions of the RPC registration `reg`.
+fn proc_address(reg: sys::ggml_backend_reg_t, name: &str) -> Result<*mut c_void> {
     let c = CString::new(name).expect("no NUL");
     // SAFETY: a registered backend and a NUL-terminated name; returns the function or NULL.
     let f = unsafe { sys::ggml_backend_reg_get_proc_address(reg, c.as_ptr()) };
@@ -196,9 +202,26 @@ pub fn check_reachable(endpoint: &str) -> Result<()> {
 /// `RPC1`, ... in the order servers are added; their description is the endpoint). Returns them. Adding the same
 /// endpoint again returns its devices.
 pub fn add_server(endpoint: &str) -> Result<Vec<Device>> {
+    add_server_on(rpc_reg()?, endpoint)
+}
+
+/// [`add_server`] through an RPC backend loaded as a module (`libggml-rpc.so`, with its own copy of ggml-base)
+/// instead of the built-in one: the tests' stand-in for a GPU module.
+pub fn add_server_with(module: &LoadedBackend, endpoint: &str) -> Result<Vec<Device>> {
+    if !module.name.eq_ignore_ascii_case("RPC") {
+        return Err(rpc_error(format!(
+            "{} is the {} backend, not RPC",
+            module.path.display(),
+            module.name
+        )));
+    }
+    add_server_on(module.reg(), endpoint)
+}
+
+fn add_server_on(rpc: sys::ggml_backend_reg_t, endpoint: &str) -> Result<Vec<Device>> {
     install_abort_handler();
     check_reachable(endpoint)?;
-    let f = proc_address("ggml_backend_rpc_add_server")?;
+    let f = proc_address(rpc, "ggml_backend_rpc_add_server")?;
     // SAFETY: the registry documents this symbol as `ggml_backend_reg_t (*)(const char *)`.
     let add: AddServerFn = unsafe { std::mem::transmute::<*mut c_void, AddServerFn>(f) };
     let c = CString::new(endpoint)
@@ -238,7 +261,7 @@ pub fn add_server(endpoint: &str) -> Result<Vec<Device>> {
 /// only when the server cannot start or stops. ggml prints the server's banner on stdout.
 pub fn start_server(endpoint: &str, device: Device, n_threads: usize) -> Result<()> {
     install_abort_handler();
-    let f = proc_address("ggml_backend_rpc_start_server")?;
+    let f = proc_address(rpc_reg()?, "ggml_backend_rpc_start_server")?;
     // SAFETY: the registry documents this symbol with this signature (ggml-rpc.h).
     let start: StartServerFn = unsafe { std::mem::transmute::<*mut c_void, StartServerFn>(f) };
     let c = CString::new(endpoint)

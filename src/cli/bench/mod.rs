@@ -25,7 +25,10 @@
 //!
 //! `--vs-llama` runs the same tests on the same random tokens through llama.cpp in-process (the benchmark reference
 //! in `ferrite::reference::llama`), after ferrite's and with ferrite's engine closed, and adds a ratio column
-//! (ferrite / llama.cpp). With `--interleave` both engines are loaded at once and their repetitions alternate
+//! (ferrite / llama.cpp). llama.cpp runs with ferrite's placement ([`llama_placement`]: the same devices, `-ngl`
+//! and `-ot` rules for what ferrite keeps apart from its layer, e.g. `--cpu-moe`'s experts; `llama_placement` in
+//! the JSON), through the same ggml registry, so on a GPU it uses the device ferrite uses (a loaded CUDA module
+//! included); its op offload stays on, as llama.cpp's default. With `--interleave` both engines are loaded at once and their repetitions alternate
 //! (ferrite, llama.cpp, ferrite, ...), so a machine whose speed drifts (shared hosts, thermal limits) slows both
 //! alike; the ratio is then the median of each pair's ratio, and llama.cpp's peak memory is not measured apart. The
 //! table goes to stdout (or, with `--json`, one JSON object, the memory plan and the expert statistics included);
@@ -43,7 +46,9 @@ use ferrite::engine::Engine;
 use ferrite::experts::StatsSnapshot;
 use ferrite::membw::{read_bandwidth, DEFAULT_BYTES};
 use ferrite::model::sizes::{block_of, expert_tensor_layer, weight_sizes};
-use ferrite::reference::llama::LlamaModel;
+use ferrite::plan::devices::{DeviceId, ExpertHome, CPU};
+use ferrite::plan::DevicePlan;
+use ferrite::reference::llama::{LlamaModel, LlamaPlacement};
 use ferrite::units::{format_bytes, format_params};
 use serde_json::{json, Value as Json};
 
@@ -299,16 +304,52 @@ fn report_row(row: &Row, paged: bool) {
     }
 }
 
-/// llama.cpp's model (the reference) on the same file, checked to see the same vocabulary.
+/// ferrite's placement as llama.cpp's model parameters, so the reference runs where ferrite runs: the devices
+/// ferrite offloads to, its `-ngl` count (the output head counting as one layer, as in llama.cpp), and `-ot` rules
+/// for what ferrite placed apart from its layer: single tensors (`-ot` rules on them) and each layer's routed
+/// experts (`--cpu-moe`, `--n-cpu-moe`, `-ot ...exps=...`). With no device: the CPU only, no op offload. How layers
+/// are spread over several devices stays llama.cpp's own choice (its `--split-mode layer`).
+pub fn llama_placement(plan: &DevicePlan) -> LlamaPlacement {
+    if plan.is_cpu_only() {
+        return LlamaPlacement::default();
+    }
+    let name = |d: DeviceId| plan.device(d).name.clone();
+    let mut overrides: Vec<(String, String)> = plan
+        .overrides
+        .iter()
+        .map(|o| (format!("^{}$", regex::escape(&o.name)), name(o.device)))
+        .collect();
+    for l in &plan.layers {
+        let experts = format!(r"^blk\.{}\.ffn_(up|down|gate|gate_up)_(ch)?exps", l.layer);
+        match l.experts.at {
+            ExpertHome::Device(d) if d != l.main.at => overrides.push((experts, name(d))),
+            ExpertHome::CpuResident | ExpertHome::CpuPaged if l.main.at != CPU => {
+                overrides.push((experts, "CPU".into()))
+            }
+            _ => {}
+        }
+    }
+    LlamaPlacement {
+        devices: plan.offload_devices().map(|d| d.name.clone()).collect(),
+        n_gpu_layers: plan.n_gpu_layers as i32,
+        overrides,
+    }
+}
+
+/// llama.cpp's model (the reference) on the same file, placed as ferrite's, checked to see the same vocabulary.
 fn load_reference(
     args: &BenchArgs,
     model_args: &ModelArgs,
     facts: &ModelFacts,
     tokens: &Tokens,
+    placement: &LlamaPlacement,
 ) -> Result<LlamaModel> {
     let path = model_args.resolve_path()?;
     ferrite::reference::llama::show_log(std::env::var("FERRITE_LLAMA_LOG").as_deref() == Ok("1"));
-    let model = LlamaModel::load(&path, args.llama_repack)
+    if !placement.devices.is_empty() {
+        eprintln!("ferrite: llama.cpp runs with ferrite's placement: {placement}");
+    }
+    let model = LlamaModel::load_placed(&path, args.llama_repack, placement)
         .context("--vs-llama: llama.cpp (the reference) cannot run this model")?;
     if model.n_vocab() != facts.n_vocab {
         anyhow::bail!(
@@ -436,7 +477,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     // The expert counters of every ferrite run, warm-ups included, over the engines of each thread count.
     let mut expert_totals = StatsSnapshot::default();
-    let load_llama = || load_reference(args, &model_args(threads[0]), &facts, &tokens);
+    let reference_placement = llama_placement(&device_plan);
+    let load_llama = || {
+        load_reference(
+            args,
+            &model_args(threads[0]),
+            &facts,
+            &tokens,
+            &reference_placement,
+        )
+    };
     // With --interleave, ferrite's warm-ups come first, alone: its peak memory is read before llama.cpp loads.
     let mut interleaved = None;
     // Each depth's tokens are processed once per engine; later runs at that depth restore the state.
@@ -554,6 +604,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "bytes_per_token_note": "estimate for decode: non-expert weights without the embedding table, one embedding row, n_expert_used experts per layer",
             "memory_plan": plan_json(&plan),
             "device_plan": device_plan_json(&device_plan),
+            "llama_placement": args.vs_llama.then(|| reference_placement.to_string()),
             "expert_stats": stats_json(&expert_totals)?,
             "expert_stats_note": "ferrite's runs, warm-ups included; ferrite_expert_stats of a result: its timed repetitions",
             "rss_peak_bytes": rss,

@@ -3,10 +3,11 @@
 //! in ferrite may call `llama_*` (the rule: llama.cpp is the reference for tests and benchmarks only); ferrite's own
 //! engine never goes through here.
 //!
-//! The settings mirror `llama-bench` on the CPU: no GPU layers, weights memory-mapped, the requested thread count
-//! for prompt and generation, F16 or F32 K/V cache, flash attention off, and llama.cpp's CPU weight repacking
-//! ("extra buffer types") only when asked for, so by default both engines run ggml's plain CPU kernels on the same
-//! bytes.
+//! The settings mirror `llama-bench` on the CPU: no GPU layers (and no device at all, so no op offload either),
+//! weights memory-mapped, the requested thread count for prompt and generation, F16 or F32 K/V cache, flash
+//! attention off, and llama.cpp's CPU weight repacking ("extra buffer types") only when asked for, so by default
+//! both engines run ggml's plain CPU kernels on the same bytes. [`LlamaModel::load_placed`] gives llama.cpp devices,
+//! `-ngl` and `-ot` rules instead (`bench --vs-llama` passes ferrite's placement).
 
 use std::ffi::{c_char, c_void, CString};
 use std::path::Path;
@@ -91,6 +92,37 @@ impl Default for LlamaParams {
     }
 }
 
+/// Where llama.cpp puts the weights: its model parameters `devices`, `n_gpu_layers` and `tensor_buft_overrides`
+/// (llama.cpp's `--device`, `-ngl`, `-ot`). The default: the CPU only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LlamaPlacement {
+    /// Devices to offload to, by ggml name (`CUDA0`, `RPC0`); none: no device at all.
+    pub devices: Vec<String>,
+    /// Layers on the devices, the output head counting as the last one (llama.cpp's `-ngl`).
+    pub n_gpu_layers: i32,
+    /// `-ot` rules, first match wins: a regular expression on tensor names and the device (or `CPU`) it sends
+    /// them to.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for LlamaPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.devices.is_empty() {
+            return write!(f, "--device none -ngl 0");
+        }
+        write!(
+            f,
+            "--device {} -ngl {}",
+            self.devices.join(","),
+            self.n_gpu_layers
+        )?;
+        for (pattern, to) in &self.overrides {
+            write!(f, " -ot {pattern}={to}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A `llama_model` freed on drop, shared by the model handle and its contexts.
 struct RawModel(*mut sys::llama_model);
 
@@ -112,11 +144,63 @@ impl LlamaModel {
     /// Loads `path` for the CPU with memory mapping; `repack` lets llama.cpp repack weights for its interleaved
     /// CPU kernels (llama-bench's default), which ferrite does not do.
     pub fn load(path: &Path, repack: bool) -> Result<LlamaModel> {
+        LlamaModel::load_placed(path, repack, &LlamaPlacement::default())
+    }
+
+    /// [`LlamaModel::load`] with the weights placed on devices as `placement` says (device names as ggml's
+    /// registry has them, e.g. after ferrite loaded a backend module or added RPC servers).
+    pub fn load_placed(
+        path: &Path,
+        repack: bool,
+        placement: &LlamaPlacement,
+    ) -> Result<LlamaModel> {
         // SAFETY: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
-        mp.n_gpu_layers = 0;
         mp.load_mode = sys::LLAMA_LOAD_MODE_MMAP;
         mp.use_extra_bufts = repack;
+        // The device list (NULL-terminated; an empty one means no device, where NULL would mean every GPU).
+        let mut devices: Vec<sys::ggml_backend_dev_t> = Vec::new();
+        for name in &placement.devices {
+            let c = std::ffi::CString::new(name.as_str())?;
+            // SAFETY: a NUL-terminated name; returns a registered device or NULL.
+            let dev = unsafe { sys::ggml_backend_dev_by_name(c.as_ptr()) };
+            ensure!(!dev.is_null(), "llama.cpp: no device named {name}");
+            devices.push(dev);
+        }
+        devices.push(std::ptr::null_mut());
+        mp.devices = devices.as_mut_ptr();
+        mp.n_gpu_layers = if placement.devices.is_empty() {
+            0
+        } else {
+            placement.n_gpu_layers
+        };
+        let patterns: Vec<std::ffi::CString> = placement
+            .overrides
+            .iter()
+            .map(|(p, _)| std::ffi::CString::new(p.as_str()))
+            .collect::<Result<_, _>>()?;
+        let mut overrides: Vec<sys::llama_model_tensor_buft_override> = Vec::new();
+        for ((_, to), pattern) in placement.overrides.iter().zip(&patterns) {
+            let c = std::ffi::CString::new(to.as_str())?;
+            // SAFETY: a NUL-terminated name; returns a registered device or NULL.
+            let dev = unsafe { sys::ggml_backend_dev_by_name(c.as_ptr()) };
+            ensure!(!dev.is_null(), "llama.cpp: -ot names no device {to}");
+            overrides.push(sys::llama_model_tensor_buft_override {
+                pattern: pattern.as_ptr(),
+                // SAFETY: a registered device; its buffer type lives as long as the device.
+                buft: unsafe { sys::ggml_backend_dev_buffer_type(dev) },
+            });
+        }
+        overrides.push(sys::llama_model_tensor_buft_override {
+            pattern: std::ptr::null(),
+            buft: std::ptr::null_mut(),
+        });
+        if placement.overrides.is_empty() {
+            mp.tensor_buft_overrides = std::ptr::null();
+        } else {
+            mp.tensor_buft_overrides = overrides.as_ptr();
+        }
+        // `devices`, `patterns` and `overrides` outlive the load, which is all that reads them.
         LlamaModel::load_with(path, mp, "")
     }
 
