@@ -209,8 +209,9 @@ pub fn load_dir(dir: &Path) -> Result<DirLoad> {
     for (name, mut files) in by_name {
         files.sort();
         let c = CString::new(name.as_str()).expect("a file name has no NUL");
-        // SAFETY: a NUL-terminated name; returns a registered backend or NULL.
-        let known = !unsafe { sys::ggml_backend_reg_by_name(c.as_ptr()) }.is_null();
+        // SAFETY: a NUL-terminated name; returns the first registered backend of that name, or NULL.
+        let registered = unsafe { sys::ggml_backend_reg_by_name(c.as_ptr()) };
+        let known = !registered.is_null();
         let already = {
             let loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
             files
@@ -218,11 +219,22 @@ pub fn load_dir(dir: &Path) -> Result<DirLoad> {
                 .any(|f| loaded.contains_key(&f.canonicalize().unwrap_or_else(|_| f.clone())))
         };
         if known && !already {
+            let from = LOADED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .find(|b| b.reg.0.as_ptr() == registered)
+                .map(|b| b.path.clone());
+            let why = match from {
+                Some(p) => format!(
+                    "the {} backend is loaded already, from {}",
+                    name.to_uppercase(),
+                    p.display()
+                ),
+                None => format!("ferrite has the {} backend built in", name.to_uppercase()),
+            };
             for f in files {
-                out.skipped.push((
-                    f,
-                    format!("ferrite has the {} backend built in", name.to_uppercase()),
-                ));
+                out.skipped.push((f, why.clone()));
             }
             continue;
         }
