@@ -77,7 +77,12 @@ fn flash_shaped_cache_grows_by_the_dsv4_figure_and_the_plan_is_what_is_allocated
     for (n_layer, trained) in [(43u32, 1u32 << 20), (5, 8192)] {
         let path = dir.path().join(format!("flash_attn_{n_layer}.gguf"));
         write_tiny_model(&path, &flash_attention_shaped(n_layer, trained), 7).unwrap();
-        for cache_type in [CacheType::F16, CacheType::F32, CacheType::Q8_0] {
+        for cache_type in [
+            CacheType::F16,
+            CacheType::F32,
+            CacheType::Q8_0,
+            CacheType::Q4_0,
+        ] {
             // The plan of a run at the default context reserves what its session allocates.
             let e = engine(&path, cache_type, None);
             let cfg = e.config().clone();
@@ -86,7 +91,7 @@ fn flash_shaped_cache_grows_by_the_dsv4_figure_and_the_plan_is_what_is_allocated
             let per_token = cache_bytes(&cfg, &CacheSizes::new(&cfg, 1, 1, cache_type)).per_token;
             assert_eq!(per_token, dsv4_per_token(&cfg, value_bytes), "{what}");
             if n_layer == 43 {
-                // 21 ratio-4 and 20 ratio-128 layers: DSV4.md's 6880 B per token in F16 (Q8_0: 3655 B).
+                // 21 ratio-4 and 20 ratio-128 layers: DSV4.md's 6880 B per token in F16 (Q8_0: 3655 B, Q4_0: 1935 B).
                 assert_eq!(per_token, 6880.0 * value_bytes / 2.0, "{what}");
             }
             let plan = e.memory_plan().inputs.clone();

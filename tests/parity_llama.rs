@@ -349,19 +349,40 @@ fn f16_cache_matches_llama_with_its_f16_cache() {
 /// on these random tiny models a few positions move by half the logit scale in both engines: discrete choices).
 #[test]
 fn q8_0_cache_matches_llama_with_its_q8_0_cache() {
+    let bounds = CacheBounds {
+        median: 2e-3,
+        p95: 5e-3,
+        decode: 5e-3,
+        vs_f16: 5e-2,
+    };
+    quantized_cache_matches_llama(CacheType::Q8_0, bounds);
+}
+
+/// Bounds of a quantized cache against llama.cpp's with the same type (median and 95th percentile of the relative
+/// errors over a prompt, largest over token-by-token decode) and against the F16 cache (median).
+struct CacheBounds {
+    median: f32,
+    p95: f32,
+    decode: f32,
+    vs_f16: f32,
+}
+
+fn quantized_cache_matches_llama(cache_type: CacheType, b: CacheBounds) {
     let dir = tempfile::tempdir().unwrap();
+    let ty = cache_type.name();
     for (name, cfg, seed) in [
         ("small", TinyConfig::small(), 31),
         ("alt", TinyConfig::alt(), 32),
     ] {
-        let path = model(dir.path(), &format!("q8cache_{name}"), &cfg, seed);
+        let path = model(dir.path(), &format!("{ty}cache_{name}"), &cfg, seed);
         let tokens = prompt(PROMPT_LEN, cfg.n_vocab as usize, seed + 1);
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let llama = |q8: bool| {
+        let llama = |quantized: bool| {
             let params = LlamaParams {
                 n_ctx: N_CTX as u32,
                 cache_f16: true,
-                cache_q8_0: q8,
+                cache_q8_0: quantized && cache_type == CacheType::Q8_0,
+                cache_q4_0: quantized && cache_type == CacheType::Q4_0,
                 ..LlamaParams::default()
             };
             let mut ctx = LlamaContext::load(&path, params).unwrap();
@@ -381,7 +402,7 @@ fn q8_0_cache_matches_llama_with_its_q8_0_cache() {
             (whole, ours(&e, &tokens[..160], 1, 512), bytes)
         };
         let (want, want_1) = llama(true);
-        let (got, got_1, q8_bytes) = ferrite(CacheType::Q8_0);
+        let (got, got_1, q_bytes) = ferrite(cache_type);
         let (f16, _, f16_bytes) = ferrite(CacheType::F16);
         let (llama_f16, _) = llama(false);
         let vs_llama = quantiles(&relative_errors(&got, &want), &[0.5, 0.95]);
@@ -389,24 +410,40 @@ fn q8_0_cache_matches_llama_with_its_q8_0_cache() {
         let vs_f16 = quantiles(&relative_errors(&got, &f16), &[0.5]);
         let llama_vs_f16 = quantiles(&relative_errors(&want, &llama_f16), &[0.5, 1.0]);
         eprintln!(
-            "{name}: q8_0 vs llama.cpp q8_0: median {:.1e}, 95 % {:.1e}, decode max {:.1e}; vs F16: median {:.1e} (llama.cpp {:.1e})",
+            "{name}: {ty} vs llama.cpp {ty}: median {:.1e}, 95 % {:.1e}, decode max {:.1e}; vs F16: median {:.1e} (llama.cpp {:.1e})",
             vs_llama[0], vs_llama[1], decode[0], vs_f16[0], llama_vs_f16[0]
         );
         assert!(
-            vs_llama[0] <= 2e-3 && vs_llama[1] <= 5e-3,
+            vs_llama[0] <= b.median && vs_llama[1] <= b.p95,
             "{name}: {vs_llama:?}"
         );
-        assert!(decode[0] <= 5e-3, "{name}: decode {decode:?}");
-        assert!(vs_f16[0] <= 5e-2, "{name}: vs F16 {vs_f16:?}");
+        assert!(decode[0] <= b.decode, "{name}: decode {decode:?}");
+        assert!(vs_f16[0] <= b.vs_f16, "{name}: vs F16 {vs_f16:?}");
         assert!(
             vs_f16[0] <= 1.25 * llama_vs_f16[0],
             "{name}: {vs_f16:?} vs llama.cpp's {llama_vs_f16:?}"
         );
         // Both engines really quantize: the cache type moves llama.cpp's logits beyond the bound above.
         assert!(llama_vs_f16[1] > 1e-1, "{name}: {llama_vs_f16:?}");
-        // About half the F16 cache's rows (34 bytes per 32 values), with the same F32 compressor rings.
-        assert!(q8_bytes < f16_bytes, "{name}: {q8_bytes} vs {f16_bytes}");
+        // Smaller rows than F16's (34 or 18 bytes per 32 values), with the same F32 compressor rings.
+        assert!(q_bytes < f16_bytes, "{name}: {q_bytes} vs {f16_bytes}");
     }
+}
+
+/// The q4_0 cache against llama.cpp's q4_0 cache (flash attention on), as the q8_0 test. Measured on this machine:
+/// against llama.cpp's q4_0, medians 2.1e-3 and 2.7e-3, 95th percentiles 6.1e-3 and 1.9e-2, decode at most 2.7e-1
+/// and 1.3e-2 (one flipped discrete choice on `small`); against the F16 cache, medians 1.8e-1 and 3.2e-1 of the logit
+/// scale, as much as llama.cpp's q4_0 loses (1.8e-1 and 3.2e-1), ten times the q8_0 cache's loss. Equal to llama.cpp's
+/// q4_0, but 4 bits do not hold these models' accuracy: a memory option, not a default.
+#[test]
+fn q4_0_cache_matches_llama_with_its_q4_0_cache() {
+    let bounds = CacheBounds {
+        median: 5e-3,
+        p95: 4e-2,
+        decode: 5e-1,
+        vs_f16: 5e-1,
+    };
+    quantized_cache_matches_llama(CacheType::Q4_0, bounds);
 }
 
 /// The relative errors at quantiles `qs` (0.5: the median, 1.0: the largest).

@@ -100,6 +100,9 @@ pub enum CacheType {
     /// 8-bit blocks of 32 values with an F16 scale (34 bytes per 32 values: about half of F16), as llama.cpp's
     /// `--cache-type-k q8_0`; keys are rotated by a Hadamard matrix before they are quantized, as llama.cpp does.
     Q8_0,
+    /// 4-bit blocks of 32 values with an F16 scale (18 bytes per 32 values: about a quarter of F16), as llama.cpp's
+    /// `--cache-type-k q4_0`, with the same rotation as [`CacheType::Q8_0`].
+    Q4_0,
 }
 
 impl CacheType {
@@ -108,10 +111,11 @@ impl CacheType {
             CacheType::F16 => GgmlType::F16,
             CacheType::F32 => GgmlType::F32,
             CacheType::Q8_0 => GgmlType::Q8_0,
+            CacheType::Q4_0 => GgmlType::Q4_0,
         }
     }
 
-    /// llama.cpp's name (`f16`, `f32`, `q8_0`).
+    /// llama.cpp's name (`f16`, `f32`, `q8_0`, `q4_0`).
     pub fn name(self) -> &'static str {
         self.ggml().name()
     }
@@ -122,12 +126,13 @@ impl CacheType {
             "f16" => Some(CacheType::F16),
             "f32" => Some(CacheType::F32),
             "q8_0" => Some(CacheType::Q8_0),
+            "q4_0" => Some(CacheType::Q4_0),
             _ => None,
         }
     }
 
     pub fn is_quantized(self) -> bool {
-        self == CacheType::Q8_0
+        matches!(self, CacheType::Q8_0 | CacheType::Q4_0)
     }
 
     /// Bytes of a row of `width` values (a multiple of the type's block; see [`CacheType::fits`]).

@@ -54,8 +54,8 @@ pub struct ModelArgs {
     /// Diagnostic: compute with primitive ggml operators instead of the DeepSeek V4 ones (same maths, slower).
     #[arg(long)]
     pub no_fused_ops: bool,
-    /// How the context cache stores key rows: f16 (half the memory, llama.cpp's default), f32, or q8_0 (about a
-    /// quarter, as llama.cpp's `-ctk q8_0`).
+    /// How the context cache stores key rows: f16 (half the memory, llama.cpp's default), f32, q8_0 (about a
+    /// quarter, as llama.cpp's `-ctk q8_0`) or q4_0 (about a seventh, as `-ctk q4_0`; less accurate).
     #[arg(long = "cache-type", visible_aliases = ["ctk", "cache-type-k"], value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type: CacheType,
     #[command(flatten)]
@@ -297,7 +297,8 @@ fn parse_gpu_mem(s: &str) -> Result<SizeList, String> {
 }
 
 pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
-    CacheType::parse(s).ok_or_else(|| format!("{s:?} is not a cache type; use f16, f32 or q8_0"))
+    CacheType::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a cache type; use f16, f32, q8_0 or q4_0"))
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {

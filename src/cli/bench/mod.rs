@@ -94,8 +94,8 @@ pub struct BenchArgs {
     /// Tokens per micro-batch (one graph computation) while processing the prompt.
     #[arg(long = "ubatch", visible_alias = "ubatch-size", value_name = "N", default_value_t = 512, value_parser = parse_positive)]
     pub ubatch: usize,
-    /// How the context cache stores key rows: f16 (llama.cpp's default), f32 or q8_0; llama.cpp's K/V cache follows
-    /// (with flash attention for q8_0, which llama.cpp requires).
+    /// How the context cache stores key rows: f16 (llama.cpp's default), f32, q8_0 or q4_0; llama.cpp's K/V cache
+    /// follows (with flash attention for q8_0 and q4_0, which llama.cpp requires).
     #[arg(long = "cache-type", visible_aliases = ["ctk", "cache-type-k"], value_name = "TYPE", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type: CacheType,
     /// Diagnostic: ferrite computes with primitive ggml operators instead of the DeepSeek V4 ones.

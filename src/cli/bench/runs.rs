@@ -254,6 +254,7 @@ impl LlamaRuns {
             n_threads: threads as i32,
             cache_f16: args.cache_type == CacheType::F16,
             cache_q8_0: args.cache_type == CacheType::Q8_0,
+            cache_q4_0: args.cache_type == CacheType::Q4_0,
             ..LlamaParams::default()
         })?;
         Ok(LlamaRuns {

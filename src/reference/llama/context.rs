@@ -21,7 +21,7 @@ impl LlamaContext {
         LlamaModel::load(path, params.repack)?.context(params)
     }
 
-    /// A context on `model` with F32 or F16 K/V cache and flash attention off, or a Q8_0 cache with it on.
+    /// A context on `model` with F32 or F16 K/V cache and flash attention off, or a Q8_0 or Q4_0 cache with it on.
     pub(super) fn new(model: LlamaModel, p: LlamaParams) -> Result<LlamaContext> {
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };
@@ -31,7 +31,9 @@ impl LlamaContext {
         cp.n_seq_max = 1;
         cp.n_threads = p.n_threads;
         cp.n_threads_batch = p.n_threads;
-        let ty = if p.cache_q8_0 {
+        let ty = if p.cache_q4_0 {
+            sys::GGML_TYPE_Q4_0
+        } else if p.cache_q8_0 {
             sys::GGML_TYPE_Q8_0
         } else if p.cache_f16 {
             sys::GGML_TYPE_F16
@@ -40,7 +42,7 @@ impl LlamaContext {
         };
         cp.type_k = ty;
         cp.type_v = ty;
-        cp.flash_attn_type = if p.cache_q8_0 {
+        cp.flash_attn_type = if p.cache_q8_0 || p.cache_q4_0 {
             sys::LLAMA_FLASH_ATTN_TYPE_ENABLED
         } else {
             sys::LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -73,6 +73,8 @@ pub struct LlamaParams {
     /// Store the K/V cache in Q8_0 (overrides `cache_f16`) with flash attention on, which llama.cpp requires for
     /// a quantized cache.
     pub cache_q8_0: bool,
+    /// Store the K/V cache in Q4_0 (overrides the others), with flash attention on.
+    pub cache_q4_0: bool,
 }
 
 impl Default for LlamaParams {
@@ -88,6 +90,7 @@ impl Default for LlamaParams {
             repack: false,
             cache_f16: false,
             cache_q8_0: false,
+            cache_q4_0: false,
         }
     }
 }
