@@ -379,7 +379,7 @@ mod tests {
         assert_eq!(zero.hit_rate(), 0.0);
         let json = zero.to_json();
         assert!(
-            json.starts_with("{\"tokens\":0,") && json.ends_with("\"io_wait_ms\":0}}"),
+            json.starts_with("{\"tokens\":0,") && json.ends_with("\"device_bytes_per_token\":0}"),
             "{json}"
         );
         let s = StatsSnapshot {
@@ -405,8 +405,28 @@ mod tests {
             line.contains("75.0 % hits")
                 && line.contains("1.00 MiB/token")
                 && line.contains("50 % read direct")
-                && line.contains("25 % used"),
+                && line.contains("25 % used")
+                && !line.contains("device cache"),
             "{line}"
         );
+        // With the device expert cache: its share of the needed experts and the bytes uploaded per token.
+        let d = StatsSnapshot {
+            device_hits: 4,
+            device_loads: 2,
+            device_bytes: 4 << 20,
+            ..s
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&d.to_json()).unwrap();
+        assert_eq!(parsed["device_hits"], 4);
+        assert_eq!(parsed["device_loads"], 2);
+        assert_eq!(parsed["device_bytes_uploaded"], 4 << 20);
+        assert_eq!(parsed["device_bytes_per_token"], 2097152.0);
+        let line = d.to_string();
+        assert!(
+            line.contains("; device cache: 50.0 % of needed experts (4 hits), 2 uploaded (4.00 MiB, 2.00 MiB/token)"),
+            "{line}"
+        );
+        assert_eq!(d.since(&s).device_hits, 4);
+        assert_eq!(s.plus(&d.since(&s)), d);
     }
 }
