@@ -27,12 +27,13 @@
 # Time: each engine processes a depth's tokens once (untimed; `bench` prints how long), then the warm-ups and timed
 # runs. The prefill grows quadratically with the depth (each token's indexer scores every earlier ratio-4 row). Before
 # each depth the script prints an estimate from the earlier depths of the same cache type; -L skips what would take
-# longer. Measured per cache type on the shared 2-core AVX-512 VM under load average 4-7 (so too slow by 2-3x):
-#   d0 133 s; d2048 1026 s with a bench that still processed each depth 6 times (now twice); d4096 997 s
-#   (prefills: ferrite 409 s, before its chunked prompts read only the chosen rows; llama.cpp 293 s).
-# Extrapolated (quadratic, from d0 and d4096, same load): d16384 about 1.5 h (llama.cpp's prefill alone ~36 min),
-# d65536 12 h or more (llama.cpp's prefill alone ~7 h). On a quiet machine divide by 2-3: 0,4096,16384 fit an
-# afternoon; 65536 does not fit 20 minutes on any 2-core machine (use -L 20 to let the script drop it).
+# longer. Measured per cache type on the shared 2-core AVX-512 VM under load average 2-7 (too slow by 2-3x, and
+# noisy):
+#   d0 133 s; d4096 f16 997 s (prefills: ferrite 409 s, before its prompts' query chunks read only the chosen rows,
+#   llama.cpp 293 s); d4096 q8_0 358 s (prefills: ferrite 72 s, llama.cpp 150 s; with -x the masked ferrite run took
+#   514 s more, its prefill 200 s).
+# Extrapolated (quadratic in the depth; llama.cpp's prefill now dominates): d16384 about 0.5-1.5 h, d65536 5-20 h
+# per cache type. 65536 does not fit 20 minutes on a 2-core machine: -L 20 lets the script drop it.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -268,8 +268,9 @@ pub fn graph_size(cfg: &Config, fused: bool, n_chunks: usize) -> usize {
         + CHUNK_NODES * n_chunks * cfg.n_layer
 }
 
-/// Graph nodes (and context tensors) one query chunk adds to a layer's attention, with room to spare.
-pub const CHUNK_NODES: usize = 32;
+/// Graph nodes (and context tensors) one query chunk adds to a layer's attention, with room to spare (reading each
+/// query's chosen rows takes about 35).
+pub const CHUNK_NODES: usize = 48;
 
 /// Builds the graph of micro-batches shaped like `plan` (with `want` logits rows) over `cache`. Its
 /// [`OwnedGraph::tensors`] are the logits `{n_vocab, n_out}`, then the inputs in [`batch_inputs`] order.
