@@ -10,20 +10,14 @@
 
 mod support;
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
-use ferrite::cache::CacheType;
-use ferrite::engine::{Engine, EngineOptions, Logits, PagingOptions, Placement};
+use ferrite::engine::Placement;
 use ferrite::ggml::{modules, rpc};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
-use support::compare::{prompt, relative_errors};
-
-const N_GEN: usize = 128;
-const TOLERANCE: f32 = 1e-4;
+use support::rpc::{assert_matches, command, open, RpcServer};
 
 /// The folder with `libggml-rpc.so` and `libggml-base.so.0`, built once per test process.
 fn rpc_module_dir() -> &'static Path {
@@ -42,115 +36,6 @@ fn rpc_module_dir() -> &'static Path {
         assert!(status.success(), "scripts/ggml-module.sh rpc failed");
         out
     })
-}
-
-/// A command whose child inherits no file descriptor but stdin, stdout and stderr (see tests/offload_rpc.rs:
-/// ggml-rpc's client sockets are not close-on-exec).
-fn command(program: &str) -> Command {
-    use std::os::unix::process::CommandExt;
-    let mut c = Command::new(program);
-    // SAFETY: runs in the child between fork and exec, calling only close(2), which is async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            for fd in 3..1024 {
-                libc::close(fd);
-            }
-            Ok(())
-        });
-    }
-    c
-}
-
-/// A `ferrite rpc-server` child on 127.0.0.1, killed when dropped.
-struct RpcServer {
-    child: Child,
-    endpoint: String,
-}
-
-impl RpcServer {
-    fn start() -> RpcServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = command(env!("CARGO_BIN_EXE_ferrite"))
-            .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start ferrite rpc-server");
-        let server = RpcServer {
-            child,
-            endpoint: format!("127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&server.endpoint).is_err() {
-            assert!(Instant::now() < deadline, "rpc-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-}
-
-impl Drop for RpcServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn open(path: &Path, placement: Placement) -> Engine {
-    Engine::open(
-        path,
-        EngineOptions {
-            n_threads: 1,
-            cache_type: CacheType::F32,
-            paging: PagingOptions {
-                ctx_size: Some(512),
-                n_ubatch: Some(64),
-                ..PagingOptions::default()
-            },
-            layout: Some(placement),
-            ..EngineOptions::default()
-        },
-    )
-    .unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn run(engine: &Engine, prompt: &[u32], whole: bool) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let n_vocab = engine.n_vocab();
-    let mut s = engine
-        .session_sized(512, if whole { 64 } else { 1 })
-        .unwrap();
-    let mut rows: Vec<Vec<f32>> = Vec::new();
-    if whole {
-        let all = s.feed(prompt, Logits::All).unwrap();
-        rows.extend(all.chunks(n_vocab).map(<[f32]>::to_vec));
-    } else {
-        for &t in prompt {
-            rows.push(s.feed(&[t], Logits::Last).unwrap());
-        }
-    }
-    let mut out = Vec::new();
-    let mut next = argmax(rows.last().unwrap());
-    for _ in 0..N_GEN {
-        out.push(next);
-        let row = s.feed(&[next], Logits::Last).unwrap();
-        next = argmax(&row);
-        rows.push(row);
-    }
-    (rows, out)
 }
 
 #[test]
@@ -185,8 +70,8 @@ fn a_device_of_a_loaded_module_runs_the_model_like_the_cpu() {
     assert!(!dev.is_cpu() && dev.is_rpc());
     assert_eq!(dev.description(), server.endpoint);
 
-    let cpu = open(&path, Placement::default());
-    let offloaded = open(&path, Placement::all_on(dev));
+    let cpu = open(&path, Placement::default(), vec![]);
+    let offloaded = open(&path, Placement::all_on(dev), vec![]);
     assert_eq!(offloaded.devices(), vec![dev]);
     assert!(
         offloaded
@@ -196,24 +81,7 @@ fn a_device_of_a_loaded_module_runs_the_model_like_the_cpu() {
             .sum::<usize>()
             > 0
     );
-    let p = prompt(100, cpu.n_vocab(), 7);
-    for whole in [true, false] {
-        let what = if whole {
-            "whole prompt"
-        } else {
-            "token by token"
-        };
-        let (rows, toks) = run(&offloaded, &p, whole);
-        let (ref_rows, ref_toks) = run(&cpu, &p, whole);
-        let worst = relative_errors(&rows, &ref_rows)
-            .into_iter()
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= TOLERANCE,
-            "{what}: {worst:e} of the logit scale away from the CPU-only run"
-        );
-        assert_eq!(toks, ref_toks, "{what}: greedy tokens");
-    }
+    assert_matches("a loaded module's device", &offloaded, &cpu, 7);
 }
 
 fn ferrite(args: &[&str], cache: &Path) -> Command {

@@ -3,39 +3,11 @@
 //! (`FERRITE_LLAMA_LOG=1`) with an RPC device on loopback standing in for a GPU; CPU-only runs give llama.cpp no
 //! device at all (so no op offload either).
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-struct RpcServer(Child, u16);
+use std::process::Command;
 
-impl Drop for RpcServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rpc_server() -> RpcServer {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = RpcServer(child, port);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "rpc-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    server
-}
+use support::rpc::RpcServer;
 
 /// True when llama.cpp's log says it overrode `tensor`'s buffer type to the CPU.
 fn overridden(log: &str, tensor: &str) -> bool {
@@ -78,8 +50,8 @@ fn bench(placement: &[&str], cache: &std::path::Path) -> (String, String) {
 #[test]
 fn llama_cpp_runs_with_ferrites_placement() {
     let cache = tempfile::tempdir().unwrap();
-    let server = rpc_server();
-    let rpc = format!("127.0.0.1:{}", server.1);
+    let server = RpcServer::start();
+    let rpc = server.endpoint.clone();
 
     let (placement, log) = bench(&["--rpc", &rpc, "-ngl", "all", "--cpu-moe"], cache.path());
     assert!(

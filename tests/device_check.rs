@@ -4,10 +4,12 @@
 //! steps and the summary with an RPC device on loopback standing in for the GPU (DEVICE_CHECK_REHEARSAL): the
 //! script's commands, placements, comparisons and JSON are the ones the GPU machine runs.
 
-use std::net::{TcpListener, TcpStream};
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+
+use support::rpc::RpcServer;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/device-check.sh")
@@ -144,45 +146,14 @@ fn the_logit_comparison_fails_past_1e4_of_the_scale_with_python_and_with_awk() {
     }
 }
 
-/// A `ferrite rpc-server` on 127.0.0.1, killed when dropped.
-struct RpcServer(Child, u16);
-
-impl Drop for RpcServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rpc_server() -> RpcServer {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["rpc-server", "--port", &port.to_string(), "-t", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = RpcServer(child, port);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "rpc-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    server
-}
-
 #[test]
 fn a_rehearsal_on_an_rpc_device_passes_and_writes_the_summary() {
     let dir = tempfile::tempdir().unwrap();
     let dist = fake_dist(dir.path());
-    let server = rpc_server();
+    let server = RpcServer::start();
     let out_dir = dir.path().join("out");
     let work = dir.path().join("work");
-    let rpc = format!("--rpc 127.0.0.1:{}", server.1);
+    let rpc = format!("--rpc {}", server.endpoint);
     let out = check(
         &[out_dir.to_str().unwrap()],
         &[

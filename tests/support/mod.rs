@@ -5,3 +5,4 @@ pub mod chat_cases;
 pub mod cli;
 pub mod compare;
 pub mod quantize;
+pub mod rpc;
