@@ -374,31 +374,24 @@ impl Engine {
         let weights = self.weight_tensors();
         let stride = DeviceExperts::slot_bytes(&self.model, &weights, cpu_layers)? as u64;
         let n_cpu = cpu_layers.iter().filter(|&&c| c).count() as u64 * self.cfg.n_expert as u64;
-        let left = || -> u64 {
-            self.device_plan
-                .devices
-                .iter()
-                .find(|d| d.name == device.name())
-                .and_then(|d| {
-                    d.budget
-                        .as_ref()
-                        .map(|b| b.bytes.saturating_sub(d.bytes.total()))
-                })
-                .unwrap_or(0)
-        };
-        let wanted = match arg {
-            GpuExpertsArg::Slots(n) => n,
-            GpuExpertsArg::Bytes(b) => b / stride.max(1),
-            GpuExpertsArg::Auto => left() / stride.max(1),
-        };
-        let n_slots = wanted.min(n_cpu);
-        let room = left();
-        let known = self
+        // What the placement left on the device (`None`: a device the plan does not know, e.g. an explicit layout).
+        let planned = self
             .device_plan
             .devices
             .iter()
-            .any(|d| d.name == device.name());
-        if known && n_slots * stride > room {
+            .find(|d| d.name == device.name());
+        let room = planned.map(|d| {
+            d.budget
+                .as_ref()
+                .map_or(0, |b| b.bytes.saturating_sub(d.bytes.total()))
+        });
+        let wanted = match arg {
+            GpuExpertsArg::Slots(n) => n,
+            GpuExpertsArg::Bytes(b) => b / stride.max(1),
+            GpuExpertsArg::Auto => room.unwrap_or(0) / stride.max(1),
+        };
+        let n_slots = wanted.min(n_cpu);
+        if let Some(room) = room.filter(|&room| n_slots * stride > room) {
             bail!(
                 "--gpu-experts: {n_slots} experts take {} on {}, which has {} left after the placement (hint: --gpu-experts {} or auto, or fewer layers on it with -ngl)",
                 format_bytes(n_slots * stride),

@@ -480,10 +480,7 @@ impl HostStep<'_> {
                 }
                 // Guess the next layer's experts and read them while its attention runs.
                 if let (Some(px), Some(policy)) = (self.store, policy.as_deref_mut()) {
-                    if plan_waves == 1
-                        && px.pages_layer(il + 1)
-                        && px.hash_experts[il + 1].is_none()
-                    {
+                    if plan_waves == 1 && cpu_layer(il + 1) && px.hash_experts[il + 1].is_none() {
                         let guess = stages.read_i32(GUESS, k * n)?;
                         let keys: Vec<ExpertKey> = guess
                             .iter()

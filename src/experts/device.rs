@@ -56,20 +56,7 @@ impl DeviceExperts {
         weights: &Weights<Tensor<'_>>,
         cached: &[bool],
     ) -> Result<usize> {
-        let mut room = [0usize; 3];
-        for (il, lw) in weights.layers.iter().enumerate() {
-            if !cached.get(il).copied().unwrap_or(false) {
-                continue;
-            }
-            for (p, t) in [lw.gate_exps, lw.up_exps, lw.down_exps]
-                .into_iter()
-                .enumerate()
-            {
-                let (_, bytes) = source(model, t)?;
-                room[p] = room[p].max(bytes.next_multiple_of(PART_ALIGN));
-            }
-        }
-        Ok(room.iter().sum())
+        Ok(cached_parts(model, weights, cached)?.1.iter().sum())
     }
 
     /// A cache of `n_slots` experts on `device` for the layers `cached` marks (`weights`: the engine's tensors, by
@@ -85,22 +72,7 @@ impl DeviceExperts {
         if n_slots == 0 {
             bail!("the device expert cache needs at least one slot");
         }
-        let mut room = [0usize; 3];
-        let mut found = Vec::with_capacity(weights.layers.len());
-        for (il, lw) in weights.layers.iter().enumerate() {
-            if !cached.get(il).copied().unwrap_or(false) {
-                found.push(None);
-                continue;
-            }
-            let parts = [lw.gate_exps, lw.up_exps, lw.down_exps];
-            let mut layer = [(0usize, 0usize, parts[0]); 3];
-            for (p, t) in parts.into_iter().enumerate() {
-                let (index, bytes) = source(model, t)?;
-                room[p] = room[p].max(bytes.next_multiple_of(PART_ALIGN));
-                layer[p] = (index, bytes, t);
-            }
-            found.push(Some(layer));
-        }
+        let (found, room) = cached_parts(model, weights, cached)?;
         let offsets = [0, room[0], room[0] + room[1]];
         let stride: usize = room.iter().sum();
         let mut specs = Vec::new();
@@ -219,6 +191,36 @@ impl DeviceExperts {
         }
         Ok(copied)
     }
+}
+
+/// One cached layer's parts (gate, up, down): the model's tensor index, the bytes of one expert, the engine's tensor.
+type LayerParts<'t> = [(usize, usize, Tensor<'t>); 3];
+
+/// Per layer, the parts of the layers `cached` marks (`None` for the others), and each part's room in a slot: the
+/// largest of those layers' experts, aligned.
+#[allow(clippy::type_complexity)]
+fn cached_parts<'t>(
+    model: &Model,
+    weights: &Weights<Tensor<'t>>,
+    cached: &[bool],
+) -> Result<(Vec<Option<LayerParts<'t>>>, [usize; 3])> {
+    let mut room = [0usize; 3];
+    let mut found = Vec::with_capacity(weights.layers.len());
+    for (il, lw) in weights.layers.iter().enumerate() {
+        if !cached.get(il).copied().unwrap_or(false) {
+            found.push(None);
+            continue;
+        }
+        let parts = [lw.gate_exps, lw.up_exps, lw.down_exps];
+        let mut layer = [(0usize, 0usize, parts[0]); 3];
+        for (p, t) in parts.into_iter().enumerate() {
+            let (index, bytes) = source(model, t)?;
+            room[p] = room[p].max(bytes.next_multiple_of(PART_ALIGN));
+            layer[p] = (index, bytes, t);
+        }
+        found.push(Some(layer));
+    }
+    Ok((found, room))
 }
 
 /// The model's tensor behind the engine's weight `t` (by name): its index and the bytes of one expert (its

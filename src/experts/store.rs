@@ -29,9 +29,6 @@ pub struct PagedExperts {
     /// Per hash-routed paged layer: the experts of every token id (`n_expert_used` per token), for certain
     /// prefetches.
     pub(crate) hash_experts: Vec<Option<Vec<i32>>>,
-    /// Per layer: whether its routed experts go through the store (else they are on a device, and the layer's graph
-    /// computes them there).
-    paged_layers: Vec<bool>,
     pub(crate) policy: Mutex<SlotPolicy>,
 }
 
@@ -118,14 +115,8 @@ impl PagedExperts {
             part_bytes,
             leads,
             hash_experts,
-            paged_layers: paged_layers.to_vec(),
             policy: Mutex::new(policy),
         })
-    }
-
-    /// Whether layer `il`'s routed experts go through the store (else its graph computes them on their device).
-    pub fn pages_layer(&self, il: usize) -> bool {
-        self.paged_layers.get(il).copied().unwrap_or(false)
     }
 
     pub fn n_slots(&self) -> usize {
