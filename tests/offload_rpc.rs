@@ -292,6 +292,24 @@ fn a_device_without_the_fused_ops_gets_the_primitive_form() {
     assert_matches("primitive form on the device", &mixed, &cpu, 7);
 }
 
+/// Options of the paging tests: `placement`, an F32 cache, and with `paged` an expert store of fewer slots than a
+/// layer's experts (misses, evictions and waves happen).
+fn options(cfg: &TinyConfig, placement: Placement, paged: bool) -> EngineOptions {
+    EngineOptions {
+        n_threads: 1,
+        cache_type: CacheType::F32,
+        paging: PagingOptions {
+            ctx_size: Some(512),
+            n_ubatch: Some(64),
+            expert_cache: paged
+                .then(|| ferrite::plan::ExpertCacheArg::Slots(u64::from(cfg.n_expert_used) + 1)),
+            ..PagingOptions::default()
+        },
+        layout: Some(placement),
+        ..EngineOptions::default()
+    }
+}
+
 #[test]
 fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,21 +317,7 @@ fn paged_experts_with_the_rest_on_rpc_match_the_cpu() {
     let path = tiny(dir.path(), &cfg, 24);
     let server = RpcServer::start();
     let rpc0 = server.device();
-    let paged_opts = |placement: Placement| EngineOptions {
-        n_threads: 1,
-        cache_type: CacheType::F32,
-        paging: PagingOptions {
-            ctx_size: Some(512),
-            n_ubatch: Some(64),
-            // Fewer slots than experts: misses, evictions and waves happen.
-            expert_cache: Some(ferrite::plan::ExpertCacheArg::Slots(
-                u64::from(cfg.n_expert_used) + 1,
-            )),
-            ..PagingOptions::default()
-        },
-        layout: Some(placement),
-        ..EngineOptions::default()
-    };
+    let paged_opts = |placement: Placement| options(&cfg, placement, true);
     // Everything but the routed experts on the device; the experts paged through the slots in RAM.
     let mut rest_on_rpc = Placement::all_on(rpc0);
     rest_on_rpc.rest.experts = None;
@@ -361,18 +365,8 @@ fn device_expert_cache_on_rpc_matches_the_cpu() {
     let mut experts_on_cpu = Placement::all_on(rpc0);
     experts_on_cpu.rest.experts = None;
     let opts = |paged: bool| EngineOptions {
-        n_threads: 1,
-        cache_type: CacheType::F32,
-        paging: PagingOptions {
-            ctx_size: Some(512),
-            n_ubatch: Some(64),
-            expert_cache: paged
-                .then(|| ferrite::plan::ExpertCacheArg::Slots(u64::from(cfg.n_expert_used) + 1)),
-            ..PagingOptions::default()
-        },
-        layout: Some(experts_on_cpu.clone()),
         gpu_experts: Some(GpuExpertsArg::Slots(4)),
-        ..EngineOptions::default()
+        ..options(&cfg, experts_on_cpu.clone(), paged)
     };
     for paged in [false, true] {
         let what = match paged {
