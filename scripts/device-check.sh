@@ -12,15 +12,18 @@
 #     nvcc for this GPU's architecture only (scripts/build-cuda.sh; timed). `ferrite --list-devices` must show CUDA0.
 #  3. Parity on the tiny demo model (F32 weights, F32 cache): `ferrite logits` of 100 tokens on the GPU against the
 #     CPU-only run (--device none), whole prompt and token by token (--ubatch 1), for each placement of the offload
-#     parity tests: every layer on the GPU; layers split between the GPU and the CPU (-ngl 2); --cpu-moe; -ot moving
-#     one layer's gate and up experts to the CPU; --cpu-moe with the experts paged through a small cache. Pass: every
+#     parity tests: every layer on the GPU; layers split between the GPU and the CPU (-ngl 2); --cpu-moe (no device
+#     expert cache); -ot moving one layer's gate and up experts to the CPU; --cpu-moe with the experts paged through a
+#     small cache; --cpu-moe with 8 experts in the device expert cache, in front of resident and of paged experts
+#     (hits, host computation and uploads all happen). Pass: every
 #     position within 1e-4 of the logit scale (max |gpu - cpu| / max |cpu| per position), and 128 greedy tokens
 #     (`complete --temp 0`) identical to the CPU's.
 #  4. The Flash-width model, 4 layers, Q4_K experts (dist/flash_model; sparse zero experts unless
 #     FLASH_RANDOM_EXPERTS=1, which quantizes 4 layers of random experts: about 4 more minutes on 16 cores), then
-#     `ferrite bench --vs-llama` (-p 512 -n 64 -r 3): all on the GPU; --cpu-moe; and, when this ferrite has
-#     --gpu-experts, --cpu-moe with a quarter of the routed experts in the device cache (GPU_EXPERTS, default 256 =
-#     4 layers x 256 / 4). What llama.cpp runs there is stated in the summary: bench runs it in-process through the
+#     `ferrite bench --vs-llama` (-p 512 -n 64 -r 3): all on the GPU; --cpu-moe --gpu-experts 0 (no device cache,
+#     as llama.cpp); and, when this ferrite has --gpu-experts, --cpu-moe with a quarter of the routed experts in the
+#     device cache (GPU_EXPERTS, default 256 = 4 layers x 256 / 4), and --cpu-moe alone (the default cache: what
+#     the GPU has left, reported without a target). What llama.cpp runs there is stated in the summary: bench runs it in-process through the
 #     linked crate.
 #  5. OUT/summary.json and OUT/summary.md, every step's command, output and time under OUT/steps/.
 #
@@ -275,15 +278,17 @@ tokens="$work/tokens.txt"
 [ "$dry" = 1 ] || awk 'BEGIN { s = 12345; for (i = 0; i < 100; i++) { s = (s * 1103515245 + 12345) % 2147483648; print int(s / 65536) % 512 } }' > "$tokens"
 common=(-m demo -c 512 --cache-type f32 -t "$(nproc 2>/dev/null || echo 4)")
 # shellcheck disable=SC2206
-placements=(${DEVICE_CHECK_PLACEMENTS:-gpu_all split cpu_moe ot paged})
+placements=(${DEVICE_CHECK_PLACEMENTS:-gpu_all split cpu_moe ot paged gpu_cache gpu_cache_paged})
 placement_flags() {
     case "$1" in
         cpu) echo "--device none" ;;
         gpu_all) echo "--device $dev -ngl all" ;;
         split) echo "--device $dev -ngl 2" ;;
-        cpu_moe) echo "--device $dev -ngl all --cpu-moe" ;;
-        ot) echo "--device $dev -ngl all -ot blk\\.1\\.ffn_(gate|up)_exps=CPU" ;;
-        paged) echo "--device $dev -ngl all --cpu-moe --expert-cache 7" ;;
+        cpu_moe) echo "--device $dev -ngl all --cpu-moe --gpu-experts 0" ;;
+        ot) echo "--device $dev -ngl all -ot blk\\.1\\.ffn_(gate|up)_exps=CPU --gpu-experts 0" ;;
+        paged) echo "--device $dev -ngl all --cpu-moe --expert-cache 7 --gpu-experts 0" ;;
+        gpu_cache) echo "--device $dev -ngl all --cpu-moe --gpu-experts 8" ;;
+        gpu_cache_paged) echo "--device $dev -ngl all --cpu-moe --expert-cache 7 --gpu-experts 8" ;;
     esac
 }
 parity_tsv="$out/parity.tsv"
@@ -343,10 +348,12 @@ else
 step flash-model 300 "$flash_model" "$flash" --layers 4 --experts Q4_K "${sparse[@]}" --overwrite
 fi
 step bench-gpu_all 150 "$ferrite" "${bench_common[@]}" --device "$dev" -ngl all
-step bench-cpu_moe 150 "$ferrite" "${bench_common[@]}" --device "$dev" -ngl all --cpu-moe
+step bench-cpu_moe 150 "$ferrite" "${bench_common[@]}" --device "$dev" -ngl all --cpu-moe --gpu-experts 0
 if [ "$has_gpu_experts" = 1 ] || [ "$dry" = 1 ]; then
     [ "$dry" = 1 ] && echo "# only when \`ferrite bench --help\` lists --gpu-experts:"
     step bench-gpu_experts 150 "$ferrite" "${bench_common[@]}" --device "$dev" -ngl all --cpu-moe --gpu-experts "$gpu_experts"
+    # The default: --cpu-moe alone, the device cache sized to what the GPU has left (last: the first a short budget skips).
+    step bench-gpu_auto 150 "$ferrite" "${bench_common[@]}" --device "$dev" -ngl all --cpu-moe
 fi
 fi
 
@@ -384,11 +391,11 @@ target_of() { # PLACEMENT KIND
 }
 bench_tsv="$out/bench.tsv"
 printf 'placement\ttest\tferrite_tps\tllama_tps\tratio\ttarget\n' > "$bench_tsv"
-for b in gpu_all cpu_moe gpu_experts; do
+for b in gpu_all cpu_moe gpu_experts gpu_auto; do
     if [ "$rehearsal" = 1 ] || ! has_part bench; then
         printf '%s\t-\t-\t-\t-\tskipped: %s\n' "$b" "$([ "$rehearsal" = 1 ] && echo rehearsal || echo "not in DEVICE_CHECK_PARTS")" >> "$bench_tsv"; continue
     fi
-    if [ "$b" = gpu_experts ] && [ "$has_gpu_experts" = 0 ]; then
+    if { [ "$b" = gpu_experts ] || [ "$b" = gpu_auto ]; } && [ "$has_gpu_experts" = 0 ]; then
         printf '%s\t-\t-\t-\t-\tskipped: this ferrite has no --gpu-experts\n' "$b" >> "$bench_tsv"; continue
     fi
     rows="$(bench_rows "$out/steps/bench-$b.out")"
@@ -401,7 +408,7 @@ for b in gpu_all cpu_moe gpu_experts; do
     done <<< "$rows"
 done
 
-llama_note="ferrite bench --vs-llama runs llama.cpp in-process through the linked llama-cpp-sys-2 (src/reference/llama) with ferrite's placement (llama_placement below: the same devices, the same -ngl count and -ot rules for the routed experts ferrite keeps on the CPU, so --cpu-moe there is llama.cpp's -ot exps=CPU / --cpu-moe). llama.cpp loads through the same ggml registry, so it computes with the CUDA module ferrite loaded (the same build of ggml's CUDA kernels). Its op offload is on (llama.cpp's default): with experts on the CPU, its prompt products may be uploaded to the GPU, which ferrite does not do yet. llama.cpp has no device expert cache: against --gpu-experts it runs ferrite's placement without the cache, i.e. llama.cpp --cpu-moe."
+llama_note="ferrite bench --vs-llama runs llama.cpp in-process through the linked llama-cpp-sys-2 (src/reference/llama) with ferrite's placement (llama_placement below: the same devices, the same -ngl count and -ot rules for the routed experts ferrite keeps on the CPU, so --cpu-moe there is llama.cpp's -ot exps=CPU / --cpu-moe). llama.cpp loads through the same ggml registry, so it computes with the CUDA module ferrite loaded (the same build of ggml's CUDA kernels). Op offload is on in both (llama.cpp's default): with experts on the CPU, a prompt's expert products may be computed on the GPU, the weights uploaded for them; with the device expert cache, ferrite runs micro-batches from the device's offload threshold (32 tokens on CUDA) as one graph the same way, and decodes through the cache. llama.cpp has no device expert cache: against --gpu-experts it runs ferrite's placement without the cache, i.e. llama.cpp --cpu-moe."
 flash_kind="4 layers, Q4_K experts, Q8_0 rest, $([ ${#sparse[@]} -gt 0 ] && echo 'experts written as zeros (sparse file; the same bytes to read and multiply, meaningless outputs)' || echo 'random experts')"
 json_str() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g; s/\t/ /g' | tr '\n' ' ')"; }
 tsv_json() { # FILE -> JSON array of objects (every value a string)
@@ -443,7 +450,7 @@ status=pass
     echo
     echo "## Bench: Flash-width model ($flash_kind)"
     echo
-    echo "\`ferrite ${bench_common[*]} PLACEMENT\`; placements: gpu_all = --device $dev -ngl all; cpu_moe = ... --cpu-moe; gpu_experts = ... --cpu-moe --gpu-experts $gpu_experts."
+    echo "\`ferrite ${bench_common[*]} PLACEMENT\`; placements: gpu_all = --device $dev -ngl all; cpu_moe = ... --cpu-moe --gpu-experts 0; gpu_experts = ... --cpu-moe --gpu-experts $gpu_experts; gpu_auto = ... --cpu-moe (the default device cache: what the GPU has left; no target, reported)."
     echo
     echo "| placement | test | ferrite t/s | llama.cpp t/s | ratio | issue 17 target |"; echo "|---|---|---|---|---|---|"
     tail -n +2 "$bench_tsv" | awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6 }'

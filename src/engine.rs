@@ -103,8 +103,14 @@ pub struct EngineOptions {
     /// How long a reply from an RPC server may take before the run ends with an error (`--rpc-timeout`; zero: no
     /// limit). See [`crate::ggml::rpc::limit_replies`].
     pub rpc_timeout: std::time::Duration,
-    /// `--gpu-experts`: a cache of the CPU's routed experts in a device's memory (`None`: no cache).
+    /// `--gpu-experts`: a cache of the CPU's routed experts in a device's memory (`None`: the default, `auto` on a
+    /// local GPU or accelerator when some layer's experts are the CPU's, no cache on an RPC server's device).
     pub gpu_experts: Option<GpuExpertsArg>,
+    /// With the device expert cache and no paged store: micro-batches of at least this many tokens run as one graph
+    /// instead of the stage chain, so that ggml's op offload computes the CPU's experts on the device as it does for
+    /// llama.cpp's prompts (`None`: the smallest batch a device of the run asks to offload products of, none when
+    /// op offload is off or no device asks). Tests set it to run that path over RPC, which never asks.
+    pub one_graph_from: Option<usize>,
 }
 
 /// The devices a run may use and how the user asked for them to be used (`--device`, `-ngl`, `-ot`, ...).
@@ -129,6 +135,7 @@ impl Default for EngineOptions {
             no_fused_on: Vec::new(),
             rpc_timeout: crate::ggml::rpc::DEFAULT_REPLY_TIMEOUT,
             gpu_experts: None,
+            one_graph_from: None,
         }
     }
 }
@@ -163,6 +170,8 @@ pub struct Engine {
     pub(crate) cpu_expert_layers: Vec<bool>,
     /// The device expert cache (`--gpu-experts`) in front of the CPU's experts.
     pub(crate) device_experts: Option<DeviceExperts>,
+    /// See [`EngineOptions::one_graph_from`]: the batch from which the stage chain gives way to one graph.
+    one_graph_from: Option<usize>,
     pub(crate) stats: Mutex<ExpertStats>,
     /// What locking memory did (`--mlock`, and the paged store's resident weights).
     notes: Vec<String>,
@@ -280,6 +289,7 @@ impl Engine {
             paged: None,
             cpu_expert_layers: Vec::new(),
             device_experts: None,
+            one_graph_from: None,
             stats: Mutex::new(ExpertStats::new()),
             notes: Vec::new(),
             locked: 0,
@@ -330,13 +340,23 @@ impl Engine {
                 engine.paged = Some(paged);
             }
         }
-        let no_cache = Some(GpuExpertsArg::Slots(0));
-        if let Some(arg) = engine
-            .opts
-            .gpu_experts
-            .filter(|&a| any_cpu && Some(a) != no_cache)
-        {
-            engine.device_experts = engine.device_expert_cache(arg)?;
+        // With resident CPU experts, prompts from this many tokens run as one graph (op offload).
+        let one_graph_from = match engine.opts.one_graph_from {
+            Some(n) => Some(n),
+            None if engine.opts.placement.request.op_offload => engine
+                .devices
+                .iter()
+                .filter_map(|d| d.device().smallest_offloaded_batch())
+                .min(),
+            None => None,
+        }
+        .filter(|_| engine.paged.is_none());
+        if any_cpu && engine.opts.gpu_experts != Some(GpuExpertsArg::Slots(0)) {
+            engine.device_experts =
+                engine.device_expert_cache(engine.opts.gpu_experts, one_graph_from.is_some())?;
+        }
+        if engine.device_experts.is_some() {
+            engine.one_graph_from = one_graph_from;
         }
         let (repacked, copied) = (placed.repacked, placed.copied);
         if repacked.tensors > 0 {
@@ -360,16 +380,28 @@ impl Engine {
 
     /// Sets up the device expert cache `--gpu-experts` asks for, on the device of the first layer whose experts the
     /// CPU holds (else the first device): `None` when `auto` finds no room.
-    fn device_expert_cache(&mut self, arg: GpuExpertsArg) -> Result<Option<DeviceExperts>> {
+    ///
+    /// `offloads`: prompts run as one graph whose products of the CPU's experts the device computes, the weights of
+    /// a layer's experts copied into its compute buffer for them; `auto` leaves room for the largest such layer.
+    fn device_expert_cache(
+        &mut self,
+        arg: Option<GpuExpertsArg>,
+        offloads: bool,
+    ) -> Result<Option<DeviceExperts>> {
         let cpu_layers = &self.cpu_expert_layers;
         let first = cpu_layers.iter().position(|&c| c).unwrap_or(0);
-        let Some(device) = self
+        let device = self
             .placement
             .layer(first)
             .main
-            .or_else(|| self.devices.first().map(|d| d.device()))
-        else {
-            bail!("--gpu-experts needs a device to cache experts on, and none takes part (hint: --list-devices shows them; --device, -ngl and --rpc choose them)");
+            .or_else(|| self.devices.first().map(|d| d.device()));
+        let (device, arg, default) = match (device, arg) {
+            (Some(device), Some(arg)) => (device, arg, false),
+            // The default: a local GPU's spare memory caches experts; an RPC server's memory is behind the
+            // network, where an upload costs more than the CPU computing the expert.
+            (Some(device), None) if !device.is_rpc() => (device, GpuExpertsArg::Auto, true),
+            (_, None) => return Ok(None),
+            (None, Some(_)) => bail!("--gpu-experts needs a device to cache experts on, and none takes part (hint: --list-devices shows them; --device, -ngl and --rpc choose them)"),
         };
         let weights = self.weight_tensors();
         let stride = DeviceExperts::slot_bytes(&self.model, &weights, cpu_layers)? as u64;
@@ -385,10 +417,22 @@ impl Engine {
                 .as_ref()
                 .map_or(0, |b| b.bytes.saturating_sub(d.bytes.total()))
         });
+        let offload_room = match offloads {
+            false => 0,
+            true => weights
+                .layers
+                .iter()
+                .zip(cpu_layers)
+                .filter(|(_, &cpu)| cpu)
+                .map(|(l, _)| [l.gate_exps, l.up_exps, l.down_exps].map(|t| t.n_bytes() as u64))
+                .map(|parts| parts.iter().sum::<u64>())
+                .max()
+                .unwrap_or(0),
+        };
         let wanted = match arg {
             GpuExpertsArg::Slots(n) => n,
             GpuExpertsArg::Bytes(b) => b / stride.max(1),
-            GpuExpertsArg::Auto => room.unwrap_or(0) / stride.max(1),
+            GpuExpertsArg::Auto => room.unwrap_or(0).saturating_sub(offload_room) / stride.max(1),
         };
         let n_slots = wanted.min(n_cpu);
         if let Some(room) = room.filter(|&room| n_slots * stride > room) {
@@ -424,11 +468,28 @@ impl Engine {
             n_slots as usize,
         )?;
         self.notes.push(format!(
-            "device expert cache: {n_slots} of the CPU's {n_cpu} routed experts ({}) on {}",
+            "device expert cache: {n_slots} of the CPU's {n_cpu} routed experts ({}) on {}{}",
             format_bytes(cache.bytes() as u64),
-            device.name()
+            device.name(),
+            match default {
+                true => " (the default, auto; --gpu-experts 0 turns it off)",
+                false => "",
+            }
         ));
+        if arg == GpuExpertsArg::Auto && offload_room > 0 {
+            self.notes.push(format!(
+                "device expert cache: auto left {} on {} for a prompt's expert products (op offload copies a layer's experts there)",
+                format_bytes(offload_room),
+                device.name()
+            ));
+        }
         Ok(Some(cache))
+    }
+
+    /// Whether a micro-batch of `n_tokens` runs as one graph although the engine runs stage chains (see
+    /// [`EngineOptions::one_graph_from`]).
+    pub(crate) fn one_graph_for(&self, n_tokens: usize) -> bool {
+        self.one_graph_from.is_some_and(|n| n_tokens >= n)
     }
 
     /// Whether micro-batches run as the chain of stage graphs (the paged store or the device expert cache takes

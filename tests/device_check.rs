@@ -66,7 +66,9 @@ fn the_dry_run_checks_the_carried_files_and_prints_every_command() {
         "FERRITE_NO_PIP=1",
         "complete --list-devices --backend-dir",
         "--device none",
-        "--device CUDA0 -ngl all --cpu-moe --expert-cache",
+        "--device CUDA0 -ngl all --cpu-moe --expert-cache 7 --gpu-experts 0",
+        "--device CUDA0 -ngl all --cpu-moe --gpu-experts 8",
+        "--cpu-moe --expert-cache 7 --gpu-experts 8",
         "-ot blk",
         "--ubatch 1",
         "--temp 0",
@@ -162,7 +164,10 @@ fn a_rehearsal_on_an_rpc_device_passes_and_writes_the_summary() {
             ("DEVICE_CHECK_REHEARSAL", "1"),
             ("DEVICE_CHECK_DEVICE", "RPC0"),
             ("DEVICE_CHECK_DEVICE_ARGS", &rpc),
-            ("DEVICE_CHECK_PLACEMENTS", "gpu_all split cpu_moe ot"),
+            (
+                "DEVICE_CHECK_PLACEMENTS",
+                "gpu_all split cpu_moe ot gpu_cache",
+            ),
             ("DEVICE_CHECK_COMPARE", "awk"),
         ],
     );
@@ -174,14 +179,14 @@ fn a_rehearsal_on_an_rpc_device_passes_and_writes_the_summary() {
     assert_eq!(summary["status"], "pass", "{summary:#}");
     assert_eq!(summary["module"]["device_listed"], true);
     let logits = summary["parity"]["logits"].as_array().unwrap();
-    assert_eq!(logits.len(), 8, "4 placements, whole and token by token");
+    assert_eq!(logits.len(), 10, "5 placements, whole and token by token");
     for row in logits {
         assert_eq!(row["pass"], "yes", "{row}");
         let err: f64 = row["max_rel_err"].as_str().unwrap().parse().unwrap();
         assert!(err <= 1e-4, "{row}");
     }
     let greedy = summary["parity"]["greedy_128"].as_array().unwrap();
-    assert_eq!(greedy.len(), 4);
+    assert_eq!(greedy.len(), 5);
     assert!(greedy.iter().all(|g| g["identical"] == "yes"), "{greedy:?}");
     let bench = summary["bench"]["results"].as_array().unwrap();
     assert!(
@@ -191,6 +196,8 @@ fn a_rehearsal_on_an_rpc_device_passes_and_writes_the_summary() {
     // Each run really used the device: its offload line is in the step's stderr.
     let err = std::fs::read_to_string(out_dir.join("steps/logits-ot-whole.err")).unwrap();
     assert!(err.contains("ferrite: offload: RPC0"), "{err}");
+    let err = std::fs::read_to_string(out_dir.join("steps/logits-gpu_cache-tokens.err")).unwrap();
+    assert!(err.contains("a cache of 8 routed experts"), "{err}");
     let md = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
     assert!(md.starts_with("# ferrite device check: pass"), "{md}");
 }

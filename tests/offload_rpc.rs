@@ -368,12 +368,26 @@ fn device_expert_cache_on_rpc_matches_the_cpu() {
         gpu_experts: Some(GpuExpertsArg::Slots(4)),
         ..options(&cfg, experts_on_cpu.clone(), paged)
     };
-    for paged in [false, true] {
-        let what = match paged {
-            false => "device expert cache before resident CPU experts",
-            true => "device expert cache before the paged store",
-        };
-        let engine = Engine::open(&path, opts(paged)).unwrap();
+    // The third case runs micro-batches of 16 tokens or more (the whole prompt's 64 + 36) as one graph, as a device
+    // that offloads large products would, and decodes through the device cache: both paths share the cache.
+    let cases = [
+        (
+            false,
+            None,
+            "device expert cache before resident CPU experts",
+        ),
+        (true, None, "device expert cache before the paged store"),
+        (false, Some(16), "device expert cache, prompts as one graph"),
+    ];
+    for (paged, one_graph_from, what) in cases {
+        let engine = Engine::open(
+            &path,
+            EngineOptions {
+                one_graph_from,
+                ..opts(paged)
+            },
+        )
+        .unwrap();
         assert_eq!(engine.is_paged(), paged);
         let cache = engine.device_experts().expect("a device cache");
         assert_eq!((cache.n_slots(), cache.device()), (4, rpc0));
@@ -389,7 +403,30 @@ fn device_expert_cache_on_rpc_matches_the_cpu() {
             assert!(st.misses > 0, "{what}: the store pages: {st:?}");
         }
         assert!(st.to_string().contains("device cache: "), "{st}");
+        if one_graph_from.is_some() {
+            // A 40-token micro-batch is one graph; a decoded token is the stage chain (graphs per layer).
+            let mut s = engine.session_sized(512, 64).unwrap();
+            s.feed(&prompt(40, engine.n_vocab(), 4), Logits::Last)
+                .unwrap();
+            assert_eq!(s.graph_stats().built, 1, "{what}: the prompt is one graph");
+            s.feed(&[1], Logits::Last).unwrap();
+            let built = s.graph_stats().built;
+            assert!(
+                built > cfg.n_layer as u64,
+                "{what}: {built} graphs for a token"
+            );
+        }
     }
+    // The default on an RPC server's device is no cache: an upload there crosses the network.
+    let engine = Engine::open(
+        &path,
+        EngineOptions {
+            gpu_experts: None,
+            ..opts(false)
+        },
+    )
+    .unwrap();
+    assert!(engine.device_experts().is_none());
     // Without a device to cache on, the flag is refused with a hint.
     let err = Engine::open(
         &path,

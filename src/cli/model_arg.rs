@@ -110,7 +110,8 @@ pub struct DeviceArgs {
     pub rpc_timeout: u64,
     /// Keep a cache of the CPU's routed experts in a device's memory: N experts, a SIZE (e.g. 12G), or auto (what
     /// the device has left after the placement). Selected experts found there are computed on the device, the
-    /// others on the CPU; the experts used most are uploaded as the text goes [default: no cache; 0: none].
+    /// others on the CPU; the experts used most are uploaded as the text goes [default: auto on a GPU when some
+    /// layer's routed experts are the CPU's (--cpu-moe, --n-cpu-moe), none on an RPC server's device; 0: none].
     #[arg(long = "gpu-experts", value_name = "N|SIZE|auto", value_parser = super::size_arg::parse_gpu_experts)]
     pub gpu_experts: Option<ferrite::experts::device::GpuExpertsArg>,
     /// Load ggml backend modules (libggml-cuda.so, libggml-vulkan.so, ... built with GGML_BACKEND_DL, e.g. by
@@ -509,11 +510,15 @@ fn offload_note(engine: &Engine) {
     }
     if let Some(cache) = engine.device_experts() {
         eprintln!(
-            "ferrite: offload: {} ({}): a cache of {} routed experts of the CPU's layers, {} (--gpu-experts)",
+            "ferrite: offload: {} ({}): a cache of {} routed experts of the CPU's layers, {} (--gpu-experts{})",
             cache.device().name(),
             cache.device().description(),
             cache.n_slots(),
             ferrite::units::format_bytes(cache.bytes() as u64),
+            match engine.options().gpu_experts {
+                None => " auto, the default; --gpu-experts 0 turns it off",
+                Some(_) => "",
+            }
         );
     }
 }

@@ -107,7 +107,7 @@ impl<'e> Runner<'e> {
         grouped: bool,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        if self.paged.is_some() {
+        if self.paged.is_some() && !self.engine.one_graph_for(plan.tokens.len()) {
             return self.run_paged(cache, plan, want, out);
         }
         self.run_resident(cache, plan, want, grouped, out)

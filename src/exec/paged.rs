@@ -20,8 +20,8 @@ use crate::ggml::{GraphAllocator, OwnedGraph, Scheduler};
 use crate::model::config::Config;
 use crate::model::forward::Uploads;
 use crate::model::paged::{
-    build_experts_graph, build_head_graph, build_layer_graph, Entries, StageDeps, StageKey,
-    StagePaging, StageState, GUESS, SEL,
+    build_experts_graph, build_head_graph, build_layer_graph, Entries, ExpertsOut, StageDeps,
+    StageKey, StagePaging, StageState, GUESS, SEL,
 };
 use crate::model::step::{batch_inputs, out_ids, GraphKey, GraphParts};
 
@@ -67,6 +67,20 @@ fn run_scheduled<'e, T>(
     fill: impl FnOnce(&OwnedGraph<'e>) -> Result<()>,
     read: impl FnOnce(&OwnedGraph<'e>) -> Result<T>,
 ) -> Result<T> {
+    let (g, sched) = prepare_scheduled(engine, sched, stats, build, fill)?;
+    sched.compute(g.graph())?;
+    read(&g)
+}
+
+/// Builds a stage graph anew, allocates it through the scheduler (made or grown as needed) and lets `fill` write
+/// its inputs: the graph, ready to compute on the scheduler returned with it.
+fn prepare_scheduled<'s, 'e>(
+    engine: &'e Engine,
+    sched: &'s mut Option<Scheduler<'e>>,
+    stats: &mut super::GraphStats,
+    build: impl FnOnce() -> crate::ggml::Result<OwnedGraph<'e>>,
+    fill: impl FnOnce(&OwnedGraph<'e>) -> Result<()>,
+) -> Result<(OwnedGraph<'e>, &'s mut Scheduler<'e>)> {
     stats.built += 1;
     let g = build()?;
     let size = g.graph().size();
@@ -76,8 +90,14 @@ fn run_scheduled<'e, T>(
     let sched = sched.as_mut().expect("made above");
     sched.alloc(g.graph())?;
     fill(&g)?;
-    sched.compute(g.graph())?;
-    read(&g)
+    Ok((g, sched))
+}
+
+/// The device's half of a layer's experts, started on the scheduler and not yet waited for: its graph (whose last
+/// tensor holds the outputs) and the accumulator rows they go to.
+struct DeviceHalf<'e> {
+    graph: OwnedGraph<'e>,
+    rows: Vec<i32>,
 }
 
 /// What computing one micro-batch's stages needs: the engine, the session's cache, its paged parts, compute buffer
@@ -92,11 +112,14 @@ struct Stages<'r, 'e> {
     /// The micro-batch's shape (paged experts live in the slots, not repacked: no grouped products).
     key: GraphKey,
     parts: GraphParts<'r, 'e>,
+    /// The device half of the current layer's experts while it runs (the scheduler is its until it is finished).
+    device_half: Option<DeviceHalf<'e>>,
 }
 
 impl Stages<'_, '_> {
     /// Computes layer `il`'s stage graph over the batch inputs.
     fn layer(&mut self, il: usize) -> Result<()> {
+        self.finish_device_experts()?;
         let engine = self.engine;
         let (plan, parts, fused) = (self.plan, &self.parts, self.parts.fused);
         let rotation = parts.rotation;
@@ -153,7 +176,8 @@ impl Stages<'_, '_> {
             Some(px) => px.slot_tensors(il),
             None => [lw.gate_exps, lw.up_exps, lw.down_exps],
         };
-        let build = || build_experts_graph(cfg, fused, slots, state, il, e.row.len());
+        let build =
+            || build_experts_graph(cfg, fused, slots, state, il, e.row.len(), ExpertsOut::Acc);
         let (graphs, backend) = (&mut self.run.graphs, &engine.backend);
         kept_on_cpu(
             graphs,
@@ -167,8 +191,11 @@ impl Stages<'_, '_> {
         )
     }
 
-    /// Computes layer `il`'s experts for `e`'s entries on the device of the device expert cache, over its slots.
-    fn device_experts(&mut self, il: usize, e: &Entries) -> Result<()> {
+    /// Starts computing layer `il`'s experts for `e`'s entries on the device of the device expert cache, over its
+    /// slots, and returns while the device works (the CPU computes the host's half meanwhile);
+    /// [`Self::finish_device_experts`] waits and adds the outputs to the accumulator.
+    fn start_device_experts(&mut self, il: usize, e: &Entries) -> Result<()> {
+        self.finish_device_experts()?;
         let engine = self.engine;
         let (cfg, fused) = (&engine.cfg, self.parts.fused);
         let dev = engine
@@ -178,16 +205,49 @@ impl Stages<'_, '_> {
         let slots = dev
             .slot_tensors(il)
             .ok_or_else(|| anyhow!("the device expert cache does not hold layer {il}"))?;
+        // Slots still being filled are waited for before anything reads them.
+        dev.wait_for_uploads(&e.slot);
         let state = self.run.state.clone();
-        let build = || build_experts_graph(cfg, fused, slots, state, il, e.row.len());
-        run_scheduled(
-            engine,
-            &mut self.run.sched,
-            self.stats,
-            build,
-            |g| fill_entries(g, e),
-            |_| Ok(()),
-        )
+        let n = e.row.len();
+        let build = || build_experts_graph(cfg, fused, slots, state, il, n, ExpertsOut::Own);
+        let (g, sched) = prepare_scheduled(engine, &mut self.run.sched, self.stats, build, |g| {
+            fill_entries(g, e)
+        })?;
+        sched.compute_async(g.graph())?;
+        self.device_half = Some(DeviceHalf {
+            graph: g,
+            rows: e.row.clone(),
+        });
+        Ok(())
+    }
+
+    /// Waits for the device half started last (if any) and writes its outputs into the accumulator's rows.
+    fn finish_device_experts(&mut self) -> Result<()> {
+        let Some(half) = self.device_half.take() else {
+            return Ok(());
+        };
+        let sched = self
+            .run
+            .sched
+            .as_mut()
+            .ok_or_else(|| anyhow!("a device half without its scheduler"))?;
+        sched.synchronize();
+        let out = *half
+            .graph
+            .tensors()
+            .last()
+            .ok_or_else(|| anyhow!("a device half without outputs"))?;
+        let values = out.get_f32()?;
+        self.run.state.set_acc_rows(&half.rows, &values)
+    }
+
+    /// After a failure: waits for a device half still running (its memory is the scheduler's) and drops it.
+    fn abandon_device_experts(&mut self) {
+        if self.device_half.take().is_some() {
+            if let Some(sched) = self.run.sched.as_mut() {
+                sched.synchronize();
+            }
+        }
     }
 
     /// The first `len` values of I32 state tensor `i` (the chosen or guessed experts).
@@ -199,6 +259,7 @@ impl Stages<'_, '_> {
 
     /// Computes the last layer's output and the head; appends the logits of `want` to `out`.
     fn head(&mut self, want: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        self.finish_device_experts()?;
         let engine = self.engine;
         let (cfg, fused) = (&engine.cfg, self.parts.fused);
         let n_tokens = self.plan.tokens.len();
@@ -298,6 +359,7 @@ impl Runner<'_> {
             plan: &plan,
             key: GraphKey::of(&plan, want.len(), false),
             parts,
+            device_half: None,
         };
         let host = HostStep {
             store: engine.paged.as_ref(),
@@ -307,8 +369,11 @@ impl Runner<'_> {
             cfg: &engine.cfg,
             tokens: &plan.tokens,
         };
-        host.run(&mut stages)?;
-        stages.head(want, out)
+        let done = host.run(&mut stages).and_then(|()| stages.head(want, out));
+        if done.is_err() {
+            stages.abandon_device_experts();
+        }
+        done
     }
 }
 
@@ -405,7 +470,7 @@ impl HostStep<'_> {
                         .collect();
                     let (on_device, rest) = split_rows(&sel, k, &hits);
                     if !on_device.row.is_empty() {
-                        stages.device_experts(il, &on_device)?;
+                        stages.start_device_experts(il, &on_device)?;
                     }
                     self.stats_mut()
                         .record_device(on_device.row.len() as u64, 0, 0);
@@ -458,7 +523,10 @@ impl HostStep<'_> {
                     }
                     (None, _) => {}
                 }
-                // The device cache takes the experts this layer used that are worth a slot, from the map.
+                // Both halves are in the accumulator before the slots change.
+                stages.finish_device_experts()?;
+                // The device cache takes the experts this layer used that are worth a slot, from the map; the
+                // copies run on the cache's own queue while the next layers compute.
                 if let Some((dev, dp)) = device.as_mut().filter(|(d, _)| d.caches_layer(il)) {
                     let keys: Vec<ExpertKey> = sel.iter().map(|&e| key(e)).collect();
                     let plan = dp.admit(&keys)?;

@@ -4,13 +4,14 @@
 //! are worth a slot more than what holds one are uploaded from the model's map ([`crate::experts::SlotPolicy::admit`]
 //! decides). The stage graphs that use the slots are `crate::model::paged`'s, run by `crate::exec`.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::Model;
 
-use crate::experts::{Load, PolicyConfig, SlotPolicy};
-use crate::ggml::{Context, Device, SlotPart, Tensor};
+use crate::experts::{Load, PolicyConfig, SlotId, SlotPolicy};
+use crate::ggml::{Context, Device, DeviceBackend, SlotPart, Tensor};
 use crate::model::config::Config;
 use crate::model::weights::Weights;
 
@@ -36,10 +37,18 @@ struct CachedLayer {
     tensors: [usize; 3],
 }
 
+/// The device instance the cache's uploads are queued on (on CUDA its own stream, so copies run beside the
+/// scheduler's computations), and the slots whose copies may still be running.
+struct Uploads {
+    backend: DeviceBackend,
+    in_flight: BTreeSet<SlotId>,
+}
+
 /// A device's cache of routed experts.
 pub struct DeviceExperts {
     device: Device,
     ctx: Context<'static>,
+    uploads: Mutex<Uploads>,
     model: Arc<Model>,
     /// Per layer: its cached parts, `None` for layers whose experts the cache does not hold.
     layers: Vec<Option<CachedLayer>>,
@@ -120,9 +129,16 @@ impl DeviceExperts {
             cfg.n_layer as u32,
             cfg.n_expert as u32,
         ))?;
+        let backend = device
+            .backend()
+            .with_context(|| format!("cannot open a queue for uploads to {}", device.name()))?;
         Ok(DeviceExperts {
             device,
             ctx,
+            uploads: Mutex::new(Uploads {
+                backend,
+                in_flight: BTreeSet::new(),
+            }),
             model: model.clone(),
             layers,
             stride,
@@ -156,8 +172,10 @@ impl DeviceExperts {
         Some(l.tensors.map(|i| all[i]))
     }
 
-    /// Copies the expert `load` names from the model's map into its slot. Nothing may compute with that slot
-    /// meanwhile (the caller runs uploads between computations). Returns the bytes copied.
+    /// Queues the copy of the expert `load` names from the model's map into its slot and returns the bytes it
+    /// copies; the copy may still run after this returns. Nothing may compute with the slot's old contents when it
+    /// is called (the caller has waited for the computations of its layer), and nothing reads its new contents
+    /// before [`Self::wait_for_uploads`] names it.
     pub(crate) fn upload(&self, load: &Load) -> Result<u64> {
         let il = load.key.layer as usize;
         let e = load.key.expert as usize;
@@ -167,6 +185,8 @@ impl DeviceExperts {
             .and_then(|l| l.as_ref())
             .ok_or_else(|| anyhow!("the device expert cache does not hold layer {il}"))?;
         let tensors = self.slot_tensors(il).expect("a cached layer");
+        let mut uploads = self.lock_uploads();
+        uploads.in_flight.insert(load.slot);
         let mut copied = 0u64;
         for (p, tensor) in tensors.into_iter().enumerate() {
             let src = &self.model.tensors()[layer.sources[p]];
@@ -179,17 +199,49 @@ impl DeviceExperts {
                     data.len()
                 )
             })?;
-            tensor
-                .set_bytes_within(load.slot as usize * self.stride, bytes)
-                .with_context(|| {
-                    format!(
-                        "cannot upload expert {e} of layer {il} to {}",
-                        self.device.name()
-                    )
-                })?;
+            // SAFETY: `bytes` is in the model's map, which `self.model` keeps alive, unchanged, until the queue is
+            // waited for (at the latest by `Drop`); the slot is in `in_flight`, so reads of it wait for the copy.
+            unsafe {
+                tensor.set_bytes_within_async(
+                    &uploads.backend,
+                    load.slot as usize * self.stride,
+                    bytes,
+                )
+            }
+            .with_context(|| {
+                format!(
+                    "cannot upload expert {e} of layer {il} to {}",
+                    self.device.name()
+                )
+            })?;
             copied += n as u64;
         }
         Ok(copied)
+    }
+
+    /// Waits for the uploads still running when any of `slots` is among their slots (a computation is about to
+    /// read them).
+    pub(crate) fn wait_for_uploads(&self, slots: &[i32]) {
+        let mut uploads = self.lock_uploads();
+        let pending = slots
+            .iter()
+            .any(|&s| SlotId::try_from(s).is_ok_and(|s| uploads.in_flight.contains(&s)));
+        if pending {
+            uploads.backend.synchronize();
+            uploads.in_flight.clear();
+        }
+    }
+
+    fn lock_uploads(&self) -> std::sync::MutexGuard<'_, Uploads> {
+        // A poisoned lock holds a backend and a set that are whole: every change is made under it in one step.
+        self.uploads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for DeviceExperts {
+    fn drop(&mut self) {
+        // Copies still running read the model's map, which goes with `self.model`.
+        self.lock_uploads().backend.synchronize();
     }
 }
 

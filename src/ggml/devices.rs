@@ -189,6 +189,25 @@ impl Device {
         unsafe { sys::ggml_backend_dev_supports_op(self.as_ptr(), t.as_ptr()) }
     }
 
+    /// The fewest tokens from which the device asks to compute a routed-expert product whose weights are in the
+    /// CPU's memory (ggml's `offload_op`: CUDA and CANN from 32), probed at powers of two up to 512; `None` when it
+    /// never asks (the CPU, RPC devices).
+    pub fn smallest_offloaded_batch(self) -> Option<usize> {
+        let ctx = super::Context::with_capacity(40, 0).ok()?;
+        (0..=9).map(|p| 1usize << p).find(|&n| {
+            let node = (|| -> Result<super::Tensor<'_>> {
+                let experts = ctx.new_tensor_3d(gguf::GgmlType::F32, 64, 64, 8)?;
+                let b = ctx.new_tensor_3d(gguf::GgmlType::F32, 64, 2, n as i64)?;
+                let ids = ctx.new_tensor_2d(gguf::GgmlType::I32, 2, n as i64)?;
+                ctx.mul_mat_id(experts, b, ids)
+            })();
+            // SAFETY: a registered device and a live tensor; the call only inspects its shape and operator.
+            node.is_ok_and(|t| unsafe {
+                sys::ggml_backend_dev_offload_op(self.as_ptr(), t.as_ptr())
+            })
+        })
+    }
+
     /// True when the device has every DeepSeek V4 operator ferrite's fused form uses (`ggml_dsv4_hc_comb`,
     /// `_pre`, `_post`, `ggml_lightning_indexer`), asked with small probe nodes of each; layers on a device without
     /// them are built with the primitive-op form.
@@ -255,6 +274,12 @@ impl DeviceBackend {
     pub fn device(&self) -> Device {
         self.device
     }
+
+    /// Waits until everything queued on this instance (copies, computations) is done.
+    pub fn synchronize(&self) {
+        // SAFETY: a live backend.
+        unsafe { sys::ggml_backend_synchronize(self.as_ptr()) }
+    }
 }
 
 impl Drop for DeviceBackend {
@@ -267,6 +292,11 @@ impl Drop for DeviceBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_never_asks_to_take_products_over() {
+        assert_eq!(Device::cpu().unwrap().smallest_offloaded_batch(), None);
+    }
 
     #[test]
     fn the_cpu_is_always_there() {

@@ -141,6 +141,28 @@ impl<'b> Scheduler<'b> {
         Ok(())
     }
 
+    /// Starts computing `graph`, allocated by the last [`Scheduler::alloc`], and returns once every split is on its
+    /// way: the CPU's splits have run, a device's last split may still be running (ggml's CUDA and RPC backends queue
+    /// their work). Nothing may read the graph's outputs, or alloc or compute another graph on this scheduler, before
+    /// [`Scheduler::synchronize`].
+    pub fn compute_async(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // SAFETY: as in `compute`; the caller synchronizes before the graph's memory is read or handed out again.
+        let status =
+            unsafe { sys::ggml_backend_sched_graph_compute_async(self.as_ptr(), graph.as_ptr()) };
+        if status != sys::GGML_STATUS_SUCCESS {
+            // SAFETY: returns a static string for any status value.
+            let detail = cstr_lossy(unsafe { sys::ggml_status_to_string(status) });
+            return Err(GgmlError::Compute { status, detail });
+        }
+        Ok(())
+    }
+
+    /// Waits until every backend of the scheduler has finished what [`Scheduler::compute_async`] started.
+    pub fn synchronize(&mut self) {
+        // SAFETY: a live scheduler.
+        unsafe { sys::ggml_backend_sched_synchronize(self.as_ptr()) }
+    }
+
     /// Splits of the last allocated graph (runs of nodes on one backend).
     pub fn n_splits(&self) -> usize {
         // SAFETY: a live scheduler.

@@ -8,6 +8,7 @@ use std::ptr::NonNull;
 use gguf::GgmlType;
 use llama_cpp_sys_2 as sys;
 
+use super::devices::DeviceBackend;
 use super::error::{GgmlError, Result};
 use super::region::is_read_only;
 use super::types::{cstr_lossy, from_ggml};
@@ -319,21 +320,58 @@ impl<'ctx> Tensor<'ctx> {
     /// Copies raw bytes into the bytes `offset..offset + data.len()` of a tensor that need not be contiguous (a
     /// slot of a strided expert pool: one expert's matrix is contiguous within it).
     pub fn set_bytes_within(self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check_within(offset, data.len())?;
+        // SAFETY: allocated in a live, writable buffer; `offset + len` is within the bytes the tensor spans.
+        unsafe {
+            sys::ggml_backend_tensor_set(self.as_ptr(), data.as_ptr().cast(), offset, data.len())
+        };
+        Ok(())
+    }
+
+    /// [`Self::set_bytes_within`] queued on `backend` (an instance of the device whose buffer holds the tensor):
+    /// returns before the copy is done where the backend queues copies (CUDA: on the instance's own stream), else
+    /// after it. [`DeviceBackend::synchronize`] waits for it.
+    ///
+    /// # Safety
+    /// `data` must stay alive and unchanged until `backend` is synchronized, and nothing may compute with these bytes
+    /// of the tensor meanwhile.
+    pub unsafe fn set_bytes_within_async(
+        self,
+        backend: &DeviceBackend,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<()> {
+        self.check_within(offset, data.len())?;
+        // SAFETY: allocated in a live, writable buffer of the backend's device; `offset + len` within the tensor;
+        // the caller keeps `data` alive until the backend is synchronized.
+        unsafe {
+            sys::ggml_backend_tensor_set_async(
+                backend.as_ptr(),
+                self.as_ptr(),
+                data.as_ptr().cast(),
+                offset,
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Checks that `len` bytes from `offset` lie within the tensor's span in a writable buffer.
+    fn check_within(self, offset: usize, len: usize) -> Result<()> {
         if !self.is_allocated() || self.buffer().is_null() {
             return Err(GgmlError::Unallocated {
                 tensor: self.label(),
             });
         }
         if offset
-            .checked_add(data.len())
+            .checked_add(len)
             .is_none_or(|end| end > self.n_bytes())
         {
             return Err(GgmlError::Data {
                 tensor: self.label(),
                 detail: format!(
-                    "spans {} bytes, the slice of {} from byte {offset} goes beyond",
+                    "spans {} bytes, the slice of {len} from byte {offset} goes beyond",
                     self.n_bytes(),
-                    data.len()
                 ),
             });
         }
@@ -342,10 +380,6 @@ impl<'ctx> Tensor<'ctx> {
                 tensor: self.label(),
             });
         }
-        // SAFETY: allocated in a live, writable buffer; `offset + len` is within the bytes the tensor spans.
-        unsafe {
-            sys::ggml_backend_tensor_set(self.as_ptr(), data.as_ptr().cast(), offset, data.len())
-        };
         Ok(())
     }
 

@@ -77,6 +77,42 @@ impl StageState {
     pub fn get_i32(&self, i: usize) -> crate::ggml::Result<Vec<i32>> {
         self.get(i).get_i32()
     }
+
+    /// Writes routed outputs into the accumulator: `values` holds one row of `n_embd` floats per entry of `rows`
+    /// (the row `t·k + j` each goes to), in order.
+    pub fn set_acc_rows(&self, rows: &[i32], values: &[f32]) -> Result<()> {
+        let acc = self.get(ACC);
+        let d = acc.ne()[0] as usize;
+        let n_rows = acc.ne()[1] as usize;
+        if values.len() != rows.len() * d {
+            anyhow::bail!(
+                "{} routed outputs for {} rows of {d} values",
+                values.len(),
+                rows.len()
+            );
+        }
+        let row_bytes = acc.nb()[1];
+        for (&r, v) in rows.iter().zip(values.chunks_exact(d)) {
+            let r = usize::try_from(r)
+                .ok()
+                .filter(|&r| r < n_rows)
+                .ok_or_else(|| anyhow::anyhow!("row {r} is outside the accumulator's {n_rows}"))?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
+            acc.set_bytes_within(r * row_bytes, &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where an experts stage graph puts its weighted outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertsOut {
+    /// Into the accumulator's rows (the graph's last node writes the state, on the state's backend).
+    Acc,
+    /// Into a graph output `{n_embd, entries}` (the last tensor of the graph's list) on the device that computes
+    /// them; the caller moves them into the accumulator ([`StageState::set_acc_rows`]). A device graph then ends
+    /// on its device, so the CPU can work while it runs.
+    Own,
 }
 
 /// What a kept stage graph is for.
@@ -243,6 +279,7 @@ pub fn build_experts_graph<'e>(
     state: Rc<StageState>,
     il: usize,
     entries: usize,
+    out: ExpertsOut,
 ) -> crate::ggml::Result<OwnedGraph<'e>> {
     let m = entries as i64;
     OwnedGraph::<'e>::build(64, 64, state, |ctx, st: &StageState, _scope| {
@@ -255,10 +292,24 @@ pub fn build_experts_graph<'e>(
         let w_rows = ctx.reshape_2d(w_all, [1, w_all.n_elements()])?;
         let weights = ctx.reshape_3d(ctx.get_rows(w_rows, row)?, [1, 1, m])?;
         let e = expert_outputs(&o, slots, c, slot, weights, &moe_shape(cfg, il))?; // {D, 1, m}
-        let e = ctx.reshape_2d(e, [cfg.n_embd as i64, m])?;
         let mut graph = ctx.new_graph(64)?;
-        graph.expand(ctx.set_rows(st.get(ACC), e, row)?)?;
-        Ok::<_, GgmlError>((graph, vec![token, row, slot]))
+        match out {
+            ExpertsOut::Acc => {
+                let e = ctx.reshape_2d(e, [cfg.n_embd as i64, m])?;
+                graph.expand(ctx.set_rows(st.get(ACC), e, row)?)?;
+                Ok::<_, GgmlError>((graph, vec![token, row, slot]))
+            }
+            ExpertsOut::Own => {
+                // The product's own node when it is one (not a view of another): read as it is.
+                let e = match e.is_contiguous() && !e.is_view() {
+                    true => e,
+                    false => ctx.cont(e)?,
+                };
+                e.set_output();
+                graph.expand(e)?;
+                Ok((graph, vec![token, row, slot, e]))
+            }
+        }
     })
 }
 
