@@ -586,8 +586,8 @@ impl SlotPolicy {
     /// The policy of a second tier in front of other memory (a device's cache of experts the host also holds):
     /// counts one use of every key of `keys` (a layer's needed experts; duplicates allowed), cached or not (the
     /// keys not cached were computed from the other memory), and places each key not cached where that costs no
-    /// key needed sooner: a free slot, else the key not touched in this step expected last, if it is expected later
-    /// than this one (by its history, this use counted). The loads say which slot to fill with which key; keys that
+    /// key needed sooner: a free slot, else the key not touched in this step expected last, if it is expected over
+    /// [`ADMIT_MARGIN`] times later than this one (by its history, this use counted). The loads say which slot to fill with which key; keys that
     /// found no such slot are `dropped`. Never evicts a key used or placed in this step.
     pub fn admit(&mut self, keys: &[ExpertKey]) -> Result<PrefetchPlan, PolicyError> {
         for &key in keys {
@@ -608,7 +608,7 @@ impl SlotPolicy {
             }
             self.count_use(key);
             let prio = self.history_prio(key);
-            let Some(slot) = self.prefetch_victim(self.next_use(key.layer, prio)) else {
+            let Some(slot) = self.admit_victim(self.next_use(key.layer, prio)) else {
                 plan.dropped.push(key);
                 continue;
             };
@@ -843,7 +843,24 @@ impl SlotPolicy {
         let c = self.best_candidate(&[Class::Cold])?;
         (c.next_use > guess_next_use).then_some(c.slot)
     }
+
+    /// The slot a second tier's miss expected again in `next_use` steps takes: a free one, else the key not touched
+    /// in this step expected last, when it is expected more than [`ADMIT_MARGIN`] times later. An upload costs
+    /// more than one use computed from the other memory, so keys of about the same history do not trade places.
+    fn admit_victim(&self, next_use: f64) -> Option<SlotId> {
+        if let Some(&s) = self.free.first() {
+            return Some(s);
+        }
+        let c = self.best_candidate(&[Class::Cold])?;
+        (c.next_use > ADMIT_MARGIN * next_use).then_some(c.slot)
+    }
 }
+
+/// How much later than an admitted key the key it evicts must be expected again ([`SlotPolicy::admit`]). An upload
+/// over PCIe (about 25 GB/s, the host staging the file's pages) takes two to three times as long as the CPU
+/// computing one use of the same expert from RAM, so a swap pays only for a key expected at least about twice as
+/// often as the one it replaces; with keys of similar history (routing close to uniform) nothing moves.
+const ADMIT_MARGIN: f64 = 2.0;
 
 #[cfg(test)]
 mod tests;
