@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use ferrite::cache::{cache_bytes, CacheSizes, CacheType};
-use ferrite::engine::{Engine, EngineOptions, PagingOptions};
+use ferrite::engine::{Engine, EngineOptions, Logits, PagingOptions};
 use ferrite::model::config::{Config, LayerKind};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
 use gguf::GgmlType;
@@ -145,4 +145,43 @@ fn flash_shaped_cache_grows_by_the_dsv4_figure_and_the_plan_is_what_is_allocated
             assert_eq!(plan.context_bytes, s.cache_bytes() as u64, "-c 0");
         }
     }
+}
+
+/// The memory plan's compute buffers cover what a session's graphs allocate: a full micro-batch of a prompt with
+/// every position's logits (the most a micro-batch computes), a partial one, then decode, which completes blocks
+/// of both compressors.
+#[test]
+fn compute_buffers_fit_the_plan() {
+    let mut over = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let models = [
+        ("small", TinyConfig::small()),
+        ("alt", TinyConfig::alt()),
+        ("flash_attn_5", flash_attention_shaped(5, 8192)),
+    ];
+    for (name, tiny) in models {
+        let path = dir.path().join(format!("{name}.gguf"));
+        write_tiny_model(&path, &tiny, 7).unwrap();
+        for cache_type in [CacheType::F16, CacheType::Q8_0] {
+            let e = engine(&path, cache_type, None);
+            if !cache_type.fits(e.config()) {
+                continue;
+            }
+            let planned = e.memory_plan().inputs.compute_bytes;
+            let vocab = e.config().n_vocab;
+            let mut s = e.session().unwrap();
+            let n = s.n_ubatch() + 3;
+            let tokens: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
+            s.feed(&tokens, Logits::All).unwrap();
+            for t in 0..130 {
+                s.feed(&[(t * 5 % vocab) as u32], Logits::Last).unwrap();
+            }
+            let used = s.compute_bytes() as u64;
+            eprintln!("{name} {cache_type:?}: compute buffer {used} B, planned {planned} B");
+            if !(used > 0 && used <= planned) {
+                over.push(format!("{name} {cache_type:?}: the graphs allocated {used} B of compute buffers, the plan reserves {planned} B"));
+            }
+        }
+    }
+    assert!(over.is_empty(), "{over:#?}");
 }
