@@ -128,9 +128,10 @@ fn flash_shaped_cache_grows_by_the_dsv4_figure_and_the_plan_is_what_is_allocated
         if n_layer == 43 {
             // DSV4.md: 6.76 GiB at 1M tokens in F16 (rows padded, the raw window and the compressor rings included).
             let gib = plan.context_bytes as f64 / (1u64 << 30) as f64;
-            assert!((6.7..7.0).contains(&gib), "1M context: {gib:.3} GiB");
-            // Q8_0: the rows take DSV4.md's 3.57 GiB at 1M; the compressors' F32 rings and staging rows for a
-            // 512-token micro-batch add about 0.17 GiB (3.74 GiB in all; issue 18 asks for at most 3.7).
+            assert!((6.7..6.8).contains(&gib), "1M context: {gib:.3} GiB");
+            // Q8_0: the rows take DSV4.md's 3.57 GiB at 1M; the raw window's ring and the compressors' F32 rings
+            // add about 0.03 GiB (3.60 GiB in all; issue 18 asks for at most 3.7). A micro-batch's new compressor
+            // rows live in the compute buffer, not in the cache.
             let q8 = CacheSizes::new(&cfg, trained as usize, 512, CacheType::Q8_0);
             let q8 = cache_bytes(&cfg, &q8);
             let rows = q8.per_token * (1u64 << 20) as f64 / (1u64 << 30) as f64;
@@ -139,7 +140,7 @@ fn flash_shaped_cache_grows_by_the_dsv4_figure_and_the_plan_is_what_is_allocated
                 (3.56..3.58).contains(&rows),
                 "1M context, q8_0 rows: {rows:.3} GiB"
             );
-            assert!((3.5..3.75).contains(&gib), "1M context, q8_0: {gib:.3} GiB");
+            assert!((3.5..3.7).contains(&gib), "1M context, q8_0: {gib:.3} GiB");
         } else {
             let s = e.session().unwrap();
             assert_eq!(plan.context_bytes, s.cache_bytes() as u64, "-c 0");
