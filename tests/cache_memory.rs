@@ -4,6 +4,7 @@
 //! allocates.
 
 use std::path::Path;
+use std::process::Command;
 
 use ferrite::cache::{cache_bytes, CacheSizes, CacheType};
 use ferrite::engine::{Engine, EngineOptions, Logits, PagingOptions};
@@ -145,6 +146,29 @@ fn flash_shaped_cache_grows_by_the_dsv4_figure_and_the_plan_is_what_is_allocated
             let s = e.session().unwrap();
             assert_eq!(plan.context_bytes, s.cache_bytes() as u64, "-c 0");
         }
+        // `ferrite info` shows the planner's figures in F16 and Q8_0, at the default and the trained contexts.
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["info", "--json", "--no-tensors"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let caches = info["model"]["caches"].as_array().unwrap();
+        assert_eq!(caches.len(), 2, "{caches:?}");
+        for (c, cache_type) in caches.iter().zip([CacheType::F16, CacheType::Q8_0]) {
+            assert_eq!(c["cache_type"], cache_type.name());
+            for (at, n_ctx) in [(0, 4096usize.min(trained as usize)), (1, trained as usize)] {
+                let sizes = CacheSizes::new(&cfg, n_ctx, 512.min(n_ctx), cache_type);
+                assert_eq!(c["sizes"][at]["n_ctx"], n_ctx);
+                assert_eq!(
+                    c["sizes"][at]["bytes"],
+                    cache_bytes(&cfg, &sizes).total,
+                    "info, {cache_type:?} at {n_ctx}"
+                );
+            }
+        }
+        assert_eq!(info["model"]["cache"], caches[0]);
     }
 }
 
