@@ -204,7 +204,10 @@ fn compute_buffers_fit_the_plan() {
             let used = s.compute_bytes() as u64;
             eprintln!("{name} {cache_type:?}: compute buffer {used} B, planned {planned} B");
             if !(used > 0 && used <= planned) {
-                over.push(format!("{name} {cache_type:?}: the graphs allocated {used} B of compute buffers, the plan reserves {planned} B"));
+                over.push(format!(
+                    "{name} {cache_type:?}: the graphs allocated {used} B of compute buffers, \
+                     the plan reserves {planned} B"
+                ));
             }
         }
     }

@@ -154,8 +154,8 @@ impl<'e> Session<'e> {
         self.cache.bytes()
     }
 
-    /// Bytes of the compute buffers this session's micro-batches needed so far (see [`crate::plan::devices::compute_bytes`]
-    /// for what the memory plan reserves for them).
+    /// Bytes of the compute buffers this session's micro-batches needed so far (what the memory plan reserves for
+    /// them: [`crate::plan::devices::compute_bytes`]).
     pub fn compute_bytes(&self) -> usize {
         self.runner.compute_bytes()
     }
