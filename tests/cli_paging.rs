@@ -385,8 +385,8 @@ fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
             &["--no-paging", "--mem", "20M", "-c", "100000"],
             dir.path()
         )),
-        "ferrite: error: the run needs 43.87 MiB = non-routed weights 5.65 MiB + context 12.34 MiB (-c 100000) \
-         + compute 25.88 MiB, but the budget is 19.07 MiB (--mem): 24.79 MiB more \
+        "ferrite: error: the run needs 45.87 MiB = non-routed weights 5.65 MiB + context 10.34 MiB (-c 100000) \
+         + compute 29.88 MiB, but the budget is 19.07 MiB (--mem): 26.79 MiB more \
          (hint: lower -c, raise --mem, use a smaller quantization)"
     );
     // --expert-cache N over the budget.
@@ -395,8 +395,8 @@ fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
             &["--expert-cache", "6", "--mem", "20M", "-c", "1000"],
             dir.path()
         )),
-        "ferrite: error: the run needs 35.71 MiB = non-routed weights 5.65 MiB + context 3.06 MiB (-c 1000) \
-         + compute 25.88 MiB + expert cache 1.12 MiB, but the budget is 19.07 MiB (--mem): 16.64 MiB more \
+        "ferrite: error: the run needs 37.71 MiB = non-routed weights 5.65 MiB + context 1.06 MiB (-c 1000) \
+         + compute 29.88 MiB + expert cache 1.12 MiB, but the budget is 19.07 MiB (--mem): 18.64 MiB more \
          (hint: lower -c, raise --mem)"
     );
     // ... with a hint of the slots that fit when some do.
@@ -465,14 +465,14 @@ fn the_logits_output_is_in_the_plan() {
     // 3000 x 512 floats (5.86 MiB) do not fit beside the rest of the run.
     assert_eq!(
         refusal(&logits(3000, &["--no-paging", "--mem", "40M"])),
-        "ferrite: error: the run needs 40.73 MiB = non-routed weights 5.65 MiB + context 3.34 MiB (-c 4000) \
-         + compute 25.88 MiB + logits output 5.86 MiB, but the budget is 38.15 MiB (--mem): 2.58 MiB more \
+        "ferrite: error: the run needs 42.73 MiB = non-routed weights 5.65 MiB + context 1.34 MiB (-c 4000) \
+         + compute 29.88 MiB + logits output 5.86 MiB, but the budget is 38.15 MiB (--mem): 4.58 MiB more \
          (hint: ask for the logits of fewer tokens per run, lower -c, raise --mem, use a smaller quantization)"
     );
     // Paged, the cache gets what the output leaves: none here.
     let err = refusal(&logits(3000, &["--mem", "40M"]));
     assert!(
-        err.contains("+ logits output 5.86 MiB + 2 expert slots 384.00 KiB, 2.95 MiB more"),
+        err.contains("+ logits output 5.86 MiB + 2 expert slots 384.00 KiB, 4.95 MiB more"),
         "{err}"
     );
     assert!(!out.exists());

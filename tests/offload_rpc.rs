@@ -720,7 +720,7 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
         answer(&[&rpc[..], &budget[..], &["--gpu-experts", "auto"]].concat());
     assert_eq!(auto_ids, cpu_ids);
     assert!(
-        auto_err.contains("a cache of 20 routed experts"),
+        auto_err.contains("a cache of 9 routed experts"),
         "{auto_err}"
     );
     let out = ferrite(
@@ -732,8 +732,8 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("32 experts take 6.00 MiB on RPC0, which has 3.78 MiB left")
-            && err.contains("--gpu-experts 20 or auto"),
+        err.contains("32 experts take 6.00 MiB on RPC0, which has 1.78 MiB left")
+            && err.contains("--gpu-experts 9 or auto"),
         "{err}"
     );
     let (none_ids, none_err) = answer(&[&rpc[..], &cached[..4], &["0"]].concat());

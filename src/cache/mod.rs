@@ -31,9 +31,9 @@ pub struct CompCache<T> {
     pub ring_kv: T,
     /// `{coff·width, ring}`: recent tokens' compressor scores, gate + ape (the first rows of `src_score`).
     pub ring_score: T,
-    /// `{coff·width, ring + n_ubatch + 1}`: the rows a micro-batch's blocks pool from, in place: the ring, staging
-    /// rows for the micro-batch's new rows, and a padding row (0 for values, -inf for scores; see
-    /// [`plan::CompressPlan`]).
+    /// `{coff·width, ring + 1}`: the ring and a padding row (0 for values, -inf for scores). A micro-batch's blocks
+    /// pool from a copy of these rows with its new rows appended, made in the graph's compute buffer (see
+    /// [`plan::CompressPlan`]), so nothing sized by the micro-batch persists.
     pub src_kv: T,
     pub src_score: T,
 }
@@ -211,9 +211,9 @@ pub fn cache_bytes(cfg: &Config, sizes: &CacheSizes) -> CacheBytes {
 pub fn layer_cache_bytes(cfg: &Config, kind: LayerKind, sizes: &CacheSizes) -> CacheBytes {
     let row = |width: usize| sizes.cache_type.row_bytes(width);
     let tensor = |bytes: u64| bytes.next_multiple_of(TENSOR_ALIGN);
-    // Values and scores, F32, for the ring, the staging rows and the padding row.
+    // Values and scores, F32, for the ring and the padding row.
     let sources = |width: usize, coff: usize, ratio: usize| {
-        let rows = compressor_ring_rows(ratio) + sizes.n_ubatch + 1;
+        let rows = compressor_ring_rows(ratio) + 1;
         2 * tensor((coff * width * rows) as u64 * 4)
     };
     let comp_rows = match kind {
@@ -349,7 +349,7 @@ impl KvCache {
                         };
                         let rows = made(rows, format!("cache.{il}.{what}_rows"))?;
                         let features = (coff * width) as i64;
-                        let src_rows = ring + sizes.n_ubatch as i64 + 1;
+                        let src_rows = ring + 1;
                         let src_kv_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
                         let src_kv = made(src_kv_t, format!("cache.{il}.{what}_src_kv"))?;
                         let src_score_t = ctx.new_tensor_2d(GgmlType::F32, features, src_rows)?;
@@ -600,7 +600,7 @@ impl UbatchPlan {
                 let ring = Ring {
                     cap: compressor_ring_rows(ratio),
                 };
-                let compress = compress_plan(ratio, ring, p0, n, sizes.n_ubatch);
+                let compress = compress_plan(ratio, ring, p0, n);
                 let cap = sizes.comp_rows(ratio);
                 let n_kv = plan::padded_rows(compress.n_rows_after, cap, pad);
                 let mask = compressed_mask(ratio, n_kv, p0, n);

@@ -179,9 +179,10 @@ pub fn raw_mask(ring: Ring, window: usize, p0: usize, n: usize, n_kv: usize) -> 
 
 /// Compressor work of one micro-batch for one ratio.
 ///
-/// The compressor's source rows are `[ring rows (cap) | staging rows (stage >= n; the new rows first) | one
-/// padding row]`: the padding row is zero for values and -inf for scores and stands for the missing block before
-/// block 0 (ratio 4).
+/// The compressor's source rows are `[ring rows (cap) | one padding row | the micro-batch's n new rows]`: the cache
+/// keeps the ring and the padding row (zero for values, -inf for scores; it stands for the missing block before
+/// block 0, ratio 4), and the graph appends the new rows to a copy of them, so no rows sized by the micro-batch
+/// persist.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompressPlan {
     pub ratio: usize,
@@ -209,15 +210,14 @@ pub fn compressor_ring_rows(ratio: usize) -> usize {
     }
 }
 
-/// The compressor's work for positions `p0..p0 + n` (`n <= stage`, the staging rows of the source).
-pub fn compress_plan(ratio: usize, ring: Ring, p0: usize, n: usize, stage: usize) -> CompressPlan {
-    debug_assert!(n <= stage);
+/// The compressor's work for positions `p0..p0 + n`.
+pub fn compress_plan(ratio: usize, ring: Ring, p0: usize, n: usize) -> CompressPlan {
     let end = p0 + n;
-    let pad_row = (ring.cap + stage) as i32;
-    // Source row of position t: new tokens after the ring; older ones in their ring slot.
+    let pad_row = ring.cap as i32;
+    // Source row of position t: new tokens after the ring and the padding row; older ones in their ring slot.
     let src = |t: usize| -> i32 {
         if t >= p0 {
-            (ring.cap + t - p0) as i32
+            (ring.cap + 1 + t - p0) as i32
         } else {
             ring.slot(t) as i32
         }
@@ -317,14 +317,15 @@ mod tests {
     fn ratio4_blocks_overlap_the_previous_block() {
         let ring = Ring { cap: 8 };
         // Positions 0..10 in one batch: blocks 0 and 1 complete (block 2 needs position 11).
-        let plan = compress_plan(4, ring, 0, 10, 10);
+        let plan = compress_plan(4, ring, 0, 10);
         assert_eq!(
             (plan.first_block, plan.n_blocks, plan.n_rows_after),
             (0, 2, 2)
         );
-        let pad = 8 + 10;
-        assert_eq!(&plan.read_rows[..8], &[pad, pad, pad, pad, 8, 9, 10, 11]);
-        assert_eq!(&plan.read_rows[8..], &[8, 9, 10, 11, 12, 13, 14, 15]);
+        // Source rows: the ring 0..8, the padding row 8, the new positions 0..10 in rows 9..19.
+        let pad = 8;
+        assert_eq!(&plan.read_rows[..8], &[pad, pad, pad, pad, 9, 10, 11, 12]);
+        assert_eq!(&plan.read_rows[8..], &[9, 10, 11, 12, 13, 14, 15, 16]);
         assert_eq!(plan.block_pos, vec![0, 4]);
         // Then one token at position 10, one at 11 (completes block 2 from the ring and the new row).
         assert_eq!(
@@ -332,30 +333,32 @@ mod tests {
             vec![2, 3, 4, 5, 6, 7, 0, 1],
             "positions 2..10"
         );
-        let plan = compress_plan(4, ring, 10, 1, 1);
+        let plan = compress_plan(4, ring, 10, 1);
         assert_eq!(plan.n_blocks, 0);
-        let plan = compress_plan(4, ring, 11, 1, 1);
+        let plan = compress_plan(4, ring, 11, 1);
         assert_eq!((plan.first_block, plan.n_blocks), (2, 1));
-        // Previous block 4..8 in ring slots 4..8; this block 8, 9, 10 in slots 0, 1, 2 and 11 new (row 8).
-        assert_eq!(plan.read_rows, vec![4, 5, 6, 7, 0, 1, 2, 8]);
+        // Previous block 4..8 in ring slots 4..8; this block 8, 9, 10 in slots 0, 1, 2 and 11 new (row 9, after
+        // the padding row).
+        assert_eq!(plan.read_rows, vec![4, 5, 6, 7, 0, 1, 2, 9]);
         assert_eq!(plan.block_pos, vec![8]);
         // The ring afterwards holds 4..12: the new 11 goes to slot 3, the other slots keep theirs.
         assert_eq!(plan.ring_slots, vec![3]);
-        // With staging rows beyond the batch, the padding row moves after them.
-        let plan = compress_plan(4, ring, 0, 5, 16);
-        assert_eq!(&plan.read_rows[..4], &[24, 24, 24, 24]);
+        // The padding row stays right after the ring whatever the micro-batch's size.
+        let plan = compress_plan(4, ring, 0, 5);
+        assert_eq!(&plan.read_rows[..8], &[8, 8, 8, 8, 9, 10, 11, 12]);
     }
 
     #[test]
     fn ratio128_block_from_ring_and_batch() {
         let ring = Ring { cap: 128 };
-        let plan = compress_plan(128, ring, 100, 40, 64);
+        let plan = compress_plan(128, ring, 100, 40);
         assert_eq!(
             (plan.first_block, plan.n_blocks, plan.n_rows_after),
             (0, 1, 1)
         );
+        // Positions 0..100 from the ring, 100..128 from the new rows after the ring and the padding row.
         assert_eq!(plan.read_rows[..100], (0..100).collect::<Vec<i32>>()[..]);
-        assert_eq!(plan.read_rows[100..], (128..156).collect::<Vec<i32>>()[..]);
+        assert_eq!(plan.read_rows[100..], (129..157).collect::<Vec<i32>>()[..]);
     }
 
     #[test]

@@ -304,32 +304,44 @@ fn write_model_summary(out: &mut impl Write, model: &Model) -> Result<()> {
         opt(f.hash_layers)
     )?;
     write_sizes(out, &sizes, &f)?;
-    if let Some(c) = context_cache(model) {
+    for c in context_caches(model) {
         c.write(out)?;
     }
     Ok(())
 }
 
-/// The context cache a session of this model allocates (F16 rows, the default micro-batch), at the default and
-/// the trained context sizes; None when the metadata does not give a model ferrite runs.
+/// The context cache a session of this model allocates in one cache type (the default micro-batch), at the default
+/// and the trained context sizes.
 struct ContextCache {
+    cache_type: CacheType,
     per_token: f64,
     /// (tokens, bytes): the default `-c` and the trained context (`-c 0`).
     sizes: Vec<(usize, u64)>,
 }
 
-fn context_cache(model: &Model) -> Option<ContextCache> {
-    let cfg = Config::from_model(model).ok()?;
+/// The cache in F16 (the default) and in Q8_0 (`--cache-type q8_0`, where the model's widths fit its blocks);
+/// none when the metadata does not give a model ferrite runs.
+fn context_caches(model: &Model) -> Vec<ContextCache> {
+    let Ok(cfg) = Config::from_model(model) else {
+        return Vec::new();
+    };
     let mut ctxs = vec![resolve_ctx(&cfg, None), resolve_ctx(&cfg, Some(0))];
     ctxs.dedup();
-    let bytes = |n_ctx: usize| {
-        let sizes = CacheSizes::new(&cfg, n_ctx, DEFAULT_UBATCH.min(n_ctx), CacheType::F16);
-        cache_bytes(&cfg, &sizes)
-    };
-    Some(ContextCache {
-        per_token: bytes(1).per_token,
-        sizes: ctxs.into_iter().map(|n| (n, bytes(n).total)).collect(),
-    })
+    [CacheType::F16, CacheType::Q8_0]
+        .into_iter()
+        .filter(|t| t.fits(&cfg))
+        .map(|cache_type| {
+            let bytes = |n_ctx: usize| {
+                let sizes = CacheSizes::new(&cfg, n_ctx, DEFAULT_UBATCH.min(n_ctx), cache_type);
+                cache_bytes(&cfg, &sizes)
+            };
+            ContextCache {
+                cache_type,
+                per_token: bytes(1).per_token,
+                sizes: ctxs.iter().map(|&n| (n, bytes(n).total)).collect(),
+            }
+        })
+        .collect()
 }
 
 impl ContextCache {
@@ -347,9 +359,16 @@ impl ContextCache {
                 format!("{} at {n} tokens ({which})", format_bytes(b))
             })
             .collect();
+        let (label, rows) = match self.cache_type {
+            CacheType::F16 => ("cache:".to_string(), "F16 rows".to_string()),
+            t => (
+                format!("cache {}:", t.name()),
+                format!("--cache-type {}", t.name()),
+            ),
+        };
         writeln!(
             out,
-            "  cache:       {} per token of context (F16 rows), {}",
+            "  {label:<13}{} per token of context ({rows}), {}",
             format_bytes(self.per_token.round() as u64),
             at.join(", ")
         )?;
@@ -362,7 +381,7 @@ impl ContextCache {
             .iter()
             .map(|&(n, b)| json!({"n_ctx": n, "bytes": b}))
             .collect();
-        json!({"cache_type": "f16", "bytes_per_token": self.per_token, "sizes": at})
+        json!({"cache_type": self.cache_type.name(), "bytes_per_token": self.per_token, "sizes": at})
     }
 }
 
@@ -485,6 +504,7 @@ fn json_report(path: &std::path::Path, model: &Model, preview: usize, with_tenso
             .n_used
             .zip(f.vocab_rows)
             .map(|(u, r)| s.active_bytes_per_token(u, r));
+        let caches = context_caches(model);
         report["model"] = json!({
             "architecture": ARCH, "block_count": f.block_count, "has_mtp": f.has_mtp,
             "layer_kinds": f.layer_kinds(), "hidden": f.hidden, "expert_count": f.n_expert,
@@ -493,7 +513,8 @@ fn json_report(path: &std::path::Path, model: &Model, preview: usize, with_tenso
             "params_total": s.params_total, "params_routed": s.params_routed, "params_other": s.params_other(),
             "bytes_routed": s.bytes_routed, "bytes_other": s.bytes_other(),
             "expert_layers": s.layers, "active_bytes_per_token": per_token,
-            "cache": context_cache(model).map(|c| c.json()),
+            "cache": caches.first().map(ContextCache::json),
+            "caches": caches.iter().map(ContextCache::json).collect::<Vec<_>>(),
         });
     }
     report

@@ -154,6 +154,12 @@ impl<'e> Session<'e> {
         self.cache.bytes()
     }
 
+    /// Bytes of the compute buffers this session's micro-batches needed so far (what the memory plan reserves for
+    /// them: [`crate::plan::devices::compute_bytes`]).
+    pub fn compute_bytes(&self) -> usize {
+        self.runner.compute_bytes()
+    }
+
     /// Keeps the graphs of recent micro-batch shapes and reuses them (the default), or builds a new graph for
     /// every micro-batch (`false`: a diagnostic; the logits are the same bit for bit). New sessions start as
     /// [`SessionOptions::graph_reuse`] says.

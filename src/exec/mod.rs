@@ -92,6 +92,15 @@ impl<'e> Runner<'e> {
         }
     }
 
+    /// Bytes of the compute buffers the micro-batches so far needed: the CPU graphs' buffer and, with devices, the
+    /// buffers of the last scheduled graph's scheduler.
+    pub fn compute_bytes(&self) -> usize {
+        let sched = self.last_scheduled().map_or(0, |(_, s)| {
+            s.buffer_sizes().iter().map(|(_, b)| b).sum::<usize>()
+        });
+        self.alloc.buffer_size() + sched
+    }
+
     /// The last scheduled graph and its scheduler (`None` on the CPU-only path, or before the first micro-batch).
     pub fn last_scheduled(&self) -> Option<(&OwnedGraph<'e>, &Scheduler<'e>)> {
         self.sched.as_ref()?.last_used()

@@ -44,10 +44,10 @@ pub fn compress<'c>(
     let Some(blocks) = &inp.blocks else {
         return Ok(None);
     };
-    // Source rows: the ring, this micro-batch (staged in place after it), and the padding row (zero value, -inf
-    // score) that stands for the missing block before block 0.
-    let src_kv = ctx.set_rows(cache.src_kv, kv, blocks.stage_rows)?;
-    let src_score = ctx.set_rows(cache.src_score, score, blocks.stage_rows)?;
+    // Source rows: the ring, the padding row (zero value, -inf score) that stands for the missing block before
+    // block 0, then this micro-batch's rows; a copy in the compute buffer, read before the ring is written.
+    let src_kv = ctx.concat(cache.src_kv, kv, 1)?;
+    let src_score = ctx.concat(cache.src_score, score, 1)?;
     let values = block_rows(
         o,
         ctx.get_rows(src_kv, blocks.read_rows)?,

@@ -95,8 +95,6 @@ impl<'c> Ops<'c> {
 /// Index inputs of the blocks one micro-batch completes for one compress ratio.
 pub struct BlockInputs<'c> {
     pub n_blocks: usize,
-    /// I32 `{n}`: the source rows the micro-batch's new rows are staged at (after the ring) for the blocks to read.
-    pub stage_rows: Tensor<'c>,
     /// I32: source rows each block pools.
     pub read_rows: Tensor<'c>,
     /// I32 `{n_blocks}`: RoPE position of each block (its first token).

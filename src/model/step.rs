@@ -5,7 +5,6 @@
 
 use std::rc::Rc;
 
-use crate::cache::plan::compressor_ring_rows;
 use crate::cache::{CompPlan, KvCache, QueryChunk, UbatchPlan};
 use crate::ggml::{GgmlError, OwnedGraph, RepackType, Result, Tensor};
 
@@ -201,7 +200,6 @@ fn comp_inputs<'c>(
 ) -> Result<CompInputs<'c>> {
     let c = p.compress;
     let r = c.ratio;
-    let ring = compressor_ring_rows(r);
     let blocks = if c.n_blocks == 0 {
         None
     } else {
@@ -210,10 +208,6 @@ fn comp_inputs<'c>(
         let write_kv: Vec<i32> = rows.map(|j| (raw_ring + j) as i32).collect();
         Some(BlockInputs {
             n_blocks: c.n_blocks,
-            stage_rows: up.i32(
-                format_args!("inp_r{r}_stage"),
-                (0..n).map(|i| (ring + i) as i32).collect(),
-            )?,
             read_rows: up.i32(format_args!("inp_r{r}_read"), c.read_rows)?,
             block_pos: up.i32(format_args!("inp_r{r}_block_pos"), c.block_pos)?,
             write_rows: match indexer {

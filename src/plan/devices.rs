@@ -14,7 +14,7 @@
 
 use crate::cache::{cache_bytes, layer_cache_bytes, CacheSizes};
 use crate::ggml::{DeviceInfo, DeviceKind};
-use crate::model::config::Config;
+use crate::model::config::{Config, LayerKind};
 use crate::model::sizes::{
     block_of, expert_tensor_layer, weight_sizes_of, TensorMeta, WeightSizes,
 };
@@ -139,15 +139,26 @@ impl PlacementModel {
 }
 
 /// Bytes of compute buffers the plan reserves: activations of a micro-batch (streams, attention, the experts'
-/// intermediates, scores over the window) and the logits of every row (perplexity asks for them all). An estimate.
+/// intermediates, scores over the window, the compressor's values and scores on their way through the pooling) and
+/// the logits of every row (perplexity asks for them all). An estimate.
 pub fn compute_bytes(cfg: &Config, n_ubatch: usize) -> u64 {
     let width = cfg.expert_width.iter().copied().max().unwrap_or(0) as u64;
     let n_ubatch = n_ubatch as u64;
+    // Features per token of the widest compressor: ratio 4 pools overlapping blocks from two sets of head_dim.
+    let coff = if cfg.kinds.contains(&LayerKind::Csa) {
+        2
+    } else if cfg.kinds.contains(&LayerKind::Hca) {
+        1
+    } else {
+        0
+    };
     let per_token = [
         8 * (cfg.hc * cfg.n_embd) as u64,
         4 * (cfg.n_head * cfg.head_dim) as u64,
         3 * cfg.n_expert_used as u64 * width,
         (cfg.n_head as u64).saturating_mul((cfg.window as u64).saturating_add(n_ubatch)),
+        // Values and scores, their sources with the ring, the rows the blocks pool, their transposes and weights.
+        8 * coff * cfg.head_dim as u64,
         cfg.n_vocab as u64,
     ]
     .into_iter()
