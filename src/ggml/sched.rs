@@ -131,14 +131,9 @@ impl<'b> Scheduler<'b> {
     pub fn compute(&mut self, graph: &Graph<'_>) -> Result<()> {
         // SAFETY: the graph was allocated by this scheduler (its tensors have data), is alive, and was not changed
         // since (`expand` would need a new alloc).
-        let status =
-            unsafe { sys::ggml_backend_sched_graph_compute(self.as_ptr(), graph.as_ptr()) };
-        if status != sys::GGML_STATUS_SUCCESS {
-            // SAFETY: returns a static string for any status value.
-            let detail = cstr_lossy(unsafe { sys::ggml_status_to_string(status) });
-            return Err(GgmlError::Compute { status, detail });
-        }
-        Ok(())
+        status_result(unsafe {
+            sys::ggml_backend_sched_graph_compute(self.as_ptr(), graph.as_ptr())
+        })
     }
 
     /// Starts computing `graph`, allocated by the last [`Scheduler::alloc`], and returns once every split is on its
@@ -147,14 +142,9 @@ impl<'b> Scheduler<'b> {
     /// [`Scheduler::synchronize`].
     pub fn compute_async(&mut self, graph: &Graph<'_>) -> Result<()> {
         // SAFETY: as in `compute`; the caller synchronizes before the graph's memory is read or handed out again.
-        let status =
-            unsafe { sys::ggml_backend_sched_graph_compute_async(self.as_ptr(), graph.as_ptr()) };
-        if status != sys::GGML_STATUS_SUCCESS {
-            // SAFETY: returns a static string for any status value.
-            let detail = cstr_lossy(unsafe { sys::ggml_status_to_string(status) });
-            return Err(GgmlError::Compute { status, detail });
-        }
-        Ok(())
+        status_result(unsafe {
+            sys::ggml_backend_sched_graph_compute_async(self.as_ptr(), graph.as_ptr())
+        })
     }
 
     /// Waits until every backend of the scheduler has finished what [`Scheduler::compute_async`] started.
@@ -215,6 +205,16 @@ impl Drop for Scheduler<'_> {
         // them before it).
         unsafe { sys::ggml_backend_sched_free(self.as_ptr()) }
     }
+}
+
+/// A computation's status as a result.
+fn status_result(status: sys::ggml_status) -> Result<()> {
+    if status == sys::GGML_STATUS_SUCCESS {
+        return Ok(());
+    }
+    // SAFETY: returns a static string for any status value.
+    let detail = cstr_lossy(unsafe { sys::ggml_status_to_string(status) });
+    Err(GgmlError::Compute { status, detail })
 }
 
 /// Operators whose code is a callback of this process (CPU only).
