@@ -104,7 +104,8 @@ pub struct EngineOptions {
     /// limit). See [`crate::ggml::rpc::limit_replies`].
     pub rpc_timeout: std::time::Duration,
     /// `--gpu-experts`: a cache of the CPU's routed experts in a device's memory (`None`: the default, `auto` on a
-    /// local GPU or accelerator when some layer's experts are the CPU's, no cache on an RPC server's device).
+    /// local discrete GPU or accelerator when some layer's experts are the CPU's; no cache on an RPC server's device
+    /// or an integrated GPU).
     pub gpu_experts: Option<GpuExpertsArg>,
     /// With the device expert cache and no paged store: micro-batches of at least this many tokens run as one graph
     /// instead of the stage chain, so that ggml's op offload computes the CPU's experts on the device as it does for
@@ -397,9 +398,11 @@ impl Engine {
             .or_else(|| self.devices.first().map(|d| d.device()));
         let (device, arg, default) = match (device, arg) {
             (Some(device), Some(arg)) => (device, arg, false),
-            // The default: a local GPU's spare memory caches experts; an RPC server's memory is behind the
-            // network, where an upload costs more than the CPU computing the expert.
-            (Some(device), None) if !device.is_rpc() => (device, GpuExpertsArg::Auto, true),
+            // The default: a local GPU's spare memory caches experts. Not an RPC server's (behind the network, where
+            // an upload costs more than the CPU computing the expert), nor an integrated GPU's (the host's RAM).
+            (Some(device), None) if !device.is_rpc() && device.has_own_memory() => {
+                (device, GpuExpertsArg::Auto, true)
+            }
             (_, None) => return Ok(None),
             (None, Some(_)) => bail!("--gpu-experts needs a device to cache experts on, and none takes part (hint: --list-devices shows them; --device, -ngl and --rpc choose them)"),
         };

@@ -110,8 +110,9 @@ pub struct DeviceArgs {
     pub rpc_timeout: u64,
     /// Keep a cache of the CPU's routed experts in a device's memory: N experts, a SIZE (e.g. 12G), or auto (what
     /// the device has left after the placement). Selected experts found there are computed on the device, the
-    /// others on the CPU; the experts used most are uploaded as the text goes [default: auto on a GPU when some
-    /// layer's routed experts are the CPU's (--cpu-moe, --n-cpu-moe), none on an RPC server's device; 0: none].
+    /// others on the CPU; the experts used most are uploaded as the text goes [default: auto on a discrete GPU when
+    /// some layer's routed experts are the CPU's (--cpu-moe, --n-cpu-moe), none on an RPC server's device or an
+    /// integrated GPU; 0: none].
     #[arg(long = "gpu-experts", value_name = "N|SIZE|auto", value_parser = super::size_arg::parse_gpu_experts)]
     pub gpu_experts: Option<ferrite::experts::device::GpuExpertsArg>,
     /// Load ggml backend modules (libggml-cuda.so, libggml-vulkan.so, ... built with GGML_BACKEND_DL, e.g. by

@@ -169,6 +169,14 @@ impl Device {
         !reg.is_null() && cstr_lossy(unsafe { sys::ggml_backend_reg_name(reg) }).starts_with("RPC")
     }
 
+    /// True for a discrete GPU or an accelerator (memory of its own, apart from the host's RAM), not an integrated
+    /// GPU sharing the RAM.
+    pub fn has_own_memory(self) -> bool {
+        // SAFETY: a registered device.
+        let t = unsafe { sys::ggml_backend_dev_type(self.as_ptr()) };
+        t == sys::GGML_BACKEND_DEVICE_TYPE_GPU || t == sys::GGML_BACKEND_DEVICE_TYPE_ACCEL
+    }
+
     /// Free and total bytes of the device's memory, as it reports them.
     pub fn memory(self) -> (usize, usize) {
         let (mut free, mut total) = (0usize, 0usize);
