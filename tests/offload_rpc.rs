@@ -427,6 +427,11 @@ fn device_expert_cache_on_rpc_matches_the_cpu() {
             "{what}: the device cache hits and refills: {st:?}"
         );
         assert!(st.hits > 0, "{what}: the host computes the rest: {st:?}");
+        // Experts known or guessed before their layer go up ahead of it, and layers use some of them.
+        assert!(
+            st.device_ahead > 0 && st.device_ahead_used > 0 && st.device_ahead <= st.device_loads,
+            "{what}: uploads ahead of the layer: {st:?}"
+        );
         if paged {
             assert!(st.misses > 0, "{what}: the store pages: {st:?}");
         }

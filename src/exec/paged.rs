@@ -15,7 +15,7 @@ use crate::cache::{KvCache, UbatchPlan};
 use crate::engine::Engine;
 use crate::experts::device::DeviceExperts;
 use crate::experts::store::PagedExperts;
-use crate::experts::{ExpertKey, ExpertStats, Load, ReadReport, SlotId, SlotPolicy};
+use crate::experts::{ExpertKey, ExpertStats, Load, PrefetchPlan, ReadReport, SlotId, SlotPolicy};
 use crate::ggml::{GraphAllocator, OwnedGraph, Scheduler};
 use crate::model::config::Config;
 use crate::model::forward::Uploads;
@@ -316,6 +316,24 @@ fn split_rows(sel: &[i32], k: usize, device: &BTreeMap<u32, SlotId>) -> (Entries
     (on_device, rest)
 }
 
+/// Queues the uploads of the experts `plan` placed in the device cache and returns their bytes. When one fails, it
+/// and the loads after it hold nothing usable: their slots are forgotten.
+fn upload_placed(dev: &DeviceExperts, dp: &mut SlotPolicy, plan: &PrefetchPlan) -> Result<u64> {
+    let mut bytes = 0;
+    for (i, load) in plan.loads.iter().enumerate() {
+        match dev.upload(load) {
+            Ok(b) => bytes += b,
+            Err(e) => {
+                for l in &plan.loads[i..] {
+                    dp.invalidate(l.slot)?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(bytes)
+}
+
 /// Locks a slot policy (a poisoned lock still holds consistent bookkeeping: every change is made whole).
 fn lock_policy(m: &Mutex<SlotPolicy>) -> std::sync::MutexGuard<'_, SlotPolicy> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -425,8 +443,13 @@ impl HostStep<'_> {
         if let Some(p) = policy.as_mut() {
             p.begin_step();
         }
-        if let Some((_, p)) = device.as_mut() {
-            p.begin_step();
+        if let Some((dev, dp)) = device.as_mut() {
+            dp.begin_step();
+            // Hash-routed layers' experts are known from the token ids: up they go before any layer runs.
+            for il in (0..self.cfg.n_layer).filter(|&il| dev.hash_routed(il)) {
+                let keys = dev.certain_keys(il, self.tokens, k);
+                self.admit_ahead(dev, dp, &keys)?;
+            }
         }
         let cpu_layer = |il: usize| self.cpu_layers.get(il).copied().unwrap_or(false);
         std::thread::scope(|scope| -> Result<()> {
@@ -530,21 +553,23 @@ impl HostStep<'_> {
                 if let Some((dev, dp)) = device.as_mut().filter(|(d, _)| d.caches_layer(il)) {
                     let keys: Vec<ExpertKey> = sel.iter().map(|&e| key(e)).collect();
                     let plan = dp.admit(&keys)?;
-                    let mut bytes = 0;
-                    for (i, load) in plan.loads.iter().enumerate() {
-                        match dev.upload(load) {
-                            Ok(b) => bytes += b,
-                            Err(e) => {
-                                // This load and those after it hold nothing usable: forget them.
-                                for l in &plan.loads[i..] {
-                                    dp.invalidate(l.slot)?;
-                                }
-                                return Err(e);
-                            }
-                        }
+                    let bytes = upload_placed(dev, dp, &plan)?;
+                    let mut stats = self.stats_mut();
+                    stats.record_device(0, plan.loads.len() as u64, bytes);
+                    stats.record_device_ahead(0, plan.ahead_used as u64);
+                }
+                // The next layer's experts as its router guesses them from this layer's input: those the cache
+                // would take after that layer go up now, while its attention runs, and that layer finds them.
+                if let Some((dev, dp)) = device.as_mut() {
+                    let next = il + 1;
+                    if cpu_layer(next) && dev.caches_layer(next) && !dev.hash_routed(next) {
+                        let guess = stages.read_i32(GUESS, k * n)?;
+                        let keys: Vec<ExpertKey> = guess
+                            .iter()
+                            .map(|&e| ExpertKey::new(next as u32, e as u32))
+                            .collect();
+                        self.admit_ahead(dev, dp, &keys)?;
                     }
-                    self.stats_mut()
-                        .record_device(0, plan.loads.len() as u64, bytes);
                 }
                 // Guess the next layer's experts and read them while its attention runs.
                 if let (Some(px), Some(policy)) = (self.store, policy.as_deref_mut()) {
@@ -565,6 +590,26 @@ impl HostStep<'_> {
                 None => Ok(()),
             }
         })
+    }
+
+    /// Places what of `keys` (experts known or guessed before their layer) the device cache takes ahead of use
+    /// ([`SlotPolicy::admit_ahead`]) and queues their uploads.
+    fn admit_ahead(
+        &self,
+        dev: &DeviceExperts,
+        dp: &mut SlotPolicy,
+        keys: &[ExpertKey],
+    ) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let plan = dp.admit_ahead(keys)?;
+        let bytes = upload_placed(dev, dp, &plan)?;
+        let n = plan.loads.len() as u64;
+        let mut stats = self.stats_mut();
+        stats.record_device(0, n, bytes);
+        stats.record_device_ahead(n, 0);
+        Ok(())
     }
 
     fn stats_mut(&self) -> std::sync::MutexGuard<'_, ExpertStats> {

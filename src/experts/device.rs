@@ -2,7 +2,9 @@
 //! layers that the policy expects to be used most. A layer's selected experts found there are computed on the
 //! device; the others on the CPU from RAM (or through the paged store). After each layer the experts it used that
 //! are worth a slot more than what holds one are uploaded from the model's map ([`crate::experts::SlotPolicy::admit`]
-//! decides). The stage graphs that use the slots are `crate::model::paged`'s, run by `crate::exec`.
+//! decides). Experts known or guessed before their layer (hash-routed layers' from the token ids, the next layer's
+//! from its router run on this layer's input) go up ahead of it when the same rule would take them after it
+//! ([`crate::experts::SlotPolicy::admit_ahead`]), so the layer already finds them on the device. The stage graphs that use the slots are `crate::model::paged`'s, run by `crate::exec`.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -10,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::Model;
 
-use crate::experts::{Load, PolicyConfig, SlotId, SlotPolicy};
+use crate::experts::{ExpertKey, Load, PolicyConfig, SlotId, SlotPolicy};
 use crate::ggml::{Context, Device, DeviceBackend, SlotPart, Tensor};
 use crate::model::config::Config;
-use crate::model::weights::Weights;
+use crate::model::weights::{Routing, Weights};
 
 /// Alignment of each part's room in a slot (a multiple of every backend's tensor alignment).
 const PART_ALIGN: usize = 256;
@@ -54,6 +56,8 @@ pub struct DeviceExperts {
     layers: Vec<Option<CachedLayer>>,
     stride: usize,
     n_slots: usize,
+    /// Per layer, for the cached hash-routed layers: the experts of each token id (`tid2eid`, `k` per token).
+    hash_experts: Vec<Option<Vec<i32>>>,
     pub(crate) policy: Mutex<SlotPolicy>,
 }
 
@@ -129,6 +133,18 @@ impl DeviceExperts {
             cfg.n_layer as u32,
             cfg.n_expert as u32,
         ))?;
+        let hash_experts = weights
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(il, lw)| match lw.routing {
+                Routing::Hash { tid2eid } if cached.get(il).copied().unwrap_or(false) => tid2eid
+                    .get_i32()
+                    .map(Some)
+                    .with_context(|| format!("cannot read layer {il}'s expert table (tid2eid)")),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let backend = device
             .backend()
             .with_context(|| format!("cannot open a queue for uploads to {}", device.name()))?;
@@ -143,8 +159,33 @@ impl DeviceExperts {
             layers,
             stride,
             n_slots,
+            hash_experts,
             policy: Mutex::new(policy),
         })
+    }
+
+    /// The experts hash-routed layer `il` will use for `tokens` (`k` per token), known before any layer runs (none
+    /// when the cache does not hold the layer or it routes by score). A token id outside the table names nothing
+    /// (the model's graph rejects it).
+    pub(crate) fn certain_keys(&self, il: usize, tokens: &[i32], k: usize) -> Vec<ExpertKey> {
+        let Some(Some(table)) = self.hash_experts.get(il) else {
+            return Vec::new();
+        };
+        let mut keys = Vec::with_capacity(tokens.len() * k);
+        for &t in tokens {
+            let row = usize::try_from(t)
+                .ok()
+                .and_then(|t| table.get(t * k..(t + 1) * k));
+            if let Some(row) = row {
+                keys.extend(row.iter().map(|&e| ExpertKey::new(il as u32, e as u32)));
+            }
+        }
+        keys
+    }
+
+    /// Whether layer `il` routes by token id (its experts come from [`Self::certain_keys`], not guesses).
+    pub(crate) fn hash_routed(&self, il: usize) -> bool {
+        self.hash_experts.get(il).is_some_and(|t| t.is_some())
     }
 
     pub fn device(&self) -> Device {

@@ -239,6 +239,9 @@ pub struct PrefetchPlan {
     pub present: usize,
     /// Keys not loaded: no free slot and no key worth less than the guess.
     pub dropped: Vec<ExpertKey>,
+    /// Of `present` ([`SlotPolicy::admit`]): keys placed ahead of their use ([`SlotPolicy::admit_ahead`]) and
+    /// used for the first time since (the guess was right).
+    pub ahead_used: usize,
 }
 
 impl PrefetchPlan {
@@ -602,6 +605,9 @@ impl SlotPolicy {
         let mut plan = PrefetchPlan::default();
         for key in needed {
             if let Some(slot) = self.lookup(key) {
+                if self.slots[slot as usize].prefetched_unused {
+                    plan.ahead_used += 1;
+                }
                 self.record_use(slot, key);
                 plan.present += 1;
                 continue;
@@ -615,6 +621,56 @@ impl SlotPolicy {
             let evicted = self.take_slot(slot);
             self.place(slot, key);
             self.record_use(slot, key);
+            plan.loads.push(Load { key, slot, evicted });
+        }
+        Ok(plan)
+    }
+
+    /// The second tier's ahead-of-use admission (see [`Self::admit`]): places the guessed keys `keys` (a layer's
+    /// experts as the next layer's router predicts them, or a hash-routed layer's from the token ids) that
+    /// [`Self::admit`] would place if the guess comes true: priced with one use counted at this step, a free slot
+    /// or a victim not touched in this step expected over [`ADMIT_MARGIN`] times later. Counts no use: a guess
+    /// that is used is counted by the [`Self::admit`] after its layer (which finds it present); one that is not
+    /// keeps only its history's priority. Placed keys are protected from the rest of this step's admissions like
+    /// used ones.
+    pub fn admit_ahead(&mut self, keys: &[ExpertKey]) -> Result<PrefetchPlan, PolicyError> {
+        for &key in keys {
+            self.key_index(key)?;
+        }
+        let mut guessed = keys.to_vec();
+        guessed.sort_unstable();
+        guessed.dedup();
+        // Victims are weighed as [`Self::admit`] weighs them after the layer.
+        if let Some(last) = guessed.last() {
+            self.cursor = Some(last.layer);
+        }
+        let mut plan = PrefetchPlan::default();
+        for key in guessed {
+            if let Some(slot) = self.lookup(key) {
+                if self.slots[slot as usize].class == Class::Cold {
+                    self.update(slot, |s| s.class = Class::Prefetched);
+                    self.mark_touched(slot);
+                }
+                plan.present += 1;
+                continue;
+            }
+            let Some(slot) = self.admit_victim(self.next_use(key.layer, self.used_prio(key)))
+            else {
+                plan.dropped.push(key);
+                continue;
+            };
+            let evicted = self.take_slot(slot);
+            self.place(slot, key);
+            let prio = self.history_prio(key);
+            self.tick += 1;
+            let tick = self.tick;
+            self.update(slot, |s| {
+                s.class = Class::Prefetched;
+                s.prio = prio;
+                s.tick = tick;
+                s.prefetched_unused = true;
+            });
+            self.mark_touched(slot);
             plan.loads.push(Load { key, slot, evicted });
         }
         Ok(plan)
@@ -773,6 +829,21 @@ impl SlotPolicy {
             .map(|i| self.history[i])
             .unwrap_or_default();
         Prio(h.crf.max(MIN_P).log2() + h.last_step as f64 * self.lambda)
+    }
+
+    /// The priority `key` would have with a use counted at the current step (what [`Self::count_use`] then
+    /// [`Self::history_prio`] give), without counting it.
+    fn used_prio(&self, key: ExpertKey) -> Prio {
+        let h = self
+            .key_index(key)
+            .map(|i| self.history[i])
+            .unwrap_or_default();
+        if h.crf > 0.0 && h.last_step == self.step {
+            return self.history_prio(key);
+        }
+        let age = self.step.saturating_sub(h.last_step) as f64;
+        let crf = 1.0 + h.crf * (-age * self.lambda).exp2();
+        Prio(crf.max(MIN_P).log2() + self.step as f64 * self.lambda)
     }
 
     /// The priority of a guess: a use in this step with probability `weight`, else its history's.

@@ -41,6 +41,10 @@ pub struct StatsSnapshot {
     pub device_hits: u64,
     pub device_loads: u64,
     pub device_bytes: u64,
+    /// Of `device_loads`, the uploads made ahead of their layer (hash-routed layers' experts from the token ids,
+    /// the next layer's experts as its router guesses them), and how many of those were used.
+    pub device_ahead: u64,
+    pub device_ahead_used: u64,
 }
 
 /// Averages over the tokens of a snapshot.
@@ -76,6 +80,10 @@ impl StatsSnapshot {
             device_hits: self.device_hits.saturating_sub(earlier.device_hits),
             device_loads: self.device_loads.saturating_sub(earlier.device_loads),
             device_bytes: self.device_bytes.saturating_sub(earlier.device_bytes),
+            device_ahead: self.device_ahead.saturating_sub(earlier.device_ahead),
+            device_ahead_used: self
+                .device_ahead_used
+                .saturating_sub(earlier.device_ahead_used),
         }
     }
 
@@ -100,6 +108,10 @@ impl StatsSnapshot {
             device_hits: self.device_hits.saturating_add(other.device_hits),
             device_loads: self.device_loads.saturating_add(other.device_loads),
             device_bytes: self.device_bytes.saturating_add(other.device_bytes),
+            device_ahead: self.device_ahead.saturating_add(other.device_ahead),
+            device_ahead_used: self
+                .device_ahead_used
+                .saturating_add(other.device_ahead_used),
         }
     }
 
@@ -147,7 +159,8 @@ impl StatsSnapshot {
                 "\"bytes_read\":{},\"direct_bytes\":{},\"reads\":{},\"read_time_s\":{},\"io_wait_s\":{},\"hit_rate\":{},",
                 "\"prefetch_accuracy\":{},\"read_bytes_per_s\":{},\"per_token\":{{\"hits\":{},\"misses\":{},",
                 "\"bytes_read\":{},\"io_wait_ms\":{}}},\"device_hits\":{},\"device_loads\":{},",
-                "\"device_bytes_uploaded\":{},\"device_bytes_per_token\":{}}}"
+                "\"device_bytes_uploaded\":{},\"device_bytes_per_token\":{},\"device_loads_ahead\":{},",
+                "\"device_loads_ahead_used\":{}}}"
             ),
             self.tokens,
             self.steps,
@@ -175,6 +188,8 @@ impl StatsSnapshot {
             self.device_loads,
             self.device_bytes,
             json_f64(ratio(self.device_bytes, self.tokens)),
+            self.device_ahead,
+            self.device_ahead_used,
         )
     }
 }
@@ -218,6 +233,14 @@ impl fmt::Display for StatsSnapshot {
                 crate::units::format_bytes(self.device_bytes),
                 crate::units::format_bytes(ratio(self.device_bytes, self.tokens) as u64),
             )?;
+            if self.device_ahead > 0 {
+                write!(
+                    f,
+                    ", {} ahead of their layer ({:.0} % used)",
+                    self.device_ahead,
+                    ratio(self.device_ahead_used, self.device_ahead) * 100.0
+                )?;
+            }
         }
         Ok(())
     }
@@ -304,6 +327,14 @@ impl ExpertStats {
         t.device_bytes = t.device_bytes.saturating_add(bytes);
     }
 
+    /// `loads` of a layer's uploads into the device cache made ahead of the layer (also counted by
+    /// [`Self::record_device`]), and `used` experts uploaded ahead that a layer has used since.
+    pub fn record_device_ahead(&mut self, loads: u64, used: u64) {
+        let t = &mut self.totals;
+        t.device_ahead = t.device_ahead.saturating_add(loads);
+        t.device_ahead_used = t.device_ahead_used.saturating_add(used);
+    }
+
     /// The computation waited `d` for reads to finish.
     pub fn record_io_wait(&mut self, d: Duration) {
         self.totals.io_wait = self.totals.io_wait.saturating_add(d);
@@ -379,7 +410,7 @@ mod tests {
         assert_eq!(zero.hit_rate(), 0.0);
         let json = zero.to_json();
         assert!(
-            json.starts_with("{\"tokens\":0,") && json.ends_with("\"device_bytes_per_token\":0}"),
+            json.starts_with("{\"tokens\":0,") && json.ends_with("\"device_loads_ahead_used\":0}"),
             "{json}"
         );
         let s = StatsSnapshot {
@@ -414,6 +445,8 @@ mod tests {
             device_hits: 4,
             device_loads: 2,
             device_bytes: 4 << 20,
+            device_ahead: 2,
+            device_ahead_used: 1,
             ..s
         };
         let parsed: serde_json::Value = serde_json::from_str(&d.to_json()).unwrap();
@@ -421,9 +454,11 @@ mod tests {
         assert_eq!(parsed["device_loads"], 2);
         assert_eq!(parsed["device_bytes_uploaded"], 4 << 20);
         assert_eq!(parsed["device_bytes_per_token"], 2097152.0);
+        assert_eq!(parsed["device_loads_ahead"], 2);
+        assert_eq!(parsed["device_loads_ahead_used"], 1);
         let line = d.to_string();
         assert!(
-            line.contains("; device cache: 50.0 % of needed experts (4 hits), 2 uploaded (4.00 MiB, 2.00 MiB/token)"),
+            line.contains("; device cache: 50.0 % of needed experts (4 hits), 2 uploaded (4.00 MiB, 2.00 MiB/token), 2 ahead of their layer (50 % used)"),
             "{line}"
         );
         assert_eq!(d.since(&s).device_hits, 4);

@@ -495,3 +495,90 @@ fn admit_does_not_churn_under_uniform_routing() {
         "{loads} uploads for {uses} uses: the cache churns"
     );
 }
+
+/// Ahead-of-use admission places exactly what [`SlotPolicy::admit`] would once the guess comes true: driven by the
+/// same uses, a tier that admits each layer's keys ahead (guesses right) and then after the layer loads the same
+/// keys at the same steps and ends with the same contents as one that only admits after the layer.
+#[test]
+fn admit_ahead_with_right_guesses_loads_what_admit_would() {
+    let (mut ahead, mut after) = (pool(6), pool(6));
+    let mut rng = 0x2545_f491_u64;
+    let mut next = || {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) as u32
+    };
+    for _ in 0..300 {
+        ahead.begin_step();
+        after.begin_step();
+        for layer in 0..4 {
+            // Skewed: experts 0-3 often, the rest of 0-15 now and then.
+            let keys: Vec<ExpertKey> = (0..3)
+                .map(|_| {
+                    let r = next();
+                    k(layer, if r % 4 == 0 { r / 4 % 16 } else { r / 4 % 4 })
+                })
+                .collect();
+            let early = ahead.admit_ahead(&keys).unwrap();
+            let late = ahead.admit(&keys).unwrap();
+            assert!(
+                late.loads.is_empty(),
+                "a right guess is present after its layer"
+            );
+            assert_eq!(late.ahead_used, early.loads.len());
+            let plain = after.admit(&keys).unwrap();
+            let loaded = |p: &PrefetchPlan| {
+                p.loads
+                    .iter()
+                    .map(|l| (l.key, l.evicted))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(loaded(&early), loaded(&plain));
+        }
+        let contents = |p: &SlotPolicy| {
+            (0..p.n_slots() as SlotId)
+                .map(|s| p.key_in(s))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(contents(&ahead), contents(&after));
+    }
+}
+
+/// A guess is not a use: a wrong one keeps only its history's priority and leaves at the next admission that needs
+/// its slot; a right one is protected for the rest of its step; a guess never used does not push out hot keys.
+#[test]
+fn admit_ahead_counts_no_use() {
+    let mut p = pool(2);
+    // Keys 1 and 2 of layer 0 used every step for a while: hot.
+    for _ in 0..8 {
+        p.begin_step();
+        p.admit(&[k(0, 1), k(0, 2)]).unwrap();
+    }
+    p.begin_step();
+    let plan = p.admit_ahead(&[k(1, 5)]).unwrap();
+    assert!(
+        plan.loads.is_empty() && plan.dropped == vec![k(1, 5)],
+        "a cold guess does not evict hot keys"
+    );
+
+    // A free slot takes a guess; within its step no admission evicts it.
+    let mut p = pool(2);
+    p.begin_step();
+    p.admit(&[k(0, 1)]).unwrap();
+    let plan = p.admit_ahead(&[k(1, 7)]).unwrap();
+    assert_eq!(plan.loads.len(), 1);
+    let plan = p.admit(&[k(2, 3)]).unwrap();
+    assert!(
+        plan.loads.is_empty(),
+        "the guessed key keeps its slot in its step"
+    );
+    // The guess was wrong (layer 1 used nothing): key (2, 3), used in two steps now, replaces it; the key used
+    // every step stays.
+    p.begin_step();
+    p.admit(&[k(0, 1)]).unwrap();
+    let plan = p.admit(&[k(2, 3)]).unwrap();
+    assert_eq!(plan.loads.len(), 1);
+    assert_eq!(plan.loads[0].evicted, Some(k(1, 7)));
+    assert!(p.lookup(k(0, 1)).is_some());
+}
