@@ -65,10 +65,14 @@ fn ours(e: &Engine, tokens: &[u32], call: usize) -> Vec<Vec<f32>> {
     ours_grouped(e, tokens, call, false).0
 }
 
-/// [`ours`], with the grouped GEMM products on or off; also the micro-batches that used them.
+/// [`ours`], with the grouped GEMM products on or off; also the micro-batches that used them. Attention past the
+/// indexer's top-k reads every visible row under a mask, as llama.cpp does: reading only the chosen rows sums the
+/// same terms in another order, whose last bits these chaotic random models amplify (1e-2 from position 35 on
+/// an AVX2 host, where the decode reads 8 chosen rows; its own tests are `tests/depth_top_k.rs`).
 fn ours_grouped(e: &Engine, tokens: &[u32], call: usize, grouped: bool) -> (Vec<Vec<f32>>, u64) {
     let mut s = e.session_sized(N_CTX, N_UBATCH).unwrap();
     s.set_grouped_experts(grouped);
+    s.set_chosen_rows(false);
     let mut rows = Vec::new();
     for chunk in tokens.chunks(call) {
         let flat = s.feed(chunk, Logits::All).unwrap();
