@@ -558,30 +558,15 @@ impl SlotPolicy {
             }
             if let Some(slot) = self.lookup(key) {
                 // Already in a slot: keep it there for this step (a later guess must not push it out).
-                if self.slots[slot as usize].class == Class::Cold {
-                    self.update(slot, |s| s.class = Class::Prefetched);
-                    self.mark_touched(slot);
-                }
+                self.keep_for_step(slot);
                 plan.present += 1;
                 continue;
             }
             let prio = self.guess_prio(key, weight);
-            let Some(slot) = self.prefetch_victim(self.next_use(key.layer, prio)) else {
-                plan.dropped.push(key);
-                continue;
-            };
-            let evicted = self.take_slot(slot);
-            self.place(slot, key);
-            self.tick += 1;
-            let tick = self.tick;
-            self.update(slot, |s| {
-                s.class = Class::Prefetched;
-                s.prio = prio;
-                s.tick = tick;
-                s.prefetched_unused = true;
-            });
-            self.mark_touched(slot);
-            plan.loads.push(Load { key, slot, evicted });
+            match self.prefetch_victim(self.next_use(key.layer, prio)) {
+                Some(slot) => plan.loads.push(self.place_ahead(slot, key, prio)),
+                None => plan.dropped.push(key),
+            }
         }
         Ok(plan)
     }
@@ -590,18 +575,11 @@ impl SlotPolicy {
     /// counts one use of every key of `keys` (a layer's needed experts; duplicates allowed), cached or not (the
     /// keys not cached were computed from the other memory), and places each key not cached where that costs no
     /// key needed sooner: a free slot, else the key not touched in this step expected last, if it is expected over
-    /// [`ADMIT_MARGIN`] times later than this one (by its history, this use counted). The loads say which slot to fill with which key; keys that
-    /// found no such slot are `dropped`. Never evicts a key used or placed in this step.
+    /// [`ADMIT_MARGIN`] times later than this one (by its history, this use counted). The loads say which slot to
+    /// fill with which key; keys that found no such slot are `dropped`. Never evicts a key used or placed in this
+    /// step.
     pub fn admit(&mut self, keys: &[ExpertKey]) -> Result<PrefetchPlan, PolicyError> {
-        for &key in keys {
-            self.key_index(key)?;
-        }
-        let mut needed = keys.to_vec();
-        needed.sort_unstable();
-        needed.dedup();
-        if let Some(last) = needed.last() {
-            self.cursor = Some(last.layer);
-        }
+        let needed = self.layer_keys(keys)?;
         let mut plan = PrefetchPlan::default();
         for key in needed {
             if let Some(slot) = self.lookup(key) {
@@ -634,46 +612,63 @@ impl SlotPolicy {
     /// keeps only its history's priority. Placed keys are protected from the rest of this step's admissions like
     /// used ones.
     pub fn admit_ahead(&mut self, keys: &[ExpertKey]) -> Result<PrefetchPlan, PolicyError> {
-        for &key in keys {
-            self.key_index(key)?;
-        }
-        let mut guessed = keys.to_vec();
-        guessed.sort_unstable();
-        guessed.dedup();
-        // Victims are weighed as [`Self::admit`] weighs them after the layer.
-        if let Some(last) = guessed.last() {
-            self.cursor = Some(last.layer);
-        }
+        // Victims are weighed as [`Self::admit`] weighs them after the layer (the same cursor).
+        let guessed = self.layer_keys(keys)?;
         let mut plan = PrefetchPlan::default();
         for key in guessed {
             if let Some(slot) = self.lookup(key) {
-                if self.slots[slot as usize].class == Class::Cold {
-                    self.update(slot, |s| s.class = Class::Prefetched);
-                    self.mark_touched(slot);
-                }
+                self.keep_for_step(slot);
                 plan.present += 1;
                 continue;
             }
-            let Some(slot) = self.admit_victim(self.next_use(key.layer, self.used_prio(key)))
-            else {
-                plan.dropped.push(key);
-                continue;
-            };
-            let evicted = self.take_slot(slot);
-            self.place(slot, key);
-            let prio = self.history_prio(key);
-            self.tick += 1;
-            let tick = self.tick;
-            self.update(slot, |s| {
-                s.class = Class::Prefetched;
-                s.prio = prio;
-                s.tick = tick;
-                s.prefetched_unused = true;
-            });
-            self.mark_touched(slot);
-            plan.loads.push(Load { key, slot, evicted });
+            match self.admit_victim(self.next_use(key.layer, self.used_prio(key))) {
+                Some(slot) => {
+                    let prio = self.history_prio(key);
+                    plan.loads.push(self.place_ahead(slot, key, prio));
+                }
+                None => plan.dropped.push(key),
+            }
         }
         Ok(plan)
+    }
+
+    /// A layer's `keys` checked, sorted and without repeats; the layer sweep's cursor moves to their (last) layer.
+    fn layer_keys(&mut self, keys: &[ExpertKey]) -> Result<Vec<ExpertKey>, PolicyError> {
+        for &key in keys {
+            self.key_index(key)?;
+        }
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if let Some(last) = sorted.last() {
+            self.cursor = Some(last.layer);
+        }
+        Ok(sorted)
+    }
+
+    /// Keeps the key in `slot` out of the evictions of the rest of this step, as a guess (a cached key guessed).
+    fn keep_for_step(&mut self, slot: SlotId) {
+        if self.slots[slot as usize].class == Class::Cold {
+            self.update(slot, |s| s.class = Class::Prefetched);
+            self.mark_touched(slot);
+        }
+    }
+
+    /// Puts `key` into `slot` (evicting what it holds) ahead of its use, with priority `prio`, kept for this step:
+    /// the load that fills it.
+    fn place_ahead(&mut self, slot: SlotId, key: ExpertKey, prio: Prio) -> Load {
+        let evicted = self.take_slot(slot);
+        self.place(slot, key);
+        self.tick += 1;
+        let tick = self.tick;
+        self.update(slot, |s| {
+            s.class = Class::Prefetched;
+            s.prio = prio;
+            s.tick = tick;
+            s.prefetched_unused = true;
+        });
+        self.mark_touched(slot);
+        Load { key, slot, evicted }
     }
 
     /// Keeps `slot` out of every eviction until [`Self::unlock`] (a load into it is in flight, or a device still
