@@ -4,7 +4,8 @@
 //! are worth a slot more than what holds one are uploaded from the model's map ([`crate::experts::SlotPolicy::admit`]
 //! decides). Experts known or guessed before their layer (hash-routed layers' from the token ids, the next layer's
 //! from its router run on this layer's input) go up ahead of it when the same rule would take them after it
-//! ([`crate::experts::SlotPolicy::admit_ahead`]), so the layer already finds them on the device. The stage graphs that use the slots are `crate::model::paged`'s, run by `crate::exec`.
+//! ([`crate::experts::SlotPolicy::admit_ahead`]), so the layer already finds them on the device. The stage graphs
+//! that use the slots are `crate::model::paged`'s, run by `crate::exec`.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
