@@ -89,11 +89,14 @@ mkdir -p "$out"
 summary="$out/summary.md"
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +dirty)"
 cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)"
+# The ISA decides ggml's kernels (and ferrite's gather blocks): runs on AVX2 and AVX-512 hosts are not comparable.
+isa="$(grep -m1 -o -w -E 'avx512f|avx2|asimd|neon' /proc/cpuinfo 2>/dev/null | head -1)"
+case "$isa" in avx512f) isa="AVX-512" ;; avx2) isa="AVX2" ;; asimd|neon) isa="NEON" ;; *) isa="ISA unknown" ;; esac
 {
     echo "# ferrite bench at depth vs llama.cpp"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), ferrite $commit"
-    echo "- host: ${cpu:-unknown CPU}, $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
+    echo "- host: ${cpu:-unknown CPU}, $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $isa"
     echo "- model: $model ($(du -h --apparent-size "$model" | cut -f1)): 4 Flash-width layers (raw, ratio 4, ratio 128, ratio 4), 8 experts of width 256"
     echo "- each run: \`ferrite bench -m MODEL -p $n_prompt -n $n_gen -d DEPTH -r $reps --cache-type TYPE --vs-llama --llama-repack --interleave${threads:+ -t $threads}\`"
     echo "- ratio: median of the interleaved pairs' ratios (ferrite / llama.cpp); > 1 means ferrite is faster"
@@ -135,6 +138,9 @@ run() { # cache depth label [env...]
         echo
         if [ "$rc" -eq 0 ]; then
             grep '^|' "$log" || echo "(no table in $log)"
+            echo
+            # How long each engine took to process the depth's tokens (untimed; most of a deep run's wall time).
+            grep "the depth's .* processed in" "$log" || true
         else
             echo "**failed** (exit $rc), last lines of $log:"
             echo '```'
