@@ -659,15 +659,7 @@ impl SlotPolicy {
     fn place_ahead(&mut self, slot: SlotId, key: ExpertKey, prio: Prio) -> Load {
         let evicted = self.take_slot(slot);
         self.place(slot, key);
-        self.tick += 1;
-        let tick = self.tick;
-        self.update(slot, |s| {
-            s.class = Class::Prefetched;
-            s.prio = prio;
-            s.tick = tick;
-            s.prefetched_unused = true;
-        });
-        self.mark_touched(slot);
+        self.stamp(slot, Class::Prefetched, prio, true);
         Load { key, slot, evicted }
     }
 
@@ -781,29 +773,52 @@ impl SlotPolicy {
 
     /// Counts a use of `key` at the current step in its history, once per step.
     fn count_use(&mut self, key: ExpertKey) {
-        let Ok(i) = self.key_index(key) else {
-            return;
-        };
-        let h = &mut self.history[i];
-        // One use per step: a key requested again in the same step is not more popular for it.
-        if !(h.crf > 0.0 && h.last_step == self.step) {
-            let age = self.step.saturating_sub(h.last_step) as f64;
-            h.crf = 1.0 + h.crf * (-age * self.lambda).exp2();
-            h.last_step = self.step;
+        if let Ok(i) = self.key_index(key) {
+            self.history[i] = self.after_use(self.history[i]);
         }
+    }
+
+    /// History `h` with a use at the current step counted: once per step (a key requested again in the same step
+    /// is not more popular for it).
+    fn after_use(&self, h: History) -> History {
+        if h.crf > 0.0 && h.last_step == self.step {
+            return h;
+        }
+        let age = self.step.saturating_sub(h.last_step) as f64;
+        History {
+            crf: 1.0 + h.crf * (-age * self.lambda).exp2(),
+            last_step: self.step,
+        }
+    }
+
+    /// `key`'s use history (never used for a key out of range).
+    fn history_of(&self, key: ExpertKey) -> History {
+        self.key_index(key)
+            .map(|i| self.history[i])
+            .unwrap_or_default()
+    }
+
+    /// The priority a use history gives (very low for a key never used).
+    fn prio_of(&self, h: History) -> Prio {
+        Prio(h.crf.max(MIN_P).log2() + h.last_step as f64 * self.lambda)
     }
 
     /// Counts a requested use of `key` (in `slot`) at the current step, once per step.
     fn record_use(&mut self, slot: SlotId, key: ExpertKey) {
         self.count_use(key);
         let prio = self.history_prio(key);
+        self.stamp(slot, Class::Used, prio, false);
+    }
+
+    /// Gives the key in `slot` its class and priority for this step, as the most recently touched.
+    fn stamp(&mut self, slot: SlotId, class: Class, prio: Prio, prefetched_unused: bool) {
         self.tick += 1;
         let tick = self.tick;
         self.update(slot, |s| {
-            s.class = Class::Used;
+            s.class = class;
             s.prio = prio;
             s.tick = tick;
-            s.prefetched_unused = false;
+            s.prefetched_unused = prefetched_unused;
         });
         self.mark_touched(slot);
     }
@@ -819,34 +834,18 @@ impl SlotPolicy {
 
     /// The priority `key`'s uses give it (very low for a key never used).
     fn history_prio(&self, key: ExpertKey) -> Prio {
-        let h = self
-            .key_index(key)
-            .map(|i| self.history[i])
-            .unwrap_or_default();
-        Prio(h.crf.max(MIN_P).log2() + h.last_step as f64 * self.lambda)
+        self.prio_of(self.history_of(key))
     }
 
     /// The priority `key` would have with a use counted at the current step (what [`Self::count_use`] then
     /// [`Self::history_prio`] give), without counting it.
     fn used_prio(&self, key: ExpertKey) -> Prio {
-        let h = self
-            .key_index(key)
-            .map(|i| self.history[i])
-            .unwrap_or_default();
-        if h.crf > 0.0 && h.last_step == self.step {
-            return self.history_prio(key);
-        }
-        let age = self.step.saturating_sub(h.last_step) as f64;
-        let crf = 1.0 + h.crf * (-age * self.lambda).exp2();
-        Prio(crf.max(MIN_P).log2() + self.step as f64 * self.lambda)
+        self.prio_of(self.after_use(self.history_of(key)))
     }
 
     /// The priority of a guess: a use in this step with probability `weight`, else its history's.
     fn guess_prio(&self, key: ExpertKey, weight: f64) -> Prio {
-        let h = self
-            .key_index(key)
-            .map(|i| self.history[i])
-            .unwrap_or_default();
+        let h = self.history_of(key);
         let age = self.step.saturating_sub(h.last_step) as f64;
         let p_hist = (h.crf * (-age * self.lambda).exp2() * self.p_per_crf).min(1.0);
         let p = weight + (1.0 - weight) * p_hist;
