@@ -97,6 +97,7 @@ fn every_layer_on_an_rpc_device_matches_the_cpu() {
             p0,
             Gather::for_this_build(),
             TopKReads::Chosen,
+            ferrite::cache::INDEXER_PRODUCT_BYTES,
         );
         GraphKey::of(&plan, n_out, false)
     };
@@ -225,33 +226,28 @@ fn routed_experts_on_the_cpu_and_the_rest_on_rpc_match_the_cpu() {
     );
 }
 
-/// Nodes of the fused DeepSeek V4 operators in a session's last scheduled graph: the hc ones, the lightning
-/// indexers, and each one's operator and device.
-#[allow(clippy::type_complexity)]
-fn fused_nodes(engine: &Engine) -> (usize, usize, Vec<(String, Option<String>)>) {
+/// Nodes of the fused DeepSeek V4 hc operators in a session's last scheduled graph: their count, and each one's
+/// operator and device. Ratio-4 blocks complete (the indexer runs), always as products: no graph has ggml's fused
+/// lightning indexer.
+fn fused_nodes(engine: &Engine) -> (usize, Vec<(String, Option<String>)>) {
     let mut s = engine.session_sized(512, 64).unwrap();
     // Long enough for ratio-4 blocks to complete (the indexer runs).
     s.feed(&prompt(40, engine.n_vocab(), 3), Logits::All)
         .unwrap();
     let hc = ["DSV4_HC_COMB", "DSV4_HC_PRE", "DSV4_HC_POST"];
-    let fused = [
-        "DSV4_HC_COMB",
-        "DSV4_HC_PRE",
-        "DSV4_HC_POST",
-        "LIGHTNING_INDEXER",
-    ];
     let counts = s.scheduled_op_counts().unwrap();
     let count = |op: &str| counts.get(op).copied().unwrap_or(0);
     let total_hc = hc.iter().map(|op| count(op)).sum();
-    let indexers = count("LIGHTNING_INDEXER");
+    assert_eq!(count("LIGHTNING_INDEXER"), 0, "{counts:?}");
+    assert!(count("TOP_K") > 0, "the indexer ran: {counts:?}");
     let nodes = s
         .scheduled_nodes()
         .unwrap()
         .into_iter()
-        .filter(|(_, op, _)| fused.contains(&op.as_str()))
+        .filter(|(_, op, _)| hc.contains(&op.as_str()))
         .map(|(_, op, dev)| (op, dev))
         .collect();
-    (total_hc, indexers, nodes)
+    (total_hc, nodes)
 }
 
 #[test]
@@ -272,20 +268,12 @@ fn a_device_without_the_fused_ops_gets_the_primitive_form() {
         ..Placement::default()
     };
     let all_fused = open(&path, head_only, vec![rpc0]);
-    let (hc_all, idx_all, _) = fused_nodes(&all_fused);
+    let (hc_all, _) = fused_nodes(&all_fused);
     assert!(
         hc_all > 0 && hc_all % n_layer == 0,
         "{hc_all} fused hc nodes over {n_layer} layers"
     );
     let per_layer = hc_all / n_layer;
-    // One lightning indexer per ratio-4 layer.
-    let csa = |layers: std::ops::Range<usize>| {
-        cfg.compress_ratios[layers]
-            .iter()
-            .filter(|&&r| r == 4)
-            .count()
-    };
-    assert_eq!(idx_all, csa(0..n_layer));
 
     // Layers 0 and 1 on a device treated as lacking them: built with primitive operators, the rest fused.
     let placement = Placement::default().with_layers(0..2, Some(rpc0));
@@ -294,11 +282,10 @@ fn a_device_without_the_fused_ops_gets_the_primitive_form() {
         mixed.layer_fused(),
         &[false, false, true, true, true, true][..n_layer]
     );
-    let (hc, idx, nodes) = fused_nodes(&mixed);
+    let (hc, nodes) = fused_nodes(&mixed);
     assert_eq!(hc, per_layer * (n_layer - 2), "{nodes:?}");
-    assert_eq!(idx, csa(2..n_layer), "{nodes:?}");
     assert!(
-        csa(0..2) > 0,
+        cfg.compress_ratios[0..2].contains(&4),
         "the test places a ratio-4 layer on the device"
     );
     let cpu_name = Device::cpu().unwrap().name();
@@ -310,14 +297,48 @@ fn a_device_without_the_fused_ops_gets_the_primitive_form() {
     );
     // The same layers on the device that has them: fused there.
     let fused_there = open(&path, placement, vec![]);
-    let (hc, idx, nodes) = fused_nodes(&fused_there);
-    assert_eq!((hc, idx), (hc_all, idx_all));
+    let (hc, nodes) = fused_nodes(&fused_there);
+    assert_eq!(hc, hc_all);
     assert!(nodes
         .iter()
         .any(|(_, dev)| dev.as_deref() == Some(&rpc0.name())));
     // Both forms compute the same model.
     let cpu = open(&path, Placement::default(), vec![]);
     assert_matches("primitive form on the device", &mixed, &cpu, 7);
+}
+
+/// The lightning indexer scores a micro-batch's queries in chunks when its products would be large (`indexer_bytes`,
+/// 128 MiB by default: on Flash past about 2K tokens of context): forced here to one query per chunk, on the CPU-only
+/// path and with every layer on RPC (where the chunks read views of the mask input, which the scheduler must place),
+/// the logits equal the default unchunked CPU run's. The tiny model keeps 8 of up to 25 rows, so the scores decide.
+#[test]
+fn the_indexer_in_chunks_matches_on_the_cpu_and_on_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TinyConfig::small();
+    let path = tiny(dir.path(), &cfg, 24);
+    let server = RpcServer::start();
+    let rpc0 = server.device();
+    let chunked = |placement: Placement| {
+        let mut o = options(&cfg, placement, false);
+        o.session.indexer_bytes = 1;
+        Engine::open(&path, o).unwrap()
+    };
+    let reference = open(&path, Placement::default(), vec![]);
+    assert_matches(
+        "indexer in chunks, CPU",
+        &chunked(Placement::default()),
+        &reference,
+        8,
+    );
+    let on_rpc = chunked(Placement::all_on(rpc0));
+    assert_matches("indexer in chunks, RPC", &on_rpc, &reference, 8);
+    // One in-place write of each query's choice per chunk, per ratio-4 layer.
+    let mut s = on_rpc.session_sized(512, 64).unwrap();
+    s.feed(&prompt(40, on_rpc.n_vocab(), 3), Logits::All)
+        .unwrap();
+    let counts = s.scheduled_op_counts().unwrap();
+    let csa = cfg.compress_ratios.iter().filter(|&&r| r == 4).count();
+    assert_eq!(counts.get("SET").copied(), Some(csa * 40), "{counts:?}");
 }
 
 /// Options of the paging tests: `placement`, an F32 cache, and with `paged` an expert store of fewer slots than a

@@ -547,6 +547,19 @@ pub struct CompPlan {
     /// keeps (`k`), each query attends to its own `k` chosen rows, gathered (see [`sparse_top_k`]), instead of every
     /// visible row under a mask.
     pub top_k: Option<usize>,
+    /// Ratio 4: queries the indexer scores per product (see [`indexer_step`]); every query at once otherwise.
+    pub indexer_step: usize,
+}
+
+/// Bytes of F32 head scores `{heads, queries, rows}` one product of the indexer holds by default (see
+/// [`indexer_step`]); at 1M context on Flash, 64 MiB per query.
+pub const INDEXER_PRODUCT_BYTES: usize = 128 << 20;
+
+/// Queries per product when the indexer's `heads` heads score `n` queries against `n_rows` rows, so that one
+/// product's F32 scores take at most `bytes` (one query at least).
+pub fn indexer_step(n: usize, n_rows: usize, heads: usize, bytes: usize) -> usize {
+    let per_query = heads.max(1).saturating_mul(n_rows.max(1)).saturating_mul(4);
+    (bytes / per_query).clamp(1, n.max(1))
 }
 
 /// The indexer's `top_k` when the queries from `p0` of a gathered micro-batch (few queries, see
@@ -571,7 +584,8 @@ pub fn sparse_top_k(
 impl UbatchPlan {
     /// The plan of `tokens` at positions from `p0`; `gather`: attention of few queries may gather the rows they
     /// see (see [`plan::RawPlan::read_slots`]; [`Gather::Off`] reads the first rows, a diagnostic); `top_k_reads`:
-    /// whether those queries then read only their indexer's choice (see [`CompPlan::top_k`]).
+    /// whether those queries then read only their indexer's choice (see [`CompPlan::top_k`]); `indexer_bytes`:
+    /// the memory one product of the indexer may take (see [`indexer_step`]).
     pub fn new(
         cfg: &Config,
         sizes: &CacheSizes,
@@ -579,6 +593,7 @@ impl UbatchPlan {
         p0: usize,
         gather: Gather,
         top_k_reads: TopKReads,
+        indexer_bytes: usize,
     ) -> UbatchPlan {
         let n = tokens.len();
         let ring = Ring {
@@ -610,6 +625,10 @@ impl UbatchPlan {
                     mask,
                     cap,
                     top_k: sparse_top_k(ratio, cfg.indexer_top_k, p0, gathered, top_k_reads),
+                    indexer_step: match kind {
+                        LayerKind::Csa => indexer_step(n, n_kv, cfg.indexer_heads, indexer_bytes),
+                        _ => n,
+                    },
                 }
             })
         };

@@ -370,7 +370,7 @@ fn session_options_from_env() -> SessionOptions {
         graph_reuse: on("FERRITE_GRAPH_REUSE"),
         grouped_experts: on("FERRITE_GROUPED_EXPERTS"),
         chosen_rows: on("FERRITE_CHOSEN_ROWS"),
-        log_schedule: false,
+        ..SessionOptions::default()
     }
 }
 

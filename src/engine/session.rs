@@ -25,6 +25,9 @@ pub struct SessionOptions {
     /// With devices: print on stderr how the scheduler split the session's first graph (splits, which device runs
     /// which layers, compute buffers), as `--verbose` asks.
     pub log_schedule: bool,
+    /// Bytes one product of the lightning indexer may take ([`crate::cache::INDEXER_PRODUCT_BYTES`]); less scores
+    /// a micro-batch's queries in more chunks, with the same results.
+    pub indexer_bytes: usize,
 }
 
 impl Default for SessionOptions {
@@ -34,6 +37,7 @@ impl Default for SessionOptions {
             grouped_experts: true,
             chosen_rows: true,
             log_schedule: false,
+            indexer_bytes: crate::cache::INDEXER_PRODUCT_BYTES,
         }
     }
 }
@@ -64,6 +68,7 @@ pub struct Session<'e> {
     gather: Gather,
     /// How gathered ratio-4 attention reads its compressed rows past the indexer's top-k.
     top_k_reads: TopKReads,
+    indexer_bytes: usize,
     /// A prompt's repacked experts multiply with ggml's GEMM kernels (see [`crate::ggml::GroupedKernel`]).
     grouped: bool,
 }
@@ -124,6 +129,7 @@ impl<'e> Session<'e> {
                 false => TopKReads::Masked,
             },
             grouped: opts.grouped_experts,
+            indexer_bytes: opts.indexer_bytes,
         })
     }
 
@@ -201,8 +207,16 @@ impl<'e> Session<'e> {
     /// The plan of the next micro-batch, `tokens`.
     fn plan(&mut self, tokens: &[u32]) -> UbatchPlan {
         let cfg = &self.engine.cfg;
-        let (gather, reads) = (self.gather, self.top_k_reads);
-        let plan = UbatchPlan::new(cfg, &self.cache.sizes, tokens, self.n_past(), gather, reads);
+        let (gather, reads, bytes) = (self.gather, self.top_k_reads, self.indexer_bytes);
+        let plan = UbatchPlan::new(
+            cfg,
+            &self.cache.sizes,
+            tokens,
+            self.n_past(),
+            gather,
+            reads,
+            bytes,
+        );
         if plan.raw.read_slots.is_some() {
             self.runner.stats.gathered += 1;
         }

@@ -121,7 +121,7 @@ impl Stages<'_, '_> {
     fn layer(&mut self, il: usize) -> Result<()> {
         self.finish_device_experts()?;
         let engine = self.engine;
-        let (plan, parts, fused) = (self.plan, &self.parts, self.parts.fused);
+        let (plan, parts) = (self.plan, &self.parts);
         let rotation = parts.rotation;
         let deps = || StageDeps {
             cache: self.cache.clone(),
@@ -132,7 +132,7 @@ impl Stages<'_, '_> {
         };
         let fill = |g: &OwnedGraph<'_>| -> Result<()> {
             let mut up = Uploads::kept(g.tensors());
-            batch_inputs(&mut up, plan.clone(), &[], fused, rotation)?;
+            batch_inputs(&mut up, plan.clone(), &[], rotation)?;
             up.upload_used()?;
             Ok(())
         };

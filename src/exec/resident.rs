@@ -63,9 +63,8 @@ impl Runner<'_> {
                 &mut spare,
                 build,
             )?;
-            // Inputs the graph does not reach have no memory: with the fused indexer, a micro-batch whose queries
-            // read only the indexer's choice (`CompPlan::top_k`) leaves the F32 mask of the compressed rows unused.
-            let logits = fill_inputs(graph, plan, want, fused, engine.rotations(), true)?;
+            // Inputs the graph does not reach have no memory; they are skipped.
+            let logits = fill_inputs(graph, plan, want, engine.rotations(), true)?;
             engine.backend.compute(graph.graph())?;
             return append_logits(logits, want, out);
         };
@@ -84,7 +83,7 @@ impl Runner<'_> {
                 }
             },
         )?;
-        let logits = fill_inputs(g, plan, want, fused, engine.rotations(), true)?;
+        let logits = fill_inputs(g, plan, want, engine.rotations(), true)?;
         sched.compute(g.graph())?;
         self.logged |= printed;
         append_logits(logits, want, out)

@@ -217,8 +217,8 @@ impl Device {
     }
 
     /// True when the device has every DeepSeek V4 operator ferrite's fused form uses (`ggml_dsv4_hc_comb`,
-    /// `_pre`, `_post`, `ggml_lightning_indexer`), asked with small probe nodes of each; layers on a device without
-    /// them are built with the primitive-op form.
+    /// `_pre`, `_post`), asked with small probe nodes of each; layers on a device without them are built with the
+    /// primitive-op form. (The lightning indexer is products on every device: see `model::attention`.)
     pub fn supports_dsv4_ops(self) -> bool {
         probe_dsv4(&|t| self.supports_op(t)).unwrap_or(false)
     }
@@ -243,7 +243,7 @@ impl std::fmt::Debug for Device {
 
 /// Builds one small node of each fused DeepSeek V4 operator and asks `supports` about each.
 pub(crate) fn probe_dsv4(supports: &dyn Fn(super::Tensor<'_>) -> bool) -> Result<bool> {
-    use gguf::GgmlType::{F16, F32};
+    use gguf::GgmlType::F32;
     let ctx = super::Context::with_capacity(24, 0)?;
     let hc = 4i64;
     let mixes = ctx.new_tensor_2d(F32, (2 + hc) * hc, 1)?;
@@ -255,12 +255,7 @@ pub(crate) fn probe_dsv4(supports: &dyn Fn(super::Tensor<'_>) -> bool) -> Result
     let pre = ctx.dsv4_hc_pre(x, w)?;
     let out = ctx.new_tensor_2d(F32, 8, 1)?;
     let post = ctx.dsv4_hc_post(out, x, w, Some(comb))?;
-    let q = ctx.new_tensor_4d(F32, [8, 2, 1, 1])?;
-    let k = ctx.new_tensor_4d(F32, [8, 1, 4, 1])?;
-    let weights = ctx.new_tensor_4d(F32, [2, 1, 1, 1])?;
-    let mask = ctx.new_tensor_4d(F16, [4, 1, 1, 1])?;
-    let idx = ctx.lightning_indexer(q, k, weights, mask)?;
-    let ok = [comb, pre, post, idx].into_iter().all(supports);
+    let ok = [comb, pre, post].into_iter().all(supports);
     Ok(ok)
 }
 

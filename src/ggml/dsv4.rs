@@ -237,7 +237,8 @@ impl<'m> Context<'m> {
 
     /// DSA lightning indexer scores: `q` F32 `{d, n_head, n_batch, s}`, `k` `{d, 1, n_kv, s}`, `weights` F32
     /// `{n_head, n_batch, 1, s}` (pre-scaled), `mask` F16 `{n_kv, n_batch, 1, m}` with `s % m == 0` ->
-    /// F32 `{n_kv, n_batch, 1, s}`.
+    /// F32 `{n_kv, n_batch, 1, s}`. The model scores with products instead (`model::attention`, faster on the CPU;
+    /// CUDA has no kernel for this operator); its tests compare them with this one.
     pub fn lightning_indexer<'c>(
         &'c self,
         q: Tensor<'c>,

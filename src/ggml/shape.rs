@@ -271,6 +271,52 @@ impl<'m> Context<'m> {
         })
     }
 
+    /// Writes the 2-D `b` into `a` in place (`ggml_set_2d_inplace`): row `i` of `b` to `a`'s bytes from
+    /// `offset + i·nb1`. `a` and `b` contiguous, both F32 or both I32. Returns a view of `a` (the SET node): it must be
+    /// in the graph for the write to happen, and readers must use it (or a later write's view) to run after it.
+    pub fn set_2d<'c>(
+        &'c self,
+        a: Tensor<'c>,
+        b: Tensor<'c>,
+        nb1: usize,
+        offset: usize,
+    ) -> Result<Tensor<'c>> {
+        let why = || {
+            format!(
+                "b {} into a {} rows {nb1} B apart from byte {offset}",
+                shape(b),
+                shape(a)
+            )
+        };
+        let types = a.ty_id() == b.ty_id() && matches!(a.ty(), Some(GgmlType::F32 | GgmlType::I32));
+        ensure(types, "set_2d", || {
+            format!("a and b must both be F32 or I32: {}", why())
+        })?;
+        let [n0, n1, n2, n3] = b.ne();
+        let es = 4usize;
+        let rows_fit = n2 == 1
+            && n3 == 1
+            && (n1 <= 1 || (n0 as usize).checked_mul(es).is_some_and(|r| r <= nb1));
+        // ggml stores nb1 and offset as int32 and asserts offset < 2^30.
+        let params =
+            nb1 % es == 0 && offset % es == 0 && nb1 <= i32::MAX as usize && offset < 1 << 30;
+        let end = (n1.max(1) as usize - 1)
+            .checked_mul(nb1)
+            .and_then(|e| e.checked_add((n0 as usize).checked_mul(es)?))
+            .and_then(|e| e.checked_add(offset));
+        let inside = end.is_some_and(|e| e <= a.n_bytes()) && b.n_elements() <= a.n_elements();
+        ensure(
+            rows_fit && params && inside && a.is_contiguous() && b.is_contiguous(),
+            "set_2d",
+            || format!("b does not fit: {}", why()),
+        )?;
+        // SAFETY: ggml_set_impl's assertions (element counts, offset < 2^30) and the compute-time bound of the
+        // last element written hold (checked); room reserved for the view it returns.
+        self.op("set_2d", 1, |ctx| unsafe {
+            sys::ggml_set_2d_inplace(ctx, a.as_ptr(), b.as_ptr(), nb1, offset)
+        })
+    }
+
     /// Scatters the rows of `src` into `dst` (`ggml_set_rows`): `dst {n, R, d2, d3}` (any type the backend can
     /// convert F32 to, e.g. F32, F16, Q8_0), `src` F32/F16 `{n, k, d2, d3}`, `rows` I32/I64 `{k, r2, r3}` with
     /// `d2 % r2 == 0`, `d3 % r3 == 0`: `dst[:, rows[i, j2 % r2, j3 % r3], j2, j3] = src[:, i, j2, j3]`.

@@ -5,7 +5,7 @@
 use gguf::GgmlType;
 
 use crate::cache::LayerCache;
-use crate::ggml::{Result, RopeParams, Tensor};
+use crate::ggml::{Context, Result, RopeParams, Tensor};
 
 use super::compressor::{compress, RowSpec};
 use super::config::LayerKind;
@@ -458,29 +458,83 @@ fn indexer_top_k<'c>(
         ctx.mul_mat(w.proj, c)?,
         1.0 / ((s.indexer_dim * s.indexer_heads) as f32).sqrt(),
     )?;
-    let keys = ctx.view_3d(
-        idx_rows,
-        [id, 1, n_rows],
-        [idx_rows.nb()[1], idx_rows.nb()[1]],
-        0,
-    )?;
-    let scores = match (o.fused, comp.mask_f16) {
-        (true, Some(mask_f16)) => ctx.lightning_indexer(q, keys, weights, mask_f16)?,
-        _ => {
-            let qp = ctx.permute(q, [0, 2, 1, 3])?; // {ID, n, IH}
-            let kp = ctx.permute(keys, [0, 2, 1, 3])?; // {ID, n_rows, 1}
-            let kq = ctx.cont(ctx.permute(ctx.mul_mat(kp, qp)?, [2, 1, 0, 3])?)?; // {IH, n, n_rows}
-            let per_head = ctx.mul(ctx.relu(kq)?, weights)?;
-            let score = ctx.cont(ctx.permute(ctx.sum_rows(per_head)?, [2, 1, 0, 3])?)?; // {n_rows, n, 1}
-            ctx.add(ctx.reshape_2d(score, [n_rows, n])?, vis)?
-        }
-    };
     let k = s.indexer_top_k.min(n_rows as usize);
-    let top = ctx.top_k(ctx.reshape_2d(scores, [n_rows, n])?, k)?; // I32 {k, n}
-    match top.is_contiguous() {
-        true => Ok(top),
-        false => ctx.cont(top),
+    // The keys as F32 rows `{ID, n_rows}`: one conversion per micro-batch, read by every chunk's product.
+    let keys = ctx.view_2d(idx_rows, [id, n_rows], idx_rows.nb()[1], 0)?;
+    let keys = match keys.ty() {
+        Some(GgmlType::F32) => keys,
+        _ => ctx.cast(keys, GgmlType::F32)?,
+    };
+    let q = match q.is_contiguous() {
+        true => q,
+        false => ctx.cont(q)?,
+    };
+    chunked_top_k(ctx, [q, keys, weights, vis], k, comp.indexer_step)
+}
+
+/// The `k` best-scoring rows of each query (I32 `{k, n}`, unordered), scoring `step` queries at a time (see
+/// [`indexer_scores`] for `[q, keys, weights, vis]`).
+fn chunked_top_k<'c>(
+    ctx: &'c Context<'c>,
+    [q, keys, weights, vis]: [Tensor<'c>; 4],
+    k: usize,
+    step: usize,
+) -> Result<Tensor<'c>> {
+    let n = q.ne()[2];
+    let step = step.max(1) as i64;
+    let mut all: Option<Tensor<'c>> = None;
+    for first in (0..n).step_by(step as usize) {
+        let nc = step.min(n - first);
+        let scores = indexer_scores(ctx, [q, keys, weights, vis], first, nc)?;
+        let top = ctx.top_k(scores, k)?; // I32 {k, nc}
+        let top = match top.is_contiguous() {
+            true => top,
+            false => ctx.cont(top)?,
+        };
+        if nc == n {
+            return Ok(top);
+        }
+        let dst = match all {
+            Some(t) => t,
+            None => ctx.new_tensor_2d(GgmlType::I32, k as i64, n)?,
+        };
+        let row = dst.nb()[1];
+        all = Some(ctx.set_2d(dst, top, row, first as usize * row)?);
     }
+    all.ok_or_else(|| missing("the indexer's queries"))
+}
+
+/// Graph nodes (and context tensors) one chunk of the indexer's queries adds, with room to spare (about 16).
+pub const INDEXER_CHUNK_NODES: usize = 24;
+
+/// The indexer's scores of queries `first..first + nc` (DSV4.md 3.8), `{n_rows, nc}`: for each query `t` and row
+/// `s`, `sum_h w[h, t]·relu(q[:, h, t]·k[:, s]) + vis[s, t]`, as two products (all heads' dot products in one GEMM,
+/// then each query's weighted sum over heads as a batched GEMV) instead of ggml's fused `lightning_indexer`, which
+/// computes the same sums one dot product at a time: about 3x faster on the CPU (`bench/README.md` section 6), and
+/// CUDA has no kernel for the fused operator. `q {ID, IH, n}` contiguous, `keys {ID, n_rows}` F32, `weights {IH, n}`
+/// (pre-scaled), `vis {n_rows, n}`.
+fn indexer_scores<'c>(
+    ctx: &'c Context<'c>,
+    [q, keys, weights, vis]: [Tensor<'c>; 4],
+    first: i64,
+    nc: i64,
+) -> Result<Tensor<'c>> {
+    let [id, ih, ..] = q.ne();
+    let n_rows = keys.ne()[1];
+    let [_, q1, q2, _] = q.nb();
+    let qc = ctx.view_2d(q, [id, ih * nc], q1, first as usize * q2)?; // {ID, IH·nc}
+    let kq = ctx.relu(ctx.mul_mat(qc, keys)?)?; // {IH·nc, n_rows}
+    let kq = ctx.permute(ctx.reshape_3d(kq, [ih, nc, n_rows])?, [0, 2, 1, 3])?; // {IH, n_rows, nc}
+    let w1 = weights.nb()[1];
+    let wc = ctx.view_2d(weights, [ih, nc], w1, first as usize * w1)?;
+    let score = ctx.mul_mat(kq, ctx.reshape_3d(wc, [ih, 1, nc])?)?; // {n_rows, 1, nc}
+                                                                    // The mask is an input (host memory under a scheduler): a view only when there are chunks.
+    let v1 = vis.nb()[1];
+    let vis_c = match nc == vis.ne()[1] {
+        true => vis,
+        false => ctx.view_2d(vis, [n_rows, nc], v1, first as usize * v1)?,
+    };
+    ctx.add(ctx.reshape_2d(score, [n_rows, nc])?, vis_c)
 }
 
 /// The compressed-row mask `{n_rows, n}` of the rows `top` (I32 `{k, n}`) chose: 0 at chosen visible rows, -inf
@@ -521,4 +575,120 @@ fn grouped_output<'c>(
     let oa = ctx.permute(ctx.mul_mat(wo_a, out)?, [0, 2, 1, 3])?; // {Og, G, n}
     let oa = ctx.reshape_2d(ctx.cont(oa)?, [og * g, n])?;
     ctx.mul_mat(w.o_b, oa)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::CpuBackend;
+
+    /// Pseudo-random values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The products' scores and top-k equal those of ggml's fused `lightning_indexer` (the operator llama.cpp
+    /// runs) for F32 and F16 keys, with masked rows, in one chunk and in chunks that do not divide the queries.
+    #[test]
+    fn indexer_products_match_the_fused_operator() {
+        let (id, ih, n, rows, k) = (32i64, 8i64, 10i64, 40i64, 6usize);
+        // Query t sees rows below 8 + 3t (more than k), the rest are masked.
+        let vis: Vec<f32> = (0..n)
+            .flat_map(|t| {
+                (0..rows).map(move |s| {
+                    if s < 8 + 3 * t {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let vis16: Vec<u8> = vis
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        for kty in [GgmlType::F32, GgmlType::F16] {
+            for step in [n as usize, 3, 1] {
+                let ctx = Context::with_capacity(1024, 1024).unwrap();
+                let q = ctx.new_tensor_3d(GgmlType::F32, id, ih, n).unwrap();
+                let keys = ctx.new_tensor_2d(kty, id, rows).unwrap();
+                let w = ctx.new_tensor_2d(GgmlType::F32, ih, n).unwrap();
+                let mask = ctx.new_tensor_2d(GgmlType::F32, rows, n).unwrap();
+                let mask16 = ctx.new_tensor_2d(GgmlType::F16, rows, n).unwrap();
+                let keys32 = match kty {
+                    GgmlType::F32 => keys,
+                    _ => ctx.cast(keys, GgmlType::F32).unwrap(),
+                };
+                let k3 = ctx.reshape_3d(keys, [id, 1, rows]).unwrap();
+                let fused = ctx.lightning_indexer(q, k3, w, mask16).unwrap();
+                let fused_top = ctx.top_k(fused, k).unwrap();
+                let inputs = [q, keys32, w, mask];
+                let ours = indexer_scores(&ctx, inputs, 0, n).unwrap();
+                let top = chunked_top_k(&ctx, inputs, k, step).unwrap();
+                let mut graph = ctx.new_graph(1024).unwrap();
+                for t in [fused, fused_top, ours, top] {
+                    graph.expand(t).unwrap();
+                }
+                ctx.alloc_tensors_host().unwrap();
+                q.set_f32(&values((id * ih * n) as usize, 1)).unwrap();
+                let kv = values((id * rows) as usize, 2);
+                match kty {
+                    GgmlType::F32 => keys.set_f32(&kv).unwrap(),
+                    _ => {
+                        let b: Vec<u8> = kv
+                            .iter()
+                            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                            .collect();
+                        keys.set_bytes(&b).unwrap()
+                    }
+                }
+                let wv: Vec<f32> = values((ih * n) as usize, 3)
+                    .iter()
+                    .map(|v| v.abs())
+                    .collect();
+                w.set_f32(&wv).unwrap();
+                mask.set_f32(&vis).unwrap();
+                mask16.set_bytes(&vis16).unwrap();
+                CpuBackend::new(2).unwrap().compute(&graph).unwrap();
+
+                let (a, b) = (fused.get_f32().unwrap(), ours.get_f32().unwrap());
+                let scale = a
+                    .iter()
+                    .filter(|v| v.is_finite())
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 0.1, "scores of a real size: {scale}");
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    let same = match x.is_finite() {
+                        true => (x - y).abs() <= 1e-5 * scale,
+                        false => x == y,
+                    };
+                    assert!(same, "{kty} score {i}: fused {x}, products {y}");
+                }
+                let sorted = |t: Tensor<'_>| -> Vec<Vec<i32>> {
+                    let v = t.get_i32().unwrap();
+                    v.chunks(k)
+                        .map(|c| {
+                            let mut c = c.to_vec();
+                            c.sort();
+                            c
+                        })
+                        .collect()
+                };
+                assert_eq!(
+                    sorted(top),
+                    sorted(fused_top),
+                    "{kty}, {step} queries a chunk"
+                );
+            }
+        }
+    }
 }

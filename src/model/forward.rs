@@ -21,7 +21,7 @@ use super::weights::{LayerWeights, Weights};
 #[derive(Clone)]
 pub struct Ops<'c> {
     pub ctx: &'c Context<'c>,
-    /// Use ggml's DeepSeek operators (hc_pre/post/comb, lightning indexer); else the same maths in primitive ops.
+    /// Use ggml's DeepSeek hyper-connection operators (hc_pre/post/comb); else the same maths in primitive ops.
     pub fused: bool,
     pub eps: f32,
     pub hc_eps: f32,
@@ -120,8 +120,8 @@ pub struct CompInputs<'c> {
     pub blocks: Option<BlockInputs<'c>>,
     /// F32 `{n_kv, n}`: visibility of the first `n_kv` compressed rows (padded past the rows that exist).
     pub mask: Tensor<'c>,
-    /// The same in F16, for ggml's fused lightning indexer.
-    pub mask_f16: Option<Tensor<'c>>,
+    /// Queries the indexer scores per product ([`crate::cache::CompPlan::indexer_step`]).
+    pub indexer_step: usize,
 }
 
 /// Inputs of one chunk of queries that attends on its own (see `crate::cache::UbatchPlan::chunks`).
@@ -371,14 +371,13 @@ pub fn head<'c>(
 pub enum HostData {
     I32(Vec<i32>),
     F32(Vec<f32>),
-    F16(Vec<f32>),
 }
 
 impl HostData {
     fn len(&self) -> usize {
         match self {
             HostData::I32(v) => v.len(),
-            HostData::F32(v) | HostData::F16(v) => v.len(),
+            HostData::F32(v) => v.len(),
         }
     }
 
@@ -386,7 +385,6 @@ impl HostData {
         match self {
             HostData::I32(_) => GgmlType::I32,
             HostData::F32(_) => GgmlType::F32,
-            HostData::F16(_) => GgmlType::F16,
         }
     }
 }
@@ -442,6 +440,9 @@ impl<'c> Uploads<'c> {
                     ctx.new_tensor_2d(ty, ne0 as i64, (len / ne0.max(1)) as i64)?
                 };
                 t.set_name(&name.to_string())?;
+                // Flagged as an input (as llama.cpp's are): a scheduler keeps it in host memory and copies it to the
+                // devices that read it, so views of it (a query chunk's rows of a mask) have a backend too.
+                t.set_input();
                 t
             }
             Source::Kept { tensors, next } => {
@@ -471,20 +472,14 @@ impl<'c> Uploads<'c> {
         self.input(name, len, HostData::I32(data))
     }
 
-    /// A new `{ne0, len / ne0}` mask input (F32, or F16 when `half`) holding `data`.
+    /// A new F32 `{ne0, len / ne0}` mask input holding `data`.
     pub fn mask(
         &mut self,
         name: std::fmt::Arguments<'_>,
         ne0: usize,
         data: Vec<f32>,
-        half: bool,
     ) -> Result<Tensor<'c>> {
-        let data = if half {
-            HostData::F16(data)
-        } else {
-            HostData::F32(data)
-        };
-        self.input(name, ne0, data)
+        self.input(name, ne0, HostData::F32(data))
     }
 
     /// The input tensors, in the order they were listed.
@@ -520,7 +515,6 @@ impl<'c> Uploads<'c> {
     }
 
     fn write(&self, used_only: bool) -> Result<()> {
-        let mut bytes = Vec::new();
         for (t, data) in &self.items {
             if used_only && !t.is_allocated() {
                 continue;
@@ -528,11 +522,6 @@ impl<'c> Uploads<'c> {
             match data {
                 HostData::I32(v) => t.set_i32(v)?,
                 HostData::F32(v) => t.set_f32(v)?,
-                HostData::F16(v) => {
-                    bytes.clear();
-                    bytes.extend(v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()));
-                    t.set_bytes(&bytes)?
-                }
             }
         }
         Ok(())

@@ -25,7 +25,7 @@ use super::config::Config;
 use super::forward::{attention_block, embed, ffn_input, head, moe_shape, Ops, Uploads};
 use super::hc::{self, HcMix};
 use super::moe::{expert_outputs, route, shared_expert, sum_experts};
-use super::step::{batch_inputs, GraphKey, GraphParts, CHUNK_NODES};
+use super::step::{batch_inputs, indexer_nodes, GraphKey, GraphParts, CHUNK_NODES};
 use super::weights::{Routing, Weights};
 
 /// Tensors carried from one graph of a micro-batch to the next, for up to `n_ubatch` tokens (the first `n`
@@ -205,7 +205,7 @@ pub fn build_layer_graph<'e>(
     il: usize,
     paging: StagePaging<'_>,
 ) -> crate::ggml::Result<OwnedGraph<'e>> {
-    let size = stage_graph_size(parts.cfg) + CHUNK_NODES * plan.chunks.len();
+    let size = stage_graph_size(parts.cfg) + CHUNK_NODES * plan.chunks.len() + indexer_nodes(plan);
     let (cfg, fused, w) = (parts.cfg, parts.fused, parts.weights);
     OwnedGraph::<'e>::build(
         size,
@@ -214,7 +214,7 @@ pub fn build_layer_graph<'e>(
         |ctx, deps: &StageDeps, _scope| {
             let st = &*deps.state;
             let mut up = Uploads::new_tensors(ctx);
-            let inp = batch_inputs(&mut up, plan.clone(), &[], fused, parts.rotation)?;
+            let inp = batch_inputs(&mut up, plan.clone(), &[], parts.rotation)?;
             let o = Ops::new(ctx, cfg, fused)
                 .with_layer_fused(parts.layer_fused.clone())
                 .for_layer(il);

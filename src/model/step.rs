@@ -8,6 +8,7 @@ use std::rc::Rc;
 use crate::cache::{CompPlan, KvCache, QueryChunk, UbatchPlan};
 use crate::ggml::{GgmlError, OwnedGraph, RepackType, Result, Tensor};
 
+use super::attention::INDEXER_CHUNK_NODES;
 use super::config::Config;
 use super::forward::{
     forward, BatchInputs, BlockInputs, ChunkInputs, CompInputs, Ops, Rotations, Uploads,
@@ -26,9 +27,10 @@ pub struct GraphKey {
     /// Attention gathers the rows it reads (see [`crate::cache::plan::RawPlan::read_slots`]).
     pub gathered: bool,
     /// Per compressed ratio present in the model: (blocks this micro-batch completes, compressed rows read, rows
-    /// each query reads when it reads only the indexer's choice: see [`CompPlan::top_k`]).
-    pub csa: Option<(usize, usize, Option<usize>)>,
-    pub hca: Option<(usize, usize, Option<usize>)>,
+    /// each query reads when it reads only the indexer's choice: see [`CompPlan::top_k`], queries per indexer
+    /// product: see [`CompPlan::indexer_step`]).
+    pub csa: Option<(usize, usize, Option<usize>, usize)>,
+    pub hca: Option<(usize, usize, Option<usize>, usize)>,
     /// The query chunks' shapes (first query, size, rows read per kind), folded into one number.
     pub chunks: u64,
     /// Repacked experts may use the grouped GEMM products (see [`super::forward::Ops::grouped`]).
@@ -37,8 +39,10 @@ pub struct GraphKey {
 
 impl GraphKey {
     pub fn of(plan: &UbatchPlan, n_out: usize, grouped: bool) -> GraphKey {
-        let comp =
-            |p: &Option<CompPlan>| p.as_ref().map(|c| (c.compress.n_blocks, c.n_kv, c.top_k));
+        let comp = |p: &Option<CompPlan>| {
+            p.as_ref()
+                .map(|c| (c.compress.n_blocks, c.n_kv, c.top_k, c.indexer_step))
+        };
         GraphKey {
             n_tokens: plan.tokens.len(),
             n_out: n_out.max(1),
@@ -86,7 +90,6 @@ pub fn batch_inputs<'c>(
     up: &mut Uploads<'c>,
     plan: UbatchPlan,
     want: &[usize],
-    fused: bool,
     rotation: Rotations<'c>,
 ) -> Result<BatchInputs<'c>> {
     let n = plan.tokens.len();
@@ -118,11 +121,11 @@ pub fn batch_inputs<'c>(
         pos: up.i32(format_args!("inp_pos"), positions)?,
         raw_slots: up.i32(format_args!("inp_raw_slots"), raw_slots)?,
         raw_mask: match chunks.is_empty() {
-            true => Some(up.mask(format_args!("inp_raw_mask"), n_kv, plan.raw.mask, false)?),
+            true => Some(up.mask(format_args!("inp_raw_mask"), n_kv, plan.raw.mask)?),
             false => None,
         },
         raw_ring_mask: match plan.raw_ring_mask {
-            Some(m) => Some(up.mask(format_args!("inp_raw_ring_mask"), ring, m, false)?),
+            Some(m) => Some(up.mask(format_args!("inp_raw_ring_mask"), ring, m)?),
             None => None,
         },
         raw_read: match raw_read {
@@ -132,12 +135,12 @@ pub fn batch_inputs<'c>(
         csa: plan
             .csa
             .zip(csa_rows)
-            .map(|(p, r)| comp_inputs(up, p, r, p0, n, ring, true, fused))
+            .map(|(p, r)| comp_inputs(up, p, r, p0, n, ring, true))
             .transpose()?,
         hca: plan
             .hca
             .zip(hca_rows)
-            .map(|(p, r)| comp_inputs(up, p, r, p0, n, ring, false, false))
+            .map(|(p, r)| comp_inputs(up, p, r, p0, n, ring, false))
             .transpose()?,
         chunks,
         out_ids: up.i32(format_args!("inp_out_ids"), out_ids(n, want))?,
@@ -171,7 +174,7 @@ fn chunk_inputs<'c>(
             format_args!("inp_chunk{i}_out"),
             (c.first..c.first + c.n).map(|r| r as i32).collect(),
         )?,
-        raw_mask: up.mask(format_args!("inp_chunk{i}_mask"), n_raw, c.raw_mask, false)?,
+        raw_mask: up.mask(format_args!("inp_chunk{i}_mask"), n_raw, c.raw_mask)?,
         raw_rows: match raw_layers {
             true => Some(up.i32(format_args!("inp_chunk{i}_raw"), c.raw_rows)?),
             false => None,
@@ -196,7 +199,6 @@ fn comp_inputs<'c>(
     n: usize,
     raw_ring: usize,
     indexer: bool,
-    half_mask: bool,
 ) -> Result<CompInputs<'c>> {
     let c = p.compress;
     let r = c.ratio;
@@ -217,12 +219,7 @@ fn comp_inputs<'c>(
             write_kv: up.i32(format_args!("inp_r{r}_write_kv"), write_kv)?,
         })
     };
-    let mask_f16 = half_mask.then(|| p.mask.clone());
-    let mask = up.mask(format_args!("inp_r{r}_mask"), p.n_kv, p.mask, false)?;
-    let mask_f16 = match mask_f16 {
-        Some(m) => Some(up.mask(format_args!("inp_r{r}_mask16"), p.n_kv, m, true)?),
-        None => None,
-    };
+    let mask = up.mask(format_args!("inp_r{r}_mask"), p.n_kv, p.mask)?;
     Ok(CompInputs {
         ratio: r,
         top_k: p.top_k,
@@ -237,7 +234,7 @@ fn comp_inputs<'c>(
         },
         blocks,
         mask,
-        mask_f16,
+        indexer_step: p.indexer_step,
     })
 }
 
@@ -262,6 +259,15 @@ pub fn graph_size(cfg: &Config, fused: bool, n_chunks: usize) -> usize {
         + CHUNK_NODES * n_chunks * cfg.n_layer
 }
 
+/// Graph nodes (and context tensors) the indexer's query chunks add to one ratio-4 layer of a micro-batch shaped like
+/// `plan` (see [`CompPlan::indexer_step`]).
+pub fn indexer_nodes(plan: &UbatchPlan) -> usize {
+    let n = plan.tokens.len();
+    plan.csa.as_ref().map_or(0, |c| {
+        INDEXER_CHUNK_NODES * n.div_ceil(c.indexer_step.max(1))
+    })
+}
+
 /// Graph nodes (and context tensors) one query chunk adds to a layer's attention, with room to spare (reading each
 /// query's chosen rows takes about 35).
 pub const CHUNK_NODES: usize = 48;
@@ -274,13 +280,14 @@ pub fn build_graph<'e>(
     plan: &UbatchPlan,
     want: &[usize],
 ) -> Result<OwnedGraph<'e>> {
-    let size = graph_size(parts.cfg, parts.fused, plan.chunks.len());
+    let size = graph_size(parts.cfg, parts.fused, plan.chunks.len())
+        + indexer_nodes(plan) * parts.cfg.n_layer;
     let (cfg, fused, weights, rotation) = (parts.cfg, parts.fused, parts.weights, parts.rotation);
     let grouped = parts.grouped;
     let layer_fused = parts.layer_fused.clone();
     OwnedGraph::<'e>::build(size, size, cache.clone(), |ctx, cache: &KvCache, _scope| {
         let mut up = Uploads::new_tensors(ctx);
-        let inp = batch_inputs(&mut up, plan.clone(), want, fused, rotation)?;
+        let inp = batch_inputs(&mut up, plan.clone(), want, rotation)?;
         let o = Ops::new(ctx, cfg, fused)
             .with_grouped(grouped)
             .with_layer_fused(layer_fused.clone());
@@ -303,7 +310,6 @@ pub fn fill_inputs<'g>(
     graph: &'g OwnedGraph<'_>,
     plan: UbatchPlan,
     want: &[usize],
-    fused: bool,
     rotation: Rotations<'g>,
     used_only: bool,
 ) -> Result<Tensor<'g>> {
@@ -315,7 +321,7 @@ pub fn fill_inputs<'g>(
         });
     };
     let mut up = Uploads::kept(inputs);
-    batch_inputs(&mut up, plan, want, fused, rotation)?;
+    batch_inputs(&mut up, plan, want, rotation)?;
     match used_only {
         true => up.upload_used()?,
         false => up.upload()?,
