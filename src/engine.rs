@@ -112,6 +112,11 @@ pub struct EngineOptions {
     /// llama.cpp's prompts (`None`: the smallest batch a device of the run asks to offload products of, none when
     /// op offload is off or no device asks). Tests set it to run that path over RPC, which never asks.
     pub one_graph_from: Option<usize>,
+    /// Bytes of host memory the device expert cache's uploads go through (`None`: some experts' worth of the
+    /// device's page-locked memory where it has a host buffer type, as CUDA and CANN do, else none; `Some(0)`: none;
+    /// `Some(n)`: `n` bytes, of ordinary RAM on a device without one: tests run that path over RPC). See
+    /// `experts::device`.
+    pub upload_staging: Option<usize>,
 }
 
 /// The devices a run may use and how the user asked for them to be used (`--device`, `-ngl`, `-ot`, ...).
@@ -137,6 +142,7 @@ impl Default for EngineOptions {
             rpc_timeout: crate::ggml::rpc::DEFAULT_REPLY_TIMEOUT,
             gpu_experts: None,
             one_graph_from: None,
+            upload_staging: None,
         }
     }
 }
@@ -469,6 +475,7 @@ impl Engine {
             cpu_layers,
             device,
             n_slots as usize,
+            self.opts.upload_staging,
         )?;
         self.notes.push(format!(
             "device expert cache: {n_slots} of the CPU's {n_cpu} routed experts ({}) on {}{}",

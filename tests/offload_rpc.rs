@@ -417,22 +417,49 @@ fn device_expert_cache_on_rpc_matches_the_cpu() {
         gpu_experts: Some(GpuExpertsArg::Slots(4)),
         ..options(&cfg, experts_on_cpu.clone(), paged)
     };
+    // An expert's bytes in a slot (the RPC device has no host buffer type: no staging by default).
+    let stride = {
+        let e = Engine::open(&path, opts(false)).unwrap();
+        let cache = e.device_experts().expect("a device cache");
+        assert_eq!(cache.staging_waits(), None);
+        cache.bytes() / cache.n_slots()
+    };
     // The third case runs micro-batches of 16 tokens or more (the whole prompt's 64 + 36) as one graph, as a device
-    // that offloads large products would, and decodes through the device cache: both paths share the cache.
+    // that offloads large products would, and decodes through the device cache: both paths share the cache. The
+    // fourth stages uploads through host memory of two and a half experts (as on CUDA, in RAM here), so the ring
+    // starts over every other upload.
     let cases = [
         (
             false,
             None,
+            None,
             "device expert cache before resident CPU experts",
         ),
-        (true, None, "device expert cache before the paged store"),
-        (false, Some(16), "device expert cache, prompts as one graph"),
+        (
+            true,
+            None,
+            None,
+            "device expert cache before the paged store",
+        ),
+        (
+            false,
+            Some(16),
+            None,
+            "device expert cache, prompts as one graph",
+        ),
+        (
+            false,
+            None,
+            Some(stride * 5 / 2),
+            "device expert cache, uploads staged",
+        ),
     ];
-    for (paged, one_graph_from, what) in cases {
+    for (paged, one_graph_from, upload_staging, what) in cases {
         let engine = Engine::open(
             &path,
             EngineOptions {
                 one_graph_from,
+                upload_staging,
                 ..opts(paged)
             },
         )
@@ -457,6 +484,14 @@ fn device_expert_cache_on_rpc_matches_the_cpu() {
             assert!(st.misses > 0, "{what}: the store pages: {st:?}");
         }
         assert!(st.to_string().contains("device cache: "), "{st}");
+        if upload_staging.is_some() {
+            let waits = cache.staging_waits().expect("staged");
+            assert!(
+                waits * 3 >= st.device_loads,
+                "{what}: {waits} waits for {} uploads",
+                st.device_loads
+            );
+        }
         if one_graph_from.is_some() {
             // A 40-token micro-batch is one graph; a decoded token is the stage chain (graphs per layer).
             let mut s = engine.session_sized(512, 64).unwrap();

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use gguf::Model;
 
 use crate::experts::{ExpertKey, Load, PolicyConfig, SlotId, SlotPolicy};
-use crate::ggml::{Context, Device, DeviceBackend, SlotPart, Tensor};
+use crate::ggml::{Context, Device, DeviceBackend, PinnedHost, SlotPart, Tensor};
 use crate::model::config::Config;
 use crate::model::weights::{Routing, Weights};
 
@@ -41,10 +41,100 @@ struct CachedLayer {
 }
 
 /// The device instance the cache's uploads are queued on (on CUDA its own stream, so copies run beside the
-/// scheduler's computations), and the slots whose copies may still be running.
+/// scheduler's computations), the slots whose copies may still be running, and the host memory they go through.
 struct Uploads {
     backend: DeviceBackend,
     in_flight: BTreeSet<SlotId>,
+    staging: Option<Staging>,
+}
+
+/// Experts' worth of room in the default staging memory (see [`Staging`]).
+pub const STAGING_EXPERTS: usize = 8;
+
+/// `--gpu-experts` uploads' staging: an expert's bytes are copied from the map into host memory of the device's own
+/// host buffer type (page-locked on CUDA and CANN), and from there to the device by DMA while this thread goes on
+/// (from the map's pageable pages CUDA would stage them itself, synchronously). Taken in turn as a ring.
+struct Staging {
+    memory: StagingMemory,
+    ring: StagingRing,
+}
+
+enum StagingMemory {
+    Pinned(PinnedHost),
+    /// Ordinary RAM, for devices without a host buffer type when asked for (tests run the path over RPC).
+    Plain(Vec<u8>),
+}
+
+/// The staging memory [`DeviceExperts::new`] asks for: `len` bytes of the device's host buffer type, or of ordinary
+/// RAM when `asked` (a size was given) and the device has none. By default, page-locked memory the system refuses
+/// means no staging (uploads read the map's pages, as without a host buffer type).
+fn staging_memory(device: Device, len: usize, asked: bool) -> Result<Option<StagingMemory>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let pinned = match device.pinned_host(len) {
+        Err(_) if !asked => return Ok(None),
+        r => r.with_context(|| {
+            format!(
+                "cannot allocate {} of host memory to stage uploads to {}",
+                crate::units::format_bytes(len as u64),
+                device.name()
+            )
+        })?,
+    };
+    Ok(match pinned {
+        Some(p) => Some(StagingMemory::Pinned(p)),
+        None if asked => Some(StagingMemory::Plain(vec![0; len])),
+        None => None,
+    })
+}
+
+impl StagingMemory {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            StagingMemory::Pinned(p) => p.bytes_mut(),
+            StagingMemory::Plain(v) => v,
+        }
+    }
+}
+
+/// Offsets of the staging ring: each upload takes the next bytes; one that would pass the end starts the ring over
+/// once every copy reading it is done, so bytes are never rewritten while a copy may read them.
+#[derive(Debug)]
+pub(crate) struct StagingRing {
+    len: usize,
+    cursor: usize,
+    /// Times the ring started over (and waited for the copies in flight).
+    pub(crate) waits: u64,
+}
+
+/// Alignment of each upload's bytes in the staging memory.
+const STAGING_ALIGN: usize = 64;
+
+impl StagingRing {
+    pub(crate) fn new(len: usize) -> StagingRing {
+        StagingRing {
+            len,
+            cursor: 0,
+            waits: 0,
+        }
+    }
+
+    /// The offset of the next `n` bytes and whether the copies in flight must finish before they are written;
+    /// `None` when `n` is more than the ring holds.
+    pub(crate) fn reserve(&mut self, n: usize) -> Option<(usize, bool)> {
+        if n > self.len {
+            return None;
+        }
+        let wait = self.cursor + n > self.len;
+        if wait {
+            self.cursor = 0;
+            self.waits += 1;
+        }
+        let at = self.cursor;
+        self.cursor = (at + n).next_multiple_of(STAGING_ALIGN).min(self.len);
+        Some((at, wait))
+    }
 }
 
 /// A device's cache of routed experts.
@@ -74,7 +164,9 @@ impl DeviceExperts {
     }
 
     /// A cache of `n_slots` experts on `device` for the layers `cached` marks (`weights`: the engine's tensors, by
-    /// which the model's expert tensors are found).
+    /// which the model's expert tensors are found). `staging`: bytes of host memory uploads go through (see
+    /// [`Staging`]); `None`: [`STAGING_EXPERTS`] experts' worth where the device has a host buffer type, else none;
+    /// `Some(0)`: none; `Some(n)`: `n` bytes, of ordinary RAM where the device has no host buffer type.
     pub fn new(
         model: &Arc<Model>,
         cfg: &Config,
@@ -82,6 +174,7 @@ impl DeviceExperts {
         cached: &[bool],
         device: Device,
         n_slots: usize,
+        staging: Option<usize>,
     ) -> Result<DeviceExperts> {
         if n_slots == 0 {
             bail!("the device expert cache needs at least one slot");
@@ -149,12 +242,18 @@ impl DeviceExperts {
         let backend = device
             .backend()
             .with_context(|| format!("cannot open a queue for uploads to {}", device.name()))?;
+        let len = staging.unwrap_or(STAGING_EXPERTS * stride);
+        let staging = staging_memory(device, len, staging.is_some())?.map(|memory| Staging {
+            memory,
+            ring: StagingRing::new(len),
+        });
         Ok(DeviceExperts {
             device,
             ctx,
             uploads: Mutex::new(Uploads {
                 backend,
                 in_flight: BTreeSet::new(),
+                staging,
             }),
             model: model.clone(),
             layers,
@@ -202,6 +301,11 @@ impl DeviceExperts {
         self.n_slots * self.stride
     }
 
+    /// Times the uploads' staging memory started over (waiting for the copies in flight); `None` without staging.
+    pub fn staging_waits(&self) -> Option<u64> {
+        self.lock_uploads().staging.as_ref().map(|s| s.ring.waits)
+    }
+
     /// Whether the cache holds layer `il`'s experts.
     pub fn caches_layer(&self, il: usize) -> bool {
         self.layers.get(il).is_some_and(|l| l.is_some())
@@ -227,28 +331,55 @@ impl DeviceExperts {
             .and_then(|l| l.as_ref())
             .ok_or_else(|| anyhow!("the device expert cache does not hold layer {il}"))?;
         let tensors = self.slot_tensors(il).expect("a cached layer");
-        let mut uploads = self.lock_uploads();
-        uploads.in_flight.insert(load.slot);
-        let mut copied = 0u64;
-        for (p, tensor) in tensors.into_iter().enumerate() {
+        let mut parts: [&[u8]; 3] = [&[]; 3];
+        for (p, part) in parts.iter_mut().enumerate() {
             let src = &self.model.tensors()[layer.sources[p]];
             let data = self.model.tensor_data(src);
             let n = layer.expert_bytes[p];
-            let bytes = data.get(e * n..(e + 1) * n).ok_or_else(|| {
+            *part = data.get(e * n..(e + 1) * n).ok_or_else(|| {
                 anyhow!(
                     "expert {e} is outside {} ({} bytes)",
                     src.info.name,
                     data.len()
                 )
             })?;
-            // SAFETY: `bytes` is in the model's map, which `self.model` keeps alive, unchanged, until the queue is
-            // waited for (at the latest by `Drop`); the slot is in `in_flight`, so reads of it wait for the copy.
+        }
+        let mut guard = self.lock_uploads();
+        let Uploads {
+            backend,
+            in_flight,
+            staging,
+        } = &mut *guard;
+        // Through the staging memory when there is some: the expert's parts one after another in the ring.
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut staged = match staging.as_mut() {
+            Some(st) => st.ring.reserve(total).map(|(at, wait)| (st, at, wait)),
+            None => None,
+        };
+        if let Some((_, _, true)) = staged {
+            // The ring starts over: the copies that read its bytes must be done.
+            backend.synchronize();
+            in_flight.clear();
+        }
+        in_flight.insert(load.slot);
+        let mut copied = 0u64;
+        for (tensor, bytes) in tensors.into_iter().zip(parts) {
+            let n = bytes.len();
+            let data: &[u8] = match staged.as_mut() {
+                Some((st, at, _)) => {
+                    let room = &mut st.memory.bytes_mut()[*at..*at + n];
+                    room.copy_from_slice(bytes);
+                    *at += n;
+                    room
+                }
+                None => bytes,
+            };
+            // SAFETY: `data` is in the model's map, which `self.model` keeps alive, unchanged, until the queue is
+            // waited for (at the latest by `Drop`), or in the staging memory, whose ring writes these bytes again
+            // only after waiting for the queue (and which `Drop` outlives the queue with); the slot is in
+            // `in_flight`, so reads of it wait for the copy.
             unsafe {
-                tensor.set_bytes_within_async(
-                    &uploads.backend,
-                    load.slot as usize * self.stride,
-                    bytes,
-                )
+                tensor.set_bytes_within_async(backend, load.slot as usize * self.stride, data)
             }
             .with_context(|| {
                 format!(
@@ -336,4 +467,41 @@ fn source(model: &Model, t: Tensor<'_>) -> Result<(usize, usize)> {
         );
     }
     Ok((index, info.n_bytes as usize / n_expert))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staging_ring_rewrites_bytes_only_after_a_wait() {
+        let mut ring = StagingRing::new(1000);
+        // (bytes asked, offset given, wait first)
+        let steps = [
+            (300, 0, false),
+            (300, 320, false), // offsets aligned to 64 bytes
+            (300, 640, false),
+            (300, 0, true), // 960 + 300 > 1000: start over
+            (1000, 0, true),
+            (1, 0, true),
+            (999, 0, true),
+        ];
+        // Since the last wait, the bytes handed out never overlap.
+        let mut live: Vec<(usize, usize)> = Vec::new();
+        for (i, &(n, at, wait)) in steps.iter().enumerate() {
+            let got = ring.reserve(n).unwrap();
+            assert_eq!(got, (at, wait), "step {i}");
+            if wait {
+                live.clear();
+            }
+            assert!(
+                live.iter().all(|&(a, b)| at + n <= a || b <= at),
+                "step {i}: {at}..{} over {live:?}",
+                at + n
+            );
+            live.push((at, at + n));
+        }
+        assert_eq!(ring.waits, 4);
+        assert_eq!(ring.reserve(1001), None);
+    }
 }

@@ -241,6 +241,60 @@ impl std::fmt::Debug for Device {
     }
 }
 
+impl Device {
+    /// `len` bytes of the device's host buffer type, when it has one: page-locked RAM on CUDA and CANN, which their
+    /// copies to the device read by DMA while the host goes on (from ordinary RAM they first copy through a staging
+    /// buffer of their own, holding the calling thread). `None` where the device has no such type (the CPU, RPC).
+    pub fn pinned_host(self, len: usize) -> Result<Option<PinnedHost>> {
+        // SAFETY: a registered device; returns a buffer type or NULL.
+        let buft = unsafe { sys::ggml_backend_dev_host_buffer_type(self.as_ptr()) };
+        if buft.is_null() || len == 0 {
+            return Ok(None);
+        }
+        let what = || format!("{len} bytes of host memory for {}", self.name());
+        // SAFETY: a live buffer type; returns a new buffer of at least `len` bytes or NULL.
+        let raw = unsafe { sys::ggml_backend_buft_alloc_buffer(buft, len) };
+        let buf = super::backend::OwnedBuffer::new(raw)
+            .ok_or_else(|| GgmlError::Alloc { what: what() })?;
+        // SAFETY: a live buffer; its base is the start of its memory (host memory for a host buffer type).
+        let base = unsafe { sys::ggml_backend_buffer_get_base(buf.as_ptr()) }.cast::<u8>();
+        match NonNull::new(base) {
+            Some(base) if buf.size() >= len => Ok(Some(PinnedHost {
+                _buf: buf,
+                base,
+                len,
+            })),
+            _ => Err(GgmlError::Alloc { what: what() }),
+        }
+    }
+}
+
+/// Host memory from a device's host buffer type ([`Device::pinned_host`]), freed on drop.
+pub struct PinnedHost {
+    _buf: super::backend::OwnedBuffer,
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain host memory owned by this value; `&mut self` guards every access to it.
+unsafe impl Send for PinnedHost {}
+
+impl PinnedHost {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole memory.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes from `base` belong to the buffer this value owns; `&mut self` makes the slice unique.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len) }
+    }
+}
+
 /// Builds one small node of each fused DeepSeek V4 operator and asks `supports` about each.
 pub(crate) fn probe_dsv4(supports: &dyn Fn(super::Tensor<'_>) -> bool) -> Result<bool> {
     use gguf::GgmlType::F32;

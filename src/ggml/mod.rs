@@ -33,7 +33,9 @@ mod types;
 
 pub use backend::CpuBackend;
 pub use context::{context_mem_size, Context};
-pub use devices::{backend_names, devices, Device, DeviceBackend, DeviceInfo, DeviceKind};
+pub use devices::{
+    backend_names, devices, Device, DeviceBackend, DeviceInfo, DeviceKind, PinnedHost,
+};
 pub use dsv4::{RopeMode, RopeParams};
 pub use error::{GgmlError, Result};
 pub use gallocr::GraphAllocator;
