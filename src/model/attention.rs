@@ -465,10 +465,7 @@ fn indexer_top_k<'c>(
         Some(GgmlType::F32) => keys,
         _ => ctx.cast(keys, GgmlType::F32)?,
     };
-    let q = match q.is_contiguous() {
-        true => q,
-        false => ctx.cont(q)?,
-    };
+    let q = contiguous(ctx, q)?;
     chunked_top_k(ctx, [q, keys, weights, vis], k, comp.indexer_step)
 }
 
@@ -486,11 +483,7 @@ fn chunked_top_k<'c>(
     for first in (0..n).step_by(step as usize) {
         let nc = step.min(n - first);
         let scores = indexer_scores(ctx, [q, keys, weights, vis], first, nc)?;
-        let top = ctx.top_k(scores, k)?; // I32 {k, nc}
-        let top = match top.is_contiguous() {
-            true => top,
-            false => ctx.cont(top)?,
-        };
+        let top = contiguous(ctx, ctx.top_k(scores, k)?)?; // I32 {k, nc}
         if nc == n {
             return Ok(top);
         }
@@ -502,6 +495,14 @@ fn chunked_top_k<'c>(
         all = Some(ctx.set_2d(dst, top, row, first as usize * row)?);
     }
     all.ok_or_else(|| missing("the indexer's queries"))
+}
+
+/// `t`, or a contiguous copy of it.
+fn contiguous<'c>(ctx: &'c Context<'c>, t: Tensor<'c>) -> Result<Tensor<'c>> {
+    match t.is_contiguous() {
+        true => Ok(t),
+        false => ctx.cont(t),
+    }
 }
 
 /// Graph nodes (and context tensors) one chunk of the indexer's queries adds, with room to spare (about 16).
