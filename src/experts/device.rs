@@ -48,6 +48,14 @@ struct Uploads {
     staging: Option<Staging>,
 }
 
+impl Uploads {
+    /// Waits for every queued copy; none is in flight after.
+    fn finish(&mut self) {
+        self.backend.synchronize();
+        self.in_flight.clear();
+    }
+}
+
 /// Experts' worth of room in the default staging memory (see [`Staging`]).
 pub const STAGING_EXPERTS: usize = 8;
 
@@ -344,29 +352,27 @@ impl DeviceExperts {
                 )
             })?;
         }
-        let mut guard = self.lock_uploads();
-        let Uploads {
-            backend,
-            in_flight,
-            staging,
-        } = &mut *guard;
+        let mut uploads = self.lock_uploads();
         // Through the staging memory when there is some: the expert's parts one after another in the ring.
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut staged = match staging.as_mut() {
-            Some(st) => st.ring.reserve(total).map(|(at, wait)| (st, at, wait)),
-            None => None,
-        };
-        if let Some((_, _, true)) = staged {
+        let reserved = uploads
+            .staging
+            .as_mut()
+            .and_then(|st| st.ring.reserve(total));
+        if let Some((_, true)) = reserved {
             // The ring starts over: the copies that read its bytes must be done.
-            backend.synchronize();
-            in_flight.clear();
+            uploads.finish();
         }
-        in_flight.insert(load.slot);
+        uploads.in_flight.insert(load.slot);
+        let Uploads {
+            backend, staging, ..
+        } = &mut *uploads;
+        let mut staged = staging.as_mut().zip(reserved.map(|(at, _)| at));
         let mut copied = 0u64;
         for (tensor, bytes) in tensors.into_iter().zip(parts) {
             let n = bytes.len();
             let data: &[u8] = match staged.as_mut() {
-                Some((st, at, _)) => {
+                Some((st, at)) => {
                     let room = &mut st.memory.bytes_mut()[*at..*at + n];
                     room.copy_from_slice(bytes);
                     *at += n;
@@ -400,8 +406,7 @@ impl DeviceExperts {
             .iter()
             .any(|&s| SlotId::try_from(s).is_ok_and(|s| uploads.in_flight.contains(&s)));
         if pending {
-            uploads.backend.synchronize();
-            uploads.in_flight.clear();
+            uploads.finish();
         }
     }
 
@@ -413,8 +418,8 @@ impl DeviceExperts {
 
 impl Drop for DeviceExperts {
     fn drop(&mut self) {
-        // Copies still running read the model's map, which goes with `self.model`.
-        self.lock_uploads().backend.synchronize();
+        // Copies still running read the model's map, which goes with `self.model`, or the staging memory.
+        self.lock_uploads().finish();
     }
 }
 

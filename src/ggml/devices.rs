@@ -280,14 +280,6 @@ pub struct PinnedHost {
 unsafe impl Send for PinnedHost {}
 
 impl PinnedHost {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The whole memory.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: `len` bytes from `base` belong to the buffer this value owns; `&mut self` makes the slice unique.

@@ -667,6 +667,14 @@ mod tests {
                     .filter(|v| v.is_finite())
                     .fold(0f32, |m, v| m.max(v.abs()));
                 assert!(scale > 0.1, "scores of a real size: {scale}");
+                // The fixture keeps each query's k-th and (k+1)-th best rows 1e-3 of the scale apart, so scores
+                // within 1e-5 choose the same rows whatever order a host's SIMD sums in.
+                for (t, row) in a.chunks(rows as usize).enumerate() {
+                    let mut seen: Vec<f32> =
+                        row.iter().copied().filter(|v| v.is_finite()).collect();
+                    seen.sort_by(|x, y| y.total_cmp(x));
+                    assert!(seen[k - 1] - seen[k] > 1e-3 * scale, "query {t}: {seen:?}");
+                }
                 for (i, (x, y)) in a.iter().zip(&b).enumerate() {
                     let same = match x.is_finite() {
                         true => (x - y).abs() <= 1e-5 * scale,
