@@ -459,12 +459,8 @@ fn indexer_top_k<'c>(
         1.0 / ((s.indexer_dim * s.indexer_heads) as f32).sqrt(),
     )?;
     let k = s.indexer_top_k.min(n_rows as usize);
-    // The keys as F32 rows `{ID, n_rows}`: one conversion per micro-batch, read by every chunk's product.
     let keys = ctx.view_2d(idx_rows, [id, n_rows], idx_rows.nb()[1], 0)?;
-    let keys = match keys.ty() {
-        Some(GgmlType::F32) => keys,
-        _ => ctx.cast(keys, GgmlType::F32)?,
-    };
+    let keys = f32_keys(ctx, keys)?;
     let q = contiguous(ctx, q)?;
     chunked_top_k(ctx, [q, keys, weights, vis], k, comp.indexer_step)
 }
@@ -510,9 +506,9 @@ pub const INDEXER_CHUNK_NODES: usize = 24;
 
 /// The indexer's scores of queries `first..first + nc` (DSV4.md 3.8), `{n_rows, nc}`: for each query `t` and row
 /// `s`, `sum_h w[h, t]·relu(q[:, h, t]·k[:, s]) + vis[s, t]`, as two products (all heads' dot products in one GEMM,
-/// then each query's weighted sum over heads as a batched GEMV) instead of ggml's fused `lightning_indexer`, which
-/// computes the same sums one dot product at a time: about 3x faster on the CPU (`bench/README.md` section 6), and
-/// CUDA has no kernel for the fused operator. `q {ID, IH, n}` contiguous, `keys {ID, n_rows}` F32, `weights {IH, n}`
+/// then each query's weighted sum over heads) instead of ggml's fused `lightning_indexer`, which computes the same
+/// sums one dot product at a time: about 3x faster on the CPU (`bench/README.md` section 6), and CUDA has no kernel
+/// for the fused operator. `q {ID, IH, n}` contiguous, `keys {ID, n_rows}` F32 (see [`f32_keys`]), `weights {IH, n}`
 /// (pre-scaled), `vis {n_rows, n}`.
 fn indexer_scores<'c>(
     ctx: &'c Context<'c>,
@@ -524,10 +520,10 @@ fn indexer_scores<'c>(
     let n_rows = keys.ne()[1];
     let [_, q1, q2, _] = q.nb();
     let qc = ctx.view_2d(q, [id, ih * nc], q1, first as usize * q2)?; // {ID, IH·nc}
-    let kq = ctx.relu(ctx.mul_mat(qc, keys)?)?; // {IH·nc, n_rows}
-    let kq = ctx.permute(ctx.reshape_3d(kq, [ih, nc, n_rows])?, [0, 2, 1, 3])?; // {IH, n_rows, nc}
     let w1 = weights.nb()[1];
     let wc = ctx.view_2d(weights, [ih, nc], w1, first as usize * w1)?;
+    let kq = ctx.relu(ctx.mul_mat(qc, keys)?)?; // {IH·nc, n_rows}
+    let kq = ctx.permute(ctx.reshape_3d(kq, [ih, nc, n_rows])?, [0, 2, 1, 3])?; // {IH, n_rows, nc}
     let score = ctx.mul_mat(kq, ctx.reshape_3d(wc, [ih, 1, nc])?)?; // {n_rows, 1, nc}
                                                                     // The mask is an input (host memory under a scheduler): a view only when there are chunks.
     let v1 = vis.nb()[1];
@@ -536,6 +532,18 @@ fn indexer_scores<'c>(
         false => ctx.view_2d(vis, [n_rows, nc], v1, first as usize * v1)?,
     };
     ctx.add(ctx.reshape_2d(score, [n_rows, nc])?, vis_c)
+}
+
+/// The indexer's keys `{ID, n_rows}` as F32 rows: one conversion per micro-batch (under 1 ms for 16K rows on a
+/// 2-core AVX2 host), read by every chunk's product. Products of the cache's own F16 or q8_0 rows would round the
+/// queries to that type as well (ggml converts the second operand to the first's): q8_0 that way scores 16K rows in
+/// about half the time, but its choices differ from llama.cpp's F32 scores at many positions (median logit error
+/// 1.6e-2 against 6.7e-4 on the tiny q8_0 parity model), so the scores stay in F32.
+fn f32_keys<'c>(ctx: &'c Context<'c>, keys: Tensor<'c>) -> Result<Tensor<'c>> {
+    match keys.ty() {
+        Some(GgmlType::F32) => Ok(keys),
+        _ => ctx.cast(keys, GgmlType::F32),
+    }
 }
 
 /// The compressed-row mask `{n_rows, n}` of the rows `top` (I32 `{k, n}`) chose: 0 at chosen visible rows, -inf
@@ -597,7 +605,8 @@ mod tests {
     }
 
     /// The products' scores and top-k equal those of ggml's fused `lightning_indexer` (the operator llama.cpp
-    /// runs) for F32 and F16 keys, with masked rows, in one chunk and in chunks that do not divide the queries.
+    /// runs) for F32, F16 and q8_0 keys, with masked rows, in one chunk and in chunks that do not divide the
+    /// queries.
     #[test]
     fn indexer_products_match_the_fused_operator() {
         let (id, ih, n, rows, k) = (32i64, 8i64, 10i64, 40i64, 6usize);
@@ -617,7 +626,7 @@ mod tests {
             .iter()
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
             .collect();
-        for kty in [GgmlType::F32, GgmlType::F16] {
+        for kty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0] {
             for step in [n as usize, 3, 1] {
                 let ctx = Context::with_capacity(1024, 1024).unwrap();
                 let q = ctx.new_tensor_3d(GgmlType::F32, id, ih, n).unwrap();
@@ -625,10 +634,7 @@ mod tests {
                 let w = ctx.new_tensor_2d(GgmlType::F32, ih, n).unwrap();
                 let mask = ctx.new_tensor_2d(GgmlType::F32, rows, n).unwrap();
                 let mask16 = ctx.new_tensor_2d(GgmlType::F16, rows, n).unwrap();
-                let keys32 = match kty {
-                    GgmlType::F32 => keys,
-                    _ => ctx.cast(keys, GgmlType::F32).unwrap(),
-                };
+                let keys32 = f32_keys(&ctx, keys).unwrap();
                 let k3 = ctx.reshape_3d(keys, [id, 1, rows]).unwrap();
                 let fused = ctx.lightning_indexer(q, k3, w, mask16).unwrap();
                 let fused_top = ctx.top_k(fused, k).unwrap();
@@ -644,13 +650,18 @@ mod tests {
                 let kv = values((id * rows) as usize, 2);
                 match kty {
                     GgmlType::F32 => keys.set_f32(&kv).unwrap(),
-                    _ => {
+                    GgmlType::F16 => {
                         let b: Vec<u8> = kv
                             .iter()
                             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
                             .collect();
                         keys.set_bytes(&b).unwrap()
                     }
+                    _ => keys
+                        .set_bytes(
+                            &crate::ggml::quantize_rows(kty, &kv, id as usize, None).unwrap(),
+                        )
+                        .unwrap(),
                 }
                 let wv: Vec<f32> = values((ih * n) as usize, 3)
                     .iter()
