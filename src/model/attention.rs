@@ -525,7 +525,8 @@ fn indexer_scores<'c>(
     let kq = ctx.relu(ctx.mul_mat(qc, keys)?)?; // {IH·nc, n_rows}
     let kq = ctx.permute(ctx.reshape_3d(kq, [ih, nc, n_rows])?, [0, 2, 1, 3])?; // {IH, n_rows, nc}
     let score = ctx.mul_mat(kq, ctx.reshape_3d(wc, [ih, 1, nc])?)?; // {n_rows, 1, nc}
-                                                                    // The mask is an input (host memory under a scheduler): a view only when there are chunks.
+
+    // The mask is an input (host memory under a scheduler): a view only when there are chunks.
     let v1 = vis.nb()[1];
     let vis_c = match nc == vis.ne()[1] {
         true => vis,
