@@ -172,6 +172,45 @@ fn flash_shaped_cache_grows_by_the_dsv4_figure_and_the_plan_is_what_is_allocated
     }
 }
 
+/// At the end of its context a micro-batch's masks cover every compressed row and the indexer scores every ratio-4
+/// row for each query: the plan's compute buffers cover that too. A Flash-attention-shaped model (512-wide heads, an
+/// indexer of 4 x 128) filled to 16K tokens of its 16K context, then decoding; the buffers its last micro-batches
+/// allocate (about 2x what the plan reserves for a shallow context) fit the plan.
+#[test]
+fn compute_buffers_fit_the_plan_at_the_end_of_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let n_ctx = 16384;
+    let path = dir.path().join("deep.gguf");
+    write_tiny_model(&path, &flash_attention_shaped(5, n_ctx as u32), 9).unwrap();
+    let e = engine(&path, CacheType::F16, Some(n_ctx));
+    let planned = e.memory_plan().inputs.compute_bytes;
+    let sizes = CacheSizes::new(e.config(), n_ctx, 512, CacheType::F16);
+    let shallow = CacheSizes::new(e.config(), 512, 512, CacheType::F16);
+    let depth = ferrite::plan::devices::depth_bytes(e.config(), &sizes);
+    assert!(depth > ferrite::plan::devices::depth_bytes(e.config(), &shallow));
+    let vocab = e.config().n_vocab;
+    let mut s = e.session().unwrap();
+    let tokens: Vec<u32> = (0..n_ctx - 8).map(|i| (i * 7 % vocab) as u32).collect();
+    s.feed(&tokens, Logits::Last).unwrap();
+    for t in 0..4 {
+        s.feed(&[(t * 5 % vocab) as u32], Logits::Last).unwrap();
+    }
+    let used = s.compute_bytes() as u64;
+    eprintln!(
+        "compute buffer at {} tokens: {used} B, planned {planned} B ({depth} B for the depth)",
+        s.n_past()
+    );
+    assert!(
+        used > planned - depth,
+        "the depth's buffers matter here: {used} B allocated, {} B planned without them",
+        planned - depth
+    );
+    assert!(
+        used <= planned,
+        "{used} B allocated, the plan reserves {planned} B"
+    );
+}
+
 /// The memory plan's compute buffers cover what a session's graphs allocate: a full micro-batch of a prompt with
 /// every position's logits (the most a micro-batch computes), a partial one, then decode, which completes blocks
 /// of both compressors.

@@ -804,12 +804,12 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
     assert!(cached_err.contains("; device cache: "), "{cached_err}");
     // auto takes what the device has left (a --gpu-mem budget here); more than that is refused with the numbers;
     // 0 is no cache.
-    let budget = ["-ngl", "all", "--cpu-moe", "--gpu-mem", "40M"];
+    let budget = ["-ngl", "all", "--cpu-moe", "--gpu-mem", "81M"];
     let (auto_ids, auto_err) =
         answer(&[&rpc[..], &budget[..], &["--gpu-experts", "auto"]].concat());
     assert_eq!(auto_ids, cpu_ids);
     assert!(
-        auto_err.contains("a cache of 9 routed experts"),
+        auto_err.contains("a cache of 7 routed experts"),
         "{auto_err}"
     );
     let out = ferrite(
@@ -821,8 +821,8 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("32 experts take 6.00 MiB on RPC0, which has 1.78 MiB left")
-            && err.contains("--gpu-experts 9 or auto"),
+        err.contains("32 experts take 6.00 MiB on RPC0, which has 1.38 MiB left")
+            && err.contains("--gpu-experts 7 or auto"),
         "{err}"
     );
     let (none_ids, none_err) = answer(&[&rpc[..], &cached[..4], &["0"]].concat());

@@ -12,7 +12,9 @@
 //! their budgets, as llama.cpp splits them by free memory. The token embedding stays on the CPU (llama.cpp: "very
 //! little benefit to offloading the input layer").
 
-use crate::cache::{cache_bytes, layer_cache_bytes, CacheSizes};
+use crate::cache::{
+    cache_bytes, indexer_step, layer_cache_bytes, CacheSizes, INDEXER_PRODUCT_BYTES, QUERY_CHUNK,
+};
 use crate::ggml::{DeviceInfo, DeviceKind};
 use crate::model::config::{Config, LayerKind};
 use crate::model::sizes::{
@@ -118,7 +120,7 @@ impl PlacementModel {
             layer_cache,
             context_bytes: cache.total,
             context_per_token: cache.per_token,
-            compute_bytes: compute_bytes(cfg, sizes.n_ubatch),
+            compute_bytes: compute_bytes(cfg, sizes),
             output_bytes: 0,
         }
     }
@@ -140,10 +142,11 @@ impl PlacementModel {
 
 /// Bytes of compute buffers the plan reserves: activations of a micro-batch (streams, attention, the experts'
 /// intermediates, scores over the window, the compressor's values and scores on their way through the pooling) and
-/// the logits of every row (perplexity asks for them all). An estimate.
-pub fn compute_bytes(cfg: &Config, n_ubatch: usize) -> u64 {
+/// the logits of every row (perplexity asks for them all), and what grows with the context (see [`depth_bytes`]). An
+/// estimate.
+pub fn compute_bytes(cfg: &Config, sizes: &CacheSizes) -> u64 {
     let width = cfg.expert_width.iter().copied().max().unwrap_or(0) as u64;
-    let n_ubatch = n_ubatch as u64;
+    let n_ubatch = sizes.n_ubatch as u64;
     // Features per token of the widest compressor: ratio 4 pools overlapping blocks from two sets of head_dim.
     let coff = if cfg.kinds.contains(&LayerKind::Csa) {
         2
@@ -163,7 +166,46 @@ pub fn compute_bytes(cfg: &Config, n_ubatch: usize) -> u64 {
     ]
     .into_iter()
     .fold(0u64, u64::saturating_add);
-    n_ubatch.saturating_mul(per_token).saturating_mul(4)
+    n_ubatch
+        .saturating_mul(per_token)
+        .saturating_mul(4)
+        .saturating_add(depth_bytes(cfg, sizes))
+}
+
+/// Compute buffers that grow with the context, at its end: each query's masks over every compressed row (F32); the
+/// indexer's keys converted to F32 and one product of its head scores with the chunk's scores
+/// ([`crate::cache::indexer_step`]); and a query chunk's attention over every ratio-128 row (gathered keys and values,
+/// scores and their softmax). At 1M tokens on Flash with 512-token micro-batches about 1 GiB.
+pub fn depth_bytes(cfg: &Config, sizes: &CacheSizes) -> u64 {
+    let n = sizes.n_ubatch as u64;
+    let rows = |kind: LayerKind| match cfg.kinds.contains(&kind) {
+        true => sizes.comp_rows(kind.ratio()) as u64,
+        false => 0,
+    };
+    let (csa, hca) = (rows(LayerKind::Csa), rows(LayerKind::Hca));
+    let masks = n.saturating_mul(csa.saturating_add(hca));
+    let heads = cfg.indexer_heads as u64;
+    let indexer = match csa > 0 && heads > 0 {
+        true => {
+            let step = indexer_step(
+                sizes.n_ubatch,
+                csa as usize,
+                cfg.indexer_heads,
+                INDEXER_PRODUCT_BYTES,
+            ) as u64;
+            let per_row = (cfg.indexer_dim as u64)
+                .saturating_add(heads.saturating_add(2).saturating_mul(step));
+            csa.saturating_mul(per_row)
+        }
+        false => 0,
+    };
+    let chunk = n.min(QUERY_CHUNK as u64);
+    let per_row = 2 * cfg.head_dim as u64 + 2 * chunk * cfg.n_head as u64;
+    let hca_attention = hca.saturating_mul(per_row);
+    [masks, indexer, hca_attention]
+        .into_iter()
+        .fold(0u64, u64::saturating_add)
+        .saturating_mul(4)
 }
 
 /// `--device`: which devices the placement may use besides the CPU.
