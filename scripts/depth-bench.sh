@@ -25,15 +25,13 @@
 # Each (cache type, depth) is one `ferrite bench` run with its own log, so a stopped run keeps what finished.
 #
 # Time: each engine processes a depth's tokens once (untimed; `bench` prints how long), then the warm-ups and timed
-# runs. The prefill grows quadratically with the depth (each token's indexer scores every earlier ratio-4 row). Before
-# each depth the script prints an estimate from the earlier depths of the same cache type; -L skips what would take
-# longer. Measured per cache type on the shared 2-core AVX-512 VM under load average 2-7 (too slow by 2-3x, and
-# noisy):
-#   d0 133 s; d4096 f16 997 s (prefills: ferrite 409 s, before its prompts' query chunks read only the chosen rows,
-#   llama.cpp 293 s); d4096 q8_0 358 s (prefills: ferrite 72 s, llama.cpp 150 s; with -x the masked ferrite run took
-#   514 s more, its prefill 200 s).
-# Extrapolated (quadratic in the depth; llama.cpp's prefill now dominates): d16384 about 0.5-1.5 h, d65536 5-20 h
-# per cache type. 65536 does not fit 20 minutes on a 2-core machine: -L 20 lets the script drop it.
+# runs. Before each depth the script prints an estimate from the earlier depths of the same cache type; -L skips
+# what would take longer. Measured on a 2-core AVX2 host (idle), the indexer as products (4K, 16K: 250fe4d; 64K: 1044343):
+#   d4096 f16 343 s, q8_0 318 s (prefills about 93 s ferrite, 105-122 s llama.cpp); d16384 f16 1409 s, q8_0 1113 s
+#   (prefills: ferrite 436 / 428 s, llama.cpp 775 / 551 s); d65536 q8_0 5907 s (ferrite 2227 s, llama.cpp 3091-3469 s).
+# The time per depth token grows slowly with the depth (ferrite 23 ms at 4K, 27 ms at 16K, 34 ms at 64K): the wall
+# time is close to linear in the depth, about 1.5 h per cache type at 64K. Before the indexer became products
+# (ggml's fused operator in both engines) ferrite's prefill grew with the square of the depth (3197 s at 64K).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -104,9 +102,9 @@ case "$isa" in avx512f) isa="AVX-512" ;; avx2) isa="AVX2" ;; asimd|neon) isa="NE
 } > "$summary"
 
 # Estimated seconds of a run at depth $1 from the runs so far of this cache type (depths in `done_d`, wall seconds
-# in `done_s`): the time per depth token grows linearly with the depth (the indexer and the rows each query sees),
-# so the wall time is quadratic; fitted through the last two depths, or quadratic from one. Empty when nothing is
-# known yet.
+# in `done_s`): the time per depth token grows with the depth (the indexer and the rows each query sees), fitted
+# linearly through the last two depths; from one depth, that depth's time per token with a quarter more for every
+# fourfold of depth (measured: 4K -> 16K +17 %, 16K -> 64K +26 %). Empty when nothing is known yet.
 estimate() {
     local d="$1" n=${#done_d[@]}
     [ "$n" -gt 0 ] || return 0
@@ -116,7 +114,7 @@ estimate() {
             a1 = s1 / d1; a2 = s2 / d2; a = a2 + (a2 - a1) * (d - d2) / (d2 - d1);
             if (a < a2) a = a2; printf "%d", a * d }'
     else
-        awk -v d="$d" -v d2="$d2" -v s2="$s2" 'BEGIN { printf "%d", s2 * (d / d2) * (d / d2) }'
+        awk -v d="$d" -v d2="$d2" -v s2="$s2" 'BEGIN { printf "%d", s2 * (d / d2) * (1 + 0.25 * log(d / d2) / log(4)) }'
     fi
 }
 
