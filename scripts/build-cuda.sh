@@ -22,7 +22,7 @@
 # --bundle-runtime to copy the three libraries beside the module (about 600 MB).
 #
 # --configure-only stops after CMake's configure; --one-object also compiles one small kernel file (a check of the
-# toolkit that takes seconds; the whole backend takes 10+ minutes per architecture on 2 cores).
+# toolkit that takes seconds; the whole backend takes 12-27 minutes per architecture on 2 cores).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -117,7 +117,7 @@ case "$mode" in
         exit 0
         ;;
 esac
-say "building libggml-cuda.so for CUDA_ARCHS=$archs with $jobs jobs (about 2 minutes per architecture on 16 cores, 12+ on 2)"
+say "building libggml-cuda.so for CUDA_ARCHS=$archs with $jobs jobs (about 2 minutes per architecture on 16 cores, 12-27 on 2)"
 "$root/scripts/ggml-module.sh" --build "$build" -j "$jobs" ${FERRITE_GGML_SRC:+--ggml "$FERRITE_GGML_SRC"} \
     cuda "$out" "${cmake_args[@]}"
 strip --strip-unneeded "$out/libggml-cuda.so" "$out/libggml-base.so.0" 2>/dev/null || true
