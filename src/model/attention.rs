@@ -330,7 +330,7 @@ enum QueryHeads {
     /// One query's heads as the columns of one product (`{Dh, H}` against the keys, then the values against the
     /// `{rows, H}` probabilities): ggml's GEMM reads each key once for all heads, and sums the same products in
     /// another order. Decode at 4K depth with a q8_0 cache on a 2-core AVX2 host, runs alternating with `Apart`:
-    /// 17.0 -> 17.5 and 17.6 -> 18.6 t/s (`ggml_vec_dot_f32` 11 % of the samples before, the GEMM 7 % after).
+    /// 17.0 -> 17.5 and 17.6 -> 18.6 t/s (`ggml_vec_dot_f32` 11 % of the samples before, 1 % after).
     Together,
 }
 
