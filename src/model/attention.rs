@@ -64,6 +64,7 @@ pub fn attention<'c>(
         )?),
     };
     let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let heads = QueryHeads::of(n, &keys);
     let out = match comp {
         Some(CompRead::Chosen(top)) if inp.chunks.is_empty() => {
             // Gathered: the raw rows this micro-batch's queries see, then each query's chosen rows.
@@ -73,7 +74,6 @@ pub fn attention<'c>(
             };
             let raw = keys.gather(rows)?;
             let chosen = keys.gather_chosen(top)?;
-            let heads = QueryHeads::of(n, &keys);
             attend_chosen(o, q, raw, raw_mask, chosen, w.sinks, scale, heads)?
         }
         comp if !inp.chunks.is_empty() => {
@@ -106,7 +106,7 @@ pub fn attention<'c>(
                 (None, None) => keys.read(n_raw)?,
                 (None, Some((raw, comp))) => keys.read_with_compressed(raw, comp)?,
             };
-            attend(o, q, k, v, mask, w.sinks, scale, QueryHeads::of(n, &keys))?
+            attend(o, q, k, v, mask, w.sinks, scale, heads)?
         }
     };
     let out = rotate(ctx.reshape_3d(out, [dh, h, n])?)?;
@@ -469,6 +469,8 @@ fn attend_chunks<'c>(
     let ctx = o.ctx;
     let [dh, h, n, _] = q.ne();
     let mut out = ctx.new_tensor_2d(GgmlType::F32, dh * h, n)?;
+    // Chunks are a prompt's: each head its own product, as llama.cpp (see [`QueryHeads::of`]).
+    let heads = QueryHeads::Apart;
     for c in &inp.chunks {
         let rows = match kind {
             LayerKind::Raw => c.raw_rows,
@@ -481,20 +483,19 @@ fn attend_chunks<'c>(
         let [_, q1, q2, _] = q.nb();
         let qc = ctx.view_3d(q, [dh, h, nc], [q1, q2], c.first * q2)?;
         let oc = match comp {
-            None => attend(o, qc, k, v, c.raw_mask, sinks, scale, QueryHeads::Apart)?,
+            None => attend(o, qc, k, v, c.raw_mask, sinks, scale, heads)?,
             Some(CompRead::Mask(m)) => {
                 let n_comp = rows.ne()[0] - c.raw_mask.ne()[0];
                 let row = m.nb()[1];
                 let part = ctx.view_2d(m, [n_comp, nc], row, c.first * row)?;
                 let mask = ctx.concat(c.raw_mask, part, 0)?;
-                attend(o, qc, k, v, mask, sinks, scale, QueryHeads::Apart)?
+                attend(o, qc, k, v, mask, sinks, scale, heads)?
             }
             Some(CompRead::Chosen(top)) => {
                 // This chunk's queries' columns of the choice (whole rows: contiguous).
                 let row = top.nb()[1];
                 let top_c = ctx.view_2d(top, [top.ne()[0], nc], row, c.first * row)?;
                 let chosen = keys.gather_chosen(top_c)?;
-                let heads = QueryHeads::Apart;
                 attend_chosen(o, qc, (k, v), c.raw_mask, chosen, sinks, scale, heads)?
             }
         };
