@@ -75,6 +75,9 @@ fn the_dry_run_checks_the_carried_files_and_prints_every_command() {
         "flash4-sparse.gguf --layers 4 --experts Q4_K",
         "--vs-llama --json",
         "--gpu-experts 256",
+        "-n 32 -d 16384 -r 2 --vs-llama",
+        "-ngl all --cache-type q8_0",
+        "-ngl all --cache-type f16",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
     }
