@@ -32,8 +32,8 @@
 #   3091-3469 s), at bd3bbfa 5564 s (ferrite 2020 s, llama.cpp 3327 s); d65536 f16 at b248e45: ferrite 2159 s,
 #   llama.cpp over 5300 s (not finished within the session), so above 2 h in all.
 # The time per depth token grows slowly with the depth (ferrite 23 ms at 4K, 27 ms at 16K, 34 ms at 64K): the wall
-# time is close to linear in the depth, about 1.5 h per cache type at 64K. Before the indexer became products
-# (ggml's fused operator in both engines) ferrite's prefill grew with the square of the depth (3197 s at 64K).
+# time is close to linear in the depth, at 64K about 1.5 h with q8_0 and over 2 h with f16. Before the indexer became
+# products (ggml's fused operator in both engines) ferrite's prefill grew with the square of the depth (3197 s at 64K).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

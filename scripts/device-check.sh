@@ -179,6 +179,8 @@ done
 # ------------------------------------------------------------------------------------------------------------ steps
 rehearsal="${DEVICE_CHECK_REHEARSAL:-0}"
 parts="${DEVICE_CHECK_PARTS:-parity bench}"
+# Unless DEVICE_CHECK_PARTS names some, the dry run prints every part's commands.
+[ "$dry" = 1 ] && [ -z "${DEVICE_CHECK_PARTS:-}" ] && parts="parity bench depth"
 has_part() { case " $parts " in *" $1 "*) return 0 ;; esac; return 1; }
 dev="${DEVICE_CHECK_DEVICE:-CUDA0}"
 [ "$dry" = 1 ] || mkdir -p "$out/steps" 2>/dev/null || { say "cannot create $out"; exit 1; }
@@ -349,9 +351,7 @@ if [ "$dry" = 0 ] && [ "$rehearsal" = 0 ] && "$ferrite" bench --help 2>/dev/null
 bench_common=(bench -m "$flash" -p 512 -n 64 -r 3 --vs-llama --json "${bd[@]}")
 depth="${DEVICE_CHECK_DEPTH:-16384}"
 depth_common=(bench -m "$flash" -p 512 -n 32 -d "$depth" -r 2 --vs-llama --json "${bd[@]}" --device "$dev" -ngl all)
-# The dry run prints every part's commands.
-want() { [ "$dry" = 1 ] || has_part "$1"; }
-if [ "$rehearsal" = 0 ] && { has_part bench || want depth; }; then
+if [ "$rehearsal" = 0 ] && { has_part bench || has_part depth; }; then
 if [ "$dry" = 0 ] && [ -f "$flash" ]; then
     say "flash model: reusing $flash from an earlier run (flash_model writes it only when complete)"
 else
@@ -370,7 +370,7 @@ fi
 fi
 
 # 5. Speed at depth (DEVICE_CHECK_PARTS=depth).
-if [ "$rehearsal" = 0 ] && want depth; then
+if [ "$rehearsal" = 0 ] && has_part depth; then
     [ "$dry" = 1 ] && echo "# only with DEVICE_CHECK_PARTS=depth (a separate call):"
     step bench-depth_q8_0 240 "$ferrite" "${depth_common[@]}" --cache-type q8_0
     step bench-depth_f16 240 "$ferrite" "${depth_common[@]}" --cache-type f16
