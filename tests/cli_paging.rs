@@ -385,8 +385,8 @@ fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
             &["--no-paging", "--mem", "20M", "-c", "100000"],
             dir.path()
         )),
-        "ferrite: error: the run needs 248.97 MiB = non-routed weights 5.65 MiB + context 10.34 MiB (-c 100000) \
-         + compute 232.98 MiB, but the budget is 19.07 MiB (--mem): 229.90 MiB more \
+        "ferrite: error: the run needs 249.07 MiB = non-routed weights 5.65 MiB + context 10.34 MiB (-c 100000) \
+         + compute 233.07 MiB, but the budget is 19.07 MiB (--mem): 229.99 MiB more \
          (hint: lower -c, raise --mem, use a smaller quantization)"
     );
     // --expert-cache N over the budget.
@@ -395,8 +395,8 @@ fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
             &["--expert-cache", "6", "--mem", "20M", "-c", "1000"],
             dir.path()
         )),
-        "ferrite: error: the run needs 48.52 MiB = non-routed weights 5.65 MiB + context 1.06 MiB (-c 1000) \
-         + compute 40.69 MiB + expert cache 1.12 MiB, but the budget is 19.07 MiB (--mem): 29.45 MiB more \
+        "ferrite: error: the run needs 48.55 MiB = non-routed weights 5.65 MiB + context 1.06 MiB (-c 1000) \
+         + compute 40.71 MiB + expert cache 1.12 MiB, but the budget is 19.07 MiB (--mem): 29.47 MiB more \
          (hint: lower -c, raise --mem)"
     );
     // ... with a hint of the slots that fit when some do.
@@ -426,7 +426,7 @@ fn runs_whose_allocations_exceed_the_budget_are_refused_before_they_start() {
         args.extend(["-c", "4000000000"]);
         let err = refusal(&complete(&args, dir.path()));
         assert!(
-            err.starts_with("ferrite: error: the run needs 2.66 TiB = non-routed weights 5.65 MiB + context 365.08 GiB (-c 4000000000) + compute 2.31 TiB")
+            err.starts_with("ferrite: error: the run needs 2.67 TiB = non-routed weights 5.65 MiB + context 365.08 GiB (-c 4000000000) + compute 2.31 TiB")
                 && err.contains("but the budget is ")
                 && err.contains("more (hint: lower -c, raise --mem"),
             "{err}"
@@ -465,14 +465,14 @@ fn the_logits_output_is_in_the_plan() {
     // 3000 x 512 floats (5.86 MiB) do not fit beside the rest of the run.
     assert_eq!(
         refusal(&logits(3000, &["--no-paging", "--mem", "84M"])),
-        "ferrite: error: the run needs 82.23 MiB = non-routed weights 5.65 MiB + context 1.34 MiB (-c 4000) \
-         + compute 69.38 MiB + logits output 5.86 MiB, but the budget is 80.11 MiB (--mem): 2.12 MiB more \
+        "ferrite: error: the run needs 82.25 MiB = non-routed weights 5.65 MiB + context 1.34 MiB (-c 4000) \
+         + compute 69.40 MiB + logits output 5.86 MiB, but the budget is 80.11 MiB (--mem): 2.14 MiB more \
          (hint: ask for the logits of fewer tokens per run, lower -c, raise --mem, use a smaller quantization)"
     );
     // Paged, the cache gets what the output leaves: none here.
     let err = refusal(&logits(3000, &["--mem", "84M"]));
     assert!(
-        err.contains("+ logits output 5.86 MiB + 2 expert slots 384.00 KiB, 2.49 MiB more"),
+        err.contains("+ logits output 5.86 MiB + 2 expert slots 384.00 KiB, 2.52 MiB more"),
         "{err}"
     );
     assert!(!out.exists());

@@ -821,7 +821,7 @@ fn complete_on_an_rpc_device_answers_as_on_the_cpu_and_verbose_shows_the_splits(
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("32 experts take 6.00 MiB on RPC0, which has 1.38 MiB left")
+        err.contains("32 experts take 6.00 MiB on RPC0, which has 1.36 MiB left")
             && err.contains("--gpu-experts 7 or auto"),
         "{err}"
     );

@@ -493,6 +493,30 @@ pub const WHOLE_RING_WORK: usize = 64;
 /// Queries per chunk when a prompt's micro-batch attends chunk by chunk (see [`UbatchPlan::chunks`]).
 pub const QUERY_CHUNK: usize = 64;
 
+/// The fewest queries a chunk has: a micro-batch's last few queries join the chunk before them. ggml's tinyBLAS
+/// on Arm NEON (and s390x) takes F32 products of 4 or more columns only and leaves narrower ones to its dot
+/// products, which add in another order; with at least 4 queries every chunk's products run the kernel of the full
+/// read's, so the chunks give its bits on every ISA (tests/graph_reuse.rs: a prompt of 130 tokens).
+pub const MIN_CHUNK_QUERIES: usize = 4;
+
+/// `(first, n)` of each query chunk of a micro-batch of `n` queries: [`QUERY_CHUNK`] at a time, the last at least
+/// [`MIN_CHUNK_QUERIES`] (or all `n`).
+fn chunk_bounds(n: usize) -> Vec<(usize, usize)> {
+    let mut bounds: Vec<(usize, usize)> = (0..n)
+        .step_by(QUERY_CHUNK)
+        .map(|first| (first, QUERY_CHUNK.min(n - first)))
+        .collect();
+    if let [.., _, (_, tail)] = *bounds.as_slice() {
+        if tail < MIN_CHUNK_QUERIES {
+            bounds.pop();
+            if let Some(last) = bounds.last_mut() {
+                last.1 += tail;
+            }
+        }
+    }
+    bounds
+}
+
 /// The keys one chunk of a micro-batch's queries attends to.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueryChunk {
@@ -667,10 +691,9 @@ fn query_chunks(
     block: usize,
 ) -> Vec<QueryChunk> {
     let end = p0 + n;
-    (0..n)
-        .step_by(QUERY_CHUNK)
-        .map(|first| {
-            let nc = QUERY_CHUNK.min(n - first);
+    chunk_bounds(n)
+        .into_iter()
+        .map(|(first, nc)| {
             let (raw_rows, raw_mask) = window_rows(ring, cfg.window, p0 + first, nc, end, block);
             let last = p0 + first + nc - 1;
             // None of the first compressed rows where each query reads its chosen rows.
@@ -698,6 +721,21 @@ fn query_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_query_chunk_has_at_least_four_queries() {
+        assert_eq!(
+            chunk_bounds(300),
+            [(0, 64), (64, 64), (128, 64), (192, 64), (256, 44)]
+        );
+        assert_eq!(chunk_bounds(130), [(0, 64), (64, 66)]);
+        assert_eq!(chunk_bounds(131), [(0, 64), (64, 67)]);
+        assert_eq!(chunk_bounds(132), [(0, 64), (64, 64), (128, 4)]);
+        assert_eq!(chunk_bounds(128), [(0, 64), (64, 64)]);
+        // A single chunk keeps whatever it has.
+        assert_eq!(chunk_bounds(2), [(0, 2)]);
+        assert_eq!(chunk_bounds(0), []);
+    }
 
     #[test]
     fn queries_read_only_the_chosen_rows_once_they_see_more_than_top_k() {

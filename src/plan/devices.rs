@@ -13,7 +13,8 @@
 //! little benefit to offloading the input layer").
 
 use crate::cache::{
-    cache_bytes, indexer_step, layer_cache_bytes, CacheSizes, INDEXER_PRODUCT_BYTES, QUERY_CHUNK,
+    cache_bytes, indexer_step, layer_cache_bytes, CacheSizes, INDEXER_PRODUCT_BYTES,
+    MIN_CHUNK_QUERIES, QUERY_CHUNK,
 };
 use crate::ggml::{DeviceInfo, DeviceKind};
 use crate::model::config::{Config, LayerKind};
@@ -199,7 +200,8 @@ pub fn depth_bytes(cfg: &Config, sizes: &CacheSizes) -> u64 {
         }
         false => 0,
     };
-    let chunk = n.min(QUERY_CHUNK as u64);
+    // The last chunk takes up to MIN_CHUNK_QUERIES - 1 queries more.
+    let chunk = n.min((QUERY_CHUNK + MIN_CHUNK_QUERIES - 1) as u64);
     let per_row = 2 * cfg.head_dim as u64 + 2 * chunk * cfg.n_head as u64;
     let hca_attention = hca.saturating_mul(per_row);
     [masks, indexer, hca_attention]
