@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# ferrite's tests on another instruction set: cross-builds the workspace for 64-bit Arm (aarch64, ggml's NEON
+# kernels) and runs the test binaries under qemu-user on this x86-64 machine. ggml's kernels sum in an order of their
+# own on each ISA (lanes, tinyBLAS's conditions), so a bound that holds on AVX2 and AVX-512 may not hold on NEON;
+# this shows it without an Arm machine.
+#
+#   scripts/test-arm64.sh                          # every test target of the workspace (hours: see below)
+#   scripts/test-arm64.sh --test parity_llama      # one target; any other `cargo test` arguments go through
+#   scripts/test-arm64.sh --test depth_top_k -- chosen_rows_match_full_reads_and_llama_f16_cache --nocapture
+#
+# What it sets up (Debian/Ubuntu, as root or through sudo; quick when present): the packages qemu-user,
+# gcc-aarch64-linux-gnu and g++-aarch64-linux-gnu, the Rust target aarch64-unknown-linux-gnu (rustup), and a
+# binfmt_misc entry for aarch64 ELF files (the CLI tests start the `ferrite` binary themselves; without the entry
+# only the test binaries, run through cargo's runner, would work). ggml is built for plain armv8-a (NEON, no dot
+# product; llama-cpp-sys-2 pins that for non-native aarch64 Linux builds), in target/aarch64.
+#
+# Time, measured on the 2-core AMD EPYC (Zen 3) host: the first build 16 minutes; under qemu the tests run 20-30x
+# slower than natively (offload_rpc 708 s, parity_llama 1796 s).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+triple=aarch64-unknown-linux-gnu
+sysroot=/usr/aarch64-linux-gnu
+
+say() { printf 'test-arm64: %s\n' "$*" >&2; }
+die() { printf 'test-arm64: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root or sudo for: $*"
+    fi
+}
+
+[ "$(uname -m)" = x86_64 ] || die "this script runs Arm tests on an x86-64 host; on an Arm machine run scripts/test.sh"
+
+missing=()
+command -v qemu-aarch64 >/dev/null 2>&1 || missing+=(qemu-user)
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing+=(gcc-aarch64-linux-gnu)
+command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing+=(g++-aarch64-linux-gnu)
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || die "no apt-get; install ${missing[*]} (or their equivalents) yourself"
+    say "apt-get install ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+        || die "apt-get install ${missing[*]} failed"
+fi
+
+if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
+    say "rustup target add $triple"
+    rustup target add "$triple" >&2 || die "rustup target add $triple failed"
+fi
+
+binfmt=/proc/sys/fs/binfmt_misc
+if [ ! -e "$binfmt/qemu-aarch64" ]; then
+    [ -e "$binfmt/register" ] || as_root mount -t binfmt_misc binfmt_misc "$binfmt" \
+        || die "cannot mount binfmt_misc at $binfmt (the CLI tests need it to start aarch64 binaries)"
+    say "registering qemu-aarch64 for aarch64 ELF files in $binfmt"
+    # ELF64, little-endian, e_machine 183 (EM_AARCH64); the mask ignores the ABI version and the file type's low bit.
+    magic='\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00'
+    mask='\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff'
+    printf ':qemu-aarch64:M::%s:%s:%s:\n' "$magic" "$mask" "$(command -v qemu-aarch64)" \
+        | as_root tee "$binfmt/register" >/dev/null || die "cannot register qemu-aarch64 in $binfmt"
+fi
+
+# The Python fixtures' virtualenv (host Python; the fixtures do not depend on the ISA).
+scripts/setup.sh
+export FERRITE_PYTHON="$root/.venv/bin/python"
+
+export CARGO_TARGET_DIR="$root/target/aarch64"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L $sysroot"
+# Replaces .cargo/config.toml's target-cpu=native (this host's CPU) for the Arm target.
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+neon"
+export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
+export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--sysroot=$sysroot"
+# Where qemu finds the Arm C library for the binaries the tests start themselves.
+export QEMU_LD_PREFIX="$sysroot"
+
+if [ "$#" -eq 0 ]; then
+    set -- --workspace
+fi
+say "cargo test --release --target $triple $*"
+exec cargo test --release --target "$triple" "$@"
