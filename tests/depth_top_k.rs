@@ -193,8 +193,8 @@ fn chosen_rows_match_full_reads_and_llama_f32_cache() {
 /// changes become F16 rounding steps now and then, and a step can flip a discrete choice (an expert, a row of the
 /// top-k) at some position: bounded at 95 % of the positions past the prompt. Measured against full reads: AVX2
 /// median 2.9e-5, worst 1.6e-4; arm64 NEON (qemu-user, scripts/test-arm64.sh) median 1.3e-4, 95th percentile
-/// 2.6e-4, worst 2.0e-2 at one position, where the queries' own products of their chosen rows run ggml's dot
-/// products instead of the chunk's tinyBLAS (it takes F32 products of 4 or more columns only there).
+/// 2.6e-4, worst 2.0e-2 and 2.6e-2 (fused and primitive ops), where ggml hands the queries' own products of their
+/// chosen rows to other kernels than the chunk's product of every row (tinyBLAS takes only some products there).
 #[test]
 fn chosen_rows_match_full_reads_and_llama_f16_cache() {
     check(
