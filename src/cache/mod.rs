@@ -497,7 +497,11 @@ pub const QUERY_CHUNK: usize = 64;
 /// on Arm NEON (and s390x) takes F32 products of 4 or more columns only and leaves narrower ones to its dot
 /// products, which add in another order; with at least 4 queries every chunk's products run the kernel of the full
 /// read's, so the chunks give its bits on every ISA (tests/graph_reuse.rs: a prompt of 130 tokens).
-pub const MIN_CHUNK_QUERIES: usize = 4;
+const MIN_CHUNK_QUERIES: usize = 4;
+
+/// The most queries a chunk has: [`QUERY_CHUNK`] and a tail of fewer than [`MIN_CHUNK_QUERIES`] (the planner's
+/// bound on a chunk's buffers).
+pub const MAX_CHUNK_QUERIES: usize = QUERY_CHUNK + MIN_CHUNK_QUERIES - 1;
 
 /// `(first, n)` of each query chunk of a micro-batch of `n` queries: [`QUERY_CHUNK`] at a time, the last at least
 /// [`MIN_CHUNK_QUERIES`] (or all `n`).
@@ -735,6 +739,18 @@ mod tests {
         // A single chunk keeps whatever it has.
         assert_eq!(chunk_bounds(2), [(0, 2)]);
         assert_eq!(chunk_bounds(0), []);
+        // Every query in exactly one chunk, in order, none over the planner's bound.
+        for n in 0..1000 {
+            let b = chunk_bounds(n);
+            let ends: Vec<usize> = b.iter().map(|&(f, c)| f + c).collect();
+            assert_eq!(b.first().map_or(0, |c| c.0), 0);
+            assert_eq!(ends.last().copied().unwrap_or(0), n);
+            assert!(
+                b.iter().skip(1).zip(&ends).all(|(&(f, _), &e)| f == e),
+                "{n}"
+            );
+            assert!(b.iter().all(|&(_, c)| c <= MAX_CHUNK_QUERIES), "{n}");
+        }
     }
 
     #[test]

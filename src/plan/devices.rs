@@ -14,7 +14,7 @@
 
 use crate::cache::{
     cache_bytes, indexer_step, layer_cache_bytes, CacheSizes, INDEXER_PRODUCT_BYTES,
-    MIN_CHUNK_QUERIES, QUERY_CHUNK,
+    MAX_CHUNK_QUERIES,
 };
 use crate::ggml::{DeviceInfo, DeviceKind};
 use crate::model::config::{Config, LayerKind};
@@ -200,8 +200,7 @@ pub fn depth_bytes(cfg: &Config, sizes: &CacheSizes) -> u64 {
         }
         false => 0,
     };
-    // The last chunk takes up to MIN_CHUNK_QUERIES - 1 queries more.
-    let chunk = n.min((QUERY_CHUNK + MIN_CHUNK_QUERIES - 1) as u64);
+    let chunk = n.min(MAX_CHUNK_QUERIES as u64);
     let per_row = 2 * cfg.head_dim as u64 + 2 * chunk * cfg.n_head as u64;
     let hca_attention = hca.saturating_mul(per_row);
     [masks, indexer, hca_attention]
