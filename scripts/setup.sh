@@ -7,6 +7,9 @@
 # 2. The Python virtualenv .venv at the repository root, from scripts/requirements.txt;
 #    packages are reinstalled only when requirements.txt changes (hash stamp inside .venv).
 #
+#   scripts/setup.sh [COMMAND=PACKAGE ...]   # also install PACKAGE where COMMAND is not on the PATH
+#                                            # (scripts/test-arm64.sh: qemu-aarch64=qemu-user, ...)
+#
 # Messages go to stderr. Runs apt-get as root, or through sudo otherwise.
 set -euo pipefail
 
@@ -59,6 +62,12 @@ command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 have_libclang || missing+=(libclang-dev)
 command -v "$python" >/dev/null 2>&1 || missing+=(python3 python3-venv)
+for pair in "$@"; do
+    case "$pair" in
+        ?*=?*) command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}") ;;
+        *) die "expected COMMAND=PACKAGE, got: $pair" ;;
+    esac
+done
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

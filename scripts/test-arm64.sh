@@ -8,8 +8,8 @@
 #   scripts/test-arm64.sh --test parity_llama      # one target; any other `cargo test` arguments go through
 #   scripts/test-arm64.sh --test depth_top_k -- chosen_rows_match_full_reads_and_llama_f16_cache --nocapture
 #
-# What it sets up (Debian/Ubuntu, as root or through sudo; quick when present): the packages qemu-user,
-# gcc-aarch64-linux-gnu and g++-aarch64-linux-gnu, the Rust target aarch64-unknown-linux-gnu (rustup), and a
+# What it sets up (Debian/Ubuntu, as root or through sudo; quick when present): scripts/setup.sh with the packages
+# qemu-user, gcc-aarch64-linux-gnu and g++-aarch64-linux-gnu, the Rust target aarch64-unknown-linux-gnu (rustup), and a
 # binfmt_misc entry for aarch64 ELF files (the CLI tests start the `ferrite` binary themselves; without the entry
 # only the test binaries, run through cargo's runner, would work). ggml is built for plain armv8-a (NEON, no dot
 # product; llama-cpp-sys-2 pins that for non-native aarch64 Linux builds), in target/aarch64.
@@ -38,17 +38,11 @@ as_root() {
 
 [ "$(uname -m)" = x86_64 ] || die "this script runs Arm tests on an x86-64 host; on an Arm machine run scripts/test.sh"
 
-missing=()
-command -v qemu-aarch64 >/dev/null 2>&1 || missing+=(qemu-user)
-command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing+=(gcc-aarch64-linux-gnu)
-command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing+=(g++-aarch64-linux-gnu)
-if [ "${#missing[@]}" -gt 0 ]; then
-    command -v apt-get >/dev/null 2>&1 || die "no apt-get; install ${missing[*]} (or their equivalents) yourself"
-    say "apt-get install ${missing[*]}"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
-        || die "apt-get install ${missing[*]} failed"
-fi
+# What the build needs, the Python fixtures' virtualenv (host Python; the fixtures do not depend on the ISA), and
+# qemu-user and the aarch64 cross compilers where missing.
+scripts/setup.sh qemu-aarch64=qemu-user aarch64-linux-gnu-gcc=gcc-aarch64-linux-gnu \
+    aarch64-linux-gnu-g++=g++-aarch64-linux-gnu
+export FERRITE_PYTHON="$root/.venv/bin/python"
 
 if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
     say "rustup target add $triple"
@@ -66,10 +60,6 @@ if [ ! -e "$binfmt/qemu-aarch64" ]; then
     printf ':qemu-aarch64:M::%s:%s:%s:\n' "$magic" "$mask" "$(command -v qemu-aarch64)" \
         | as_root tee "$binfmt/register" >/dev/null || die "cannot register qemu-aarch64 in $binfmt"
 fi
-
-# The Python fixtures' virtualenv (host Python; the fixtures do not depend on the ISA).
-scripts/setup.sh
-export FERRITE_PYTHON="$root/.venv/bin/python"
 
 export CARGO_TARGET_DIR="$root/target/aarch64"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
