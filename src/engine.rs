@@ -368,9 +368,10 @@ impl Engine {
         let (repacked, copied) = (placed.repacked, placed.copied);
         if repacked.tensors > 0 {
             engine.notes.push(format!(
-                "repacked {} weights ({}) into RAM for the CPU's matrix kernels",
+                "repacked {} weights ({}) into RAM for the CPU's matrix kernels ({})",
                 repacked.tensors,
-                format_bytes(repacked.bytes)
+                format_bytes(repacked.bytes),
+                placed.repack_types.join(", ")
             ));
         }
         if copied.tensors > 0 {
@@ -513,9 +514,13 @@ impl Engine {
         self.device_experts.as_ref()
     }
 
-    /// Weights held repacked in RAM for the CPU's matrix kernels (0 with `repack` off or no such kernels).
+    /// Weights held repacked in RAM for the CPU's matrix kernels, in any of ggml's extra buffer types (0 with
+    /// `repack` off or no such kernels).
     pub fn repacked_tensors(&self) -> usize {
-        RepackType::cpu().map_or(0, |rt| self.weights_ctx.repacked(rt).tensors)
+        RepackType::all()
+            .iter()
+            .map(|&rt| self.weights_ctx.repacked(rt).tensors)
+            .sum()
     }
 
     /// The buffer type of the repacked weights when routed experts are among them in a layout the grouped products
@@ -537,7 +542,10 @@ impl Engine {
 
     /// Bytes of the weights held repacked in RAM.
     pub fn repacked_bytes(&self) -> u64 {
-        RepackType::cpu().map_or(0, |rt| self.weights_ctx.repacked(rt).bytes)
+        RepackType::all()
+            .iter()
+            .map(|&rt| self.weights_ctx.repacked(rt).bytes)
+            .sum()
     }
 
     /// Locks what must stay in RAM: with `--mlock` the whole model (resident) or the non-routed weights and the

@@ -52,18 +52,21 @@ pub fn experts_fit(plan: &MemoryPlan) -> bool {
     plan.placement == ExpertPlacement::Resident && within
 }
 
-/// What [`place_weights`] put in RAM: repacked, and copied as they are.
-#[derive(Clone, Copy, Debug, Default)]
+/// What [`place_weights`] put in RAM: repacked (with the extra buffer types that took weights, in ggml's order), and
+/// copied as they are.
+#[derive(Clone, Debug, Default)]
 pub struct Placed {
     pub repacked: RepackedStats,
+    pub repack_types: Vec<String>,
     pub copied: RepackedStats,
 }
 
-/// Gives each of `ctx`'s tensors its bytes: those of `products` the CPU has a repacked layout for are copied into a
-/// repack buffer, the other non-routed ones of `products` into a plain buffer in huge pages (decode streams them:
-/// about 10 % faster than from the map's 4 KiB pages on the Flash-width model), and the map pages read for both are
-/// dropped from memory; the rest (the routed experts without a repacked layout, the embedding, vectors) are bound
-/// to the map.
+/// Gives each of `ctx`'s tensors its bytes: those of `products` one of the CPU's extra buffer types takes (the first
+/// in ggml's order, as llama.cpp chooses: AMX where the host has it, then CPU_REPACK's interleaved layouts) are
+/// copied into a buffer of that type, the other non-routed ones of `products` into a plain buffer in huge pages
+/// (decode streams them: about 10 % faster than from the map's 4 KiB pages on the Flash-width model), and the map
+/// pages read for both are dropped from memory; the rest (the routed experts without a repacked layout, the
+/// embedding, vectors) are bound to the map.
 pub fn place_weights(
     model: &Model,
     ctx: &Context<'_>,
@@ -71,23 +74,21 @@ pub fn place_weights(
     sources: &[&ModelTensor],
     products: &[(usize, WeightOp)],
 ) -> Result<Placed> {
-    let repack_type = RepackType::cpu().filter(|_| !products.is_empty());
+    let types = RepackType::all();
     let mut ops = vec![None; sources.len()];
     for &(i, op) in products {
         if let Some(slot) = ops.get_mut(i) {
             *slot = Some(op);
         }
     }
-    let (mut repack, mut copy) = (Vec::new(), Vec::new());
+    // The weights each type takes, in the order of `types`.
+    let mut repack: Vec<Vec<RepackWeight<'_, '_>>> = vec![Vec::new(); types.len()];
+    let mut copy = Vec::new();
     for ((tensor, t), op) in ctx.tensors().into_iter().zip(sources).zip(ops) {
         if let Some(op) = op {
             let bytes = model.tensor_data(t);
-            let repackable = match repack_type {
-                Some(rt) => rt.supports(tensor, op)?,
-                None => false,
-            };
-            if repackable {
-                repack.push(RepackWeight { tensor, bytes, op });
+            if let Some(k) = RepackType::index_for(tensor, op)? {
+                repack[k].push(RepackWeight { tensor, bytes, op });
                 continue;
             }
             // The routed experts are the bulk of the file, read a few at a time: they stay in the map.
@@ -102,12 +103,22 @@ pub fn place_weights(
             .context("cannot map the weights into ggml")?;
     }
     let mut placed = Placed::default();
-    if let Some(rt) = repack_type {
-        ctx.repack(rt, &repack, |i| model.release(repack[i].bytes))
-            .context(
-                "cannot repack the weights for the CPU's matrix kernels (hint: --no-repack)",
-            )?;
-        placed.repacked = ctx.repacked(rt);
+    for (&ty, weights) in types.iter().zip(&repack) {
+        if weights.is_empty() {
+            continue;
+        }
+        ctx.repack(ty, weights, |i| model.release(weights[i].bytes))
+            .with_context(|| {
+                format!(
+                    "cannot repack the weights into ggml's {} buffers for the CPU's matrix kernels (hint: \
+                     --no-repack)",
+                    ty.name()
+                )
+            })?;
+        let stats = ctx.repacked(ty);
+        placed.repacked.tensors += stats.tensors;
+        placed.repacked.bytes += stats.bytes;
+        placed.repack_types.push(ty.name());
     }
     ctx.copy_into_ram(&copy, |i| model.release(copy[i].bytes))
         .context("cannot copy the weights into RAM (hint: --no-repack)")?;

@@ -1,9 +1,10 @@
-//! Repacked weights (ggml's CPU_REPACK layouts) compute what llama.cpp computes with its own repacking: with
-//! `repack` on, ferrite's logits match llama.cpp's with `use_extra_bufts` on the same quantized tiny models, whole
-//! prompts (the GEMM kernels) and token by token (GEMV), and differ from the plain kernels' (so the test would see
-//! repacking silently off); a whole prompt's repacked experts use the grouped GEMM products, which give llama.cpp's
-//! bits for MXFP4; the weights really are repacked where the host has the kernels; routed experts are left to the
-//! paged store when it pages them, and to the map when the plan leaves them over the budget.
+//! Repacked weights (ggml's CPU extra buffer types: CPU_REPACK's layouts, and AMX's on Intel CPUs with it, each
+//! weight in the first type that takes it, as llama.cpp's loader chooses) compute what llama.cpp computes with its
+//! own repacking: with `repack` on, ferrite's logits match llama.cpp's with `use_extra_bufts` on the same quantized
+//! tiny models, whole prompts (the GEMM kernels) and token by token (GEMV), and differ from the plain kernels' (so
+//! the test would see repacking silently off); a whole prompt's repacked experts use the grouped GEMM products,
+//! which give llama.cpp's bits for MXFP4; the weights really are repacked where the host has the kernels; routed
+//! experts are left to the paged store when it pages them, and to the map when the plan leaves them over the budget.
 
 mod support;
 
@@ -116,22 +117,18 @@ fn assert_same_bits(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
     }
 }
 
-/// Whether this host's ggml has a repacked layout for a `{k, m}` matrix (or `n` stacked experts) of `ty`.
+/// Whether this host's ggml has a repacked layout for a `{k, m}` matrix (or `n` stacked experts) of `ty`, in any of
+/// its CPU extra buffer types (CPU_REPACK; AMX on Intel CPUs with it).
 fn host_repacks(ty: GgmlType, k: i64, m: i64, experts: Option<i64>) -> bool {
-    let Some(rt) = RepackType::cpu() else {
-        return false;
-    };
     let ctx = Context::with_capacity(1, 0).unwrap();
-    match experts {
-        None => {
-            let t = ctx.new_tensor_2d(ty, k, m).unwrap();
-            rt.supports(t, WeightOp::MulMat).unwrap()
-        }
-        Some(n) => {
-            let t = ctx.new_tensor_3d(ty, k, m, n).unwrap();
-            rt.supports(t, WeightOp::MulMatId { n_used: 2 }).unwrap()
-        }
-    }
+    let (t, op) = match experts {
+        None => (ctx.new_tensor_2d(ty, k, m).unwrap(), WeightOp::MulMat),
+        Some(n) => (
+            ctx.new_tensor_3d(ty, k, m, n).unwrap(),
+            WeightOp::MulMatId { n_used: 2 },
+        ),
+    };
+    RepackType::index_for(t, op).unwrap().is_some()
 }
 
 /// The repacked-weight counts a host with the kernels must reach for `types` on [`model`]'s layout: the shared
@@ -363,7 +360,7 @@ fn mlock_locks_repacked_weights_once() {
         ..PagingOptions::default()
     };
     let e = open(&path, true, mlock.clone());
-    if RepackType::cpu().is_none() || e.repacked_tensors() == 0 {
+    if RepackType::all().is_empty() || e.repacked_tensors() == 0 {
         eprintln!("note: no repacked kernels on this CPU; nothing to check");
         return;
     }

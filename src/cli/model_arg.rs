@@ -84,8 +84,8 @@ pub struct MemoryArgs {
     #[arg(long = "no-paging")]
     pub no_paging: bool,
     /// Compute every weight from the mapped file instead of copying the matrices into RAM: those the CPU has faster
-    /// kernels for (e.g. Q4_K) in ggml's repacked layout (llama.cpp's default), the other non-expert ones as they
-    /// are in huge pages (faster prompts and decode, slower start).
+    /// kernels for (e.g. Q4_K; on Intel CPUs with AMX also Q8_0 and F16) in ggml's repacked layouts (llama.cpp's
+    /// default), the other non-expert ones as they are in huge pages (faster prompts and decode, slower start).
     #[arg(long = "no-repack")]
     pub no_repack: bool,
     #[command(flatten)]

@@ -1,7 +1,10 @@
-//! Repacked weights: ggml's CPU "extra" buffer type `CPU_REPACK`, which stores a quantized matrix interleaved
-//! (e.g. Q4_K as Q4_K_8x8, MXFP4 as 8x8) for its AVX2 / NEON GEMM kernels; the test of which weights it takes (the
-//! one llama.cpp's loader uses) and a buffer of it, owned by a context, that weights are copied into (ggml
-//! interleaves them on the way in).
+//! Repacked weights: ggml's CPU "extra" buffer types, which store a quantized matrix in a private layout for their
+//! own kernels: `CPU_REPACK` interleaves (e.g. Q4_K as Q4_K_8x8, MXFP4 as 8x8) for its AVX2 / AVX-512 / NEON GEMM
+//! kernels, `AMX` (a native build on an Intel CPU with AMX: Sapphire Rapids and later) tiles Q4_0/Q4_1/Q8_0/
+//! Q4_K/Q5_K/Q6_K/IQ4_XS for the AMX units and keeps F16 for its AVX-512 kernels. Here: the test of which weights a
+//! type takes (the one llama.cpp's loader uses), the choice among the types (llama.cpp's: the first, in ggml's
+//! order, that takes the weight's product) and a buffer of one, owned by a context, that weights are copied into
+//! (ggml converts them on the way in).
 //!
 //! A repacked tensor's bytes are in ggml's private layout: only the matrix products the test approved may read it
 //! (the CPU backend's `supports_op` refuses any other node, and `compute` checks that first), and its buffer has no
@@ -48,7 +51,7 @@ pub struct RepackedStats {
     pub bytes: u64,
 }
 
-/// ggml's CPU repack buffer type and the CPU device that computes from it.
+/// One of ggml's CPU extra buffer types (`CPU_REPACK`, `AMX`, ...) and the CPU device that computes from it.
 #[derive(Clone, Copy, Debug)]
 pub struct RepackType {
     buft: sys::ggml_backend_buffer_type_t,
@@ -62,42 +65,41 @@ unsafe impl Send for RepackType {}
 unsafe impl Sync for RepackType {}
 
 impl RepackType {
-    /// The CPU backend's `CPU_REPACK` buffer type, found the way llama.cpp finds it (the CPU registry's
-    /// `ggml_backend_dev_get_extra_bufts`); `None` when ggml was built without it (`GGML_CPU_REPACK=OFF`).
-    pub fn cpu() -> Option<RepackType> {
-        // SAFETY: returns ggml's static CPU registry (initialised on first use).
-        let reg = unsafe { sys::ggml_backend_cpu_reg() };
-        // SAFETY: a live registry; the count is a plain read.
-        if reg.is_null() || unsafe { sys::ggml_backend_reg_dev_count(reg) } == 0 {
-            return None;
-        }
-        // SAFETY: index 0 < the device count checked above; the device is static.
-        let dev = unsafe { sys::ggml_backend_reg_dev_get(reg, 0) };
-        let name = c"ggml_backend_dev_get_extra_bufts";
-        // SAFETY: a live registry and a NUL-terminated name; returns NULL or the function registered under it.
-        let proc = unsafe { sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr()) };
-        if dev.is_null() || proc.is_null() {
-            return None;
-        }
-        // SAFETY: the CPU registry returns, under this name, a function of exactly this signature
-        // (`ggml_backend_dev_get_extra_bufts_t`); a non-null data pointer from it is a valid function pointer.
-        let get_extra: unsafe extern "C" fn(
-            sys::ggml_backend_dev_t,
-        ) -> *mut sys::ggml_backend_buffer_type_t = unsafe { std::mem::transmute(proc) };
-        // SAFETY: `dev` is the CPU device; the result is a static, NULL-terminated array (or NULL).
-        let mut cur = unsafe { get_extra(dev) };
-        // SAFETY: walks the array up to its NULL terminator; each entry is a static buffer type with a static name.
-        while !cur.is_null() && !unsafe { *cur }.is_null() {
-            let buft = unsafe { *cur };
-            if cstr_lossy(unsafe { sys::ggml_backend_buft_name(buft) }) == REPACK_NAME {
-                return Some(RepackType { buft, dev });
-            }
-            cur = unsafe { cur.add(1) };
-        }
-        None
+    /// The CPU backend's extra buffer types in ggml's order, found the way llama.cpp finds them (the CPU registry's
+    /// `ggml_backend_dev_get_extra_bufts`): `AMX` first where ggml was built for it and the OS lets the process use
+    /// the tiles, then `CPU_REPACK` (absent with `GGML_CPU_REPACK=OFF`). Read once: ggml's list is fixed for the
+    /// life of the process.
+    pub fn all() -> &'static [RepackType] {
+        static TYPES: std::sync::OnceLock<Vec<RepackType>> = std::sync::OnceLock::new();
+        TYPES.get_or_init(extra_types)
     }
 
-    /// The buffer type's name (`CPU_REPACK`).
+    /// The CPU backend's `CPU_REPACK` buffer type (the interleaved layouts the grouped expert products read);
+    /// `None` when ggml was built without it.
+    pub fn cpu() -> Option<RepackType> {
+        RepackType::all()
+            .iter()
+            .copied()
+            .find(|t| t.name() == REPACK_NAME)
+    }
+
+    /// Which buffer type llama.cpp's loader gives `weight` with repacking on: the index in [`RepackType::all`] of
+    /// the first type that computes `op` from it; `None` when none does (the weight stays in a plain buffer).
+    pub fn index_for(weight: Tensor<'_>, op: WeightOp) -> Result<Option<usize>> {
+        for (i, ty) in RepackType::all().iter().enumerate() {
+            if ty.supports(weight, op)? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `buf` is a buffer of one of ggml's CPU extra types, whose layouts cannot be read back.
+    pub(super) fn holds(buf: sys::ggml_backend_buffer_t) -> bool {
+        RepackType::all().iter().any(|t| t.is_type_of(buf))
+    }
+
+    /// The buffer type's name (`CPU_REPACK`, `AMX`).
     pub fn name(&self) -> String {
         // SAFETY: a static buffer type; its name is a static string.
         cstr_lossy(unsafe { sys::ggml_backend_buft_name(self.buft) })
@@ -151,6 +153,42 @@ impl RepackType {
         // SAFETY: a live buffer (callers pass a tensor's buffer); the call reads its type field.
         !buf.is_null() && unsafe { sys::ggml_backend_buffer_get_type(buf) } == self.buft
     }
+}
+
+/// The CPU device's extra buffer types, in the order ggml lists them; empty when the registry has no CPU device or
+/// no such list.
+fn extra_types() -> Vec<RepackType> {
+    // SAFETY: returns ggml's static CPU registry (initialised on first use).
+    let reg = unsafe { sys::ggml_backend_cpu_reg() };
+    // SAFETY: a live registry; the count is a plain read.
+    if reg.is_null() || unsafe { sys::ggml_backend_reg_dev_count(reg) } == 0 {
+        return Vec::new();
+    }
+    // SAFETY: index 0 < the device count checked above; the device is static.
+    let dev = unsafe { sys::ggml_backend_reg_dev_get(reg, 0) };
+    let name = c"ggml_backend_dev_get_extra_bufts";
+    // SAFETY: a live registry and a NUL-terminated name; returns NULL or the function registered under it.
+    let proc = unsafe { sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr()) };
+    if dev.is_null() || proc.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the CPU registry returns, under this name, a function of exactly this signature
+    // (`ggml_backend_dev_get_extra_bufts_t`); a non-null data pointer from it is a valid function pointer.
+    let get_extra: unsafe extern "C" fn(
+        sys::ggml_backend_dev_t,
+    ) -> *mut sys::ggml_backend_buffer_type_t = unsafe { std::mem::transmute(proc) };
+    let mut types = Vec::new();
+    // SAFETY: `dev` is the CPU device; the result is a static, NULL-terminated array (or NULL).
+    let mut cur = unsafe { get_extra(dev) };
+    // SAFETY: walks the array up to its NULL terminator; each entry is a static buffer type.
+    while !cur.is_null() && !unsafe { *cur }.is_null() {
+        types.push(RepackType {
+            buft: unsafe { *cur },
+            dev,
+        });
+        cur = unsafe { cur.add(1) };
+    }
+    types
 }
 
 /// One buffer of `buft` (or several behind one handle, `name` in errors) holding `weights`, each placed by ggml,
@@ -393,20 +431,20 @@ mod tests {
         quantize_rows(ty, &v, k, None).unwrap()
     }
 
-    /// `w x` for `x` of `n` columns, with `w` repacked or plainly allocated.
+    /// `w x` for `x` of `n` columns, with `w` repacked into a buffer of `repack` or plainly allocated; also how
+    /// many weights the context holds repacked.
     fn product(
         ty: GgmlType,
         bytes: &[u8],
         k: usize,
         m: usize,
         n: usize,
-        repack: bool,
+        repack: Option<RepackType>,
     ) -> (Vec<f32>, usize) {
         let weights = Context::with_capacity(1, 0).unwrap();
         let w = weights.new_tensor_2d(ty, k as i64, m as i64).unwrap();
         w.set_name("w").unwrap();
-        let rt = RepackType::cpu().expect("ggml is built with CPU_REPACK");
-        if repack {
+        if let Some(rt) = repack {
             let item = RepackWeight {
                 tensor: w,
                 bytes,
@@ -432,18 +470,31 @@ mod tests {
             .collect();
         x.set_f32(&xs).unwrap();
         CpuBackend::new(2).unwrap().compute(&g).unwrap();
-        (y.get_f32().unwrap(), weights.repacked(rt).tensors)
+        let repacked = RepackType::all()
+            .iter()
+            .map(|&rt| weights.repacked(rt).tensors)
+            .sum();
+        (y.get_f32().unwrap(), repacked)
     }
 
     #[test]
     fn the_repack_type_is_found_and_refuses_what_it_cannot_hold() {
         let rt = RepackType::cpu().expect("ggml is built with CPU_REPACK");
         assert_eq!(rt.name(), REPACK_NAME);
+        let names: Vec<String> = RepackType::all().iter().map(|t| t.name()).collect();
+        eprintln!("the CPU's extra buffer types: {names:?}");
+        assert_eq!(names.iter().filter(|n| *n == REPACK_NAME).count(), 1);
         let ctx = Context::with_capacity(4, 0).unwrap();
         let f32_w = ctx.new_tensor_2d(GgmlType::F32, 256, 64).unwrap();
         assert!(
             !rt.supports(f32_w, WeightOp::MulMat).unwrap(),
             "F32 has no repacked layout"
+        );
+        assert!(
+            RepackType::index_for(f32_w, WeightOp::MulMat)
+                .unwrap()
+                .is_none(),
+            "no extra type takes F32"
         );
         let odd_rows = ctx.new_tensor_2d(GgmlType::Q4K, 256, 12).unwrap();
         assert!(
@@ -478,34 +529,46 @@ mod tests {
         assert_eq!(ctx.repacked(rt), RepackedStats::default());
     }
 
-    /// Where the host has a repacked Q4_K kernel (AVX2, NEON), a repacked matrix gives the plain product up to
-    /// rounding.
+    /// Every extra buffer type of this host (CPU_REPACK with AVX2 / AVX-512 / NEON; AMX on Intel CPUs with it)
+    /// gives the plain product up to rounding for the weight types it takes: Q4_K and Q8_0 (F16: AMX's AVX-512
+    /// kernels), one column (decode) and several (a prompt), in the shapes llama.cpp's loader would give it.
     #[test]
-    fn a_repacked_q4k_product_matches_the_plain_one() {
-        let rt = RepackType::cpu().unwrap();
+    fn every_extra_type_gives_the_plain_product() {
         let (k, m) = (512, 32);
-        let probe = Context::with_capacity(1, 0).unwrap();
-        let t = probe
-            .new_tensor_2d(GgmlType::Q4K, k as i64, m as i64)
-            .unwrap();
-        if !rt.supports(t, WeightOp::MulMat).unwrap() {
-            eprintln!("no repacked Q4_K kernel on this host: skipped");
-            return;
+        let mut checked = 0;
+        for ty in [GgmlType::Q4K, GgmlType::Q8_0, GgmlType::F16] {
+            let probe = Context::with_capacity(1, 0).unwrap();
+            let t = probe.new_tensor_2d(ty, k as i64, m as i64).unwrap();
+            let bytes = matrix(ty, k, m);
+            for &rt in RepackType::all() {
+                if !rt.supports(t, WeightOp::MulMat).unwrap() {
+                    eprintln!("{}: no {ty} kernel on this host", rt.name());
+                    continue;
+                }
+                for n in [1, 5, 16] {
+                    let (plain, none) = product(ty, &bytes, k, m, n, None);
+                    let (packed, one) = product(ty, &bytes, k, m, n, Some(rt));
+                    assert_eq!((none, one), (0, 1));
+                    let scale = plain.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let worst = plain
+                        .iter()
+                        .zip(&packed)
+                        .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+                    // ggml's plain F16 product rounds x to F16 (2^-11 of each value at most); AMX's F16 kernels
+                    // read x in F32. The quantized types round x to Q8_0 / Q8_K on both paths.
+                    let bound = if ty == GgmlType::F16 { 2e-3 } else { 1e-4 };
+                    assert!(
+                        worst <= bound * scale.max(1.0),
+                        "{} {ty}, n {n}: differs by {worst} (scale {scale})",
+                        rt.name()
+                    );
+                }
+                checked += 1;
+            }
         }
-        let bytes = matrix(GgmlType::Q4K, k, m);
-        for n in [1, 5, 16] {
-            let (plain, none) = product(GgmlType::Q4K, &bytes, k, m, n, false);
-            let (packed, one) = product(GgmlType::Q4K, &bytes, k, m, n, true);
-            assert_eq!((none, one), (0, 1));
-            let scale = plain.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let worst = plain
-                .iter()
-                .zip(&packed)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(
-                worst <= 1e-4 * scale.max(1.0),
-                "n {n}: differs by {worst} (scale {scale})"
-            );
+        eprintln!("{checked} (type, weight type) pairs checked");
+        if RepackType::cpu().is_some() && crate::ggml::cpu_features().avx2 {
+            assert!(checked > 0, "CPU_REPACK takes Q4_K with AVX2");
         }
     }
 

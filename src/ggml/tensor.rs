@@ -254,9 +254,9 @@ impl<'ctx> Tensor<'ctx> {
         }
         // SAFETY: a live buffer (checked non-null above); the call asks its type.
         let host = unsafe { sys::ggml_backend_buffer_is_host(self.buffer()) };
-        if !host && super::repack::RepackType::cpu().is_some_and(|rt| rt.is_type_of(self.buffer()))
-        {
-            // ggml's repacked layouts have no way back (the buffer has no get_tensor) and are written once.
+        if !host && super::repack::RepackType::holds(self.buffer()) {
+            // ggml's repacked layouts (CPU_REPACK, AMX) have no way back (the buffer has no get_tensor) and are
+            // written once.
             return Err(data_err(
                 "is held in ggml's repacked CPU layout, which cannot be read or written".into(),
             ));
