@@ -29,10 +29,10 @@
 # what would take longer. Measured on a 2-core AVX2 host (idle), the indexer as products (4K, 16K: 250fe4d; 64K: 1044343):
 #   d4096 f16 343 s, q8_0 318 s (prefills about 93 s ferrite, 105-122 s llama.cpp); d16384 f16 1409 s, q8_0 1113 s
 #   (prefills: ferrite 436 / 428 s, llama.cpp 775 / 551 s); d65536 q8_0 5907 s (ferrite 2227 s, llama.cpp
-#   3091-3469 s), at bd3bbfa 5564 s (ferrite 2020 s, llama.cpp 3327 s); d65536 f16 at b248e45: ferrite 2159 s,
-#   llama.cpp over 5300 s (not finished within the session), so above 2 h in all.
+#   3091-3469 s), at bd3bbfa 5564 s (ferrite 2020 s, llama.cpp 3327 s); d65536 f16 at f31b9b2: 9029 s in all
+#   (ferrite 2240 s, llama.cpp 6534 s), so about 2.5 h.
 # The time per depth token grows slowly with the depth (ferrite 23 ms at 4K, 27 ms at 16K, 34 ms at 64K): the wall
-# time is close to linear in the depth, at 64K about 1.5 h with q8_0 and over 2 h with f16. Before the indexer became
+# time is close to linear in the depth, at 64K about 1.5 h with q8_0 and 2.5 h with f16. Before the indexer became
 # products (ggml's fused operator in both engines) ferrite's prefill grew with the square of the depth (3197 s at 64K).
 set -euo pipefail
 
