@@ -517,10 +517,7 @@ impl Engine {
     /// Weights held repacked in RAM for the CPU's matrix kernels, in any of ggml's extra buffer types (0 with
     /// `repack` off or no such kernels).
     pub fn repacked_tensors(&self) -> usize {
-        RepackType::all()
-            .iter()
-            .map(|&rt| self.weights_ctx.repacked(rt).tensors)
-            .sum()
+        self.weights_ctx.repacked_all().tensors
     }
 
     /// The buffer type of the repacked weights when routed experts are among them in a layout the grouped products
@@ -542,10 +539,7 @@ impl Engine {
 
     /// Bytes of the weights held repacked in RAM.
     pub fn repacked_bytes(&self) -> u64 {
-        RepackType::all()
-            .iter()
-            .map(|&rt| self.weights_ctx.repacked(rt).bytes)
-            .sum()
+        self.weights_ctx.repacked_all().bytes
     }
 
     /// Locks what must stay in RAM: with `--mlock` the whole model (resident) or the non-routed weights and the

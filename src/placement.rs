@@ -115,11 +115,9 @@ pub fn place_weights(
                     ty.name()
                 )
             })?;
-        let stats = ctx.repacked(ty);
-        placed.repacked.tensors += stats.tensors;
-        placed.repacked.bytes += stats.bytes;
         placed.repack_types.push(ty.name());
     }
+    placed.repacked = ctx.repacked_all();
     ctx.copy_into_ram(&copy, |i| model.release(copy[i].bytes))
         .context("cannot copy the weights into RAM (hint: --no-repack)")?;
     for w in &copy {
