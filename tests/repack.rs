@@ -379,11 +379,13 @@ fn mlock_locks_repacked_weights_once() {
         "locked {locked} bytes: {tensor_bytes} bytes of tensors ({} repacked) in a file of {file}",
         e.repacked_bytes()
     );
-    // Every tensor's bytes once (a repack buffer pads each weight by at most its alignment): less than the file,
-    // which locking the whole map as well would give at least.
+    // Every tensor's bytes once: at least the tensors' bytes (the repacked layouts are no smaller: CPU_REPACK pads
+    // each weight by at most its alignment, AMX's tiles add a few percent), and less than the file and the repacked
+    // weights' bytes, which locking the whole map as well as the repacked copies would give at least.
     assert!(
-        locked >= tensor_bytes && locked < file,
-        "locked {locked} bytes for {tensor_bytes} bytes of tensors in a file of {file}"
+        locked >= tensor_bytes && locked < file + e.repacked_bytes(),
+        "locked {locked} bytes for {tensor_bytes} bytes of tensors ({} repacked) in a file of {file}",
+        e.repacked_bytes()
     );
     // Without repacking the whole file is locked.
     let plain = open(&path, false, mlock);

@@ -351,6 +351,13 @@ fn load_reference(
     }
     let model = LlamaModel::load_placed(&path, args.llama_repack, placement)
         .context("--vs-llama: llama.cpp (the reference) cannot run this model")?;
+    if model.keeps_output_a_plain() {
+        eprintln!(
+            "ferrite: note: llama.cpp keeps attn_output_a out of its AMX buffers, as ferrite does (where AMX takes \
+             them, this llama.cpp aborts building its graph: AMX refuses that product's permuted input); other \
+             weights are repacked as llama.cpp chooses"
+        );
+    }
     if model.n_vocab() != facts.n_vocab {
         anyhow::bail!(
             "--vs-llama: llama.cpp sees {} tokens in the vocabulary, ferrite {}",

@@ -126,6 +126,68 @@ impl std::fmt::Display for LlamaPlacement {
     }
 }
 
+/// The `-ot`-style rule that keeps the CPU layers' `attn_output_a` out of ggml's AMX buffers when llama.cpp repacks
+/// on a CPU that has them (None elsewhere: the rule is not needed).
+///
+/// llama.cpp (the pinned version) creates `attn_output_a` 3-D, `{H·Dh/G, o_lora, G}`, and its loader gives it to
+/// AMX whenever `o_lora` is a multiple of 32 (Flash's 1024). The product that reads it has a permuted activation,
+/// which AMX's kernels refuse, and no other backend may compute from an AMX buffer: llama.cpp then aborts building
+/// its first graph (`GGML_ASSERT(*cur_backend_id != -1)` in ggml-backend.cpp), taking the process with it. A rule
+/// to `CPU` (llama.cpp's `-ot attn_output_a=CPU`) does not help: llama.cpp chooses among the extra types again for
+/// it. So the reference keeps these weights in a plain host buffer ([`plain_host_buffer_type`]), which is what
+/// ferrite does with them: it never repacks `attn_output_a`. Every other weight is placed as llama.cpp places it.
+fn amx_output_a_rule(path: &Path, placement: &LlamaPlacement) -> Result<Option<String>> {
+    if !crate::ggml::RepackType::all()
+        .iter()
+        .any(|t| t.name() == "AMX")
+    {
+        return Ok(None);
+    }
+    if placement.devices.is_empty() || placement.n_gpu_layers <= 0 {
+        return Ok(Some(output_a_pattern(None)));
+    }
+    let file = gguf::GgufFile::open(path)?;
+    let meta = file.metadata();
+    let arch = meta.str("general.architecture")?;
+    let n_layer = meta.u32(&format!("{arch}.block_count"))? as i32;
+    Ok(cpu_layers(n_layer, placement.n_gpu_layers).map(|n| output_a_pattern(Some(n))))
+}
+
+/// How many of the first layers llama.cpp leaves on the CPU with `-ngl n_gpu_layers` and devices
+/// (`llama_model::load_tensors`: the last `-ngl` of the layers and the output head go to the devices); None: none.
+fn cpu_layers(n_layer: i32, n_gpu_layers: i32) -> Option<i32> {
+    let n = (n_layer + 1 - n_gpu_layers).clamp(0, n_layer);
+    (n > 0).then_some(n)
+}
+
+/// The rule's pattern: `attn_output_a` of every layer, or of the first `n`.
+fn output_a_pattern(first: Option<i32>) -> String {
+    match first {
+        None => r"^blk\.\d+\.attn_output_a\.".into(),
+        Some(n) => {
+            let layers: Vec<String> = (0..n).map(|l| l.to_string()).collect();
+            format!(r"^blk\.({})\.attn_output_a\.", layers.join("|"))
+        }
+    }
+}
+
+/// ggml's buffer type for plain host memory that is not the CPU device's own (`CPU_Mapped`, the type of
+/// `ggml_backend_cpu_buffer_from_ptr` buffers): llama.cpp's loader uses a rule's buffer type as it is unless it is
+/// the CPU's, and the CPU backend computes from any host buffer with its plain kernels.
+fn plain_host_buffer_type() -> sys::ggml_backend_buffer_type_t {
+    #[repr(align(64))]
+    struct Area([u8; 64]);
+    let mut area = Box::new(Area([0; 64]));
+    // SAFETY: an aligned area of 64 bytes that outlives the buffer, which is freed at once; the buffer type is a
+    // static object of ggml's, valid for the life of the process.
+    unsafe {
+        let buf = sys::ggml_backend_cpu_buffer_from_ptr(area.0.as_mut_ptr().cast(), area.0.len());
+        let buft = sys::ggml_backend_buffer_get_type(buf);
+        sys::ggml_backend_buffer_free(buf);
+        buft
+    }
+}
+
 /// A `llama_model` freed on drop, shared by the model handle and its contexts.
 struct RawModel(*mut sys::llama_model);
 
@@ -141,11 +203,13 @@ impl Drop for RawModel {
 pub struct LlamaModel {
     raw: Rc<RawModel>,
     vocab: *const sys::llama_vocab,
+    /// The CPU layers' `attn_output_a` are kept out of AMX (see [`amx_output_a_rule`]).
+    output_a_plain: bool,
 }
 
 impl LlamaModel {
     /// Loads `path` for the CPU with memory mapping; `repack` lets llama.cpp repack weights for its interleaved
-    /// CPU kernels (llama-bench's default), which ferrite does not do.
+    /// CPU kernels (llama-bench's default; ferrite's too).
     pub fn load(path: &Path, repack: bool) -> Result<LlamaModel> {
         LlamaModel::load_placed(path, repack, &LlamaPlacement::default())
     }
@@ -177,34 +241,59 @@ impl LlamaModel {
         } else {
             placement.n_gpu_layers
         };
-        let patterns: Vec<std::ffi::CString> = placement
-            .overrides
-            .iter()
-            .map(|(p, _)| std::ffi::CString::new(p.as_str()))
-            .collect::<Result<_, _>>()?;
-        let mut overrides: Vec<sys::llama_model_tensor_buft_override> = Vec::new();
-        for ((_, to), pattern) in placement.overrides.iter().zip(&patterns) {
+        // The placement's rules, then (where they apply) the AMX rule: first match wins.
+        let mut rules: Vec<(String, sys::ggml_backend_buffer_type_t)> = Vec::new();
+        for (pattern, to) in &placement.overrides {
             let c = std::ffi::CString::new(to.as_str())?;
             // SAFETY: a NUL-terminated name; returns a registered device or NULL.
             let dev = unsafe { sys::ggml_backend_dev_by_name(c.as_ptr()) };
             ensure!(!dev.is_null(), "llama.cpp: -ot names no device {to}");
-            overrides.push(sys::llama_model_tensor_buft_override {
-                pattern: pattern.as_ptr(),
-                // SAFETY: a registered device; its buffer type lives as long as the device.
-                buft: unsafe { sys::ggml_backend_dev_buffer_type(dev) },
-            });
+            // SAFETY: a registered device; its buffer type lives as long as the device.
+            rules.push((pattern.clone(), unsafe {
+                sys::ggml_backend_dev_buffer_type(dev)
+            }));
         }
+        let amx_rule = match repack {
+            true => amx_output_a_rule(path, placement)?,
+            false => None,
+        };
+        let output_a_plain = amx_rule.is_some();
+        if let Some(pattern) = amx_rule {
+            rules.push((pattern, plain_host_buffer_type()));
+        }
+        let patterns: Vec<std::ffi::CString> = rules
+            .iter()
+            .map(|(p, _)| std::ffi::CString::new(p.as_str()))
+            .collect::<Result<_, _>>()?;
+        let mut overrides: Vec<sys::llama_model_tensor_buft_override> = rules
+            .iter()
+            .zip(&patterns)
+            .map(
+                |(&(_, buft), pattern)| sys::llama_model_tensor_buft_override {
+                    pattern: pattern.as_ptr(),
+                    buft,
+                },
+            )
+            .collect();
         overrides.push(sys::llama_model_tensor_buft_override {
             pattern: std::ptr::null(),
             buft: std::ptr::null_mut(),
         });
-        if placement.overrides.is_empty() {
+        if rules.is_empty() {
             mp.tensor_buft_overrides = std::ptr::null();
         } else {
             mp.tensor_buft_overrides = overrides.as_ptr();
         }
         // `devices`, `patterns` and `overrides` outlive the load, which is all that reads them.
-        LlamaModel::load_with(path, mp, "")
+        let mut model = LlamaModel::load_with(path, mp, "")?;
+        model.output_a_plain = output_a_plain;
+        Ok(model)
+    }
+
+    /// Whether llama.cpp keeps the CPU layers' `attn_output_a` in a plain buffer where it would have put them in
+    /// AMX and aborted (repacking on a CPU with AMX; see [`amx_output_a_rule`]).
+    pub fn keeps_output_a_plain(&self) -> bool {
+        self.output_a_plain
     }
 
     /// Loads only the vocabulary of `path` (`llama_model_params.vocab_only`, as llama-tokenize does): no weights,
@@ -235,6 +324,7 @@ impl LlamaModel {
         Ok(LlamaModel {
             raw: Rc::new(RawModel(model)),
             vocab,
+            output_a_plain: false,
         })
     }
 
@@ -243,6 +333,7 @@ impl LlamaModel {
         LlamaModel {
             raw: Rc::clone(&self.raw),
             vocab: self.vocab,
+            output_a_plain: self.output_a_plain,
         }
     }
 
@@ -333,4 +424,33 @@ pub fn argmax(v: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amx_rule_covers_the_layers_llama_cpp_keeps_on_the_cpu() {
+        // 4 layers: -ngl 2 offloads layer 3 and the output head, -ngl 5 or more everything.
+        assert_eq!(cpu_layers(4, 2), Some(3));
+        assert_eq!(cpu_layers(4, 1), Some(4));
+        assert_eq!(cpu_layers(4, 5), None);
+        assert_eq!(cpu_layers(4, 99), None);
+        assert_eq!(cpu_layers(4, 0), Some(4));
+        let all = output_a_pattern(None);
+        let first = output_a_pattern(Some(3));
+        assert_eq!(first, r"^blk\.(0|1|2)\.attn_output_a\.");
+        let re = |p: &str| regex::Regex::new(p).unwrap();
+        for (name, in_all, in_first) in [
+            ("blk.0.attn_output_a.weight", true, true),
+            ("blk.2.attn_output_a.weight", true, true),
+            ("blk.3.attn_output_a.weight", true, false),
+            ("blk.12.attn_output_a.weight", true, false),
+            ("blk.1.attn_output_b.weight", false, false),
+        ] {
+            assert_eq!(re(&all).is_match(name), in_all, "{name}");
+            assert_eq!(re(&first).is_match(name), in_first, "{name}");
+        }
+    }
 }
