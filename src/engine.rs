@@ -9,6 +9,7 @@ pub use crate::exec::GraphStats;
 pub use offload::{DeviceMissing, LayerPlacement, Placement};
 pub use session::{Logits, Rewind, Session, SessionOptions, SessionState};
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -29,7 +30,7 @@ use crate::model::forward::{hadamard_matrix, indexer_rotation_size, Rotations};
 use crate::model::names::key::CHAT_TEMPLATE;
 use crate::model::sizes::TensorMeta;
 use crate::model::weights::Weights;
-use crate::placement::{experts_fit, lock_weights, place_weights, product_weights};
+use crate::placement::{experts_fit, lock_weights, place_weights, product_weights, repack_growth};
 use crate::plan::{
     plan_devices, Budget, DevicePlan, ExpertCacheArg, ExpertPlacement, MemoryPlan, PlacementModel,
     PlacementRequest, PlanReason, PlanRequest,
@@ -232,9 +233,18 @@ impl Engine {
             sources.len() - 1
         })
         .with_context(|| format!("{} is not a usable DeepSeek V4 model", path.display()))?;
-        // Planned first: whether the routed experts are repacked depends on where they live.
+        // Planned first: whether the routed experts are repacked depends on where they live. The non-routed weights
+        // kept in RAM are counted at the size of their repacked layouts.
         let (n_ctx, n_ubatch) = planned_sizes(&cfg, &opts.paging);
-        let device_plan = device_plan(&model, &cfg, &opts, n_ctx, n_ubatch)?;
+        let growth = match opts.repack {
+            true => repack_growth(
+                &weights_ctx,
+                &sources,
+                &product_weights(&weights, cfg.n_expert_used, false),
+            )?,
+            false => HashMap::new(),
+        };
+        let device_plan = device_plan(&model, &cfg, &opts, n_ctx, n_ubatch, &growth)?;
         let plan = device_plan.cpu.clone();
         let prompt_format = PromptFormat::new(model.metadata().str(CHAT_TEMPLATE).ok());
         let regions = (0..model.shards().len())
@@ -542,6 +552,12 @@ impl Engine {
         self.weights_ctx.repacked_all().bytes
     }
 
+    /// The bytes the repacked weights take in their buffers: more than [`Engine::repacked_bytes`] where a layout is
+    /// larger than the file's (AMX's); the memory plan counts them so.
+    pub fn repacked_ram_bytes(&self) -> u64 {
+        self.weights_ctx.repacked_all().ram_bytes
+    }
+
     /// Locks what must stay in RAM: with `--mlock` the whole model (resident) or the non-routed weights and the
     /// cache (paged); the paged store always tries the latter. Failures are notes, not errors (as in llama.cpp).
     fn lock_memory(&mut self) {
@@ -741,6 +757,7 @@ fn device_plan(
     opts: &EngineOptions,
     n_ctx: usize,
     n_ubatch: usize,
+    repack_growth: &HashMap<String, u64>,
 ) -> Result<DevicePlan> {
     let p = &opts.paging;
     if n_ctx > MAX_CTX {
@@ -752,7 +769,8 @@ fn device_plan(
         dims: &t.info.dims,
         n_bytes: t.info.n_bytes,
     });
-    let mut placement = PlacementModel::new(tensors, cfg, &sizes);
+    let mut placement = PlacementModel::new(tensors, cfg, &sizes)
+        .with_cpu_extra(|name| repack_growth.get(name).copied().unwrap_or(0));
     placement.output_bytes = (p.output_rows as u64)
         .saturating_mul(cfg.n_vocab as u64)
         .saturating_mul(4);

@@ -1,7 +1,7 @@
 //! Where each weight's bytes live: bound to the memory-mapped file, or copied into RAM (ggml's repack buffers for
 //! the CPU's interleaved kernels, or a plain buffer in huge pages); and what is locked in RAM.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context as _, Result};
 use gguf::{Model, ModelTensor};
@@ -43,6 +43,31 @@ pub fn product_weights(w: &Weights<usize>, n_used: usize, experts: bool) -> Vec<
         }
     }
     out
+}
+
+/// The bytes more than in the file that each weight of `products` takes in RAM where [`place_weights`] repacks it
+/// (into the first of ggml's extra buffer types that takes its product, whose layout may be larger: AMX's), by
+/// tensor name; only those that grow. What the memory planner adds to the weights that stay in RAM.
+pub fn repack_growth(
+    ctx: &Context<'_>,
+    sources: &[&ModelTensor],
+    products: &[(usize, WeightOp)],
+) -> Result<HashMap<String, u64>> {
+    let types = RepackType::all();
+    let tensors = ctx.tensors();
+    let mut growth = HashMap::new();
+    for &(i, op) in products {
+        let (Some(&tensor), Some(t)) = (tensors.get(i), sources.get(i)) else {
+            continue;
+        };
+        if let Some(k) = RepackType::index_for(tensor, op)? {
+            let extra = types[k].alloc_size(tensor).saturating_sub(t.info.n_bytes);
+            if extra > 0 {
+                growth.insert(t.info.name.clone(), extra);
+            }
+        }
+    }
+    Ok(growth)
 }
 
 /// Whether the routed experts may be copied into RAM: all resident and within the budget (a copy of experts the

@@ -246,6 +246,17 @@ fn check_counts(name: &str, cfg: &TinyConfig, plain: &Engine, packed: &Engine) {
         let notes = packed.notes();
         assert!(notes.iter().any(|n| n.contains("repacked")), "{notes:?}");
     }
+    // The memory plan counts the repacked weights at the size of their buffers (AMX's layouts are larger than the
+    // file's; CPU_REPACK's are not), and nothing else changes.
+    let ram = packed.repacked_ram_bytes();
+    eprintln!("{name}: the repacked weights take {ram} bytes in their buffers");
+    assert!(ram >= bytes, "{name}: {ram} bytes for {bytes}");
+    let resident = |e: &Engine| e.memory_plan().inputs.resident_bytes;
+    assert_eq!(
+        resident(packed) - resident(plain),
+        ram - bytes,
+        "{name}: planned resident bytes with and without repacking"
+    );
 }
 
 /// On matches llama.cpp repacking, off matches llama.cpp's plain kernels, whole prompt (GEMM) and token by token

@@ -48,7 +48,10 @@ pub struct RepackWeight<'t, 'b> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RepackedStats {
     pub tensors: usize,
+    /// Their bytes in ggml's plain layout (as in the file).
     pub bytes: u64,
+    /// The bytes their buffers hold for them (a layout may be larger than the plain one: AMX's).
+    pub ram_bytes: u64,
 }
 
 /// One of ggml's CPU extra buffer types (`CPU_REPACK`, `AMX`, ...) and the CPU device that computes from it.
@@ -147,6 +150,14 @@ impl RepackType {
             ok
         };
         Ok(supported)
+    }
+
+    /// Bytes `weight` takes in a buffer of this type: its layout may be larger than ggml's plain one (AMX keeps a
+    /// 4-byte sum per Q8_0 block of 32, +12 %, and 4 bytes per K-quant block, +3 %; CPU_REPACK's layouts are the
+    /// plain size).
+    pub fn alloc_size(&self, weight: Tensor<'_>) -> u64 {
+        // SAFETY: a static buffer type and a live tensor of a context; the call reads the tensor's type and shape.
+        unsafe { sys::ggml_backend_buft_get_alloc_size(self.buft, weight.as_ptr()) as u64 }
     }
 
     pub(super) fn is_type_of(&self, buf: sys::ggml_backend_buffer_t) -> bool {
@@ -421,6 +432,11 @@ impl Context<'_> {
             if t.view_source().is_none() && is_repack_buffer(t.buffer()) {
                 stats.tensors += 1;
                 stats.bytes += t.n_bytes() as u64;
+                // SAFETY: a live tensor of this context and its buffer; the call reads the buffer's type and the
+                // tensor's type and shape.
+                stats.ram_bytes +=
+                    unsafe { sys::ggml_backend_buffer_get_alloc_size(t.buffer(), t.as_ptr()) }
+                        as u64;
             }
         }
         stats

@@ -332,7 +332,7 @@ impl Placement {
             }
             match expert_tensor_layer(&t.name) {
                 Some(layer) if pageable(layer as usize) => {}
-                _ => resident += t.bytes,
+                _ => resident += t.bytes + t.cpu_extra,
             }
         }
         let offloaded_cache: u64 = (0..n)

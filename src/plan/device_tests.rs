@@ -200,6 +200,37 @@ fn roles_of_tensor_names() {
     );
 }
 
+/// Weights repacked into a layout larger than the file's (AMX's) count at that size where they stay on the CPU, and
+/// at the file's on a device; routed experts are never given any.
+#[test]
+fn larger_repacked_layouts_count_on_the_cpu_only() {
+    let tc = TinyConfig::small();
+    let plain = model_of(&tc, 4096);
+    let extra = |name: &str| match name.ends_with(".attn_q_a.weight") || name.contains("_exps") {
+        true => 1000,
+        false => 0,
+    };
+    let model = model_of(&tc, 4096).with_cpu_extra(extra);
+    let n_layer = tc.n_layer as u64;
+    let want = plain.cpu_only_inputs().resident_bytes + 1000 * n_layer;
+    assert_eq!(model.cpu_only_inputs().resident_bytes, want);
+    let p = plan(&model, &[cpu()], &auto(), GIB).unwrap();
+    assert_eq!(p.cpu.inputs.resident_bytes, want);
+    // The last layer (and the output head) on a GPU: its weights leave the CPU at the file's size.
+    let gpu0 = gpu("CUDA0", 8 * GIB, 8 * GIB);
+    let devices = [cpu(), gpu0];
+    let on_gpu = plan(&model, &devices, &ngl(GpuLayers::Count(2)), GIB).unwrap();
+    let plain_on_gpu = plan(&plain, &devices, &ngl(GpuLayers::Count(2)), GIB).unwrap();
+    assert_eq!(
+        on_gpu.cpu.inputs.resident_bytes,
+        plain_on_gpu.cpu.inputs.resident_bytes + 1000 * (n_layer - 1)
+    );
+    assert_eq!(
+        on_gpu.devices[1].bytes.weights,
+        plain_on_gpu.devices[1].bytes.weights
+    );
+}
+
 /// With nothing offloaded, the CPU's plan is the memory plan of the whole model, as before devices existed.
 #[test]
 fn cpu_only_is_the_memory_plan_of_the_whole_model() {

@@ -67,6 +67,9 @@ pub fn tensor_role(name: &str, n_layer: usize) -> TensorRole {
 pub struct TensorBytes {
     pub name: String,
     pub bytes: u64,
+    /// Bytes more than `bytes` it takes in RAM on the CPU: a repacked layout larger than the file's (see
+    /// [`PlacementModel::with_cpu_extra`]).
+    pub cpu_extra: u64,
 }
 
 /// The model as the placement sees it: every tensor of the file, the cache of each layer for the context, and the
@@ -113,6 +116,7 @@ impl PlacementModel {
                 .map(|t| TensorBytes {
                     name: t.name.to_string(),
                     bytes: t.n_bytes,
+                    cpu_extra: 0,
                 })
                 .collect(),
             sizes: weight_sizes_of(tensors),
@@ -126,6 +130,19 @@ impl PlacementModel {
         }
     }
 
+    /// Counts `extra(name)` bytes more in RAM for each non-routed tensor that stays on the CPU: ferrite repacks
+    /// those into layouts of ggml's CPU extra buffer types, which can be larger than the file's (AMX's Q8_0: +12 %).
+    /// Routed experts are not given any (their repacked layouts are the plain size, and paged ones are not
+    /// repacked).
+    pub fn with_cpu_extra(mut self, extra: impl Fn(&str) -> u64) -> PlacementModel {
+        for t in &mut self.tensors {
+            if expert_tensor_layer(&t.name).is_none() {
+                t.cpu_extra = extra(&t.name);
+            }
+        }
+        self
+    }
+
     /// The memory planner's inputs when everything is on the CPU: the plan ferrite made before devices existed.
     pub fn cpu_only_inputs(&self) -> PlanInputs {
         let mut inputs = PlanInputs::from_sizes(
@@ -135,6 +152,8 @@ impl PlacementModel {
             self.context_bytes,
             self.compute_bytes,
         );
+        let extra: u64 = self.tensors.iter().map(|t| t.cpu_extra).sum();
+        inputs.resident_bytes = inputs.resident_bytes.saturating_add(extra);
         inputs.context_per_token = self.context_per_token;
         inputs.output_bytes = self.output_bytes;
         inputs
