@@ -30,7 +30,8 @@
 #   d4096 f16 343 s, q8_0 318 s (prefills about 93 s ferrite, 105-122 s llama.cpp); d16384 f16 1409 s, q8_0 1113 s
 #   (prefills: ferrite 436 / 428 s, llama.cpp 775 / 551 s); d65536 q8_0 5907 s (ferrite 2227 s, llama.cpp
 #   3091-3469 s), at bd3bbfa 5564 s (ferrite 2020 s, llama.cpp 3327 s); d65536 f16 at f31b9b2: 9029 s in all
-#   (ferrite 2240 s, llama.cpp 6534 s), so about 2.5 h.
+#   (ferrite 2240 s, llama.cpp 6534 s), so about 2.5 h. On a 2-core Intel Xeon with AMX (2381a4e): d4096 f16 197 s,
+#   q8_0 179 s; d16384 f16 796 s, q8_0 653 s (prefills: ferrite 221 / 228 s, llama.cpp 463 / 342 s).
 # The time per depth token grows slowly with the depth (ferrite 23 ms at 4K, 27 ms at 16K, 34 ms at 64K): the wall
 # time is close to linear in the depth, at 64K about 1.5 h with q8_0 and 2.5 h with f16. Before the indexer became
 # products (ggml's fused operator in both engines) ferrite's prefill grew with the square of the depth (3197 s at 64K).
@@ -90,8 +91,12 @@ summary="$out/summary.md"
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +dirty)"
 cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)"
 # The ISA decides ggml's kernels (and ferrite's gather blocks): runs on AVX2 and AVX-512 hosts are not comparable.
-isa="$(grep -m1 -o -w -E 'avx512f|avx2|asimd|neon' /proc/cpuinfo 2>/dev/null | head -1)"
-case "$isa" in avx512f) isa="AVX-512" ;; avx2) isa="AVX2" ;; asimd|neon) isa="NEON" ;; *) isa="ISA unknown" ;; esac
+# The widest the CPU has (the flags line lists avx2 before avx512f, so the first match is not it).
+flags=" $(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+isa="ISA unknown"
+for f in amx_int8:"AVX-512 with AMX" avx512f:AVX-512 avx2:AVX2 asimd:NEON neon:NEON; do
+    case "$flags" in *" ${f%%:*} "*) isa="${f#*:}"; break ;; esac
+done
 {
     echo "# ferrite bench at depth vs llama.cpp"
     echo
