@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use ferrite::cache::plan::{padded_kv, KV_PAD};
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits, Session};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig};
@@ -113,10 +114,11 @@ fn reused_graphs_give_the_bits_of_fresh_graphs_f16_cache_primitive_ops() {
 /// 64-row blocks that is all 330; with 128 (AVX512-FP16) a window straddling row 128 while 256 rows are read is
 /// read whole (its two blocks are the full read).
 fn single_token_gathers(window: usize, block: usize) -> u64 {
+    let ring = (window + N_UBATCH).next_multiple_of(KV_PAD);
     let pays = |p: usize| {
         let first = (p + 1).saturating_sub(window);
         let rows = (p / block - first / block + 1) * block;
-        2 * rows <= (p + 1).next_multiple_of(256).min(768)
+        2 * rows <= padded_kv(p + 1, ring)
     };
     (37..337).chain(300..330).filter(|&p| pays(p)).count() as u64
 }

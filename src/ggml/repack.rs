@@ -22,6 +22,8 @@ use super::types::{block_size, cstr_lossy};
 
 /// The name of ggml's repacking buffer type among the CPU's extra buffer types.
 const REPACK_NAME: &str = "CPU_REPACK";
+/// The name of ggml's AMX buffer type among them.
+const AMX_NAME: &str = "AMX";
 
 /// Rows of the activation in the test product: a prompt micro-batch, as in llama.cpp's loader.
 const TEST_ROWS: i64 = 512;
@@ -80,10 +82,16 @@ impl RepackType {
     /// The CPU backend's `CPU_REPACK` buffer type (the interleaved layouts the grouped expert products read);
     /// `None` when ggml was built without it.
     pub fn cpu() -> Option<RepackType> {
-        RepackType::all()
-            .iter()
-            .copied()
-            .find(|t| t.name() == REPACK_NAME)
+        RepackType::named(REPACK_NAME)
+    }
+
+    /// The CPU backend's `AMX` buffer type; `None` where ggml was not built for AMX or the OS refuses the tiles.
+    pub fn amx() -> Option<RepackType> {
+        RepackType::named(AMX_NAME)
+    }
+
+    fn named(name: &str) -> Option<RepackType> {
+        RepackType::all().iter().copied().find(|t| t.name() == name)
     }
 
     /// Which buffer type llama.cpp's loader gives `weight` with repacking on: the index in [`RepackType::all`] of

@@ -137,10 +137,7 @@ impl std::fmt::Display for LlamaPlacement {
 /// it. So the reference keeps these weights in a plain host buffer ([`plain_host_buffer_type`]), which is what
 /// ferrite does with them: it never repacks `attn_output_a`. Every other weight is placed as llama.cpp places it.
 fn amx_output_a_rule(path: &Path, placement: &LlamaPlacement) -> Result<Option<String>> {
-    if !crate::ggml::RepackType::all()
-        .iter()
-        .any(|t| t.name() == "AMX")
-    {
+    if crate::ggml::RepackType::amx().is_none() {
         return Ok(None);
     }
     if placement.devices.is_empty() || placement.n_gpu_layers <= 0 {
