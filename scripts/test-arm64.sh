@@ -7,6 +7,14 @@
 #   scripts/test-arm64.sh                          # every test target of the workspace (hours: see below)
 #   scripts/test-arm64.sh --test parity_llama      # one target; any other `cargo test` arguments go through
 #   scripts/test-arm64.sh --test depth_top_k -- chosen_rows_match_full_reads_and_llama_f16_cache --nocapture
+#   FERRITE_ARM_ARCH=armv8.6-a+fp16+dotprod+i8mm scripts/test-arm64.sh --test grouped_experts
+#
+# FERRITE_ARM_ARCH builds ggml's CPU backend for another Arm architecture than the plain armv8-a that
+# llama-cpp-sys-2 pins for non-native aarch64 Linux builds (it sets GGML_CPU_ARM_ARCH itself, after the environment
+# is read, so the variable cannot be passed through): a compiler wrapper replaces that one `-march=armv8-a` with
+# `-march=$FERRITE_ARM_ARCH`. ggml then compiles its dot-product (`+dotprod`), int8 matrix-multiply (`+i8mm`) and
+# FP16 arithmetic (`+fp16`) kernels, and chooses them at run time from the CPU's capabilities, which qemu-user's
+# default `max` CPU reports. Each architecture builds in its own target directory (target/aarch64-<arch>).
 #
 # What it sets up (Debian/Ubuntu, as root or through sudo; quick when present): scripts/setup.sh with the packages
 # qemu-user, gcc-aarch64-linux-gnu and g++-aarch64-linux-gnu, the Rust target aarch64-unknown-linux-gnu (rustup), and a
@@ -62,12 +70,38 @@ if [ ! -e "$binfmt/qemu-aarch64" ]; then
 fi
 
 export CARGO_TARGET_DIR="$root/target/aarch64"
+cc=aarch64-linux-gnu-gcc
+cxx=aarch64-linux-gnu-g++
+if [ -n "${FERRITE_ARM_ARCH:-}" ]; then
+    case "$FERRITE_ARM_ARCH" in
+        armv8*|armv9*) ;;
+        *) die "FERRITE_ARM_ARCH=$FERRITE_ARM_ARCH: expected an -march value such as armv8.2-a+dotprod+fp16" ;;
+    esac
+    CARGO_TARGET_DIR="$root/target/aarch64-$(printf '%s' "$FERRITE_ARM_ARCH" | tr -c 'A-Za-z0-9.\n' '-')"
+    wrappers="$CARGO_TARGET_DIR/march-wrappers"
+    mkdir -p "$wrappers"
+    for compiler in "$cc" "$cxx"; do
+        # Only the exact pinned flag changes; every other argument goes through untouched.
+        cat > "$wrappers/$compiler" <<WRAPPER
+#!/usr/bin/env bash
+args=()
+for a in "\$@"; do
+    if [ "\$a" = -march=armv8-a ]; then args+=(-march=$FERRITE_ARM_ARCH); else args+=("\$a"); fi
+done
+exec $(command -v "$compiler") "\${args[@]}"
+WRAPPER
+        chmod +x "$wrappers/$compiler"
+    done
+    cc="$wrappers/$cc"
+    cxx="$wrappers/$cxx"
+    say "ggml's CPU backend for -march=$FERRITE_ARM_ARCH (in $CARGO_TARGET_DIR)"
+fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L $sysroot"
 # Replaces .cargo/config.toml's target-cpu=native (this host's CPU) for the Arm target.
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+neon"
-export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
-export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
+export CC_aarch64_unknown_linux_gnu="$cc"
+export CXX_aarch64_unknown_linux_gnu="$cxx"
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--sysroot=$sysroot"
 # Where qemu finds the Arm C library for the binaries the tests start themselves.
