@@ -16,8 +16,9 @@
 //!
 //! Only the layouts whose kernels are checked here are taken (see [`GroupedKernel::of`]): Q4_K and MXFP4 in the
 //! 8x8 layouts (8 columns interleaved, 8-byte input groups) that ggml gives them on x86 with AVX2 or AVX-512 (the
-//! kernels use AVX-512 where ggml was built for it), Q2_K in the 8x8 layout ggml has only for AVX-512, and Q4_K on
-//! Arm with int8 matrix multiply. Which layout ggml
+//! kernels use AVX-512 where ggml was built for it), Q2_K in the 8x8 layout ggml has only for AVX-512, Q4_K 8x8 on
+//! Arm with int8 matrix multiply, and on Arm with the dot product Q4_K in its 8x4 layout (8 columns, 4-byte input
+//! groups) and MXFP4 in its 4x4 layout (4 columns, 4-byte groups). Which layout ggml
 //! chose is read from its CPU features ([`super::repack_layout`], a mirror of ggml's choice) and then checked once
 //! per process: a probe product with the kernels must equal ggml's own `mul_mat_id` on a weight ggml repacked
 //! ([`GroupedKernel::probe`]). Other weights keep `mul_mat_id`.
@@ -58,6 +59,8 @@ type QuantizeMatFn = unsafe extern "C" fn(x: *const f32, vy: *mut c_void, k: i64
 extern "C" {
     fn ggml_quantize_mat_q8_K_4x8(x: *const f32, vy: *mut c_void, k: i64);
     fn ggml_quantize_mat_q8_0_4x8(x: *const f32, vy: *mut c_void, k: i64);
+    fn ggml_quantize_mat_q8_K_4x4(x: *const f32, vy: *mut c_void, k: i64);
+    fn ggml_quantize_mat_q8_0_4x4(x: *const f32, vy: *mut c_void, k: i64);
 }
 
 macro_rules! mat_kernels {
@@ -75,9 +78,14 @@ mat_kernels!(
     ggml_gemv_q2_K_8x8_q8_K,
     ggml_gemm_mxfp4_8x8_q8_0,
     ggml_gemv_mxfp4_8x8_q8_0,
+    ggml_gemm_q4_K_8x4_q8_K,
+    ggml_gemv_q4_K_8x4_q8_K,
+    ggml_gemm_mxfp4_4x4_q8_0,
+    ggml_gemv_mxfp4_4x4_q8_0,
 );
 
-/// Columns interleaved by the layouts taken here: threads split columns on multiples of it.
+/// A multiple of the columns every layout taken here interleaves (8, or 4 for MXFP4 4x4): threads split columns on
+/// multiples of it, so each thread's first column starts an interleaved block.
 const COLS: i64 = 8;
 
 /// ggml's kernels for one repacked layout.
@@ -121,6 +129,33 @@ static MXFP4_8X8: GroupedKernel = GroupedKernel {
     agrees: OnceLock::new(),
 };
 
+static Q4_K_8X4: GroupedKernel = GroupedKernel {
+    weight: GgmlType::Q4K,
+    input: GgmlType::Q8K,
+    quantize_mat: ggml_quantize_mat_q8_K_4x4,
+    gemm: ggml_gemm_q4_K_8x4_q8_K,
+    gemv: ggml_gemv_q4_K_8x4_q8_K,
+    agrees: OnceLock::new(),
+};
+
+static MXFP4_4X4: GroupedKernel = GroupedKernel {
+    weight: GgmlType::Mxfp4,
+    input: GgmlType::Q8_0,
+    quantize_mat: ggml_quantize_mat_q8_0_4x4,
+    gemm: ggml_gemm_mxfp4_4x4_q8_0,
+    gemv: ggml_gemv_mxfp4_4x4_q8_0,
+    agrees: OnceLock::new(),
+};
+
+/// Every layout with kernels here, with its kernels.
+static KERNELS: [(RepackLayout, &GroupedKernel); 5] = [
+    (RepackLayout::Q4K8x8, &Q4_K_8X8),
+    (RepackLayout::Q2K8x8, &Q2_K_8X8),
+    (RepackLayout::Mxfp4x8x8, &MXFP4_8X8),
+    (RepackLayout::Q4K8x4, &Q4_K_8X4),
+    (RepackLayout::Mxfp4x4x4, &MXFP4_4X4),
+];
+
 /// Worst difference, relative to the largest value, that the probe accepts: the kernels and `mul_mat_id` read the
 /// same quantized weights and inputs and only add in another order (a few 1e-7); a weight read in another layout
 /// than ggml wrote gives differences of the order of the values themselves.
@@ -138,12 +173,8 @@ impl GroupedKernel {
         if ne[3] != 1 {
             return None;
         }
-        let kernel = match repack_layout(experts.ty()?, ne[1])? {
-            RepackLayout::Q4K8x8 => &Q4_K_8X8,
-            RepackLayout::Q2K8x8 => &Q2_K_8X8,
-            RepackLayout::Mxfp4x8x8 => &MXFP4_8X8,
-            _ => return None,
-        };
+        let layout = repack_layout(experts.ty()?, ne[1])?;
+        let &(_, kernel) = KERNELS.iter().find(|(l, _)| *l == layout)?;
         let agrees = *kernel
             .agrees
             .get_or_init(|| kernel.probe(repack).is_ok_and(|err| err < PROBE_TOLERANCE));
@@ -607,15 +638,11 @@ mod tests {
         let Some(rt) = RepackType::cpu() else {
             return; // built without CPU_REPACK: nothing is repacked
         };
-        for kernel in [&Q4_K_8X8, &Q2_K_8X8, &MXFP4_8X8] {
+        for &(ours, kernel) in &KERNELS {
             let ty = kernel.weight;
             let layout = repack_layout(ty, 16);
-            let ours = matches!(
-                layout,
-                Some(RepackLayout::Q4K8x8 | RepackLayout::Q2K8x8 | RepackLayout::Mxfp4x8x8)
-            );
             eprintln!("{ty}: ggml's layout on this build {layout:?}");
-            if !ours {
+            if layout != Some(ours) {
                 continue;
             }
             let err = kernel.probe(&rt).unwrap();
@@ -638,7 +665,7 @@ mod tests {
     /// the wrong order, far beyond the tolerance.
     #[test]
     fn the_probe_sees_a_layout_the_kernels_do_not_read() {
-        for kernel in [&Q4_K_8X8, &Q2_K_8X8, &MXFP4_8X8] {
+        for &(_, kernel) in &KERNELS {
             let ty = kernel.weight;
             let (d, m, n) = (256usize, 16usize, 4usize);
             let values: Vec<f32> = (0..d * m * 4)
