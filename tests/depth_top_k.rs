@@ -192,21 +192,36 @@ fn chosen_rows_match_full_reads_and_llama_f32_cache() {
 /// The F16 cache rounds the rows each layer writes, so the last bits that the order of the chosen rows' sums
 /// changes become F16 rounding steps now and then, and a step can flip a discrete choice (an expert, a row of the
 /// top-k) at some position: bounded at 95 % of the positions past the prompt. Measured against full reads: AVX2
-/// median 2.9e-5, worst 1.6e-4; arm64 NEON (qemu-user, scripts/test-arm64.sh) median 1.3e-4, 95th percentile
-/// 2.6e-4, worst 2.0e-2 and 2.6e-2 (fused and primitive ops), where ggml hands the queries' own products of their
-/// chosen rows to other kernels than the chunk's product of every row (tinyBLAS takes only some products there).
+/// median 2.9e-5, worst 1.6e-4; AVX-512 with AVX512-FP16 median 2.9e-5, 95th percentile 6.1e-5; arm64 NEON
+/// (qemu-user, scripts/test-arm64.sh) median 1.3e-4, 95th percentile 2.6e-4, worst 2.0e-2 and 2.6e-2 (fused and
+/// primitive ops), where ggml hands the queries' own products of their chosen rows to other kernels than the chunk's
+/// product of every row (tinyBLAS takes only some products there). Where ggml was built for Arm's FP16 vector
+/// arithmetic, its F16 products (dot products and tinyBLAS) add in F16, whose rounding step (2^-11) is 8192 times
+/// F32's, and the two orders of the sums part further: median 2.3e-4, 95th percentile 4.0e-4 (armv8.6-a+fp16+i8mm
+/// under qemu-user); the bound is then 1e-3.
 #[test]
 fn chosen_rows_match_full_reads_and_llama_f16_cache() {
+    let tol = if ferrite::ggml::cpu_features().fp16_va {
+        1e-3
+    } else {
+        3e-4
+    };
     check(
         "small",
         &TinyConfig::small(),
         45,
         CacheType::F16,
-        (3e-4, 1e-3),
+        (tol, 1e-3),
         0.95,
     );
 }
 
+/// The q8_0 cache quantizes the rows each layer writes, and the chosen rows' products sum the blocks in another
+/// order than the full read's (ggml's q8_0 dot product takes two rows at a time where it can, with Arm's int8 matrix
+/// multiply), so a rounding step can flip a discrete choice as with F16: bounded at 95 % of the positions past the
+/// prompt. Measured against full reads: AVX-512 median 2.1e-4 and 3.0e-4, worst 8.5e-4 and 1.1e-3 (fused and
+/// primitive ops); arm64 with int8 matmul (armv8.6-a+fp16+i8mm, qemu-user) 95th percentile 3.4e-4 and 6.3e-4, worst
+/// 8.0e-4 and 2.0e-1 (one flip).
 #[test]
 fn chosen_rows_match_full_reads_and_llama_q8_0_cache() {
     check(
@@ -215,7 +230,7 @@ fn chosen_rows_match_full_reads_and_llama_q8_0_cache() {
         47,
         CacheType::Q8_0,
         (2e-3, 1e-3),
-        1.0,
+        0.95,
     );
 }
 

@@ -3,8 +3,9 @@
 //! own repacking: with `repack` on, ferrite's logits match llama.cpp's with `use_extra_bufts` on the same quantized
 //! tiny models, whole prompts (the GEMM kernels) and token by token (GEMV), and differ from the plain kernels' (so
 //! the test would see repacking silently off); a whole prompt's repacked experts use the grouped GEMM products,
-//! which give llama.cpp's bits for MXFP4; the weights really are repacked where the host has the kernels; routed
-//! experts are left to the paged store when it pages them, and to the map when the plan leaves them over the budget.
+//! which give llama.cpp's bits where their kernels give `mul_mat_id`'s (MXFP4; Q4_K on Arm's dot product); the
+//! weights really are repacked where the host has the kernels; routed experts are left to the paged store when it
+//! pages them, and to the map when the plan leaves them over the budget.
 
 mod support;
 
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use ferrite::cache::CacheType;
 use ferrite::engine::{Engine, EngineOptions, Logits, PagingOptions};
-use ferrite::ggml::{Context, RepackType, WeightOp};
+use ferrite::ggml::{Context, GroupedKernel, RepackType, WeightOp};
 use ferrite::model::tiny::{write_tiny_model, TinyConfig, WeightTypes};
 use ferrite::plan::ExpertCacheArg;
 use ferrite::reference::llama::{LlamaContext, LlamaParams};
@@ -156,19 +157,7 @@ fn expected(cfg: &TinyConfig, routed: bool) -> usize {
     shared + head + experts
 }
 
-/// How the grouped expert products of a prompt (ggml's GEMM over each expert's rows) compare with llama.cpp's
-/// `mul_mat_id` (its GEMV row by row) at the model's logits.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Grouped {
-    /// The kernels give the same bits (MXFP4): the logits match llama.cpp's.
-    SameBits,
-    /// The kernels sum in another order (Q4_K; checked product by product in tests/grouped_experts.rs to 1e-5),
-    /// which this tiny random model amplifies as it does any rounding (see "repack off vs on"): only their use is
-    /// checked here.
-    Rounded,
-}
-
-fn check(name: &str, types: WeightTypes, seed: u64, grouped: Grouped) {
+fn check(name: &str, types: WeightTypes, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (path, cfg) = model(dir.path(), name, types, seed);
     let tokens = prompt(PROMPT_LEN, cfg.n_vocab as usize, seed);
@@ -176,38 +165,44 @@ fn check(name: &str, types: WeightTypes, seed: u64, grouped: Grouped) {
     let packed = open(&path, true, PagingOptions::default());
     check_counts(name, &cfg, &plain, &packed);
     check_logits(name, &path, &tokens, &plain, &packed);
-    check_grouped(name, &path, &tokens, &packed, grouped);
+    check_grouped(name, &path, &cfg, &tokens, &packed);
     check_routed_experts(name, &path, &cfg, &tokens, &packed);
 }
 
-/// With the grouped products on (the default), a whole prompt uses them where the host has the kernels; with
-/// kernels that give the same bits, the logits still match llama.cpp's.
-fn check_grouped(name: &str, path: &Path, tokens: &[u32], packed: &Engine, grouped: Grouped) {
+/// With the grouped products on (the default), a whole prompt uses them where the host has the kernels. How their
+/// logits compare with llama.cpp's (its `mul_mat_id`, GEMV row by row) follows from the kernels of this host: where
+/// their probe product (grouped against `mul_mat_id` on a small repacked weight) has the same bits (MXFP4 in both
+/// layouts, Q4_K in Arm's 8x4 layout), the logits must match llama.cpp's; where the GEMM sums in another order (Q4_K
+/// 8x8 on x86 and on Arm with int8 matmul; checked product by product in tests/grouped_experts.rs to 1e-5), this tiny
+/// random model amplifies that as it does any rounding (see "repack off vs on"), so the logits must differ, which
+/// shows the kernels were used.
+fn check_grouped(name: &str, path: &Path, cfg: &TinyConfig, tokens: &[u32], packed: &Engine) {
     let (logits, used) = ours_grouped(packed, tokens, PROMPT_LEN, true);
-    if packed.grouped_experts().is_none() {
+    let Some(rt) = packed.grouped_experts() else {
         assert_eq!(used, 0, "{name}: no grouped kernels, yet grouped products");
         eprintln!("{name}: the host has no grouped kernels for these experts");
         return;
-    }
+    };
     assert_eq!(
         used, 1,
         "{name}: the whole prompt is one micro-batch, grouped"
     );
+    let kernel = GroupedKernel::for_layout_of(cfg.types.experts, cfg.expert_ffn as i64)
+        .unwrap_or_else(|| panic!("{name}: grouped products without kernels for the experts"));
+    let probe = kernel.probe(&rt).unwrap();
     let want = reference(path, tokens, PROMPT_LEN, true);
-    match grouped {
-        Grouped::SameBits => {
-            assert_close(&format!("{name}: grouped, whole prompt"), &logits, &want)
-        }
-        Grouped::Rounded => {
-            let apart = worst(&logits, &want);
-            eprintln!(
-                "{name}: grouped products vs llama.cpp's rows: {apart:.2e} of the logit scale"
-            );
-            assert!(
-                apart > 0.0,
-                "{name}: the grouped Q4_K products should round differently"
-            );
-        }
+    if probe == 0.0 {
+        eprintln!("{name}: the grouped kernels give mul_mat_id's bits on this host");
+        assert_close(&format!("{name}: grouped, whole prompt"), &logits, &want)
+    } else {
+        let apart = worst(&logits, &want);
+        eprintln!(
+            "{name}: grouped kernels {probe:.2e} from mul_mat_id on the probe, logits {apart:.2e} from llama.cpp's"
+        );
+        assert!(
+            apart > 0.0,
+            "{name}: the grouped products should round differently"
+        );
     }
 }
 
@@ -335,7 +330,7 @@ fn check_routed_experts(
 
 #[test]
 fn q4k_weights_repacked_match_llama_cpp() {
-    check("q8-q4k", Q8_Q4K, 3, Grouped::Rounded);
+    check("q8-q4k", Q8_Q4K, 3);
 }
 
 #[test]
@@ -346,7 +341,7 @@ fn mxfp4_experts_repacked_match_llama_cpp() {
         shared: GgmlType::Q8_0,
         embed: GgmlType::Q8_0,
     };
-    check("f16-mxfp4", types, 4, Grouped::SameBits);
+    check("f16-mxfp4", types, 4);
 }
 
 /// F32 weights have no repacked layout: nothing is copied, the engine runs from the map as before.

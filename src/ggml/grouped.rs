@@ -173,12 +173,22 @@ impl GroupedKernel {
         if ne[3] != 1 {
             return None;
         }
-        let layout = repack_layout(experts.ty()?, ne[1])?;
-        let &(_, kernel) = KERNELS.iter().find(|(l, _)| *l == layout)?;
+        let kernel = Self::for_layout_of(experts.ty()?, ne[1])?;
         let agrees = *kernel
             .agrees
             .get_or_init(|| kernel.probe(repack).is_ok_and(|err| err < PROBE_TOLERANCE));
         (agrees && ne[0] % block_size(kernel.input) == 0).then_some(kernel)
+    }
+
+    /// The kernels of the layout ggml gives a `ty` matrix of `rows` rows on this build ([`repack_layout`]), where
+    /// this module has them; not yet confirmed by the probe (tests ask it how the kernels compare with ggml's own
+    /// product).
+    pub fn for_layout_of(ty: GgmlType, rows: i64) -> Option<&'static GroupedKernel> {
+        let layout = repack_layout(ty, rows)?;
+        KERNELS
+            .iter()
+            .find(|(l, _)| *l == layout)
+            .map(|&(_, kernel)| kernel)
     }
 
     /// The weight type the kernels read.
