@@ -236,11 +236,12 @@ fn chosen_rows_match_full_reads_and_llama_q8_0_cache() {
 
 /// F16 weights (activations rounded to F16 before each product) turn the last bits that the order of the sums
 /// changes into F16 rounding steps, and routing and the indexer amplify those (DSV4.md 5.14), in llama.cpp as much:
-/// llama.cpp fed the same tokens in other calls differs from itself at some positions by half the logit scale (printed
-/// for comparison). Bound: reading the chosen rows stays within a median of 2e-2 of the logit scale of llama.cpp's
-/// logits (same calls) with argmax agreement of at least 90 % (measured on this machine: median 7.7e-3, argmax
-/// 97.9 %; llama.cpp against itself in other calls: argmax 98.5 %); reading every row matches llama.cpp (median at
-/// most 1e-4; measured 0).
+/// on x86, llama.cpp fed the same tokens in other calls differs from itself at some positions by half the logit
+/// scale (printed for comparison; on Arm with FP16 arithmetic and int8 matmul it gives the same bits). Bound: reading
+/// the chosen rows stays within a median of 2e-2 of the logit scale of llama.cpp's logits (same calls) with argmax
+/// agreement of at least 90 % (measured on x86: median 7.7e-3, argmax 97.9 %, llama.cpp against itself in other
+/// calls: argmax 98.5 %; armv8.6-a+fp16+i8mm under qemu-user: median 8.5e-3, argmax 97.4 %); reading every row
+/// matches llama.cpp (median at most 1e-4; measured 0).
 #[test]
 fn chosen_rows_with_f16_weights_match_llama_at_most_positions() {
     let types = WeightTypes {
@@ -311,6 +312,6 @@ fn chosen_rows_with_f16_weights_match_llama_at_most_positions() {
             }
         }
     }
-    // The comparison means something: llama.cpp's own split moves the logits.
-    assert!(noise.1 > 1e-3, "{noise:?}");
+    // llama.cpp's own split is printed for comparison only: on x86 it moves the logits (its F16 products take other
+    // kernels for other batch sizes), on Arm with FP16 arithmetic and int8 matmul (qemu-user) it gives the same bits.
 }
