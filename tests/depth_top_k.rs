@@ -197,23 +197,17 @@ fn chosen_rows_match_full_reads_and_llama_f32_cache() {
 /// primitive ops), where ggml hands the queries' own products of their chosen rows to other kernels than the chunk's
 /// product of every row (tinyBLAS takes only some products there). Where ggml was built for Arm's FP16 vector
 /// arithmetic, its F16 products (dot products and tinyBLAS) add in F16, whose rounding step (2^-11) is 8192 times
-/// F32's, and the two orders of the sums part further: median 2.3e-4, 95th percentile 4.0e-4 (armv8.6-a+fp16+i8mm
-/// under qemu-user); the bound is then 1e-3.
+/// F32's, and the sums part further, from the full reads and from llama.cpp: 95th percentile 4.0e-4 and 7.5e-4
+/// against full reads (armv8.6-a+fp16+i8mm and armv8.2-a+dotprod+fp16 under qemu-user), 2.2e-3 against llama.cpp
+/// where the full reads are 6.2e-4 from it (primitive ops, dotprod); the bounds are then 2e-3 and 3e-3.
 #[test]
 fn chosen_rows_match_full_reads_and_llama_f16_cache() {
     let tol = if ferrite::ggml::cpu_features().fp16_va {
-        1e-3
+        (2e-3, 3e-3)
     } else {
-        3e-4
+        (3e-4, 1e-3)
     };
-    check(
-        "small",
-        &TinyConfig::small(),
-        45,
-        CacheType::F16,
-        (tol, 1e-3),
-        0.95,
-    );
+    check("small", &TinyConfig::small(), 45, CacheType::F16, tol, 0.95);
 }
 
 /// The q8_0 cache quantizes the rows each layer writes, and the chosen rows' products sum the blocks in another
