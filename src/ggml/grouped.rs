@@ -18,9 +18,9 @@
 //! 8x8 layouts (8 columns interleaved, 8-byte input groups) that ggml gives them on x86 with AVX2 or AVX-512 (the
 //! kernels use AVX-512 where ggml was built for it), Q2_K in the 8x8 layout ggml has only for AVX-512, Q4_K 8x8 on
 //! Arm with int8 matrix multiply, and on Arm with the dot product Q4_K in its 8x4 layout (8 columns, 4-byte input
-//! groups) and MXFP4 in its 4x4 layout (4 columns, 4-byte groups). Which layout ggml
-//! chose is read from its CPU features ([`super::repack_layout`], a mirror of ggml's choice) and then checked once
-//! per process: a probe product with the kernels must equal ggml's own `mul_mat_id` on a weight ggml repacked
+//! groups) and MXFP4 in its 4x4 layout (4 columns, 4-byte groups). Which layout ggml chose is read from its CPU
+//! features ([`super::repack_layout`], a mirror of ggml's choice) and then checked once per process: a probe
+//! product with the kernels must equal ggml's own `mul_mat_id` on a weight ggml repacked
 //! ([`GroupedKernel::probe`]). Other weights keep `mul_mat_id`.
 
 use std::os::raw::{c_int, c_void};
