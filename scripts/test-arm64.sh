@@ -96,6 +96,19 @@ WRAPPER
     cc="$wrappers/$cc"
     cxx="$wrappers/$cxx"
     say "ggml's CPU backend for -march=$FERRITE_ARM_ARCH (in $CARGO_TARGET_DIR)"
+    # GCC 12 auto-vectorizes the scalar tail of ggml's Q4_0 dot product (a row of an odd number of 32-value blocks)
+    # into USDOT, which reads the signed nibbles minus 8 as unsigned bytes: wrong Q4_0 products wherever int8 matmul
+    # (i8mm, part of armv8.6-a and later) is enabled. Found with Debian's cross GCC 12.2; qemu's USDOT itself
+    # computes correctly. tests/ggml_matmul.rs (block_32...) and parity_llama's q4_0 cache test fail on such a build.
+    gcc_major="$(aarch64-linux-gnu-gcc -dumpversion 2>/dev/null | cut -d. -f1)"
+    case "$FERRITE_ARM_ARCH" in
+        *i8mm*|armv8.[6-9]*|armv9*)
+            if [ "$gcc_major" = 12 ]; then
+                say "warning: GCC 12 miscompiles ggml's Q4_0 dot product with int8 matmul (USDOT on signed values):" \
+                    "expect ggml_matmul's block_32 test and parity_llama's q4_0 cache test to fail on this build"
+            fi
+            ;;
+    esac
 fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L $sysroot"

@@ -1,5 +1,7 @@
-//! ggml's matrix product and row gather on quantized (Q8_0, Q4_K, MXFP4) and plain (F32, F16) weights, checked
-//! against a dequantize-and-multiply reference written here from the block layouts in ggml-common.h, in f64.
+//! ggml's matrix product and row gather on quantized (Q8_0, Q4_0, Q4_K, MXFP4) and plain (F32, F16) weights, checked
+//! against a dequantize-and-multiply reference written here from the block layouts in ggml-common.h, in f64. Q4_0
+//! (the q4_0 cache's type) with rows of an odd number of blocks caught a miscompiled ggml: GCC 12 with Arm's int8
+//! matmul turns the scalar tail of its Q4_0 dot product into USDOT on signed values (scripts/test-arm64.sh).
 //!
 //! Error budget (why the tolerances are what they are): ggml's CPU `mul_mat` first converts each f32 input column
 //! to the weight type's `vec_dot_type` (Q8_0 for Q8_0 and MXFP4, Q8_K for Q4_K, F16 for F16, F32 for F32), then
@@ -50,6 +52,21 @@ fn dequant_q8_0(bytes: &[u8]) -> Vec<f64> {
         .flat_map(|b| {
             let d = half_at(b, 0);
             b[2..].iter().map(move |&q| d * (q as i8) as f64)
+        })
+        .collect()
+}
+
+/// block_q4_0 (18 bytes): f16 d, u8 qs[16]; value j is d * ((qs[j] & 15) - 8), value j + 16 is
+/// d * ((qs[j] >> 4) - 8).
+fn dequant_q4_0(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(18)
+        .flat_map(|b| {
+            let d = half_at(b, 0);
+            let q = &b[2..];
+            let lo = q.iter().map(move |&v| d * ((v & 15) as f64 - 8.0));
+            let hi = q.iter().map(move |&v| d * ((v >> 4) as f64 - 8.0));
+            lo.chain(hi).collect::<Vec<_>>()
         })
         .collect()
 }
@@ -105,6 +122,7 @@ fn dequant_mxfp4(bytes: &[u8]) -> Vec<f64> {
 fn dequant(ty: GgmlType, bytes: &[u8]) -> Vec<f64> {
     match ty {
         GgmlType::Q8_0 => dequant_q8_0(bytes),
+        GgmlType::Q4_0 => dequant_q4_0(bytes),
         GgmlType::Q4K => dequant_q4_k(bytes),
         GgmlType::Mxfp4 => dequant_mxfp4(bytes),
         GgmlType::F16 => bytes.chunks_exact(2).map(|b| half_at(b, 0)).collect(),
@@ -261,6 +279,37 @@ fn quantized_matmul_is_exact_when_inputs_survive_q8() {
                 worst > 100.0,
                 "{ty} k{k}: a corrupted weight moved row 0 only {worst:.1} tolerances"
             );
+        }
+    }
+}
+
+/// (k, m, n) for types of 32-value blocks (the q4_0 and q8_0 cache types): rows of 96 values (three blocks, the
+/// tiny `alt` model's head width) and 160; even row and column counts, which ggml's int8-matmul dot products (Arm
+/// i8mm) take two at a time, and odd ones, which they take one at a time.
+const SHAPES_32: [(usize, usize, usize); 4] = [(96, 6, 4), (96, 7, 3), (160, 8, 2), (96, 64, 16)];
+
+#[test]
+fn block_32_matmul_is_exact_when_inputs_survive_q8() {
+    let mut rng = Rng(0x5eed_0006);
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for (k, m, n) in SHAPES_32 {
+            let w = weights(ty, k, m, &mut rng);
+            let x = exact_inputs(k, n, &mut rng);
+            let (want, scale) = reference(&dequant(ty, &w), k, m, &x, n);
+            let got = ggml_mul_mat(ty, &w, k, m, &x, n);
+            let mut worst = 0f64;
+            for i in 0..m * n {
+                let tol = ACCUMULATION * scale[i] + 1e-30;
+                let err = (got[i] as f64 - want[i]).abs();
+                assert!(
+                    err <= tol,
+                    "{ty} k{k} m{m} n{n} out {i}: ggml {} ref {} err {err:e} tol {tol:e}",
+                    got[i],
+                    want[i]
+                );
+                worst = worst.max(err / tol);
+            }
+            println!("{ty} k{k} m{m} n{n}: worst error {worst:.3} of the tolerance");
         }
     }
 }
