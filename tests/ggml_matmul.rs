@@ -236,29 +236,44 @@ const ACCUMULATION: f64 = 1e-5;
 /// (k, m, n): single row and column, several rows, a batch of inputs, one more chunking path.
 const SHAPES: [(usize, usize, usize); 4] = [(256, 1, 1), (512, 7, 3), (768, 33, 5), (1024, 4, 17)];
 
+/// What [`check_exact`] computed: the weights' bytes, the inputs, the exact products and their scales.
+struct Exact {
+    w: Vec<u8>,
+    x: Vec<f32>,
+    want: Vec<f64>,
+    scale: Vec<f64>,
+}
+
+/// Random `ty` weights `{k, m}` times inputs `{k, n}` that survive the Q8 conversion: ggml's product must equal the
+/// exact one up to f32 accumulation.
+fn check_exact(ty: GgmlType, (k, m, n): (usize, usize, usize), rng: &mut Rng) -> Exact {
+    let w = weights(ty, k, m, rng);
+    let x = exact_inputs(k, n, rng);
+    let (want, scale) = reference(&dequant(ty, &w), k, m, &x, n);
+    let got = ggml_mul_mat(ty, &w, k, m, &x, n);
+    let mut worst = 0f64;
+    for i in 0..m * n {
+        let tol = ACCUMULATION * scale[i] + 1e-30;
+        let err = (got[i] as f64 - want[i]).abs();
+        assert!(
+            err <= tol,
+            "{ty} k{k} m{m} n{n} out {i}: ggml {} ref {} err {err:e} tol {tol:e}",
+            got[i],
+            want[i]
+        );
+        worst = worst.max(err / tol);
+    }
+    println!("{ty} k{k} m{m} n{n}: worst error {worst:.3} of the tolerance");
+    Exact { w, x, want, scale }
+}
+
 #[test]
 fn quantized_matmul_is_exact_when_inputs_survive_q8() {
     let mut rng = Rng(0x5eed_0001);
     for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Mxfp4] {
         for (k, m, n) in SHAPES {
-            let w = weights(ty, k, m, &mut rng);
-            let x = exact_inputs(k, n, &mut rng);
+            let Exact { w, x, want, scale } = check_exact(ty, (k, m, n), &mut rng);
             let wd = dequant(ty, &w);
-            let (want, scale) = reference(&wd, k, m, &x, n);
-            let got = ggml_mul_mat(ty, &w, k, m, &x, n);
-            let mut worst = 0f64;
-            for i in 0..m * n {
-                let tol = ACCUMULATION * scale[i] + 1e-30;
-                let err = (got[i] as f64 - want[i]).abs();
-                assert!(
-                    err <= tol,
-                    "{ty} k{k} m{m} n{n} out {i}: ggml {} ref {} err {err:e} tol {tol:e}",
-                    got[i],
-                    want[i]
-                );
-                worst = worst.max(err / tol);
-            }
-            println!("{ty} k{k} m{m} n{n}: worst error {worst:.3} of the tolerance");
 
             // The same check must catch one wrong weight: change one byte of the first row's last block.
             let mut bad = w.clone();
@@ -292,24 +307,8 @@ const SHAPES_32: [(usize, usize, usize); 4] = [(96, 6, 4), (96, 7, 3), (160, 8, 
 fn block_32_matmul_is_exact_when_inputs_survive_q8() {
     let mut rng = Rng(0x5eed_0006);
     for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
-        for (k, m, n) in SHAPES_32 {
-            let w = weights(ty, k, m, &mut rng);
-            let x = exact_inputs(k, n, &mut rng);
-            let (want, scale) = reference(&dequant(ty, &w), k, m, &x, n);
-            let got = ggml_mul_mat(ty, &w, k, m, &x, n);
-            let mut worst = 0f64;
-            for i in 0..m * n {
-                let tol = ACCUMULATION * scale[i] + 1e-30;
-                let err = (got[i] as f64 - want[i]).abs();
-                assert!(
-                    err <= tol,
-                    "{ty} k{k} m{m} n{n} out {i}: ggml {} ref {} err {err:e} tol {tol:e}",
-                    got[i],
-                    want[i]
-                );
-                worst = worst.max(err / tol);
-            }
-            println!("{ty} k{k} m{m} n{n}: worst error {worst:.3} of the tolerance");
+        for shape in SHAPES_32 {
+            check_exact(ty, shape, &mut rng);
         }
     }
 }
