@@ -12,9 +12,10 @@
 # FERRITE_ARM_ARCH builds ggml's CPU backend for another Arm architecture than the plain armv8-a that
 # llama-cpp-sys-2 pins for non-native aarch64 Linux builds (it sets GGML_CPU_ARM_ARCH itself, after the environment
 # is read, so the variable cannot be passed through): a compiler wrapper replaces that one `-march=armv8-a` with
-# `-march=$FERRITE_ARM_ARCH`. ggml then compiles its dot-product (`+dotprod`), int8 matrix-multiply (`+i8mm`) and
-# FP16 arithmetic (`+fp16`) kernels, and chooses them at run time from the CPU's capabilities, which qemu-user's
-# default `max` CPU reports. Each architecture builds in its own target directory (target/aarch64-<arch>).
+# `-march=$FERRITE_ARM_ARCH`. ggml then compiles in its dot-product (`+dotprod`), int8 matrix-multiply (`+i8mm`) and
+# FP16 arithmetic (`+fp16`) kernels and uses them (ggml decides these from the compiler's flags, not at run time);
+# qemu-user's default `max` CPU executes them. Each architecture builds in its own target directory
+# (target/aarch64-<arch>).
 #
 # What it sets up (Debian/Ubuntu, as root or through sudo; quick when present): scripts/setup.sh with the packages
 # qemu-user, gcc-aarch64-linux-gnu and g++-aarch64-linux-gnu, the Rust target aarch64-unknown-linux-gnu (rustup), and a
