@@ -236,9 +236,10 @@ const ACCUMULATION: f64 = 1e-5;
 /// (k, m, n): single row and column, several rows, a batch of inputs, one more chunking path.
 const SHAPES: [(usize, usize, usize); 4] = [(256, 1, 1), (512, 7, 3), (768, 33, 5), (1024, 4, 17)];
 
-/// What [`check_exact`] computed: the weights' bytes, the inputs, the exact products and their scales.
+/// What [`check_exact`] computed: the weights' bytes and values, the inputs, the exact products and their scales.
 struct Exact {
     w: Vec<u8>,
+    wd: Vec<f64>,
     x: Vec<f32>,
     want: Vec<f64>,
     scale: Vec<f64>,
@@ -249,7 +250,8 @@ struct Exact {
 fn check_exact(ty: GgmlType, (k, m, n): (usize, usize, usize), rng: &mut Rng) -> Exact {
     let w = weights(ty, k, m, rng);
     let x = exact_inputs(k, n, rng);
-    let (want, scale) = reference(&dequant(ty, &w), k, m, &x, n);
+    let wd = dequant(ty, &w);
+    let (want, scale) = reference(&wd, k, m, &x, n);
     let got = ggml_mul_mat(ty, &w, k, m, &x, n);
     let mut worst = 0f64;
     for i in 0..m * n {
@@ -264,7 +266,13 @@ fn check_exact(ty: GgmlType, (k, m, n): (usize, usize, usize), rng: &mut Rng) ->
         worst = worst.max(err / tol);
     }
     println!("{ty} k{k} m{m} n{n}: worst error {worst:.3} of the tolerance");
-    Exact { w, x, want, scale }
+    Exact {
+        w,
+        wd,
+        x,
+        want,
+        scale,
+    }
 }
 
 #[test]
@@ -272,8 +280,13 @@ fn quantized_matmul_is_exact_when_inputs_survive_q8() {
     let mut rng = Rng(0x5eed_0001);
     for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Mxfp4] {
         for (k, m, n) in SHAPES {
-            let Exact { w, x, want, scale } = check_exact(ty, (k, m, n), &mut rng);
-            let wd = dequant(ty, &w);
+            let Exact {
+                w,
+                wd,
+                x,
+                want,
+                scale,
+            } = check_exact(ty, (k, m, n), &mut rng);
 
             // The same check must catch one wrong weight: change one byte of the first row's last block.
             let mut bad = w.clone();
